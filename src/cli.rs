@@ -1,0 +1,233 @@
+//! The `ft` command line: argument definitions (clap) and one function per subcommand. Each
+//! subcommand is a thin layer over the library.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+
+use crate::backend::Cpu;
+use crate::data::conversation::{read_jsonl, DataError, Message, Role};
+use crate::generate::{generate, GenerateOptions};
+use crate::gguf::import::{import, SaveDtype};
+use crate::tokenizer::{TemplateChoice, TextTokenizer};
+
+/// Exit codes (documented in the README).
+pub mod exit {
+    pub const OK: u8 = 0;
+    /// Anything else: a model, file or I/O problem.
+    pub const FAILURE: u8 = 1;
+    /// Bad command-line usage or recipe.
+    pub const USAGE: u8 = 2;
+    /// Bad data (a dataset line, a conversation).
+    pub const DATA: u8 = 3;
+}
+
+fn long_version() -> &'static str {
+    Box::leak(format!("{}\nbackends: {}", env!("CARGO_PKG_VERSION"), crate::backend::enabled()).into_boxed_str())
+}
+
+/// ft: fine-tune Hugging Face language models with LoRA/QLoRA, fast and reproducibly.
+#[derive(Debug, Parser)]
+#[command(name = "ft", version = long_version(), about, long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Generate a chat reply: render the model's chat template with a generation prompt and decode.
+    Generate(GenerateArgs),
+    /// Mean next-token loss over the assistant tokens of a ChatML JSONL dataset.
+    Eval(EvalArgs),
+    /// Convert a llama-architecture GGUF (F32/F16/BF16/Q8_0/Q4_0/Q4_1) into a Hugging Face directory.
+    #[command(name = "import-gguf")]
+    ImportGguf(ImportArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct GenerateArgs {
+    /// Hugging Face model directory (config.json, safetensors, tokenizer.json).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// The user message.
+    #[arg(long)]
+    pub prompt: String,
+    /// An optional system message placed before the prompt.
+    #[arg(long)]
+    pub system: Option<String>,
+    /// Maximum number of new tokens.
+    #[arg(long, default_value_t = 128)]
+    pub max_new_tokens: usize,
+    /// Sampling temperature; 0 decodes greedily.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+    /// Nucleus sampling: keep the smallest set of tokens whose probability reaches P.
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f32,
+    /// Random seed for sampling.
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Keep generating past end-of-sequence tokens (for tests and benchmarks).
+    #[arg(long)]
+    pub ignore_eos: bool,
+    /// Chat template: the model's own, or built-in ChatML.
+    #[arg(long, value_enum, default_value_t = TemplateChoice::Model)]
+    pub template: TemplateChoice,
+    /// Print {"text", "ids", "tokens", "tokens_per_s"} as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct EvalArgs {
+    /// Hugging Face model directory.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// ChatML JSONL dataset: {"messages": [{"role", "content"}, ...]} per line.
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Chat template: the model's own, or built-in ChatML.
+    #[arg(long, value_enum, default_value_t = TemplateChoice::Model)]
+    pub template: TemplateChoice,
+    /// Cut samples to at most N tokens (the count of cut samples is reported).
+    #[arg(long)]
+    pub max_len: Option<usize>,
+    /// Print {"loss", "tokens", "samples", "perplexity"} as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct ImportArgs {
+    /// The .gguf file.
+    pub gguf: PathBuf,
+    /// Output directory (must not exist yet).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Dtype of the written weights (f32 keeps the dequantized values exactly).
+    #[arg(long, value_enum, default_value_t = SaveDtype::F32)]
+    pub dtype: SaveDtype,
+    /// Print a JSON report.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Runs a parsed command line.
+pub fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Generate(a) => cmd_generate(a),
+        Command::Eval(a) => cmd_eval(a),
+        Command::ImportGguf(a) => cmd_import(a),
+    }
+}
+
+/// The exit code for an error: data problems are distinguished for pipelines.
+pub fn exit_code(err: &anyhow::Error) -> u8 {
+    if err.chain().any(|e| e.downcast_ref::<DataError>().is_some()) {
+        exit::DATA
+    } else {
+        exit::FAILURE
+    }
+}
+
+/// End-of-sequence ids from config.json, generation_config.json and the tokenizer.
+pub fn stop_ids(model_dir: &Path, config_eos: &[u32], tok: &TextTokenizer) -> Vec<u32> {
+    let mut ids = config_eos.to_vec();
+    if let Ok(text) = std::fs::read_to_string(model_dir.join("generation_config.json")) {
+        if let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) {
+            match v.get("eos_token_id") {
+                Some(serde_json::Value::Number(n)) => ids.extend(n.as_u64().map(|x| x as u32)),
+                Some(serde_json::Value::Array(a)) => ids.extend(a.iter().filter_map(|x| x.as_u64().map(|x| x as u32))),
+                _ => {}
+            }
+        }
+    }
+    if let Some(id) = tok.eos_token.as_deref().and_then(|t| tok.token_id(t)) {
+        ids.push(id);
+    }
+    ids.sort();
+    ids.dedup();
+    ids
+}
+
+fn cmd_generate(a: GenerateArgs) -> Result<()> {
+    let device = Default::default();
+    let model = crate::model::load::<Cpu>(&a.model, &device)?;
+    let tok = TextTokenizer::from_dir(&a.model)?;
+    let template = tok.template(a.template)?;
+    let mut messages = Vec::new();
+    if let Some(s) = a.system {
+        messages.push(Message::new(Role::System, s));
+    }
+    messages.push(Message::new(Role::User, a.prompt));
+    let prompt = template.render(&messages, true).context("rendering the chat template")?;
+    let prompt_ids = tok.encode(&prompt)?.get_ids().to_vec();
+    let opts = GenerateOptions {
+        max_new_tokens: a.max_new_tokens,
+        temperature: a.temperature,
+        top_p: a.top_p,
+        seed: a.seed,
+        ignore_eos: a.ignore_eos,
+        stop_ids: stop_ids(&a.model, &model.config.eos_token_ids, &tok),
+    };
+    let out = generate(&model, &prompt_ids, &opts);
+    let text = tok.decode(&out.ids)?;
+    if a.json {
+        let v = serde_json::json!({
+            "text": text, "ids": out.ids, "tokens": out.ids.len(), "tokens_per_s": out.tokens_per_s,
+            "prompt_ids": prompt_ids,
+        });
+        println!("{v}");
+    } else {
+        println!("{text}");
+        eprintln!("[{} tokens, {:.1} tokens/s]", out.ids.len(), out.tokens_per_s);
+    }
+    Ok(())
+}
+
+fn cmd_eval(a: EvalArgs) -> Result<()> {
+    let device = Default::default();
+    let data = read_jsonl(&a.data)?;
+    let t0 = Instant::now();
+    let model = crate::model::load::<Cpu>(&a.model, &device)?;
+    let tok = TextTokenizer::from_dir(&a.model)?;
+    let template = tok.template(a.template)?;
+    let report = crate::eval::evaluate(&model, &tok, &template, &data, a.max_len)?;
+    let secs = t0.elapsed().as_secs_f64();
+    if a.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        println!(
+            "loss {:.6}  perplexity {:.4}  tokens {}  samples {}{}  ({:.1}s)",
+            report.loss,
+            report.perplexity,
+            report.tokens,
+            report.samples,
+            if report.truncated > 0 { format!("  truncated {}", report.truncated) } else { String::new() },
+            secs
+        );
+    }
+    Ok(())
+}
+
+fn cmd_import(a: ImportArgs) -> Result<()> {
+    let r = import(&a.gguf, &a.out, a.dtype)?;
+    if a.json {
+        println!("{}", serde_json::to_string(&r)?);
+    } else {
+        let types: Vec<String> = r.types.iter().map(|(k, v)| format!("{v} {k}")).collect();
+        println!(
+            "imported {} ({}): {} tensors ({}), {:.1}M parameters → {}",
+            a.gguf.display(),
+            r.architecture,
+            r.tensors,
+            types.join(", "),
+            r.parameters as f64 / 1e6,
+            r.out.display()
+        );
+    }
+    Ok(())
+}

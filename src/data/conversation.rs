@@ -1,0 +1,187 @@
+//! Conversations in ChatML JSONL: one `{"messages": [{"role", "content"}, ...]}` per line (also
+//! ShareGPT's `{"conversations": [{"from", "value"}]}`). Every problem is reported with its
+//! `file:line`.
+
+use std::fmt;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    System,
+    User,
+    Assistant,
+    Tool,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::System => "system",
+            Role::User => "user",
+            Role::Assistant => "assistant",
+            Role::Tool => "tool",
+        }
+    }
+
+    fn parse(s: &str) -> Option<Role> {
+        Some(match s {
+            "system" => Role::System,
+            "user" | "human" => Role::User,
+            "assistant" | "gpt" => Role::Assistant,
+            "tool" => Role::Tool,
+            _ => return None,
+        })
+    }
+}
+
+/// One chat message.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct Message {
+    pub role: Role,
+    pub content: String,
+    /// `false` excludes an assistant turn from the loss.
+    #[serde(default = "yes", skip_serializing_if = "is_true")]
+    pub train: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+fn is_true(b: &bool) -> bool {
+    *b
+}
+
+impl Message {
+    pub fn new(role: Role, content: impl Into<String>) -> Self {
+        Message { role, content: content.into(), train: true }
+    }
+}
+
+/// Where a record came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Location {
+    pub file: PathBuf,
+    pub line: usize,
+}
+
+impl fmt::Display for Location {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.file.display(), self.line)
+    }
+}
+
+/// A data error at a location.
+#[derive(Debug, thiserror::Error)]
+pub enum DataError {
+    #[error("cannot read {path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{at}: {msg}")]
+    At { at: Location, msg: String },
+}
+
+/// A conversation and its source line.
+#[derive(Debug, Clone)]
+pub struct Conversation {
+    pub messages: Vec<Message>,
+    pub at: Location,
+}
+
+fn parse_messages(v: &Value, key: &str) -> Result<Vec<Message>, String> {
+    let arr = v
+        .as_array()
+        .ok_or_else(|| format!("\"{key}\" must be a list of messages"))?;
+    let sharegpt = key == "conversations";
+    let (role_key, content_key) = if sharegpt { ("from", "value") } else { ("role", "content") };
+    let mut out = Vec::with_capacity(arr.len());
+    for (i, m) in arr.iter().enumerate() {
+        let o = m.as_object().ok_or_else(|| format!("{key}[{i}] must be an object"))?;
+        let role = o
+            .get(role_key)
+            .ok_or_else(|| format!("{key}[{i}] has no \"{role_key}\""))?
+            .as_str()
+            .ok_or_else(|| format!("{key}[{i}].{role_key} must be a string"))?;
+        let role = Role::parse(role).ok_or_else(|| {
+            format!("{key}[{i}] has unknown role {role:?} (expected system, user, assistant or tool)")
+        })?;
+        let content = o
+            .get(content_key)
+            .ok_or_else(|| format!("{key}[{i}] has no \"{content_key}\""))?
+            .as_str()
+            .ok_or_else(|| format!("{key}[{i}].{content_key} must be a string"))?;
+        let train = match o.get("train") {
+            None => true,
+            Some(Value::Bool(b)) => *b,
+            Some(_) => return Err(format!("{key}[{i}].train must be true or false")),
+        };
+        out.push(Message { role, content: content.to_string(), train });
+    }
+    Ok(out)
+}
+
+/// Parses one JSONL line into messages.
+pub fn parse_line(line: &str) -> Result<Vec<Message>, String> {
+    let v: Value = serde_json::from_str(line).map_err(|e| format!("invalid JSON: {e}"))?;
+    let o = v.as_object().ok_or("expected a JSON object with \"messages\"")?;
+    let msgs = if let Some(m) = o.get("messages") {
+        parse_messages(m, "messages")?
+    } else if let Some(m) = o.get("conversations") {
+        parse_messages(m, "conversations")?
+    } else {
+        return Err("expected a \"messages\" key (ChatML) or \"conversations\" (ShareGPT)".into());
+    };
+    if msgs.is_empty() {
+        return Err("the conversation has no messages".into());
+    }
+    if !msgs.iter().any(|m| m.role == Role::Assistant) {
+        return Err("the conversation has no assistant turn, so there is nothing to learn or score".into());
+    }
+    Ok(msgs)
+}
+
+/// Reads every conversation of a JSONL file; the first bad line is an error naming `file:line`.
+pub fn read_jsonl(path: &Path) -> Result<Vec<Conversation>, DataError> {
+    let f = std::fs::File::open(path).map_err(|source| DataError::Io { path: path.into(), source })?;
+    let mut out = Vec::new();
+    for (i, line) in BufReader::new(f).split(b'\n').enumerate() {
+        let at = Location { file: path.into(), line: i + 1 };
+        let bytes = line.map_err(|source| DataError::Io { path: path.into(), source })?;
+        let text = std::str::from_utf8(&bytes).map_err(|e| DataError::At { at: at.clone(), msg: format!("invalid UTF-8: {e}") })?;
+        if text.trim().is_empty() {
+            continue;
+        }
+        let messages = parse_line(text).map_err(|msg| DataError::At { at: at.clone(), msg })?;
+        out.push(Conversation { messages, at });
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bad_lines_are_located_errors() {
+        let cases = [
+            ("{\"messages\": [", "invalid JSON"),
+            ("[1]", "expected a JSON object"),
+            ("{\"messages\": [{\"role\": \"bot\", \"content\": \"x\"}]}", "unknown role \"bot\""),
+            ("{\"messages\": [{\"role\": \"user\", \"content\": 3}]}", "must be a string"),
+            ("{\"messages\": [{\"role\": \"user\", \"content\": \"x\"}]}", "no assistant turn"),
+            ("{\"text\": \"x\"}", "expected a \"messages\" key"),
+        ];
+        for (line, want) in cases {
+            let e = parse_line(line).unwrap_err();
+            assert!(e.contains(want), "{line}: {e}");
+        }
+    }
+
+    #[test]
+    fn sharegpt_is_accepted() {
+        let m = parse_line(r#"{"conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": "b"}]}"#).unwrap();
+        assert_eq!(m[1], Message::new(Role::Assistant, "b"));
+    }
+}

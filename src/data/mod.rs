@@ -1,0 +1,5 @@
+//! Data: conversations from JSONL, chat templates, and tokenization with assistant masks.
+
+pub mod conversation;
+pub mod encode;
+pub mod template;

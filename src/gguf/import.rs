@@ -1,0 +1,296 @@
+//! `ft import-gguf`: a llama-architecture (or qwen2) GGUF → a plain Hugging Face directory
+//! (config.json, model.safetensors, tokenizer.json, tokenizer_config.json with the GGUF's chat
+//! template, generation_config.json), matching what transformers' GGUF loader produces.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{anyhow, bail, Context, Result};
+use safetensors::tensor::{Dtype, TensorView};
+use serde_json::{json, Value as Json};
+
+use super::dequant;
+use super::reader::{GgufFile, Value};
+use crate::fsutil::{write_atomic, StagedDir};
+
+/// The dtype the imported weights are written in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SaveDtype {
+    F32,
+    Bf16,
+}
+
+/// What an import wrote.
+#[derive(Debug, serde::Serialize)]
+pub struct ImportReport {
+    pub out: PathBuf,
+    pub architecture: String,
+    pub tensors: usize,
+    pub parameters: usize,
+    /// Tensor count per GGUF type.
+    pub types: BTreeMap<String, usize>,
+}
+
+/// GGUF tensor name → HF name (`blk.N.attn_q.weight` → `model.layers.N.self_attn.q_proj.weight`).
+pub fn hf_name(name: &str) -> Option<String> {
+    match name {
+        "token_embd.weight" => return Some("model.embed_tokens.weight".into()),
+        "output_norm.weight" => return Some("model.norm.weight".into()),
+        "output.weight" => return Some("lm_head.weight".into()),
+        _ => {}
+    }
+    let rest = name.strip_prefix("blk.")?;
+    let (layer, rest) = rest.split_once('.')?;
+    let layer: usize = layer.parse().ok()?;
+    let (module, kind) = rest.rsplit_once('.')?;
+    let hf = match module {
+        "attn_q" => "self_attn.q_proj",
+        "attn_k" => "self_attn.k_proj",
+        "attn_v" => "self_attn.v_proj",
+        "attn_output" => "self_attn.o_proj",
+        "attn_q_norm" => "self_attn.q_norm",
+        "attn_k_norm" => "self_attn.k_norm",
+        "ffn_gate" => "mlp.gate_proj",
+        "ffn_up" => "mlp.up_proj",
+        "ffn_down" => "mlp.down_proj",
+        "attn_norm" => "input_layernorm",
+        "ffn_norm" => "post_attention_layernorm",
+        _ => return None,
+    };
+    Some(format!("model.layers.{layer}.{hf}.{kind}"))
+}
+
+/// Undoes llama.cpp's q/k row permutation (its converter interleaves the rotary halves):
+/// rows `(head, i, a)` go back to `(head, a, i)`.
+pub fn reverse_permute(w: &[f32], rows: usize, cols: usize, n_head: usize) -> Vec<f32> {
+    let half = rows / n_head / 2;
+    let mut out = vec![0f32; w.len()];
+    for h in 0..n_head {
+        for i in 0..half {
+            for a in 0..2 {
+                let src = h * 2 * half + i * 2 + a;
+                let dst = h * 2 * half + a * half + i;
+                out[dst * cols..(dst + 1) * cols].copy_from_slice(&w[src * cols..(src + 1) * cols]);
+            }
+        }
+    }
+    out
+}
+
+fn meta_u(g: &GgufFile, key: &str) -> Result<usize> {
+    g.get(key)
+        .and_then(Value::as_u64)
+        .map(|x| x as usize)
+        .ok_or_else(|| anyhow!("{}: metadata key {key} is missing or not an integer", g.path.display()))
+}
+
+fn tokenizer_json(g: &GgufFile) -> Result<(Json, Vec<String>)> {
+    let model = g.get("tokenizer.ggml.model").and_then(Value::as_str).unwrap_or("");
+    if model != "gpt2" {
+        bail!(
+            "{}: tokenizer.ggml.model is {model:?}; ft converts GPT2-style byte-level BPE tokenizers (\"gpt2\")",
+            g.path.display()
+        );
+    }
+    let strings = |key: &str| -> Result<Vec<String>> {
+        g.get(key)
+            .and_then(Value::as_array)
+            .ok_or_else(|| anyhow!("{}: metadata key {key} is missing", g.path.display()))?
+            .iter()
+            .map(|v| v.as_str().map(String::from).ok_or_else(|| anyhow!("{key} holds a non-string")))
+            .collect()
+    };
+    let tokens = strings("tokenizer.ggml.tokens")?;
+    let merges = strings("tokenizer.ggml.merges")?;
+    let types: Vec<u64> = g
+        .get("tokenizer.ggml.token_type")
+        .and_then(Value::as_array)
+        .map(|a| a.iter().map(|v| v.as_u64().unwrap_or(1)).collect())
+        .unwrap_or_default();
+    let vocab: serde_json::Map<String, Json> = tokens.iter().enumerate().map(|(i, t)| (t.clone(), json!(i))).collect();
+    // Control tokens (type 3) are special; user-defined ones (type 4) are plain added tokens.
+    let added: Vec<Json> = types
+        .iter()
+        .enumerate()
+        .filter(|(_, &t)| t == 3 || t == 4)
+        .map(|(i, &t)| {
+            json!({"id": i, "content": tokens[i], "single_word": false, "lstrip": false, "rstrip": false,
+                   "normalized": t != 3, "special": t == 3})
+        })
+        .collect();
+    let tj = json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": added,
+        "normalizer": null,
+        "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": true},
+        "post_processor": null,
+        "decoder": {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": false, "use_regex": true},
+        "model": {
+            "type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+            "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false, "ignore_merges": false,
+            "vocab": vocab, "merges": merges,
+        }
+    });
+    Ok((tj, tokens))
+}
+
+/// Converts `gguf` into a Hugging Face model directory at `out`.
+pub fn import(gguf: &Path, out: &Path, dtype: SaveDtype) -> Result<ImportReport> {
+    let g = GgufFile::open(gguf)?;
+    let arch = g
+        .get("general.architecture")
+        .and_then(Value::as_str)
+        .ok_or_else(|| anyhow!("{}: general.architecture is missing", gguf.display()))?
+        .to_string();
+    if !matches!(arch.as_str(), "llama" | "mistral" | "qwen2") {
+        bail!("{}: architecture {arch:?} is not supported for import (llama, mistral, qwen2)", gguf.display());
+    }
+    let k = |s: &str| format!("{arch}.{s}");
+    let hidden = meta_u(&g, &k("embedding_length"))?;
+    let n_head = meta_u(&g, &k("attention.head_count"))?;
+    let n_kv = g.get(&k("attention.head_count_kv")).and_then(Value::as_u64).map(|x| x as usize).unwrap_or(n_head);
+    let layers = meta_u(&g, &k("block_count"))?;
+    let (tok_json, tokens) = tokenizer_json(&g)?;
+    let vocab = g.get(&k("vocab_size")).and_then(Value::as_u64).map(|x| x as usize).unwrap_or(tokens.len());
+    let head_dim = g.get(&k("attention.key_length")).and_then(Value::as_u64).map(|x| x as usize).unwrap_or(hidden / n_head);
+    let tied = g.tensor("output.weight").is_none();
+    let id = |key: &str| g.get(key).and_then(Value::as_u64);
+    let (bos, eos, pad, unk) = (
+        id("tokenizer.ggml.bos_token_id"),
+        id("tokenizer.ggml.eos_token_id"),
+        id("tokenizer.ggml.padding_token_id"),
+        id("tokenizer.ggml.unknown_token_id"),
+    );
+    let tok_str = |i: Option<u64>| i.and_then(|i| tokens.get(i as usize)).cloned();
+
+    let mut config = json!({
+        "architectures": [match arch.as_str() { "qwen2" => "Qwen2ForCausalLM", "mistral" => "MistralForCausalLM", _ => "LlamaForCausalLM" }],
+        "model_type": arch,
+        "vocab_size": vocab,
+        "hidden_size": hidden,
+        "intermediate_size": meta_u(&g, &k("feed_forward_length"))?,
+        "num_hidden_layers": layers,
+        "num_attention_heads": n_head,
+        "num_key_value_heads": n_kv,
+        "head_dim": head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": meta_u(&g, &k("context_length"))?,
+        "rms_norm_eps": g.get(&k("attention.layer_norm_rms_epsilon")).and_then(Value::as_f64).unwrap_or(1e-5),
+        "rope_theta": g.get(&k("rope.freq_base")).and_then(Value::as_f64).unwrap_or(10000.0),
+        "tie_word_embeddings": tied,
+        "attention_bias": false,
+        "torch_dtype": match dtype { SaveDtype::F32 => "float32", SaveDtype::Bf16 => "bfloat16" },
+    });
+    for (key, v) in [("bos_token_id", bos), ("eos_token_id", eos), ("pad_token_id", pad)] {
+        if let Some(v) = v {
+            config[key] = json!(v);
+        }
+    }
+    if let Some(factor) = g.get(&k("rope.scaling.factor")).and_then(Value::as_f64) {
+        let kind = g.get(&k("rope.scaling.type")).and_then(Value::as_str).unwrap_or("linear");
+        if kind != "none" {
+            config["rope_scaling"] = json!({"rope_type": kind, "factor": factor});
+        }
+    }
+
+    // Tensors, dequantized to f32 (then cast if asked), in HF names and layout.
+    let mut types = BTreeMap::new();
+    let mut data: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+    let mut parameters = 0;
+    for t in &g.tensors {
+        let name = hf_name(&t.name)
+            .ok_or_else(|| anyhow!("{}: tensor {} has no Hugging Face counterpart", gguf.display(), t.name))?;
+        *types.entry(dequant::type_name(t.ggml_type)).or_insert(0) += 1;
+        let shape = t.shape();
+        let bytes = g.tensor_bytes(t)?;
+        let mut v = dequant::dequantize(t.ggml_type, bytes, t.numel()).map_err(|e| anyhow!("{}: tensor {}: {e}", gguf.display(), t.name))?;
+        if arch != "qwen2" && (t.name.ends_with("attn_q.weight") || t.name.ends_with("attn_k.weight")) {
+            let heads = if t.name.ends_with("attn_q.weight") { n_head } else { n_kv };
+            let (rows, cols) = (shape[0], shape.get(1).copied().unwrap_or(1));
+            v = reverse_permute(&v, rows, cols, heads);
+        }
+        parameters += v.len();
+        let bytes = match dtype {
+            SaveDtype::F32 => bytemuck::cast_slice(&v).to_vec(),
+            SaveDtype::Bf16 => v.iter().flat_map(|&x| half::bf16::from_f32(x).to_bits().to_le_bytes()).collect(),
+        };
+        data.push((name, shape, bytes));
+    }
+    let st_dtype = match dtype {
+        SaveDtype::F32 => Dtype::F32,
+        SaveDtype::Bf16 => Dtype::BF16,
+    };
+    let views = data
+        .iter()
+        .map(|(n, s, b)| Ok((n.clone(), TensorView::new(st_dtype, s.clone(), b)?)))
+        .collect::<Result<Vec<_>, safetensors::SafeTensorError>>()?;
+    let meta = Some(std::collections::HashMap::from([("format".to_string(), "pt".to_string())]));
+
+    let staged = StagedDir::new(out)?;
+    safetensors::serialize_to_file(views, meta, &staged.path("model.safetensors"))
+        .with_context(|| format!("writing {}", staged.path("model.safetensors").display()))?;
+    let chat_template = g.get("tokenizer.chat_template").and_then(Value::as_str);
+    let mut tok_cfg = json!({
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "add_bos_token": false,
+        "add_eos_token": false,
+        "clean_up_tokenization_spaces": false,
+        "model_max_length": config["max_position_embeddings"],
+    });
+    for (key, v) in [("bos_token", bos), ("eos_token", eos), ("pad_token", pad), ("unk_token", unk)] {
+        if let Some(s) = tok_str(v) {
+            tok_cfg[key] = json!(s);
+        }
+    }
+    if let Some(t) = chat_template {
+        tok_cfg["chat_template"] = json!(t);
+    }
+    let mut gen_cfg = json!({"_from_model_config": true});
+    if let Some(b) = bos {
+        gen_cfg["bos_token_id"] = json!(b);
+    }
+    if let Some(e) = eos {
+        gen_cfg["eos_token_id"] = json!(e);
+    }
+    let pretty = |v: &Json| serde_json::to_vec_pretty(v).expect("json");
+    write_atomic(&staged.path("config.json"), &pretty(&config))?;
+    write_atomic(&staged.path("tokenizer.json"), &serde_json::to_vec(&tok_json)?)?;
+    write_atomic(&staged.path("tokenizer_config.json"), &pretty(&tok_cfg))?;
+    write_atomic(&staged.path("generation_config.json"), &pretty(&gen_cfg))?;
+    let out = staged.commit()?;
+    Ok(ImportReport { out, architecture: arch, tensors: data.len(), parameters, types })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_map_to_hf() {
+        assert_eq!(hf_name("blk.3.attn_q.weight").unwrap(), "model.layers.3.self_attn.q_proj.weight");
+        assert_eq!(hf_name("blk.0.ffn_norm.weight").unwrap(), "model.layers.0.post_attention_layernorm.weight");
+        assert_eq!(hf_name("output.weight").unwrap(), "lm_head.weight");
+        assert!(hf_name("blk.0.unknown.weight").is_none());
+    }
+
+    #[test]
+    fn reverse_permute_undoes_llama_cpp_permute() {
+        // llama.cpp: w.reshape(n_head, 2, rows/n_head/2, cols).swapaxes(1, 2)
+        let (rows, cols, n_head) = (8, 3, 2);
+        let w: Vec<f32> = (0..rows * cols).map(|x| x as f32).collect();
+        let half = rows / n_head / 2;
+        let mut permuted = vec![0f32; w.len()];
+        for h in 0..n_head {
+            for a in 0..2 {
+                for i in 0..half {
+                    let src = h * 2 * half + a * half + i;
+                    let dst = h * 2 * half + i * 2 + a;
+                    permuted[dst * cols..(dst + 1) * cols].copy_from_slice(&w[src * cols..(src + 1) * cols]);
+                }
+            }
+        }
+        assert_eq!(reverse_permute(&permuted, rows, cols, n_head), w);
+    }
+}

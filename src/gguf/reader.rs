@@ -1,0 +1,215 @@
+//! GGUF file format (v2/v3): header, metadata key/values and tensor descriptors, memory-mapped.
+//! Spec: ggml's `docs/gguf.md`.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use memmap2::Mmap;
+
+#[derive(Debug, thiserror::Error)]
+pub enum GgufError {
+    #[error("cannot read {path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{path}: not a GGUF file ({msg})")]
+    Format { path: PathBuf, msg: String },
+    #[error("{path}: metadata key {key}: {msg}")]
+    Key { path: PathBuf, key: String, msg: String },
+    #[error("{path}: tensor {name}: {msg}")]
+    Tensor { path: PathBuf, name: String, msg: String },
+}
+
+/// A metadata value.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Value {
+    U64(u64),
+    I64(i64),
+    F64(f64),
+    Bool(bool),
+    Str(String),
+    Array(Vec<Value>),
+}
+
+impl Value {
+    pub fn as_u64(&self) -> Option<u64> {
+        match self {
+            Value::U64(x) => Some(*x),
+            Value::I64(x) if *x >= 0 => Some(*x as u64),
+            _ => None,
+        }
+    }
+    pub fn as_f64(&self) -> Option<f64> {
+        match self {
+            Value::F64(x) => Some(*x),
+            Value::U64(x) => Some(*x as f64),
+            Value::I64(x) => Some(*x as f64),
+            _ => None,
+        }
+    }
+    pub fn as_str(&self) -> Option<&str> {
+        match self {
+            Value::Str(s) => Some(s),
+            _ => None,
+        }
+    }
+    pub fn as_array(&self) -> Option<&[Value]> {
+        match self {
+            Value::Array(a) => Some(a),
+            _ => None,
+        }
+    }
+}
+
+/// One tensor's descriptor. `dims` are GGUF's (fastest first); the row-major shape is reversed.
+#[derive(Debug, Clone)]
+pub struct TensorInfo {
+    pub name: String,
+    pub dims: Vec<u64>,
+    pub ggml_type: u32,
+    /// Offset from the start of the data section.
+    pub offset: u64,
+}
+
+impl TensorInfo {
+    /// Row-major shape (PyTorch order).
+    pub fn shape(&self) -> Vec<usize> {
+        self.dims.iter().rev().map(|&d| d as usize).collect()
+    }
+    pub fn numel(&self) -> usize {
+        self.dims.iter().product::<u64>() as usize
+    }
+}
+
+pub struct GgufFile {
+    pub path: PathBuf,
+    mmap: Mmap,
+    pub metadata: BTreeMap<String, Value>,
+    pub tensors: Vec<TensorInfo>,
+    data_start: usize,
+}
+
+struct Cursor<'a> {
+    buf: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Cursor<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
+        let end = self.pos.checked_add(n).filter(|&e| e <= self.buf.len()).ok_or("unexpected end of file")?;
+        let s = &self.buf[self.pos..end];
+        self.pos = end;
+        Ok(s)
+    }
+    fn u8(&mut self) -> Result<u8, String> {
+        Ok(self.take(1)?[0])
+    }
+    fn u16(&mut self) -> Result<u16, String> {
+        Ok(u16::from_le_bytes(self.take(2)?.try_into().unwrap()))
+    }
+    fn u32(&mut self) -> Result<u32, String> {
+        Ok(u32::from_le_bytes(self.take(4)?.try_into().unwrap()))
+    }
+    fn u64(&mut self) -> Result<u64, String> {
+        Ok(u64::from_le_bytes(self.take(8)?.try_into().unwrap()))
+    }
+    fn string(&mut self) -> Result<String, String> {
+        let n = self.u64()? as usize;
+        let b = self.take(n)?;
+        String::from_utf8(b.to_vec()).map_err(|e| format!("invalid UTF-8 string: {e}"))
+    }
+    fn value(&mut self, ty: u32, depth: usize) -> Result<Value, String> {
+        Ok(match ty {
+            0 => Value::U64(self.u8()? as u64),
+            1 => Value::I64(self.u8()? as i8 as i64),
+            2 => Value::U64(self.u16()? as u64),
+            3 => Value::I64(self.u16()? as i16 as i64),
+            4 => Value::U64(self.u32()? as u64),
+            5 => Value::I64(self.u32()? as i32 as i64),
+            6 => Value::F64(f32::from_bits(self.u32()?) as f64),
+            7 => Value::Bool(self.u8()? != 0),
+            8 => Value::Str(self.string()?),
+            9 => {
+                if depth > 2 {
+                    return Err("arrays nested too deeply".into());
+                }
+                let ity = self.u32()?;
+                let n = self.u64()? as usize;
+                if n > self.buf.len() {
+                    return Err(format!("array length {n} exceeds the file size"));
+                }
+                let mut v = Vec::with_capacity(n);
+                for _ in 0..n {
+                    v.push(self.value(ity, depth + 1)?);
+                }
+                Value::Array(v)
+            }
+            10 => Value::U64(self.u64()?),
+            11 => Value::I64(self.u64()? as i64),
+            12 => Value::F64(f64::from_bits(self.u64()?)),
+            t => return Err(format!("unknown metadata value type {t}")),
+        })
+    }
+}
+
+impl GgufFile {
+    pub fn open(path: &Path) -> Result<Self, GgufError> {
+        let file = std::fs::File::open(path).map_err(|source| GgufError::Io { path: path.into(), source })?;
+        // SAFETY: read-only map of a file that ft does not modify.
+        let mmap = unsafe { Mmap::map(&file) }.map_err(|source| GgufError::Io { path: path.into(), source })?;
+        let fmt = |msg: String| GgufError::Format { path: path.into(), msg };
+        let mut c = Cursor { buf: &mmap, pos: 0 };
+        if c.take(4).map_err(fmt)? != b"GGUF" {
+            return Err(fmt("bad magic, expected \"GGUF\"".into()));
+        }
+        let version = c.u32().map_err(fmt)?;
+        if !(2..=3).contains(&version) {
+            return Err(fmt(format!("unsupported GGUF version {version} (expected 2 or 3)")));
+        }
+        let n_tensors = c.u64().map_err(fmt)? as usize;
+        let n_kv = c.u64().map_err(fmt)? as usize;
+        let mut metadata = BTreeMap::new();
+        for _ in 0..n_kv {
+            let key = c.string().map_err(fmt)?;
+            let ty = c.u32().map_err(fmt)?;
+            let v = c.value(ty, 0).map_err(|msg| GgufError::Key { path: path.into(), key: key.clone(), msg })?;
+            metadata.insert(key, v);
+        }
+        let mut tensors = Vec::with_capacity(n_tensors.min(1 << 20));
+        for _ in 0..n_tensors {
+            let name = c.string().map_err(fmt)?;
+            let nd = c.u32().map_err(fmt)? as usize;
+            if nd > 4 {
+                return Err(GgufError::Tensor { path: path.into(), name, msg: format!("{nd} dimensions (at most 4)") });
+            }
+            let dims = (0..nd).map(|_| c.u64()).collect::<Result<Vec<_>, _>>().map_err(fmt)?;
+            let ggml_type = c.u32().map_err(fmt)?;
+            let offset = c.u64().map_err(fmt)?;
+            tensors.push(TensorInfo { name, dims, ggml_type, offset });
+        }
+        let align = metadata.get("general.alignment").and_then(Value::as_u64).unwrap_or(32) as usize;
+        let data_start = c.pos.div_ceil(align) * align;
+        let g = GgufFile { path: path.into(), mmap, metadata, tensors, data_start };
+        for t in &g.tensors {
+            g.tensor_bytes(t)?;
+        }
+        Ok(g)
+    }
+
+    pub fn get(&self, key: &str) -> Option<&Value> {
+        self.metadata.get(key)
+    }
+
+    /// The bytes of a tensor, checked to lie inside the file.
+    pub fn tensor_bytes(&self, t: &TensorInfo) -> Result<&[u8], GgufError> {
+        let err = |msg: String| GgufError::Tensor { path: self.path.clone(), name: t.name.clone(), msg };
+        let size = super::dequant::byte_size(t.ggml_type, t.numel()).map_err(err)?;
+        let start = self.data_start + t.offset as usize;
+        let end = start.checked_add(size).filter(|&e| e <= self.mmap.len()).ok_or_else(|| {
+            err(format!("data runs past the end of the file ({} bytes); the file is truncated", self.mmap.len()))
+        })?;
+        Ok(&self.mmap[start..end])
+    }
+
+    pub fn tensor(&self, name: &str) -> Option<&TensorInfo> {
+        self.tensors.iter().find(|t| t.name == name)
+    }
+}

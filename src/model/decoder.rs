@@ -1,0 +1,337 @@
+//! The one decoder: Llama / Mistral / Qwen2 / Qwen3 / SmolLM2, as transformers' `modeling_llama.py`
+//! (and `modeling_qwen3.py` for the per-head q/k norm) compute it. Differences between families
+//! are fields of [`ModelConfig`]; module paths are HF's, so checkpoints load without a rename table.
+
+use burn::module::{Module, Param};
+use burn::prelude::*;
+use burn::tensor::activation::{silu, softmax};
+use burn::tensor::module::linear;
+use burn::tensor::{Bool, Int, TensorData};
+
+use super::config::ModelConfig;
+use super::rope::Rope;
+use super::weights::{transpose, Checkpoint, WeightsError};
+
+fn tensor1<B: Backend>(data: Vec<f32>, device: &B::Device) -> Tensor<B, 1> {
+    let n = data.len();
+    Tensor::from_data(TensorData::new(data, [n]), device)
+}
+
+fn tensor2<B: Backend>(data: Vec<f32>, shape: [usize; 2], device: &B::Device) -> Tensor<B, 2> {
+    Tensor::from_data(TensorData::new(data, shape), device)
+}
+
+/// A linear layer with frozen base weight: `y = x W (+ b)`. The seam where adapters attach.
+#[derive(Module, Debug)]
+pub struct Projection<B: Backend> {
+    /// `[in, out]` (burn's layout; PyTorch's `[out, in]` is transposed at load).
+    pub weight: Param<Tensor<B, 2>>,
+    /// `[out]`
+    pub bias: Option<Param<Tensor<B, 1>>>,
+}
+
+impl<B: Backend> Projection<B> {
+    /// Loads `{path}.weight` (PyTorch `[out, in]`) and, when `bias`, `{path}.bias`.
+    pub fn load(ck: &Checkpoint, path: &str, d_in: usize, d_out: usize, bias: bool, device: &B::Device) -> Result<Self, WeightsError> {
+        let w = ck.f32(&format!("{path}.weight"), &[d_out, d_in])?;
+        let weight = Param::from_tensor(tensor2(transpose(&w, d_out, d_in), [d_in, d_out], device)).set_require_grad(false);
+        let bias = if bias {
+            Some(Param::from_tensor(tensor1(ck.f32(&format!("{path}.bias"), &[d_out])?, device)).set_require_grad(false))
+        } else {
+            None
+        };
+        Ok(Projection { weight, bias })
+    }
+
+    /// # Shapes
+    /// `x: [..., in]` → `[..., out]`
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        linear(x, self.weight.val(), self.bias.as_ref().map(|b| b.val()))
+    }
+}
+
+/// RMSNorm as HF computes it: `w * x / sqrt(mean(x²) + eps)` over the last dimension.
+#[derive(Module, Debug)]
+pub struct RmsNorm<B: Backend> {
+    /// `[dim]`
+    pub weight: Param<Tensor<B, 1>>,
+    #[module(skip)]
+    pub eps: f64,
+}
+
+impl<B: Backend> RmsNorm<B> {
+    pub fn load(ck: &Checkpoint, name: &str, dim: usize, eps: f64, device: &B::Device) -> Result<Self, WeightsError> {
+        let w = ck.f32(name, &[dim])?;
+        Ok(RmsNorm { weight: Param::from_tensor(tensor1(w, device)).set_require_grad(false), eps })
+    }
+
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        let var = x.clone().powi_scalar(2).mean_dim(D - 1);
+        let x = x * (var + self.eps).sqrt().recip();
+        x * self.weight.val().unsqueeze()
+    }
+}
+
+/// Cached keys and values of one layer, `[batch, kv_heads, seen, head_dim]`.
+#[derive(Debug, Clone)]
+pub struct LayerCache<B: Backend> {
+    pub k: Tensor<B, 4>,
+    pub v: Tensor<B, 4>,
+}
+
+/// Key/value cache for incremental decoding.
+#[derive(Debug, Clone, Default)]
+pub struct KvCache<B: Backend> {
+    pub layers: Vec<Option<LayerCache<B>>>,
+}
+
+impl<B: Backend> KvCache<B> {
+    pub fn new(num_layers: usize) -> Self {
+        KvCache { layers: vec![None; num_layers] }
+    }
+
+    /// Number of positions already cached.
+    pub fn len(&self) -> usize {
+        self.layers.first().and_then(|l| l.as_ref()).map(|l| l.k.dims()[2]).unwrap_or(0)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Rotary cos/sin for the positions of one forward pass, `[1, 1, T, head_dim]` each.
+pub struct RopeTables<B: Backend> {
+    cos: Tensor<B, 4>,
+    sin: Tensor<B, 4>,
+}
+
+fn rotate_half<B: Backend>(x: Tensor<B, 4>) -> Tensor<B, 4> {
+    let d = x.dims()[3];
+    let x1 = x.clone().narrow(3, 0, d / 2);
+    let x2 = x.narrow(3, d / 2, d / 2);
+    Tensor::cat(vec![x2.neg(), x1], 3)
+}
+
+impl<B: Backend> RopeTables<B> {
+    fn apply(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
+        x.clone() * self.cos.clone() + rotate_half(x) * self.sin.clone()
+    }
+}
+
+#[derive(Module, Debug)]
+pub struct Attention<B: Backend> {
+    pub q_proj: Projection<B>,
+    pub k_proj: Projection<B>,
+    pub v_proj: Projection<B>,
+    pub o_proj: Projection<B>,
+    pub q_norm: Option<RmsNorm<B>>,
+    pub k_norm: Option<RmsNorm<B>>,
+    #[module(skip)]
+    pub num_heads: usize,
+    #[module(skip)]
+    pub num_kv_heads: usize,
+    #[module(skip)]
+    pub head_dim: usize,
+}
+
+impl<B: Backend> Attention<B> {
+    pub fn load(ck: &Checkpoint, p: &str, c: &ModelConfig, device: &B::Device) -> Result<Self, WeightsError> {
+        let (h, hd) = (c.hidden_size, c.head_dim);
+        let (q, kv) = (c.num_heads * hd, c.num_kv_heads * hd);
+        let norm = |n: &str| -> Result<Option<RmsNorm<B>>, WeightsError> {
+            if c.qk_norm {
+                Ok(Some(RmsNorm::load(ck, &format!("{p}.{n}.weight"), hd, c.rms_norm_eps, device)?))
+            } else {
+                Ok(None)
+            }
+        };
+        Ok(Attention {
+            q_proj: Projection::load(ck, &format!("{p}.q_proj"), h, q, c.qkv_bias, device)?,
+            k_proj: Projection::load(ck, &format!("{p}.k_proj"), h, kv, c.qkv_bias, device)?,
+            v_proj: Projection::load(ck, &format!("{p}.v_proj"), h, kv, c.qkv_bias, device)?,
+            o_proj: Projection::load(ck, &format!("{p}.o_proj"), q, h, c.o_bias, device)?,
+            q_norm: norm("q_norm")?,
+            k_norm: norm("k_norm")?,
+            num_heads: c.num_heads,
+            num_kv_heads: c.num_kv_heads,
+            head_dim: hd,
+        })
+    }
+
+    /// # Shapes
+    /// `x: [B, T, hidden]`, `mask: [B, 1, T, S]` (true = masked, S = cached + T) → `[B, T, hidden]`
+    pub fn forward(&self, x: Tensor<B, 3>, rope: &RopeTables<B>, mask: Tensor<B, 4, Bool>, cache: Option<&mut Option<LayerCache<B>>>) -> Tensor<B, 3> {
+        let [b, t, _] = x.dims();
+        let (nh, kvh, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let heads = |y: Tensor<B, 3>, n: usize| y.reshape([b, t, n, hd]).swap_dims(1, 2);
+        let mut q = heads(self.q_proj.forward(x.clone()), nh);
+        let mut k = heads(self.k_proj.forward(x.clone()), kvh);
+        let mut v = heads(self.v_proj.forward(x), kvh);
+        if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
+            q = qn.forward(q);
+            k = kn.forward(k);
+        }
+        q = rope.apply(q);
+        k = rope.apply(k);
+        if let Some(slot) = cache {
+            if let Some(prev) = slot.take() {
+                k = Tensor::cat(vec![prev.k, k], 2);
+                v = Tensor::cat(vec![prev.v, v], 2);
+            }
+            *slot = Some(LayerCache { k: k.clone(), v: v.clone() });
+        }
+        let s = k.dims()[2];
+        // GQA: repeat each kv head n_rep times (HF's repeat_kv), materialised so that the
+        // autodiff backward needs no broadcasting.
+        let n_rep = nh / kvh;
+        if n_rep > 1 {
+            k = k.unsqueeze_dim::<5>(2).expand([b, kvh, n_rep, s, hd]).reshape([b, nh, s, hd]);
+            v = v.unsqueeze_dim::<5>(2).expand([b, kvh, n_rep, s, hd]).reshape([b, nh, s, hd]);
+        }
+        let scale = (hd as f64).powf(-0.5);
+        let scores = q.matmul(k.swap_dims(2, 3)) * scale;
+        let scores = scores.mask_fill(mask.expand([b, nh, t, s]), f32::NEG_INFINITY);
+        let probs = softmax(scores, 3);
+        let out = probs.matmul(v).swap_dims(1, 2).reshape([b, t, nh * hd]);
+        self.o_proj.forward(out)
+    }
+}
+
+#[derive(Module, Debug)]
+pub struct Mlp<B: Backend> {
+    pub gate_proj: Projection<B>,
+    pub up_proj: Projection<B>,
+    pub down_proj: Projection<B>,
+}
+
+impl<B: Backend> Mlp<B> {
+    pub fn load(ck: &Checkpoint, p: &str, c: &ModelConfig, device: &B::Device) -> Result<Self, WeightsError> {
+        let (h, i, bias) = (c.hidden_size, c.intermediate_size, c.mlp_bias);
+        Ok(Mlp {
+            gate_proj: Projection::load(ck, &format!("{p}.gate_proj"), h, i, bias, device)?,
+            up_proj: Projection::load(ck, &format!("{p}.up_proj"), h, i, bias, device)?,
+            down_proj: Projection::load(ck, &format!("{p}.down_proj"), i, h, bias, device)?,
+        })
+    }
+
+    pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        self.down_proj.forward(silu(self.gate_proj.forward(x.clone())) * self.up_proj.forward(x))
+    }
+}
+
+#[derive(Module, Debug)]
+pub struct Block<B: Backend> {
+    pub input_layernorm: RmsNorm<B>,
+    pub self_attn: Attention<B>,
+    pub post_attention_layernorm: RmsNorm<B>,
+    pub mlp: Mlp<B>,
+}
+
+impl<B: Backend> Block<B> {
+    pub fn load(ck: &Checkpoint, i: usize, c: &ModelConfig, device: &B::Device) -> Result<Self, WeightsError> {
+        let p = format!("model.layers.{i}");
+        Ok(Block {
+            input_layernorm: RmsNorm::load(ck, &format!("{p}.input_layernorm.weight"), c.hidden_size, c.rms_norm_eps, device)?,
+            self_attn: Attention::load(ck, &format!("{p}.self_attn"), c, device)?,
+            post_attention_layernorm: RmsNorm::load(ck, &format!("{p}.post_attention_layernorm.weight"), c.hidden_size, c.rms_norm_eps, device)?,
+            mlp: Mlp::load(ck, &format!("{p}.mlp"), c, device)?,
+        })
+    }
+
+    pub fn forward(&self, x: Tensor<B, 3>, rope: &RopeTables<B>, mask: Tensor<B, 4, Bool>, cache: Option<&mut Option<LayerCache<B>>>) -> Tensor<B, 3> {
+        let h = x.clone() + self.self_attn.forward(self.input_layernorm.forward(x), rope, mask, cache);
+        h.clone() + self.mlp.forward(self.post_attention_layernorm.forward(h))
+    }
+}
+
+/// The causal language model: embeddings, blocks, final norm and head (`lm_head`, or the
+/// embedding matrix when tied).
+#[derive(Module, Debug)]
+pub struct Decoder<B: Backend> {
+    /// `[vocab, hidden]`
+    pub embed_tokens: Param<Tensor<B, 2>>,
+    pub layers: Vec<Block<B>>,
+    pub norm: RmsNorm<B>,
+    /// `None` when tied to `embed_tokens`.
+    pub lm_head: Option<Projection<B>>,
+    #[module(skip)]
+    pub rope: Rope,
+    #[module(skip)]
+    pub config: ModelConfig,
+}
+
+impl<B: Backend> Decoder<B> {
+    /// Builds the decoder from a checkpoint, checking every name and shape and that no tensor
+    /// is left unused.
+    pub fn load(ck: &Checkpoint, c: &ModelConfig, device: &B::Device) -> Result<Self, WeightsError> {
+        let (v, h) = (c.vocab_size, c.hidden_size);
+        let embed = ck.f32("model.embed_tokens.weight", &[v, h])?;
+        let embed_tokens = Param::from_tensor(tensor2(embed, [v, h], device)).set_require_grad(false);
+        let layers = (0..c.num_layers).map(|i| Block::load(ck, i, c, device)).collect::<Result<Vec<_>, _>>()?;
+        let norm = RmsNorm::load(ck, "model.norm.weight", h, c.rms_norm_eps, device)?;
+        let lm_head = if c.tie_word_embeddings {
+            ck.skip("lm_head.weight");
+            None
+        } else {
+            Some(Projection::load(ck, "lm_head", h, v, false, device)?)
+        };
+        ck.check_all_used()?;
+        Ok(Decoder {
+            embed_tokens,
+            layers,
+            norm,
+            lm_head,
+            rope: Rope::new(c.head_dim, c.rope_theta, c.rope_scaling.clone()),
+            config: c.clone(),
+        })
+    }
+
+    pub fn device(&self) -> B::Device {
+        self.embed_tokens.val().device()
+    }
+
+    fn rope_tables(&self, start: usize, len: usize, device: &B::Device) -> RopeTables<B> {
+        let hd = self.config.head_dim;
+        let (cos, sin) = self.rope.tables(start, len, start + len);
+        let t = |d: Vec<f32>| Tensor::<B, 2>::from_data(TensorData::new(d, [len, hd]), device).reshape([1, 1, len, hd]);
+        RopeTables { cos: t(cos), sin: t(sin) }
+    }
+
+    /// Hidden states after the final norm.
+    ///
+    /// # Shapes
+    /// `ids: [B, T]` → `[B, T, hidden]`. With a cache, positions continue after the cached ones.
+    pub fn hidden(&self, ids: Tensor<B, 2, Int>, mut cache: Option<&mut KvCache<B>>) -> Tensor<B, 3> {
+        let device = ids.device();
+        let [b, t] = ids.dims();
+        let start = cache.as_ref().map(|c| c.len()).unwrap_or(0);
+        let h = self.config.hidden_size;
+        let mut x = self.embed_tokens.val().select(0, ids.reshape([b * t])).reshape([b, t, h]);
+        let rope = self.rope_tables(start, t, &device);
+        // Query i (absolute position start+i) may see keys 0..=start+i.
+        let mask = Tensor::<B, 2, Bool>::tril_mask([t, start + t], start as i64, &device).reshape([1, 1, t, start + t]);
+        for (i, layer) in self.layers.iter().enumerate() {
+            let slot = cache.as_mut().map(|c| &mut c.layers[i]);
+            x = layer.forward(x, &rope, mask.clone(), slot);
+        }
+        self.norm.forward(x)
+    }
+
+    /// Projects hidden states to vocabulary logits.
+    pub fn head(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        match &self.lm_head {
+            Some(p) => p.forward(x),
+            None => x.matmul(self.embed_tokens.val().transpose().unsqueeze()),
+        }
+    }
+
+    /// Logits for every position.
+    ///
+    /// # Shapes
+    /// `ids: [B, T]` → `[B, T, vocab]`
+    pub fn forward(&self, ids: Tensor<B, 2, Int>, cache: Option<&mut KvCache<B>>) -> Tensor<B, 3> {
+        let x = self.hidden(ids, cache);
+        self.head(x)
+    }
+}

@@ -1,0 +1,26 @@
+//! The model: config resolution, rotary embeddings, checkpoint reading and the decoder.
+
+pub mod config;
+pub mod decoder;
+pub mod rope;
+pub mod weights;
+
+use std::path::Path;
+
+pub use config::{ConfigError, ModelConfig};
+pub use decoder::{Decoder, KvCache};
+pub use weights::{Checkpoint, WeightsError};
+
+use burn::prelude::Backend;
+
+/// Loads `config.json` and the safetensors weights of a Hugging Face model directory.
+pub fn load<B: Backend>(dir: &Path, device: &B::Device) -> anyhow::Result<Decoder<B>> {
+    use anyhow::Context;
+    if !dir.is_dir() {
+        anyhow::bail!("{}: not a directory (expected a Hugging Face model directory with config.json and safetensors)", dir.display());
+    }
+    let config = ModelConfig::from_dir(dir)?;
+    let ck = Checkpoint::open(dir)?;
+    let model = Decoder::load(&ck, &config, device).with_context(|| format!("loading the {} model in {}", config.family.as_str(), dir.display()))?;
+    Ok(model)
+}

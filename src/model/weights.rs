@@ -1,0 +1,233 @@
+//! Reading checkpoint tensors: `model.safetensors` or a sharded `model.safetensors.index.json`,
+//! memory-mapped (the page cache holds the file; ft converts one tensor at a time, so the
+//! weights never exist twice in anonymous memory). f32, bf16 and f16 on disk all load as f32.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use memmap2::Mmap;
+use safetensors::tensor::{Dtype, Metadata};
+use safetensors::SafeTensors;
+
+/// Errors from reading checkpoint tensors. Each names the file or tensor concerned.
+#[derive(Debug, thiserror::Error)]
+pub enum WeightsError {
+    #[error("{dir}: no model.safetensors or model.safetensors.index.json (expected a Hugging Face checkpoint directory)")]
+    NoWeights { dir: PathBuf },
+    #[error("cannot read {path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{path} is not a valid safetensors file ({source}); the file may be truncated or corrupt")]
+    Corrupt { path: PathBuf, source: safetensors::SafeTensorError },
+    #[error("{path}: invalid index: {msg}")]
+    Index { path: PathBuf, msg: String },
+    #[error("shard {shard} listed in {index} is missing")]
+    MissingShard { index: PathBuf, shard: PathBuf },
+    #[error("tensor {name} is missing from the checkpoint in {dir}")]
+    MissingTensor { name: String, dir: PathBuf },
+    #[error("tensor {name} in {path} has shape {got:?}, expected {expected:?}")]
+    ShapeMismatch { name: String, path: PathBuf, expected: Vec<usize>, got: Vec<usize> },
+    #[error("tensor {name} in {path} has dtype {dtype:?}; expected F32, BF16 or F16")]
+    UnsupportedDtype { name: String, path: PathBuf, dtype: Dtype },
+    #[error("the checkpoint in {dir} has tensors the model does not use: {names}")]
+    Unused { dir: PathBuf, names: String },
+}
+
+struct Shard {
+    path: PathBuf,
+    mmap: Mmap,
+    header_len: usize,
+    meta: Metadata,
+}
+
+/// A memory-mapped checkpoint. Tracks which tensors were read so that leftovers can be reported.
+pub struct Checkpoint {
+    dir: PathBuf,
+    shards: Vec<Shard>,
+    /// tensor name → shard index
+    names: BTreeMap<String, usize>,
+    used: Mutex<HashSet<String>>,
+}
+
+fn open_shard(path: &Path) -> Result<Shard, WeightsError> {
+    let file = File::open(path).map_err(|source| WeightsError::Io { path: path.into(), source })?;
+    // SAFETY: the file is opened read-only; a checkpoint modified while ft runs is outside
+    // what any loader can guard against (transformers and candle map files the same way).
+    let mmap = unsafe { Mmap::map(&file) }.map_err(|source| WeightsError::Io { path: path.into(), source })?;
+    let (header_len, meta) =
+        SafeTensors::read_metadata(&mmap).map_err(|source| WeightsError::Corrupt { path: path.into(), source })?;
+    Ok(Shard { path: path.into(), mmap, header_len, meta })
+}
+
+impl Checkpoint {
+    /// Opens the safetensors checkpoint in `dir`.
+    pub fn open(dir: &Path) -> Result<Self, WeightsError> {
+        let single = dir.join("model.safetensors");
+        let index = dir.join("model.safetensors.index.json");
+        let mut shards = Vec::new();
+        let mut names = BTreeMap::new();
+        if index.exists() {
+            let text = std::fs::read_to_string(&index).map_err(|source| WeightsError::Io { path: index.clone(), source })?;
+            let v: serde_json::Value = serde_json::from_str(&text)
+                .map_err(|e| WeightsError::Index { path: index.clone(), msg: e.to_string() })?;
+            let map = v
+                .get("weight_map")
+                .and_then(|m| m.as_object())
+                .ok_or_else(|| WeightsError::Index { path: index.clone(), msg: "no \"weight_map\" object".into() })?;
+            let mut files: Vec<String> = map.values().filter_map(|f| f.as_str().map(String::from)).collect();
+            files.sort();
+            files.dedup();
+            let mut shard_of: HashMap<String, usize> = HashMap::new();
+            for f in &files {
+                let p = dir.join(f);
+                if !p.exists() {
+                    return Err(WeightsError::MissingShard { index: index.clone(), shard: p });
+                }
+                shard_of.insert(f.clone(), shards.len());
+                shards.push(open_shard(&p)?);
+            }
+            for (name, f) in map {
+                let f = f.as_str().unwrap_or_default();
+                let i = shard_of[f];
+                if shards[i].meta.info(name).is_none() {
+                    return Err(WeightsError::Index {
+                        path: index.clone(),
+                        msg: format!("{name} is mapped to {f}, which does not hold it"),
+                    });
+                }
+                names.insert(name.clone(), i);
+            }
+        } else if single.exists() {
+            let shard = open_shard(&single)?;
+            for name in shard.meta.tensors().keys() {
+                names.insert(name.clone(), 0);
+            }
+            shards.push(shard);
+        } else {
+            return Err(WeightsError::NoWeights { dir: dir.into() });
+        }
+        Ok(Checkpoint { dir: dir.into(), shards, names, used: Mutex::new(HashSet::new()) })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.names.contains_key(name)
+    }
+
+    /// All tensor names, sorted.
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.names.keys().map(String::as_str)
+    }
+
+    /// Shape and dtype of a tensor, if present.
+    pub fn info(&self, name: &str) -> Option<(Vec<usize>, Dtype)> {
+        let i = *self.names.get(name)?;
+        self.shards[i].meta.info(name).map(|t| (t.shape.clone(), t.dtype))
+    }
+
+    /// Raw bytes of a tensor as stored, with its dtype and shape. Marks it used.
+    pub fn raw(&self, name: &str) -> Result<(&[u8], Dtype, Vec<usize>, &Path), WeightsError> {
+        let i = *self
+            .names
+            .get(name)
+            .ok_or_else(|| WeightsError::MissingTensor { name: name.into(), dir: self.dir.clone() })?;
+        let shard = &self.shards[i];
+        let info = shard.meta.info(name).expect("index checked at open");
+        let start = 8 + shard.header_len + info.data_offsets.0;
+        let end = 8 + shard.header_len + info.data_offsets.1;
+        self.used.lock().expect("poisoned").insert(name.to_string());
+        Ok((&shard.mmap[start..end], info.dtype, info.shape.clone(), &shard.path))
+    }
+
+    /// A tensor converted to f32, checked against `expected` shape.
+    pub fn f32(&self, name: &str, expected: &[usize]) -> Result<Vec<f32>, WeightsError> {
+        let (bytes, dtype, shape, path) = self.raw(name)?;
+        if shape != expected {
+            return Err(WeightsError::ShapeMismatch {
+                name: name.into(),
+                path: path.into(),
+                expected: expected.to_vec(),
+                got: shape,
+            });
+        }
+        to_f32(bytes, dtype).ok_or_else(|| WeightsError::UnsupportedDtype { name: name.into(), path: path.into(), dtype })
+    }
+
+    /// Marks a tensor as deliberately ignored (e.g. a tied `lm_head.weight`).
+    pub fn skip(&self, name: &str) {
+        self.used.lock().expect("poisoned").insert(name.to_string());
+    }
+
+    /// Errors if any tensor was never read (a wrong architecture or a misnamed checkpoint).
+    pub fn check_all_used(&self) -> Result<(), WeightsError> {
+        let used = self.used.lock().expect("poisoned");
+        let unused: Vec<&str> = self
+            .names
+            .keys()
+            .filter(|n| !used.contains(*n) && !n.ends_with("rotary_emb.inv_freq"))
+            .map(String::as_str)
+            .collect();
+        if unused.is_empty() {
+            Ok(())
+        } else {
+            let mut names = unused.iter().take(8).copied().collect::<Vec<_>>().join(", ");
+            if unused.len() > 8 {
+                names.push_str(&format!(" and {} more", unused.len() - 8));
+            }
+            Err(WeightsError::Unused { dir: self.dir.clone(), names })
+        }
+    }
+}
+
+/// Little-endian f32/bf16/f16 bytes to f32 values; `None` for other dtypes.
+pub fn to_f32(bytes: &[u8], dtype: Dtype) -> Option<Vec<f32>> {
+    Some(match dtype {
+        Dtype::F32 => bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),
+        Dtype::BF16 => bytes
+            .chunks_exact(2)
+            .map(|c| half::bf16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32())
+            .collect(),
+        Dtype::F16 => bytes
+            .chunks_exact(2)
+            .map(|c| half::f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32())
+            .collect(),
+        _ => return None,
+    })
+}
+
+/// Transposes a row-major `[rows, cols]` matrix (PyTorch's `[out, in]` → burn's `[in, out]`).
+/// This is the one place where the layouts meet.
+pub fn transpose(data: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut out = vec![0f32; data.len()];
+    const B: usize = 32;
+    for r0 in (0..rows).step_by(B) {
+        for c0 in (0..cols).step_by(B) {
+            for r in r0..(r0 + B).min(rows) {
+                for c in c0..(c0 + B).min(cols) {
+                    out[c * rows + r] = data[r * cols + c];
+                }
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transpose_is_exact() {
+        let d: Vec<f32> = (0..35 * 70).map(|x| x as f32).collect();
+        let t = transpose(&d, 35, 70);
+        for r in 0..35 {
+            for c in 0..70 {
+                assert_eq!(t[c * 35 + r], d[r * 70 + c]);
+            }
+        }
+    }
+}

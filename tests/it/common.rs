@@ -1,0 +1,49 @@
+use std::path::{Path, PathBuf};
+
+use ft::backend::Cpu;
+use ft::model::Decoder;
+
+pub fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+pub const MODELS: [&str; 5] = ["llama", "llama3-rope-tied-bf16", "qwen2", "qwen3", "mistral"];
+
+pub fn model_dir(name: &str) -> PathBuf {
+    fixtures().join("models").join(name)
+}
+
+pub fn load(name: &str) -> Decoder<Cpu> {
+    ft::model::load::<Cpu>(&model_dir(name), &Default::default()).unwrap_or_else(|e| panic!("{name}: {e:#}"))
+}
+
+pub fn json(path: &Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+pub fn ids(v: &serde_json::Value) -> Vec<u32> {
+    v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()
+}
+
+/// Reads an f32 tensor from a safetensors file: (values, shape).
+pub fn read_f32(path: &Path, name: &str) -> (Vec<f32>, Vec<usize>) {
+    let bytes = std::fs::read(path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let t = st.tensor(name).unwrap();
+    (ft::model::weights::to_f32(t.data(), t.dtype()).unwrap(), t.shape().to_vec())
+}
+
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+/// Runs the ft binary; returns (exit code, stdout, stderr).
+pub fn ft(args: &[&str]) -> (i32, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ft")).args(args).output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}

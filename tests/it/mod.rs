@@ -1,0 +1,4 @@
+pub mod cli;
+pub mod common;
+pub mod oracle_models;
+pub mod smollm2;

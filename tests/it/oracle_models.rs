@@ -1,0 +1,87 @@
+//! The tiny oracle checkpoints (transformers 5.23, float32): logits, greedy generation, masks
+//! and assistant-only loss.
+
+use burn::prelude::*;
+use burn::tensor::{Int, TensorData};
+use ft::backend::Cpu;
+use ft::data::conversation::read_jsonl;
+use ft::data::encode::encode_conversation;
+use ft::generate::{generate, GenerateOptions};
+use ft::tokenizer::{TemplateChoice, TextTokenizer};
+
+use super::common::*;
+
+#[test]
+fn logits_match_transformers() {
+    let cases = json(&fixtures().join("chat_tokens.json"));
+    for name in MODELS {
+        let model = load(name);
+        let expected = model_dir(name).join("expected_logits.safetensors");
+        for (i, case) in cases.as_array().unwrap().iter().enumerate() {
+            let ids = ids(&case["input_ids"]);
+            let t = ids.len();
+            let input = Tensor::<Cpu, 2, Int>::from_data(
+                TensorData::new(ids.iter().map(|&x| x as i64).collect::<Vec<_>>(), [1, t]),
+                &Default::default(),
+            );
+            let got: Vec<f32> = model.forward(input, None).into_data().to_vec().unwrap();
+            let (want, shape) = read_f32(&expected, &format!("logits_{i}"));
+            assert_eq!(shape, vec![t, model.config.vocab_size]);
+            let d = max_abs_diff(&got, &want);
+            assert!(d <= 1e-4, "{name} case {i}: max abs diff {d}");
+        }
+    }
+}
+
+#[test]
+fn greedy_generation_matches_transformers() {
+    for name in MODELS {
+        let model = load(name);
+        let exp = json(&model_dir(name).join("expected_generate.json"));
+        let opts = GenerateOptions {
+            max_new_tokens: 12,
+            temperature: 0.0,
+            top_p: 1.0,
+            seed: 0,
+            ignore_eos: true,
+            stop_ids: vec![2],
+        };
+        let out = generate(&model, &ids(&exp["prompt_ids"]), &opts);
+        assert_eq!(out.ids, ids(&exp["greedy_ids"]), "{name}");
+    }
+}
+
+#[test]
+fn chatml_ids_and_assistant_masks_match() {
+    let cases = json(&fixtures().join("chat_tokens.json"));
+    let tok = TextTokenizer::from_dir(&model_dir("llama")).unwrap();
+    let template = tok.template(TemplateChoice::Chatml).unwrap();
+    let data = read_jsonl(&fixtures().join("chat.jsonl")).unwrap();
+    for (conv, case) in data.iter().zip(cases.as_array().unwrap()) {
+        let enc = encode_conversation(&tok, &template, &conv.messages).unwrap();
+        assert_eq!(enc.text, case["text"].as_str().unwrap());
+        assert_eq!(enc.ids, ids(&case["input_ids"]));
+        let mask: Vec<u8> = ids(&case["assistant_mask"]).into_iter().map(|x| x as u8).collect();
+        assert_eq!(enc.mask, mask, "{}", conv.at);
+    }
+}
+
+#[test]
+fn eval_loss_matches_expected_logits() {
+    let expected = json(&fixtures().join("expected_chat_loss.json"));
+    let data = read_jsonl(&fixtures().join("chat.jsonl")).unwrap();
+    for name in MODELS {
+        let model = load(name);
+        let tok = TextTokenizer::from_dir(&model_dir(name)).unwrap();
+        let template = tok.template(TemplateChoice::Chatml).unwrap();
+        let r = ft::eval::evaluate(&model, &tok, &template, &data, None).unwrap();
+        let e = &expected[format!("models/{name}")];
+        assert_eq!(r.tokens as u64, e["chat_tokens"].as_u64().unwrap(), "{name}");
+        let want = e["chat_loss_mean"].as_f64().unwrap();
+        assert!((r.loss - want).abs() <= 1e-4, "{name}: loss {} vs {want}", r.loss);
+        for (got, want) in r.per_sample.iter().zip(e["per_conversation"].as_array().unwrap()) {
+            assert_eq!(got.1 as u64, want["tokens"].as_u64().unwrap());
+            assert!((got.0 - want["nll_sum"].as_f64().unwrap()).abs() <= 1e-3, "{name}: {got:?} vs {want}");
+        }
+    }
+}
