@@ -77,7 +77,7 @@ impl fmt::Display for Location {
 /// A data error at a location.
 #[derive(Debug, thiserror::Error)]
 pub enum DataError {
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}")]
     Io { path: PathBuf, source: std::io::Error },
     #[error("{at}: {msg}")]
     At { at: Location, msg: String },

@@ -8,7 +8,7 @@ use memmap2::Mmap;
 
 #[derive(Debug, thiserror::Error)]
 pub enum GgufError {
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}")]
     Io { path: PathBuf, source: std::io::Error },
     #[error("{path}: not a GGUF file ({msg})")]
     Format { path: PathBuf, msg: String },

@@ -15,9 +15,9 @@ use super::rope::RopeScaling;
 /// Errors from reading or resolving a `config.json`.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}")]
     Read { path: PathBuf, source: std::io::Error },
-    #[error("{path} is not a valid model config: {source} (expected the config.json that transformers writes)")]
+    #[error("{path} is not a valid model config (expected the config.json that transformers writes)")]
     Parse { path: PathBuf, source: serde_json::Error },
     #[error("{path}: unknown architecture {model_type:?}; ft supports model_type llama, mistral, qwen2, qwen3 (and SmolLM2, which is llama)")]
     UnknownArchitecture { path: PathBuf, model_type: String },

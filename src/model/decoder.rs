@@ -322,7 +322,13 @@ impl<B: Backend> Decoder<B> {
     pub fn head(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         match &self.lm_head {
             Some(p) => p.forward(x),
-            None => x.matmul(self.embed_tokens.val().transpose().unsqueeze()),
+            None => {
+                // E [V, H] · xᵀ [H, B·T], then transposed: E is read in its stored layout (a
+                // transposed view of E would be packed/copied by the GEMM on every call).
+                let [b, t, h] = x.dims();
+                let logits_t = self.embed_tokens.val().matmul(x.reshape([b * t, h]).transpose());
+                logits_t.transpose().reshape([b, t, self.config.vocab_size])
+            }
         }
     }
 

@@ -16,9 +16,9 @@ use safetensors::SafeTensors;
 pub enum WeightsError {
     #[error("{dir}: no model.safetensors or model.safetensors.index.json (expected a Hugging Face checkpoint directory)")]
     NoWeights { dir: PathBuf },
-    #[error("cannot read {path}: {source}")]
+    #[error("cannot read {path}")]
     Io { path: PathBuf, source: std::io::Error },
-    #[error("{path} is not a valid safetensors file ({source}); the file may be truncated or corrupt")]
+    #[error("{path} is not a valid safetensors file; the file may be truncated or corrupt")]
     Corrupt { path: PathBuf, source: safetensors::SafeTensorError },
     #[error("{path}: invalid index: {msg}")]
     Index { path: PathBuf, msg: String },

@@ -1,1 +1,147 @@
-pub fn placeholder() {}
+//! The `ft` binary: help, version, and bad input giving one clear error, a non-zero exit and
+//! no panic.
+
+use std::path::{Path, PathBuf};
+
+use super::common::*;
+
+fn scratch(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("ft-cli-{}-{name}", std::process::id()));
+    std::fs::remove_dir_all(&d).ok();
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// A copy of the llama fixture to break.
+fn llama_copy(name: &str) -> PathBuf {
+    let d = scratch(name);
+    for e in std::fs::read_dir(model_dir("llama")).unwrap() {
+        let p = e.unwrap().path();
+        std::fs::copy(&p, d.join(p.file_name().unwrap())).unwrap();
+    }
+    d
+}
+
+fn assert_clean_error(args: &[&str], code: i32, needles: &[&str]) {
+    let (c, _out, err) = ft(args);
+    assert_eq!(c, code, "{args:?}: exit {c}, stderr: {err}");
+    assert!(!err.contains("panicked") && !err.contains("RUST_BACKTRACE"), "{args:?} panicked: {err}");
+    for n in needles {
+        assert!(err.contains(n), "{args:?}: stderr lacks {n:?}: {err}");
+    }
+}
+
+fn chat() -> String {
+    fixtures().join("chat.jsonl").display().to_string()
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+#[test]
+fn help_and_version() {
+    let (c, out, _) = ft(&["--help"]);
+    assert_eq!(c, 0);
+    for sub in ["generate", "eval", "import-gguf"] {
+        assert!(out.contains(sub), "{out}");
+        let (c, out, _) = ft(&[sub, "--help"]);
+        assert_eq!(c, 0);
+        assert!(out.len() > 200, "{sub} --help is too thin: {out}");
+    }
+    let (c, out, _) = ft(&["--version"]);
+    assert_eq!(c, 0);
+    assert!(out.contains(env!("CARGO_PKG_VERSION")) && out.contains("backends: cpu"), "{out}");
+}
+
+#[test]
+fn eval_and_generate_work_from_the_command_line() {
+    let m = model_dir("llama");
+    let (c, out, err) = ft(&["eval", "--model", s(&m), "--data", &chat(), "--template", "chatml", "--json"]);
+    assert_eq!(c, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let exp = json(&fixtures().join("expected_chat_loss.json"));
+    assert!((v["loss"].as_f64().unwrap() - exp["models/llama"]["chat_loss_mean"].as_f64().unwrap()).abs() <= 1e-4);
+    assert_eq!(v["tokens"], 44);
+    assert_eq!(v["samples"], 3);
+    assert!((v["perplexity"].as_f64().unwrap() - v["loss"].as_f64().unwrap().exp()).abs() < 1e-6);
+
+    let exp = json(&m.join("expected_generate.json"));
+    let (c, out, err) = ft(&[
+        "generate", "--model", s(&m), "--system", "You are terse.", "--prompt", "What is the capital of France?",
+        "--max-new-tokens", "12", "--ignore-eos", "--json",
+    ]);
+    assert_eq!(c, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["prompt_ids"], exp["prompt_ids"]);
+    assert_eq!(v["ids"], exp["greedy_ids"]);
+    assert_eq!(v["tokens"], 12);
+    assert!(v["text"].is_string() && v["tokens_per_s"].as_f64().unwrap() > 0.0);
+}
+
+#[test]
+fn bad_models_give_located_errors() {
+    let gen = |m: &Path| vec!["generate".to_string(), "--model".into(), s(m).into(), "--prompt".into(), "hi".into()];
+    let run = |args: Vec<String>, code: i32, needles: &[&str]| {
+        let a: Vec<&str> = args.iter().map(String::as_str).collect();
+        assert_clean_error(&a, code, needles);
+    };
+
+    let d = llama_copy("noconfig");
+    std::fs::remove_file(d.join("config.json")).unwrap();
+    run(gen(&d), 1, &["config.json"]);
+
+    let d = llama_copy("badconfig");
+    std::fs::write(d.join("config.json"), "{\"model_type\": \"llama\", \"hidden_size\": ").unwrap();
+    run(gen(&d), 1, &["config.json", "not a valid model config"]);
+
+    let d = llama_copy("arch");
+    let cfg = std::fs::read_to_string(d.join("config.json")).unwrap().replace("\"llama\"", "\"gpt_neox\"");
+    std::fs::write(d.join("config.json"), cfg).unwrap();
+    run(gen(&d), 1, &["unknown architecture \"gpt_neox\""]);
+
+    let d = llama_copy("rope");
+    let mut cfg = json(&d.join("config.json"));
+    cfg["rope_parameters"] = serde_json::json!({"rope_type": "longrope", "rope_theta": 10000.0, "factor": 2.0});
+    std::fs::write(d.join("config.json"), cfg.to_string()).unwrap();
+    run(gen(&d), 1, &["unsupported rope_scaling \"longrope\""]);
+
+    let d = llama_copy("truncated");
+    let st = d.join("model.safetensors");
+    let len = std::fs::metadata(&st).unwrap().len();
+    std::fs::File::options().write(true).open(&st).unwrap().set_len(len / 2).unwrap();
+    run(gen(&d), 1, &["model.safetensors", "truncated or corrupt"]);
+
+    let d = scratch("shard");
+    for e in std::fs::read_dir(model_dir("qwen2")).unwrap() {
+        let p = e.unwrap().path();
+        std::fs::copy(&p, d.join(p.file_name().unwrap())).unwrap();
+    }
+    std::fs::remove_file(d.join("model-00003-of-00004.safetensors")).unwrap();
+    run(gen(&d), 1, &["model-00003-of-00004.safetensors", "missing"]);
+
+    let d = scratch("empty");
+    run(gen(&d), 1, &["config.json"]);
+}
+
+#[test]
+fn bad_data_gives_file_and_line() {
+    let m = model_dir("llama");
+    let d = scratch("data");
+    let bad = d.join("bad.jsonl");
+    std::fs::write(&bad, "{\"messages\": [{\"role\": \"user\", \"content\": \"a\"}, {\"role\": \"assistant\", \"content\": \"b\"}]}\n{\"messages\": [{\"role\": \"user\"\n").unwrap();
+    assert_clean_error(&["eval", "--model", s(&m), "--data", s(&bad)], 3, &[&format!("{}:2", bad.display()), "invalid JSON"]);
+    let noasst = d.join("noasst.jsonl");
+    std::fs::write(&noasst, "{\"messages\": [{\"role\": \"user\", \"content\": \"a\"}]}\n").unwrap();
+    assert_clean_error(&["eval", "--model", s(&m), "--data", s(&noasst)], 3, &[&format!("{}:1", noasst.display()), "no assistant turn"]);
+    assert_clean_error(&["eval", "--model", s(&m), "--data", s(&d.join("missing.jsonl"))], 3, &["missing.jsonl"]);
+}
+
+#[test]
+fn import_rejects_non_gguf() {
+    let d = scratch("gguf");
+    let f = d.join("x.gguf");
+    std::fs::write(&f, b"not a gguf at all").unwrap();
+    assert_clean_error(&["import-gguf", s(&f), "--out", s(&d.join("out"))], 1, &["x.gguf", "not a GGUF file"]);
+    assert!(!d.join("out").exists(), "nothing half-written");
+}

