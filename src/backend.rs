@@ -1,19 +1,65 @@
 //! The one place where ft chooses its burn backends.
 //!
-//! CPU: burn's `flex` backend (pure Rust, SIMD + rayon). CUDA (feature `cuda`): burn's CUDA
-//! backend, kernels compiled by NVRTC at run time.
+//! CPU: burn's `flex` backend (pure Rust, SIMD + rayon), f32. CUDA (feature `cuda`): burn's CUDA
+//! backend, kernels compiled by NVRTC at run time, in f32 or bf16. Code elsewhere is generic over
+//! `B: Backend`; [`dispatch_backend!`](crate::dispatch_backend) instantiates it for the choice made
+//! on the command line.
 
 /// The CPU backend, f32.
 pub type Cpu = burn::backend::Flex;
 
+/// CUDA backend computing in f32.
+#[cfg(feature = "cuda")]
+pub type CudaF32 = burn::backend::Cuda<f32, i32>;
+
+/// CUDA backend computing in bf16.
+#[cfg(feature = "cuda")]
+pub type CudaBf16 = burn::backend::Cuda<half::bf16, i32>;
+
+/// Where computation runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DeviceChoice {
+    Cpu,
+    Cuda,
+}
+
+/// Compute dtype.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ComputeDtype {
+    F32,
+    Bf16,
+}
+
 /// Backends compiled into this binary, for `ft --version`.
 pub fn enabled() -> &'static str {
     if cfg!(feature = "cuda") {
-        "cpu (flex), cuda"
+        "cpu (flex, f32), cuda (f32, bf16)"
     } else {
-        "cpu (flex)"
+        "cpu (flex, f32)"
     }
 }
 
-#[cfg(feature = "cuda")]
-pub type Cuda = burn::backend::Cuda<f32, i32>;
+/// Calls `$f::<Backend>($arg, device)` for the chosen device and dtype, or returns an error
+/// naming what this build lacks.
+#[macro_export]
+macro_rules! dispatch_backend {
+    ($device:expr, $dtype:expr, $f:ident, $arg:expr) => {{
+        use $crate::backend::{ComputeDtype, DeviceChoice};
+        match ($device, $dtype) {
+            (DeviceChoice::Cpu, ComputeDtype::F32) => $f::<$crate::backend::Cpu>($arg, Default::default()),
+            (DeviceChoice::Cpu, ComputeDtype::Bf16) => {
+                anyhow::bail!("--dtype bf16 is supported on --device cuda; the CPU backend computes in f32")
+            }
+            #[cfg(feature = "cuda")]
+            (DeviceChoice::Cuda, ComputeDtype::F32) => $f::<$crate::backend::CudaF32>($arg, Default::default()),
+            #[cfg(feature = "cuda")]
+            (DeviceChoice::Cuda, ComputeDtype::Bf16) => $f::<$crate::backend::CudaBf16>($arg, Default::default()),
+            #[cfg(not(feature = "cuda"))]
+            (DeviceChoice::Cuda, _) => {
+                anyhow::bail!("this ft was built without CUDA; rebuild with `cargo build --release --features cuda`")
+            }
+        }
+    }};
+}

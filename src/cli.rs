@@ -7,7 +7,8 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 
-use crate::backend::Cpu;
+use crate::backend::{ComputeDtype, DeviceChoice};
+use burn::prelude::Backend;
 use crate::data::conversation::{read_jsonl, DataError, Message, Role};
 use crate::generate::{generate, GenerateOptions};
 use crate::gguf::import::{import, SaveDtype};
@@ -76,6 +77,12 @@ pub struct GenerateArgs {
     /// Chat template: the model's own, or built-in ChatML.
     #[arg(long, value_enum, default_value_t = TemplateChoice::Model)]
     pub template: TemplateChoice,
+    /// Where to run: cpu, or cuda (needs a build with `--features cuda`).
+    #[arg(long, value_enum, default_value_t = DeviceChoice::Cpu)]
+    pub device: DeviceChoice,
+    /// Compute dtype: f32, or bf16 (CUDA only).
+    #[arg(long, value_enum, default_value_t = ComputeDtype::F32)]
+    pub dtype: ComputeDtype,
     /// Print {"text", "ids", "tokens", "tokens_per_s"} as JSON.
     #[arg(long)]
     pub json: bool,
@@ -95,6 +102,12 @@ pub struct EvalArgs {
     /// Cut samples to at most N tokens (the count of cut samples is reported).
     #[arg(long)]
     pub max_len: Option<usize>,
+    /// Where to run: cpu, or cuda (needs a build with `--features cuda`).
+    #[arg(long, value_enum, default_value_t = DeviceChoice::Cpu)]
+    pub device: DeviceChoice,
+    /// Compute dtype: f32, or bf16 (CUDA only).
+    #[arg(long, value_enum, default_value_t = ComputeDtype::F32)]
+    pub dtype: ComputeDtype,
     /// Print {"loss", "tokens", "samples", "perplexity"} as JSON.
     #[arg(long)]
     pub json: bool,
@@ -154,8 +167,13 @@ pub fn stop_ids(model_dir: &Path, config_eos: &[u32], tok: &TextTokenizer) -> Ve
 }
 
 fn cmd_generate(a: GenerateArgs) -> Result<()> {
-    let device = Default::default();
-    let model = crate::model::load::<Cpu>(&a.model, &device)?;
+    crate::dispatch_backend!(a.device, a.dtype, generate_on, a)
+}
+
+fn generate_on<B: Backend>(a: GenerateArgs, device: B::Device) -> Result<()> {
+    let t0 = Instant::now();
+    let model = crate::model::load::<B>(&a.model, &device)?;
+    let load_s = t0.elapsed().as_secs_f64();
     let tok = TextTokenizer::from_dir(&a.model)?;
     let template = tok.template(a.template)?;
     let mut messages = Vec::new();
@@ -178,7 +196,7 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
     if a.json {
         let v = serde_json::json!({
             "text": text, "ids": out.ids, "tokens": out.ids.len(), "tokens_per_s": out.tokens_per_s,
-            "prompt_ids": prompt_ids,
+            "prompt_ids": prompt_ids, "load_s": load_s,
         });
         println!("{v}");
     } else {
@@ -189,16 +207,26 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
 }
 
 fn cmd_eval(a: EvalArgs) -> Result<()> {
-    let device = Default::default();
+    crate::dispatch_backend!(a.device, a.dtype, eval_on, a)
+}
+
+fn eval_on<B: Backend>(a: EvalArgs, device: B::Device) -> Result<()> {
     let data = read_jsonl(&a.data)?;
     let t0 = Instant::now();
-    let model = crate::model::load::<Cpu>(&a.model, &device)?;
+    let model = crate::model::load::<B>(&a.model, &device)?;
+    let load_s = t0.elapsed().as_secs_f64();
     let tok = TextTokenizer::from_dir(&a.model)?;
     let template = tok.template(a.template)?;
+    let t1 = Instant::now();
     let report = crate::eval::evaluate(&model, &tok, &template, &data, a.max_len)?;
+    let eval_s = t1.elapsed().as_secs_f64();
     let secs = t0.elapsed().as_secs_f64();
     if a.json {
-        println!("{}", serde_json::to_string(&report)?);
+        let mut v = serde_json::to_value(&report)?;
+        v["load_s"] = load_s.into();
+        v["eval_s"] = eval_s.into();
+        v["tokens_per_s"] = (report.input_tokens as f64 / eval_s).into();
+        println!("{v}");
     } else {
         println!(
             "loss {:.6}  perplexity {:.4}  tokens {}  samples {}{}  ({:.1}s)",

@@ -19,6 +19,8 @@ pub struct EvalReport {
     pub tokens: usize,
     pub samples: usize,
     pub perplexity: f64,
+    /// All tokens run through the model (prompt and completion).
+    pub input_tokens: usize,
     /// Samples cut to `max_len` tokens.
     pub truncated: usize,
     /// Per sample: (NLL sum, scored tokens).
@@ -69,6 +71,7 @@ pub fn evaluate<B: Backend>(
 ) -> anyhow::Result<EvalReport> {
     let mut per_sample = Vec::with_capacity(data.len());
     let mut truncated = 0;
+    let mut input_tokens = 0;
     for conv in data {
         let mut enc = encode_conversation(tok, template, &conv.messages).map_err(|e| anyhow::anyhow!("{}: {e}", conv.at))?;
         if let Some(m) = max_len {
@@ -81,10 +84,11 @@ pub fn evaluate<B: Backend>(
         if enc.trainable() == 0 {
             anyhow::bail!("{}: the conversation has no assistant tokens to score (after max_len)", conv.at);
         }
+        input_tokens += enc.ids.len();
         per_sample.push(sample_nll(model, &enc));
     }
     let nll: f64 = per_sample.iter().map(|s| s.0).sum();
     let tokens: usize = per_sample.iter().map(|s| s.1).sum();
     let loss = if tokens > 0 { nll / tokens as f64 } else { f64::NAN };
-    Ok(EvalReport { loss, tokens, samples: per_sample.len(), perplexity: loss.exp(), truncated, per_sample })
+    Ok(EvalReport { loss, tokens, samples: per_sample.len(), perplexity: loss.exp(), input_tokens, truncated, per_sample })
 }

@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# GPU checks, run on the GPU machine with an ft binary built beforehand (nothing is built here):
+#   CUDARC_CUDA_VERSION=13000 cargo build --release --features cuda; cp target/release/ft .bin/
+#   scripts/gpu-check.sh .bin/ft [SMOLLM2_HF_DIR]
+# For each oracle model and dtype (f32, bf16) on CUDA: `ft eval` loss vs transformers' expected loss,
+# and `ft generate` greedy ids vs transformers' (f32 must match to 1e-4 and exactly; bf16 is reported).
+# With a SmolLM2 directory: its three greedy generations and eval/generate speed on the GPU.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+FT=${1:-.bin/ft}
+SMOL=${2:-}
+"$FT" --version
+python3 - "$FT" "$SMOL" <<'PY'
+import json, subprocess, sys, time
+ft, smol = sys.argv[1], sys.argv[2]
+fx = "tests/fixtures"
+exp_loss = json.load(open(f"{fx}/expected_chat_loss.json"))
+fails = 0
+def run(args):
+    t = time.time()
+    p = subprocess.run([ft] + args, capture_output=True, text=True)
+    if p.returncode != 0:
+        raise RuntimeError(f"{args}: exit {p.returncode}: {p.stderr.strip()}")
+    return json.loads(p.stdout), time.time() - t
+print(f"{'model':24} {'dtype':5} {'loss':>10} {'expected':>10} {'abs diff':>9} {'greedy':>7}")
+for m in ["llama", "llama3-rope-tied-bf16", "qwen2", "qwen3", "mistral"]:
+    d = f"{fx}/models/{m}"
+    g = json.load(open(f"{d}/expected_generate.json"))
+    for dt in ["f32", "bf16"]:
+        try:
+            r, _ = run(["eval", "--model", d, "--data", f"{fx}/chat.jsonl", "--template", "chatml", "--device", "cuda", "--dtype", dt, "--json"])
+            o, _ = run(["generate", "--model", d, "--system", "You are terse.", "--prompt", "What is the capital of France?",
+                        "--max-new-tokens", "12", "--ignore-eos", "--device", "cuda", "--dtype", dt, "--json"])
+        except RuntimeError as e:
+            print(f"{m:24} {dt:5} ERROR {e}"); fails += 1; continue
+        want = exp_loss[f"models/{m}"]["chat_loss_mean"]
+        diff = abs(r["loss"] - want)
+        same = o["ids"] == g["greedy_ids"] and o["prompt_ids"] == g["prompt_ids"]
+        ok = dt != "f32" or (diff <= 1e-4 and same)
+        fails += not ok
+        print(f"{m:24} {dt:5} {r['loss']:10.6f} {want:10.6f} {diff:9.2e} {str(same):>7} {'' if ok else 'FAIL'}")
+if smol:
+    exp = json.load(open(f"{fx}/smollm2/expected.json"))
+    for dt in ["f32", "bf16"]:
+        for c in exp["generate"]:
+            prompt = c["messages"][0]["content"]
+            o, secs = run(["generate", "--model", smol, "--prompt", prompt, "--max-new-tokens", "24", "--device", "cuda", "--dtype", dt, "--json"])
+            same = o["ids"] == c["greedy_ids"]
+            if dt == "f32" and not same: fails += 1
+            print(f"smollm2 {dt:5} greedy={same} {o['tokens_per_s']:.1f} tokens/s ({secs:.1f}s with load) {o['text'][:60]!r}")
+        r, secs = run(["eval", "--model", smol, "--data", f"{fx}/chat.jsonl", "--template", "chatml", "--device", "cuda", "--dtype", dt, "--json"])
+        want = sum(c["nll_sum"] for c in exp["chat_loss"]) / sum(c["tokens"] for c in exp["chat_loss"])
+        print(f"smollm2 {dt:5} eval loss {r['loss']:.6f} (transformers f32 {want:.6f}, diff {abs(r['loss']-want):.2e}) in {secs:.1f}s")
+print("gpu-check:", "FAILED" if fails else "all f32 checks passed", f"({fails} failures)")
+sys.exit(1 if fails else 0)
+PY
