@@ -28,28 +28,41 @@ pub struct EvalReport {
     pub per_sample: Vec<(f64, usize)>,
 }
 
-/// Per-token log-probabilities of `ids[1..]` given their prefixes: `out[j-1] = log p(ids[j] | ids[..j])`.
-pub fn token_logprobs<B: Backend>(model: &Decoder<B>, ids: &[u32]) -> Vec<f32> {
+/// Per-token log-probabilities of a batch of sequences: `out[i][j-1] = log p(seqs[i][j] | seqs[i][..j])`.
+///
+/// Sequences are right-padded into one forward pass; with a causal mask, padding after a
+/// sequence cannot change its logits, so every value equals the unbatched one.
+pub fn batch_logprobs<B: Backend>(model: &Decoder<B>, seqs: &[&[u32]]) -> Vec<Vec<f32>> {
     let device = model.device();
-    let t = ids.len();
+    let t = seqs.iter().map(|s| s.len()).max().unwrap_or(0);
     if t < 2 {
-        return vec![];
+        return seqs.iter().map(|_| vec![]).collect();
     }
-    let input = Tensor::<B, 2, Int>::from_data(
-        TensorData::new(ids[..t - 1].iter().map(|&x| x as i64).collect::<Vec<_>>(), [1, t - 1]),
-        &device,
-    );
-    let targets = Tensor::<B, 3, Int>::from_data(
-        TensorData::new(ids[1..].iter().map(|&x| x as i64).collect::<Vec<_>>(), [1, t - 1, 1]),
-        &device,
-    );
-    let logp = log_softmax(model.forward(input, None), 2).gather(2, targets);
-    logp.into_data().convert::<f32>().to_vec().expect("f32 log-probs")
+    let b = seqs.len();
+    let mut input = vec![0i64; b * (t - 1)];
+    let mut target = vec![0i64; b * (t - 1)];
+    for (i, s) in seqs.iter().enumerate() {
+        for j in 0..s.len().saturating_sub(1) {
+            input[i * (t - 1) + j] = s[j] as i64;
+            target[i * (t - 1) + j] = s[j + 1] as i64;
+        }
+    }
+    let input = Tensor::<B, 2, Int>::from_data(TensorData::new(input, [b, t - 1]), &device);
+    let target = Tensor::<B, 3, Int>::from_data(TensorData::new(target, [b, t - 1, 1]), &device);
+    let logp: Vec<f32> =
+        log_softmax(model.forward(input, None), 2).gather(2, target).into_data().convert::<f32>().to_vec().expect("f32 log-probs");
+    seqs.iter()
+        .enumerate()
+        .map(|(i, s)| logp[i * (t - 1)..i * (t - 1) + s.len().saturating_sub(1)].to_vec())
+        .collect()
 }
 
-/// NLL sum and token count of one encoded sample.
-pub fn sample_nll<B: Backend>(model: &Decoder<B>, enc: &Encoded) -> (f64, usize) {
-    let lp = token_logprobs(model, &enc.ids);
+/// Per-token log-probabilities of `ids[1..]` given their prefixes: `out[j-1] = log p(ids[j] | ids[..j])`.
+pub fn token_logprobs<B: Backend>(model: &Decoder<B>, ids: &[u32]) -> Vec<f32> {
+    batch_logprobs(model, &[ids]).pop().unwrap_or_default()
+}
+
+fn masked_nll(enc: &Encoded, lp: &[f32]) -> (f64, usize) {
     let mut nll = 0.0;
     let mut n = 0;
     for (j, &m) in enc.mask.iter().enumerate().skip(1) {
@@ -61,6 +74,14 @@ pub fn sample_nll<B: Backend>(model: &Decoder<B>, enc: &Encoded) -> (f64, usize)
     (nll, n)
 }
 
+/// NLL sum and token count of one encoded sample.
+pub fn sample_nll<B: Backend>(model: &Decoder<B>, enc: &Encoded) -> (f64, usize) {
+    masked_nll(enc, &token_logprobs(model, &enc.ids))
+}
+
+/// Padded tokens per eval forward pass (length-sorted batches keep padding small).
+const EVAL_BATCH_TOKENS: usize = 4096;
+
 /// Scores every conversation (errors name the record's `file:line`).
 pub fn evaluate<B: Backend>(
     model: &Decoder<B>,
@@ -69,7 +90,7 @@ pub fn evaluate<B: Backend>(
     data: &[Conversation],
     max_len: Option<usize>,
 ) -> anyhow::Result<EvalReport> {
-    let mut per_sample = Vec::with_capacity(data.len());
+    let mut encoded = Vec::with_capacity(data.len());
     let mut truncated = 0;
     let mut input_tokens = 0;
     for conv in data {
@@ -85,10 +106,25 @@ pub fn evaluate<B: Backend>(
             anyhow::bail!("{}: the conversation has no assistant tokens to score (after max_len)", conv.at);
         }
         input_tokens += enc.ids.len();
-        per_sample.push(sample_nll(model, &enc));
+        encoded.push(enc);
+    }
+    // Length-sorted batches; results go back in input order.
+    let mut order: Vec<usize> = (0..encoded.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(encoded[i].ids.len()));
+    let mut per_sample = vec![(0.0, 0); encoded.len()];
+    let mut k = 0;
+    while k < order.len() {
+        let longest = encoded[order[k]].ids.len().max(1);
+        let n = (EVAL_BATCH_TOKENS / longest).clamp(1, 8).min(order.len() - k);
+        let batch = &order[k..k + n];
+        let seqs: Vec<&[u32]> = batch.iter().map(|&i| encoded[i].ids.as_slice()).collect();
+        for (&i, lp) in batch.iter().zip(batch_logprobs(model, &seqs)) {
+            per_sample[i] = masked_nll(&encoded[i], &lp);
+        }
+        k += n;
     }
     let nll: f64 = per_sample.iter().map(|s| s.0).sum();
     let tokens: usize = per_sample.iter().map(|s| s.1).sum();
     let loss = if tokens > 0 { nll / tokens as f64 } else { f64::NAN };
-    Ok(EvalReport { loss, tokens, samples: per_sample.len(), perplexity: loss.exp(), input_tokens, truncated, per_sample })
+    Ok(EvalReport { loss, tokens, samples: encoded.len(), perplexity: loss.exp(), input_tokens, truncated, per_sample })
 }

@@ -85,3 +85,19 @@ fn eval_loss_matches_expected_logits() {
         }
     }
 }
+
+#[test]
+fn batched_logprobs_equal_unbatched() {
+    let cases = json(&fixtures().join("chat_tokens.json"));
+    let seqs: Vec<Vec<u32>> = cases.as_array().unwrap().iter().map(|c| ids(&c["input_ids"])).collect();
+    let refs: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
+    for name in ["llama", "qwen2"] {
+        let model = load(name);
+        let batched = ft::eval::batch_logprobs(&model, &refs);
+        for (s, b) in seqs.iter().zip(&batched) {
+            let single = ft::eval::token_logprobs(&model, s);
+            assert_eq!(single.len(), s.len() - 1);
+            assert!(max_abs_diff(&single, b) <= 1e-5, "{name}");
+        }
+    }
+}
