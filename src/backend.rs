@@ -41,6 +41,27 @@ pub fn enabled() -> &'static str {
     }
 }
 
+/// Configures burn's GPU runtime once, before the first CUDA device is created: compiled kernels
+/// and autotune results are cached in the user's global cache directory, so only the first run
+/// of a given model shape pays for NVRTC compilation (about 90 s cold vs 0.7 s warm for a tiny
+/// model on an H100). A `cubecl.toml` in the working directory and `CUBECL_*` variables still
+/// take precedence.
+#[cfg(feature = "cuda")]
+pub fn init_cuda_runtime() {
+    use cubecl_runtime::config::{cache::CacheConfig, CubeClRuntimeConfig, RuntimeConfig};
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let mut c = CubeClRuntimeConfig::from_current_dir().override_from_env();
+        if c.compilation.cache.is_none() {
+            c.compilation.cache = Some(CacheConfig::Global);
+        }
+        if !std::path::Path::new("cubecl.toml").exists() {
+            c.autotune.cache = CacheConfig::Global;
+        }
+        CubeClRuntimeConfig::set(c);
+    });
+}
+
 /// Calls `$f::<Backend>($arg, device)` for the chosen device and dtype, or returns an error
 /// naming what this build lacks.
 #[macro_export]
@@ -53,9 +74,15 @@ macro_rules! dispatch_backend {
                 anyhow::bail!("--dtype bf16 is supported on --device cuda; the CPU backend computes in f32")
             }
             #[cfg(feature = "cuda")]
-            (DeviceChoice::Cuda, ComputeDtype::F32) => $f::<$crate::backend::CudaF32>($arg, Default::default()),
+            (DeviceChoice::Cuda, ComputeDtype::F32) => {
+                $crate::backend::init_cuda_runtime();
+                $f::<$crate::backend::CudaF32>($arg, Default::default())
+            }
             #[cfg(feature = "cuda")]
-            (DeviceChoice::Cuda, ComputeDtype::Bf16) => $f::<$crate::backend::CudaBf16>($arg, Default::default()),
+            (DeviceChoice::Cuda, ComputeDtype::Bf16) => {
+                $crate::backend::init_cuda_runtime();
+                $f::<$crate::backend::CudaBf16>($arg, Default::default())
+            }
             #[cfg(not(feature = "cuda"))]
             (DeviceChoice::Cuda, _) => {
                 anyhow::bail!("this ft was built without CUDA; rebuild with `cargo build --release --features cuda`")
