@@ -43,6 +43,8 @@ pub enum Command {
     Generate(GenerateArgs),
     /// Mean next-token loss over the assistant tokens of a ChatML JSONL dataset.
     Eval(EvalArgs),
+    /// Merge a LoRA adapter into the base weights (W + scale·B·A in f32), writing a plain checkpoint.
+    Merge(MergeArgs),
     /// Convert a llama-architecture GGUF (F32/F16/BF16/Q8_0/Q4_0/Q4_1) into a Hugging Face directory.
     #[command(name = "import-gguf")]
     ImportGguf(ImportArgs),
@@ -53,6 +55,9 @@ pub struct GenerateArgs {
     /// Hugging Face model directory (config.json, safetensors, tokenizer.json).
     #[arg(long)]
     pub model: PathBuf,
+    /// A PEFT LoRA adapter directory to apply on top of the model.
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
     /// The user message.
     #[arg(long)]
     pub prompt: String,
@@ -93,6 +98,9 @@ pub struct EvalArgs {
     /// Hugging Face model directory.
     #[arg(long)]
     pub model: PathBuf,
+    /// A PEFT LoRA adapter directory to apply on top of the model.
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
     /// ChatML JSONL dataset: {"messages": [{"role", "content"}, ...]} per line.
     #[arg(long)]
     pub data: PathBuf,
@@ -109,6 +117,25 @@ pub struct EvalArgs {
     #[arg(long, value_enum, default_value_t = ComputeDtype::F32)]
     pub dtype: ComputeDtype,
     /// Print {"loss", "tokens", "samples", "perplexity"} as JSON.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, clap::Args)]
+pub struct MergeArgs {
+    /// The base model directory the adapter was trained on.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// PEFT adapter directory (adapter_config.json, adapter_model.safetensors).
+    #[arg(long)]
+    pub adapter: PathBuf,
+    /// Output directory (must not exist yet).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Dtype of the written weights (default: the base's).
+    #[arg(long, value_enum)]
+    pub dtype: Option<crate::adapters::merge::MergeDtype>,
+    /// Print a JSON report.
     #[arg(long)]
     pub json: bool,
 }
@@ -133,6 +160,7 @@ pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Generate(a) => cmd_generate(a),
         Command::Eval(a) => cmd_eval(a),
+        Command::Merge(a) => cmd_merge(a),
         Command::ImportGguf(a) => cmd_import(a),
     }
 }
@@ -172,7 +200,7 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
 
 fn generate_on<B: Backend>(a: GenerateArgs, device: B::Device) -> Result<()> {
     let t0 = Instant::now();
-    let model = crate::model::load::<B>(&a.model, &device)?;
+    let model = load_with_adapter::<B>(&a.model, a.adapter.as_deref(), &device)?;
     let load_s = t0.elapsed().as_secs_f64();
     let tok = TextTokenizer::from_dir(&a.model)?;
     let template = tok.template(a.template)?;
@@ -213,7 +241,7 @@ fn cmd_eval(a: EvalArgs) -> Result<()> {
 fn eval_on<B: Backend>(a: EvalArgs, device: B::Device) -> Result<()> {
     let data = read_jsonl(&a.data)?;
     let t0 = Instant::now();
-    let model = crate::model::load::<B>(&a.model, &device)?;
+    let model = load_with_adapter::<B>(&a.model, a.adapter.as_deref(), &device)?;
     let load_s = t0.elapsed().as_secs_f64();
     let tok = TextTokenizer::from_dir(&a.model)?;
     let template = tok.template(a.template)?;
@@ -237,6 +265,25 @@ fn eval_on<B: Backend>(a: EvalArgs, device: B::Device) -> Result<()> {
             if report.truncated > 0 { format!("  truncated {}", report.truncated) } else { String::new() },
             secs
         );
+    }
+    Ok(())
+}
+
+/// Loads a model and, if given, attaches a PEFT adapter.
+fn load_with_adapter<B: Backend>(model: &Path, adapter: Option<&Path>, device: &B::Device) -> Result<crate::model::Decoder<B>> {
+    let mut m = crate::model::load::<B>(model, device)?;
+    if let Some(dir) = adapter {
+        crate::adapters::peft::PeftAdapter::open(dir)?.attach(&mut m)?;
+    }
+    Ok(m)
+}
+
+fn cmd_merge(a: MergeArgs) -> Result<()> {
+    let r = crate::adapters::merge::merge(&a.model, &a.adapter, &a.out, a.dtype)?;
+    if a.json {
+        println!("{}", serde_json::to_string(&r)?);
+    } else {
+        println!("merged {} LoRA modules into {} shard(s) → {}", r.merged_modules, r.shards, r.out.display());
     }
     Ok(())
 }

@@ -4,6 +4,7 @@
 //! tokenization ([`tokenizer`]), GGUF import ([`gguf`]), generation ([`generate`]) and
 //! evaluation ([`eval`]). The CLI ([`cli`]) is a thin layer over these.
 
+pub mod adapters;
 pub mod backend;
 pub mod cli;
 pub mod data;

@@ -9,6 +9,7 @@ use burn::tensor::module::linear;
 use burn::tensor::{Bool, Int, TensorData};
 
 use super::config::ModelConfig;
+use crate::adapters::lora::Lora;
 use super::rope::Rope;
 use super::weights::{transpose, Checkpoint, WeightsError};
 
@@ -21,13 +22,18 @@ fn tensor2<B: Backend>(data: Vec<f32>, shape: [usize; 2], device: &B::Device) ->
     Tensor::from_data(TensorData::new(data, shape), device)
 }
 
-/// A linear layer with frozen base weight: `y = x W (+ b)`. The seam where adapters attach.
+/// A linear layer with frozen base weight and an optional LoRA adapter:
+/// `y = x W (+ b) (+ s · (x A) B)`. The seam where adapters (and later quantized bases) attach.
 #[derive(Module, Debug)]
 pub struct Projection<B: Backend> {
     /// `[in, out]` (burn's layout; PyTorch's `[out, in]` is transposed at load).
     pub weight: Param<Tensor<B, 2>>,
     /// `[out]`
     pub bias: Option<Param<Tensor<B, 1>>>,
+    pub lora: Option<Lora<B>>,
+    /// `false` switches the adapter off (the base model, e.g. DPO's reference).
+    #[module(skip)]
+    pub adapter_enabled: bool,
 }
 
 impl<B: Backend> Projection<B> {
@@ -40,13 +46,22 @@ impl<B: Backend> Projection<B> {
         } else {
             None
         };
-        Ok(Projection { weight, bias })
+        Ok(Projection { weight, bias, lora: None, adapter_enabled: true })
     }
 
     /// # Shapes
     /// `x: [..., in]` → `[..., out]`
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        linear(x, self.weight.val(), self.bias.as_ref().map(|b| b.val()))
+        match (&self.lora, self.adapter_enabled) {
+            (Some(lora), true) => linear(x.clone(), self.weight.val(), self.bias.as_ref().map(|b| b.val())) + lora.forward(x),
+            _ => linear(x, self.weight.val(), self.bias.as_ref().map(|b| b.val())),
+        }
+    }
+
+    /// `(in, out)`
+    pub fn dims(&self) -> (usize, usize) {
+        let [i, o] = self.weight.dims();
+        (i, o)
     }
 }
 
@@ -289,6 +304,34 @@ impl<B: Backend> Decoder<B> {
 
     pub fn device(&self) -> B::Device {
         self.embed_tokens.val().device()
+    }
+
+    /// Every projection with its HF module path (`model.layers.0.self_attn.q_proj`, ...).
+    pub fn projections_mut(&mut self) -> Vec<(String, &mut Projection<B>)> {
+        let mut out = Vec::new();
+        for (i, l) in self.layers.iter_mut().enumerate() {
+            let p = format!("model.layers.{i}");
+            let a = &mut l.self_attn;
+            out.push((format!("{p}.self_attn.q_proj"), &mut a.q_proj));
+            out.push((format!("{p}.self_attn.k_proj"), &mut a.k_proj));
+            out.push((format!("{p}.self_attn.v_proj"), &mut a.v_proj));
+            out.push((format!("{p}.self_attn.o_proj"), &mut a.o_proj));
+            let m = &mut l.mlp;
+            out.push((format!("{p}.mlp.gate_proj"), &mut m.gate_proj));
+            out.push((format!("{p}.mlp.up_proj"), &mut m.up_proj));
+            out.push((format!("{p}.mlp.down_proj"), &mut m.down_proj));
+        }
+        if let Some(h) = &mut self.lm_head {
+            out.push(("lm_head".to_string(), h));
+        }
+        out
+    }
+
+    /// Switches all adapters on or off (off = the base model).
+    pub fn set_adapters_enabled(&mut self, enabled: bool) {
+        for (_, p) in self.projections_mut() {
+            p.adapter_enabled = enabled;
+        }
     }
 
     fn rope_tables(&self, start: usize, len: usize, device: &B::Device) -> RopeTables<B> {

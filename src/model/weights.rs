@@ -110,6 +110,32 @@ impl Checkpoint {
         Ok(Checkpoint { dir: dir.into(), shards, names, used: Mutex::new(HashSet::new()) })
     }
 
+    /// Opens one safetensors file (an adapter, a single shard).
+    pub fn open_file(path: &Path) -> Result<Self, WeightsError> {
+        let shard = open_shard(path)?;
+        let names = shard.meta.tensors().keys().map(|n| (n.clone(), 0)).collect();
+        let dir = path.parent().unwrap_or(Path::new(".")).to_path_buf();
+        Ok(Checkpoint { dir, shards: vec![shard], names, used: Mutex::new(HashSet::new()) })
+    }
+
+    /// The files holding the tensors (one per shard).
+    pub fn files(&self) -> Vec<&Path> {
+        self.shards.iter().map(|s| s.path.as_path()).collect()
+    }
+
+    /// Names of the tensors stored in shard `i`, in file order.
+    pub fn shard_names(&self, i: usize) -> Vec<String> {
+        let mut v: Vec<(usize, String)> =
+            self.shards[i].meta.tensors().iter().map(|(n, t)| (t.data_offsets.0, n.clone())).collect();
+        v.sort();
+        v.into_iter().map(|(_, n)| n).collect()
+    }
+
+    /// The `__metadata__` of shard `i`.
+    pub fn shard_metadata(&self, i: usize) -> Option<std::collections::HashMap<String, String>> {
+        self.shards[i].meta.metadata().clone()
+    }
+
     pub fn dir(&self) -> &Path {
         &self.dir
     }

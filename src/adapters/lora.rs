@@ -1,0 +1,43 @@
+//! Activation-path LoRA: `y = x W + s · (x A) B` with `W` frozen, so no weight gradient of the
+//! base is ever formed (burn's built-in LoRA materialises `W + BA`).
+
+use burn::module::{Module, Param};
+use burn::prelude::*;
+use burn::tensor::TensorData;
+
+/// One LoRA adapter on a projection.
+#[derive(Module, Debug)]
+pub struct Lora<B: Backend> {
+    /// `[in, r]` (PEFT's `lora_A.weight` is `[r, in]`).
+    pub a: Param<Tensor<B, 2>>,
+    /// `[r, out]` (PEFT's `lora_B.weight` is `[out, r]`).
+    pub b: Param<Tensor<B, 2>>,
+    /// `alpha / r`, or `alpha / sqrt(r)` with rsLoRA.
+    #[module(skip)]
+    pub scale: f64,
+}
+
+impl<B: Backend> Lora<B> {
+    /// Builds from PEFT-layout matrices (`a_peft: [r, in]`, `b_peft: [out, r]`, row-major).
+    pub fn from_peft(a_peft: &[f32], b_peft: &[f32], r: usize, d_in: usize, d_out: usize, scale: f64, device: &B::Device) -> Self {
+        let a = crate::model::weights::transpose(a_peft, r, d_in);
+        let b = crate::model::weights::transpose(b_peft, d_out, r);
+        Lora {
+            a: Param::from_tensor(Tensor::from_data(TensorData::new(a, [d_in, r]), device)),
+            b: Param::from_tensor(Tensor::from_data(TensorData::new(b, [r, d_out]), device)),
+            scale,
+        }
+    }
+
+    pub fn rank(&self) -> usize {
+        self.a.dims()[1]
+    }
+
+    /// The adapter's contribution `s · (x A) B`.
+    ///
+    /// # Shapes
+    /// `x: [..., in]` → `[..., out]`
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        x.matmul(self.a.val().unsqueeze()).matmul(self.b.val().unsqueeze()) * self.scale
+    }
+}
