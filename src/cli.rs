@@ -23,6 +23,8 @@ pub mod exit {
     pub const USAGE: u8 = 2;
     /// Bad data (a dataset line, a conversation).
     pub const DATA: u8 = 3;
+    /// Training diverged (non-finite loss or gradient norm).
+    pub const DIVERGED: u8 = 4;
 }
 
 fn long_version() -> &'static str {
@@ -39,6 +41,8 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Fine-tune a LoRA adapter as a TOML recipe describes (see recipes/README.md).
+    Train(TrainArgs),
     /// Generate a chat reply: render the model's chat template with a generation prompt and decode.
     Generate(GenerateArgs),
     /// Mean next-token loss over the assistant tokens of a ChatML JSONL dataset.
@@ -122,6 +126,27 @@ pub struct EvalArgs {
 }
 
 #[derive(Debug, clap::Args)]
+pub struct TrainArgs {
+    /// The recipe (TOML).
+    pub recipe: PathBuf,
+    /// Override a recipe key, e.g. `--set train.lr=1e-4` (repeatable).
+    #[arg(long = "set", value_name = "KEY=VALUE")]
+    pub set: Vec<String>,
+    /// Output directory (overrides `output.dir`).
+    #[arg(long)]
+    pub output: Option<PathBuf>,
+    /// Only validate the recipe and print it with defaults resolved.
+    #[arg(long)]
+    pub check: bool,
+    /// Print the final summary as JSON on stdout (progress lines go to stderr).
+    #[arg(long)]
+    pub json: bool,
+    /// No per-step progress lines.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+#[derive(Debug, clap::Args)]
 pub struct MergeArgs {
     /// The base model directory the adapter was trained on.
     #[arg(long)]
@@ -158,6 +183,7 @@ pub struct ImportArgs {
 /// Runs a parsed command line.
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
+        Command::Train(a) => cmd_train(a),
         Command::Generate(a) => cmd_generate(a),
         Command::Eval(a) => cmd_eval(a),
         Command::Merge(a) => cmd_merge(a),
@@ -167,7 +193,11 @@ pub fn run(cli: Cli) -> Result<()> {
 
 /// The exit code for an error: data problems are distinguished for pipelines.
 pub fn exit_code(err: &anyhow::Error) -> u8 {
-    if err.chain().any(|e| e.downcast_ref::<DataError>().is_some()) {
+    if err.chain().any(|e| e.downcast_ref::<crate::train::sft::Divergence>().is_some()) {
+        exit::DIVERGED
+    } else if err.chain().any(|e| e.downcast_ref::<RecipeError>().is_some()) {
+        exit::USAGE
+    } else if err.chain().any(|e| e.downcast_ref::<DataError>().is_some()) {
         exit::DATA
     } else {
         exit::FAILURE
@@ -192,6 +222,47 @@ pub fn stop_ids(model_dir: &Path, config_eos: &[u32], tok: &TextTokenizer) -> Ve
     ids.sort();
     ids.dedup();
     ids
+}
+
+/// A recipe that does not validate (exit code 2).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct RecipeError(String);
+
+fn cmd_train(a: TrainArgs) -> Result<()> {
+    use crate::train::recipe::Recipe;
+    let mut recipe = Recipe::load(&a.recipe, &a.set).map_err(|e| RecipeError(format!("{e:#}")))?;
+    if let Some(o) = a.output {
+        recipe.output.dir = o;
+    }
+    if a.check {
+        print!("{}", recipe.resolved_toml());
+        return Ok(());
+    }
+    let summary = match recipe.train.device {
+        DeviceChoice::Cpu => crate::train::sft::run::<burn::backend::Autodiff<crate::backend::Cpu>>(&recipe, Default::default(), a.quiet)?,
+        #[cfg(feature = "cuda")]
+        DeviceChoice::Cuda => {
+            crate::backend::init_cuda_runtime();
+            crate::train::sft::run::<burn::backend::Autodiff<crate::backend::CudaBf16>>(&recipe, Default::default(), a.quiet)?
+        }
+        #[cfg(not(feature = "cuda"))]
+        DeviceChoice::Cuda => anyhow::bail!("this ft was built without CUDA; rebuild with `cargo build --release --features cuda`"),
+    };
+    if a.json {
+        println!("{}", serde_json::to_string(&summary)?);
+    } else {
+        println!(
+            "trained {} steps: loss {:.4}{} in {:.1}s ({:.0} tokens/s) → {}",
+            summary.steps,
+            summary.final_loss,
+            summary.eval_loss.map(|l| format!(", eval loss {l:.4}")).unwrap_or_default(),
+            summary.seconds,
+            summary.tokens_per_s,
+            summary.output_dir.join("adapter").display()
+        );
+    }
+    Ok(())
 }
 
 fn cmd_generate(a: GenerateArgs) -> Result<()> {

@@ -14,3 +14,4 @@ pub mod generate;
 pub mod gguf;
 pub mod model;
 pub mod tokenizer;
+pub mod train;

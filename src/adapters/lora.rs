@@ -29,6 +29,27 @@ impl<B: Backend> Lora<B> {
         }
     }
 
+    /// PEFT's default init: A kaiming-uniform (a = √5, i.e. U(±1/√in)), B zero, so the adapted
+    /// model starts equal to the base. `rng` is seeded before any adapter is created.
+    pub fn init(d_in: usize, d_out: usize, r: usize, scale: f64, rng: &mut impl rand::Rng, device: &B::Device) -> Self {
+        let bound = 1.0 / (d_in as f64).sqrt();
+        let a_peft: Vec<f32> = (0..r * d_in).map(|_| rng.random_range(-bound..bound) as f32).collect();
+        let b_peft = vec![0f32; d_out * r];
+        let mut l = Self::from_peft(&a_peft, &b_peft, r, d_in, d_out, scale, device);
+        l.a = Param::from_tensor(l.a.val().require_grad());
+        l.b = Param::from_tensor(l.b.val().require_grad());
+        l
+    }
+
+    /// A and B in PEFT's layout (`[r, in]`, `[out, r]`), row-major f32.
+    pub fn to_peft(&self) -> (Vec<f32>, Vec<f32>) {
+        let [d_in, r] = self.a.dims();
+        let [_, d_out] = self.b.dims();
+        let a: Vec<f32> = self.a.val().into_data().convert::<f32>().to_vec().expect("f32");
+        let b: Vec<f32> = self.b.val().into_data().convert::<f32>().to_vec().expect("f32");
+        (crate::model::weights::transpose(&a, d_in, r), crate::model::weights::transpose(&b, r, d_out))
+    }
+
     pub fn rank(&self) -> usize {
         self.a.dims()[1]
     }

@@ -205,6 +205,60 @@ impl PeftAdapter {
     }
 }
 
+/// Writes `model`'s adapters as a PEFT adapter directory (`adapter_config.json` with PEFT's keys,
+/// `adapter_model.safetensors` in f32 with `{"format": "pt"}`), atomically.
+pub fn save<B: Backend>(model: &mut Decoder<B>, config: &LoraConfig, base_model: &str, out: &Path) -> Result<()> {
+    let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+    let mut short: Vec<String> = Vec::new();
+    for (name, proj) in model.projections_mut() {
+        if let Some(l) = &proj.lora {
+            let (a, b) = l.to_peft();
+            let (d_in, d_out) = proj.dims();
+            let (an, bn) = tensor_names(&name);
+            tensors.push((an, vec![l.rank(), d_in], bytemuck::cast_slice(&a).to_vec()));
+            tensors.push((bn, vec![d_out, l.rank()], bytemuck::cast_slice(&b).to_vec()));
+            let s = name.rsplit('.').next().unwrap_or(&name).to_string();
+            if !short.contains(&s) {
+                short.push(s);
+            }
+        }
+    }
+    if tensors.is_empty() {
+        bail!("the model has no adapters to save");
+    }
+    let views = tensors
+        .iter()
+        .map(|(n, s, b)| Ok((n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)?)))
+        .collect::<Result<Vec<_>, safetensors::SafeTensorError>>()?;
+    let meta = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
+    let staged = crate::fsutil::StagedDir::new(out)?;
+    safetensors::serialize_to_file(views, Some(meta), &staged.path("adapter_model.safetensors"))?;
+    let cfg = serde_json::json!({
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model,
+        "r": config.r,
+        "lora_alpha": config.alpha,
+        "lora_dropout": config.dropout,
+        "use_rslora": config.use_rslora,
+        "target_modules": short,
+        "bias": "none",
+        "fan_in_fan_out": false,
+        "init_lora_weights": true,
+        "inference_mode": true,
+        "modules_to_save": null,
+        "use_dora": false,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "layers_to_transform": null,
+        "layers_pattern": null,
+        "revision": null,
+    });
+    crate::fsutil::write_atomic(&staged.path("adapter_config.json"), &serde_json::to_vec_pretty(&cfg)?)?;
+    staged.commit()?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -3,3 +3,4 @@ pub mod cli;
 pub mod common;
 pub mod oracle_models;
 pub mod smollm2;
+pub mod train;

@@ -1,0 +1,6 @@
+//! Training: recipes, the optimizer and schedules, the step, and the SFT loop.
+
+pub mod optim;
+pub mod recipe;
+pub mod sft;
+pub mod step;

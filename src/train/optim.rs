@@ -1,0 +1,138 @@
+//! AdamW with PyTorch's semantics (decoupled weight decay `p ← p·(1 − lr·wd)`, bias-corrected
+//! moments, `eps` added to the corrected second-moment root; betas 0.9/0.999, eps 1e-8), global
+//! gradient-norm clipping as `torch.nn.utils.clip_grad_norm_`, and HF's learning-rate schedules.
+
+use burn::prelude::*;
+
+use super::recipe::Schedule;
+
+/// AdamW state over a flat list of parameters.
+pub struct AdamW<B: Backend> {
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+    pub weight_decay: f64,
+    /// Optimizer steps taken.
+    pub t: usize,
+    m: Vec<Tensor<B, 2>>,
+    v: Vec<Tensor<B, 2>>,
+}
+
+impl<B: Backend> AdamW<B> {
+    pub fn new(params: &[Tensor<B, 2>], weight_decay: f64) -> Self {
+        AdamW {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay,
+            t: 0,
+            m: params.iter().map(|p| p.zeros_like()).collect(),
+            v: params.iter().map(|p| p.zeros_like()).collect(),
+        }
+    }
+
+    /// One update; returns the new parameters.
+    pub fn step(&mut self, params: Vec<Tensor<B, 2>>, grads: Vec<Tensor<B, 2>>, lr: f64) -> Vec<Tensor<B, 2>> {
+        self.t += 1;
+        let bc1 = 1.0 - self.beta1.powi(self.t as i32);
+        let bc2 = 1.0 - self.beta2.powi(self.t as i32);
+        let step_size = lr / bc1;
+        let bc2_sqrt = bc2.sqrt();
+        let mut out = Vec::with_capacity(params.len());
+        for (i, (p, g)) in params.into_iter().zip(grads).enumerate() {
+            let m = self.m[i].clone() * self.beta1 + g.clone() * (1.0 - self.beta1);
+            let v = self.v[i].clone() * self.beta2 + g.clone() * g * (1.0 - self.beta2);
+            let p = if self.weight_decay != 0.0 { p * (1.0 - lr * self.weight_decay) } else { p };
+            let denom = v.clone().sqrt() / bc2_sqrt + self.eps;
+            out.push(p - m.clone() / denom * step_size);
+            self.m[i] = m;
+            self.v[i] = v;
+        }
+        out
+    }
+}
+
+/// Global L2 norm of all gradients; scales them to `max_norm` when above it (PyTorch:
+/// `coef = max_norm / (norm + 1e-6)`, applied when `coef < 1`). Returns the norm before clipping.
+pub fn clip_global_norm<B: Backend>(grads: &mut [Tensor<B, 2>], max_norm: f64) -> f64 {
+    let sq: f64 = grads.iter().map(|g| g.clone().powi_scalar(2).sum().into_scalar().elem::<f64>()).sum();
+    let norm = sq.sqrt();
+    if max_norm > 0.0 {
+        let coef = max_norm / (norm + 1e-6);
+        if coef < 1.0 {
+            for g in grads.iter_mut() {
+                *g = g.clone() * coef;
+            }
+        }
+    }
+    norm
+}
+
+/// Learning rate at optimizer step `step` (0-based) of `total`, as transformers' schedulers.
+pub fn learning_rate(base: f64, schedule: Schedule, step: usize, total: usize, warmup: usize) -> f64 {
+    if step < warmup {
+        return base * step as f64 / warmup.max(1) as f64;
+    }
+    let span = total.saturating_sub(warmup).max(1) as f64;
+    let progress = (step - warmup) as f64 / span;
+    match schedule {
+        Schedule::Constant => base,
+        Schedule::Linear => base * (1.0 - progress).max(0.0),
+        Schedule::Cosine => base * 0.5 * (1.0 + (std::f64::consts::PI * progress).cos()).max(0.0),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::Cpu;
+    use burn::tensor::TensorData;
+
+    #[test]
+    fn adamw_matches_pytorch_first_steps() {
+        // torch.optim.AdamW([p], lr=0.1, weight_decay=0.01), p = [1, -2], grads [0.5, 0.5] then [-1, 2]:
+        // step 1: p·(1−0.001) − 0.1·sign(g) → [0.899, -2.098]
+        let d = Default::default();
+        let p = vec![Tensor::<Cpu, 2>::from_data(TensorData::new(vec![1.0f32, -2.0], [1, 2]), &d)];
+        let mut opt = AdamW::new(&p, 0.01);
+        let g = vec![Tensor::<Cpu, 2>::from_data(TensorData::new(vec![0.5f32, 0.5], [1, 2]), &d)];
+        let p = opt.step(p, g, 0.1);
+        let v: Vec<f32> = p[0].to_data().to_vec().unwrap();
+        assert!((v[0] - 0.899).abs() < 1e-6 && (v[1] + 2.098).abs() < 1e-6, "{v:?}");
+        // step 2 by hand: m = 0.9·m + 0.1·g, v = 0.999·v + 0.001·g², p·(1−0.001) − 0.1/bc1 · m / (sqrt(v)/sqrt(bc2) + eps)
+        let g2 = [-1.0f64, 2.0];
+        let mut want = [0.0f64; 2];
+        for i in 0..2 {
+            let m = 0.9 * 0.05 + 0.1 * g2[i];
+            let vv = 0.999 * 0.00025 + 0.001 * g2[i] * g2[i];
+            let (bc1, bc2) = (1.0 - 0.81, 1.0 - 0.999f64.powi(2));
+            let p0 = [0.899f64, -2.098][i] * (1.0 - 0.001);
+            want[i] = p0 - 0.1 / bc1 * m / (vv.sqrt() / bc2.sqrt() + 1e-8);
+        }
+        let g = vec![Tensor::<Cpu, 2>::from_data(TensorData::new(vec![-1.0f32, 2.0], [1, 2]), &d)];
+        let v: Vec<f32> = opt.step(p, g, 0.1)[0].to_data().to_vec().unwrap();
+        assert!((v[0] as f64 - want[0]).abs() < 1e-5 && (v[1] as f64 - want[1]).abs() < 1e-5, "{v:?} vs {want:?}");
+    }
+
+    #[test]
+    fn clipping_uses_the_global_norm() {
+        let d = Default::default();
+        let mut g = vec![
+            Tensor::<Cpu, 2>::from_data(TensorData::new(vec![3.0f32], [1, 1]), &d),
+            Tensor::<Cpu, 2>::from_data(TensorData::new(vec![4.0f32], [1, 1]), &d),
+        ];
+        let n = clip_global_norm(&mut g, 1.0);
+        assert!((n - 5.0).abs() < 1e-9);
+        let a: f32 = g[0].clone().into_scalar();
+        assert!((a - 3.0 / (5.0 + 1e-6) as f32).abs() < 1e-6);
+    }
+
+    #[test]
+    fn schedules_match_transformers() {
+        assert_eq!(learning_rate(1.0, Schedule::Linear, 0, 10, 0), 1.0);
+        assert!((learning_rate(1.0, Schedule::Linear, 5, 10, 0) - 0.5).abs() < 1e-12);
+        assert!((learning_rate(1.0, Schedule::Linear, 1, 10, 2) - 0.5).abs() < 1e-12);
+        assert!((learning_rate(1.0, Schedule::Cosine, 5, 10, 0) - 0.5).abs() < 1e-12);
+        assert_eq!(learning_rate(1.0, Schedule::Constant, 7, 10, 0), 1.0);
+    }
+}

@@ -1,0 +1,277 @@
+//! Training recipes (`recipes/*.toml`): every key known, typed and range-checked; unknown keys are
+//! errors naming the line (toml's spans) and the keys that exist. Defaults follow PEFT's
+//! `LoraConfig` and TRL's `SFTConfig`.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+
+use crate::backend::DeviceChoice;
+use crate::tokenizer::TemplateChoice;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Recipe {
+    pub model: ModelSection,
+    pub data: DataSection,
+    #[serde(default)]
+    pub lora: LoraSection,
+    #[serde(default)]
+    pub train: TrainSection,
+    pub output: OutputSection,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSection {
+    /// Hugging Face model directory.
+    pub path: PathBuf,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DataSection {
+    /// ChatML JSONL training file.
+    pub train: PathBuf,
+    /// Optional held-out JSONL file for eval loss.
+    pub eval: Option<PathBuf>,
+    #[serde(default = "d_template")]
+    pub template: TemplateChoice,
+    /// Samples longer than this many tokens are dropped (and counted).
+    #[serde(default = "d_max_len")]
+    pub max_len: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoraSection {
+    #[serde(default = "d_r")]
+    pub r: usize,
+    #[serde(default = "d_alpha")]
+    pub alpha: f64,
+    #[serde(default)]
+    pub dropout: f64,
+    /// Module names (suffix match, as PEFT) or `["all-linear"]`.
+    #[serde(default = "d_targets")]
+    pub target_modules: Vec<String>,
+    #[serde(default)]
+    pub use_rslora: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Method {
+    Sft,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Schedule {
+    Linear,
+    Cosine,
+    Constant,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainSection {
+    #[serde(default = "d_method")]
+    pub method: Method,
+    #[serde(default = "d_epochs")]
+    pub epochs: f64,
+    /// Overrides `epochs` when set.
+    pub max_steps: Option<usize>,
+    #[serde(default = "d_micro")]
+    pub micro_batch_size: usize,
+    #[serde(default = "d_one")]
+    pub grad_accum: usize,
+    #[serde(default = "d_lr")]
+    pub lr: f64,
+    #[serde(default = "d_schedule")]
+    pub schedule: Schedule,
+    #[serde(default)]
+    pub warmup_steps: usize,
+    #[serde(default)]
+    pub warmup_ratio: f64,
+    #[serde(default)]
+    pub weight_decay: f64,
+    #[serde(default = "d_clip")]
+    pub max_grad_norm: f64,
+    #[serde(default = "d_seed")]
+    pub seed: u64,
+    /// Evaluate every N optimizer steps (0 = only at the end).
+    #[serde(default)]
+    pub eval_every: usize,
+    #[serde(default = "d_device")]
+    pub device: DeviceChoice,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutputSection {
+    pub dir: PathBuf,
+}
+
+fn d_template() -> TemplateChoice {
+    TemplateChoice::Model
+}
+fn d_max_len() -> usize {
+    1024
+}
+fn d_r() -> usize {
+    8
+}
+fn d_alpha() -> f64 {
+    8.0
+}
+fn d_targets() -> Vec<String> {
+    vec!["all-linear".into()]
+}
+fn d_method() -> Method {
+    Method::Sft
+}
+fn d_epochs() -> f64 {
+    3.0
+}
+fn d_micro() -> usize {
+    8
+}
+fn d_one() -> usize {
+    1
+}
+fn d_lr() -> f64 {
+    2e-5
+}
+fn d_schedule() -> Schedule {
+    Schedule::Linear
+}
+fn d_clip() -> f64 {
+    1.0
+}
+fn d_seed() -> u64 {
+    42
+}
+fn d_device() -> DeviceChoice {
+    DeviceChoice::Cpu
+}
+
+impl Default for LoraSection {
+    fn default() -> Self {
+        toml::from_str("").expect("defaults")
+    }
+}
+
+impl Default for TrainSection {
+    fn default() -> Self {
+        toml::from_str("").expect("defaults")
+    }
+}
+
+impl Recipe {
+    /// Reads a recipe and applies `--set key=value` overrides (`train.lr=1e-4`).
+    pub fn load(path: &Path, overrides: &[String]) -> Result<Self> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read recipe {}", path.display()))?;
+        let mut doc: toml::Table = text.parse().map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        for o in overrides {
+            let (key, value) = o.split_once('=').with_context(|| format!("--set {o}: expected key=value"))?;
+            let value: toml::Value = format!("v = {value}")
+                .parse::<toml::Table>()
+                .ok()
+                .and_then(|mut t| t.remove("v"))
+                .unwrap_or_else(|| toml::Value::String(value.to_string()));
+            let mut parts: Vec<&str> = key.split('.').collect();
+            let last = parts.pop().filter(|l| !l.is_empty()).with_context(|| format!("--set {o}: empty key"))?;
+            let mut table = &mut doc;
+            for p in parts {
+                table = table
+                    .entry(p)
+                    .or_insert_with(|| toml::Value::Table(Default::default()))
+                    .as_table_mut()
+                    .with_context(|| format!("--set {o}: {p} is not a section"))?;
+            }
+            table.insert(last.to_string(), value);
+        }
+        let recipe: Recipe = if overrides.is_empty() {
+            toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?
+        } else {
+            Recipe::deserialize(doc).map_err(|e| anyhow::anyhow!("{} (with --set): {e}", path.display()))?
+        };
+        recipe.validate().map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        Ok(recipe)
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        let t = &self.train;
+        let l = &self.lora;
+        if l.r == 0 {
+            bail!("lora.r must be at least 1");
+        }
+        if !(0.0..1.0).contains(&l.dropout) {
+            bail!("lora.dropout must be in [0, 1), got {}", l.dropout);
+        }
+        if t.micro_batch_size == 0 || t.grad_accum == 0 {
+            bail!("train.micro_batch_size and train.grad_accum must be at least 1");
+        }
+        if !(t.lr > 0.0 && t.lr.is_finite()) {
+            bail!("train.lr must be a positive number, got {}", t.lr);
+        }
+        if !(0.0..=1.0).contains(&t.warmup_ratio) {
+            bail!("train.warmup_ratio must be in [0, 1], got {}", t.warmup_ratio);
+        }
+        if t.max_steps.is_none() && t.epochs <= 0.0 {
+            bail!("train.epochs must be positive (or set train.max_steps)");
+        }
+        if t.max_grad_norm < 0.0 || t.weight_decay < 0.0 {
+            bail!("train.max_grad_norm and train.weight_decay must not be negative");
+        }
+        if self.data.max_len < 2 {
+            bail!("data.max_len must be at least 2");
+        }
+        Ok(())
+    }
+
+    /// The recipe with every default filled in, as TOML (saved into the run directory).
+    pub fn resolved_toml(&self) -> String {
+        toml::to_string_pretty(self).expect("recipe serializes")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(text: &str) -> PathBuf {
+        let p = std::env::temp_dir().join(format!("ft-recipe-{}-{}.toml", std::process::id(), text.len()));
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    const MIN: &str = "[model]\npath = \"m\"\n[data]\ntrain = \"t.jsonl\"\n[output]\ndir = \"out\"\n";
+
+    #[test]
+    fn defaults_follow_peft_and_trl() {
+        let r = Recipe::load(&write(MIN), &[]).unwrap();
+        assert_eq!((r.lora.r, r.lora.alpha, r.lora.dropout), (8, 8.0, 0.0));
+        assert_eq!(r.train.lr, 2e-5);
+        assert_eq!(r.train.max_grad_norm, 1.0);
+        assert_eq!(r.train.schedule, Schedule::Linear);
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_name_the_line() {
+        let e = Recipe::load(&write(&format!("{MIN}[train]\nlearning_rate = 1e-4\n")), &[]).unwrap_err().to_string();
+        assert!(e.contains("line 7") && e.contains("unknown field `learning_rate`") && e.contains("`lr`"), "{e}");
+        let e = Recipe::load(&write(&format!("{MIN}[train]\nlr = \"fast\"\n")), &[]).unwrap_err().to_string();
+        assert!(e.contains("line 7") && e.contains("lr"), "{e}");
+        let e = Recipe::load(&write(&format!("{MIN}[lora]\ndropout = 1.5\n")), &[]).unwrap_err().to_string();
+        assert!(e.contains("lora.dropout"), "{e}");
+    }
+
+    #[test]
+    fn set_overrides_keys() {
+        let r = Recipe::load(&write(MIN), &["train.lr=1e-3".into(), "lora.r=4".into()]).unwrap();
+        assert_eq!((r.train.lr, r.lora.r), (1e-3, 4));
+        assert!(Recipe::load(&write(MIN), &["train.lrr=1".into()]).is_err());
+    }
+}

@@ -1,0 +1,215 @@
+//! The SFT training loop, read top to bottom: data, adapters, then per step: learning rate,
+//! micro-batches, step, log, eval; finally the adapter and the summary.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use burn::tensor::backend::AutodiffBackend;
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+
+use super::optim::{learning_rate, AdamW};
+use super::recipe::Recipe;
+use super::step::{train_step, trainable_params, MicroBatch};
+use crate::adapters::lora::Lora;
+use crate::adapters::peft::{self, LoraConfig, Targets};
+use crate::data::conversation::{read_jsonl, DataError};
+use crate::data::encode::{encode_conversation, Encoded};
+use crate::model::Decoder;
+use crate::tokenizer::TextTokenizer;
+
+/// What a finished run reports (also written to `RUN/summary.json`).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Summary {
+    pub output_dir: PathBuf,
+    pub steps: usize,
+    pub epochs: f64,
+    pub train_samples: usize,
+    pub dropped_too_long: usize,
+    pub trainable_parameters: usize,
+    pub final_loss: f64,
+    pub eval_loss: Option<f64>,
+    pub train_tokens: usize,
+    pub seconds: f64,
+    pub tokens_per_s: f64,
+}
+
+/// Encodes a JSONL file; over-long samples are dropped and counted, samples without trainable
+/// tokens are errors naming `file:line`.
+pub fn prepare(tok: &TextTokenizer, recipe: &Recipe, file: &Path) -> Result<(Vec<Encoded>, usize)> {
+    let template = tok.template(recipe.data.template)?;
+    let mut out = Vec::new();
+    let mut dropped = 0;
+    for conv in read_jsonl(file)? {
+        let enc = encode_conversation(tok, &template, &conv.messages).map_err(|msg| DataError::At { at: conv.at.clone(), msg })?;
+        if enc.trainable() == 0 {
+            return Err(DataError::At { at: conv.at, msg: "no trainable assistant tokens".into() }.into());
+        }
+        if enc.ids.len() > recipe.data.max_len {
+            dropped += 1;
+            continue;
+        }
+        out.push(enc);
+    }
+    if out.is_empty() {
+        bail!("{}: no usable samples (dropped {dropped} longer than data.max_len = {})", file.display(), recipe.data.max_len);
+    }
+    Ok((out, dropped))
+}
+
+/// Attaches freshly initialised adapters (PEFT init) to the projections the recipe targets.
+/// The RNG is seeded first, so the same seed gives the same adapters.
+pub fn attach_new_adapters<B: AutodiffBackend>(model: &mut Decoder<B>, recipe: &Recipe) -> Result<LoraConfig> {
+    let l = &recipe.lora;
+    let targets = if l.target_modules.iter().any(|t| t == "all-linear") {
+        Targets::AllLinear
+    } else {
+        Targets::Names(l.target_modules.clone())
+    };
+    let config = LoraConfig { r: l.r, alpha: l.alpha, use_rslora: l.use_rslora, dropout: l.dropout, targets, base_model: None };
+    let mut rng = StdRng::seed_from_u64(recipe.train.seed);
+    let device = model.device();
+    let scale = config.scale();
+    let mut n = 0;
+    for (name, proj) in model.projections_mut() {
+        if config.targets.matches(&name) {
+            let (d_in, d_out) = proj.dims();
+            proj.lora = Some(Lora::init(d_in, d_out, l.r, scale, &mut rng, &device));
+            n += 1;
+        }
+    }
+    if n == 0 {
+        bail!("lora.target_modules {:?} matches no module of the model", l.target_modules);
+    }
+    Ok(config)
+}
+
+fn mean_loss<B: AutodiffBackend>(model: &Decoder<B>, data: &[Encoded], batch: usize) -> f64 {
+    let (mut nll, mut n) = (0.0, 0usize);
+    for chunk in data.chunks(batch.max(1)) {
+        let refs: Vec<&Encoded> = chunk.iter().collect();
+        let mb = MicroBatch::new(&refs);
+        let tokens = mb.trainable();
+        let (loss, _) = super::step::sft_loss(model, &mb, 1.0);
+        nll += burn::prelude::ElementConversion::elem::<f64>(loss.into_scalar());
+        n += tokens;
+    }
+    nll / n.max(1) as f64
+}
+
+/// Runs SFT as the recipe says, writing the run directory.
+pub fn run<B: AutodiffBackend>(recipe: &Recipe, device: B::Device, quiet: bool) -> Result<Summary> {
+    let t0 = Instant::now();
+    let out = &recipe.output.dir;
+    if out.exists() && std::fs::read_dir(out).map(|mut d| d.next().is_some()).unwrap_or(false) {
+        bail!("output directory {} already exists and is not empty", out.display());
+    }
+    std::fs::create_dir_all(out).with_context(|| format!("cannot create output directory {}", out.display()))?;
+    crate::fsutil::write_atomic(&out.join("recipe.resolved.toml"), recipe.resolved_toml().as_bytes())?;
+
+    let tok = TextTokenizer::from_dir(&recipe.model.path)?;
+    let (train, dropped) = prepare(&tok, recipe, &recipe.data.train)?;
+    let eval = match &recipe.data.eval {
+        Some(f) => Some(prepare(&tok, recipe, f)?.0),
+        None => None,
+    };
+    let mut model = crate::model::load::<B>(&recipe.model.path, &device)?;
+    let lora_config = attach_new_adapters(&mut model, recipe)?;
+    let params = trainable_params(&mut model);
+    let trainable_parameters: usize = params.iter().map(|p| p.shape().num_elements()).sum();
+    let t = &recipe.train;
+    let mut opt = AdamW::new(&params, t.weight_decay);
+
+    let per_step = t.micro_batch_size * t.grad_accum;
+    let steps_per_epoch = train.len().div_ceil(per_step);
+    let total = t.max_steps.unwrap_or_else(|| (t.epochs * steps_per_epoch as f64).ceil() as usize).max(1);
+    let warmup = if t.warmup_steps > 0 { t.warmup_steps } else { (t.warmup_ratio * total as f64).ceil() as usize };
+
+    // Data order: a pure function of (seed, epoch).
+    let order_for = |epoch: usize| {
+        let mut o: Vec<usize> = (0..train.len()).collect();
+        o.shuffle(&mut StdRng::seed_from_u64(t.seed.wrapping_add(epoch as u64)));
+        o
+    };
+    let mut epoch = 0;
+    let mut order = order_for(epoch);
+    let mut cursor = 0;
+    let mut metrics = std::fs::File::create(out.join("metrics.jsonl")).context("creating metrics.jsonl")?;
+    let (mut last_loss, mut tokens_seen, mut eval_loss) = (f64::NAN, 0usize, None);
+    for step in 0..total {
+        let lr = learning_rate(t.lr, t.schedule, step, total, warmup);
+        let mut micro = Vec::with_capacity(t.grad_accum);
+        for _ in 0..t.grad_accum {
+            let mut samples = Vec::with_capacity(t.micro_batch_size);
+            for _ in 0..t.micro_batch_size {
+                if cursor == order.len() {
+                    epoch += 1;
+                    order = order_for(epoch);
+                    cursor = 0;
+                }
+                samples.push(&train[order[cursor]]);
+                cursor += 1;
+            }
+            micro.push(MicroBatch::new(&samples));
+        }
+        let stats = train_step(&mut model, &mut opt, &micro, lr, t.max_grad_norm);
+        if !stats.loss.is_finite() || !stats.grad_norm.is_finite() {
+            bail!(Divergence { step: step + 1, loss: stats.loss, grad_norm: stats.grad_norm });
+        }
+        last_loss = stats.loss;
+        tokens_seen += stats.tokens;
+        let secs = t0.elapsed().as_secs_f64();
+        let line = serde_json::json!({
+            "step": step + 1,
+            "epoch": (epoch as f64) + cursor as f64 / train.len() as f64,
+            "loss": stats.loss,
+            "grad_norm": stats.grad_norm,
+            "learning_rate": lr,
+            "num_tokens": tokens_seen,
+            "mean_token_accuracy": stats.correct as f64 / stats.tokens.max(1) as f64,
+            "tokens_per_s": tokens_seen as f64 / secs,
+        });
+        writeln!(metrics, "{line}")?;
+        if !quiet {
+            eprintln!("step {}/{total} loss {:.4} grad_norm {:.3} lr {:.2e}", step + 1, stats.loss, stats.grad_norm, lr);
+        }
+        let last = step + 1 == total;
+        if let Some(ev) = &eval {
+            if last || (t.eval_every > 0 && (step + 1) % t.eval_every == 0) {
+                let l = mean_loss(&model, ev, t.micro_batch_size);
+                writeln!(metrics, "{}", serde_json::json!({"step": step + 1, "eval_loss": l}))?;
+                eval_loss = Some(l);
+            }
+        }
+    }
+    metrics.sync_all()?;
+    peft::save(&mut model, &lora_config, &recipe.model.path.display().to_string(), &out.join("adapter"))?;
+    let seconds = t0.elapsed().as_secs_f64();
+    let summary = Summary {
+        output_dir: out.clone(),
+        steps: total,
+        epochs: total as f64 / steps_per_epoch as f64,
+        train_samples: train.len(),
+        dropped_too_long: dropped,
+        trainable_parameters,
+        final_loss: last_loss,
+        eval_loss,
+        train_tokens: tokens_seen,
+        seconds,
+        tokens_per_s: tokens_seen as f64 / seconds,
+    };
+    crate::fsutil::write_atomic(&out.join("summary.json"), &serde_json::to_vec_pretty(&summary)?)?;
+    Ok(summary)
+}
+
+/// Training diverged (non-finite loss or gradient norm).
+#[derive(Debug, thiserror::Error)]
+#[error("training diverged at step {step}: loss {loss}, grad_norm {grad_norm}; lower train.lr or check the data")]
+pub struct Divergence {
+    pub step: usize,
+    pub loss: f64,
+    pub grad_norm: f64,
+}
