@@ -63,8 +63,12 @@ pub struct GenerateArgs {
     #[arg(long)]
     pub adapter: Option<PathBuf>,
     /// The user message.
-    #[arg(long)]
-    pub prompt: String,
+    #[arg(long, required_unless_present = "data")]
+    pub prompt: Option<String>,
+    /// Generate for every conversation of a ChatML JSONL file instead: the messages up to the last
+    /// user turn are the prompt; prints one JSON line per conversation with the reference reply.
+    #[arg(long, conflicts_with = "prompt")]
+    pub data: Option<PathBuf>,
     /// An optional system message placed before the prompt.
     #[arg(long)]
     pub system: Option<String>,
@@ -275,13 +279,6 @@ fn generate_on<B: Backend>(a: GenerateArgs, device: B::Device) -> Result<()> {
     let load_s = t0.elapsed().as_secs_f64();
     let tok = TextTokenizer::from_dir(&a.model)?;
     let template = tok.template(a.template)?;
-    let mut messages = Vec::new();
-    if let Some(s) = a.system {
-        messages.push(Message::new(Role::System, s));
-    }
-    messages.push(Message::new(Role::User, a.prompt));
-    let prompt = template.render(&messages, true).context("rendering the chat template")?;
-    let prompt_ids = tok.encode(&prompt)?.get_ids().to_vec();
     let opts = GenerateOptions {
         max_new_tokens: a.max_new_tokens,
         temperature: a.temperature,
@@ -290,6 +287,33 @@ fn generate_on<B: Backend>(a: GenerateArgs, device: B::Device) -> Result<()> {
         ignore_eos: a.ignore_eos,
         stop_ids: stop_ids(&a.model, &model.config.eos_token_ids, &tok),
     };
+    if let Some(file) = &a.data {
+        for conv in read_jsonl(file)? {
+            let last_user = conv.messages.iter().rposition(|m| m.role == Role::User).ok_or_else(|| {
+                DataError::At { at: conv.at.clone(), msg: "no user turn to answer".into() }
+            })?;
+            let mut messages = conv.messages[..=last_user].to_vec();
+            if let Some(s) = &a.system {
+                messages.insert(0, Message::new(Role::System, s.clone()));
+            }
+            let prompt = template.render(&messages, true).context("rendering the chat template")?;
+            let out = generate(&model, tok.encode(&prompt)?.get_ids(), &opts);
+            let reference = conv.messages.get(last_user + 1).map(|m| m.content.clone());
+            let text = tok.decode(&out.ids)?;
+            println!(
+                "{}",
+                serde_json::json!({"prompt": conv.messages[last_user].content, "text": text, "reference": reference, "ids": out.ids})
+            );
+        }
+        return Ok(());
+    }
+    let mut messages = Vec::new();
+    if let Some(s) = a.system {
+        messages.push(Message::new(Role::System, s));
+    }
+    messages.push(Message::new(Role::User, a.prompt.unwrap_or_default()));
+    let prompt = template.render(&messages, true).context("rendering the chat template")?;
+    let prompt_ids = tok.encode(&prompt)?.get_ids().to_vec();
     let out = generate(&model, &prompt_ids, &opts);
     let text = tok.decode(&out.ids)?;
     if a.json {

@@ -15,6 +15,11 @@ pub struct Lora<B: Backend> {
     /// `alpha / r`, or `alpha / sqrt(r)` with rsLoRA.
     #[module(skip)]
     pub scale: f64,
+    /// Dropout probability on the adapter input, applied while `training`.
+    #[module(skip)]
+    pub dropout: f64,
+    #[module(skip)]
+    pub training: bool,
 }
 
 impl<B: Backend> Lora<B> {
@@ -26,6 +31,8 @@ impl<B: Backend> Lora<B> {
             a: Param::from_tensor(Tensor::from_data(TensorData::new(a, [d_in, r]), device)),
             b: Param::from_tensor(Tensor::from_data(TensorData::new(b, [r, d_out]), device)),
             scale,
+            dropout: 0.0,
+            training: false,
         }
     }
 
@@ -59,6 +66,13 @@ impl<B: Backend> Lora<B> {
     /// # Shapes
     /// `x: [..., in]` → `[..., out]`
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        let x = if self.training && self.dropout > 0.0 {
+            // Inverted dropout from the backend's seeded RNG (as torch.nn.Dropout).
+            let keep = x.random_like(burn::tensor::Distribution::Bernoulli(1.0 - self.dropout));
+            x * keep / (1.0 - self.dropout)
+        } else {
+            x
+        };
         x.matmul(self.a.val().unsqueeze()).matmul(self.b.val().unsqueeze()) * self.scale
     }
 }

@@ -327,6 +327,15 @@ impl<B: Backend> Decoder<B> {
         out
     }
 
+    /// Training mode for adapters (enables LoRA dropout).
+    pub fn set_training(&mut self, training: bool) {
+        for (_, p) in self.projections_mut() {
+            if let Some(l) = &mut p.lora {
+                l.training = training;
+            }
+        }
+    }
+
     /// Switches all adapters on or off (off = the base model).
     pub fn set_adapters_enabled(&mut self, enabled: bool) {
         for (_, p) in self.projections_mut() {

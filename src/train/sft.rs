@@ -77,7 +77,9 @@ pub fn attach_new_adapters<B: AutodiffBackend>(model: &mut Decoder<B>, recipe: &
     for (name, proj) in model.projections_mut() {
         if config.targets.matches(&name) {
             let (d_in, d_out) = proj.dims();
-            proj.lora = Some(Lora::init(d_in, d_out, l.r, scale, &mut rng, &device));
+            let mut lora = Lora::init(d_in, d_out, l.r, scale, &mut rng, &device);
+            lora.dropout = l.dropout;
+            proj.lora = Some(lora);
             n += 1;
         }
     }
@@ -116,6 +118,7 @@ pub fn run<B: AutodiffBackend>(recipe: &Recipe, device: B::Device, quiet: bool) 
         Some(f) => Some(prepare(&tok, recipe, f)?.0),
         None => None,
     };
+    B::seed(&device, recipe.train.seed);
     let mut model = crate::model::load::<B>(&recipe.model.path, &device)?;
     let lora_config = attach_new_adapters(&mut model, recipe)?;
     let params = trainable_params(&mut model);
@@ -155,7 +158,9 @@ pub fn run<B: AutodiffBackend>(recipe: &Recipe, device: B::Device, quiet: bool) 
             }
             micro.push(MicroBatch::new(&samples));
         }
+        model.set_training(true);
         let stats = train_step(&mut model, &mut opt, &micro, lr, t.max_grad_norm);
+        model.set_training(false);
         if !stats.loss.is_finite() || !stats.grad_norm.is_finite() {
             bail!(Divergence { step: step + 1, loss: stats.loss, grad_norm: stats.grad_norm });
         }

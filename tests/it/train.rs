@@ -113,16 +113,18 @@ fn gradient_accumulation_equals_one_big_batch() {
 }
 
 #[test]
-fn same_seed_same_bytes() {
+fn same_seed_same_bytes_and_dropout_is_seeded() {
     let mut bytes = Vec::new();
-    for name in ["s1", "s2"] {
+    for (name, dropout) in [("s1", "0.1"), ("s2", "0.1"), ("s3", "0.0")] {
         let d = scratch(name);
         let data = eight(&d);
-        let (c, _, err) = ft(&["train", recipe(&d, &data, "max_steps = 3\nmicro_batch_size = 2\nlr = 1e-3\nseed = 7").to_str().unwrap(), "--quiet"]);
+        let r = recipe(&d, &data, "max_steps = 3\nmicro_batch_size = 2\nlr = 1e-3\nseed = 7");
+        let (c, _, err) = ft(&["train", r.to_str().unwrap(), "--quiet", "--set", &format!("lora.dropout={dropout}")]);
         assert_eq!(c, 0, "{err}");
         bytes.push(std::fs::read(d.join("run/adapter/adapter_model.safetensors")).unwrap());
     }
-    assert_eq!(bytes[0], bytes[1]);
+    assert_eq!(bytes[0], bytes[1], "same seed, same bytes");
+    assert_ne!(bytes[0], bytes[2], "dropout changes the update");
 }
 
 #[test]
