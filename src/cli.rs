@@ -139,6 +139,9 @@ pub struct TrainArgs {
     /// Output directory (overrides `output.dir`).
     #[arg(long)]
     pub output: Option<PathBuf>,
+    /// Continue the run in the output directory from its newest complete checkpoint.
+    #[arg(long)]
+    pub resume: bool,
     /// Only validate the recipe and print it with defaults resolved.
     #[arg(long)]
     pub check: bool,
@@ -244,11 +247,11 @@ fn cmd_train(a: TrainArgs) -> Result<()> {
         return Ok(());
     }
     let summary = match recipe.train.device {
-        DeviceChoice::Cpu => crate::train::sft::run::<burn::backend::Autodiff<crate::backend::Cpu>>(&recipe, Default::default(), a.quiet)?,
+        DeviceChoice::Cpu => crate::train::sft::run::<burn::backend::Autodiff<crate::backend::Cpu>>(&recipe, Default::default(), a.quiet, a.resume)?,
         #[cfg(feature = "cuda")]
         DeviceChoice::Cuda => {
             crate::backend::init_cuda_runtime();
-            crate::train::sft::run::<burn::backend::Autodiff<crate::backend::CudaBf16>>(&recipe, Default::default(), a.quiet)?
+            crate::train::sft::run::<burn::backend::Autodiff<crate::backend::CudaBf16>>(&recipe, Default::default(), a.quiet, a.resume)?
         }
         #[cfg(not(feature = "cuda"))]
         DeviceChoice::Cuda => anyhow::bail!("this ft was built without CUDA; rebuild with `cargo build --release --features cuda`"),

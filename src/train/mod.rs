@@ -1,5 +1,6 @@
 //! Training: recipes, the optimizer and schedules, the step, and the SFT loop.
 
+pub mod checkpoint;
 pub mod optim;
 pub mod recipe;
 pub mod sft;

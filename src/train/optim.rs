@@ -31,6 +31,18 @@ impl<B: Backend> AdamW<B> {
         }
     }
 
+    /// First and second moments, per parameter (for checkpoints).
+    pub fn moments(&self) -> (&[Tensor<B, 2>], &[Tensor<B, 2>]) {
+        (&self.m, &self.v)
+    }
+
+    /// Restores moments and the step count saved by a checkpoint.
+    pub fn restore(&mut self, m: Vec<Tensor<B, 2>>, v: Vec<Tensor<B, 2>>, t: usize) {
+        self.m = m;
+        self.v = v;
+        self.t = t;
+    }
+
     /// One update; returns the new parameters.
     pub fn step(&mut self, params: Vec<Tensor<B, 2>>, grads: Vec<Tensor<B, 2>>, lr: f64) -> Vec<Tensor<B, 2>> {
         self.t += 1;

@@ -103,6 +103,12 @@ pub struct TrainSection {
     /// Evaluate every N optimizer steps (0 = only at the end).
     #[serde(default)]
     pub eval_every: usize,
+    /// Write `checkpoint-STEP/` every N optimizer steps (0 = never).
+    #[serde(default)]
+    pub save_every: usize,
+    /// Complete checkpoints kept (older ones are deleted).
+    #[serde(default = "d_keep")]
+    pub keep_last: usize,
     #[serde(default = "d_device")]
     pub device: DeviceChoice,
 }
@@ -151,6 +157,9 @@ fn d_clip() -> f64 {
 }
 fn d_seed() -> u64 {
     42
+}
+fn d_keep() -> usize {
+    2
 }
 fn d_device() -> DeviceChoice {
     DeviceChoice::Cpu

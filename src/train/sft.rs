@@ -11,6 +11,7 @@ use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 
+use super::checkpoint::{self, TrainState};
 use super::optim::{learning_rate, AdamW};
 use super::recipe::Recipe;
 use super::step::{train_step, trainable_params, MicroBatch};
@@ -60,16 +61,22 @@ pub fn prepare(tok: &TextTokenizer, recipe: &Recipe, file: &Path) -> Result<(Vec
     Ok((out, dropped))
 }
 
-/// Attaches freshly initialised adapters (PEFT init) to the projections the recipe targets.
-/// The RNG is seeded first, so the same seed gives the same adapters.
-pub fn attach_new_adapters<B: AutodiffBackend>(model: &mut Decoder<B>, recipe: &Recipe) -> Result<LoraConfig> {
+/// The adapter configuration a recipe asks for.
+pub fn lora_config(recipe: &Recipe) -> LoraConfig {
     let l = &recipe.lora;
     let targets = if l.target_modules.iter().any(|t| t == "all-linear") {
         Targets::AllLinear
     } else {
         Targets::Names(l.target_modules.clone())
     };
-    let config = LoraConfig { r: l.r, alpha: l.alpha, use_rslora: l.use_rslora, dropout: l.dropout, targets, base_model: None };
+    LoraConfig { r: l.r, alpha: l.alpha, use_rslora: l.use_rslora, dropout: l.dropout, targets, base_model: None }
+}
+
+/// Attaches freshly initialised adapters (PEFT init) to the projections the recipe targets.
+/// The RNG is seeded first, so the same seed gives the same adapters.
+pub fn attach_new_adapters<B: AutodiffBackend>(model: &mut Decoder<B>, recipe: &Recipe) -> Result<LoraConfig> {
+    let l = &recipe.lora;
+    let config = lora_config(recipe);
     let mut rng = StdRng::seed_from_u64(recipe.train.seed);
     let device = model.device();
     let scale = config.scale();
@@ -103,14 +110,26 @@ fn mean_loss<B: AutodiffBackend>(model: &Decoder<B>, data: &[Encoded], batch: us
 }
 
 /// Runs SFT as the recipe says, writing the run directory.
-pub fn run<B: AutodiffBackend>(recipe: &Recipe, device: B::Device, quiet: bool) -> Result<Summary> {
+/// With `resume`, continues from the newest complete checkpoint in the output directory (the
+/// recipe must be the one the run started with); on CPU the result is bit-identical to an
+/// uninterrupted run.
+pub fn run<B: AutodiffBackend>(recipe: &Recipe, device: B::Device, quiet: bool, resume: bool) -> Result<Summary> {
     let t0 = Instant::now();
     let out = &recipe.output.dir;
-    if out.exists() && std::fs::read_dir(out).map(|mut d| d.next().is_some()).unwrap_or(false) {
-        bail!("output directory {} already exists and is not empty", out.display());
+    let resolved = recipe.resolved_toml();
+    let non_empty = out.exists() && std::fs::read_dir(out).map(|mut d| d.next().is_some()).unwrap_or(false);
+    if resume {
+        let saved = std::fs::read_to_string(out.join("recipe.resolved.toml"))
+            .with_context(|| format!("--resume: {} holds no run to resume", out.display()))?;
+        if saved != resolved {
+            bail!("--resume: the recipe differs from the one {} was started with (see its recipe.resolved.toml)", out.display());
+        }
+    } else if non_empty {
+        bail!("output directory {} already exists and is not empty (use --resume to continue it)", out.display());
+    } else {
+        std::fs::create_dir_all(out).with_context(|| format!("cannot create output directory {}", out.display()))?;
+        crate::fsutil::write_atomic(&out.join("recipe.resolved.toml"), resolved.as_bytes())?;
     }
-    std::fs::create_dir_all(out).with_context(|| format!("cannot create output directory {}", out.display()))?;
-    crate::fsutil::write_atomic(&out.join("recipe.resolved.toml"), recipe.resolved_toml().as_bytes())?;
 
     let tok = TextTokenizer::from_dir(&recipe.model.path)?;
     let (train, dropped) = prepare(&tok, recipe, &recipe.data.train)?;
@@ -118,13 +137,28 @@ pub fn run<B: AutodiffBackend>(recipe: &Recipe, device: B::Device, quiet: bool) 
         Some(f) => Some(prepare(&tok, recipe, f)?.0),
         None => None,
     };
-    B::seed(&device, recipe.train.seed);
     let mut model = crate::model::load::<B>(&recipe.model.path, &device)?;
-    let lora_config = attach_new_adapters(&mut model, recipe)?;
+    let loaded = if resume { checkpoint::load_latest::<B::InnerBackend>(out, &device)? } else { None };
+    let lora_config = match &loaded {
+        Some(ck) => {
+            peft::PeftAdapter::open(&ck.dir.join("adapter"))?.attach(&mut model)?;
+            make_trainable(&mut model, recipe.lora.dropout);
+            lora_config(recipe)
+        }
+        None => attach_new_adapters(&mut model, recipe)?,
+    };
     let params = trainable_params(&mut model);
     let trainable_parameters: usize = params.iter().map(|p| p.shape().num_elements()).sum();
     let t = &recipe.train;
     let mut opt = AdamW::new(&params, t.weight_decay);
+    let mut state = TrainState { step: 0, epoch: 0, cursor: 0, tokens_seen: 0, optimizer_t: 0 };
+    if let Some(ck) = loaded {
+        opt.restore(ck.m, ck.v, ck.state.optimizer_t);
+        state = ck.state;
+        if !quiet {
+            eprintln!("resuming from {} (step {})", ck.dir.display(), state.step);
+        }
+    }
 
     let per_step = t.micro_batch_size * t.grad_accum;
     let steps_per_epoch = train.len().div_ceil(per_step);
@@ -137,12 +171,14 @@ pub fn run<B: AutodiffBackend>(recipe: &Recipe, device: B::Device, quiet: bool) 
         o.shuffle(&mut StdRng::seed_from_u64(t.seed.wrapping_add(epoch as u64)));
         o
     };
-    let mut epoch = 0;
+    let mut epoch = state.epoch;
     let mut order = order_for(epoch);
-    let mut cursor = 0;
-    let mut metrics = std::fs::File::create(out.join("metrics.jsonl")).context("creating metrics.jsonl")?;
-    let (mut last_loss, mut tokens_seen, mut eval_loss) = (f64::NAN, 0usize, None);
-    for step in 0..total {
+    let mut cursor = state.cursor;
+    let mut metrics = open_metrics(&out.join("metrics.jsonl"), state.step)?;
+    let (mut last_loss, mut tokens_seen, mut eval_loss) = (f64::NAN, state.tokens_seen, None);
+    for step in state.step..total {
+        // Dropout masks are a function of (seed, step), so a resumed run draws the same ones.
+        B::seed(&device, t.seed ^ ((step as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15)));
         let lr = learning_rate(t.lr, t.schedule, step, total, warmup);
         let mut micro = Vec::with_capacity(t.grad_accum);
         for _ in 0..t.grad_accum {
@@ -182,6 +218,14 @@ pub fn run<B: AutodiffBackend>(recipe: &Recipe, device: B::Device, quiet: bool) 
             eprintln!("step {}/{total} loss {:.4} grad_norm {:.3} lr {:.2e}", step + 1, stats.loss, stats.grad_norm, lr);
         }
         let last = step + 1 == total;
+        if t.save_every > 0 && (step + 1) % t.save_every == 0 && !last {
+            metrics.sync_all()?;
+            let st = TrainState { step: step + 1, epoch, cursor, tokens_seen, optimizer_t: opt.t };
+            let (m, v) = opt.moments();
+            let cfg = lora_config.clone();
+            let base = recipe.model.path.display().to_string();
+            checkpoint::save(out, &st, |dir| peft::save(&mut model, &cfg, &base, dir), m, v, t.keep_last)?;
+        }
         if let Some(ev) = &eval {
             if last || (t.eval_every > 0 && (step + 1) % t.eval_every == 0) {
                 let l = mean_loss(&model, ev, t.micro_batch_size);
@@ -208,6 +252,39 @@ pub fn run<B: AutodiffBackend>(recipe: &Recipe, device: B::Device, quiet: bool) 
     };
     crate::fsutil::write_atomic(&out.join("summary.json"), &serde_json::to_vec_pretty(&summary)?)?;
     Ok(summary)
+}
+
+/// Makes loaded adapters trainable (gradients on, dropout as the recipe says).
+fn make_trainable<B: AutodiffBackend>(model: &mut Decoder<B>, dropout: f64) {
+    for (_, p) in model.projections_mut() {
+        if let Some(l) = &mut p.lora {
+            l.a = burn::module::Param::from_tensor(l.a.val().require_grad());
+            l.b = burn::module::Param::from_tensor(l.b.val().require_grad());
+            l.dropout = dropout;
+        }
+    }
+}
+
+/// Opens metrics.jsonl for appending, keeping only the lines of steps ≤ `keep_through` (a
+/// resumed run drops what the interrupted one logged after its checkpoint).
+fn open_metrics(path: &Path, keep_through: usize) -> Result<std::fs::File> {
+    let kept: String = if keep_through == 0 {
+        String::new()
+    } else {
+        std::fs::read_to_string(path)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| {
+                serde_json::from_str::<serde_json::Value>(l)
+                    .ok()
+                    .and_then(|v| v["step"].as_u64())
+                    .is_some_and(|s| s as usize <= keep_through)
+            })
+            .map(|l| format!("{l}\n"))
+            .collect()
+    };
+    crate::fsutil::write_atomic(path, kept.as_bytes())?;
+    std::fs::OpenOptions::new().append(true).open(path).with_context(|| format!("opening {}", path.display()))
 }
 
 /// Training diverged (non-finite loss or gradient norm).

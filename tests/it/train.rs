@@ -140,3 +140,56 @@ fn bad_recipes_exit_2_naming_the_key() {
     assert!(err.contains("train.lr"), "{err}");
     assert!(!d.join("run").exists(), "nothing written for a bad recipe");
 }
+
+#[test]
+fn sigkill_and_resume_gives_identical_bytes() {
+    let train = "max_steps = 300\nmicro_batch_size = 2\nlr = 1e-3\nseed = 3\nsave_every = 5\nkeep_last = 2";
+    // Uninterrupted reference.
+    let d1 = scratch("ref");
+    let data1 = eight(&d1);
+    let (c, _, err) = ft(&["train", recipe(&d1, &data1, train).to_str().unwrap(), "--quiet", "--set", "lora.dropout=0.1"]);
+    assert_eq!(c, 0, "{err}");
+    // Killed with SIGKILL once a checkpoint is complete, then resumed.
+    let d2 = scratch("killed");
+    let data2 = d2.join("eight.jsonl");
+    std::fs::copy(&data1, &data2).unwrap();
+    let r2 = recipe(&d2, &data2, train);
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_ft"))
+        .args(["train", r2.to_str().unwrap(), "--quiet", "--set", "lora.dropout=0.1"])
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let start = std::time::Instant::now();
+    loop {
+        let done = std::fs::read_dir(d2.join("run")).map(|rd| rd.flatten().any(|e| e.path().join("COMPLETE").exists())).unwrap_or(false);
+        if done || start.elapsed().as_secs() > 60 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(2));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert!(!d2.join("run/adapter").exists(), "the run finished before it could be killed; the test needs a longer run");
+    let (c, _, err) = ft(&["train", r2.to_str().unwrap(), "--quiet", "--resume", "--set", "lora.dropout=0.1"]);
+    assert_eq!(c, 0, "{err}");
+    let a = std::fs::read(d1.join("run/adapter/adapter_model.safetensors")).unwrap();
+    let b = std::fs::read(d2.join("run/adapter/adapter_model.safetensors")).unwrap();
+    assert!(a == b, "resumed adapter differs from the uninterrupted one");
+    let losses = |d: &Path| metrics(d).iter().filter_map(|l| l["loss"].as_f64()).collect::<Vec<_>>();
+    assert_eq!(losses(&d1), losses(&d2));
+    assert!(ft::train::checkpoint::complete_checkpoints(&d2.join("run")).len() <= 2, "keep_last");
+}
+
+#[test]
+fn resume_refuses_a_changed_recipe() {
+    let d = scratch("changed");
+    let data = eight(&d);
+    let r = recipe(&d, &data, "max_steps = 4\nmicro_batch_size = 2\nsave_every = 2");
+    assert_eq!(ft(&["train", r.to_str().unwrap(), "--quiet"]).0, 0);
+    let (c, _, err) = ft(&["train", r.to_str().unwrap(), "--quiet", "--resume", "--set", "train.lr=1e-3"]);
+    assert_ne!(c, 0);
+    assert!(err.contains("recipe differs"), "{err}");
+    let (c, _, err) = ft(&["train", r.to_str().unwrap(), "--quiet"]);
+    assert_ne!(c, 0);
+    assert!(err.contains("--resume"), "{err}");
+}

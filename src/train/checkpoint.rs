@@ -1,0 +1,139 @@
+//! Crash-safe training checkpoints: `RUN/checkpoint-STEP/` holds the adapter (PEFT format), the
+//! optimizer moments, the trainer state (step, epoch, data cursor, tokens seen) and a manifest of
+//! sha256 sums. It is written under a temporary name, fsynced, marked `COMPLETE` last and renamed;
+//! resume only ever reads complete checkpoints whose files match their manifest.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use burn::prelude::*;
+use burn::tensor::TensorData;
+use serde::{Deserialize, Serialize};
+use sha2::Digest;
+
+use crate::fsutil::{write_atomic, StagedDir};
+
+/// Where the loop stands; with the adapter and optimizer state, all that resume needs.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TrainState {
+    pub step: usize,
+    pub epoch: usize,
+    pub cursor: usize,
+    pub tokens_seen: usize,
+    pub optimizer_t: usize,
+}
+
+const COMPLETE: &str = "COMPLETE";
+
+fn sha256_file(p: &Path) -> Result<String> {
+    let bytes = std::fs::read(p).with_context(|| format!("cannot read {}", p.display()))?;
+    Ok(sha2::Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect())
+}
+
+fn tensors_to_file<B: Backend>(path: &Path, named: Vec<(String, Tensor<B, 2>)>) -> Result<()> {
+    let data: Vec<(String, Vec<usize>, Vec<u8>)> = named
+        .into_iter()
+        .map(|(n, t)| {
+            let shape = t.dims().to_vec();
+            let v: Vec<f32> = t.into_data().convert::<f32>().to_vec().expect("f32");
+            (n, shape, bytemuck::cast_slice(&v).to_vec())
+        })
+        .collect();
+    let views = data
+        .iter()
+        .map(|(n, s, b)| Ok((n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)?)))
+        .collect::<Result<Vec<_>, safetensors::SafeTensorError>>()?;
+    safetensors::serialize_to_file(views, None, path)?;
+    Ok(())
+}
+
+/// Writes `checkpoint-{state.step}` into `run`: `save_adapter` writes the PEFT adapter into the
+/// directory it is given; `m`/`v` are the optimizer moments.
+pub fn save<B: Backend>(
+    run: &Path,
+    state: &TrainState,
+    save_adapter: impl FnOnce(&Path) -> Result<()>,
+    m: &[Tensor<B, 2>],
+    v: &[Tensor<B, 2>],
+    keep_last: usize,
+) -> Result<PathBuf> {
+    let target = run.join(format!("checkpoint-{}", state.step));
+    if target.exists() {
+        std::fs::remove_dir_all(&target).with_context(|| format!("replacing {}", target.display()))?;
+    }
+    let staged = StagedDir::new(&target)?;
+    save_adapter(&staged.path("adapter"))?;
+    let mut named = Vec::new();
+    for (i, (a, b)) in m.iter().zip(v).enumerate() {
+        named.push((format!("m.{i}"), a.clone()));
+        named.push((format!("v.{i}"), b.clone()));
+    }
+    tensors_to_file(&staged.path("optimizer.safetensors"), named)?;
+    write_atomic(&staged.path("trainer_state.json"), &serde_json::to_vec_pretty(state)?)?;
+    let mut manifest = serde_json::Map::new();
+    for f in ["adapter/adapter_model.safetensors", "adapter/adapter_config.json", "optimizer.safetensors", "trainer_state.json"] {
+        manifest.insert(f.into(), sha256_file(&staged.tmp.join(f))?.into());
+    }
+    write_atomic(&staged.path("manifest.json"), &serde_json::to_vec_pretty(&manifest)?)?;
+    write_atomic(&staged.path(COMPLETE), b"")?;
+    let out = staged.commit()?;
+    prune(run, keep_last)?;
+    Ok(out)
+}
+
+/// Complete checkpoints of a run, oldest first.
+pub fn complete_checkpoints(run: &Path) -> Vec<(usize, PathBuf)> {
+    let mut v: Vec<(usize, PathBuf)> = std::fs::read_dir(run)
+        .into_iter()
+        .flatten()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter_map(|p| {
+            let step = p.file_name()?.to_str()?.strip_prefix("checkpoint-")?.parse().ok()?;
+            p.join(COMPLETE).exists().then_some((step, p))
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+fn prune(run: &Path, keep_last: usize) -> Result<()> {
+    let all = complete_checkpoints(run);
+    if keep_last > 0 && all.len() > keep_last {
+        for (_, p) in &all[..all.len() - keep_last] {
+            std::fs::remove_dir_all(p).with_context(|| format!("removing old checkpoint {}", p.display()))?;
+        }
+    }
+    Ok(())
+}
+
+/// A checkpoint read back: state, adapter directory, and the optimizer moments.
+pub struct Loaded<B: Backend> {
+    pub dir: PathBuf,
+    pub state: TrainState,
+    pub m: Vec<Tensor<B, 2>>,
+    pub v: Vec<Tensor<B, 2>>,
+}
+
+/// The newest complete checkpoint of `run` whose files match its manifest.
+pub fn load_latest<B: Backend>(run: &Path, device: &B::Device) -> Result<Option<Loaded<B>>> {
+    let Some((_, dir)) = complete_checkpoints(run).pop() else { return Ok(None) };
+    let manifest: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(&std::fs::read(dir.join("manifest.json"))?).context("reading the checkpoint manifest")?;
+    for (f, sum) in &manifest {
+        if sha256_file(&dir.join(f))? != sum.as_str().unwrap_or_default() {
+            bail!("{}: {f} does not match its sha256 in manifest.json; the checkpoint is damaged", dir.display());
+        }
+    }
+    let state: TrainState = serde_json::from_slice(&std::fs::read(dir.join("trainer_state.json"))?)?;
+    let ck = crate::model::weights::Checkpoint::open_file(&dir.join("optimizer.safetensors"))?;
+    let (mut m, mut v) = (Vec::new(), Vec::new());
+    let mut i = 0;
+    while let Some((shape, _)) = ck.info(&format!("m.{i}")) {
+        for (name, out) in [(format!("m.{i}"), &mut m), (format!("v.{i}"), &mut v)] {
+            let data = ck.f32(&name, &shape)?;
+            out.push(Tensor::from_data(TensorData::new(data, [shape[0], shape[1]]), device));
+        }
+        i += 1;
+    }
+    Ok(Some(Loaded { dir, state, m, v }))
+}
