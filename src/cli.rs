@@ -25,6 +25,8 @@ pub mod exit {
     pub const DATA: u8 = 3;
     /// Training diverged (non-finite loss or gradient norm).
     pub const DIVERGED: u8 = 4;
+    /// Interrupted (SIGINT) after saving a checkpoint.
+    pub const INTERRUPTED: u8 = 130;
 }
 
 fn long_version() -> &'static str {
@@ -202,6 +204,8 @@ pub fn run(cli: Cli) -> Result<()> {
 pub fn exit_code(err: &anyhow::Error) -> u8 {
     if err.chain().any(|e| e.downcast_ref::<crate::train::sft::Divergence>().is_some()) {
         exit::DIVERGED
+    } else if err.chain().any(|e| e.downcast_ref::<crate::train::sft::Interrupted>().is_some()) {
+        exit::INTERRUPTED
     } else if err.chain().any(|e| e.downcast_ref::<RecipeError>().is_some()) {
         exit::USAGE
     } else if err.chain().any(|e| e.downcast_ref::<DataError>().is_some()) {
@@ -246,6 +250,13 @@ fn cmd_train(a: TrainArgs) -> Result<()> {
         print!("{}", recipe.resolved_toml());
         return Ok(());
     }
+    // First Ctrl-C: finish the step, save a checkpoint, exit 130. A second one kills.
+    ctrlc::set_handler(|| {
+        if crate::train::sft::INTERRUPTED.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            std::process::exit(exit::INTERRUPTED as i32);
+        }
+    })
+    .ok();
     let summary = match recipe.train.device {
         DeviceChoice::Cpu => crate::train::sft::run::<burn::backend::Autodiff<crate::backend::Cpu>>(&recipe, Default::default(), a.quiet, a.resume)?,
         #[cfg(feature = "cuda")]

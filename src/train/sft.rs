@@ -218,13 +218,17 @@ pub fn run<B: AutodiffBackend>(recipe: &Recipe, device: B::Device, quiet: bool, 
             eprintln!("step {}/{total} loss {:.4} grad_norm {:.3} lr {:.2e}", step + 1, stats.loss, stats.grad_norm, lr);
         }
         let last = step + 1 == total;
-        if t.save_every > 0 && (step + 1) % t.save_every == 0 && !last {
+        let interrupted = INTERRUPTED.load(std::sync::atomic::Ordering::SeqCst);
+        if (t.save_every > 0 && (step + 1) % t.save_every == 0 && !last) || (interrupted && !last) {
             metrics.sync_all()?;
             let st = TrainState { step: step + 1, epoch, cursor, tokens_seen, optimizer_t: opt.t };
             let (m, v) = opt.moments();
             let cfg = lora_config.clone();
             let base = recipe.model.path.display().to_string();
-            checkpoint::save(out, &st, |dir| peft::save(&mut model, &cfg, &base, dir), m, v, t.keep_last)?;
+            let saved = checkpoint::save(out, &st, |dir| peft::save(&mut model, &cfg, &base, dir), m, v, t.keep_last)?;
+            if interrupted {
+                bail!(Interrupted { checkpoint: saved });
+            }
         }
         if let Some(ev) = &eval {
             if last || (t.eval_every > 0 && (step + 1) % t.eval_every == 0) {
@@ -285,6 +289,16 @@ fn open_metrics(path: &Path, keep_through: usize) -> Result<std::fs::File> {
     };
     crate::fsutil::write_atomic(path, kept.as_bytes())?;
     std::fs::OpenOptions::new().append(true).open(path).with_context(|| format!("opening {}", path.display()))
+}
+
+/// Set by the CLI's SIGINT handler; the loop checkpoints after the current step and stops.
+pub static INTERRUPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// The run was interrupted (SIGINT) and saved a checkpoint to resume from.
+#[derive(Debug, thiserror::Error)]
+#[error("interrupted; saved {} (continue with --resume)", checkpoint.display())]
+pub struct Interrupted {
+    pub checkpoint: PathBuf,
 }
 
 /// Training diverged (non-finite loss or gradient norm).

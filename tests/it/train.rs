@@ -193,3 +193,28 @@ fn resume_refuses_a_changed_recipe() {
     assert_ne!(c, 0);
     assert!(err.contains("--resume"), "{err}");
 }
+
+#[test]
+fn sigint_saves_a_checkpoint_and_exits_130() {
+    let d = scratch("sigint");
+    let data = eight(&d);
+    let r = recipe(&d, &data, "max_steps = 100000\nmicro_batch_size = 2\nlr = 1e-3");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_ft"))
+        .args(["train", r.to_str().unwrap(), "--quiet"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = std::time::Instant::now();
+    while std::fs::read_to_string(d.join("run/metrics.jsonl")).map(|m| m.lines().count() < 2).unwrap_or(true) {
+        assert!(start.elapsed().as_secs() < 60, "no training step within 60 s");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    std::process::Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{err}");
+    assert!(err.contains("--resume"), "{err}");
+    let cks = ft::train::checkpoint::complete_checkpoints(&d.join("run"));
+    assert_eq!(cks.len(), 1, "one complete checkpoint");
+    assert!(!d.join("run/adapter").exists());
+}
