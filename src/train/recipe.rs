@@ -251,7 +251,9 @@ mod tests {
     use super::*;
 
     fn write(text: &str) -> PathBuf {
-        let p = std::env::temp_dir().join(format!("ft-recipe-{}-{}.toml", std::process::id(), text.len()));
+        static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        let p = std::env::temp_dir().join(format!("ft-recipe-{}-{n}.toml", std::process::id()));
         std::fs::write(&p, text).unwrap();
         p
     }
@@ -270,9 +272,9 @@ mod tests {
     #[test]
     fn unknown_keys_and_bad_values_name_the_line() {
         let e = Recipe::load(&write(&format!("{MIN}[train]\nlearning_rate = 1e-4\n")), &[]).unwrap_err().to_string();
-        assert!(e.contains("line 7") && e.contains("unknown field `learning_rate`") && e.contains("`lr`"), "{e}");
+        assert!(e.contains("line 8") && e.contains("unknown field `learning_rate`") && e.contains("`lr`"), "{e}");
         let e = Recipe::load(&write(&format!("{MIN}[train]\nlr = \"fast\"\n")), &[]).unwrap_err().to_string();
-        assert!(e.contains("line 7") && e.contains("lr"), "{e}");
+        assert!(e.contains("line 8") && e.contains("lr"), "{e}");
         let e = Recipe::load(&write(&format!("{MIN}[lora]\ndropout = 1.5\n")), &[]).unwrap_err().to_string();
         assert!(e.contains("lora.dropout"), "{e}");
     }

@@ -199,7 +199,7 @@ fn sigint_saves_a_checkpoint_and_exits_130() {
     let d = scratch("sigint");
     let data = eight(&d);
     let r = recipe(&d, &data, "max_steps = 100000\nmicro_batch_size = 2\nlr = 1e-3");
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_ft"))
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_ft"))
         .args(["train", r.to_str().unwrap(), "--quiet"])
         .stderr(std::process::Stdio::piped())
         .spawn()
