@@ -42,22 +42,26 @@ impl MicroBatch {
 }
 
 /// Sum of masked token NLLs divided by `norm` (the trainable tokens of the whole accumulated
-/// batch), and the number of correctly predicted trainable tokens.
+/// batch), and the number of correctly predicted trainable tokens. The vocabulary head and the
+/// softmax run only on the trainable positions (the prompt's logits are never formed).
 pub fn sft_loss<B: Backend>(model: &Decoder<B>, mb: &MicroBatch, norm: f64) -> (Tensor<B, 1>, usize) {
     let device = model.device();
     let (b, t) = (mb.b, mb.t);
+    let positions: Vec<i64> = (0..b * t).filter(|&i| mb.weight[i] > 0.0).map(|i| i as i64).collect();
+    let targets: Vec<i64> = positions.iter().map(|&i| mb.target[i as usize]).collect();
+    let n = positions.len();
     let input = Tensor::<B, 2, Int>::from_data(TensorData::new(mb.input.clone(), [b, t]), &device);
-    let target = Tensor::<B, 3, Int>::from_data(TensorData::new(mb.target.clone(), [b, t, 1]), &device);
-    let weight = Tensor::<B, 3>::from_data(TensorData::new(mb.weight.clone(), [b, t, 1]), &device);
-    let logits = model.forward(input, None);
+    let hidden = model.hidden(input, None);
+    let h = hidden.dims()[2];
+    if n == 0 {
+        return (hidden.sum() * 0.0, 0);
+    }
+    let picked = hidden.reshape([b * t, h]).select(0, Tensor::<B, 1, Int>::from_data(TensorData::new(positions, [n]), &device));
+    let logits = model.head(picked.reshape([1, n, h]));
     let predicted: Vec<i64> = logits.clone().detach().argmax(2).into_data().convert::<i64>().to_vec().expect("ids");
-    let correct = predicted
-        .iter()
-        .zip(&mb.target)
-        .zip(&mb.weight)
-        .filter(|((p, t), w)| **w > 0.0 && p == t)
-        .count();
-    let nll = log_softmax(logits, 2).gather(2, target).neg() * weight;
+    let correct = predicted.iter().zip(&targets).filter(|(p, t)| p == t).count();
+    let target = Tensor::<B, 3, Int>::from_data(TensorData::new(targets, [1, n, 1]), &device);
+    let nll = log_softmax(logits, 2).gather(2, target).neg();
     (nll.sum() / norm, correct)
 }
 
