@@ -45,6 +45,9 @@ pub struct Cli {
 pub enum Command {
     /// Fine-tune a LoRA adapter as a TOML recipe describes (see recipes/README.md).
     Train(TrainArgs),
+    /// Validate a recipe and print it with every default resolved.
+    #[command(name = "recipe", subcommand)]
+    Recipe(RecipeCommand),
     /// Generate a chat reply: render the model's chat template with a generation prompt and decode.
     Generate(GenerateArgs),
     /// Mean next-token loss over the assistant tokens of a ChatML JSONL dataset.
@@ -131,6 +134,18 @@ pub struct EvalArgs {
     pub json: bool,
 }
 
+#[derive(Debug, Subcommand)]
+pub enum RecipeCommand {
+    /// Validate a recipe: unknown keys, wrong types and out-of-range values are errors naming the line.
+    Check {
+        /// The recipe (TOML).
+        recipe: PathBuf,
+        /// Override a recipe key, e.g. `--set train.lr=1e-4` (repeatable).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        set: Vec<String>,
+    },
+}
+
 #[derive(Debug, clap::Args)]
 pub struct TrainArgs {
     /// The recipe (TOML).
@@ -193,6 +208,11 @@ pub struct ImportArgs {
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Train(a) => cmd_train(a),
+        Command::Recipe(RecipeCommand::Check { recipe, set }) => {
+            let r = crate::train::recipe::Recipe::load(&recipe, &set).map_err(|e| RecipeError(format!("{e:#}")))?;
+            print!("{}", r.resolved_toml());
+            Ok(())
+        }
         Command::Generate(a) => cmd_generate(a),
         Command::Eval(a) => cmd_eval(a),
         Command::Merge(a) => cmd_merge(a),

@@ -2,6 +2,7 @@
 
 pub mod checkpoint;
 pub mod optim;
+pub mod plot;
 pub mod recipe;
 pub mod sft;
 pub mod step;

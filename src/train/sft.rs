@@ -239,6 +239,7 @@ pub fn run<B: AutodiffBackend>(recipe: &Recipe, device: B::Device, quiet: bool, 
         }
     }
     metrics.sync_all()?;
+    write_loss_svg(out)?;
     peft::save(&mut model, &lora_config, &recipe.model.path.display().to_string(), &out.join("adapter"))?;
     let seconds = t0.elapsed().as_secs_f64();
     let summary = Summary {
@@ -256,6 +257,22 @@ pub fn run<B: AutodiffBackend>(recipe: &Recipe, device: B::Device, quiet: bool, 
     };
     crate::fsutil::write_atomic(&out.join("summary.json"), &serde_json::to_vec_pretty(&summary)?)?;
     Ok(summary)
+}
+
+/// Draws `loss.svg` from `metrics.jsonl`.
+fn write_loss_svg(out: &Path) -> Result<()> {
+    let (mut train, mut eval) = (Vec::new(), Vec::new());
+    for line in std::fs::read_to_string(out.join("metrics.jsonl"))?.lines() {
+        let v: serde_json::Value = serde_json::from_str(line)?;
+        let step = v["step"].as_f64().unwrap_or(0.0);
+        if let Some(l) = v["loss"].as_f64() {
+            train.push((step, l));
+        }
+        if let Some(l) = v["eval_loss"].as_f64() {
+            eval.push((step, l));
+        }
+    }
+    crate::fsutil::write_atomic(&out.join("loss.svg"), super::plot::loss_svg(&train, &eval).as_bytes())
 }
 
 /// Makes loaded adapters trainable (gradients on, dropout as the recipe says).

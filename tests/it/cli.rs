@@ -43,7 +43,7 @@ fn s(p: &Path) -> &str {
 fn help_and_version() {
     let (c, out, _) = ft(&["--help"]);
     assert_eq!(c, 0);
-    for sub in ["generate", "eval", "import-gguf"] {
+    for sub in ["train", "merge", "generate", "eval", "import-gguf"] {
         assert!(out.contains(sub), "{out}");
         let (c, out, _) = ft(&[sub, "--help"]);
         assert_eq!(c, 0);

@@ -74,6 +74,11 @@ fn sft_lowers_the_loss_and_writes_a_peft_adapter() {
     // The first step's loss is the base model's (B = 0), the last is lower.
     assert!(losses[11] < losses[0] - 0.3, "{losses:?}");
     let eval_loss = summary["eval_loss"].as_f64().unwrap();
+    let svg = std::fs::read_to_string(d.join("run/loss.svg")).unwrap();
+    assert!(svg.starts_with("<svg") && svg.contains("eval loss"));
+    for f in ["recipe.resolved.toml", "summary.json", "metrics.jsonl"] {
+        assert!(d.join("run").join(f).exists(), "{f}");
+    }
     let cfg = json(&d.join("run/adapter/adapter_config.json"));
     assert_eq!(cfg["peft_type"], "LORA");
     assert_eq!(cfg["r"], 4);
@@ -132,6 +137,9 @@ fn bad_recipes_exit_2_naming_the_key() {
     let d = scratch("bad");
     let data = eight(&d);
     let r = recipe(&d, &data, "learning_rate = 1e-4");
+    let (c, _, err) = ft(&["recipe", "check", r.to_str().unwrap()]);
+    assert_eq!(c, 2, "{err}");
+    assert!(err.contains("learning_rate"), "{err}");
     let (c, _, err) = ft(&["train", r.to_str().unwrap()]);
     assert_eq!(c, 2, "{err}");
     assert!(err.contains("learning_rate") && err.contains("line"), "{err}");
