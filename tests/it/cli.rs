@@ -5,12 +5,6 @@ use std::path::{Path, PathBuf};
 
 use super::common::*;
 
-fn scratch(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("ft-cli-{}-{name}", std::process::id()));
-    std::fs::remove_dir_all(&d).ok();
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
 
 /// A copy of the llama fixture to break.
 fn llama_copy(name: &str) -> PathBuf {
@@ -112,7 +106,7 @@ fn bad_models_give_located_errors() {
     std::fs::File::options().write(true).open(&st).unwrap().set_len(len / 2).unwrap();
     run(gen(&d), 1, &["model.safetensors", "truncated or corrupt"]);
 
-    let d = scratch("shard");
+    let d = scratch("cli-shard");
     for e in std::fs::read_dir(model_dir("qwen2")).unwrap() {
         let p = e.unwrap().path();
         std::fs::copy(&p, d.join(p.file_name().unwrap())).unwrap();
@@ -120,14 +114,14 @@ fn bad_models_give_located_errors() {
     std::fs::remove_file(d.join("model-00003-of-00004.safetensors")).unwrap();
     run(gen(&d), 1, &["model-00003-of-00004.safetensors", "missing"]);
 
-    let d = scratch("empty");
+    let d = scratch("cli-empty");
     run(gen(&d), 1, &["config.json"]);
 }
 
 #[test]
 fn bad_data_gives_file_and_line() {
     let m = model_dir("llama");
-    let d = scratch("data");
+    let d = scratch("cli-data");
     let bad = d.join("bad.jsonl");
     std::fs::write(&bad, "{\"messages\": [{\"role\": \"user\", \"content\": \"a\"}, {\"role\": \"assistant\", \"content\": \"b\"}]}\n{\"messages\": [{\"role\": \"user\"\n").unwrap();
     assert_clean_error(&["eval", "--model", s(&m), "--data", s(&bad)], 3, &[&format!("{}:2", bad.display()), "invalid JSON"]);
@@ -139,7 +133,7 @@ fn bad_data_gives_file_and_line() {
 
 #[test]
 fn import_rejects_non_gguf() {
-    let d = scratch("gguf");
+    let d = scratch("cli-gguf");
     let f = d.join("x.gguf");
     std::fs::write(&f, b"not a gguf at all").unwrap();
     assert_clean_error(&["import-gguf", s(&f), "--out", s(&d.join("out"))], 1, &["x.gguf", "not a GGUF file"]);

@@ -9,6 +9,14 @@ pub fn fixtures() -> PathBuf {
 
 pub const MODELS: [&str; 5] = ["llama", "llama3-rope-tied-bf16", "qwen2", "qwen3", "mistral"];
 
+/// A fresh, empty temporary directory for one test.
+pub fn scratch(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("ft-test-{}-{name}", std::process::id()));
+    std::fs::remove_dir_all(&d).ok();
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
 pub fn model_dir(name: &str) -> PathBuf {
     fixtures().join("models").join(name)
 }

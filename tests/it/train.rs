@@ -6,12 +6,6 @@ use std::path::{Path, PathBuf};
 
 use super::common::*;
 
-fn scratch(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("ft-train-{}-{name}", std::process::id()));
-    std::fs::remove_dir_all(&d).ok();
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
 
 /// Eight conversations: chat.jsonl's three plus variants.
 fn eight(dir: &Path) -> PathBuf {
@@ -59,7 +53,7 @@ fn metrics(dir: &Path) -> Vec<serde_json::Value> {
 
 #[test]
 fn sft_lowers_the_loss_and_writes_a_peft_adapter() {
-    let d = scratch("sft");
+    let d = scratch("train-sft");
     let data = eight(&d);
     let r = recipe(&d, &data, "max_steps = 12\nmicro_batch_size = 4\nlr = 1e-2\nseed = 1");
     let (c, out, err) = ft(&["train", r.to_str().unwrap(), "--json", "--quiet"]);
@@ -134,7 +128,7 @@ fn same_seed_same_bytes_and_dropout_is_seeded() {
 
 #[test]
 fn bad_recipes_exit_2_naming_the_key() {
-    let d = scratch("bad");
+    let d = scratch("train-bad");
     let data = eight(&d);
     let r = recipe(&d, &data, "learning_rate = 1e-4");
     let (c, _, err) = ft(&["recipe", "check", r.to_str().unwrap()]);
@@ -153,12 +147,12 @@ fn bad_recipes_exit_2_naming_the_key() {
 fn sigkill_and_resume_gives_identical_bytes() {
     let train = "max_steps = 300\nmicro_batch_size = 2\nlr = 1e-3\nseed = 3\nsave_every = 5\nkeep_last = 2";
     // Uninterrupted reference.
-    let d1 = scratch("ref");
+    let d1 = scratch("train-ref");
     let data1 = eight(&d1);
     let (c, _, err) = ft(&["train", recipe(&d1, &data1, train).to_str().unwrap(), "--quiet", "--set", "lora.dropout=0.1"]);
     assert_eq!(c, 0, "{err}");
     // Killed with SIGKILL once a checkpoint is complete, then resumed.
-    let d2 = scratch("killed");
+    let d2 = scratch("train-killed");
     let data2 = d2.join("eight.jsonl");
     std::fs::copy(&data1, &data2).unwrap();
     let r2 = recipe(&d2, &data2, train);
@@ -190,7 +184,7 @@ fn sigkill_and_resume_gives_identical_bytes() {
 
 #[test]
 fn resume_refuses_a_changed_recipe() {
-    let d = scratch("changed");
+    let d = scratch("train-changed");
     let data = eight(&d);
     let r = recipe(&d, &data, "max_steps = 4\nmicro_batch_size = 2\nsave_every = 2");
     assert_eq!(ft(&["train", r.to_str().unwrap(), "--quiet"]).0, 0);
@@ -204,7 +198,7 @@ fn resume_refuses_a_changed_recipe() {
 
 #[test]
 fn sigint_saves_a_checkpoint_and_exits_130() {
-    let d = scratch("sigint");
+    let d = scratch("train-sigint");
     let data = eight(&d);
     let r = recipe(&d, &data, "max_steps = 100000\nmicro_batch_size = 2\nlr = 1e-3");
     let child = std::process::Command::new(env!("CARGO_BIN_EXE_ft"))
