@@ -45,6 +45,9 @@ pub struct Cli {
 pub enum Command {
     /// Fine-tune a LoRA adapter as a TOML recipe describes (see recipes/README.md).
     Train(TrainArgs),
+    /// Check datasets: every problem with file:line, token statistics, what training would drop.
+    #[command(subcommand)]
+    Data(DataCommand),
     /// Validate a recipe and print it with every default resolved.
     #[command(name = "recipe", subcommand)]
     Recipe(RecipeCommand),
@@ -135,6 +138,27 @@ pub struct EvalArgs {
 }
 
 #[derive(Debug, Subcommand)]
+pub enum DataCommand {
+    /// Validate JSONL conversation files and print statistics; exits 3 if any line is bad.
+    Check {
+        /// JSONL files.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        /// Model directory (tokenizer and chat template).
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long, value_enum, default_value_t = TemplateChoice::Model)]
+        template: TemplateChoice,
+        /// Count samples longer than N tokens (training drops them).
+        #[arg(long)]
+        max_len: Option<usize>,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
 pub enum RecipeCommand {
     /// Validate a recipe: unknown keys, wrong types and out-of-range values are errors naming the line.
     Check {
@@ -208,6 +232,7 @@ pub struct ImportArgs {
 pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Train(a) => cmd_train(a),
+        Command::Data(DataCommand::Check { files, model, template, max_len, json }) => cmd_data_check(&files, &model, template, max_len, json),
         Command::Recipe(RecipeCommand::Check { recipe, set }) => {
             let r = crate::train::recipe::Recipe::load(&recipe, &set).map_err(|e| RecipeError(format!("{e:#}")))?;
             print!("{}", r.resolved_toml());
@@ -253,6 +278,41 @@ pub fn stop_ids(model_dir: &Path, config_eos: &[u32], tok: &TextTokenizer) -> Ve
     ids.sort();
     ids.dedup();
     ids
+}
+
+fn cmd_data_check(files: &[PathBuf], model: &Path, template: TemplateChoice, max_len: Option<usize>, json: bool) -> Result<()> {
+    let tok = TextTokenizer::from_dir(model)?;
+    let tpl = tok.template(template)?;
+    let mut r = crate::data::check::check(files, &tok, &tpl, max_len)?;
+    if let Some(w) = crate::data::check::pad_eos_warning(model, &tok) {
+        r.warnings.push(crate::data::check::Problem { at: model.display().to_string(), message: w });
+    }
+    if json {
+        println!("{}", serde_json::to_string(&r)?);
+    } else {
+        for p in &r.errors {
+            eprintln!("error: {}: {}", p.at, p.message);
+        }
+        for p in &r.warnings {
+            eprintln!("warning: {}: {}", p.at, p.message);
+        }
+        println!(
+            "{} samples, {} tokens, {} trainable ({:.1}%){}",
+            r.samples,
+            r.tokens,
+            r.trainable_tokens,
+            100.0 * r.trainable_tokens as f64 / r.tokens.max(1) as f64,
+            max_len.map(|m| format!(", {} longer than {m}", r.too_long)).unwrap_or_default()
+        );
+        for (lo, hi, n) in &r.length_histogram {
+            println!("  {lo:>6}..{hi:<6} {n}");
+        }
+    }
+    if !r.errors.is_empty() {
+        let first = &r.errors[0];
+        return Err(DataError::Invalid { count: r.errors.len(), first: format!("{}: {}", first.at, first.message) }.into());
+    }
+    Ok(())
 }
 
 /// A recipe that does not validate (exit code 2).

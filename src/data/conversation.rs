@@ -81,6 +81,8 @@ pub enum DataError {
     Io { path: PathBuf, source: std::io::Error },
     #[error("{at}: {msg}")]
     At { at: Location, msg: String },
+    #[error("{count} bad line(s); the first: {first}")]
+    Invalid { count: usize, first: String },
 }
 
 /// A conversation and its source line.

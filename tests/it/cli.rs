@@ -139,3 +139,23 @@ fn import_rejects_non_gguf() {
     assert_clean_error(&["import-gguf", s(&f), "--out", s(&d.join("out"))], 1, &["x.gguf", "not a GGUF file"]);
     assert!(!d.join("out").exists(), "nothing half-written");
 }
+
+#[test]
+fn data_check_reports_every_bad_line() {
+    let d = scratch("datacheck");
+    let f = d.join("d.jsonl");
+    let good = r#"{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}"#;
+    let mut bytes = format!("{good}\n{{\"messages\": [\n{good}\n{{\"messages\": [{{\"role\": \"user\", \"content\": \"a\"}}]}}\n").into_bytes();
+    bytes.extend_from_slice(b"\xff\xfe\n");
+    std::fs::write(&f, bytes).unwrap();
+    let (c, out, err) = ft(&["data", "check", s(&f), "--model", s(&model_dir("llama")), "--template", "chatml", "--max-len", "10", "--json"]);
+    assert_eq!(c, 3, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["samples"], 2);
+    let at: Vec<String> = v["errors"].as_array().unwrap().iter().map(|e| e["at"].as_str().unwrap().to_string()).collect();
+    let file = f.display().to_string();
+    assert_eq!(at, vec![format!("{file}:2"), format!("{file}:4"), format!("{file}:5")]);
+    assert!(v["warnings"][0]["message"].as_str().unwrap().contains("duplicate"));
+    assert_eq!(v["too_long"], 2);
+    assert!(v["trainable_tokens"].as_u64().unwrap() > 0);
+}
