@@ -33,6 +33,7 @@ pub struct Summary {
     pub trainable_parameters: usize,
     pub final_loss: f64,
     pub eval_loss: Option<f64>,
+    /// Input tokens processed (prompt and completion, no padding), as TRL's `num_tokens`.
     pub train_tokens: usize,
     pub seconds: f64,
     pub tokens_per_s: f64,
@@ -201,7 +202,7 @@ pub fn run<B: AutodiffBackend>(recipe: &Recipe, device: B::Device, quiet: bool, 
             bail!(Divergence { step: step + 1, loss: stats.loss, grad_norm: stats.grad_norm });
         }
         last_loss = stats.loss;
-        tokens_seen += stats.tokens;
+        tokens_seen += stats.input_tokens;
         let secs = t0.elapsed().as_secs_f64();
         let line = serde_json::json!({
             "step": step + 1,

@@ -13,6 +13,8 @@ use crate::model::Decoder;
 /// A right-padded micro-batch: `input[b, t] = ids[t]`, `target[b, t] = ids[t + 1]`, `weight` 1
 /// where the target is trained on.
 pub struct MicroBatch {
+    /// Non-padding input tokens.
+    pub real_tokens: usize,
     pub input: Vec<i64>,
     pub target: Vec<i64>,
     pub weight: Vec<f32>,
@@ -32,7 +34,8 @@ impl MicroBatch {
                 weight[i * t + j] = s.mask[j + 1] as f32;
             }
         }
-        MicroBatch { input, target, weight, b, t }
+        let real_tokens = samples.iter().map(|s| s.ids.len().saturating_sub(1)).sum();
+        MicroBatch { real_tokens, input, target, weight, b, t }
     }
 
     /// Tokens the loss is taken over.
@@ -93,7 +96,10 @@ pub struct StepStats {
     /// Mean loss per trainable token over the accumulated batch.
     pub loss: f64,
     pub grad_norm: f64,
+    /// Trainable (scored) tokens.
     pub tokens: usize,
+    /// All non-padding input tokens processed.
+    pub input_tokens: usize,
     pub correct: usize,
 }
 
@@ -132,5 +138,6 @@ pub fn train_step<B: AutodiffBackend>(
     let params = trainable_params(model);
     let new = opt.step(params, grads, lr);
     set_params(model, new);
-    StepStats { loss, grad_norm, tokens, correct }
+    let input_tokens = micro_batches.iter().map(|m| m.real_tokens).sum();
+    StepStats { loss, grad_norm, tokens, input_tokens, correct }
 }
