@@ -9,7 +9,9 @@ DIR=${2:-.cache/smollm2-hf}
 THREADS=${3:-$(nproc)}
 export RAYON_NUM_THREADS=$THREADS OMP_NUM_THREADS=$THREADS
 data=$(mktemp --suffix .jsonl)
-trap 'rm -f "$data"' EXIT
+ev=$(mktemp --suffix .json)
+gen=$(mktemp --suffix .json)
+trap 'rm -f "$data" "$ev" "$gen"' EXIT
 python3 - "$data" <<'PY'
 import json, sys
 topics = ["the sea", "mountains", "a city at night", "autumn", "a robot", "coffee", "the moon", "rain"]
@@ -21,12 +23,12 @@ with open(sys.argv[1], "w") as f:
         f.write(json.dumps({"messages": msgs}) + "\n")
 PY
 echo "machine: $(nproc) cores, threads $THREADS; ft: $("$FT" --version | tr '\n' ' ')"
-"$FT" eval --model "$DIR" --data "$data" --template chatml --json > /tmp/ft-eval.json
-"$FT" generate --model "$DIR" --prompt "Write a haiku about the sea." --max-new-tokens 64 --ignore-eos --json > /tmp/ft-gen.json
-python3 - "$DIR" "$data" "$THREADS" <<'PY'
+"$FT" eval --model "$DIR" --data "$data" --template chatml --json > "$ev"
+"$FT" generate --model "$DIR" --prompt "Write a haiku about the sea." --max-new-tokens 64 --ignore-eos --json > "$gen"
+python3 - "$DIR" "$data" "$THREADS" "$ev" "$gen" <<'PY'
 import json, sys, time
 d, data, threads = sys.argv[1], sys.argv[2], int(sys.argv[3])
-e, g = json.load(open("/tmp/ft-eval.json")), json.load(open("/tmp/ft-gen.json"))
+e, g = json.load(open(sys.argv[4])), json.load(open(sys.argv[5]))
 ft = {"load_s": e["load_s"], "eval_tokens_per_s": e["tokens_per_s"], "generate_tokens_per_s": g["tokens_per_s"], "eval_loss": e["loss"]}
 print("ft          ", json.dumps(ft))
 try:
