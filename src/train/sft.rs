@@ -177,6 +177,16 @@ pub fn run<B: AutodiffBackend>(recipe: &Recipe, device: B::Device, quiet: bool, 
     let mut cursor = state.cursor;
     let mut metrics = open_metrics(&out.join("metrics.jsonl"), state.step)?;
     let (mut last_loss, mut tokens_seen, mut eval_loss) = (f64::NAN, state.tokens_seen, None);
+    // A progress bar on a terminal; plain periodic lines otherwise (CI logs).
+    let bar = (!quiet && std::io::IsTerminal::is_terminal(&std::io::stderr())).then(|| {
+        let b = indicatif::ProgressBar::new(total as u64).with_position(state.step as u64);
+        b.set_style(
+            indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} steps [{elapsed_precise}<{eta_precise}] {msg}")
+                .expect("template"),
+        );
+        b
+    });
+    let log_every = (total / 20).max(1);
     for step in state.step..total {
         // Dropout masks are a function of (seed, step), so a resumed run draws the same ones.
         B::seed(&device, t.seed ^ ((step as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15)));
@@ -215,8 +225,16 @@ pub fn run<B: AutodiffBackend>(recipe: &Recipe, device: B::Device, quiet: bool, 
             "tokens_per_s": tokens_seen as f64 / secs,
         });
         writeln!(metrics, "{line}")?;
-        if !quiet {
-            eprintln!("step {}/{total} loss {:.4} grad_norm {:.3} lr {:.2e}", step + 1, stats.loss, stats.grad_norm, lr);
+        let msg = format!("loss {:.4} grad_norm {:.3} lr {:.2e}", stats.loss, stats.grad_norm, lr);
+        match &bar {
+            Some(b) => {
+                b.set_message(msg);
+                b.inc(1);
+            }
+            None if !quiet && ((step + 1) % log_every == 0 || step + 1 == total || step == state.step) => {
+                eprintln!("step {}/{total} {msg} ({:.0} tokens/s)", step + 1, tokens_seen as f64 / secs);
+            }
+            None => {}
         }
         let last = step + 1 == total;
         let interrupted = INTERRUPTED.load(std::sync::atomic::Ordering::SeqCst);
@@ -238,6 +256,9 @@ pub fn run<B: AutodiffBackend>(recipe: &Recipe, device: B::Device, quiet: bool, 
                 eval_loss = Some(l);
             }
         }
+    }
+    if let Some(b) = &bar {
+        b.finish();
     }
     metrics.sync_all()?;
     write_loss_svg(out)?;

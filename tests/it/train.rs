@@ -220,3 +220,16 @@ fn sigint_saves_a_checkpoint_and_exits_130() {
     assert_eq!(cks.len(), 1, "one complete checkpoint");
     assert!(!d.join("run/adapter").exists());
 }
+
+#[test]
+fn unwritable_output_dir_is_a_clear_error() {
+    let d = scratch("unwritable");
+    let data = eight(&d);
+    // A regular file where the output directory's parent should be: creation must fail.
+    std::fs::write(d.join("blocker"), "not a directory").unwrap();
+    let r = recipe(&d, &data, "max_steps = 1\nmicro_batch_size = 2");
+    let (c, _, err) = ft(&["train", r.to_str().unwrap(), "--quiet", "--output", d.join("blocker/run").to_str().unwrap()]);
+    assert_eq!(c, 1, "{err}");
+    assert!(err.contains("cannot create output directory") && err.contains("blocker"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
