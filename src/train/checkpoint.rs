@@ -63,6 +63,11 @@ pub fn save<B: Backend>(
     }
     let staged = StagedDir::new(&target)?;
     save_adapter(&staged.path("adapter"))?;
+    // Fault injection for tests: fail like a full disk halfway through this checkpoint.
+    if std::env::var("FT_FAIL_CHECKPOINT_AT").ok().and_then(|v| v.parse::<usize>().ok()) == Some(state.step) {
+        return Err(std::io::Error::new(std::io::ErrorKind::StorageFull, "No space left on device (simulated)"))
+            .with_context(|| format!("writing {}", target.display()));
+    }
     let mut named = Vec::new();
     for (i, (a, b)) in m.iter().zip(v).enumerate() {
         named.push((format!("m.{i}"), a.clone()));

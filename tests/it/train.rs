@@ -233,3 +233,32 @@ fn unwritable_output_dir_is_a_clear_error() {
     assert!(err.contains("cannot create output directory") && err.contains("blocker"), "{err}");
     assert!(!err.contains("panicked"), "{err}");
 }
+
+#[test]
+fn a_failed_checkpoint_is_never_taken_as_complete() {
+    let train = "max_steps = 6\nmicro_batch_size = 2\nlr = 1e-3\nsave_every = 2\nkeep_last = 5";
+    let d1 = scratch("diskref");
+    let data1 = eight(&d1);
+    assert_eq!(ft(&["train", recipe(&d1, &data1, train).to_str().unwrap(), "--quiet"]).0, 0);
+    let d2 = scratch("diskfull");
+    let data2 = eight(&d2);
+    let r2 = recipe(&d2, &data2, train);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ft"))
+        .args(["train", r2.to_str().unwrap(), "--quiet"])
+        .env("FT_FAIL_CHECKPOINT_AT", "4")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("No space left on device") && err.contains("checkpoint-4"), "{err}");
+    let run = d2.join("run");
+    let complete: Vec<usize> = ft::train::checkpoint::complete_checkpoints(&run).into_iter().map(|c| c.0).collect();
+    assert_eq!(complete, vec![2]);
+    let leftovers: Vec<String> = std::fs::read_dir(&run).unwrap().flatten().map(|e| e.file_name().to_string_lossy().into_owned()).filter(|n| n.contains("checkpoint-4")).collect();
+    assert!(leftovers.is_empty(), "half-written checkpoint left: {leftovers:?}");
+    // Resuming uses checkpoint-2 and ends where an uninterrupted run ends.
+    assert_eq!(ft(&["train", r2.to_str().unwrap(), "--quiet", "--resume"]).0, 0);
+    let a = std::fs::read(d1.join("run/adapter/adapter_model.safetensors")).unwrap();
+    let b = std::fs::read(run.join("adapter/adapter_model.safetensors")).unwrap();
+    assert!(a == b);
+}
