@@ -103,6 +103,10 @@ pub struct TrainSection {
     /// Evaluate every N optimizer steps (0 = only at the end).
     #[serde(default)]
     pub eval_every: usize,
+    /// Recompute memory-bound activations in the backward pass instead of keeping them
+    /// (burn's balanced checkpointing): less memory, more compute.
+    #[serde(default)]
+    pub gradient_checkpointing: bool,
     /// Write `checkpoint-STEP/` every N optimizer steps (0 = never).
     #[serde(default)]
     pub save_every: usize,

@@ -262,3 +262,19 @@ fn a_failed_checkpoint_is_never_taken_as_complete() {
     let b = std::fs::read(run.join("adapter/adapter_model.safetensors")).unwrap();
     assert!(a == b);
 }
+
+#[test]
+fn gradient_checkpointing_changes_memory_not_results() {
+    let mut bytes = Vec::new();
+    for (name, gc) in [("gc-off", "false"), ("gc-on", "true")] {
+        let d = scratch(name);
+        let data = eight(&d);
+        let r = recipe(&d, &data, "max_steps = 3\nmicro_batch_size = 4\nlr = 1e-2");
+        let (c, _, err) = ft(&["train", r.to_str().unwrap(), "--quiet", "--set", &format!("train.gradient_checkpointing={gc}")]);
+        assert_eq!(c, 0, "{err}");
+        bytes.push(adapter_tensors(&d));
+    }
+    for ((n, a), (_, b)) in bytes[0].iter().zip(&bytes[1]) {
+        assert!(max_abs_diff(a, b) <= 1e-6, "{n}");
+    }
+}
