@@ -79,6 +79,44 @@ pub fn sample_nll<B: Backend>(model: &Decoder<B>, enc: &Encoded) -> (f64, usize)
     masked_nll(enc, &token_logprobs(model, &enc.ids))
 }
 
+/// NLL sums and scored-token counts of a batch of encoded samples. The head and softmax run only
+/// at scored positions (right padding cannot change the logits of real tokens).
+pub fn batch_masked_nll<B: Backend>(model: &Decoder<B>, encs: &[&Encoded]) -> Vec<(f64, usize)> {
+    let device = model.device();
+    let t = encs.iter().map(|e| e.ids.len()).max().unwrap_or(0).saturating_sub(1).max(1);
+    let b = encs.len();
+    let mut input = vec![0i64; b * t];
+    let (mut positions, mut targets, mut owner) = (Vec::new(), Vec::new(), Vec::new());
+    for (i, e) in encs.iter().enumerate() {
+        for j in 0..e.ids.len().saturating_sub(1) {
+            input[i * t + j] = e.ids[j] as i64;
+            if e.mask[j + 1] == 1 {
+                positions.push((i * t + j) as i64);
+                targets.push(e.ids[j + 1] as i64);
+                owner.push(i);
+            }
+        }
+    }
+    let mut out = vec![(0.0, 0); b];
+    let n = positions.len();
+    if n == 0 {
+        return out;
+    }
+    let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(input, [b, t]), &device);
+    let target = Tensor::<B, 3, Int>::from_data(TensorData::new(targets, [1, n, 1]), &device);
+    let logp: Vec<f32> = log_softmax(model.logits_at(ids, positions), 2)
+        .gather(2, target)
+        .into_data()
+        .convert::<f32>()
+        .to_vec()
+        .expect("f32 log-probs");
+    for (k, &i) in owner.iter().enumerate() {
+        out[i].0 -= logp[k] as f64;
+        out[i].1 += 1;
+    }
+    out
+}
+
 /// Padded tokens per eval forward pass (length-sorted batches keep padding small).
 const EVAL_BATCH_TOKENS: usize = 4096;
 
@@ -117,9 +155,9 @@ pub fn evaluate<B: Backend>(
         let longest = encoded[order[k]].ids.len().max(1);
         let n = (EVAL_BATCH_TOKENS / longest).clamp(1, 8).min(order.len() - k);
         let batch = &order[k..k + n];
-        let seqs: Vec<&[u32]> = batch.iter().map(|&i| encoded[i].ids.as_slice()).collect();
-        for (&i, lp) in batch.iter().zip(batch_logprobs(model, &seqs)) {
-            per_sample[i] = masked_nll(&encoded[i], &lp);
+        let encs: Vec<&Encoded> = batch.iter().map(|&i| &encoded[i]).collect();
+        for (&i, r) in batch.iter().zip(batch_masked_nll(model, &encs)) {
+            per_sample[i] = r;
         }
         k += n;
     }

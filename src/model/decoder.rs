@@ -384,6 +384,21 @@ impl<B: Backend> Decoder<B> {
         }
     }
 
+    /// Logits only at the given flat positions (`batch_index * T + t`) of `ids`: the head is never
+    /// applied to positions nobody scores.
+    ///
+    /// # Shapes
+    /// `ids: [B, T]`, `positions: n` → `[1, n, vocab]`
+    pub fn logits_at(&self, ids: Tensor<B, 2, Int>, positions: Vec<i64>) -> Tensor<B, 3> {
+        let device = ids.device();
+        let [b, t] = ids.dims();
+        let n = positions.len();
+        let hidden = self.hidden(ids, None);
+        let h = hidden.dims()[2];
+        let picked = hidden.reshape([b * t, h]).select(0, Tensor::<B, 1, Int>::from_data(TensorData::new(positions, [n]), &device));
+        self.head(picked.reshape([1, n, h]))
+    }
+
     /// Logits for every position.
     ///
     /// # Shapes

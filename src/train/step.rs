@@ -54,13 +54,10 @@ pub fn sft_loss<B: Backend>(model: &Decoder<B>, mb: &MicroBatch, norm: f64) -> (
     let targets: Vec<i64> = positions.iter().map(|&i| mb.target[i as usize]).collect();
     let n = positions.len();
     let input = Tensor::<B, 2, Int>::from_data(TensorData::new(mb.input.clone(), [b, t]), &device);
-    let hidden = model.hidden(input, None);
-    let h = hidden.dims()[2];
     if n == 0 {
-        return (hidden.sum() * 0.0, 0);
+        return (model.hidden(input, None).sum() * 0.0, 0);
     }
-    let picked = hidden.reshape([b * t, h]).select(0, Tensor::<B, 1, Int>::from_data(TensorData::new(positions, [n]), &device));
-    let logits = model.head(picked.reshape([1, n, h]));
+    let logits = model.logits_at(input, positions);
     let predicted: Vec<i64> = logits.clone().detach().argmax(2).into_data().convert::<i64>().to_vec().expect("ids");
     let correct = predicted.iter().zip(&targets).filter(|(p, t)| p == t).count();
     let target = Tensor::<B, 3, Int>::from_data(TensorData::new(targets, [1, n, 1]), &device);
