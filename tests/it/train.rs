@@ -38,6 +38,19 @@ fn recipe(dir: &Path, data: &Path, train: &str) -> PathBuf {
     p
 }
 
+/// Trains in a fresh scratch directory with `train` as the [train] section plus extra CLI args;
+/// asserts success and returns the directory (the run is in `DIR/run`).
+fn train_ok(name: &str, train: &str, extra: &[&str]) -> PathBuf {
+    let d = scratch(name);
+    let data = eight(&d);
+    let r = recipe(&d, &data, train);
+    let mut args = vec!["train", r.to_str().unwrap(), "--quiet"];
+    args.extend_from_slice(extra);
+    let (c, _, err) = ft(&args);
+    assert_eq!(c, 0, "{err}");
+    d
+}
+
 fn adapter_tensors(dir: &Path) -> Vec<(String, Vec<f32>)> {
     let bytes = std::fs::read(dir.join("run/adapter/adapter_model.safetensors")).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
@@ -87,14 +100,10 @@ fn sft_lowers_the_loss_and_writes_a_peft_adapter() {
 
 #[test]
 fn gradient_accumulation_equals_one_big_batch() {
-    let mut runs = Vec::new();
-    for (name, train) in [("acc", "max_steps = 2\nmicro_batch_size = 4\ngrad_accum = 2\nlr = 1e-2"), ("big", "max_steps = 2\nmicro_batch_size = 8\ngrad_accum = 1\nlr = 1e-2")] {
-        let d = scratch(name);
-        let data = eight(&d);
-        let (c, _, err) = ft(&["train", recipe(&d, &data, train).to_str().unwrap(), "--quiet"]);
-        assert_eq!(c, 0, "{err}");
-        runs.push(d);
-    }
+    let runs = [
+        train_ok("acc", "max_steps = 2\nmicro_batch_size = 4\ngrad_accum = 2\nlr = 1e-2", &[]),
+        train_ok("big", "max_steps = 2\nmicro_batch_size = 8\ngrad_accum = 1\nlr = 1e-2", &[]),
+    ];
     let (a, b) = (adapter_tensors(&runs[0]), adapter_tensors(&runs[1]));
     assert_eq!(a.len(), b.len());
     for ((na, va), (nb, vb)) in a.iter().zip(&b) {
@@ -115,11 +124,8 @@ fn gradient_accumulation_equals_one_big_batch() {
 fn same_seed_same_bytes_and_dropout_is_seeded() {
     let mut bytes = Vec::new();
     for (name, dropout) in [("s1", "0.1"), ("s2", "0.1"), ("s3", "0.0")] {
-        let d = scratch(name);
-        let data = eight(&d);
-        let r = recipe(&d, &data, "max_steps = 3\nmicro_batch_size = 2\nlr = 1e-3\nseed = 7");
-        let (c, _, err) = ft(&["train", r.to_str().unwrap(), "--quiet", "--set", &format!("lora.dropout={dropout}")]);
-        assert_eq!(c, 0, "{err}");
+        let set = format!("lora.dropout={dropout}");
+        let d = train_ok(name, "max_steps = 3\nmicro_batch_size = 2\nlr = 1e-3\nseed = 7", &["--set", &set]);
         bytes.push(std::fs::read(d.join("run/adapter/adapter_model.safetensors")).unwrap());
     }
     assert_eq!(bytes[0], bytes[1], "same seed, same bytes");
@@ -237,9 +243,7 @@ fn unwritable_output_dir_is_a_clear_error() {
 #[test]
 fn a_failed_checkpoint_is_never_taken_as_complete() {
     let train = "max_steps = 6\nmicro_batch_size = 2\nlr = 1e-3\nsave_every = 2\nkeep_last = 5";
-    let d1 = scratch("diskref");
-    let data1 = eight(&d1);
-    assert_eq!(ft(&["train", recipe(&d1, &data1, train).to_str().unwrap(), "--quiet"]).0, 0);
+    let d1 = train_ok("diskref", train, &[]);
     let d2 = scratch("diskfull");
     let data2 = eight(&d2);
     let r2 = recipe(&d2, &data2, train);
@@ -267,12 +271,8 @@ fn a_failed_checkpoint_is_never_taken_as_complete() {
 fn gradient_checkpointing_changes_memory_not_results() {
     let mut bytes = Vec::new();
     for (name, gc) in [("gc-off", "false"), ("gc-on", "true")] {
-        let d = scratch(name);
-        let data = eight(&d);
-        let r = recipe(&d, &data, "max_steps = 3\nmicro_batch_size = 4\nlr = 1e-2");
-        let (c, _, err) = ft(&["train", r.to_str().unwrap(), "--quiet", "--set", &format!("train.gradient_checkpointing={gc}")]);
-        assert_eq!(c, 0, "{err}");
-        bytes.push(adapter_tensors(&d));
+        let set = format!("train.gradient_checkpointing={gc}");
+        bytes.push(adapter_tensors(&train_ok(name, "max_steps = 3\nmicro_batch_size = 4\nlr = 1e-2", &["--set", &set])));
     }
     for ((n, a), (_, b)) in bytes[0].iter().zip(&bytes[1]) {
         assert!(max_abs_diff(a, b) <= 1e-6, "{n}");
