@@ -5,7 +5,12 @@
 datasets/json-answers/: SFT conversations in which the assistant answers every question with a
 one-line JSON object {"answer": ...}. SmolLM2-135M-Instruct answers in prose by default, so the
 share of held-out replies that are valid JSON with the right "answer" is a behaviour metric that
-fine-tuning visibly moves. Written by the ft authors, released under CC0-1.0.
+fine-tuning visibly moves.
+
+datasets/direct-answers/: DPO preference pairs on the same kinds of questions. The chosen reply is
+one direct, correct sentence; the rejected one hedges and rambles ("Hmm, I'm not completely
+sure...") and half the time gives a wrong answer. Held-out reward accuracy and margin measure
+what preference training changed. Written by the ft authors, released under CC0-1.0.
 """
 import json
 import os
@@ -58,6 +63,31 @@ def conversation(rng):
                          {"role": "assistant", "content": json.dumps({"answer": a}, ensure_ascii=False)}]}
 
 
+def direct(q_answer, rng):
+    """(chosen, rejected) replies for a question and its answer."""
+    q, a = q_answer
+    chosen = f"The answer is {a}."
+    if isinstance(a, int):
+        wrong = a + rng.choice([-3, -2, -1, 1, 2, 3, 10])
+    elif a in ("even", "odd"):
+        wrong = "odd" if a == "even" else "even"
+    else:
+        pool = [c for _, c in CAPITALS] + [o for p in OPPOSITES for o in p]
+        wrong = rng.choice([w for w in pool if w != a])
+    said = a if rng.random() < 0.5 else wrong
+    opener = rng.choice(["Hmm, that's a tricky one.", "Well, let me think about this for a moment.",
+                         "Oh, good question! I'm not completely sure, though.", "That depends on how you look at it."])
+    middle = rng.choice([f"I believe it might be {said}, but I could be wrong.",
+                         f"It's probably {said}, if I remember correctly.",
+                         f"My best guess would be {said}, more or less."])
+    closer = rng.choice(["You may want to double-check that with another source.",
+                         "Please don't rely on me for this one.", "Does that help at all?", ""])
+    rejected = " ".join(x for x in (opener, middle, closer) if x)
+    return {"prompt": [{"role": "user", "content": q}],
+            "chosen": [{"role": "assistant", "content": chosen}],
+            "rejected": [{"role": "assistant", "content": rejected}]}
+
+
 def write(path, rows):
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
@@ -77,6 +107,18 @@ def main():
         (heldout if len(heldout) < 100 and rng.random() < 0.15 else train).append(c)
     write("datasets/json-answers/train.jsonl", train[:600])
     write("datasets/json-answers/heldout.jsonl", heldout)
+    print(len(train[:600]), len(heldout))
+
+    rng = random.Random(20261124)
+    seen, train, heldout = set(), [], []
+    while len(train) + len(heldout) < 700:
+        q, a = question(rng)
+        if q in seen:
+            continue
+        seen.add(q)
+        (heldout if len(heldout) < 100 and rng.random() < 0.15 else train).append(direct((q, a), rng))
+    write("datasets/direct-answers/train.jsonl", train[:600])
+    write("datasets/direct-answers/heldout.jsonl", heldout)
     print(len(train[:600]), len(heldout))
 
 

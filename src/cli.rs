@@ -117,15 +117,40 @@ pub struct EvalArgs {
     /// A PEFT LoRA adapter directory to apply on top of the model.
     #[arg(long)]
     pub adapter: Option<PathBuf>,
-    /// ChatML JSONL dataset: {"messages": [{"role", "content"}, ...]} per line.
+    /// Data: JSONL conversations {"messages": [{"role", "content"}, ...]} per line, or with
+    /// `--dpo` preference pairs {"prompt", "chosen", "rejected"}; a file, `.jsonl.gz`, directory
+    /// or glob.
     #[arg(long)]
     pub data: PathBuf,
     /// Chat template: the model's own, or built-in ChatML.
     #[arg(long, value_enum, default_value_t = TemplateChoice::Model)]
     pub template: TemplateChoice,
-    /// Cut samples to at most N tokens (the count of cut samples is reported).
+    /// Cut samples to at most N tokens (the count of cut samples is reported); with `--dpo`,
+    /// pairs longer than N are dropped (and counted).
     #[arg(long)]
     pub max_len: Option<usize>,
+    /// Score preference pairs: DPO losses and TRL's reward metrics, the adapter-disabled model
+    /// as reference.
+    #[arg(long)]
+    pub dpo: bool,
+    /// DPO β.
+    #[arg(long, default_value_t = 0.1, requires = "dpo")]
+    pub beta: f64,
+    /// The DPO loss reported as `loss` (`losses` has all of them).
+    #[arg(long, value_enum, default_value_t = crate::train::dpo::LossType::Sigmoid, requires = "dpo")]
+    pub loss_type: crate::train::dpo::LossType,
+    /// Label smoothing for the sigmoid and robust DPO losses.
+    #[arg(long, default_value_t = 0.0, requires = "dpo")]
+    pub label_smoothing: f64,
+    /// Adds this times the chosen NLL to the DPO loss (RPO).
+    #[arg(long, requires = "dpo")]
+    pub rpo_alpha: Option<f64>,
+    /// Prompts longer than this lose tokens from their start.
+    #[arg(long, requires = "dpo")]
+    pub max_prompt_len: Option<usize>,
+    /// With `--dpo --json`: each pair's ids, completion positions and log-probs.
+    #[arg(long, requires = "dpo")]
+    pub per_pair: bool,
     /// Where to run: cpu, or cuda (needs a build with `--features cuda`).
     #[arg(long, value_enum, default_value_t = DeviceChoice::Cpu)]
     pub device: DeviceChoice,
@@ -149,10 +174,28 @@ pub enum DataCommand {
         model: PathBuf,
         #[arg(long, value_enum, default_value_t = TemplateChoice::Model)]
         template: TemplateChoice,
-        /// Count samples longer than N tokens (training drops them).
+        /// Count samples longer than N tokens (training drops them) and report how well packing
+        /// into N-token sequences would fill them.
         #[arg(long)]
         max_len: Option<usize>,
         /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one record as the model sees it: the rendered text with trainable spans marked
+    /// `[[...]]`, and the token ids with their mask.
+    Show {
+        /// JSONL file (conversations or preference pairs; `.jsonl.gz`, directory or glob).
+        file: PathBuf,
+        /// Model directory (tokenizer and chat template).
+        #[arg(long)]
+        model: PathBuf,
+        /// 0-based record index (blank lines do not count).
+        #[arg(long, default_value_t = 0)]
+        index: usize,
+        #[arg(long, value_enum, default_value_t = TemplateChoice::Model)]
+        template: TemplateChoice,
+        /// Print {"text", "marked", "ids", "mask", "tokens"} (per side for pairs) as JSON.
         #[arg(long)]
         json: bool,
     },
@@ -233,6 +276,7 @@ pub fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::Train(a) => cmd_train(a),
         Command::Data(DataCommand::Check { files, model, template, max_len, json }) => cmd_data_check(&files, &model, template, max_len, json),
+        Command::Data(DataCommand::Show { file, model, index, template, json }) => cmd_data_show(&file, &model, index, template, json),
         Command::Recipe(RecipeCommand::Check { recipe, set }) => {
             let r = crate::train::recipe::Recipe::load(&recipe, &set).map_err(|e| RecipeError(format!("{e:#}")))?;
             print!("{}", r.resolved_toml());
@@ -247,9 +291,9 @@ pub fn run(cli: Cli) -> Result<()> {
 
 /// The exit code for an error: data problems are distinguished for pipelines.
 pub fn exit_code(err: &anyhow::Error) -> u8 {
-    if err.chain().any(|e| e.downcast_ref::<crate::train::sft::Divergence>().is_some()) {
+    if err.chain().any(|e| e.downcast_ref::<crate::train::run::Divergence>().is_some()) {
         exit::DIVERGED
-    } else if err.chain().any(|e| e.downcast_ref::<crate::train::sft::Interrupted>().is_some()) {
+    } else if err.chain().any(|e| e.downcast_ref::<crate::train::run::Interrupted>().is_some()) {
         exit::INTERRUPTED
     } else if err.chain().any(|e| e.downcast_ref::<RecipeError>().is_some()) {
         exit::USAGE
@@ -315,7 +359,86 @@ fn cmd_data_check(files: &[PathBuf], model: &Path, template: TemplateChoice, max
     Ok(())
 }
 
-/// A recipe that does not validate (exit code 2).
+fn cmd_data_show(file: &Path, model: &Path, index: usize, template: TemplateChoice, json: bool) -> Result<()> {
+    use crate::data::encode::Encoded;
+    let tok = TextTokenizer::from_dir(model)?;
+    let tpl = tok.template(template)?;
+    let mut found: Option<(crate::data::conversation::Location, String)> = None;
+    let mut n = 0;
+    crate::data::conversation::read_lines(file, |at, text| {
+        if n == index && found.is_none() {
+            found = Some((at, text.to_string()));
+        }
+        n += 1;
+        Ok(())
+    })?;
+    let Some((at, text)) = found else {
+        return Err(RecipeError(format!("--index {index}: {} has only {n} records", file.display())).into());
+    };
+    let located = |msg: String| DataError::At { at: at.clone(), msg };
+    let show = |e: &Encoded| -> Result<serde_json::Value> {
+        let enc = tok.encode(&e.text)?;
+        // Trainable spans as byte ranges of the text, merged.
+        let mut marked = String::new();
+        let (mut pos, mut open) = (0, false);
+        for (j, &(a, b)) in enc.get_offsets().iter().enumerate() {
+            let on = e.mask.get(j) == Some(&1);
+            if on != open {
+                marked.push_str(&e.text[pos..a]);
+                marked.push_str(if on { "[[" } else { "]]" });
+                pos = a;
+                open = on;
+            }
+            let _ = b;
+        }
+        marked.push_str(&e.text[pos..]);
+        if open {
+            marked.push_str("]]");
+        }
+        let tokens: Vec<String> = e.ids.iter().map(|&i| tok.id_to_token(i).unwrap_or_default()).collect();
+        Ok(serde_json::json!({"text": e.text, "marked": marked, "ids": e.ids, "mask": e.mask, "tokens": tokens,
+            "trainable": e.trainable()}))
+    };
+    let value: serde_json::Value = serde_json::from_str(&text).map_err(|e| located(format!("invalid JSON: {e}")))?;
+    let report = if crate::data::preference::is_preference(&value) {
+        let (prompt, chosen, rejected) = crate::data::preference::parse_pair(&text).map_err(located)?;
+        let pair = crate::data::preference::PreferencePair { prompt, chosen, rejected, at: at.clone() };
+        let e = crate::data::preference::encode_pair(&tok, &tpl, &pair, None).map_err(located)?;
+        serde_json::json!({"at": at.to_string(), "chosen": show(&e.chosen)?, "rejected": show(&e.rejected)?})
+    } else {
+        let messages = crate::data::conversation::parse_line(&text).map_err(located)?;
+        let e = crate::data::encode::encode_conversation(&tok, &tpl, &messages).map_err(located)?;
+        let mut v = show(&e)?;
+        v["at"] = at.to_string().into();
+        v
+    };
+    if json {
+        println!("{report}");
+        return Ok(());
+    }
+    let print = |title: &str, v: &serde_json::Value| {
+        println!("── {title} ({} tokens, {} trainable)", v["ids"].as_array().map_or(0, Vec::len), v["trainable"]);
+        println!("{}", v["marked"].as_str().unwrap_or_default());
+        let ids: Vec<String> = v["ids"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .zip(v["mask"].as_array().into_iter().flatten())
+            .map(|(i, m)| if m == 1 { format!("{i}*") } else { i.to_string() })
+            .collect();
+        println!("ids (* = trained): {}", ids.join(" "));
+    };
+    println!("{}", report["at"].as_str().unwrap_or_default());
+    if report.get("chosen").is_some() {
+        print("chosen", &report["chosen"]);
+        print("rejected", &report["rejected"]);
+    } else {
+        print("conversation", &report);
+    }
+    Ok(())
+}
+
+/// A recipe or an argument that does not validate (exit code 2).
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
 pub struct RecipeError(String);
@@ -332,7 +455,7 @@ fn cmd_train(a: TrainArgs) -> Result<()> {
     }
     // First Ctrl-C: finish the step, save a checkpoint, exit 130. A second one kills.
     ctrlc::set_handler(|| {
-        if crate::train::sft::INTERRUPTED.swap(true, std::sync::atomic::Ordering::SeqCst) {
+        if crate::train::run::INTERRUPTED.swap(true, std::sync::atomic::Ordering::SeqCst) {
             std::process::exit(exit::INTERRUPTED as i32);
         }
     })
@@ -341,19 +464,19 @@ fn cmd_train(a: TrainArgs) -> Result<()> {
     use burn::backend::Autodiff;
     let (gc, q, r) = (recipe.train.gradient_checkpointing, a.quiet, a.resume);
     let summary = match (recipe.train.device, gc) {
-        (DeviceChoice::Cpu, false) => crate::train::sft::run::<Autodiff<crate::backend::Cpu>>(&recipe, Default::default(), q, r)?,
+        (DeviceChoice::Cpu, false) => crate::train::run::run::<Autodiff<crate::backend::Cpu>>(&recipe, Default::default(), q, r)?,
         (DeviceChoice::Cpu, true) => {
-            crate::train::sft::run::<Autodiff<crate::backend::Cpu, BalancedCheckpointing>>(&recipe, Default::default(), q, r)?
+            crate::train::run::run::<Autodiff<crate::backend::Cpu, BalancedCheckpointing>>(&recipe, Default::default(), q, r)?
         }
         #[cfg(feature = "cuda")]
         (DeviceChoice::Cuda, false) => {
             crate::backend::init_cuda_runtime();
-            crate::train::sft::run::<Autodiff<crate::backend::CudaBf16>>(&recipe, Default::default(), q, r)?
+            crate::train::run::run::<Autodiff<crate::backend::CudaBf16>>(&recipe, Default::default(), q, r)?
         }
         #[cfg(feature = "cuda")]
         (DeviceChoice::Cuda, true) => {
             crate::backend::init_cuda_runtime();
-            crate::train::sft::run::<Autodiff<crate::backend::CudaBf16, BalancedCheckpointing>>(&recipe, Default::default(), q, r)?
+            crate::train::run::run::<Autodiff<crate::backend::CudaBf16, BalancedCheckpointing>>(&recipe, Default::default(), q, r)?
         }
         #[cfg(not(feature = "cuda"))]
         (DeviceChoice::Cuda, _) => anyhow::bail!("this ft was built without CUDA; rebuild with `cargo build --release --features cuda`"),
@@ -434,11 +557,76 @@ fn generate_on<B: Backend>(a: GenerateArgs, device: B::Device) -> Result<()> {
     Ok(())
 }
 
+fn eval_dpo_on<B: Backend>(a: EvalArgs, device: B::Device) -> Result<()> {
+    use crate::train::dpo::{prepare_pairs, score_pairs, DpoConfig, LossType};
+    if a.label_smoothing < 0.0 || a.label_smoothing >= 0.5 || !(a.beta > 0.0) {
+        return Err(RecipeError("--beta must be positive and --label-smoothing in [0, 0.5)".into()).into());
+    }
+    let t0 = Instant::now();
+    let tok = TextTokenizer::from_dir(&a.model)?;
+    let template = tok.template(a.template)?;
+    let (pairs, dropped, warnings) = prepare_pairs(&tok, &template, &a.data, a.max_len.unwrap_or(usize::MAX), a.max_prompt_len)?;
+    for w in &warnings {
+        eprintln!("warning: {w}");
+    }
+    let mut model = load_with_adapter::<B>(&a.model, a.adapter.as_deref(), &device)?;
+    let logps = score_pairs(&mut model, &pairs, None);
+    let config = DpoConfig { beta: a.beta, loss_type: a.loss_type, label_smoothing: a.label_smoothing, rpo_alpha: a.rpo_alpha };
+    let mut report = config.metrics(&logps, "");
+    let losses: serde_json::Map<String, serde_json::Value> = LossType::ALL
+        .iter()
+        .map(|&loss_type| {
+            let c = DpoConfig { loss_type, ..config };
+            (loss_type.name().to_string(), c.metrics(&logps, "")["loss"].clone())
+        })
+        .collect();
+    let secs = t0.elapsed().as_secs_f64();
+    if a.json {
+        report.insert("losses".into(), losses.into());
+        report.insert("pairs".into(), pairs.len().into());
+        report.insert("dropped".into(), dropped.into());
+        report.insert("warnings".into(), warnings.len().into());
+        report.insert("seconds".into(), secs.into());
+        if a.per_pair {
+            let side = |e: &crate::data::encode::Encoded, s: &crate::train::dpo::SideLogps| {
+                let positions: Vec<usize> = (0..e.mask.len()).filter(|&j| e.mask[j] == 1).collect();
+                serde_json::json!({"input_ids": e.ids, "completion_positions": positions,
+                    "logp_policy": s.policy, "logp_ref": s.reference, "tokens": s.tokens})
+            };
+            let per: Vec<serde_json::Value> = pairs
+                .iter()
+                .zip(&logps)
+                .map(|(p, l)| serde_json::json!({"chosen": side(&p.chosen, &l.chosen), "rejected": side(&p.rejected, &l.rejected)}))
+                .collect();
+            report.insert("per_pair".into(), per.into());
+        }
+        println!("{}", serde_json::Value::Object(report));
+    } else {
+        let g = |k: &str| report[k].as_f64().unwrap_or(f64::NAN);
+        println!(
+            "dpo {} loss {:.6}  reward accuracy {:.4}  margin {:.6}  chosen {:.6}  rejected {:.6}  pairs {}{}  ({:.1}s)",
+            a.loss_type.name(),
+            g("loss"),
+            g("rewards/accuracies"),
+            g("rewards/margins"),
+            g("rewards/chosen"),
+            g("rewards/rejected"),
+            pairs.len(),
+            if dropped > 0 { format!("  dropped {dropped}") } else { String::new() },
+            secs
+        );
+    }
+    Ok(())
+}
+
 fn cmd_eval(a: EvalArgs) -> Result<()> {
     crate::dispatch_backend!(a.device, a.dtype, eval_on, a)
 }
 
 fn eval_on<B: Backend>(a: EvalArgs, device: B::Device) -> Result<()> {
+    if a.dpo {
+        return eval_dpo_on::<B>(a, device);
+    }
     let data = read_jsonl(&a.data)?;
     let t0 = Instant::now();
     let model = load_with_adapter::<B>(&a.model, a.adapter.as_deref(), &device)?;

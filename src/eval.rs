@@ -153,7 +153,7 @@ pub fn evaluate<B: Backend>(
     let mut k = 0;
     while k < order.len() {
         let longest = encoded[order[k]].ids.len().max(1);
-        let n = (EVAL_BATCH_TOKENS / longest).clamp(1, 8).min(order.len() - k);
+        let n = (EVAL_BATCH_TOKENS / longest).clamp(1, 64).min(order.len() - k);
         let batch = &order[k..k + n];
         let encs: Vec<&Encoded> = batch.iter().map(|&i| &encoded[i]).collect();
         for (&i, r) in batch.iter().zip(batch_masked_nll(model, &encs)) {

@@ -106,6 +106,11 @@ impl TextTokenizer {
         self.inner.decode(ids, false).map_err(|e| TokenizerError::Encode(e.to_string()))
     }
 
+    /// The vocabulary string of `id` (byte-level BPE spelling, e.g. `Ġthe`).
+    pub fn id_to_token(&self, id: u32) -> Option<String> {
+        self.inner.id_to_token(id)
+    }
+
     pub fn token_id(&self, token: &str) -> Option<u32> {
         self.inner.token_to_id(token)
     }

@@ -1,12 +1,16 @@
-//! `ft data check`: validate JSONL conversation files in one streaming pass and report every
-//! problem with its `file:line`, plus the statistics a user wants before training.
+//! `ft data check`: validate data files (conversations or preference pairs, per line) in one
+//! streaming pass, tokenizing on all cores, and report every problem with its `file:line`, plus
+//! the statistics a user wants before training.
 
 use std::collections::HashSet;
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 
-use super::conversation::{parse_line, Location};
+use rayon::prelude::*;
+
+use super::conversation::{parse_line, read_raw_lines, DataError, Location};
 use super::encode::encode_conversation;
+use super::packing::pack_lengths;
+use super::preference::{encode_pair, is_preference, parse_pair, PreferencePair};
 use super::template::ChatTemplate;
 use crate::tokenizer::TextTokenizer;
 
@@ -21,7 +25,10 @@ pub struct Problem {
 #[derive(Debug, Default, serde::Serialize)]
 pub struct CheckReport {
     pub files: Vec<PathBuf>,
+    /// Valid records (conversations and preference pairs).
     pub samples: usize,
+    /// Of those, preference pairs.
+    pub pairs: usize,
     pub tokens: usize,
     pub trainable_tokens: usize,
     pub max_len: Option<usize>,
@@ -29,59 +36,108 @@ pub struct CheckReport {
     pub too_long: usize,
     /// Sample counts per length bucket `[lo, hi)`, powers of two.
     pub length_histogram: Vec<(usize, usize, usize)>,
+    /// With `max_len`: sequences that packing (best-fit-decreasing) would make of the samples
+    /// that fit, and the share of their slots filled with real tokens.
+    pub packed_sequences: Option<usize>,
+    pub packing_efficiency: Option<f64>,
+    pub seconds: f64,
+    /// Rendered-and-tokenized tokens per second.
+    pub tokens_per_s: f64,
     pub errors: Vec<Problem>,
     pub warnings: Vec<Problem>,
 }
 
-/// Checks every line of `files`; errors are collected, not fatal.
-pub fn check(files: &[PathBuf], tok: &TextTokenizer, template: &ChatTemplate, max_len: Option<usize>) -> std::io::Result<CheckReport> {
+/// What one line gave.
+enum Outcome {
+    Error(String),
+    Sample { tokens: usize, trainable: usize, longest: usize, pair: bool, warnings: Vec<String> },
+}
+
+fn check_line(bytes: &[u8], tok: &TextTokenizer, template: &ChatTemplate) -> Outcome {
+    let Ok(text) = std::str::from_utf8(bytes) else {
+        return Outcome::Error("invalid UTF-8".into());
+    };
+    let pair = serde_json::from_str::<serde_json::Value>(text).map(|v| is_preference(&v)).unwrap_or(false);
+    let mut warnings = Vec::new();
+    if pair {
+        let (prompt, chosen, rejected) = match parse_pair(text) {
+            Ok(p) => p,
+            Err(e) => return Outcome::Error(e),
+        };
+        if chosen == rejected {
+            warnings.push("chosen and rejected are identical (no preference to learn)".to_string());
+        }
+        let at = Location { file: PathBuf::new(), line: 0 };
+        let p = PreferencePair { prompt, chosen, rejected, at };
+        return match encode_pair(tok, template, &p, None) {
+            Ok(e) => Outcome::Sample {
+                tokens: e.chosen.ids.len() + e.rejected.ids.len(),
+                trainable: e.chosen.trainable() + e.rejected.trainable(),
+                longest: e.chosen.ids.len().max(e.rejected.ids.len()),
+                pair: true,
+                warnings,
+            },
+            Err(e) => Outcome::Error(e),
+        };
+    }
+    let messages = match parse_line(text) {
+        Ok(m) => m,
+        Err(e) => return Outcome::Error(e),
+    };
+    if let Some(j) = messages.iter().position(|m| m.content.trim().is_empty()) {
+        warnings.push(format!("message {j} has empty content"));
+    }
+    match encode_conversation(tok, template, &messages) {
+        Ok(enc) if enc.trainable() == 0 => Outcome::Error("no trainable tokens (every assistant turn has train: false?)".into()),
+        Ok(enc) => Outcome::Sample { tokens: enc.ids.len(), trainable: enc.trainable(), longest: enc.ids.len(), pair: false, warnings },
+        Err(e) => Outcome::Error(e),
+    }
+}
+
+/// Lines tokenized together on all cores.
+const CHUNK: usize = 4096;
+
+/// Checks every line of `files` (files, `.jsonl.gz`, directories or globs); errors are
+/// collected, not fatal.
+pub fn check(files: &[PathBuf], tok: &TextTokenizer, template: &ChatTemplate, max_len: Option<usize>) -> Result<CheckReport, DataError> {
+    let t0 = std::time::Instant::now();
     let mut r = CheckReport { files: files.to_vec(), max_len, ..Default::default() };
     let mut seen = HashSet::new();
     let mut lengths = Vec::new();
-    for file in files {
-        let f = std::fs::File::open(file).map_err(|e| std::io::Error::new(e.kind(), format!("cannot read {}: {e}", file.display())))?;
-        for (i, line) in BufReader::new(f).split(b'\n').enumerate() {
-            let at = Location { file: file.clone(), line: i + 1 };
-            let bytes = line?;
-            let err = |r: &mut CheckReport, message: String| r.errors.push(Problem { at: at.to_string(), message });
-            let Ok(text) = std::str::from_utf8(&bytes) else {
-                err(&mut r, "invalid UTF-8".into());
-                continue;
-            };
-            if text.trim().is_empty() {
-                continue;
+    let mut chunk: Vec<(Location, Vec<u8>)> = Vec::with_capacity(CHUNK);
+    let mut flush = |chunk: &mut Vec<(Location, Vec<u8>)>, r: &mut CheckReport| {
+        let outcomes: Vec<Outcome> = chunk.par_iter().map(|(_, b)| check_line(b, tok, template)).collect();
+        for ((at, bytes), outcome) in chunk.drain(..).zip(outcomes) {
+            let at = at.to_string();
+            if !seen.insert(sha2::Digest::finalize(<sha2::Sha256 as sha2::Digest>::new_with_prefix(&bytes))) {
+                r.warnings.push(Problem { at: at.clone(), message: "duplicate of an earlier line".into() });
             }
-            let messages = match parse_line(text) {
-                Ok(m) => m,
-                Err(e) => {
-                    err(&mut r, e);
-                    continue;
-                }
-            };
-            if let Some(j) = messages.iter().position(|m| m.content.trim().is_empty()) {
-                r.warnings.push(Problem { at: at.to_string(), message: format!("message {j} has empty content") });
-            }
-            if !seen.insert(text.to_string()) {
-                r.warnings.push(Problem { at: at.to_string(), message: "duplicate of an earlier line".into() });
-            }
-            match encode_conversation(tok, template, &messages) {
-                Ok(enc) => {
-                    if enc.trainable() == 0 {
-                        err(&mut r, "no trainable tokens (every assistant turn has train: false?)".into());
-                        continue;
-                    }
+            match outcome {
+                Outcome::Error(message) => r.errors.push(Problem { at, message }),
+                Outcome::Sample { tokens, trainable, longest, pair, warnings } => {
                     r.samples += 1;
-                    r.tokens += enc.ids.len();
-                    r.trainable_tokens += enc.trainable();
-                    if max_len.is_some_and(|m| enc.ids.len() > m) {
+                    r.pairs += usize::from(pair);
+                    r.tokens += tokens;
+                    r.trainable_tokens += trainable;
+                    if max_len.is_some_and(|m| longest > m) {
                         r.too_long += 1;
                     }
-                    lengths.push(enc.ids.len());
+                    lengths.push(longest);
+                    r.warnings.extend(warnings.into_iter().map(|message| Problem { at: at.clone(), message }));
                 }
-                Err(e) => err(&mut r, e),
             }
         }
+    };
+    for file in files {
+        read_raw_lines(file, |at, bytes| {
+            chunk.push((at, bytes.to_vec()));
+            if chunk.len() == CHUNK {
+                flush(&mut chunk, &mut r);
+            }
+            Ok(())
+        })?;
     }
+    flush(&mut chunk, &mut r);
     let mut lo = 1;
     while lengths.iter().any(|&l| l >= lo) {
         let n = lengths.iter().filter(|&&l| l >= lo && l < lo * 2).count();
@@ -90,6 +146,14 @@ pub fn check(files: &[PathBuf], tok: &TextTokenizer, template: &ChatTemplate, ma
         }
         lo *= 2;
     }
+    if let Some(m) = max_len {
+        let fitting: Vec<usize> = lengths.iter().copied().filter(|&l| l <= m).collect();
+        let bins = pack_lengths(&fitting, m);
+        r.packed_sequences = Some(bins.len());
+        r.packing_efficiency = Some(fitting.iter().sum::<usize>() as f64 / (bins.len() * m).max(1) as f64);
+    }
+    r.seconds = t0.elapsed().as_secs_f64();
+    r.tokens_per_s = r.tokens as f64 / r.seconds.max(1e-9);
     Ok(r)
 }
 

@@ -1,9 +1,10 @@
 //! Conversations in ChatML JSONL: one `{"messages": [{"role", "content"}, ...]}` per line (also
 //! ShareGPT's `{"conversations": [{"from", "value"}]}`). Every problem is reported with its
-//! `file:line`.
+//! `file:line`. A data path is a file (`.jsonl` or `.jsonl.gz`), a directory (its `*.jsonl` and
+//! `*.jsonl.gz` files, sorted) or a glob pattern (`data/part-*.jsonl`).
 
 use std::fmt;
-use std::io::{BufRead, BufReader};
+use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 
 use serde_json::Value;
@@ -92,7 +93,7 @@ pub struct Conversation {
     pub at: Location,
 }
 
-fn parse_messages(v: &Value, key: &str) -> Result<Vec<Message>, String> {
+pub(crate) fn parse_messages(v: &Value, key: &str) -> Result<Vec<Message>, String> {
     let arr = v
         .as_array()
         .ok_or_else(|| format!("\"{key}\" must be a list of messages"))?;
@@ -144,20 +145,81 @@ pub fn parse_line(line: &str) -> Result<Vec<Message>, String> {
     Ok(msgs)
 }
 
-/// Reads every conversation of a JSONL file; the first bad line is an error naming `file:line`.
-pub fn read_jsonl(path: &Path) -> Result<Vec<Conversation>, DataError> {
-    let f = std::fs::File::open(path).map_err(|source| DataError::Io { path: path.into(), source })?;
-    let mut out = Vec::new();
-    for (i, line) in BufReader::new(f).split(b'\n').enumerate() {
-        let at = Location { file: path.into(), line: i + 1 };
-        let bytes = line.map_err(|source| DataError::Io { path: path.into(), source })?;
-        let text = std::str::from_utf8(&bytes).map_err(|e| DataError::At { at: at.clone(), msg: format!("invalid UTF-8: {e}") })?;
-        if text.trim().is_empty() {
-            continue;
+/// The files a data path names: the file itself, a directory's `*.jsonl`/`*.jsonl.gz` files, or
+/// a glob's matches, sorted. Naming nothing is an error.
+pub fn expand_data_path(path: &Path) -> Result<Vec<PathBuf>, DataError> {
+    let io = |source| DataError::Io { path: path.into(), source };
+    let is_data = |p: &Path| {
+        let n = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        n.ends_with(".jsonl") || n.ends_with(".jsonl.gz")
+    };
+    let files: Vec<PathBuf> = if path.is_dir() {
+        let mut v = Vec::new();
+        for e in std::fs::read_dir(path).map_err(io)? {
+            let p = e.map_err(io)?.path();
+            if p.is_file() && is_data(&p) {
+                v.push(p);
+            }
         }
+        v.sort();
+        v
+    } else if path.to_str().is_some_and(|s| s.contains(['*', '?', '['])) && !path.exists() {
+        let pattern = path.to_str().unwrap_or_default();
+        let paths = glob::glob(pattern).map_err(|e| DataError::At {
+            at: Location { file: path.into(), line: 0 },
+            msg: format!("bad glob pattern: {e}"),
+        })?;
+        let mut v: Vec<PathBuf> = paths.filter_map(Result::ok).filter(|p| p.is_file()).collect();
+        v.sort();
+        v
+    } else {
+        return Ok(vec![path.into()]);
+    };
+    if files.is_empty() {
+        return Err(io(std::io::Error::new(std::io::ErrorKind::NotFound, "no .jsonl or .jsonl.gz files there")));
+    }
+    Ok(files)
+}
+
+/// Calls `f` with every non-blank line (raw bytes, without the newline) of the files `path`
+/// names, gzip-decompressed for `.gz`, with its location.
+pub fn read_raw_lines(path: &Path, mut f: impl FnMut(Location, &[u8]) -> Result<(), DataError>) -> Result<(), DataError> {
+    for file in expand_data_path(path)? {
+        let io = |source| DataError::Io { path: file.clone(), source };
+        let raw = std::fs::File::open(&file).map_err(io)?;
+        let reader: Box<dyn Read> = if file.extension().is_some_and(|e| e == "gz") {
+            Box::new(flate2::read::MultiGzDecoder::new(raw))
+        } else {
+            Box::new(raw)
+        };
+        for (i, line) in BufReader::new(reader).split(b'\n').enumerate() {
+            let bytes = line.map_err(io)?;
+            let bytes = bytes.strip_suffix(b"\r").unwrap_or(&bytes);
+            if bytes.iter().all(u8::is_ascii_whitespace) {
+                continue;
+            }
+            f(Location { file: file.clone(), line: i + 1 }, bytes)?;
+        }
+    }
+    Ok(())
+}
+
+/// [`read_raw_lines`] as text: invalid UTF-8 is a located error.
+pub fn read_lines(path: &Path, mut f: impl FnMut(Location, &str) -> Result<(), DataError>) -> Result<(), DataError> {
+    read_raw_lines(path, |at, bytes| {
+        let text = std::str::from_utf8(bytes).map_err(|e| DataError::At { at: at.clone(), msg: format!("invalid UTF-8: {e}") })?;
+        f(at, text)
+    })
+}
+
+/// Reads every conversation of a data path; the first bad line is an error naming `file:line`.
+pub fn read_jsonl(path: &Path) -> Result<Vec<Conversation>, DataError> {
+    let mut out = Vec::new();
+    read_lines(path, |at, text| {
         let messages = parse_line(text).map_err(|msg| DataError::At { at: at.clone(), msg })?;
         out.push(Conversation { messages, at });
-    }
+        Ok(())
+    })?;
     Ok(out)
 }
 

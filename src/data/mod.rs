@@ -1,6 +1,9 @@
-//! Data: conversations from JSONL, chat templates, and tokenization with assistant masks.
+//! Data: conversations and preference pairs from JSONL, chat templates, and tokenization with
+//! assistant masks.
 
 pub mod check;
 pub mod conversation;
 pub mod encode;
+pub mod packing;
+pub mod preference;
 pub mod template;

@@ -5,7 +5,6 @@
 use burn::module::{Module, Param};
 use burn::prelude::*;
 use burn::tensor::activation::{silu, softmax};
-use burn::tensor::module::linear;
 use burn::tensor::{Bool, Int, TensorData};
 
 use super::config::ModelConfig;
@@ -52,10 +51,22 @@ impl<B: Backend> Projection<B> {
     /// # Shapes
     /// `x: [..., in]` → `[..., out]`
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        match (&self.lora, self.adapter_enabled) {
-            (Some(lora), true) => linear(x.clone(), self.weight.val(), self.bias.as_ref().map(|b| b.val())) + lora.forward(x),
-            _ => linear(x, self.weight.val(), self.bias.as_ref().map(|b| b.val())),
+        // One 2-D GEMM over all rows: the CPU backend parallelises a single large matmul far
+        // better than a batch of small ones.
+        let dims = x.dims();
+        let (d_in, d_out) = self.dims();
+        let rows = dims[..D - 1].iter().product();
+        let x: Tensor<B, 2> = x.reshape([rows, d_in]);
+        let mut y = x.clone().matmul(self.weight.val());
+        if let Some(b) = &self.bias {
+            y = y + b.val().unsqueeze();
         }
+        if let (Some(lora), true) = (&self.lora, self.adapter_enabled) {
+            y = y + lora.forward(x);
+        }
+        let mut out = dims;
+        out[D - 1] = d_out;
+        y.reshape(out)
     }
 
     /// `(in, out)`
@@ -370,6 +381,48 @@ impl<B: Backend> Decoder<B> {
         self.norm.forward(x)
     }
 
+    /// Hidden states of packed rows: `segments[b]` lists the lengths of the samples laid end to
+    /// end in row `b` (the rest of the row is padding). Positions restart at 0 for each sample
+    /// and a sample attends only to its own earlier tokens, so each sample's hidden states equal
+    /// those of the sample alone.
+    ///
+    /// # Shapes
+    /// `ids: [B, T]` → `[B, T, hidden]`
+    pub fn hidden_packed(&self, ids: Tensor<B, 2, Int>, segments: &[Vec<usize>]) -> Tensor<B, 3> {
+        let device = ids.device();
+        let [b, t] = ids.dims();
+        let (h, hd) = (self.config.hidden_size, self.config.head_dim);
+        let (cos, sin) = self.rope.tables(0, t, t);
+        let (mut pc, mut ps) = (vec![0f32; b * t * hd], vec![0f32; b * t * hd]);
+        let mut masked = vec![true; b * t * t];
+        for (row, segs) in segments.iter().enumerate() {
+            let mut start = 0;
+            for &len in segs.iter().chain(std::iter::once(&0)) {
+                // A trailing zero-length segment stands for the padding: one position each.
+                let (len, pad) = if len == 0 { (t - start, true) } else { (len, false) };
+                for q in 0..len {
+                    let at = row * t + start + q;
+                    let pos = if pad { 0 } else { q };
+                    pc[at * hd..(at + 1) * hd].copy_from_slice(&cos[pos * hd..(pos + 1) * hd]);
+                    ps[at * hd..(at + 1) * hd].copy_from_slice(&sin[pos * hd..(pos + 1) * hd]);
+                    let keys = if pad { q..q + 1 } else { 0..q + 1 };
+                    for k in keys {
+                        masked[at * t + start + k] = false;
+                    }
+                }
+                start += len;
+            }
+        }
+        let table = |d: Vec<f32>| Tensor::<B, 4>::from_data(TensorData::new(d, [b, 1, t, hd]), &device);
+        let rope = RopeTables { cos: table(pc), sin: table(ps) };
+        let mask = Tensor::<B, 4, Bool>::from_data(TensorData::new(masked, [b, 1, t, t]), &device);
+        let mut x = self.embed_tokens.val().select(0, ids.reshape([b * t])).reshape([b, t, h]);
+        for layer in &self.layers {
+            x = layer.forward(x, &rope, mask.clone(), None);
+        }
+        self.norm.forward(x)
+    }
+
     /// Projects hidden states to vocabulary logits.
     pub fn head(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         match &self.lm_head {
@@ -390,11 +443,17 @@ impl<B: Backend> Decoder<B> {
     /// # Shapes
     /// `ids: [B, T]`, `positions: n` → `[1, n, vocab]`
     pub fn logits_at(&self, ids: Tensor<B, 2, Int>, positions: Vec<i64>) -> Tensor<B, 3> {
-        let device = ids.device();
-        let [b, t] = ids.dims();
+        self.head_at(self.hidden(ids, None), positions)
+    }
+
+    /// The head applied to `hidden` at the given flat positions (`batch_index * T + t`).
+    ///
+    /// # Shapes
+    /// `hidden: [B, T, hidden]`, `positions: n` → `[1, n, vocab]`
+    pub fn head_at(&self, hidden: Tensor<B, 3>, positions: Vec<i64>) -> Tensor<B, 3> {
+        let device = hidden.device();
+        let [b, t, h] = hidden.dims();
         let n = positions.len();
-        let hidden = self.hidden(ids, None);
-        let h = hidden.dims()[2];
         let picked = hidden.reshape([b * t, h]).select(0, Tensor::<B, 1, Int>::from_data(TensorData::new(positions, [n]), &device));
         self.head(picked.reshape([1, n, h]))
     }

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
+use super::dpo::{DpoConfig, LossType};
 use crate::backend::DeviceChoice;
 use crate::tokenizer::TemplateChoice;
 
@@ -19,7 +20,50 @@ pub struct Recipe {
     pub lora: LoraSection,
     #[serde(default)]
     pub train: TrainSection,
+    /// DPO settings (only with `train.method = "dpo"`).
+    pub dpo: Option<DpoSection>,
     pub output: OutputSection,
+}
+
+/// DPO settings, with TRL's `DPOConfig` names and defaults.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DpoSection {
+    #[serde(default = "d_beta")]
+    pub beta: f64,
+    #[serde(default = "d_loss_type")]
+    pub loss_type: LossType,
+    /// Label smoothing ε for `sigmoid` (conservative DPO) and `robust`.
+    #[serde(default)]
+    pub label_smoothing: f64,
+    /// Adds `rpo_alpha ×` the chosen completions' NLL to the loss (RPO).
+    pub rpo_alpha: Option<f64>,
+    /// Prompts longer than this lose tokens from their start (TRL's `keep_end`).
+    pub max_prompt_len: Option<usize>,
+    /// Compute the reference log-probs once before training and cache them in the run
+    /// directory (keyed by model, data, template and lengths); steps then skip the reference
+    /// forward.
+    #[serde(default)]
+    pub precompute_ref: bool,
+}
+
+impl Default for DpoSection {
+    fn default() -> Self {
+        toml::from_str("").expect("defaults")
+    }
+}
+
+impl DpoSection {
+    pub fn config(&self) -> DpoConfig {
+        DpoConfig { beta: self.beta, loss_type: self.loss_type, label_smoothing: self.label_smoothing, rpo_alpha: self.rpo_alpha }
+    }
+}
+
+fn d_beta() -> f64 {
+    0.1
+}
+fn d_loss_type() -> LossType {
+    LossType::Sigmoid
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -32,15 +76,21 @@ pub struct ModelSection {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DataSection {
-    /// ChatML JSONL training file.
+    /// Training data (see `eval`).
     pub train: PathBuf,
-    /// Optional held-out JSONL file for eval loss.
+    /// Optional held-out data for eval metrics. Data paths are JSONL files (`.jsonl`,
+    /// `.jsonl.gz`), directories of them, or glob patterns; conversations for SFT, preference
+    /// pairs for DPO.
     pub eval: Option<PathBuf>,
     #[serde(default = "d_template")]
     pub template: TemplateChoice,
     /// Samples longer than this many tokens are dropped (and counted).
     #[serde(default = "d_max_len")]
     pub max_len: usize,
+    /// SFT: pack samples into sequences of `max_len` tokens (best-fit-decreasing; positions
+    /// restart per sample and samples never attend to each other).
+    #[serde(default)]
+    pub packing: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -63,6 +113,7 @@ pub struct LoraSection {
 #[serde(rename_all = "lowercase")]
 pub enum Method {
     Sft,
+    Dpo,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -240,6 +291,27 @@ impl Recipe {
         }
         if self.data.max_len < 2 {
             bail!("data.max_len must be at least 2");
+        }
+        if self.data.packing && t.method == Method::Dpo {
+            bail!("data.packing is for SFT; DPO batches chosen and rejected sequences unpacked");
+        }
+        match (t.method, &self.dpo) {
+            (Method::Sft, Some(_)) => bail!("a [dpo] section is set but train.method is \"sft\" (set train.method = \"dpo\")"),
+            (Method::Dpo, Some(d)) => {
+                if !(d.beta > 0.0 && d.beta.is_finite()) {
+                    bail!("dpo.beta must be a positive number, got {}", d.beta);
+                }
+                if !(0.0..0.5).contains(&d.label_smoothing) {
+                    bail!("dpo.label_smoothing must be in [0, 0.5), got {}", d.label_smoothing);
+                }
+                if d.rpo_alpha.is_some_and(|a| !(a >= 0.0 && a.is_finite())) {
+                    bail!("dpo.rpo_alpha must not be negative");
+                }
+                if d.max_prompt_len.is_some_and(|m| m == 0 || m >= self.data.max_len) {
+                    bail!("dpo.max_prompt_len must be between 1 and data.max_len - 1");
+                }
+            }
+            _ => {}
         }
         Ok(())
     }

@@ -1,6 +1,9 @@
 pub mod adapters;
 pub mod cli;
 pub mod common;
+pub mod data;
+pub mod dpo;
 pub mod oracle_models;
+pub mod packing;
 pub mod smollm2;
 pub mod train;

@@ -1,0 +1,149 @@
+//! Preference pairs for DPO, one JSON object per line, in TRL's two spellings:
+//! conversational `{"prompt": [messages], "chosen": [messages], "rejected": [messages]}` and the
+//! string form `{"prompt": str, "chosen": str, "rejected": str}` (read as one user turn and one
+//! assistant turn, so the chat template applies as it does for the conversational form).
+//!
+//! A side is encoded as the whole conversation `prompt + completion`, rendered and tokenized once;
+//! its scored positions are the completion's assistant tokens (content and closing end-of-turn
+//! token), found the same way as SFT masks. Assistant turns inside the prompt are never scored.
+
+use std::path::Path;
+
+use serde_json::Value;
+
+use super::conversation::{parse_messages, read_lines, DataError, Location, Message, Role};
+use super::encode::{encode_conversation, Encoded};
+use super::template::ChatTemplate;
+use crate::tokenizer::TextTokenizer;
+
+/// One preference pair and its source line.
+#[derive(Debug, Clone)]
+pub struct PreferencePair {
+    pub prompt: Vec<Message>,
+    pub chosen: Vec<Message>,
+    pub rejected: Vec<Message>,
+    pub at: Location,
+}
+
+fn side(o: &serde_json::Map<String, Value>, key: &str, role: Role) -> Result<Vec<Message>, String> {
+    let v = o.get(key).ok_or_else(|| format!("a preference record needs \"prompt\", \"chosen\" and \"rejected\"; \"{key}\" is missing"))?;
+    let msgs = match v {
+        Value::String(s) => vec![Message::new(role, s.clone())],
+        Value::Array(_) => parse_messages(v, key)?,
+        _ => return Err(format!("\"{key}\" must be a string or a list of messages")),
+    };
+    if msgs.is_empty() {
+        return Err(format!("\"{key}\" is empty"));
+    }
+    Ok(msgs)
+}
+
+/// True when a JSON record looks like a preference pair (has `chosen` and `rejected`).
+pub fn is_preference(v: &Value) -> bool {
+    v.get("chosen").is_some() && v.get("rejected").is_some()
+}
+
+/// Parses one JSONL line into (prompt, chosen, rejected).
+pub fn parse_pair(line: &str) -> Result<(Vec<Message>, Vec<Message>, Vec<Message>), String> {
+    let v: Value = serde_json::from_str(line).map_err(|e| format!("invalid JSON: {e}"))?;
+    let o = v.as_object().ok_or("expected a JSON object with \"prompt\", \"chosen\" and \"rejected\"")?;
+    let prompt = side(o, "prompt", Role::User)?;
+    let chosen = side(o, "chosen", Role::Assistant)?;
+    let rejected = side(o, "rejected", Role::Assistant)?;
+    for (name, s) in [("chosen", &chosen), ("rejected", &rejected)] {
+        if !s.iter().any(|m| m.role == Role::Assistant) {
+            return Err(format!("\"{name}\" has no assistant message to score"));
+        }
+        if s.iter().filter(|m| m.role == Role::Assistant).all(|m| m.content.is_empty()) {
+            return Err(format!("\"{name}\" is an empty completion"));
+        }
+    }
+    Ok((prompt, chosen, rejected))
+}
+
+/// Reads every pair of a JSONL file (plain or `.gz`); the first bad line is an error naming
+/// `file:line`.
+pub fn read_preferences(path: &Path) -> Result<Vec<PreferencePair>, DataError> {
+    let mut out = Vec::new();
+    read_lines(path, |at, text| {
+        let (prompt, chosen, rejected) = parse_pair(text).map_err(|msg| DataError::At { at: at.clone(), msg })?;
+        out.push(PreferencePair { prompt, chosen, rejected, at });
+        Ok(())
+    })?;
+    Ok(out)
+}
+
+/// A tokenized pair: both sides share the prompt.
+#[derive(Debug, Clone)]
+pub struct EncodedPair {
+    pub chosen: Encoded,
+    pub rejected: Encoded,
+    /// Tokens before the first scored token of `chosen` (the rendered prompt).
+    pub prompt_len: usize,
+}
+
+fn encode_side(tok: &TextTokenizer, template: &ChatTemplate, prompt: &[Message], completion: &[Message]) -> Result<Encoded, String> {
+    let mut msgs: Vec<Message> = prompt.iter().map(|m| Message { train: false, ..m.clone() }).collect();
+    msgs.extend(completion.iter().map(|m| Message { train: m.role == Role::Assistant, ..m.clone() }));
+    encode_conversation(tok, template, &msgs)
+}
+
+/// Encodes a pair. With `max_prompt_len`, a longer prompt loses tokens from its start (TRL's
+/// `keep_end`), the same tokens on both sides.
+pub fn encode_pair(
+    tok: &TextTokenizer,
+    template: &ChatTemplate,
+    pair: &PreferencePair,
+    max_prompt_len: Option<usize>,
+) -> Result<EncodedPair, String> {
+    let mut chosen = encode_side(tok, template, &pair.prompt, &pair.chosen)?;
+    let mut rejected = encode_side(tok, template, &pair.prompt, &pair.rejected)?;
+    let first = |e: &Encoded| e.mask.iter().position(|&m| m == 1);
+    let (Some(pc), Some(pr)) = (first(&chosen), first(&rejected)) else {
+        return Err("a completion has no tokens to score".into());
+    };
+    // The shared prompt is the common token prefix up to the first scored token.
+    let prompt_len = pc.min(pr);
+    if let Some(limit) = max_prompt_len {
+        if prompt_len > limit {
+            let cut = prompt_len - limit;
+            for e in [&mut chosen, &mut rejected] {
+                e.ids.drain(..cut);
+                e.mask.drain(..cut);
+            }
+            return Ok(EncodedPair { chosen, rejected, prompt_len: limit });
+        }
+    }
+    Ok(EncodedPair { chosen, rejected, prompt_len })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn both_spellings_parse() {
+        let (p, c, r) = parse_pair(r#"{"prompt": "q", "chosen": "a", "rejected": "b"}"#).unwrap();
+        assert_eq!((p[0].role, c[0].role, r[0].content.as_str()), (Role::User, Role::Assistant, "b"));
+        let (p, c, _) = parse_pair(
+            r#"{"prompt": [{"role": "system", "content": "s"}, {"role": "user", "content": "q"}], "chosen": [{"role": "assistant", "content": "a"}], "rejected": [{"role": "assistant", "content": "b"}]}"#,
+        )
+        .unwrap();
+        assert_eq!((p.len(), c[0].content.as_str()), (2, "a"));
+    }
+
+    #[test]
+    fn bad_pairs_are_errors() {
+        let cases = [
+            (r#"{"prompt": "q", "chosen": "a"}"#, "\"rejected\" is missing"),
+            (r#"{"prompt": "q", "chosen": "", "rejected": "b"}"#, "empty completion"),
+            (r#"{"prompt": "q", "chosen": 3, "rejected": "b"}"#, "string or a list"),
+            (r#"{"prompt": "q", "chosen": [{"role": "user", "content": "a"}], "rejected": "b"}"#, "no assistant message"),
+            (r#"{"prompt": "q", "chosen": [], "rejected": "b"}"#, "\"chosen\" is empty"),
+        ];
+        for (line, want) in cases {
+            let e = parse_pair(line).unwrap_err();
+            assert!(e.contains(want), "{line}: {e}");
+        }
+    }
+}

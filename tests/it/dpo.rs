@@ -1,0 +1,163 @@
+//! DPO: `ft eval --dpo` reproduces TRL's numbers on the oracle pairs (positions, log-probs, every
+//! loss type and metric); `ft train` with `method = "dpo"` starts at ln 2 with zero rewards and
+//! raises the reward margin; bad pairs are located errors or warnings.
+
+use std::path::{Path, PathBuf};
+
+use super::common::*;
+
+fn oracle() -> serde_json::Value {
+    json(&fixtures().join("dpo/expected.json"))
+}
+
+fn eval_dpo(extra: &[&str]) -> serde_json::Value {
+    let model = model_dir("llama");
+    let adapter = fixtures().join("adapters/lora-r4");
+    let data = fixtures().join("dpo/prefs.jsonl");
+    let mut args = vec![
+        "eval", "--dpo", "--json", "--per-pair", "--template", "chatml", "--model", model.to_str().unwrap(), "--adapter",
+        adapter.to_str().unwrap(), "--data", data.to_str().unwrap(),
+    ];
+    args.extend_from_slice(extra);
+    let (c, out, err) = ft(&args);
+    assert_eq!(c, 0, "{err}");
+    serde_json::from_str(&out).unwrap()
+}
+
+fn close(got: f64, want: f64, rel: f64, what: &str) {
+    assert!((got - want).abs() <= rel * want.abs().max(1e-12), "{what}: {got} vs {want} (rel {:.2e})", (got - want).abs() / want.abs());
+}
+
+#[test]
+fn eval_dpo_matches_trl_on_the_oracle_pairs() {
+    let want = oracle();
+    let got = eval_dpo(&[]);
+    let pairs = want["pairs"].as_array().unwrap();
+    assert_eq!(got["pairs"].as_u64().unwrap() as usize, pairs.len());
+    for (i, (g, w)) in got["per_pair"].as_array().unwrap().iter().zip(pairs).enumerate() {
+        for side in ["chosen", "rejected"] {
+            let (g, w) = (&g[side], &w[side]);
+            assert_eq!(ids(&g["input_ids"]), ids(&w["input_ids"]), "pair {i} {side} ids");
+            assert_eq!(g["completion_positions"], w["completion_positions"], "pair {i} {side} positions");
+            assert_eq!(g["tokens"], w["tokens"], "pair {i} {side} tokens");
+            for k in ["logp_policy", "logp_ref"] {
+                let (a, b) = (g[k].as_f64().unwrap(), w[k].as_f64().unwrap());
+                assert!((a - b).abs() <= 1e-4, "pair {i} {side} {k}: {a} vs {b}");
+            }
+        }
+    }
+    for loss in ["sigmoid", "hinge", "ipo"] {
+        close(got["losses"][loss].as_f64().unwrap(), want["loss"][loss].as_f64().unwrap(), 1e-5, loss);
+    }
+    close(got["loss"].as_f64().unwrap(), want["loss"]["sigmoid"].as_f64().unwrap(), 1e-5, "loss");
+    let smoothed = eval_dpo(&["--label-smoothing", &want["robust_label_smoothing"].to_string()]);
+    close(smoothed["losses"]["robust"].as_f64().unwrap(), want["loss"]["robust"].as_f64().unwrap(), 1e-5, "robust");
+    // Metrics: the log-probs agree to f32 rounding (≤ 1e-4 absolute on sums of ~-180), so the
+    // rewards, β × differences of those sums, are held to 1e-5 relative or β·1e-4 absolute.
+    let beta = want["beta"].as_f64().unwrap();
+    for (k, w) in want["metrics"].as_object().unwrap() {
+        let (g, w) = (got[k].as_f64().unwrap_or_else(|| panic!("no {k}")), w.as_f64().unwrap());
+        let tol = (1e-5 * w.abs()).max(if k.starts_with("rewards/") { beta * 1e-4 } else { 1e-5 * w.abs() });
+        assert!((g - w).abs() <= tol, "{k}: {g} vs {w}");
+    }
+}
+
+/// The oracle pairs plus five "count to N" pairs (chosen right, rejected wrong).
+fn prefs(dir: &Path) -> PathBuf {
+    let mut lines: Vec<String> =
+        std::fs::read_to_string(fixtures().join("dpo/prefs.jsonl")).unwrap().lines().map(String::from).collect();
+    for i in 1..6 {
+        let right = (1..=i).map(|k| k.to_string()).collect::<Vec<_>>().join(", ");
+        lines.push(format!(r#"{{"prompt": "Count to {i}.", "chosen": "{right}", "rejected": "{}"}}"#, i + 7));
+    }
+    let p = dir.join("prefs.jsonl");
+    std::fs::write(&p, lines.join("\n") + "\n").unwrap();
+    p
+}
+
+fn dpo_run(name: &str, dpo: &str) -> (PathBuf, Vec<serde_json::Value>) {
+    let d = scratch(name);
+    let data = prefs(&d);
+    let r = d.join("recipe.toml");
+    std::fs::write(
+        &r,
+        format!(
+            "[model]\npath = \"{}\"\n[data]\ntrain = \"{}\"\neval = \"{}\"\ntemplate = \"chatml\"\n[lora]\nr = 4\nalpha = 8\n\
+             [train]\nmethod = \"dpo\"\nmax_steps = 8\nmicro_batch_size = 4\ngrad_accum = 2\nlr = 1e-2\nseed = 5\n[dpo]\n{dpo}\n[output]\ndir = \"{}\"\n",
+            model_dir("llama").display(),
+            data.display(),
+            data.display(),
+            d.join("run").display()
+        ),
+    )
+    .unwrap();
+    let (c, _, err) = ft(&["train", r.to_str().unwrap(), "--quiet"]);
+    assert_eq!(c, 0, "{err}");
+    let m = std::fs::read_to_string(d.join("run/metrics.jsonl")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    (d, m)
+}
+
+#[test]
+fn dpo_training_starts_at_ln2_and_raises_the_margin() {
+    let (d, m) = dpo_run("dpo-train", "beta = 0.1");
+    let first = &m[0];
+    assert!((first["loss"].as_f64().unwrap() - std::f64::consts::LN_2).abs() < 1e-6, "{first}");
+    for k in ["rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies"] {
+        assert_eq!(first[k].as_f64(), Some(0.0), "step 0 {k}: B = 0 makes the policy the reference");
+    }
+    for k in ["logps/chosen", "logps/rejected", "grad_norm", "learning_rate", "num_tokens", "epoch"] {
+        assert!(first.get(k).is_some(), "metrics lack {k}");
+    }
+    let eval = m.iter().rfind(|l| l.get("eval_loss").is_some()).expect("an eval line");
+    for k in ["eval_rewards/chosen", "eval_rewards/rejected", "eval_rewards/accuracies", "eval_logps/chosen", "eval_logps/rejected"] {
+        assert!(eval.get(k).is_some(), "eval metrics lack {k}");
+    }
+    assert!(eval["eval_loss"].as_f64().unwrap() < 0.6, "{eval}");
+    assert!(eval["eval_rewards/margins"].as_f64().unwrap() > 0.05, "{eval}");
+    assert!(eval["eval_rewards/accuracies"].as_f64().unwrap() >= 0.75, "{eval}");
+    // The written adapter, evaluated by `ft eval --dpo`, gives the run's final eval metrics.
+    let model = model_dir("llama");
+    let (c, out, err) = ft(&[
+        "eval", "--dpo", "--json", "--template", "chatml", "--model", model.to_str().unwrap(), "--adapter",
+        d.join("run/adapter").to_str().unwrap(), "--data", d.join("prefs.jsonl").to_str().unwrap(),
+    ]);
+    assert_eq!(c, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    close(v["loss"].as_f64().unwrap(), eval["eval_loss"].as_f64().unwrap(), 1e-5, "eval loss of the saved adapter");
+}
+
+#[test]
+fn precomputed_reference_gives_the_same_run() {
+    let (_, a) = dpo_run("dpo-live-ref", "beta = 0.2\nloss_type = \"ipo\"");
+    let (d, b) = dpo_run("dpo-cached-ref", "beta = 0.2\nloss_type = \"ipo\"\nprecompute_ref = true");
+    let cache = json(&d.join("run/reference_logps.json"));
+    assert_eq!(cache["logps"].as_array().unwrap().len(), 8);
+    let losses = |m: &[serde_json::Value]| m.iter().filter_map(|l| l["loss"].as_f64()).collect::<Vec<_>>();
+    let (la, lb) = (losses(&a), losses(&b));
+    assert_eq!(la.len(), 8);
+    for (x, y) in la.iter().zip(&lb) {
+        assert!((x - y).abs() <= 1e-5 * x.abs().max(1.0), "{la:?} vs {lb:?}");
+    }
+    assert!(la.last() < la.first(), "ipo loss falls: {la:?}");
+}
+
+#[test]
+fn bad_pairs_are_located_errors_or_warnings() {
+    let d = scratch("dpo-bad");
+    let model = model_dir("llama");
+    let run = |lines: &str| {
+        let p = d.join("p.jsonl");
+        std::fs::write(&p, lines).unwrap();
+        ft(&["eval", "--dpo", "--template", "chatml", "--model", model.to_str().unwrap(), "--data", p.to_str().unwrap()])
+    };
+    let ok = r#"{"prompt": "q", "chosen": "a", "rejected": "b"}"#;
+    let (c, _, err) = run(&format!("{ok}\n{}\n", r#"{"prompt": "q", "chosen": "", "rejected": "b"}"#));
+    assert_eq!(c, 3, "{err}");
+    assert!(err.contains("p.jsonl:2") && err.contains("empty completion"), "{err}");
+    let (c, _, err) = run(&format!("{ok}\n{}\n", r#"{"prompt": "q", "chosen": "same", "rejected": "same"}"#));
+    assert_eq!(c, 0, "{err}");
+    assert!(err.contains("p.jsonl:2") && err.contains("identical"), "{err}");
+    let (c, _, err) = run(&format!("{ok}\n{}\n", r#"{"prompt": "q", "chosen": "a"}"#));
+    assert_eq!(c, 3, "{err}");
+    assert!(err.contains("p.jsonl:2") && err.contains("\"rejected\" is missing"), "{err}");
+}
