@@ -57,6 +57,9 @@ pub enum Command {
     Eval(EvalArgs),
     /// Merge a LoRA adapter into the base weights (W + scale·B·A in f32), writing a plain checkpoint.
     Merge(MergeArgs),
+    /// Quantize a model's decoder linear weights to bitsandbytes NF4 (the `*-bnb-4bit` format
+    /// transformers loads), so that QLoRA runs skip the quantization.
+    Quantize(QuantizeArgs),
     /// Convert a llama-architecture GGUF (F32/F16/BF16/Q8_0/Q4_0/Q4_1) into a Hugging Face directory.
     #[command(name = "import-gguf")]
     ImportGguf(ImportArgs),
@@ -257,6 +260,23 @@ pub struct MergeArgs {
 }
 
 #[derive(Debug, clap::Args)]
+pub struct QuantizeArgs {
+    /// Hugging Face model directory (f32, bf16 or f16 weights).
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Output directory (must not exist yet).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Keep the per-block absmax in f32 instead of double-quantizing it (bitsandbytes'
+    /// `bnb_4bit_use_double_quant = False`).
+    #[arg(long)]
+    pub no_double_quant: bool,
+    /// Print a JSON report.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, clap::Args)]
 pub struct ImportArgs {
     /// The .gguf file.
     pub gguf: PathBuf,
@@ -286,6 +306,22 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Eval(a) => cmd_eval(a),
         Command::Merge(a) => cmd_merge(a),
         Command::ImportGguf(a) => cmd_import(a),
+        Command::Quantize(a) => {
+            let r = crate::quant::bnb::quantize_checkpoint(&a.model, &a.out, !a.no_double_quant)?;
+            if a.json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                println!(
+                    "quantized {} weights ({} parameters) to NF4: {:.1} MiB → {:.1} MiB in {}",
+                    r.quantized,
+                    r.parameters_quantized,
+                    r.bytes_before as f64 / 1048576.0,
+                    r.bytes_after as f64 / 1048576.0,
+                    r.out.display()
+                );
+            }
+            Ok(())
+        }
     }
 }
 

@@ -13,5 +13,6 @@ pub mod fsutil;
 pub mod generate;
 pub mod gguf;
 pub mod model;
+pub mod quant;
 pub mod tokenizer;
 pub mod train;

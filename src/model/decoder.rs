@@ -38,7 +38,13 @@ pub struct Projection<B: Backend> {
 impl<B: Backend> Projection<B> {
     /// Loads `{path}.weight` (PyTorch `[out, in]`) and, when `bias`, `{path}.bias`.
     pub fn load(ck: &Checkpoint, path: &str, d_in: usize, d_out: usize, bias: bool, device: &B::Device) -> Result<Self, WeightsError> {
-        let w = ck.f32(&format!("{path}.weight"), &[d_out, d_in])?;
+        let name = format!("{path}.weight");
+        let w = if crate::quant::bnb::is_quantized(ck, &name) {
+            // A bitsandbytes 4-bit checkpoint: dequantized here (what bitsandbytes computes).
+            crate::quant::bnb::read(ck, &name, &[d_out, d_in])?.dequantize()
+        } else {
+            ck.f32(&name, &[d_out, d_in])?
+        };
         let weight = Param::from_tensor(tensor2(transpose(&w, d_out, d_in), [d_in, d_out], device)).set_require_grad(false);
         let bias = if bias {
             Some(Param::from_tensor(tensor1(ck.f32(&format!("{path}.bias"), &[d_out])?, device)).set_require_grad(false))

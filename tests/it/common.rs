@@ -55,3 +55,14 @@ pub fn ft(args: &[&str]) -> (i32, String, String) {
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
 }
+
+/// Logits `[T, vocab]` (flattened) of one sequence.
+pub fn logits(model: &Decoder<Cpu>, ids: &[u32]) -> Vec<f32> {
+    use burn::prelude::*;
+    let t = ids.len();
+    let input = Tensor::<Cpu, 2, burn::tensor::Int>::from_data(
+        burn::tensor::TensorData::new(ids.iter().map(|&x| x as i64).collect::<Vec<_>>(), [1, t]),
+        &Default::default(),
+    );
+    model.forward(input, None).into_data().to_vec().unwrap()
+}

@@ -5,5 +5,6 @@ pub mod data;
 pub mod dpo;
 pub mod oracle_models;
 pub mod packing;
+pub mod quant;
 pub mod smollm2;
 pub mod train;

@@ -1,9 +1,6 @@
 //! The tiny oracle checkpoints (transformers 5.23, float32): logits, greedy generation, masks
 //! and assistant-only loss.
 
-use burn::prelude::*;
-use burn::tensor::{Int, TensorData};
-use ft::backend::Cpu;
 use ft::data::conversation::read_jsonl;
 use ft::data::encode::encode_conversation;
 use ft::generate::{generate, GenerateOptions};
@@ -20,11 +17,7 @@ fn logits_match_transformers() {
         for (i, case) in cases.as_array().unwrap().iter().enumerate() {
             let ids = ids(&case["input_ids"]);
             let t = ids.len();
-            let input = Tensor::<Cpu, 2, Int>::from_data(
-                TensorData::new(ids.iter().map(|&x| x as i64).collect::<Vec<_>>(), [1, t]),
-                &Default::default(),
-            );
-            let got: Vec<f32> = model.forward(input, None).into_data().to_vec().unwrap();
+            let got = logits(&model, &ids);
             let (want, shape) = read_f32(&expected, &format!("logits_{i}"));
             assert_eq!(shape, vec![t, model.config.vocab_size]);
             let d = max_abs_diff(&got, &want);
