@@ -108,6 +108,9 @@ pub struct ModelConfig {
     pub pad_token_id: Option<u32>,
     /// The dtype of the weights on disk as the config states it (`float32`, `bfloat16`, ...).
     pub torch_dtype: Option<String>,
+    /// Keep the decoder blocks' linear weights in NF4 (QLoRA). Not read from `config.json`:
+    /// the caller sets it (a recipe's `model.quantize`); 4-bit checkpoints stay 4-bit anyway.
+    pub quantize_base: bool,
 }
 
 fn token_ids(v: &Option<Value>) -> Vec<u32> {
@@ -222,6 +225,7 @@ impl ModelConfig {
             eos_token_ids: token_ids(&hf.eos_token_id),
             pad_token_id: token_ids(&hf.pad_token_id).first().copied(),
             torch_dtype: hf.dtype.clone().or_else(|| hf.torch_dtype.clone()),
+            quantize_base: false,
         })
     }
 

@@ -8,6 +8,7 @@ use burn::tensor::activation::{silu, softmax};
 use burn::tensor::{Bool, Int, TensorData};
 
 use super::config::ModelConfig;
+use crate::quant::nf4::Nf4;
 use crate::adapters::lora::Lora;
 use super::rope::Rope;
 use super::weights::{transpose, Checkpoint, WeightsError};
@@ -22,10 +23,13 @@ fn tensor2<B: Backend>(data: Vec<f32>, shape: [usize; 2], device: &B::Device) ->
 }
 
 /// A linear layer with frozen base weight and an optional LoRA adapter:
-/// `y = x W (+ b) (+ s · (x A) B)`. The seam where adapters (and later quantized bases) attach.
+/// `y = x W (+ b) (+ s · (x A) B)`. The seam where adapters and quantized bases attach: the base
+/// weight is either a dense tensor or NF4 codes dequantized just in time for each forward (QLoRA;
+/// only the input gradient flows through it).
 #[derive(Module, Debug)]
 pub struct Projection<B: Backend> {
-    /// `[in, out]` (burn's layout; PyTorch's `[out, in]` is transposed at load).
+    /// `[in, out]` (burn's layout; PyTorch's `[out, in]` is transposed at load). A `[1, 1]`
+    /// placeholder when the weight is held in `nf4`.
     pub weight: Param<Tensor<B, 2>>,
     /// `[out]`
     pub bias: Option<Param<Tensor<B, 1>>>,
@@ -33,25 +37,46 @@ pub struct Projection<B: Backend> {
     /// `false` switches the adapter off (the base model, e.g. DPO's reference).
     #[module(skip)]
     pub adapter_enabled: bool,
+    /// The base weight as NF4 codes of the PyTorch-layout `[out, in]` matrix.
+    #[module(skip)]
+    pub nf4: Option<std::sync::Arc<Nf4>>,
+    /// `(in, out)`
+    #[module(skip)]
+    pub shape: (usize, usize),
 }
 
 impl<B: Backend> Projection<B> {
-    /// Loads `{path}.weight` (PyTorch `[out, in]`) and, when `bias`, `{path}.bias`.
-    pub fn load(ck: &Checkpoint, path: &str, d_in: usize, d_out: usize, bias: bool, device: &B::Device) -> Result<Self, WeightsError> {
+    /// Loads `{path}.weight` (PyTorch `[out, in]`) and, when `bias`, `{path}.bias`. A weight stored
+    /// 4-bit (bitsandbytes) stays 4-bit; with `quantize`, a dense weight is quantized to NF4
+    /// (blocksize 64, double quantization) as it is read.
+    pub fn load(ck: &Checkpoint, path: &str, d_in: usize, d_out: usize, bias: bool, quantize: bool, device: &B::Device) -> Result<Self, WeightsError> {
         let name = format!("{path}.weight");
-        let w = if crate::quant::bnb::is_quantized(ck, &name) {
-            // A bitsandbytes 4-bit checkpoint: dequantized here (what bitsandbytes computes).
-            crate::quant::bnb::read(ck, &name, &[d_out, d_in])?.dequantize()
+        let nf4 = if crate::quant::bnb::is_quantized(ck, &name) {
+            Some(crate::quant::bnb::read(ck, &name, &[d_out, d_in])?)
+        } else if quantize {
+            Some(Nf4::quantize(&ck.f32(&name, &[d_out, d_in])?, crate::quant::nf4::BLOCKSIZE, true))
         } else {
-            ck.f32(&name, &[d_out, d_in])?
+            None
         };
-        let weight = Param::from_tensor(tensor2(transpose(&w, d_out, d_in), [d_in, d_out], device)).set_require_grad(false);
+        let weight = match &nf4 {
+            Some(_) => tensor2(vec![0.0], [1, 1], device),
+            None => tensor2(transpose(&ck.f32(&name, &[d_out, d_in])?, d_out, d_in), [d_in, d_out], device),
+        };
+        let weight = Param::from_tensor(weight).set_require_grad(false);
         let bias = if bias {
             Some(Param::from_tensor(tensor1(ck.f32(&format!("{path}.bias"), &[d_out])?, device)).set_require_grad(false))
         } else {
             None
         };
-        Ok(Projection { weight, bias, lora: None, adapter_enabled: true })
+        Ok(Projection { weight, bias, lora: None, adapter_enabled: true, nf4: nf4.map(std::sync::Arc::new), shape: (d_in, d_out) })
+    }
+
+    /// Bytes the base weight occupies (f32 dense, or NF4 codes and statistics).
+    pub fn base_bytes(&self) -> usize {
+        match &self.nf4 {
+            Some(q) => q.bytes(),
+            None => 4 * self.shape.0 * self.shape.1,
+        }
     }
 
     /// # Shapes
@@ -60,10 +85,17 @@ impl<B: Backend> Projection<B> {
         // One 2-D GEMM over all rows: the CPU backend parallelises a single large matmul far
         // better than a batch of small ones.
         let dims = x.dims();
-        let (d_in, d_out) = self.dims();
+        let (d_in, d_out) = self.shape;
         let rows = dims[..D - 1].iter().product();
         let x: Tensor<B, 2> = x.reshape([rows, d_in]);
-        let mut y = x.clone().matmul(self.weight.val());
+        let mut y = match &self.nf4 {
+            Some(q) => {
+                // Dequantized for this forward only; the graph keeps it for the input gradient.
+                let w = Tensor::<B, 2>::from_data(TensorData::new(q.dequantize_par(), [d_out, d_in]), &x.device());
+                x.clone().matmul(w.transpose())
+            }
+            None => x.clone().matmul(self.weight.val()),
+        };
         if let Some(b) = &self.bias {
             y = y + b.val().unsqueeze();
         }
@@ -77,8 +109,7 @@ impl<B: Backend> Projection<B> {
 
     /// `(in, out)`
     pub fn dims(&self) -> (usize, usize) {
-        let [i, o] = self.weight.dims();
-        (i, o)
+        self.shape
     }
 }
 
@@ -179,10 +210,10 @@ impl<B: Backend> Attention<B> {
             }
         };
         Ok(Attention {
-            q_proj: Projection::load(ck, &format!("{p}.q_proj"), h, q, c.qkv_bias, device)?,
-            k_proj: Projection::load(ck, &format!("{p}.k_proj"), h, kv, c.qkv_bias, device)?,
-            v_proj: Projection::load(ck, &format!("{p}.v_proj"), h, kv, c.qkv_bias, device)?,
-            o_proj: Projection::load(ck, &format!("{p}.o_proj"), q, h, c.o_bias, device)?,
+            q_proj: Projection::load(ck, &format!("{p}.q_proj"), h, q, c.qkv_bias, c.quantize_base, device)?,
+            k_proj: Projection::load(ck, &format!("{p}.k_proj"), h, kv, c.qkv_bias, c.quantize_base, device)?,
+            v_proj: Projection::load(ck, &format!("{p}.v_proj"), h, kv, c.qkv_bias, c.quantize_base, device)?,
+            o_proj: Projection::load(ck, &format!("{p}.o_proj"), q, h, c.o_bias, c.quantize_base, device)?,
             q_norm: norm("q_norm")?,
             k_norm: norm("k_norm")?,
             num_heads: c.num_heads,
@@ -241,9 +272,9 @@ impl<B: Backend> Mlp<B> {
     pub fn load(ck: &Checkpoint, p: &str, c: &ModelConfig, device: &B::Device) -> Result<Self, WeightsError> {
         let (h, i, bias) = (c.hidden_size, c.intermediate_size, c.mlp_bias);
         Ok(Mlp {
-            gate_proj: Projection::load(ck, &format!("{p}.gate_proj"), h, i, bias, device)?,
-            up_proj: Projection::load(ck, &format!("{p}.up_proj"), h, i, bias, device)?,
-            down_proj: Projection::load(ck, &format!("{p}.down_proj"), i, h, bias, device)?,
+            gate_proj: Projection::load(ck, &format!("{p}.gate_proj"), h, i, bias, c.quantize_base, device)?,
+            up_proj: Projection::load(ck, &format!("{p}.up_proj"), h, i, bias, c.quantize_base, device)?,
+            down_proj: Projection::load(ck, &format!("{p}.down_proj"), i, h, bias, c.quantize_base, device)?,
         })
     }
 
@@ -306,7 +337,7 @@ impl<B: Backend> Decoder<B> {
             ck.skip("lm_head.weight");
             None
         } else {
-            Some(Projection::load(ck, "lm_head", h, v, false, device)?)
+            Some(Projection::load(ck, "lm_head", h, v, false, false, device)?)
         };
         ck.check_all_used()?;
         Ok(Decoder {
@@ -317,6 +348,15 @@ impl<B: Backend> Decoder<B> {
             rope: Rope::new(c.head_dim, c.rope_theta, c.rope_scaling.clone()),
             config: c.clone(),
         })
+    }
+
+    /// Resident bytes of the frozen linear weights of the decoder blocks (f32 dense, or NF4), and
+    /// their parameter count.
+    pub fn block_weight_bytes(&mut self) -> (usize, usize) {
+        self.projections_mut()
+            .into_iter()
+            .filter(|(n, _)| n.starts_with("model.layers."))
+            .fold((0, 0), |(b, n), (_, p)| (b + p.base_bytes(), n + p.shape.0 * p.shape.1))
     }
 
     pub fn device(&self) -> B::Device {

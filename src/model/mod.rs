@@ -15,11 +15,18 @@ use burn::prelude::Backend;
 
 /// Loads `config.json` and the safetensors weights of a Hugging Face model directory.
 pub fn load<B: Backend>(dir: &Path, device: &B::Device) -> anyhow::Result<Decoder<B>> {
+    load_with(dir, device, false)
+}
+
+/// [`load`], with the decoder blocks' linear weights quantized to NF4 as they are read when
+/// `quantize_base` (QLoRA).
+pub fn load_with<B: Backend>(dir: &Path, device: &B::Device, quantize_base: bool) -> anyhow::Result<Decoder<B>> {
     use anyhow::Context;
     if !dir.is_dir() {
         anyhow::bail!("{}: not a directory (expected a Hugging Face model directory with config.json and safetensors)", dir.display());
     }
-    let config = ModelConfig::from_dir(dir)?;
+    let mut config = ModelConfig::from_dir(dir)?;
+    config.quantize_base = quantize_base;
     let ck = Checkpoint::open(dir)?;
     let model = Decoder::load(&ck, &config, device).with_context(|| format!("loading the {} model in {}", config.family.as_str(), dir.display()))?;
     Ok(model)

@@ -444,7 +444,7 @@ impl<B: AutodiffBackend> Objective<B> for Dpo {
         StepReport { loss, grad_norm, input_tokens, metrics }
     }
 
-    fn evaluate(&mut self, model: &mut Decoder<B>) -> Option<Map<String, Value>> {
+    fn evaluate(&mut self, model: &mut Decoder<B::InnerBackend>) -> Option<Map<String, Value>> {
         let logps = score_pairs(model, self.eval.as_ref()?, self.eval_reference.as_deref());
         self.eval_reference = Some(logps.iter().map(|p| (p.chosen.reference, p.rejected.reference)).collect());
         Some(self.config.metrics(&logps, "eval_"))

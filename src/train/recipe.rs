@@ -71,6 +71,16 @@ fn d_loss_type() -> LossType {
 pub struct ModelSection {
     /// Hugging Face model directory.
     pub path: PathBuf,
+    /// `"nf4"`: QLoRA, the decoder blocks' linear weights held in 4-bit NF4 (double
+    /// quantization, blocksize 64, as bitsandbytes) and dequantized per layer in each forward.
+    /// A bitsandbytes 4-bit checkpoint is always loaded this way.
+    pub quantize: Option<Quantize>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Quantize {
+    Nf4,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

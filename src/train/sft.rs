@@ -203,7 +203,7 @@ impl<B: AutodiffBackend> Objective<B> for Sft {
         StepReport { loss, grad_norm, input_tokens: batches.iter().map(|b| b.real_tokens).sum(), metrics }
     }
 
-    fn evaluate(&mut self, model: &mut Decoder<B>) -> Option<Map<String, Value>> {
+    fn evaluate(&mut self, model: &mut Decoder<B::InnerBackend>) -> Option<Map<String, Value>> {
         let l = mean_loss(model, self.eval.as_ref()?, self.micro_batch_size);
         let Value::Object(m) = json!({ "eval_loss": l }) else { unreachable!() };
         Some(m)

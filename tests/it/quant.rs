@@ -168,3 +168,47 @@ fn ft_quantize_writes_the_bitsandbytes_checkpoint_byte_for_byte() {
     assert_ne!(c, 0);
     assert!(err.contains("already quantized"), "{err}");
 }
+
+fn train_losses(name: &str, model: &std::path::Path, quantize: bool) -> (Vec<f64>, serde_json::Value) {
+    let d = scratch(name);
+    let r = d.join("recipe.toml");
+    std::fs::write(
+        &r,
+        format!(
+            "[model]\npath = \"{}\"\n{}\n[data]\ntrain = \"{}\"\ntemplate = \"chatml\"\n[lora]\nr = 4\nalpha = 8\n[train]\nmax_steps = 10\nmicro_batch_size = 3\nlr = 1e-2\nseed = 9\n[output]\ndir = \"{}\"\n",
+            model.display(),
+            if quantize { "quantize = \"nf4\"" } else { "" },
+            fixtures().join("chat.jsonl").display(),
+            d.join("run").display()
+        ),
+    )
+    .unwrap();
+    let (c, out, err) = ft(&["train", r.to_str().unwrap(), "--quiet", "--json"]);
+    assert_eq!(c, 0, "{err}");
+    let losses = std::fs::read_to_string(d.join("run/metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"].as_f64())
+        .collect();
+    (losses, serde_json::from_str(&out).unwrap())
+}
+
+#[test]
+fn qlora_trains_through_the_4bit_base() {
+    // A 4-bit checkpoint trains with its weights held as NF4 codes ...
+    let (q, summary) = train_losses("qlora-bnb4", &model_dir("llama-bnb4"), false);
+    assert!(q.last().unwrap() < &(q[0] - 0.2), "QLoRA lowers the loss: {q:?}");
+    let bpp = summary["base_bytes_per_parameter"].as_f64().unwrap();
+    assert!(bpp > 0.5 && bpp < 0.53, "NF4 + double quantization: {bpp} bytes/parameter");
+    // ... computing what LoRA computes on the same values held dense ...
+    let dense = scratch("qlora-dense-copy").join("model");
+    dense_copy(&model_dir("llama-bnb4"), &dense, |q, _, _| q.dequantize());
+    let (l, summary) = train_losses("qlora-dense", &dense, false);
+    assert_eq!(summary["base_bytes_per_parameter"].as_f64(), Some(4.0));
+    for (a, b) in q.iter().zip(&l) {
+        assert!((a - b).abs() <= 1e-5 * b.abs(), "{q:?} vs {l:?}");
+    }
+    // ... and quantizing the f32 model while loading (`model.quantize = "nf4"`) is that checkpoint.
+    let (on_the_fly, _) = train_losses("qlora-quantize", &model_dir("llama"), true);
+    assert_eq!(on_the_fly, q);
+}
