@@ -254,6 +254,10 @@ pub struct MergeArgs {
     /// Dtype of the written weights (default: the base's).
     #[arg(long, value_enum)]
     pub dtype: Option<crate::adapters::merge::MergeDtype>,
+    /// For a QLoRA adapter: merge into this full-precision base instead of the NF4-dequantized
+    /// weights training saw.
+    #[arg(long)]
+    pub base: Option<PathBuf>,
     /// Print a JSON report.
     #[arg(long)]
     pub json: bool,
@@ -703,7 +707,7 @@ fn load_with_adapter<B: Backend>(model: &Path, adapter: Option<&Path>, device: &
 }
 
 fn cmd_merge(a: MergeArgs) -> Result<()> {
-    let r = crate::adapters::merge::merge(&a.model, &a.adapter, &a.out, a.dtype)?;
+    let r = crate::adapters::merge::merge(&a.model, &a.adapter, &a.out, a.dtype, a.base.as_deref())?;
     if a.json {
         println!("{}", serde_json::to_string(&r)?);
     } else {

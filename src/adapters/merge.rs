@@ -1,6 +1,11 @@
 //! `ft merge`: bake a LoRA adapter into the base weights, `W + s · B A` in f32, shard by shard
 //! (peak memory is about one shard plus the adapter). The output is a plain checkpoint with the
 //! base's index, config, tokenizer and generation config.
+//!
+//! QLoRA adapters merge into what training saw: the NF4-dequantized weights (of a bitsandbytes
+//! 4-bit base, or of a dense base the run quantized on load), written bf16 unless `--dtype` says
+//! otherwise; the result is never re-quantized. `--base DIR` merges into a full-precision base
+//! instead.
 
 use std::path::{Path, PathBuf};
 
@@ -12,6 +17,7 @@ use super::peft::PeftAdapter;
 use crate::fsutil::{write_atomic, StagedDir};
 use crate::model::weights::{to_f32, Checkpoint};
 use crate::model::ModelConfig;
+use crate::quant as quantize;
 
 /// Output dtype of `ft merge` (default: each tensor keeps the base's dtype).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -70,12 +76,24 @@ fn encode(values: &[f32], dtype: Dtype) -> Vec<u8> {
     }
 }
 
-/// Merges the PEFT adapter in `adapter` into the model in `base`, writing `out`.
-pub fn merge(base: &Path, adapter: &Path, out: &Path, dtype: Option<MergeDtype>) -> Result<MergeReport> {
+/// Merges the PEFT adapter in `adapter` into the model in `base`, writing `out`. With
+/// `full_precision`, a QLoRA adapter merges into that (dense) base instead of NF4 values.
+pub fn merge(base: &Path, adapter: &Path, out: &Path, dtype: Option<MergeDtype>, full_precision: Option<&Path>) -> Result<MergeReport> {
+    let qlora = adapter.join(super::peft::QUANTIZED_BASE_FILE).exists();
+    let (base, nf4) = match full_precision {
+        Some(dense) => (dense, false),
+        None => (base, qlora),
+    };
     // Refuse what ft cannot load (unknown architecture, bad config) before writing anything.
     ModelConfig::from_dir(base)?;
     let ad = PeftAdapter::open(adapter)?;
     let ck = Checkpoint::open(base)?;
+    let quantized_base = ck.names().any(|n| n.ends_with(".quant_state.bitsandbytes__nf4"));
+    if quantized_base && full_precision.is_some() {
+        bail!("--base {}: a 4-bit checkpoint is not a full-precision base", base.display());
+    }
+    // Merging into NF4 values writes bf16 by default (the weights have no more precision).
+    let dtype = dtype.or((nf4 || quantized_base).then_some(MergeDtype::Bf16));
     let scale = ad.config.scale() as f32;
     let staged = StagedDir::new(out)?;
     let mut merged = 0;
@@ -83,7 +101,27 @@ pub fn merge(base: &Path, adapter: &Path, out: &Path, dtype: Option<MergeDtype>)
     for (i, file) in ck.files().into_iter().enumerate() {
         let mut tensors: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
         for name in ck.shard_names(i) {
+            if quantized_base && !name.ends_with(".weight") && name.contains(".weight.") {
+                ck.skip(&name); // bitsandbytes statistics: folded into the dequantized weight
+                continue;
+            }
             let (bytes, src_dtype, shape, _) = ck.raw(&name)?;
+            // The weight training saw, in f32: NF4-dequantized for QLoRA, else as stored.
+            let dequantized: Option<(Vec<f32>, Vec<usize>)> = if quantize::bnb::is_quantized(&ck, &name) {
+                let state: serde_json::Value = serde_json::from_slice(ck.raw(&format!("{name}.quant_state.bitsandbytes__nf4"))?.0)?;
+                let shape: Vec<usize> = state["shape"].as_array().into_iter().flatten().filter_map(|v| v.as_u64().map(|v| v as usize)).collect();
+                Some((quantize::bnb::read(&ck, &name, &shape)?.dequantize(), shape))
+            } else if nf4 && quantize::bnb::quantizable(&name, &shape) {
+                let w = to_f32(bytes, src_dtype).ok_or_else(|| anyhow!("{name}: not a float tensor"))?;
+                Some((quantize::nf4::Nf4::quantize(&w, quantize::nf4::BLOCKSIZE, true).dequantize(), shape.clone()))
+            } else {
+                None
+            };
+            let (bytes, src_dtype, shape): (std::borrow::Cow<[u8]>, Dtype, Vec<usize>) = match &dequantized {
+                Some((w, s)) => (bytemuck::cast_slice(w).to_vec().into(), Dtype::F32, s.clone()),
+                None => (bytes.into(), src_dtype, shape),
+            };
+            let bytes: &[u8] = &bytes;
             let out_dtype = match (dtype, src_dtype) {
                 (Some(d), Dtype::F32 | Dtype::BF16 | Dtype::F16) => d.dtype(),
                 _ => src_dtype,
@@ -136,12 +174,16 @@ pub fn merge(base: &Path, adapter: &Path, out: &Path, dtype: Option<MergeDtype>)
                 v["metadata"]["total_size"] = total_size.into();
                 serde_json::to_vec_pretty(&v)?
             }
-            "config.json" if dtype.is_some() => {
+            "config.json" if dtype.is_some() || quantized_base => {
                 let mut v: serde_json::Value = serde_json::from_slice(&bytes)?;
-                let d = dtype.expect("checked").torch_name();
-                for key in ["torch_dtype", "dtype"] {
-                    if v.get(key).is_some() {
-                        v[key] = d.into();
+                if let Some(o) = v.as_object_mut() {
+                    o.remove("quantization_config");
+                }
+                if let Some(d) = dtype {
+                    for key in ["torch_dtype", "dtype"] {
+                        if v.get(key).is_some() {
+                            v[key] = d.torch_name().into();
+                        }
                     }
                 }
                 serde_json::to_vec_pretty(&v)?

@@ -255,9 +255,18 @@ pub fn save<B: Backend>(model: &mut Decoder<B>, config: &LoraConfig, base_model:
         "revision": null,
     });
     crate::fsutil::write_atomic(&staged.path("adapter_config.json"), &serde_json::to_vec_pretty(&cfg)?)?;
+    // A QLoRA adapter says what base it was trained against, so `ft merge` merges into the same
+    // (dequantized NF4) weights. PEFT ignores the extra file.
+    if model.projections_mut().iter().any(|(_, p)| p.nf4.is_some()) {
+        let base = serde_json::json!({"quantization": "nf4", "blocksize": crate::quant::nf4::BLOCKSIZE, "double_quant": true});
+        crate::fsutil::write_atomic(&staged.path(QUANTIZED_BASE_FILE), &serde_json::to_vec_pretty(&base)?)?;
+    }
     staged.commit()?;
     Ok(())
 }
+
+/// The file in an adapter directory that marks a QLoRA adapter (trained on an NF4 base).
+pub const QUANTIZED_BASE_FILE: &str = "ft_quantized_base.json";
 
 #[cfg(test)]
 mod tests {

@@ -212,3 +212,43 @@ fn qlora_trains_through_the_4bit_base() {
     let (on_the_fly, _) = train_losses("qlora-quantize", &model_dir("llama"), true);
     assert_eq!(on_the_fly, q);
 }
+
+#[test]
+fn qlora_merges_into_what_training_saw() {
+    let (_, bnb_run) = train_losses("qlora-merge-bnb4", &model_dir("llama-bnb4"), false);
+    let (_, fly_run) = train_losses("qlora-merge-fly", &model_dir("llama"), true);
+    let adapter = |s: &serde_json::Value| std::path::PathBuf::from(s["output_dir"].as_str().unwrap()).join("adapter");
+    assert!(adapter(&fly_run).join("ft_quantized_base.json").exists());
+    let d = scratch("qlora-merge-out");
+    let merge = |model: &std::path::Path, adapter: &std::path::Path, out: &str, extra: &[&str]| {
+        let out = d.join(out);
+        let mut args = vec!["merge", "--model", model.to_str().unwrap(), "--adapter", adapter.to_str().unwrap(), "--out", out.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        let (c, _, err) = ft(&args);
+        assert_eq!(c, 0, "{err}");
+        out
+    };
+    // Into the 4-bit checkpoint's dequantized weights: a plain f32 checkpoint whose logits are
+    // those of the 4-bit base with the adapter.
+    let m1 = merge(&model_dir("llama-bnb4"), &adapter(&bnb_run), "m1", &["--dtype", "f32"]);
+    let cfg = json(&m1.join("config.json"));
+    assert!(cfg.get("quantization_config").is_none());
+    let merged = ft::model::load::<ft::backend::Cpu>(&m1, &Default::default()).unwrap();
+    let mut with_adapter = load("llama-bnb4");
+    ft::adapters::peft::PeftAdapter::open(&adapter(&bnb_run)).unwrap().attach(&mut with_adapter).unwrap();
+    let ids = [1u32, 87, 491, 201, 57, 9, 300];
+    let diff = max_abs_diff(&logits(&merged, &ids), &logits(&with_adapter, &ids));
+    assert!(diff <= 1e-4, "merged vs base + adapter: {diff}");
+    // A run that quantized the f32 model on load merges into the same NF4 values by default ...
+    let m2 = merge(&model_dir("llama"), &adapter(&fly_run), "m2", &["--dtype", "f32"]);
+    assert!(std::fs::read(m1.join("model.safetensors")).unwrap() == std::fs::read(m2.join("model.safetensors")).unwrap());
+    // ... into the full-precision base with --base, and writes bf16 when not told otherwise.
+    let m3 = merge(&model_dir("llama"), &adapter(&fly_run), "m3", &["--base", model_dir("llama").to_str().unwrap(), "--dtype", "f32"]);
+    assert!(std::fs::read(m3.join("model.safetensors")).unwrap() != std::fs::read(m2.join("model.safetensors")).unwrap());
+    let m4 = merge(&model_dir("llama-bnb4"), &adapter(&bnb_run), "m4", &[]);
+    let (w, _) = read_f32(&m4.join("model.safetensors"), "model.layers.0.mlp.down_proj.weight");
+    let bytes = std::fs::read(m4.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    assert_eq!(st.tensor("model.layers.0.mlp.down_proj.weight").unwrap().dtype(), safetensors::Dtype::BF16);
+    assert_eq!(w.len(), 64 * 96);
+}
