@@ -139,6 +139,9 @@ pub fn parse_line(line: &str) -> Result<Vec<Message>, String> {
     if msgs.is_empty() {
         return Err("the conversation has no messages".into());
     }
+    if let Some(i) = msgs.iter().skip(1).position(|m| m.role == Role::System) {
+        return Err(format!("wrong role order: message {} is a system message; a system message may only come first", i + 1));
+    }
     if !msgs.iter().any(|m| m.role == Role::Assistant) {
         return Err("the conversation has no assistant turn, so there is nothing to learn or score".into());
     }
@@ -236,6 +239,10 @@ mod tests {
             ("{\"messages\": [{\"role\": \"user\", \"content\": 3}]}", "must be a string"),
             ("{\"messages\": [{\"role\": \"user\", \"content\": \"x\"}]}", "no assistant turn"),
             ("{\"text\": \"x\"}", "expected a \"messages\" key"),
+            (
+                "{\"messages\": [{\"role\": \"user\", \"content\": \"a\"}, {\"role\": \"system\", \"content\": \"s\"}, {\"role\": \"assistant\", \"content\": \"b\"}]}",
+                "wrong role order",
+            ),
         ];
         for (line, want) in cases {
             let e = parse_line(line).unwrap_err();

@@ -44,6 +44,9 @@ struct Shard {
 /// A memory-mapped checkpoint. Tracks which tensors were read so that leftovers can be reported.
 pub struct Checkpoint {
     dir: PathBuf,
+    /// A stand-in with no files: every weight is drawn from a seeded RNG (benchmarks of a
+    /// model's shape without its weights).
+    random: Option<u64>,
     shards: Vec<Shard>,
     /// tensor name → shard index
     names: BTreeMap<String, usize>,
@@ -107,7 +110,7 @@ impl Checkpoint {
         } else {
             return Err(WeightsError::NoWeights { dir: dir.into() });
         }
-        Ok(Checkpoint { dir: dir.into(), shards, names, used: Mutex::new(HashSet::new()) })
+        Ok(Checkpoint { dir: dir.into(), random: None, shards, names, used: Mutex::new(HashSet::new()) })
     }
 
     /// Opens one safetensors file (an adapter, a single shard).
@@ -115,7 +118,28 @@ impl Checkpoint {
         let shard = open_shard(path)?;
         let names = shard.meta.tensors().keys().map(|n| (n.clone(), 0)).collect();
         let dir = path.parent().unwrap_or(Path::new(".")).to_path_buf();
-        Ok(Checkpoint { dir, shards: vec![shard], names, used: Mutex::new(HashSet::new()) })
+        Ok(Checkpoint { dir, random: None, shards: vec![shard], names, used: Mutex::new(HashSet::new()) })
+    }
+
+    /// A checkpoint of random weights for the model configured in `dir`: norm weights 1, biases
+    /// 0, everything else uniform with standard deviation 0.02 (transformers' initializer range),
+    /// each tensor from an RNG seeded by `seed` and its name.
+    pub fn random(dir: &Path, seed: u64) -> Self {
+        Checkpoint { dir: dir.into(), random: Some(seed), shards: vec![], names: BTreeMap::new(), used: Mutex::new(HashSet::new()) }
+    }
+
+    fn random_tensor(seed: u64, name: &str, n: usize) -> Vec<f32> {
+        use rand::{Rng, SeedableRng};
+        if name.ends_with("norm.weight") {
+            return vec![1.0; n];
+        }
+        if name.ends_with(".bias") {
+            return vec![0.0; n];
+        }
+        let h = name.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3));
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed ^ h);
+        let a = 0.02 * 3f32.sqrt();
+        (0..n).map(|_| rng.random_range(-a..a)).collect()
     }
 
     /// The files holding the tensors (one per shard).
@@ -171,6 +195,9 @@ impl Checkpoint {
 
     /// A tensor converted to f32, checked against `expected` shape.
     pub fn f32(&self, name: &str, expected: &[usize]) -> Result<Vec<f32>, WeightsError> {
+        if let Some(seed) = self.random {
+            return Ok(Self::random_tensor(seed, name, expected.iter().product()));
+        }
         let (bytes, dtype, shape, path) = self.raw(name)?;
         if shape != expected {
             return Err(WeightsError::ShapeMismatch {

@@ -75,6 +75,21 @@ pub struct ModelSection {
     /// quantization, blocksize 64, as bitsandbytes) and dequantized per layer in each forward.
     /// A bitsandbytes 4-bit checkpoint is always loaded this way.
     pub quantize: Option<Quantize>,
+    /// Benchmarks: random weights of the shape `path/config.json` describes (no safetensors
+    /// needed; `path` still supplies the tokenizer).
+    #[serde(default)]
+    pub random_init: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Overlong {
+    Drop,
+    Truncate,
+}
+
+fn d_overlong() -> Overlong {
+    Overlong::Drop
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -97,6 +112,14 @@ pub struct DataSection {
     /// Samples longer than this many tokens are dropped (and counted).
     #[serde(default = "d_max_len")]
     pub max_len: usize,
+    /// What happens to a sample longer than `max_len`: `"drop"` it (counted in the summary) or
+    /// `"truncate"` it to its first `max_len` tokens (the prompt head is kept).
+    #[serde(default = "d_overlong")]
+    pub overlong: Overlong,
+    /// A sample with no trainable token (every assistant turn `train: false`, or cut away by
+    /// truncation) is an error naming its line; with `true` it is dropped and counted instead.
+    #[serde(default)]
+    pub drop_untrainable: bool,
     /// SFT: pack samples into sequences of `max_len` tokens (best-fit-decreasing; positions
     /// restart per sample and samples never attend to each other).
     #[serde(default)]

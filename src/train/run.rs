@@ -31,6 +31,10 @@ pub trait Objective<B: AutodiffBackend> {
     fn len(&self) -> usize;
     /// Examples dropped for being longer than `data.max_len`.
     fn dropped(&self) -> usize;
+    /// Truncated and dropped-untrainable counts of the training data.
+    fn data_counts(&self) -> super::sft::PrepareCounts {
+        super::sft::PrepareCounts { dropped_too_long: self.dropped(), ..Default::default() }
+    }
     /// Work before the first step, given the examples the run will visit (DPO precomputes its
     /// reference log-probs here).
     fn before_training(&mut self, _model: &mut Decoder<B>, _upcoming: &[usize]) -> Result<()> {
@@ -63,6 +67,10 @@ pub struct Summary {
     /// Training examples: samples (SFT) or pairs (DPO).
     pub train_samples: usize,
     pub dropped_too_long: usize,
+    /// Samples cut to `data.max_len` (`data.overlong = "truncate"`).
+    pub truncated: usize,
+    /// Samples without trainable tokens dropped (`data.drop_untrainable`).
+    pub dropped_untrainable: usize,
     pub trainable_parameters: usize,
     /// Resident bytes per parameter of the decoder blocks' frozen linear weights: 4 for f32,
     /// about 0.52 for NF4 with double quantization.
@@ -73,6 +81,9 @@ pub struct Summary {
     pub train_tokens: usize,
     pub seconds: f64,
     pub tokens_per_s: f64,
+    /// Seconds spent in optimizer steps (this process), and their input tokens per second.
+    pub step_seconds: f64,
+    pub step_tokens_per_s: f64,
 }
 
 /// The adapter configuration a recipe asks for.
@@ -134,7 +145,11 @@ pub fn run<B: AutodiffBackend>(recipe: &Recipe, device: B::Device, quiet: bool, 
 
     let tok = TextTokenizer::from_dir(&recipe.model.path)?;
     let quantize = recipe.model.quantize == Some(super::recipe::Quantize::Nf4);
-    let mut model = crate::model::load_with::<B>(&recipe.model.path, &device, quantize)?;
+    let mut model = if recipe.model.random_init {
+        crate::model::random::<B>(&recipe.model.path, &device, quantize, recipe.train.seed)?
+    } else {
+        crate::model::load_with::<B>(&recipe.model.path, &device, quantize)?
+    };
     let (base_bytes, base_params) = model.block_weight_bytes();
     let mut objective: Box<dyn Objective<B>> = match recipe.train.method {
         Method::Sft => Box::new(super::sft::Sft::new(&tok, recipe)?),
@@ -194,6 +209,8 @@ pub fn run<B: AutodiffBackend>(recipe: &Recipe, device: B::Device, quiet: bool, 
     }
     let mut metrics = open_metrics(&out.join("metrics.jsonl"), state.step)?;
     let (mut last_loss, mut tokens_seen, mut eval_loss) = (f64::NAN, state.tokens_seen, None);
+    // Time and tokens inside optimizer steps only (no loading, reference precompute or eval).
+    let (mut step_seconds, mut step_tokens) = (0.0, 0usize);
     // A progress bar on a terminal; plain periodic lines otherwise (CI logs).
     let bar = (!quiet && std::io::IsTerminal::is_terminal(&std::io::stderr())).then(|| {
         let b = indicatif::ProgressBar::new(total as u64).with_position(state.step as u64);
@@ -223,7 +240,10 @@ pub fn run<B: AutodiffBackend>(recipe: &Recipe, device: B::Device, quiet: bool, 
             micro.push(idx);
         }
         model.set_training(true);
+        let ts = Instant::now();
         let stats = objective.step(&mut model, &mut opt, &micro, lr, t.max_grad_norm);
+        step_seconds += ts.elapsed().as_secs_f64();
+        step_tokens += stats.input_tokens;
         model.set_training(false);
         if !stats.loss.is_finite() || !stats.grad_norm.is_finite() {
             bail!(Divergence { step: step + 1, loss: stats.loss, grad_norm: stats.grad_norm });
@@ -289,6 +309,8 @@ pub fn run<B: AutodiffBackend>(recipe: &Recipe, device: B::Device, quiet: bool, 
         method: recipe.train.method,
         train_samples: n_examples,
         dropped_too_long: objective.dropped(),
+        truncated: objective.data_counts().truncated,
+        dropped_untrainable: objective.data_counts().dropped_untrainable,
         trainable_parameters,
         base_bytes_per_parameter: base_bytes as f64 / base_params.max(1) as f64,
         final_loss: last_loss,
@@ -296,6 +318,8 @@ pub fn run<B: AutodiffBackend>(recipe: &Recipe, device: B::Device, quiet: bool, 
         train_tokens: tokens_seen,
         seconds,
         tokens_per_s: tokens_seen as f64 / seconds,
+        step_seconds,
+        step_tokens_per_s: step_tokens as f64 / step_seconds.max(1e-9),
     };
     crate::fsutil::write_atomic(&out.join("summary.json"), &serde_json::to_vec_pretty(&summary)?)?;
     Ok(summary)

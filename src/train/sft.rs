@@ -10,36 +10,87 @@ use burn::tensor::{Int, TensorData};
 use serde_json::{json, Map, Value};
 
 use super::optim::AdamW;
-use super::recipe::Recipe;
+use super::recipe::{Overlong, Recipe};
 use super::run::{Objective, StepReport};
 use super::step::train_step;
 use crate::data::conversation::{read_jsonl, DataError};
+use crate::data::cache;
 use crate::data::encode::{encode_conversation, Encoded};
 use crate::data::packing::{pack, Packed};
 use crate::model::Decoder;
 use crate::tokenizer::TextTokenizer;
 
-/// Encodes a data path; over-long samples are dropped and counted, samples without trainable
-/// tokens are errors naming `file:line`.
-pub fn prepare(tok: &TextTokenizer, recipe: &Recipe, file: &Path) -> Result<(Vec<Encoded>, usize)> {
+/// What preparing a data file did besides producing samples.
+#[derive(Debug, Clone, Copy, Default, serde::Serialize)]
+pub struct PrepareCounts {
+    /// Dropped for being longer than `data.max_len` (`overlong = "drop"`).
+    pub dropped_too_long: usize,
+    /// Cut to `data.max_len` tokens (`overlong = "truncate"`).
+    pub truncated: usize,
+    /// Dropped for having no trainable token (`drop_untrainable = true`).
+    pub dropped_untrainable: usize,
+}
+
+/// Encodes a data path (rendering and tokenizing on all cores). Over-long samples are dropped or
+/// truncated as `data.overlong` says; a sample without trainable tokens is an error naming
+/// `file:line` unless `data.drop_untrainable`.
+pub fn prepare(tok: &TextTokenizer, recipe: &Recipe, file: &Path) -> Result<(Vec<Encoded>, PrepareCounts)> {
+    use rayon::prelude::*;
     let template = tok.template(recipe.data.template)?;
-    let mut out = Vec::new();
-    let mut dropped = 0;
-    for conv in read_jsonl(file)? {
-        let enc = encode_conversation(tok, &template, &conv.messages).map_err(|msg| DataError::At { at: conv.at.clone(), msg })?;
-        if enc.trainable() == 0 {
-            return Err(DataError::At { at: conv.at, msg: "no trainable assistant tokens".into() }.into());
+    let d = &recipe.data;
+    let convs = read_jsonl(file)?;
+    // Tokenized data is cached beside the run directory (`.ft-cache/`), keyed by the data, the
+    // tokenizer and the template.
+    let cache_dir = recipe.output.dir.parent().unwrap_or(Path::new(".")).join(".ft-cache");
+    let key = cache::key(file, &recipe.model.path, &template.source, "sft-v1").ok();
+    let cached = key.as_ref().and_then(|k| cache::load(&cache_dir, k)).filter(|c| c.len() == convs.len());
+    let encoded: Vec<Result<Encoded, DataError>> = match cached {
+        Some(c) => c.into_iter().map(Ok).collect(),
+        None => {
+            let e: Vec<Result<Encoded, DataError>> = convs
+                .par_iter()
+                .map(|conv| encode_conversation(tok, &template, &conv.messages).map_err(|msg| DataError::At { at: conv.at.clone(), msg }))
+                .collect();
+            if let (Some(k), true) = (&key, e.iter().all(Result::is_ok)) {
+                let ok: Vec<Encoded> = e.iter().filter_map(|r| r.as_ref().ok().cloned()).collect();
+                // A cache that cannot be written only costs time next run.
+                let _ = cache::store(&cache_dir, k, &ok);
+            }
+            e
         }
-        if enc.ids.len() > recipe.data.max_len {
-            dropped += 1;
-            continue;
+    };
+    let mut out = Vec::with_capacity(convs.len());
+    let mut counts = PrepareCounts::default();
+    for (conv, enc) in convs.iter().zip(encoded) {
+        let mut enc = enc?;
+        if enc.ids.len() > d.max_len {
+            match d.overlong {
+                Overlong::Drop => {
+                    counts.dropped_too_long += 1;
+                    continue;
+                }
+                Overlong::Truncate => {
+                    enc.ids.truncate(d.max_len);
+                    enc.mask.truncate(d.max_len);
+                    counts.truncated += 1;
+                }
+            }
+        }
+        // The first token is never a target: trainable tokens are masked positions after it.
+        if enc.mask.iter().skip(1).all(|&m| m == 0) {
+            if d.drop_untrainable {
+                counts.dropped_untrainable += 1;
+                continue;
+            }
+            let why = if counts.truncated > 0 && enc.ids.len() == d.max_len { " (after truncation to data.max_len)" } else { "" };
+            return Err(DataError::At { at: conv.at.clone(), msg: format!("no trainable assistant tokens{why}; set data.drop_untrainable = true to drop such samples") }.into());
         }
         out.push(enc);
     }
     if out.is_empty() {
-        bail!("{}: no usable samples (dropped {dropped} longer than data.max_len = {})", file.display(), recipe.data.max_len);
+        bail!("{}: no usable samples ({counts:?}, data.max_len = {})", file.display(), d.max_len);
     }
-    Ok((out, dropped))
+    Ok((out, counts))
 }
 
 /// A right-padded micro-batch: `input[b, t] = ids[t]`, `target[b, t] = ids[t + 1]`, `weight` 1
@@ -135,19 +186,19 @@ pub struct Sft {
     /// loop then runs over these.
     pub packed: Option<Vec<Packed>>,
     pub eval: Option<Vec<Encoded>>,
-    pub dropped: usize,
+    pub counts: PrepareCounts,
     pub micro_batch_size: usize,
 }
 
 impl Sft {
     pub fn new(tok: &TextTokenizer, recipe: &Recipe) -> Result<Self> {
-        let (train, dropped) = prepare(tok, recipe, &recipe.data.train)?;
+        let (train, counts) = prepare(tok, recipe, &recipe.data.train)?;
         let eval = match &recipe.data.eval {
             Some(f) => Some(prepare(tok, recipe, f)?.0),
             None => None,
         };
         let packed = recipe.data.packing.then(|| pack(&train, recipe.data.max_len));
-        Ok(Sft { train, packed, eval, dropped, micro_batch_size: recipe.train.micro_batch_size })
+        Ok(Sft { train, packed, eval, counts, micro_batch_size: recipe.train.micro_batch_size })
     }
 }
 
@@ -171,7 +222,11 @@ impl<B: AutodiffBackend> Objective<B> for Sft {
     }
 
     fn dropped(&self) -> usize {
-        self.dropped
+        self.counts.dropped_too_long
+    }
+
+    fn data_counts(&self) -> PrepareCounts {
+        self.counts
     }
 
     fn step(&mut self, model: &mut Decoder<B>, opt: &mut AdamW<B::InnerBackend>, micro: &[Vec<usize>], lr: f64, max_grad_norm: f64) -> StepReport {

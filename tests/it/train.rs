@@ -278,3 +278,69 @@ fn gradient_checkpointing_changes_memory_not_results() {
         assert!(max_abs_diff(a, b) <= 1e-6, "{n}");
     }
 }
+
+#[test]
+fn overlong_samples_are_dropped_or_truncated_and_never_silently_empty() {
+    // chat.jsonl's third conversation has a long first turn; at max_len 24 its assistant reply
+    // is cut away entirely.
+    let run = |name: &str, data: &str| {
+        let d = scratch(name);
+        let train = eight(&d);
+        let r = recipe(&d, &train, "max_steps = 2\nmicro_batch_size = 2");
+        ft(&["train", r.to_str().unwrap(), "--quiet", "--json", "--set", "data.max_len=24", "--set", data])
+    };
+    let (c, out, err) = run("overlong-drop", "data.overlong=\"drop\"");
+    assert_eq!(c, 0, "{err}");
+    let s: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(s["dropped_too_long"].as_u64().unwrap() >= 3 && s["truncated"] == 0, "{s}");
+    let (c, _, err) = run("overlong-truncate", "data.overlong=\"truncate\"");
+    assert_eq!(c, 3, "{err}");
+    assert!(err.contains("eight.jsonl:") && err.contains("no trainable") && err.contains("drop_untrainable"), "{err}");
+    let d = scratch("overlong-both");
+    let train = eight(&d);
+    let r = recipe(&d, &train, "max_steps = 2\nmicro_batch_size = 2");
+    let (c, out, err) = ft(&[
+        "train", r.to_str().unwrap(), "--quiet", "--json", "--set", "data.max_len=24", "--set", "data.overlong=\"truncate\"", "--set",
+        "data.drop_untrainable=true",
+    ]);
+    assert_eq!(c, 0, "{err}");
+    let s: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(s["truncated"].as_u64().unwrap() >= 1 && s["dropped_untrainable"].as_u64().unwrap() >= 1, "{s}");
+    assert_eq!(s["dropped_too_long"], 0);
+}
+
+#[test]
+fn tokenized_data_is_cached_beside_the_run() {
+    let d = train_ok("token-cache", "max_steps = 3\nmicro_batch_size = 4\nseed = 2", &[]);
+    let cache: Vec<_> = std::fs::read_dir(d.join(".ft-cache")).unwrap().flatten().map(|e| e.path()).collect();
+    assert_eq!(cache.len(), 1, "{cache:?}");
+    let before = std::fs::read(&cache[0]).unwrap();
+    // A second run beside it reads the entry (unchanged) and trains the same.
+    let r = d.join("recipe.toml");
+    let (c, _, err) = ft(&["train", r.to_str().unwrap(), "--quiet", "--output", d.join("run2").to_str().unwrap()]);
+    assert_eq!(c, 0, "{err}");
+    assert_eq!(std::fs::read(&cache[0]).unwrap(), before);
+    let losses = |run: &str| {
+        std::fs::read_to_string(d.join(run).join("metrics.jsonl")).unwrap().lines().map(String::from).filter(|l| l.contains("\"loss\"")).map(|l| serde_json::from_str::<serde_json::Value>(&l).unwrap()["loss"].as_f64().unwrap()).collect::<Vec<_>>()
+    };
+    assert_eq!(losses("run"), losses("run2"));
+    // Changed data is a different key.
+    let data = d.join("eight.jsonl");
+    let text = std::fs::read_to_string(&data).unwrap();
+    std::fs::write(&data, text.replace("Count to 4.", "Count to four.")).unwrap();
+    let (c, _, err) = ft(&["train", r.to_str().unwrap(), "--quiet", "--output", d.join("run3").to_str().unwrap()]);
+    assert_eq!(c, 0, "{err}");
+    assert_eq!(std::fs::read_dir(d.join(".ft-cache")).unwrap().count(), 2);
+}
+
+#[test]
+fn random_init_trains_a_model_of_the_configured_shape() {
+    let d = train_ok("random-init", "max_steps = 2\nmicro_batch_size = 2\nseed = 4", &["--set", "model.random_init=true"]);
+    let m = metrics(&d);
+    // Weights of std 0.02 give near-uniform predictions over the 1024-token vocabulary.
+    let first = m[0]["loss"].as_f64().unwrap();
+    assert!((first - 1024f64.ln()).abs() < 0.15, "{first}");
+    let a = ft::model::random::<ft::backend::Cpu>(&model_dir("llama"), &Default::default(), false, 4).unwrap();
+    let b = ft::model::random::<ft::backend::Cpu>(&model_dir("llama"), &Default::default(), false, 4).unwrap();
+    assert_eq!(logits(&a, &[1, 2, 3]), logits(&b, &[1, 2, 3]));
+}
