@@ -6,6 +6,8 @@
 # and `ft generate` greedy ids vs transformers' (f32 must match to 1e-4 and exactly; bf16 is reported).
 # With a SmolLM2 directory: its three greedy generations and eval/generate speed on the GPU
 # ("random": a randomly initialised model of SmolLM2's shape, for speed only; greedy not compared).
+# Then: the bitsandbytes 4-bit oracle model on CUDA vs CPU, and 20 LoRA / QLoRA SFT steps of the
+# tiny llama on CUDA (bf16 compute) next to the same recipe on CPU (f32): max relative loss diff.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 FT=${1:-.bin/ft}
@@ -53,6 +55,33 @@ if smol:
         r, secs = run(["eval", "--model", smol, "--data", f"{fx}/chat.jsonl", "--template", "chatml", "--device", "cuda", "--dtype", dt, "--json"])
         want = sum(c["nll_sum"] for c in exp["chat_loss"]) / sum(c["tokens"] for c in exp["chat_loss"])
         print(f"smollm2 {dt:5} eval loss {r['loss']:.6f} (transformers f32 {want:.6f}, diff {abs(r['loss']-want):.2e}) in {secs:.1f}s")
+import os, tempfile
+# NF4: the 4-bit checkpoint on CUDA gives the CPU's loss.
+d = f"{fx}/models/llama-bnb4"
+cpu, _ = run(["eval", "--model", d, "--data", f"{fx}/chat.jsonl", "--template", "chatml", "--json"])
+gpu, _ = run(["eval", "--model", d, "--data", f"{fx}/chat.jsonl", "--template", "chatml", "--device", "cuda", "--json"])
+diff = abs(cpu["loss"] - gpu["loss"]); fails += diff > 1e-4
+print(f"llama-bnb4 (NF4) f32 eval: cuda {gpu['loss']:.6f} cpu {cpu['loss']:.6f} diff {diff:.2e}")
+# LoRA and QLoRA SFT: CUDA (bf16 compute) vs CPU (f32), 20 steps.
+work = tempfile.mkdtemp()
+def train(name, device, quantize):
+    r = f"{work}/{name}.toml"
+    open(r, "w").write(f"""[model]\npath = "{os.path.abspath(fx)}/models/llama"\n{'quantize = "nf4"' if quantize else ''}
+[data]\ntrain = "{os.path.abspath(fx)}/chat.jsonl"\ntemplate = "chatml"\n[lora]\nr = 4\nalpha = 8
+[train]\nmax_steps = 20\nmicro_batch_size = 3\nlr = 1e-3\nseed = 3\ndevice = "{device}"\n[output]\ndir = "{work}/{name}"\n""")
+    s, secs = run(["train", r, "--quiet", "--json"])
+    losses = [json.loads(l)["loss"] for l in open(f"{work}/{name}/metrics.jsonl") if '"loss"' in l]
+    return losses, s, secs
+for quantize in [False, True]:
+    tag = "qlora" if quantize else "lora"
+    try:
+        lc, _, _ = train(f"{tag}-cpu", "cpu", quantize)
+        lg, s, secs = train(f"{tag}-cuda", "cuda", quantize)
+    except RuntimeError as e:
+        print(f"{tag} sft ERROR {e}"); fails += 1; continue
+    rel = max(abs(a - b) / abs(b) for a, b in zip(lg, lc))
+    print(f"{tag} sft 20 steps: cuda bf16 vs cpu f32 max rel loss diff {rel:.2e}; loss {lg[0]:.4f} -> {lg[-1]:.4f}; "
+          f"{secs:.1f}s; base {s['base_bytes_per_parameter']:.3f} bytes/param")
 print("gpu-check:", "FAILED" if fails else "all f32 checks passed", f"({fails} failures)")
 sys.exit(1 if fails else 0)
 PY

@@ -84,9 +84,6 @@ fn check_line(bytes: &[u8], tok: &TextTokenizer, template: &ChatTemplate) -> Out
         Ok(m) => m,
         Err(e) => return Outcome::Error(e),
     };
-    if let Some(j) = messages.iter().position(|m| m.content.trim().is_empty()) {
-        warnings.push(format!("message {j} has empty content"));
-    }
     match encode_conversation(tok, template, &messages) {
         Ok(enc) if enc.trainable() == 0 => Outcome::Error("no trainable tokens (every assistant turn has train: false?)".into()),
         Ok(enc) => Outcome::Sample { tokens: enc.ids.len(), trainable: enc.trainable(), longest: enc.ids.len(), pair: false, warnings },
@@ -119,8 +116,9 @@ pub fn check(files: &[PathBuf], tok: &TextTokenizer, template: &ChatTemplate, ma
                     r.pairs += usize::from(pair);
                     r.tokens += tokens;
                     r.trainable_tokens += trainable;
-                    if max_len.is_some_and(|m| longest > m) {
+                    if let Some(m) = max_len.filter(|&m| longest > m) {
                         r.too_long += 1;
+                        r.warnings.push(Problem { at: at.clone(), message: format!("{longest} tokens, longer than --max-len {m} (training drops it, or truncates with data.overlong = \"truncate\")") });
                     }
                     lengths.push(longest);
                     r.warnings.extend(warnings.into_iter().map(|message| Problem { at: at.clone(), message }));

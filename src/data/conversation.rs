@@ -139,6 +139,9 @@ pub fn parse_line(line: &str) -> Result<Vec<Message>, String> {
     if msgs.is_empty() {
         return Err("the conversation has no messages".into());
     }
+    if let Some(i) = msgs.iter().position(|m| m.content.trim().is_empty()) {
+        return Err(format!("message {i} ({}) has empty content", msgs[i].role.as_str()));
+    }
     if let Some(i) = msgs.iter().skip(1).position(|m| m.role == Role::System) {
         return Err(format!("wrong role order: message {} is a system message; a system message may only come first", i + 1));
     }
@@ -239,6 +242,7 @@ mod tests {
             ("{\"messages\": [{\"role\": \"user\", \"content\": 3}]}", "must be a string"),
             ("{\"messages\": [{\"role\": \"user\", \"content\": \"x\"}]}", "no assistant turn"),
             ("{\"text\": \"x\"}", "expected a \"messages\" key"),
+            ("{\"messages\": [{\"role\": \"user\", \"content\": \" \"}, {\"role\": \"assistant\", \"content\": \"b\"}]}", "message 0 (user) has empty content"),
             (
                 "{\"messages\": [{\"role\": \"user\", \"content\": \"a\"}, {\"role\": \"system\", \"content\": \"s\"}, {\"role\": \"assistant\", \"content\": \"b\"}]}",
                 "wrong role order",

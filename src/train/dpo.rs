@@ -215,19 +215,27 @@ fn values<B: Backend>(t: Tensor<B, 1>) -> Vec<f64> {
     t.into_data().convert::<f64>().to_vec().expect("f64 values")
 }
 
+/// Completion log-probs (differentiable) and token counts of the chosen and of the rejected
+/// sides of `pairs`. Each side is its own forward: rejected replies are often much longer than
+/// chosen ones, and padding both to the longest of all would waste the difference.
+#[allow(clippy::type_complexity)]
+pub fn policy_logps<B: Backend>(model: &Decoder<B>, pairs: &[&EncodedPair]) -> ((Tensor<B, 1>, Vec<usize>), (Tensor<B, 1>, Vec<usize>)) {
+    let chosen: Vec<&Encoded> = pairs.iter().map(|p| &p.chosen).collect();
+    let rejected: Vec<&Encoded> = pairs.iter().map(|p| &p.rejected).collect();
+    (completion_logps(model, &chosen), completion_logps(model, &rejected))
+}
+
 /// Reference log-probs `(chosen, rejected)` of `pairs`: the model with adapters off.
 pub fn reference_logps<B: Backend>(model: &mut Decoder<B>, pairs: &[&EncodedPair]) -> Vec<(f64, f64)> {
     model.set_adapters_enabled(false);
-    let mut sides: Vec<&Encoded> = pairs.iter().map(|p| &p.chosen).collect();
-    sides.extend(pairs.iter().map(|p| &p.rejected));
-    let lp = values(completion_logps(model, &sides).0.detach());
+    let (c, r) = policy_logps(model, pairs);
+    let (c, r) = (values(c.0.detach()), values(r.0.detach()));
     model.set_adapters_enabled(true);
-    let n = pairs.len();
-    (0..n).map(|i| (lp[i], lp[n + i])).collect()
+    c.into_iter().zip(r).collect()
 }
 
-/// Pairs per forward pass when scoring (chosen and rejected together: twice as many sequences).
-pub const SCORE_BATCH: usize = 4;
+/// Pairs per scoring step (one forward for their chosen sides, one for their rejected sides).
+pub const SCORE_BATCH: usize = 8;
 
 /// Policy and reference log-probs of every pair, in batches of [`SCORE_BATCH`]; the reference
 /// forward is skipped where `reference` already holds the pair's values. No gradient.
@@ -239,15 +247,12 @@ pub fn score_pairs<B: Backend>(model: &mut Decoder<B>, pairs: &[EncodedPair], re
             Some(r) => r[c * SCORE_BATCH..c * SCORE_BATCH + chunk.len()].to_vec(),
             None => reference_logps(model, &refs),
         };
-        let mut sides: Vec<&Encoded> = chunk.iter().map(|p| &p.chosen).collect();
-        sides.extend(chunk.iter().map(|p| &p.rejected));
-        let (lp, counts) = completion_logps(model, &sides);
-        let lp = values(lp.detach());
-        let n = chunk.len();
-        for i in 0..n {
+        let ((c, cn), (r, rn)) = policy_logps(model, &refs);
+        let (c, r) = (values(c.detach()), values(r.detach()));
+        for i in 0..chunk.len() {
             out.push(PairLogps {
-                chosen: SideLogps { policy: lp[i], reference: reference[i].0, tokens: counts[i] },
-                rejected: SideLogps { policy: lp[n + i], reference: reference[i].1, tokens: counts[n + i] },
+                chosen: SideLogps { policy: c[i], reference: reference[i].0, tokens: cn[i] },
+                rejected: SideLogps { policy: r[i], reference: reference[i].1, tokens: rn[i] },
             });
         }
     }
@@ -414,20 +419,16 @@ impl<B: AutodiffBackend> Objective<B> for Dpo {
                     Some(r) if micro[k].iter().all(|&i| r[i].is_some()) => micro[k].iter().filter_map(|&i| r[i]).collect(),
                     _ => reference_logps(m, &pairs),
                 };
-                let mut sides: Vec<&Encoded> = pairs.iter().map(|p| &p.chosen).collect();
-                sides.extend(pairs.iter().map(|p| &p.rejected));
-                input_tokens += sides.iter().map(|s| s.ids.len() - 1).sum::<usize>();
-                let (lp, counts) = completion_logps(m, &sides);
-                let n = pairs.len();
-                let values = values(lp.clone().detach());
-                let logps: Vec<PairLogps> = (0..n)
+                let (chosen, rejected) = policy_logps(m, &pairs);
+                input_tokens += pairs.iter().map(|p| p.chosen.ids.len() + p.rejected.ids.len() - 2).sum::<usize>();
+                let (vc, vr) = (values(chosen.0.clone().detach()), values(rejected.0.clone().detach()));
+                let logps: Vec<PairLogps> = (0..pairs.len())
                     .map(|i| PairLogps {
-                        chosen: SideLogps { policy: values[i], reference: refs[i].0, tokens: counts[i] },
-                        rejected: SideLogps { policy: values[n + i], reference: refs[i].1, tokens: counts[n + i] },
+                        chosen: SideLogps { policy: vc[i], reference: refs[i].0, tokens: chosen.1[i] },
+                        rejected: SideLogps { policy: vr[i], reference: refs[i].1, tokens: rejected.1[i] },
                     })
                     .collect();
-                let chosen = lp.clone().slice([0..n]);
-                let rejected = lp.slice([n..2 * n]);
+                let (chosen, rejected) = (chosen.0, rejected.0);
                 let mut loss = cfg.loss_tensor(chosen.clone(), rejected, &logps).sum() / n_pairs as f64;
                 if let Some(alpha) = cfg.rpo_alpha {
                     loss = loss - chosen.sum() * (alpha / chosen_tokens.max(1) as f64);

@@ -155,7 +155,14 @@ fn data_check_reports_every_bad_line() {
     let at: Vec<String> = v["errors"].as_array().unwrap().iter().map(|e| e["at"].as_str().unwrap().to_string()).collect();
     let file = f.display().to_string();
     assert_eq!(at, vec![format!("{file}:2"), format!("{file}:4"), format!("{file}:5")]);
-    assert!(v["warnings"][0]["message"].as_str().unwrap().contains("duplicate"));
+    let warnings: Vec<(String, String)> = v["warnings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|w| (w["at"].as_str().unwrap().to_string(), w["message"].as_str().unwrap().to_string()))
+        .collect();
+    assert!(warnings.iter().any(|(at, m)| at == &format!("{file}:3") && m.contains("duplicate")), "{warnings:?}");
+    assert!(warnings.iter().any(|(at, m)| at == &format!("{file}:1") && m.contains("longer than --max-len 10")), "{warnings:?}");
     assert_eq!(v["too_long"], 2);
     assert!(v["trainable_tokens"].as_u64().unwrap() > 0);
 }

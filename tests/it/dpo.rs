@@ -76,13 +76,18 @@ fn prefs(dir: &Path) -> PathBuf {
 }
 
 fn dpo_run(name: &str, dpo: &str) -> (PathBuf, Vec<serde_json::Value>) {
+    dpo_run_with(name, dpo, "")
+}
+
+/// A DPO run of the tiny llama on [`prefs`]; `model` adds keys to the `[model]` section.
+fn dpo_run_with(name: &str, dpo: &str, model: &str) -> (PathBuf, Vec<serde_json::Value>) {
     let d = scratch(name);
     let data = prefs(&d);
     let r = d.join("recipe.toml");
     std::fs::write(
         &r,
         format!(
-            "[model]\npath = \"{}\"\n[data]\ntrain = \"{}\"\neval = \"{}\"\ntemplate = \"chatml\"\n[lora]\nr = 4\nalpha = 8\n\
+            "[model]\npath = \"{}\"\n{model}\n[data]\ntrain = \"{}\"\neval = \"{}\"\ntemplate = \"chatml\"\n[lora]\nr = 4\nalpha = 8\n\
              [train]\nmethod = \"dpo\"\nmax_steps = 8\nmicro_batch_size = 4\ngrad_accum = 2\nlr = 1e-2\nseed = 5\n[dpo]\n{dpo}\n[output]\ndir = \"{}\"\n",
             model_dir("llama").display(),
             data.display(),
@@ -160,4 +165,13 @@ fn bad_pairs_are_located_errors_or_warnings() {
     let (c, _, err) = run(&format!("{ok}\n{}\n", r#"{"prompt": "q", "chosen": "a"}"#));
     assert_eq!(c, 3, "{err}");
     assert!(err.contains("p.jsonl:2") && err.contains("\"rejected\" is missing"), "{err}");
+}
+
+#[test]
+fn dpo_runs_on_a_quantized_base() {
+    // QLoRA + DPO: the reference is the NF4 base with the adapter off.
+    let (_, m) = dpo_run_with("dpo-qlora", "beta = 0.1", "quantize = \"nf4\"");
+    assert!((m[0]["loss"].as_f64().unwrap() - std::f64::consts::LN_2).abs() < 1e-6);
+    let eval = m.iter().rfind(|l| l.get("eval_loss").is_some()).unwrap();
+    assert!(eval["eval_loss"].as_f64().unwrap() < 0.6 && eval["eval_rewards/margins"].as_f64().unwrap() > 0.05, "{eval}");
 }
