@@ -9,6 +9,7 @@ use burn::tensor::{Bool, Int, TensorData};
 
 use super::config::ModelConfig;
 use crate::quant::nf4::Nf4;
+use crate::quant::tensor::Nf4Weight;
 use crate::adapters::lora::Lora;
 use super::rope::Rope;
 use super::weights::{transpose, Checkpoint, WeightsError};
@@ -37,9 +38,8 @@ pub struct Projection<B: Backend> {
     /// `false` switches the adapter off (the base model, e.g. DPO's reference).
     #[module(skip)]
     pub adapter_enabled: bool,
-    /// The base weight as NF4 codes of the PyTorch-layout `[out, in]` matrix.
-    #[module(skip)]
-    pub nf4: Option<std::sync::Arc<Nf4>>,
+    /// The base weight as NF4 codes of the PyTorch-layout `[out, in]` matrix (on the device).
+    pub nf4: Option<Nf4Weight<B>>,
     /// `(in, out)`
     #[module(skip)]
     pub shape: (usize, usize),
@@ -68,7 +68,8 @@ impl<B: Backend> Projection<B> {
         } else {
             None
         };
-        Ok(Projection { weight, bias, lora: None, adapter_enabled: true, nf4: nf4.map(std::sync::Arc::new), shape: (d_in, d_out) })
+        let nf4 = nf4.map(|q| Nf4Weight::new(&q, d_out, d_in, device));
+        Ok(Projection { weight, bias, lora: None, adapter_enabled: true, nf4, shape: (d_in, d_out) })
     }
 
     /// Bytes the base weight occupies (f32 dense, or NF4 codes and statistics).
@@ -89,11 +90,8 @@ impl<B: Backend> Projection<B> {
         let rows = dims[..D - 1].iter().product();
         let x: Tensor<B, 2> = x.reshape([rows, d_in]);
         let mut y = match &self.nf4 {
-            Some(q) => {
-                // Dequantized for this forward only; the graph keeps it for the input gradient.
-                let w = Tensor::<B, 2>::from_data(TensorData::new(q.dequantize_par(), [d_out, d_in]), &x.device());
-                x.clone().matmul(w.transpose())
-            }
+            // Dequantized for this forward only; the graph keeps it for the input gradient.
+            Some(q) => x.clone().matmul(q.dequantize().transpose()),
             None => x.clone().matmul(self.weight.val()),
         };
         if let Some(b) = &self.bias {

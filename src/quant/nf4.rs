@@ -211,25 +211,6 @@ impl Nf4 {
         out
     }
 
-    /// [`Nf4::dequantize`] on all cores.
-    pub fn dequantize_par(&self) -> Vec<f32> {
-        use rayon::prelude::*;
-        let absmax = self.absmax_f32();
-        let mut out = vec![0f32; self.numel];
-        // Chunks of whole blocks (an even count of values, so bytes never split).
-        let chunk = self.blocksize * 64;
-        out.par_chunks_mut(chunk).enumerate().for_each(|(c, slot)| {
-            let start = c * chunk;
-            for (j, v) in slot.iter_mut().enumerate() {
-                let i = start + j;
-                let byte = self.packed[i / 2];
-                let q = if i % 2 == 0 { byte >> 4 } else { byte & 0xF };
-                *v = NF4_CODE[q as usize] * absmax[i / self.blocksize];
-            }
-        });
-        out
-    }
-
     /// Resident bytes: packed codes plus the absmax statistics (the NF4 code and the dynamic
     /// map are shared constants).
     pub fn bytes(&self) -> usize {

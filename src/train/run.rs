@@ -73,7 +73,7 @@ pub struct Summary {
     pub dropped_untrainable: usize,
     pub trainable_parameters: usize,
     /// Resident bytes per parameter of the decoder blocks' frozen linear weights: 4 for f32,
-    /// about 0.52 for NF4 with double quantization.
+    /// about 0.56 for NF4 (codes and f32 absmax).
     pub base_bytes_per_parameter: f64,
     pub final_loss: f64,
     pub eval_loss: Option<f64>,
