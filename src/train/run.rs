@@ -242,7 +242,8 @@ pub fn run<B: AutodiffBackend>(recipe: &Recipe, device: B::Device, quiet: bool, 
         model.set_training(true);
         let ts = Instant::now();
         let stats = objective.step(&mut model, &mut opt, &micro, lr, t.max_grad_norm);
-        step_seconds += ts.elapsed().as_secs_f64();
+        let step_s = ts.elapsed().as_secs_f64();
+        step_seconds += step_s;
         step_tokens += stats.input_tokens;
         model.set_training(false);
         if !stats.loss.is_finite() || !stats.grad_norm.is_finite() {
@@ -259,6 +260,7 @@ pub fn run<B: AutodiffBackend>(recipe: &Recipe, device: B::Device, quiet: bool, 
         line.insert("learning_rate".into(), lr.into());
         line.insert("num_tokens".into(), tokens_seen.into());
         line.insert("tokens_per_s".into(), (tokens_seen as f64 / secs).into());
+        line.insert("step_s".into(), step_s.into());
         let line = Value::Object(line);
         writeln!(metrics, "{line}")?;
         let msg = format!("loss {:.4} grad_norm {:.3} lr {:.2e}", stats.loss, stats.grad_norm, lr);
