@@ -79,37 +79,56 @@ pub fn sample_nll<B: Backend>(model: &Decoder<B>, enc: &Encoded) -> (f64, usize)
     masked_nll(enc, &token_logprobs(model, &enc.ids))
 }
 
-/// NLL sums and scored-token counts of a batch of encoded samples. The head and softmax run only
-/// at scored positions (right padding cannot change the logits of real tokens).
-pub fn batch_masked_nll<B: Backend>(model: &Decoder<B>, encs: &[&Encoded]) -> Vec<(f64, usize)> {
-    let device = model.device();
-    let t = encs.iter().map(|e| e.ids.len()).max().unwrap_or(0).saturating_sub(1).max(1);
-    let b = encs.len();
-    let mut input = vec![0i64; b * t];
-    let (mut positions, mut targets, mut owner) = (Vec::new(), Vec::new(), Vec::new());
-    for (i, e) in encs.iter().enumerate() {
-        for j in 0..e.ids.len().saturating_sub(1) {
-            input[i * t + j] = e.ids[j] as i64;
-            if e.mask[j + 1] == 1 {
-                positions.push((i * t + j) as i64);
-                targets.push(e.ids[j + 1] as i64);
-                owner.push(i);
+/// A right-padded batch of encoded samples (`input[i, j] = ids[j]`) and the flat positions
+/// `i · T + j` whose next token `ids[j + 1]` is scored (mask 1), with that target and its sample.
+pub struct ScoredBatch {
+    pub input: Vec<i64>,
+    pub b: usize,
+    pub t: usize,
+    pub positions: Vec<i64>,
+    pub targets: Vec<i64>,
+    pub owner: Vec<usize>,
+}
+
+impl ScoredBatch {
+    pub fn new(encs: &[&Encoded]) -> Self {
+        let t = encs.iter().map(|e| e.ids.len()).max().unwrap_or(0).saturating_sub(1).max(1);
+        let b = encs.len();
+        let mut input = vec![0i64; b * t];
+        let (mut positions, mut targets, mut owner) = (Vec::new(), Vec::new(), Vec::new());
+        for (i, e) in encs.iter().enumerate() {
+            for j in 0..e.ids.len().saturating_sub(1) {
+                input[i * t + j] = e.ids[j] as i64;
+                if e.mask[j + 1] == 1 {
+                    positions.push((i * t + j) as i64);
+                    targets.push(e.ids[j + 1] as i64);
+                    owner.push(i);
+                }
             }
         }
+        ScoredBatch { input, b, t, positions, targets, owner }
     }
-    let mut out = vec![(0.0, 0); b];
-    let n = positions.len();
-    if n == 0 {
+
+    /// `log p(target)` at every scored position, `[n, 1]`: the head runs only there (right
+    /// padding cannot change the logits of real tokens).
+    pub fn logprobs<B: Backend>(self, model: &Decoder<B>) -> Tensor<B, 2> {
+        let device = model.device();
+        let n = self.positions.len();
+        let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(self.input, [self.b, self.t]), &device);
+        let target = Tensor::<B, 3, Int>::from_data(TensorData::new(self.targets, [1, n, 1]), &device);
+        log_softmax(model.logits_at(ids, self.positions), 2).gather(2, target).reshape([n, 1])
+    }
+}
+
+/// NLL sums and scored-token counts of a batch of encoded samples.
+pub fn batch_masked_nll<B: Backend>(model: &Decoder<B>, encs: &[&Encoded]) -> Vec<(f64, usize)> {
+    let batch = ScoredBatch::new(encs);
+    let mut out = vec![(0.0, 0); encs.len()];
+    if batch.positions.is_empty() {
         return out;
     }
-    let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(input, [b, t]), &device);
-    let target = Tensor::<B, 3, Int>::from_data(TensorData::new(targets, [1, n, 1]), &device);
-    let logp: Vec<f32> = log_softmax(model.logits_at(ids, positions), 2)
-        .gather(2, target)
-        .into_data()
-        .convert::<f32>()
-        .to_vec()
-        .expect("f32 log-probs");
+    let owner = batch.owner.clone();
+    let logp: Vec<f32> = batch.logprobs(model).into_data().convert::<f32>().to_vec().expect("f32 log-probs");
     for (k, &i) in owner.iter().enumerate() {
         out[i].0 -= logp[k] as f64;
         out[i].1 += 1;

@@ -11,11 +11,11 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
 use rayon::prelude::*;
-use safetensors::tensor::{Dtype, TensorView};
+use safetensors::tensor::Dtype;
 
 use super::peft::PeftAdapter;
 use crate::fsutil::{write_atomic, StagedDir};
-use crate::model::weights::{to_f32, Checkpoint};
+use crate::model::weights::{to_f32, write_safetensors, Checkpoint, RawTensors};
 use crate::model::ModelConfig;
 use crate::quant as quantize;
 
@@ -99,7 +99,7 @@ pub fn merge(base: &Path, adapter: &Path, out: &Path, dtype: Option<MergeDtype>,
     let mut merged = 0;
     let mut total_size = 0usize;
     for (i, file) in ck.files().into_iter().enumerate() {
-        let mut tensors: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
+        let mut tensors: RawTensors = Vec::new();
         for name in ck.shard_names(i) {
             if quantized_base && !name.ends_with(".weight") && name.contains(".weight.") {
                 ck.skip(&name); // bitsandbytes statistics: folded into the dequantized weight
@@ -145,14 +145,7 @@ pub fn merge(base: &Path, adapter: &Path, out: &Path, dtype: Option<MergeDtype>,
             total_size += data.len();
             tensors.push((name, out_dtype, shape, data));
         }
-        let views = tensors
-            .iter()
-            .map(|(n, d, s, b)| Ok((n.clone(), TensorView::new(*d, s.clone(), b)?)))
-            .collect::<Result<Vec<_>, safetensors::SafeTensorError>>()?;
-        let mut meta = ck.shard_metadata(i).unwrap_or_default();
-        meta.insert("format".into(), "pt".into());
-        let target = staged.path(&file.file_name().expect("file").to_string_lossy());
-        safetensors::serialize_to_file(views, Some(meta), &target).with_context(|| format!("writing {}", target.display()))?;
+        write_safetensors(&staged.path(&file.file_name().expect("file").to_string_lossy()), &tensors, ck.shard_metadata(i))?;
     }
     ad.checkpoint
         .check_all_used()

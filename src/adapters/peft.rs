@@ -226,13 +226,10 @@ pub fn save<B: Backend>(model: &mut Decoder<B>, config: &LoraConfig, base_model:
     if tensors.is_empty() {
         bail!("the model has no adapters to save");
     }
-    let views = tensors
-        .iter()
-        .map(|(n, s, b)| Ok((n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)?)))
-        .collect::<Result<Vec<_>, safetensors::SafeTensorError>>()?;
-    let meta = std::collections::HashMap::from([("format".to_string(), "pt".to_string())]);
+    let tensors: crate::model::weights::RawTensors =
+        tensors.into_iter().map(|(n, s, b)| (n, safetensors::Dtype::F32, s, b)).collect();
     let staged = crate::fsutil::StagedDir::new(out)?;
-    safetensors::serialize_to_file(views, Some(meta), &staged.path("adapter_model.safetensors"))?;
+    crate::model::weights::write_safetensors(&staged.path("adapter_model.safetensors"), &tensors, None)?;
     let cfg = serde_json::json!({
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",

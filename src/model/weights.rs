@@ -236,6 +236,22 @@ impl Checkpoint {
     }
 }
 
+/// Named tensors as stored: name, dtype, shape, little-endian bytes.
+pub type RawTensors = Vec<(String, Dtype, Vec<usize>, Vec<u8>)>;
+
+/// Writes `tensors` as a safetensors file with `metadata` plus `"format": "pt"` (what
+/// transformers expects).
+pub fn write_safetensors(path: &Path, tensors: &RawTensors, metadata: Option<HashMap<String, String>>) -> anyhow::Result<()> {
+    use anyhow::Context;
+    let views = tensors
+        .iter()
+        .map(|(n, d, s, b)| Ok((n.clone(), safetensors::tensor::TensorView::new(*d, s.clone(), b)?)))
+        .collect::<Result<Vec<_>, safetensors::SafeTensorError>>()?;
+    let mut meta = metadata.unwrap_or_default();
+    meta.insert("format".into(), "pt".into());
+    safetensors::serialize_to_file(views, Some(meta), path).with_context(|| format!("writing {}", path.display()))
+}
+
 /// Little-endian f32/bf16/f16 bytes to f32 values; `None` for other dtypes.
 pub fn to_f32(bytes: &[u8], dtype: Dtype) -> Option<Vec<f32>> {
     Some(match dtype {

@@ -16,12 +16,12 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
-use safetensors::tensor::{Dtype, TensorView};
+use safetensors::tensor::Dtype;
 
 use super::dynamic::dynamic_map;
 use super::nf4::{Absmax, DoubleQuant, Nf4, BLOCKSIZE, NF4_CODE};
 use crate::fsutil::{write_atomic, StagedDir};
-use crate::model::weights::{to_f32, Checkpoint, WeightsError};
+use crate::model::weights::{to_f32, write_safetensors, Checkpoint, RawTensors, WeightsError};
 
 const STATE_SUFFIX: &str = ".quant_state.bitsandbytes__nf4";
 
@@ -214,7 +214,7 @@ pub fn quantize_checkpoint(model: &Path, out: &Path, double: bool) -> Result<Qua
     let mut weight_map = serde_json::Map::new();
     for (i, file) in ck.files().into_iter().enumerate() {
         let file_name = file.file_name().expect("file").to_string_lossy().into_owned();
-        let mut tensors: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = Vec::new();
+        let mut tensors: RawTensors = Vec::new();
         for name in ck.shard_names(i) {
             let (bytes, dtype, shape, _) = ck.raw(&name)?;
             before += bytes.len();
@@ -233,14 +233,7 @@ pub fn quantize_checkpoint(model: &Path, out: &Path, double: bool) -> Result<Qua
             after += t.3.len();
             weight_map.insert(t.0.clone(), file_name.clone().into());
         }
-        let views = tensors
-            .iter()
-            .map(|(n, d, s, b)| Ok((n.clone(), TensorView::new(*d, s.clone(), b)?)))
-            .collect::<Result<Vec<_>, safetensors::SafeTensorError>>()?;
-        let mut meta = ck.shard_metadata(i).unwrap_or_default();
-        meta.insert("format".into(), "pt".into());
-        let target = staged.path(&file_name);
-        safetensors::serialize_to_file(views, Some(meta), &target).with_context(|| format!("writing {}", target.display()))?;
+        write_safetensors(&staged.path(&file_name), &tensors, ck.shard_metadata(i))?;
     }
     if quantized == 0 {
         bail!("{}: no decoder linear weight to quantize", model.display());

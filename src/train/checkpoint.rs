@@ -31,20 +31,15 @@ fn sha256_file(p: &Path) -> Result<String> {
 }
 
 fn tensors_to_file<B: Backend>(path: &Path, named: Vec<(String, Tensor<B, 2>)>) -> Result<()> {
-    let data: Vec<(String, Vec<usize>, Vec<u8>)> = named
+    let data: crate::model::weights::RawTensors = named
         .into_iter()
         .map(|(n, t)| {
             let shape = t.dims().to_vec();
             let v: Vec<f32> = t.into_data().convert::<f32>().to_vec().expect("f32");
-            (n, shape, bytemuck::cast_slice(&v).to_vec())
+            (n, safetensors::Dtype::F32, shape, bytemuck::cast_slice(&v).to_vec())
         })
         .collect();
-    let views = data
-        .iter()
-        .map(|(n, s, b)| Ok((n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)?)))
-        .collect::<Result<Vec<_>, safetensors::SafeTensorError>>()?;
-    safetensors::serialize_to_file(views, None, path)?;
-    Ok(())
+    crate::model::weights::write_safetensors(path, &data, None)
 }
 
 /// Writes `checkpoint-{state.step}` into `run`: `save_adapter` writes the PEFT adapter into the

@@ -20,7 +20,7 @@ use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 use burn::prelude::*;
-use burn::tensor::activation::{log_sigmoid, log_softmax, relu};
+use burn::tensor::activation::{log_sigmoid, relu};
 use burn::tensor::backend::AutodiffBackend;
 use burn::tensor::{Int, TensorData};
 use serde::{Deserialize, Serialize};
@@ -35,6 +35,7 @@ use crate::data::conversation::{expand_data_path, DataError};
 use crate::data::encode::Encoded;
 use crate::data::preference::{encode_pair, read_preferences, EncodedPair};
 use crate::data::template::ChatTemplate;
+use crate::eval::ScoredBatch;
 use crate::model::Decoder;
 use crate::tokenizer::TextTokenizer;
 
@@ -180,35 +181,23 @@ impl DpoConfig {
 pub fn completion_logps<B: Backend>(model: &Decoder<B>, sides: &[&Encoded]) -> (Tensor<B, 1>, Vec<usize>) {
     let device = model.device();
     let n = sides.len();
-    let t = sides.iter().map(|e| e.ids.len()).max().unwrap_or(0).saturating_sub(1).max(1);
-    let mut input = vec![0i64; n * t];
-    let (mut positions, mut targets, mut owner) = (Vec::new(), Vec::new(), Vec::new());
+    let batch = ScoredBatch::new(sides);
     let mut counts = vec![0usize; n];
-    for (i, e) in sides.iter().enumerate() {
-        for j in 0..e.ids.len().saturating_sub(1) {
-            input[i * t + j] = e.ids[j] as i64;
-            if e.mask[j + 1] == 1 {
-                positions.push((i * t + j) as i64);
-                targets.push(e.ids[j + 1] as i64);
-                owner.push(i);
-                counts[i] += 1;
-            }
-        }
+    for &i in &batch.owner {
+        counts[i] += 1;
     }
-    let p = positions.len();
-    let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(input, [n, t]), &device);
+    let p = batch.positions.len();
     if p == 0 {
+        let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(batch.input, [batch.b, batch.t]), &device);
         return (model.hidden(ids, None).sum().reshape([1]).repeat_dim(0, n) * 0.0, counts);
     }
-    let target = Tensor::<B, 3, Int>::from_data(TensorData::new(targets, [1, p, 1]), &device);
-    let lp = log_softmax(model.logits_at(ids, positions), 2).gather(2, target).reshape([p, 1]);
     // Sum per sequence: a 0/1 [n, p] matrix times the token log-probs.
     let mut owners = vec![0f32; n * p];
-    for (k, &i) in owner.iter().enumerate() {
+    for (k, &i) in batch.owner.iter().enumerate() {
         owners[i * p + k] = 1.0;
     }
     let owners = Tensor::<B, 2>::from_data(TensorData::new(owners, [n, p]), &device);
-    (owners.matmul(lp).reshape([n]), counts)
+    (owners.matmul(batch.logprobs(model)).reshape([n]), counts)
 }
 
 fn values<B: Backend>(t: Tensor<B, 1>) -> Vec<f64> {
