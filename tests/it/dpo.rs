@@ -175,3 +175,36 @@ fn dpo_runs_on_a_quantized_base() {
     let eval = m.iter().rfind(|l| l.get("eval_loss").is_some()).unwrap();
     assert!(eval["eval_loss"].as_f64().unwrap() < 0.6 && eval["eval_rewards/margins"].as_f64().unwrap() > 0.05, "{eval}");
 }
+
+#[test]
+fn dpo_resumes_to_the_same_bytes() {
+    // A run that fails writing checkpoint-4 resumes from checkpoint-2 (with its cached reference
+    // log-probs) and ends where an uninterrupted run ends.
+    let dpo = "beta = 0.1\nprecompute_ref = true";
+    let (a, _) = dpo_run("dpo-resume-ref", dpo);
+    let d = scratch("dpo-resume");
+    let data = prefs(&d);
+    let r = d.join("recipe.toml");
+    std::fs::write(
+        &r,
+        std::fs::read_to_string(a.join("recipe.toml"))
+            .unwrap()
+            .replace(&a.join("prefs.jsonl").display().to_string(), &data.display().to_string())
+            .replace(&a.join("run").display().to_string(), &d.join("run").display().to_string())
+            .replace("[dpo]", "save_every = 2\n[dpo]"),
+    )
+    .unwrap();
+    let (c, _, err) = ft(&["train", r.to_str().unwrap(), "--quiet"]);
+    assert_eq!(c, 0, "{err}");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ft"))
+        .args(["train", r.to_str().unwrap(), "--quiet", "--output", d.join("run2").to_str().unwrap()])
+        .env("FT_FAIL_CHECKPOINT_AT", "4")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
+    let (c, _, err) = ft(&["train", r.to_str().unwrap(), "--quiet", "--resume", "--output", d.join("run2").to_str().unwrap()]);
+    assert_eq!(c, 0, "{err}");
+    let bytes = |p: PathBuf| std::fs::read(p.join("adapter/adapter_model.safetensors")).unwrap();
+    assert!(bytes(d.join("run")) == bytes(d.join("run2")), "resumed DPO adapter differs");
+    assert!(bytes(a.join("run")) == bytes(d.join("run")), "save_every changed the result");
+}
