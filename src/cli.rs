@@ -605,7 +605,7 @@ fn eval_dpo_on<B: Backend>(a: EvalArgs, device: B::Device) -> Result<()> {
     let t0 = Instant::now();
     let tok = TextTokenizer::from_dir(&a.model)?;
     let template = tok.template(a.template)?;
-    let (pairs, dropped, warnings) = prepare_pairs(&tok, &template, &a.data, a.max_len.unwrap_or(usize::MAX), a.max_prompt_len)?;
+    let (pairs, dropped, warnings) = prepare_pairs(&tok, &template, &a.data, a.max_len.unwrap_or(usize::MAX), a.max_prompt_len, None)?;
     for w in &warnings {
         eprintln!("warning: {w}");
     }

@@ -31,6 +31,7 @@ use super::optim::AdamW;
 use super::recipe::Recipe;
 use super::run::{Objective, StepReport};
 use super::step::train_step;
+use crate::data::cache;
 use crate::data::conversation::{expand_data_path, DataError};
 use crate::data::encode::Encoded;
 use crate::data::preference::{encode_pair, read_preferences, EncodedPair};
@@ -257,10 +258,43 @@ pub fn prepare_pairs(
     path: &Path,
     max_len: usize,
     max_prompt_len: Option<usize>,
+    cache_at: Option<(&Path, &Path)>,
 ) -> Result<(Vec<EncodedPair>, usize, Vec<String>)> {
+    use rayon::prelude::*;
+    let pairs = read_preferences(path)?;
+    // With `cache_at = (cache dir, model dir)`, the tokenized sides are cached like SFT data
+    // (chosen and rejected alternating).
+    let key = cache_at.and_then(|(_, model)| cache::key(path, model, &template.source, &format!("dpo-v1 {max_prompt_len:?}")).ok());
+    let cached = match (cache_at, &key) {
+        (Some((dir, _)), Some(k)) => cache::load(dir, k).filter(|c| c.len() == 2 * pairs.len()),
+        _ => None,
+    };
+    let encoded: Vec<Result<EncodedPair, DataError>> = match cached {
+        Some(sides) => sides
+            .chunks_exact(2)
+            .map(|s| {
+                let first = |e: &Encoded| e.mask.iter().position(|&m| m == 1).unwrap_or(0);
+                let prompt_len = first(&s[0]).min(first(&s[1]));
+                Ok(EncodedPair { chosen: s[0].clone(), rejected: s[1].clone(), prompt_len })
+            })
+            .collect(),
+        None => {
+            let e: Vec<Result<EncodedPair, DataError>> = pairs
+                .par_iter()
+                .map(|p| encode_pair(tok, template, p, max_prompt_len).map_err(|msg| DataError::At { at: p.at.clone(), msg }))
+                .collect();
+            if let (Some((dir, _)), Some(k), true) = (cache_at, &key, e.iter().all(Result::is_ok)) {
+                let sides: Vec<Encoded> =
+                    e.iter().filter_map(|r| r.as_ref().ok()).flat_map(|p| [p.chosen.clone(), p.rejected.clone()]).collect();
+                // A cache that cannot be written only costs time next run.
+                let _ = cache::store(dir, k, &sides);
+            }
+            e
+        }
+    };
     let (mut out, mut dropped, mut warnings) = (Vec::new(), 0, Vec::new());
-    for pair in read_preferences(path)? {
-        let enc = encode_pair(tok, template, &pair, max_prompt_len).map_err(|msg| DataError::At { at: pair.at.clone(), msg })?;
+    for (pair, enc) in pairs.iter().zip(encoded) {
+        let enc = enc?;
         if pair.chosen == pair.rejected {
             warnings.push(format!("{}: chosen and rejected are identical (no preference to learn)", pair.at));
         }
@@ -330,15 +364,17 @@ impl Dpo {
     pub fn new(tok: &TextTokenizer, recipe: &Recipe, quiet: bool) -> Result<Self> {
         let section = recipe.dpo.clone().unwrap_or_default();
         let template = tok.template(recipe.data.template)?;
+        let cache_dir = recipe.output.dir.parent().unwrap_or(Path::new(".")).join(".ft-cache");
+        let cache_at = Some((cache_dir.as_path(), recipe.model.path.as_path()));
         let (train, dropped, warnings) =
-            prepare_pairs(tok, &template, &recipe.data.train, recipe.data.max_len, section.max_prompt_len)?;
+            prepare_pairs(tok, &template, &recipe.data.train, recipe.data.max_len, section.max_prompt_len, cache_at)?;
         if !quiet {
             for w in warnings.iter().take(10) {
                 eprintln!("warning: {w}");
             }
         }
         let eval = match &recipe.data.eval {
-            Some(f) => Some(prepare_pairs(tok, &template, f, recipe.data.max_len, section.max_prompt_len)?.0),
+            Some(f) => Some(prepare_pairs(tok, &template, f, recipe.data.max_len, section.max_prompt_len, cache_at)?.0),
             None => None,
         };
         let mut dpo =

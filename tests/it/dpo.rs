@@ -207,4 +207,6 @@ fn dpo_resumes_to_the_same_bytes() {
     let bytes = |p: PathBuf| std::fs::read(p.join("adapter/adapter_model.safetensors")).unwrap();
     assert!(bytes(d.join("run")) == bytes(d.join("run2")), "resumed DPO adapter differs");
     assert!(bytes(a.join("run")) == bytes(d.join("run")), "save_every changed the result");
+    // The second and third runs read the pairs' tokens from the cache the first one wrote.
+    assert_eq!(std::fs::read_dir(d.join(".ft-cache")).unwrap().count(), 1);
 }
