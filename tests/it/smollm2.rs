@@ -128,3 +128,33 @@ fn smollm2_chat_loss_and_masks() {
         }
     }
 }
+
+#[test]
+fn smollm2_preference_pairs_score_exactly_the_replies() {
+    let Some(s) = smol() else { return };
+    let d = scratch("smollm2-prefs");
+    let f = d.join("p.jsonl");
+    let heldout = std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("datasets/direct-answers/heldout.jsonl")).unwrap();
+    std::fs::write(&f, heldout.lines().take(4).collect::<Vec<_>>().join("\n")).unwrap();
+    let template = s.tok.template(TemplateChoice::Model).unwrap();
+    let (pairs, dropped, _) = ft::train::dpo::prepare_pairs(&s.tok, &template, &f, 256, None, None).unwrap();
+    assert_eq!((pairs.len(), dropped), (4, 0));
+    for (line, p) in heldout.lines().zip(&pairs) {
+        let v: serde_json::Value = serde_json::from_str(line).unwrap();
+        for (side, e) in [("chosen", &p.chosen), ("rejected", &p.rejected)] {
+            // SmolLM2's template adds its default system prompt; the scored tokens are still
+            // exactly the reply and its <|im_end|>.
+            assert!(e.text.starts_with("<|im_start|>system\nYou are a helpful AI assistant named SmolLM"));
+            let scored: Vec<u32> = e.ids.iter().zip(&e.mask).filter(|(_, &m)| m == 1).map(|(&i, _)| i).collect();
+            let want = format!("{}<|im_end|>", v[side][0]["content"].as_str().unwrap());
+            assert_eq!(s.tok.decode(&scored).unwrap(), want);
+        }
+    }
+    // Without an adapter the policy is the reference: ln 2, zero rewards.
+    let mut model = s.model.clone();
+    let logps = ft::train::dpo::score_pairs(&mut model, &pairs, None);
+    let m = ft::train::dpo::DpoConfig::default().metrics(&logps, "");
+    assert!((m["loss"].as_f64().unwrap() - std::f64::consts::LN_2).abs() < 1e-12);
+    assert_eq!(m["rewards/margins"].as_f64(), Some(0.0));
+    assert!(m["logps/chosen"].as_f64().unwrap() > m["logps/rejected"].as_f64().unwrap());
+}
