@@ -51,6 +51,7 @@ pub fn init_cuda_runtime() {
     use cubecl_runtime::config::{cache::CacheConfig, CubeClRuntimeConfig, RuntimeConfig};
     static ONCE: std::sync::Once = std::sync::Once::new();
     ONCE.call_once(|| {
+        CUDA_IN_USE.store(true, std::sync::atomic::Ordering::SeqCst);
         let mut c = CubeClRuntimeConfig::from_current_dir().override_from_env();
         if c.compilation.cache.is_none() {
             c.compilation.cache = Some(CacheConfig::Global);
@@ -60,6 +61,24 @@ pub fn init_cuda_runtime() {
         }
         CubeClRuntimeConfig::set(c);
     });
+}
+
+static CUDA_IN_USE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// `(bytes in use, bytes reserved)` on the default CUDA device by ft's allocator, when this
+/// process computes on CUDA; `None` otherwise.
+pub fn gpu_memory() -> Option<(u64, u64)> {
+    if !CUDA_IN_USE.load(std::sync::atomic::Ordering::SeqCst) {
+        return None;
+    }
+    #[cfg(feature = "cuda")]
+    {
+        use cubecl_runtime::runtime::Runtime;
+        let client = <cubecl_cuda::CudaRuntime as Runtime>::client(&Default::default());
+        client.memory_usage().ok().map(|m| (m.bytes_in_use, m.bytes_reserved))
+    }
+    #[cfg(not(feature = "cuda"))]
+    None
 }
 
 /// Calls `$f::<Backend>($arg, device)` for the chosen device and dtype, or returns an error

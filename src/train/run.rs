@@ -84,6 +84,8 @@ pub struct Summary {
     /// Seconds spent in optimizer steps (this process), and their input tokens per second.
     pub step_seconds: f64,
     pub step_tokens_per_s: f64,
+    /// CUDA runs: the most device memory ft's allocator held after any step.
+    pub peak_gpu_reserved_gib: Option<f64>,
 }
 
 /// The adapter configuration a recipe asks for.
@@ -211,6 +213,7 @@ pub fn run<B: AutodiffBackend>(recipe: &Recipe, device: B::Device, quiet: bool, 
     let (mut last_loss, mut tokens_seen, mut eval_loss) = (f64::NAN, state.tokens_seen, None);
     // Time and tokens inside optimizer steps only (no loading, reference precompute or eval).
     let (mut step_seconds, mut step_tokens) = (0.0, 0usize);
+    let mut peak_gpu = 0f64;
     // A progress bar on a terminal; plain periodic lines otherwise (CI logs).
     let bar = (!quiet && std::io::IsTerminal::is_terminal(&std::io::stderr())).then(|| {
         let b = indicatif::ProgressBar::new(total as u64).with_position(state.step as u64);
@@ -261,6 +264,12 @@ pub fn run<B: AutodiffBackend>(recipe: &Recipe, device: B::Device, quiet: bool, 
         line.insert("num_tokens".into(), tokens_seen.into());
         line.insert("tokens_per_s".into(), (tokens_seen as f64 / secs).into());
         line.insert("step_s".into(), step_s.into());
+        if let Some((in_use, reserved)) = crate::backend::gpu_memory() {
+            let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+            peak_gpu = peak_gpu.max(gib(reserved));
+            line.insert("gpu_mem_gib".into(), gib(in_use).into());
+            line.insert("gpu_reserved_gib".into(), gib(reserved).into());
+        }
         let line = Value::Object(line);
         writeln!(metrics, "{line}")?;
         let msg = format!("loss {:.4} grad_norm {:.3} lr {:.2e}", stats.loss, stats.grad_norm, lr);
@@ -322,6 +331,7 @@ pub fn run<B: AutodiffBackend>(recipe: &Recipe, device: B::Device, quiet: bool, 
         tokens_per_s: tokens_seen as f64 / seconds,
         step_seconds,
         step_tokens_per_s: step_tokens as f64 / step_seconds.max(1e-9),
+        peak_gpu_reserved_gib: (peak_gpu > 0.0).then_some(peak_gpu),
     };
     crate::fsutil::write_atomic(&out.join("summary.json"), &serde_json::to_vec_pretty(&summary)?)?;
     Ok(summary)
