@@ -95,7 +95,8 @@ dir = "{d}/run"
     steps = [json.loads(l) for l in open(os.path.join(d, "run", "metrics.jsonl")) if '"step_s"' in l]
     med = statistics.median(x["step_s"] for x in steps[3:])
     r = dict(run=run, batch=batch, seq=2048, step_s_median=med, tokens_per_s=batch * 2048 / med, peak_gpu_gib=peak[0] / 1024,
-             base_bytes_per_parameter=s["base_bytes_per_parameter"], wall_s=time.time() - t)
+             allocator_reserved_gib=s.get("peak_gpu_reserved_gib"), base_bytes_per_parameter=s["base_bytes_per_parameter"],
+             wall_s=time.time() - t)
     print("ft", json.dumps(r), flush=True)
     results.append(r)
 json.dump(results, open(os.path.join(out, "ft.json"), "w"), indent=1)
