@@ -63,6 +63,14 @@ pub fn init_cuda_runtime() {
     });
 }
 
+pub use crate::quant::linear::Nf4Linear;
+
+/// A backend ft trains on: autodiff over an inner backend, both able to run the decoder (the
+/// inner one runs evaluation without recording a graph).
+pub trait TrainBackend: burn::tensor::backend::AutodiffBackend<InnerBackend: Nf4Linear> + Nf4Linear {}
+
+impl<T: burn::tensor::backend::AutodiffBackend<InnerBackend: Nf4Linear> + Nf4Linear> TrainBackend for T {}
+
 static CUDA_IN_USE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// `(bytes in use, bytes reserved)` on the default CUDA device by ft's allocator, when this

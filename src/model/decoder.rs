@@ -9,6 +9,7 @@ use burn::tensor::{Bool, Int, TensorData};
 
 use super::config::ModelConfig;
 use crate::quant::nf4::Nf4;
+use crate::quant::linear::Nf4Linear;
 use crate::quant::tensor::Nf4Weight;
 use crate::adapters::lora::Lora;
 use super::rope::Rope;
@@ -45,7 +46,7 @@ pub struct Projection<B: Backend> {
     pub shape: (usize, usize),
 }
 
-impl<B: Backend> Projection<B> {
+impl<B: Nf4Linear> Projection<B> {
     /// Loads `{path}.weight` (PyTorch `[out, in]`) and, when `bias`, `{path}.bias`. A weight stored
     /// 4-bit (bitsandbytes) stays 4-bit; with `quantize`, a dense weight is quantized to NF4
     /// (blocksize 64, double quantization) as it is read.
@@ -90,8 +91,8 @@ impl<B: Backend> Projection<B> {
         let rows = dims[..D - 1].iter().product();
         let x: Tensor<B, 2> = x.reshape([rows, d_in]);
         let mut y = match &self.nf4 {
-            // Dequantized for this forward only; the graph keeps it for the input gradient.
-            Some(q) => x.clone().matmul(q.dequantize().transpose()),
+            // Dequantized for this forward (and again in the backward): never kept.
+            Some(q) => B::nf4_linear(x.clone(), q),
             None => x.clone().matmul(self.weight.val()),
         };
         if let Some(b) = &self.bias {
@@ -196,7 +197,7 @@ pub struct Attention<B: Backend> {
     pub head_dim: usize,
 }
 
-impl<B: Backend> Attention<B> {
+impl<B: Nf4Linear> Attention<B> {
     pub fn load(ck: &Checkpoint, p: &str, c: &ModelConfig, device: &B::Device) -> Result<Self, WeightsError> {
         let (h, hd) = (c.hidden_size, c.head_dim);
         let (q, kv) = (c.num_heads * hd, c.num_kv_heads * hd);
@@ -266,7 +267,7 @@ pub struct Mlp<B: Backend> {
     pub down_proj: Projection<B>,
 }
 
-impl<B: Backend> Mlp<B> {
+impl<B: Nf4Linear> Mlp<B> {
     pub fn load(ck: &Checkpoint, p: &str, c: &ModelConfig, device: &B::Device) -> Result<Self, WeightsError> {
         let (h, i, bias) = (c.hidden_size, c.intermediate_size, c.mlp_bias);
         Ok(Mlp {
@@ -289,7 +290,7 @@ pub struct Block<B: Backend> {
     pub mlp: Mlp<B>,
 }
 
-impl<B: Backend> Block<B> {
+impl<B: Nf4Linear> Block<B> {
     pub fn load(ck: &Checkpoint, i: usize, c: &ModelConfig, device: &B::Device) -> Result<Self, WeightsError> {
         let p = format!("model.layers.{i}");
         Ok(Block {
@@ -322,7 +323,7 @@ pub struct Decoder<B: Backend> {
     pub config: ModelConfig,
 }
 
-impl<B: Backend> Decoder<B> {
+impl<B: Nf4Linear> Decoder<B> {
     /// Builds the decoder from a checkpoint, checking every name and shape and that no tensor
     /// is left unused.
     pub fn load(ck: &Checkpoint, c: &ModelConfig, device: &B::Device) -> Result<Self, WeightsError> {

@@ -6,5 +6,6 @@
 
 pub mod bnb;
 pub mod dynamic;
+pub mod linear;
 pub mod nf4;
 pub mod tensor;

@@ -64,6 +64,18 @@ impl<B: Backend> Nf4Weight<B> {
         }
     }
 
+    /// From its tensors.
+    pub fn from_parts(words: Tensor<B, 1, Int>, absmax: Tensor<B, 1>, code: Tensor<B, 1>, rows: usize, cols: usize, blocksize: usize) -> Self {
+        Nf4Weight {
+            words: Param::initialized(burn::module::ParamId::new(), words),
+            absmax: Param::from_tensor(absmax).set_require_grad(false),
+            code: Param::from_tensor(code).set_require_grad(false),
+            rows,
+            cols,
+            blocksize,
+        }
+    }
+
     /// The f32 weight `[rows, cols]`.
     pub fn dequantize(&self) -> Tensor<B, 2> {
         let words = self.words.val();
@@ -85,6 +97,13 @@ impl<B: Backend> Nf4Weight<B> {
     /// Resident bytes (codes and absmax).
     pub fn bytes(&self) -> usize {
         4 * self.words.dims()[0] + 4 * self.absmax.dims()[0]
+    }
+}
+
+impl<B: burn::tensor::backend::AutodiffBackend> Nf4Weight<B> {
+    /// The same weight on the inner (non-autodiff) backend.
+    pub fn inner(&self) -> Nf4Weight<B::InnerBackend> {
+        Nf4Weight::from_parts(self.words.val().inner(), self.absmax.val().inner(), self.code.val().inner(), self.rows, self.cols, self.blocksize)
     }
 }
 

@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use burn::module::AutodiffModule;
-use burn::tensor::backend::AutodiffBackend;
+use crate::backend::TrainBackend;
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -26,7 +26,7 @@ use crate::tokenizer::TextTokenizer;
 
 /// What a training method contributes to the loop: its examples, one optimizer step over
 /// micro-batches of example indices, and its eval metrics.
-pub trait Objective<B: AutodiffBackend> {
+pub trait Objective<B: TrainBackend> {
     /// Training examples (samples for SFT, pairs for DPO).
     fn len(&self) -> usize;
     /// Examples dropped for being longer than `data.max_len`.
@@ -101,7 +101,7 @@ pub fn lora_config(recipe: &Recipe) -> LoraConfig {
 
 /// Attaches freshly initialised adapters (PEFT init) to the projections the recipe targets.
 /// The RNG is seeded first, so the same seed gives the same adapters.
-pub fn attach_new_adapters<B: AutodiffBackend>(model: &mut Decoder<B>, recipe: &Recipe) -> Result<LoraConfig> {
+pub fn attach_new_adapters<B: TrainBackend>(model: &mut Decoder<B>, recipe: &Recipe) -> Result<LoraConfig> {
     let l = &recipe.lora;
     let config = lora_config(recipe);
     let mut rng = StdRng::seed_from_u64(recipe.train.seed);
@@ -127,7 +127,7 @@ pub fn attach_new_adapters<B: AutodiffBackend>(model: &mut Decoder<B>, recipe: &
 /// With `resume`, continues from the newest complete checkpoint in the output directory (the
 /// recipe must be the one the run started with); on CPU the result is bit-identical to an
 /// uninterrupted run.
-pub fn run<B: AutodiffBackend>(recipe: &Recipe, device: B::Device, quiet: bool, resume: bool) -> Result<Summary> {
+pub fn run<B: TrainBackend>(recipe: &Recipe, device: B::Device, quiet: bool, resume: bool) -> Result<Summary> {
     let t0 = Instant::now();
     let out = &recipe.output.dir;
     let resolved = recipe.resolved_toml();
@@ -354,7 +354,7 @@ fn write_loss_svg(out: &Path) -> Result<()> {
 }
 
 /// Makes loaded adapters trainable (gradients on, dropout as the recipe says).
-fn make_trainable<B: AutodiffBackend>(model: &mut Decoder<B>, dropout: f64) {
+fn make_trainable<B: TrainBackend>(model: &mut Decoder<B>, dropout: f64) {
     for (_, p) in model.projections_mut() {
         if let Some(l) = &mut p.lora {
             l.a = burn::module::Param::from_tensor(l.a.val().require_grad());

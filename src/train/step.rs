@@ -2,13 +2,13 @@
 
 use burn::module::Param;
 use burn::prelude::*;
-use burn::tensor::backend::AutodiffBackend;
+use crate::backend::TrainBackend;
 
 use super::optim::{clip_global_norm, AdamW};
 use crate::model::Decoder;
 
 /// The trainable tensors (LoRA A and B of every adapted projection), in a fixed order.
-pub fn trainable_params<B: AutodiffBackend>(model: &mut Decoder<B>) -> Vec<Tensor<B::InnerBackend, 2>> {
+pub fn trainable_params<B: TrainBackend>(model: &mut Decoder<B>) -> Vec<Tensor<B::InnerBackend, 2>> {
     let mut out = Vec::new();
     for (_, p) in model.projections_mut() {
         if let Some(l) = &p.lora {
@@ -19,7 +19,7 @@ pub fn trainable_params<B: AutodiffBackend>(model: &mut Decoder<B>) -> Vec<Tenso
     out
 }
 
-fn set_params<B: AutodiffBackend>(model: &mut Decoder<B>, params: Vec<Tensor<B::InnerBackend, 2>>) {
+fn set_params<B: TrainBackend>(model: &mut Decoder<B>, params: Vec<Tensor<B::InnerBackend, 2>>) {
     let mut it = params.into_iter();
     for (_, p) in model.projections_mut() {
         if let Some(l) = &mut p.lora {
@@ -33,7 +33,7 @@ fn set_params<B: AutodiffBackend>(model: &mut Decoder<B>, params: Vec<Tensor<B::
 /// micro-batch `k`'s loss, already divided by the normaliser of the whole step, so the sum of
 /// their gradients is the gradient of one big batch. Returns (the summed loss, the global grad
 /// norm before clipping).
-pub fn train_step<B: AutodiffBackend>(
+pub fn train_step<B: TrainBackend>(
     model: &mut Decoder<B>,
     opt: &mut AdamW<B::InnerBackend>,
     n_micro: usize,

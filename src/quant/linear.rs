@@ -1,0 +1,98 @@
+//! The QLoRA linear map `x · Wᵀ` with `W` held in NF4: the weight is dequantized for the forward
+//! and dequantized again in the backward, never kept between them, so training holds only the
+//! 4-bit codes (as bitsandbytes' `MatMul4Bit` does). Only the input gradient exists: `W` is
+//! frozen.
+//!
+//! A backend trait: plain backends compute `x · dequant(W)ᵀ` with tensor ops; the autodiff
+//! backend registers its own backward step instead of letting the matmul keep `W` for it.
+
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{unary, Backward, Ops, OpsKind};
+use burn::backend::Autodiff;
+use burn::prelude::*;
+use burn::tensor::ops::{FloatTensor, IntTensor};
+use burn::tensor::TensorPrimitive;
+
+use super::tensor::Nf4Weight;
+
+/// Backends ft runs its decoder on.
+pub trait Nf4Linear: Backend {
+    /// `x [rows, in] · Wᵀ` for the NF4 weight `W [out, in]` → `[rows, out]`.
+    fn nf4_linear(x: Tensor<Self, 2>, w: &Nf4Weight<Self>) -> Tensor<Self, 2> {
+        x.matmul(w.dequantize().transpose())
+    }
+}
+
+impl Nf4Linear for crate::backend::Cpu {}
+
+#[cfg(feature = "cuda")]
+impl Nf4Linear for crate::backend::CudaF32 {}
+
+#[cfg(feature = "cuda")]
+impl Nf4Linear for crate::backend::CudaBf16 {}
+
+/// What the backward step needs to dequantize `W` again.
+#[derive(Debug, Clone)]
+struct Packed<B: Backend> {
+    words: IntTensor<B>,
+    absmax: FloatTensor<B>,
+    code: FloatTensor<B>,
+    rows: usize,
+    cols: usize,
+    blocksize: usize,
+}
+
+impl<B: Backend> Packed<B> {
+    fn weight(&self) -> Nf4Weight<B> {
+        Nf4Weight::from_parts(
+            Tensor::from_primitive(self.words.clone()),
+            Tensor::from_primitive(TensorPrimitive::Float(self.absmax.clone())),
+            Tensor::from_primitive(TensorPrimitive::Float(self.code.clone())),
+            self.rows,
+            self.cols,
+            self.blocksize,
+        )
+    }
+}
+
+#[derive(Debug)]
+struct Nf4LinearBackward;
+
+impl<B: Nf4Linear> Backward<B, 1> for Nf4LinearBackward {
+    type State = Packed<B>;
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
+        let packed = ops.state;
+        unary::<B, _>(ops.parents, ops.node, grads, |grad| {
+            // d(x · Wᵀ)/dx = grad · W, with W dequantized again here.
+            let grad = Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(grad));
+            grad.matmul(packed.weight().dequantize()).into_primitive().tensor()
+        });
+    }
+}
+
+impl<B: Nf4Linear, C: CheckpointStrategy> Nf4Linear for Autodiff<B, C> {
+    fn nf4_linear(x: Tensor<Self, 2>, w: &Nf4Weight<Self>) -> Tensor<Self, 2> {
+        let inner = w.inner();
+        let x = x.into_primitive().tensor();
+        let x_inner = Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(x.primitive.clone()));
+        let out = B::nf4_linear(x_inner, &inner).into_primitive().tensor();
+        let out = match Nf4LinearBackward.prepare::<C>([x.node.clone()]).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => {
+                let state = Packed {
+                    words: inner.words.val().into_primitive(),
+                    absmax: inner.absmax.val().into_primitive().tensor(),
+                    code: inner.code.val().into_primitive().tensor(),
+                    rows: inner.rows,
+                    cols: inner.cols,
+                    blocksize: inner.blocksize,
+                };
+                prep.finish(state, out)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(out),
+        };
+        Tensor::from_primitive(TensorPrimitive::Float(out))
+    }
+}
