@@ -252,3 +252,31 @@ fn qlora_merges_into_what_training_saw() {
     assert_eq!(st.tensor("model.layers.0.mlp.down_proj.weight").unwrap().dtype(), safetensors::Dtype::BF16);
     assert_eq!(w.len(), 64 * 96);
 }
+
+#[test]
+fn ft_quantize_handles_sharded_checkpoints() {
+    // qwen2: 4 shards, q/k/v biases, tied embeddings.
+    let d = scratch("quantize-sharded");
+    let out = d.join("qwen2-nf4");
+    let (c, _, err) = ft(&["quantize", "--model", model_dir("qwen2").to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    assert_eq!(c, 0, "{err}");
+    let index = json(&out.join("model.safetensors.index.json"));
+    let map = index["weight_map"].as_object().unwrap();
+    for (name, file) in map {
+        let path = out.join(file.as_str().unwrap());
+        let bytes = std::fs::read(&path).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        assert!(st.tensor(name).is_ok(), "{name} not in {}", path.display());
+    }
+    assert!(map.contains_key("model.layers.0.self_attn.q_proj.weight.quant_state.bitsandbytes__nf4"));
+    assert!(map.contains_key("model.layers.0.self_attn.q_proj.bias"), "biases stay as they are");
+    // It loads 4-bit, and scores the chat data about as the f32 model does.
+    let dense = load("qwen2");
+    let q = ft::model::load::<ft::backend::Cpu>(&out, &Default::default()).unwrap();
+    let tok = ft::tokenizer::TextTokenizer::from_dir(&out).unwrap();
+    let template = tok.template(ft::tokenizer::TemplateChoice::Chatml).unwrap();
+    let data = ft::data::conversation::read_jsonl(&fixtures().join("chat.jsonl")).unwrap();
+    let a = ft::eval::evaluate(&dense, &tok, &template, &data, None).unwrap().loss;
+    let b = ft::eval::evaluate(&q, &tok, &template, &data, None).unwrap().loss;
+    assert!((a - b).abs() < 0.05 && a != b, "f32 {a} vs NF4 {b}");
+}
