@@ -1,8 +1,9 @@
 //! ft: parameter-efficient fine-tuning of Hugging Face language models.
 //!
 //! The library behind the `ft` command: model loading ([`model`]), data ([`data`]),
-//! tokenization ([`tokenizer`]), GGUF import ([`gguf`]), generation ([`generate`]) and
-//! evaluation ([`eval`]). The CLI ([`cli`]) is a thin layer over these.
+//! tokenization ([`tokenizer`]), GGUF import ([`gguf`]), LoRA adapters and merging
+//! ([`adapters`]), NF4 quantization ([`quant`]), SFT and DPO training ([`train`]), generation
+//! ([`generate`]) and evaluation ([`eval`]). The CLI ([`cli`]) is a thin layer over these.
 
 pub mod adapters;
 pub mod backend;

@@ -232,14 +232,18 @@ pub const SCORE_BATCH: usize = 8;
 /// forward is skipped where `reference` already holds the pair's values. No gradient.
 pub fn score_pairs<B: Nf4Linear>(model: &mut Decoder<B>, pairs: &[EncodedPair], reference: Option<&[(f64, f64)]>) -> Vec<PairLogps> {
     let mut out = Vec::with_capacity(pairs.len());
+    // Without adapters the policy is the reference: one forward serves both.
+    let adapters = model.projections_mut().iter().any(|(_, p)| p.lora.is_some());
     for (c, chunk) in pairs.chunks(SCORE_BATCH).enumerate() {
         let refs: Vec<&EncodedPair> = chunk.iter().collect();
+        let ((c_lp, cn), (r_lp, rn)) = policy_logps(model, &refs);
+        let (c_lp, r_lp) = (values(c_lp.detach()), values(r_lp.detach()));
         let reference = match reference {
             Some(r) => r[c * SCORE_BATCH..c * SCORE_BATCH + chunk.len()].to_vec(),
+            None if !adapters => c_lp.iter().copied().zip(r_lp.iter().copied()).collect(),
             None => reference_logps(model, &refs),
         };
-        let ((c, cn), (r, rn)) = policy_logps(model, &refs);
-        let (c, r) = (values(c.detach()), values(r.detach()));
+        let (c, r) = (c_lp, r_lp);
         for i in 0..chunk.len() {
             out.push(PairLogps {
                 chosen: SideLogps { policy: c[i], reference: reference[i].0, tokens: cn[i] },
