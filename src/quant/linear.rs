@@ -96,3 +96,41 @@ impl<B: Nf4Linear, C: CheckpointStrategy> Nf4Linear for Autodiff<B, C> {
         Tensor::from_primitive(TensorPrimitive::Float(out))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::Cpu;
+    use crate::quant::nf4::Nf4;
+    use burn::tensor::TensorData;
+
+    type Ad = Autodiff<Cpu>;
+
+    #[test]
+    fn gradient_equals_the_dense_matmul_gradient() {
+        let dev = Default::default();
+        let (out, inp) = (5, 128);
+        let w: Vec<f32> = (0..out * inp).map(|i| ((i * 7919 % 257) as f32 - 128.0) / 300.0).collect();
+        let q = Nf4::quantize(&w, 64, true);
+        let x: Vec<f32> = (0..3 * inp).map(|i| ((i * 31 % 17) as f32 - 8.0) / 10.0).collect();
+        let c: Vec<f32> = (0..3 * out).map(|i| i as f32 - 4.0).collect();
+        let c = Tensor::<Ad, 2>::from_data(TensorData::new(c, [3, out]), &dev);
+
+        let xq = Tensor::<Ad, 2>::from_data(TensorData::new(x.clone(), [3, inp]), &dev).require_grad();
+        let yq = Ad::nf4_linear(xq.clone(), &Nf4Weight::new(&q, out, inp, &dev));
+        let gq = (yq.clone() * c.clone()).sum().backward();
+        let gq: Vec<f32> = xq.grad(&gq).unwrap().into_data().to_vec().unwrap();
+
+        let xd = Tensor::<Ad, 2>::from_data(TensorData::new(x, [3, inp]), &dev).require_grad();
+        let wd = Tensor::<Ad, 2>::from_data(TensorData::new(q.dequantize(), [out, inp]), &dev);
+        let yd = xd.clone().matmul(wd.transpose());
+        let gd = (yd.clone() * c).sum().backward();
+        let gd: Vec<f32> = xd.grad(&gd).unwrap().into_data().to_vec().unwrap();
+
+        let (yq, yd): (Vec<f32>, Vec<f32>) = (yq.into_data().to_vec().unwrap(), yd.into_data().to_vec().unwrap());
+        assert_eq!(yq, yd);
+        for (a, b) in gq.iter().zip(&gd) {
+            assert!((a - b).abs() <= 1e-5 * b.abs().max(1.0), "{a} vs {b}");
+        }
+    }
+}
