@@ -7,7 +7,8 @@
 # With a SmolLM2 directory: its three greedy generations and eval/generate speed on the GPU
 # ("random": a randomly initialised model of SmolLM2's shape, for speed only; greedy not compared).
 # Then: the bitsandbytes 4-bit oracle model on CUDA vs CPU, and 20 LoRA / QLoRA SFT steps of the
-# tiny llama on CUDA (bf16 compute) next to the same recipe on CPU (f32): max relative loss diff.
+# tiny llama on CUDA (bf16 compute) next to the same recipe on CPU (f32): max relative loss diff;
+# and 10 DPO steps on CUDA (first loss ln 2) next to the CPU run.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 FT=${1:-.bin/ft}
@@ -82,6 +83,24 @@ for quantize in [False, True]:
     rel = max(abs(a - b) / abs(b) for a, b in zip(lg, lc))
     print(f"{tag} sft 20 steps: cuda bf16 vs cpu f32 max rel loss diff {rel:.2e}; loss {lg[0]:.4f} -> {lg[-1]:.4f}; "
           f"{secs:.1f}s; base {s['base_bytes_per_parameter']:.3f} bytes/param")
+# DPO on CUDA: starts at ln 2 and tracks the CPU run.
+def dpo(device):
+    r = f"{work}/dpo-{device}.toml"
+    open(r, "w").write(f"""[model]\npath = "{os.path.abspath(fx)}/models/llama"
+[data]\ntrain = "{os.path.abspath(fx)}/dpo/prefs.jsonl"\ntemplate = "chatml"\n[lora]\nr = 4\nalpha = 8
+[train]\nmethod = "dpo"\nmax_steps = 10\nmicro_batch_size = 3\nlr = 1e-2\nseed = 3\ndevice = "{device}"\n[dpo]\nbeta = 0.1
+[output]\ndir = "{work}/dpo-{device}"\n""")
+    run(["train", r, "--quiet", "--json"])
+    return [json.loads(l)["loss"] for l in open(f"{work}/dpo-{device}/metrics.jsonl") if '"loss"' in l]
+try:
+    lc, lg = dpo("cpu"), dpo("cuda")
+    rel = max(abs(a - b) / abs(b) for a, b in zip(lg, lc))
+    ok = abs(lg[0] - 0.6931472) < 1e-3
+    fails += not ok
+    print(f"dpo 10 steps: cuda bf16 first loss {lg[0]:.6f} (ln 2 = 0.693147), max rel diff to cpu f32 {rel:.2e}, "
+          f"loss {lg[0]:.4f} -> {lg[-1]:.4f} {'' if ok else 'FAIL'}")
+except RuntimeError as e:
+    print(f"dpo ERROR {e}"); fails += 1
 print("gpu-check:", "FAILED" if fails else "all f32 checks passed", f"({fails} failures)")
 sys.exit(1 if fails else 0)
 PY

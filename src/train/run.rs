@@ -272,7 +272,10 @@ pub fn run<B: TrainBackend>(recipe: &Recipe, device: B::Device, quiet: bool, res
         }
         let line = Value::Object(line);
         writeln!(metrics, "{line}")?;
-        let msg = format!("loss {:.4} grad_norm {:.3} lr {:.2e}", stats.loss, stats.grad_norm, lr);
+        let mut msg = format!("loss {:.4} grad_norm {:.3} lr {:.2e}", stats.loss, stats.grad_norm, lr);
+        if let (Some(acc), Some(margin)) = (line["rewards/accuracies"].as_f64(), line["rewards/margins"].as_f64()) {
+            msg.push_str(&format!(" reward acc {acc:.2} margin {margin:.3}"));
+        }
         match &bar {
             Some(b) => {
                 b.set_message(msg);
