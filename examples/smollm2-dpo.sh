@@ -10,6 +10,7 @@ FT=${FT:-target/release/ft}
 scripts/fetch-smollm2.sh "$FT"                      # → .cache/smollm2-hf
 HELDOUT=datasets/direct-answers/heldout.jsonl
 RUN=${RUN:-runs/smollm2-dpo}
+if [ -e "$RUN" ]; then echo "$RUN already exists: remove it or run with RUN=another/dir" >&2; exit 1; fi
 PROMPTS=$(mktemp --suffix .jsonl)
 trap 'rm -f "$PROMPTS"' EXIT
 head -4 "$HELDOUT" | python3 -c '

@@ -10,6 +10,7 @@ FT=${FT:-target/release/ft}
 scripts/fetch-smollm2.sh "$FT"                      # → .cache/smollm2-hf
 HELDOUT=datasets/json-answers/heldout.jsonl
 RUN=${RUN:-runs/smollm2-sft}
+if [ -e "$RUN" ]; then echo "$RUN already exists: remove it or run with RUN=another/dir" >&2; exit 1; fi
 
 echo "== before: held-out loss and JSON-answer rate"
 "$FT" eval --model .cache/smollm2-hf --data "$HELDOUT" --json
