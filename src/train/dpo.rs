@@ -506,6 +506,16 @@ mod tests {
     }
 
     #[test]
+    fn rpo_adds_the_chosen_mean_token_nll() {
+        // TRL: loss = mean DPO loss + rpo_alpha · (chosen NLL summed over tokens / chosen tokens).
+        let pairs = [pair(-10.0, -20.0, -11.0, -19.0), pair(-3.0, -1.0, -2.5, -1.5)];
+        let plain = DpoConfig::default();
+        let rpo = DpoConfig { rpo_alpha: Some(0.5), ..plain };
+        let want = plain.metrics(&pairs, "")["loss"].as_f64().unwrap() + 0.5 * (10.0 + 3.0) / (5.0 + 5.0);
+        assert!((rpo.metrics(&pairs, "")["loss"].as_f64().unwrap() - want).abs() < 1e-12);
+    }
+
+    #[test]
     fn tensor_losses_equal_the_f64_formulas() {
         let pairs = [pair(-10.0, -20.0, -11.0, -19.0), pair(-3.0, -1.0, -2.5, -1.5), pair(-7.0, -7.5, -7.0, -7.0)];
         let dev = Default::default();

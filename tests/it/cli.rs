@@ -37,11 +37,16 @@ fn s(p: &Path) -> &str {
 fn help_and_version() {
     let (c, out, _) = ft(&["--help"]);
     assert_eq!(c, 0);
-    for sub in ["train", "merge", "generate", "eval", "import-gguf"] {
+    for sub in ["train", "merge", "generate", "eval", "import-gguf", "quantize", "data"] {
         assert!(out.contains(sub), "{out}");
         let (c, out, _) = ft(&[sub, "--help"]);
         assert_eq!(c, 0);
         assert!(out.len() > 200, "{sub} --help is too thin: {out}");
+    }
+    for sub in [["data", "check"], ["data", "show"], ["recipe", "check"]] {
+        let (c, out, _) = ft(&[sub[0], sub[1], "--help"]);
+        assert_eq!(c, 0);
+        assert!(out.len() > 200, "{sub:?} --help is too thin: {out}");
     }
     let (c, out, _) = ft(&["--version"]);
     assert_eq!(c, 0);
