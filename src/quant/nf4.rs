@@ -203,30 +203,19 @@ impl Nf4 {
         }
     }
 
+    /// The 4-bit code of element `i`.
+    pub fn code(&self, i: usize) -> u8 {
+        let byte = self.packed[i / 2];
+        if i % 2 == 0 {
+            byte >> 4
+        } else {
+            byte & 0xF
+        }
+    }
+
     /// The f32 values (`code[q] · absmax`).
     pub fn dequantize(&self) -> Vec<f32> {
         let absmax = self.absmax_f32();
-        let mut out = Vec::with_capacity(self.numel);
-        dequantize_into(&self.packed, &absmax, self.blocksize, self.numel, &mut out);
-        out
-    }
-
-    /// Resident bytes: packed codes plus the absmax statistics (the NF4 code and the dynamic
-    /// map are shared constants).
-    pub fn bytes(&self) -> usize {
-        self.packed.len()
-            + match &self.absmax {
-                Absmax::Plain(a) => 4 * a.len(),
-                Absmax::Double(d) => d.codes.len() + 4 * d.nested_absmax.len() + 4,
-            }
-    }
-}
-
-/// Appends the `numel` dequantized values of `packed` to `out`.
-pub fn dequantize_into(packed: &[u8], absmax: &[f32], blocksize: usize, numel: usize, out: &mut Vec<f32>) {
-    for i in 0..numel {
-        let byte = packed[i / 2];
-        let q = if i % 2 == 0 { byte >> 4 } else { byte & 0xF };
-        out.push(NF4_CODE[q as usize] * absmax[i / blocksize]);
+        (0..self.numel).map(|i| NF4_CODE[self.code(i) as usize] * absmax[i / self.blocksize]).collect()
     }
 }

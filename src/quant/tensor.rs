@@ -41,12 +41,7 @@ impl<B: Backend> Nf4Weight<B> {
                 let mut word = 0u32;
                 for j in 0..8 {
                     let i = w * 8 + j;
-                    let code = if i < q.numel {
-                        let byte = q.packed[i / 2];
-                        (if i % 2 == 0 { byte >> 4 } else { byte & 0xF }) as u32
-                    } else {
-                        ZERO_CODE
-                    };
+                    let code = if i < q.numel { q.code(i) as u32 } else { ZERO_CODE };
                     word |= code << (4 * j);
                 }
                 word as i32

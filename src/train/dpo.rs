@@ -403,8 +403,8 @@ impl<B: TrainBackend> Objective<B> for Dpo {
         self.train.len()
     }
 
-    fn dropped(&self) -> usize {
-        self.dropped
+    fn data_counts(&self) -> super::sft::PrepareCounts {
+        super::sft::PrepareCounts { dropped_too_long: self.dropped, ..Default::default() }
     }
 
     /// Computes the reference log-probs of the pairs the run will visit that the cache lacks,

@@ -29,12 +29,8 @@ use crate::tokenizer::TextTokenizer;
 pub trait Objective<B: TrainBackend> {
     /// Training examples (samples for SFT, pairs for DPO).
     fn len(&self) -> usize;
-    /// Examples dropped for being longer than `data.max_len`.
-    fn dropped(&self) -> usize;
-    /// Truncated and dropped-untrainable counts of the training data.
-    fn data_counts(&self) -> super::sft::PrepareCounts {
-        super::sft::PrepareCounts { dropped_too_long: self.dropped(), ..Default::default() }
-    }
+    /// What preparing the training data dropped or truncated.
+    fn data_counts(&self) -> super::sft::PrepareCounts;
     /// Work before the first step, given the examples the run will visit (DPO precomputes its
     /// reference log-probs here).
     fn before_training(&mut self, _model: &mut Decoder<B>, _upcoming: &[usize]) -> Result<()> {
@@ -185,30 +181,11 @@ pub fn run<B: TrainBackend>(recipe: &Recipe, device: B::Device, quiet: bool, res
     let total = t.max_steps.unwrap_or_else(|| (t.epochs * steps_per_epoch as f64).ceil() as usize).max(1);
     let warmup = if t.warmup_steps > 0 { t.warmup_steps } else { (t.warmup_ratio * total as f64).ceil() as usize };
 
-    // Data order: a pure function of (seed, epoch).
-    let order_for = |epoch: usize| {
-        let mut o: Vec<usize> = (0..n_examples).collect();
-        o.shuffle(&mut StdRng::seed_from_u64(t.seed.wrapping_add(epoch as u64)));
-        o
-    };
-    let mut epoch = state.epoch;
-    let mut order = order_for(epoch);
-    let mut cursor = state.cursor;
-    {
-        // The examples the remaining steps will visit, in order.
-        let (mut e, mut c, mut o) = (epoch, cursor, order.clone());
-        let mut upcoming = Vec::new();
-        for _ in 0..total.saturating_sub(state.step) * per_step {
-            if c == o.len() {
-                e += 1;
-                o = order_for(e);
-                c = 0;
-            }
-            upcoming.push(o[c]);
-            c += 1;
-        }
-        objective.before_training(&mut model, &upcoming)?;
-    }
+    let mut data = DataOrder::new(t.seed, n_examples, state.epoch, state.cursor);
+    // The examples the remaining steps will visit, in order.
+    let mut ahead = data.clone();
+    let upcoming: Vec<usize> = (0..total.saturating_sub(state.step) * per_step).map(|_| ahead.next_index()).collect();
+    objective.before_training(&mut model, &upcoming)?;
     let mut metrics = open_metrics(&out.join("metrics.jsonl"), state.step)?;
     let (mut last_loss, mut tokens_seen, mut eval_loss) = (f64::NAN, state.tokens_seen, None);
     // Time and tokens inside optimizer steps only (no loading, reference precompute or eval).
@@ -228,20 +205,8 @@ pub fn run<B: TrainBackend>(recipe: &Recipe, device: B::Device, quiet: bool, res
         // Dropout masks are a function of (seed, step), so a resumed run draws the same ones.
         B::seed(&device, t.seed ^ ((step as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15)));
         let lr = learning_rate(t.lr, t.schedule, step, total, warmup);
-        let mut micro = Vec::with_capacity(t.grad_accum);
-        for _ in 0..t.grad_accum {
-            let mut idx = Vec::with_capacity(t.micro_batch_size);
-            for _ in 0..t.micro_batch_size {
-                if cursor == order.len() {
-                    epoch += 1;
-                    order = order_for(epoch);
-                    cursor = 0;
-                }
-                idx.push(order[cursor]);
-                cursor += 1;
-            }
-            micro.push(idx);
-        }
+        let micro: Vec<Vec<usize>> =
+            (0..t.grad_accum).map(|_| (0..t.micro_batch_size).map(|_| data.next_index()).collect()).collect();
         model.set_training(true);
         let ts = Instant::now();
         let stats = objective.step(&mut model, &mut opt, &micro, lr, t.max_grad_norm);
@@ -257,7 +222,7 @@ pub fn run<B: TrainBackend>(recipe: &Recipe, device: B::Device, quiet: bool, res
         let secs = t0.elapsed().as_secs_f64();
         let mut line = Map::new();
         line.insert("step".into(), (step + 1).into());
-        line.insert("epoch".into(), ((epoch as f64) + cursor as f64 / n_examples as f64).into());
+        line.insert("epoch".into(), data.progress().into());
         line.extend(stats.metrics);
         line.insert("grad_norm".into(), stats.grad_norm.into());
         line.insert("learning_rate".into(), lr.into());
@@ -290,7 +255,7 @@ pub fn run<B: TrainBackend>(recipe: &Recipe, device: B::Device, quiet: bool, res
         let interrupted = INTERRUPTED.load(std::sync::atomic::Ordering::SeqCst);
         if (t.save_every > 0 && (step + 1) % t.save_every == 0 && !last) || (interrupted && !last) {
             metrics.sync_all()?;
-            let st = TrainState { step: step + 1, epoch, cursor, tokens_seen, optimizer_t: opt.t };
+            let st = TrainState { step: step + 1, epoch: data.epoch, cursor: data.cursor, tokens_seen, optimizer_t: opt.t };
             let (m, v) = opt.moments();
             let cfg = lora_config.clone();
             let base = recipe.model.path.display().to_string();
@@ -316,15 +281,16 @@ pub fn run<B: TrainBackend>(recipe: &Recipe, device: B::Device, quiet: bool, res
     write_loss_svg(out)?;
     peft::save(&mut model, &lora_config, &recipe.model.path.display().to_string(), &out.join("adapter"))?;
     let seconds = t0.elapsed().as_secs_f64();
+    let counts = objective.data_counts();
     let summary = Summary {
         output_dir: out.clone(),
         steps: total,
         epochs: total as f64 / steps_per_epoch as f64,
         method: recipe.train.method,
         train_samples: n_examples,
-        dropped_too_long: objective.dropped(),
-        truncated: objective.data_counts().truncated,
-        dropped_untrainable: objective.data_counts().dropped_untrainable,
+        dropped_too_long: counts.dropped_too_long,
+        truncated: counts.truncated,
+        dropped_untrainable: counts.dropped_untrainable,
         trainable_parameters,
         base_bytes_per_parameter: base_bytes as f64 / base_params.max(1) as f64,
         final_loss: last_loss,
@@ -338,6 +304,45 @@ pub fn run<B: TrainBackend>(recipe: &Recipe, device: B::Device, quiet: bool, res
     };
     crate::fsutil::write_atomic(&out.join("summary.json"), &serde_json::to_vec_pretty(&summary)?)?;
     Ok(summary)
+}
+
+/// Where the loop stands in the data: the epoch, the position in that epoch's order, and the
+/// order itself, a pure function of (seed, epoch).
+#[derive(Clone)]
+struct DataOrder {
+    seed: u64,
+    n: usize,
+    epoch: usize,
+    cursor: usize,
+    order: Vec<usize>,
+}
+
+impl DataOrder {
+    fn new(seed: u64, n: usize, epoch: usize, cursor: usize) -> Self {
+        DataOrder { seed, n, epoch, cursor, order: Self::shuffled(seed, n, epoch) }
+    }
+
+    fn shuffled(seed: u64, n: usize, epoch: usize) -> Vec<usize> {
+        let mut o: Vec<usize> = (0..n).collect();
+        o.shuffle(&mut StdRng::seed_from_u64(seed.wrapping_add(epoch as u64)));
+        o
+    }
+
+    /// The next example, moving on to the next epoch's order at the end of one.
+    fn next_index(&mut self) -> usize {
+        if self.cursor == self.order.len() {
+            self.epoch += 1;
+            self.order = Self::shuffled(self.seed, self.n, self.epoch);
+            self.cursor = 0;
+        }
+        self.cursor += 1;
+        self.order[self.cursor - 1]
+    }
+
+    /// Epochs done, fractional.
+    fn progress(&self) -> f64 {
+        self.epoch as f64 + self.cursor as f64 / self.n as f64
+    }
 }
 
 /// Draws `loss.svg` from `metrics.jsonl`.

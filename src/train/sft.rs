@@ -222,10 +222,6 @@ impl<B: TrainBackend> Objective<B> for Sft {
         self.packed.as_ref().map_or(self.train.len(), Vec::len)
     }
 
-    fn dropped(&self) -> usize {
-        self.counts.dropped_too_long
-    }
-
     fn data_counts(&self) -> PrepareCounts {
         self.counts
     }
