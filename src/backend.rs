@@ -63,13 +63,20 @@ pub fn init_cuda_runtime() {
     });
 }
 
+pub use crate::ops::FusedOps;
 pub use crate::quant::linear::Nf4Linear;
+
+/// A backend that runs the decoder: the NF4 linear map and the fused decoder operations, as
+/// kernels of its own or composed from tensor ops.
+pub trait Kernels: Nf4Linear + FusedOps {}
+
+impl<T: Nf4Linear + FusedOps> Kernels for T {}
 
 /// A backend ft trains on: autodiff over an inner backend, both able to run the decoder (the
 /// inner one runs evaluation without recording a graph).
-pub trait TrainBackend: burn::tensor::backend::AutodiffBackend<InnerBackend: Nf4Linear> + Nf4Linear {}
+pub trait TrainBackend: burn::tensor::backend::AutodiffBackend<InnerBackend: Kernels> + Kernels {}
 
-impl<T: burn::tensor::backend::AutodiffBackend<InnerBackend: Nf4Linear> + Nf4Linear> TrainBackend for T {}
+impl<T: burn::tensor::backend::AutodiffBackend<InnerBackend: Kernels> + Kernels> TrainBackend for T {}
 
 static CUDA_IN_USE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 

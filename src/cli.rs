@@ -1,7 +1,7 @@
 //! The `ft` command line: argument definitions (clap) and one function per subcommand. Each
 //! subcommand is a thin layer over the library.
 
-use crate::quant::linear::Nf4Linear;
+use crate::backend::Kernels;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -541,7 +541,7 @@ fn cmd_generate(a: GenerateArgs) -> Result<()> {
     crate::dispatch_backend!(a.device, a.dtype, generate_on, a)
 }
 
-fn generate_on<B: Nf4Linear>(a: GenerateArgs, device: B::Device) -> Result<()> {
+fn generate_on<B: Kernels>(a: GenerateArgs, device: B::Device) -> Result<()> {
     let t0 = Instant::now();
     let model = load_with_adapter::<B>(&a.model, a.adapter.as_deref(), &device)?;
     let load_s = t0.elapsed().as_secs_f64();
@@ -597,7 +597,7 @@ fn generate_on<B: Nf4Linear>(a: GenerateArgs, device: B::Device) -> Result<()> {
     Ok(())
 }
 
-fn eval_dpo_on<B: Nf4Linear>(a: EvalArgs, device: B::Device) -> Result<()> {
+fn eval_dpo_on<B: Kernels>(a: EvalArgs, device: B::Device) -> Result<()> {
     use crate::train::dpo::{prepare_pairs, score_pairs, DpoConfig, LossType};
     if a.label_smoothing < 0.0 || a.label_smoothing >= 0.5 || !(a.beta > 0.0) {
         return Err(RecipeError("--beta must be positive and --label-smoothing in [0, 0.5)".into()).into());
@@ -663,7 +663,7 @@ fn cmd_eval(a: EvalArgs) -> Result<()> {
     crate::dispatch_backend!(a.device, a.dtype, eval_on, a)
 }
 
-fn eval_on<B: Nf4Linear>(a: EvalArgs, device: B::Device) -> Result<()> {
+fn eval_on<B: Kernels>(a: EvalArgs, device: B::Device) -> Result<()> {
     if a.dpo {
         return eval_dpo_on::<B>(a, device);
     }
@@ -698,7 +698,7 @@ fn eval_on<B: Nf4Linear>(a: EvalArgs, device: B::Device) -> Result<()> {
 }
 
 /// Loads a model and, if given, attaches a PEFT adapter.
-fn load_with_adapter<B: Nf4Linear>(model: &Path, adapter: Option<&Path>, device: &B::Device) -> Result<crate::model::Decoder<B>> {
+fn load_with_adapter<B: Kernels>(model: &Path, adapter: Option<&Path>, device: &B::Device) -> Result<crate::model::Decoder<B>> {
     let mut m = crate::model::load::<B>(model, device)?;
     if let Some(dir) = adapter {
         crate::adapters::peft::PeftAdapter::open(dir)?.attach(&mut m)?;

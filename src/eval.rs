@@ -1,6 +1,6 @@
 //! Assistant-only next-token loss of a model over a ChatML dataset.
 
-use crate::quant::linear::Nf4Linear;
+use crate::backend::Kernels;
 use burn::prelude::*;
 use burn::tensor::activation::log_softmax;
 use burn::tensor::{Int, TensorData};
@@ -33,7 +33,7 @@ pub struct EvalReport {
 ///
 /// Sequences are right-padded into one forward pass; with a causal mask, padding after a
 /// sequence cannot change its logits, so every value equals the unbatched one.
-pub fn batch_logprobs<B: Nf4Linear>(model: &Decoder<B>, seqs: &[&[u32]]) -> Vec<Vec<f32>> {
+pub fn batch_logprobs<B: Kernels>(model: &Decoder<B>, seqs: &[&[u32]]) -> Vec<Vec<f32>> {
     let device = model.device();
     let t = seqs.iter().map(|s| s.len()).max().unwrap_or(0);
     if t < 2 {
@@ -59,7 +59,7 @@ pub fn batch_logprobs<B: Nf4Linear>(model: &Decoder<B>, seqs: &[&[u32]]) -> Vec<
 }
 
 /// Per-token log-probabilities of `ids[1..]` given their prefixes: `out[j-1] = log p(ids[j] | ids[..j])`.
-pub fn token_logprobs<B: Nf4Linear>(model: &Decoder<B>, ids: &[u32]) -> Vec<f32> {
+pub fn token_logprobs<B: Kernels>(model: &Decoder<B>, ids: &[u32]) -> Vec<f32> {
     batch_logprobs(model, &[ids]).pop().unwrap_or_default()
 }
 
@@ -76,7 +76,7 @@ fn masked_nll(enc: &Encoded, lp: &[f32]) -> (f64, usize) {
 }
 
 /// NLL sum and token count of one encoded sample.
-pub fn sample_nll<B: Nf4Linear>(model: &Decoder<B>, enc: &Encoded) -> (f64, usize) {
+pub fn sample_nll<B: Kernels>(model: &Decoder<B>, enc: &Encoded) -> (f64, usize) {
     masked_nll(enc, &token_logprobs(model, &enc.ids))
 }
 
@@ -112,7 +112,7 @@ impl ScoredBatch {
 
     /// `log p(target)` at every scored position, `[n, 1]`: the head runs only there (right
     /// padding cannot change the logits of real tokens).
-    pub fn logprobs<B: Nf4Linear>(self, model: &Decoder<B>) -> Tensor<B, 2> {
+    pub fn logprobs<B: Kernels>(self, model: &Decoder<B>) -> Tensor<B, 2> {
         let device = model.device();
         let n = self.positions.len();
         let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(self.input, [self.b, self.t]), &device);
@@ -122,7 +122,7 @@ impl ScoredBatch {
 }
 
 /// NLL sums and scored-token counts of a batch of encoded samples.
-pub fn batch_masked_nll<B: Nf4Linear>(model: &Decoder<B>, encs: &[&Encoded]) -> Vec<(f64, usize)> {
+pub fn batch_masked_nll<B: Kernels>(model: &Decoder<B>, encs: &[&Encoded]) -> Vec<(f64, usize)> {
     let batch = ScoredBatch::new(encs);
     let mut out = vec![(0.0, 0); encs.len()];
     if batch.positions.is_empty() {
@@ -141,7 +141,7 @@ pub fn batch_masked_nll<B: Nf4Linear>(model: &Decoder<B>, encs: &[&Encoded]) -> 
 const EVAL_BATCH_TOKENS: usize = 4096;
 
 /// Scores every conversation (errors name the record's `file:line`).
-pub fn evaluate<B: Nf4Linear>(
+pub fn evaluate<B: Kernels>(
     model: &Decoder<B>,
     tok: &TextTokenizer,
     template: &ChatTemplate,

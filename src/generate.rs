@@ -1,7 +1,7 @@
 //! Text generation with a KV cache: greedy at temperature 0, else temperature + top-p sampling
 //! from a seeded RNG.
 
-use crate::quant::linear::Nf4Linear;
+use crate::backend::Kernels;
 use std::time::Instant;
 
 use burn::prelude::*;
@@ -80,7 +80,7 @@ fn sample(logits: &[f32], temperature: f32, top_p: f32, rng: &mut StdRng) -> usi
 }
 
 /// Generates up to `max_new_tokens` after `prompt`.
-pub fn generate<B: Nf4Linear>(model: &Decoder<B>, prompt: &[u32], opts: &GenerateOptions) -> Generation {
+pub fn generate<B: Kernels>(model: &Decoder<B>, prompt: &[u32], opts: &GenerateOptions) -> Generation {
     let device = model.device();
     let start = Instant::now();
     let mut rng = StdRng::seed_from_u64(opts.seed);

@@ -14,6 +14,7 @@ pub mod fsutil;
 pub mod generate;
 pub mod gguf;
 pub mod model;
+pub mod ops;
 pub mod quant;
 pub mod tokenizer;
 pub mod train;

@@ -2,7 +2,7 @@
 //! `base_model.model.<module>.lora_A.weight` `[r, in]` and `.lora_B.weight` `[out, r]`. This is the
 //! one name map between ft's projections and PEFT's files.
 
-use crate::quant::linear::Nf4Linear;
+use crate::backend::Kernels;
 use std::path::{Path, PathBuf};
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -183,7 +183,7 @@ impl PeftAdapter {
     }
 
     /// Attaches the adapters to `model`; every adapter tensor must find its module.
-    pub fn attach<B: Nf4Linear>(&self, model: &mut Decoder<B>) -> Result<usize> {
+    pub fn attach<B: Kernels>(&self, model: &mut Decoder<B>) -> Result<usize> {
         let device = model.device();
         let scale = self.config.scale();
         let r = self.config.r;
@@ -207,7 +207,7 @@ impl PeftAdapter {
 
 /// Writes `model`'s adapters as a PEFT adapter directory (`adapter_config.json` with PEFT's keys,
 /// `adapter_model.safetensors` in f32 with `{"format": "pt"}`), atomically.
-pub fn save<B: Nf4Linear>(model: &mut Decoder<B>, config: &LoraConfig, base_model: &str, out: &Path) -> Result<()> {
+pub fn save<B: Kernels>(model: &mut Decoder<B>, config: &LoraConfig, base_model: &str, out: &Path) -> Result<()> {
     let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
     let mut short: Vec<String> = Vec::new();
     for (name, proj) in model.projections_mut() {

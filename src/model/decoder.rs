@@ -4,12 +4,12 @@
 
 use burn::module::{Module, Param};
 use burn::prelude::*;
-use burn::tensor::activation::{silu, softmax};
 use burn::tensor::{Bool, Int, TensorData};
 
 use super::config::ModelConfig;
 use crate::quant::nf4::Nf4;
-use crate::quant::linear::Nf4Linear;
+use crate::backend::Kernels;
+use crate::ops;
 use crate::quant::tensor::Nf4Weight;
 use crate::adapters::lora::Lora;
 use super::rope::Rope;
@@ -46,7 +46,7 @@ pub struct Projection<B: Backend> {
     pub shape: (usize, usize),
 }
 
-impl<B: Nf4Linear> Projection<B> {
+impl<B: Kernels> Projection<B> {
     /// Loads `{path}.weight` (PyTorch `[out, in]`) and, when `bias`, `{path}.bias`. A weight stored
     /// 4-bit (bitsandbytes) stays 4-bit; with `quantize`, a dense weight is quantized to NF4
     /// (blocksize 64, double quantization) as it is read.
@@ -121,20 +121,18 @@ pub struct RmsNorm<B: Backend> {
     pub eps: f64,
 }
 
-impl<B: Backend> RmsNorm<B> {
+impl<B: Kernels> RmsNorm<B> {
     pub fn load(ck: &Checkpoint, name: &str, dim: usize, eps: f64, device: &B::Device) -> Result<Self, WeightsError> {
         let w = ck.f32(name, &[dim])?;
         Ok(RmsNorm { weight: Param::from_tensor(tensor1(w, device)).set_require_grad(false), eps })
     }
 
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        let var = x.clone().powi_scalar(2).mean_dim(D - 1);
-        let x = x * (var + self.eps).sqrt().recip();
-        x * self.weight.val().unsqueeze()
+        ops::rms_norm(x, self.weight.val(), self.eps)
     }
 }
 
-/// Cached keys and values of one layer, `[batch, kv_heads, seen, head_dim]`.
+/// Cached keys and values of one layer, `[batch, seen, kv_heads, head_dim]`.
 #[derive(Debug, Clone)]
 pub struct LayerCache<B: Backend> {
     pub k: Tensor<B, 4>,
@@ -154,7 +152,7 @@ impl<B: Backend> KvCache<B> {
 
     /// Number of positions already cached.
     pub fn len(&self) -> usize {
-        self.layers.first().and_then(|l| l.as_ref()).map(|l| l.k.dims()[2]).unwrap_or(0)
+        self.layers.first().and_then(|l| l.as_ref()).map(|l| l.k.dims()[1]).unwrap_or(0)
     }
 
     pub fn is_empty(&self) -> bool {
@@ -162,23 +160,10 @@ impl<B: Backend> KvCache<B> {
     }
 }
 
-/// Rotary cos/sin for the positions of one forward pass, `[1, 1, T, head_dim]` each.
+/// Rotary cos/sin for the positions of one forward pass, `[1 | B, T, head_dim]` each.
 pub struct RopeTables<B: Backend> {
-    cos: Tensor<B, 4>,
-    sin: Tensor<B, 4>,
-}
-
-fn rotate_half<B: Backend>(x: Tensor<B, 4>) -> Tensor<B, 4> {
-    let d = x.dims()[3];
-    let x1 = x.clone().narrow(3, 0, d / 2);
-    let x2 = x.narrow(3, d / 2, d / 2);
-    Tensor::cat(vec![x2.neg(), x1], 3)
-}
-
-impl<B: Backend> RopeTables<B> {
-    fn apply(&self, x: Tensor<B, 4>) -> Tensor<B, 4> {
-        x.clone() * self.cos.clone() + rotate_half(x) * self.sin.clone()
-    }
+    cos: Tensor<B, 3>,
+    sin: Tensor<B, 3>,
 }
 
 #[derive(Module, Debug)]
@@ -197,7 +182,7 @@ pub struct Attention<B: Backend> {
     pub head_dim: usize,
 }
 
-impl<B: Nf4Linear> Attention<B> {
+impl<B: Kernels> Attention<B> {
     pub fn load(ck: &Checkpoint, p: &str, c: &ModelConfig, device: &B::Device) -> Result<Self, WeightsError> {
         let (h, hd) = (c.hidden_size, c.head_dim);
         let (q, kv) = (c.num_heads * hd, c.num_kv_heads * hd);
@@ -222,11 +207,12 @@ impl<B: Nf4Linear> Attention<B> {
     }
 
     /// # Shapes
-    /// `x: [B, T, hidden]`, `mask: [B, 1, T, S]` (true = masked, S = cached + T) → `[B, T, hidden]`
-    pub fn forward(&self, x: Tensor<B, 3>, rope: &RopeTables<B>, mask: Tensor<B, 4, Bool>, cache: Option<&mut Option<LayerCache<B>>>) -> Tensor<B, 3> {
+    /// `x: [B, T, hidden]`, `mask: [1 | B, T, S]` (true = masked, S = cached + T) → `[B, T, hidden]`
+    pub fn forward(&self, x: Tensor<B, 3>, rope: &RopeTables<B>, mask: Tensor<B, 3, Bool>, cache: Option<&mut Option<LayerCache<B>>>) -> Tensor<B, 3> {
         let [b, t, _] = x.dims();
         let (nh, kvh, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let heads = |y: Tensor<B, 3>, n: usize| y.reshape([b, t, n, hd]).swap_dims(1, 2);
+        // Heads stay in the projections' layout [B, T, heads, hd]: no transposes.
+        let heads = |y: Tensor<B, 3>, n: usize| y.reshape([b, t, n, hd]);
         let mut q = heads(self.q_proj.forward(x.clone()), nh);
         let mut k = heads(self.k_proj.forward(x.clone()), kvh);
         let mut v = heads(self.v_proj.forward(x), kvh);
@@ -234,29 +220,17 @@ impl<B: Nf4Linear> Attention<B> {
             q = qn.forward(q);
             k = kn.forward(k);
         }
-        q = rope.apply(q);
-        k = rope.apply(k);
+        q = ops::rope(q, rope.cos.clone(), rope.sin.clone());
+        k = ops::rope(k, rope.cos.clone(), rope.sin.clone());
         if let Some(slot) = cache {
             if let Some(prev) = slot.take() {
-                k = Tensor::cat(vec![prev.k, k], 2);
-                v = Tensor::cat(vec![prev.v, v], 2);
+                k = Tensor::cat(vec![prev.k, k], 1);
+                v = Tensor::cat(vec![prev.v, v], 1);
             }
             *slot = Some(LayerCache { k: k.clone(), v: v.clone() });
         }
-        let s = k.dims()[2];
-        // GQA: repeat each kv head n_rep times (HF's repeat_kv), materialised so that the
-        // autodiff backward needs no broadcasting.
-        let n_rep = nh / kvh;
-        if n_rep > 1 {
-            k = k.unsqueeze_dim::<5>(2).expand([b, kvh, n_rep, s, hd]).reshape([b, nh, s, hd]);
-            v = v.unsqueeze_dim::<5>(2).expand([b, kvh, n_rep, s, hd]).reshape([b, nh, s, hd]);
-        }
-        let scale = (hd as f64).powf(-0.5);
-        let scores = q.matmul(k.swap_dims(2, 3)) * scale;
-        let scores = scores.mask_fill(mask.expand([b, nh, t, s]), f32::NEG_INFINITY);
-        let probs = softmax(scores, 3);
-        let out = probs.matmul(v).swap_dims(1, 2).reshape([b, t, nh * hd]);
-        self.o_proj.forward(out)
+        let out = ops::attention(q, k, v, mask, (hd as f64).powf(-0.5));
+        self.o_proj.forward(out.reshape([b, t, nh * hd]))
     }
 }
 
@@ -267,7 +241,7 @@ pub struct Mlp<B: Backend> {
     pub down_proj: Projection<B>,
 }
 
-impl<B: Nf4Linear> Mlp<B> {
+impl<B: Kernels> Mlp<B> {
     pub fn load(ck: &Checkpoint, p: &str, c: &ModelConfig, device: &B::Device) -> Result<Self, WeightsError> {
         let (h, i, bias) = (c.hidden_size, c.intermediate_size, c.mlp_bias);
         Ok(Mlp {
@@ -278,7 +252,7 @@ impl<B: Nf4Linear> Mlp<B> {
     }
 
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        self.down_proj.forward(silu(self.gate_proj.forward(x.clone())) * self.up_proj.forward(x))
+        self.down_proj.forward(ops::swiglu(self.gate_proj.forward(x.clone()), self.up_proj.forward(x)))
     }
 }
 
@@ -290,7 +264,7 @@ pub struct Block<B: Backend> {
     pub mlp: Mlp<B>,
 }
 
-impl<B: Nf4Linear> Block<B> {
+impl<B: Kernels> Block<B> {
     pub fn load(ck: &Checkpoint, i: usize, c: &ModelConfig, device: &B::Device) -> Result<Self, WeightsError> {
         let p = format!("model.layers.{i}");
         Ok(Block {
@@ -301,7 +275,7 @@ impl<B: Nf4Linear> Block<B> {
         })
     }
 
-    pub fn forward(&self, x: Tensor<B, 3>, rope: &RopeTables<B>, mask: Tensor<B, 4, Bool>, cache: Option<&mut Option<LayerCache<B>>>) -> Tensor<B, 3> {
+    pub fn forward(&self, x: Tensor<B, 3>, rope: &RopeTables<B>, mask: Tensor<B, 3, Bool>, cache: Option<&mut Option<LayerCache<B>>>) -> Tensor<B, 3> {
         let h = x.clone() + self.self_attn.forward(self.input_layernorm.forward(x), rope, mask, cache);
         h.clone() + self.mlp.forward(self.post_attention_layernorm.forward(h))
     }
@@ -323,7 +297,7 @@ pub struct Decoder<B: Backend> {
     pub config: ModelConfig,
 }
 
-impl<B: Nf4Linear> Decoder<B> {
+impl<B: Kernels> Decoder<B> {
     /// Builds the decoder from a checkpoint, checking every name and shape and that no tensor
     /// is left unused.
     pub fn load(ck: &Checkpoint, c: &ModelConfig, device: &B::Device) -> Result<Self, WeightsError> {
@@ -402,7 +376,7 @@ impl<B: Nf4Linear> Decoder<B> {
     fn rope_tables(&self, start: usize, len: usize, device: &B::Device) -> RopeTables<B> {
         let hd = self.config.head_dim;
         let (cos, sin) = self.rope.tables(start, len, start + len);
-        let t = |d: Vec<f32>| Tensor::<B, 2>::from_data(TensorData::new(d, [len, hd]), device).reshape([1, 1, len, hd]);
+        let t = |d: Vec<f32>| Tensor::<B, 3>::from_data(TensorData::new(d, [1, len, hd]), device);
         RopeTables { cos: t(cos), sin: t(sin) }
     }
 
@@ -418,7 +392,7 @@ impl<B: Nf4Linear> Decoder<B> {
         let mut x = self.embed_tokens.val().select(0, ids.reshape([b * t])).reshape([b, t, h]);
         let rope = self.rope_tables(start, t, &device);
         // Query i (absolute position start+i) may see keys 0..=start+i.
-        let mask = Tensor::<B, 2, Bool>::tril_mask([t, start + t], start as i64, &device).reshape([1, 1, t, start + t]);
+        let mask = Tensor::<B, 2, Bool>::tril_mask([t, start + t], start as i64, &device).reshape([1, t, start + t]);
         for (i, layer) in self.layers.iter().enumerate() {
             let slot = cache.as_mut().map(|c| &mut c.layers[i]);
             x = layer.forward(x, &rope, mask.clone(), slot);
@@ -458,9 +432,9 @@ impl<B: Nf4Linear> Decoder<B> {
                 start += len;
             }
         }
-        let table = |d: Vec<f32>| Tensor::<B, 4>::from_data(TensorData::new(d, [b, 1, t, hd]), &device);
+        let table = |d: Vec<f32>| Tensor::<B, 3>::from_data(TensorData::new(d, [b, t, hd]), &device);
         let rope = RopeTables { cos: table(pc), sin: table(ps) };
-        let mask = Tensor::<B, 4, Bool>::from_data(TensorData::new(masked, [b, 1, t, t]), &device);
+        let mask = Tensor::<B, 3, Bool>::from_data(TensorData::new(masked, [b, t, t]), &device);
         let mut x = self.embed_tokens.val().select(0, ids.reshape([b * t])).reshape([b, t, h]);
         for layer in &self.layers {
             x = layer.forward(x, &rope, mask.clone(), None);

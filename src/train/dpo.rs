@@ -16,7 +16,7 @@
 //! Rewards are `β·(π − ref)` per side. Losses on tensors drive the gradient; the same formulas in
 //! f64 give the reported metrics (a test keeps the two in step).
 
-use crate::quant::linear::Nf4Linear;
+use crate::backend::Kernels;
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
@@ -180,7 +180,7 @@ impl DpoConfig {
 
 /// Completion log-prob sums of `sides` (one right-padded forward), differentiable: `[n]`, and
 /// the scored-token counts. The head runs only at completion positions.
-pub fn completion_logps<B: Nf4Linear>(model: &Decoder<B>, sides: &[&Encoded]) -> (Tensor<B, 1>, Vec<usize>) {
+pub fn completion_logps<B: Kernels>(model: &Decoder<B>, sides: &[&Encoded]) -> (Tensor<B, 1>, Vec<usize>) {
     let device = model.device();
     let n = sides.len();
     let batch = ScoredBatch::new(sides);
@@ -210,14 +210,14 @@ fn values<B: Backend>(t: Tensor<B, 1>) -> Vec<f64> {
 /// sides of `pairs`. Each side is its own forward: rejected replies are often much longer than
 /// chosen ones, and padding both to the longest of all would waste the difference.
 #[allow(clippy::type_complexity)]
-pub fn policy_logps<B: Nf4Linear>(model: &Decoder<B>, pairs: &[&EncodedPair]) -> ((Tensor<B, 1>, Vec<usize>), (Tensor<B, 1>, Vec<usize>)) {
+pub fn policy_logps<B: Kernels>(model: &Decoder<B>, pairs: &[&EncodedPair]) -> ((Tensor<B, 1>, Vec<usize>), (Tensor<B, 1>, Vec<usize>)) {
     let chosen: Vec<&Encoded> = pairs.iter().map(|p| &p.chosen).collect();
     let rejected: Vec<&Encoded> = pairs.iter().map(|p| &p.rejected).collect();
     (completion_logps(model, &chosen), completion_logps(model, &rejected))
 }
 
 /// Reference log-probs `(chosen, rejected)` of `pairs`: the model with adapters off.
-pub fn reference_logps<B: Nf4Linear>(model: &mut Decoder<B>, pairs: &[&EncodedPair]) -> Vec<(f64, f64)> {
+pub fn reference_logps<B: Kernels>(model: &mut Decoder<B>, pairs: &[&EncodedPair]) -> Vec<(f64, f64)> {
     model.set_adapters_enabled(false);
     let (c, r) = policy_logps(model, pairs);
     let (c, r) = (values(c.0.detach()), values(r.0.detach()));
@@ -230,7 +230,7 @@ pub const SCORE_BATCH: usize = 8;
 
 /// Policy and reference log-probs of every pair, in batches of [`SCORE_BATCH`]; the reference
 /// forward is skipped where `reference` already holds the pair's values. No gradient.
-pub fn score_pairs<B: Nf4Linear>(model: &mut Decoder<B>, pairs: &[EncodedPair], reference: Option<&[(f64, f64)]>) -> Vec<PairLogps> {
+pub fn score_pairs<B: Kernels>(model: &mut Decoder<B>, pairs: &[EncodedPair], reference: Option<&[(f64, f64)]>) -> Vec<PairLogps> {
     let mut out = Vec::with_capacity(pairs.len());
     // Without adapters the policy is the reference: one forward serves both.
     let adapters = model.projections_mut().iter().any(|(_, p)| p.lora.is_some());

@@ -1,6 +1,6 @@
 //! Supervised fine-tuning: the assistant-only next-token loss over tokenized conversations.
 
-use crate::quant::linear::Nf4Linear;
+use crate::backend::Kernels;
 use std::path::Path;
 
 use anyhow::{bail, Result};
@@ -158,7 +158,7 @@ impl MicroBatch {
 /// Sum of masked token NLLs divided by `norm` (the trainable tokens of the whole accumulated
 /// batch), and the number of correctly predicted trainable tokens. The vocabulary head and the
 /// softmax run only on the trainable positions (the prompt's logits are never formed).
-pub fn sft_loss<B: Nf4Linear>(model: &Decoder<B>, mb: &MicroBatch, norm: f64) -> (Tensor<B, 1>, usize) {
+pub fn sft_loss<B: Kernels>(model: &Decoder<B>, mb: &MicroBatch, norm: f64) -> (Tensor<B, 1>, usize) {
     let device = model.device();
     let (b, t) = (mb.b, mb.t);
     let positions: Vec<i64> = (0..b * t).filter(|&i| mb.weight[i] > 0.0).map(|i| i as i64).collect();
@@ -204,7 +204,7 @@ impl Sft {
 }
 
 /// Mean loss per trainable token of `data`, in batches.
-pub fn mean_loss<B: Nf4Linear>(model: &Decoder<B>, data: &[Encoded], batch: usize) -> f64 {
+pub fn mean_loss<B: Kernels>(model: &Decoder<B>, data: &[Encoded], batch: usize) -> f64 {
     let (mut nll, mut n) = (0.0, 0usize);
     for chunk in data.chunks(batch.max(1)) {
         let refs: Vec<&Encoded> = chunk.iter().collect();

@@ -1,0 +1,159 @@
+//! The fused operations under autodiff: each is one graph node whose backward step calls the
+//! inner backend's backward kernel. Only the inputs that carry gradients are parents (RMSNorm's
+//! weight is frozen: it gets no gradient).
+
+use burn::backend::autodiff::checkpoint::base::Checkpointer;
+use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
+use burn::backend::autodiff::grads::Gradients;
+use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::Autodiff;
+use burn::prelude::*;
+use burn::tensor::ops::{BoolTensor, FloatTensor};
+use burn::tensor::{Bool, TensorPrimitive};
+
+use super::FusedOps;
+
+fn inner<B: FusedOps, C: CheckpointStrategy, const D: usize>(t: &Tensor<Autodiff<B, C>, D>) -> Tensor<B, D> {
+    Tensor::from_primitive(TensorPrimitive::Float(t.clone().into_primitive().tensor().primitive))
+}
+
+fn float<B: Backend, const D: usize>(t: FloatTensor<B>) -> Tensor<B, D> {
+    Tensor::from_primitive(TensorPrimitive::Float(t))
+}
+
+fn prim<B: Backend, const D: usize>(t: Tensor<B, D>) -> FloatTensor<B> {
+    t.into_primitive().tensor()
+}
+
+#[derive(Debug)]
+struct RmsNormBackward;
+
+impl<B: FusedOps> Backward<B, 1> for RmsNormBackward {
+    type State = (FloatTensor<B>, FloatTensor<B>, f64);
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let (x, w, eps) = ops.state;
+        let grad = grads.consume::<B>(&ops.node);
+        if let [Some(node)] = ops.parents {
+            grads.register::<B>(node.id, prim(B::rms_norm_backward(float(x), float(w), eps, float(grad))));
+        }
+    }
+}
+
+#[derive(Debug)]
+struct RopeBackward;
+
+impl<B: FusedOps> Backward<B, 1> for RopeBackward {
+    type State = (FloatTensor<B>, FloatTensor<B>, bool);
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let (cos, sin, transpose) = ops.state;
+        let grad = grads.consume::<B>(&ops.node);
+        if let [Some(node)] = ops.parents {
+            // The map is linear in x: its backward is its transpose.
+            grads.register::<B>(node.id, prim(B::rope_fused(float(grad), float(cos), float(sin), !transpose)));
+        }
+    }
+}
+
+#[derive(Debug)]
+struct SwigluBackward;
+
+impl<B: FusedOps> Backward<B, 2> for SwigluBackward {
+    type State = (FloatTensor<B>, FloatTensor<B>);
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let (gate, up) = ops.state;
+        let grad = grads.consume::<B>(&ops.node);
+        let (dg, du) = B::swiglu_backward(float(gate), float(up), float(grad));
+        let [g, u] = ops.parents;
+        if let Some(node) = g {
+            grads.register::<B>(node.id, prim(dg));
+        }
+        if let Some(node) = u {
+            grads.register::<B>(node.id, prim(du));
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct AttentionState<B: Backend> {
+    q: FloatTensor<B>,
+    k: FloatTensor<B>,
+    v: FloatTensor<B>,
+    o: FloatTensor<B>,
+    lse: FloatTensor<B>,
+    mask: BoolTensor<B>,
+    scale: f64,
+}
+
+#[derive(Debug)]
+struct AttentionBackward;
+
+impl<B: FusedOps> Backward<B, 3> for AttentionBackward {
+    type State = AttentionState<B>;
+
+    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let s = ops.state;
+        let grad = grads.consume::<B>(&ops.node);
+        let mask = Tensor::<B, 3, Bool>::from_primitive(s.mask);
+        let (dq, dk, dv) = B::attention_backward(float(s.q), float(s.k), float(s.v), float(s.o), float(s.lse), mask, s.scale, float(grad));
+        for (node, g) in ops.parents.into_iter().zip([dq, dk, dv]) {
+            if let Some(node) = node {
+                grads.register::<B>(node.id, prim(g));
+            }
+        }
+    }
+}
+
+impl<B: FusedOps, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
+    const FUSED: bool = B::FUSED;
+
+    fn rms_norm_fused(x: Tensor<Self, 2>, w: Tensor<Self, 1>, eps: f64) -> Tensor<Self, 2> {
+        let (xi, wi) = (inner(&x), inner(&w));
+        let node = x.into_primitive().tensor().node;
+        let out = prim(B::rms_norm_fused(xi.clone(), wi.clone(), eps));
+        let out = match RmsNormBackward.prepare::<C>([node]).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => prep.finish((prim(xi), prim(wi), eps), out),
+            OpsKind::UnTracked(prep) => prep.finish(out),
+        };
+        float(out)
+    }
+
+    fn rope_fused(x: Tensor<Self, 4>, cos: Tensor<Self, 3>, sin: Tensor<Self, 3>, transpose: bool) -> Tensor<Self, 4> {
+        let (xi, ci, si) = (inner(&x), inner(&cos), inner(&sin));
+        let node = x.into_primitive().tensor().node;
+        let out = prim(B::rope_fused(xi, ci.clone(), si.clone(), transpose));
+        let out = match RopeBackward.prepare::<C>([node]).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => prep.finish((prim(ci), prim(si), transpose), out),
+            OpsKind::UnTracked(prep) => prep.finish(out),
+        };
+        float(out)
+    }
+
+    fn swiglu_fused(gate: Tensor<Self, 2>, up: Tensor<Self, 2>) -> Tensor<Self, 2> {
+        let (gi, ui) = (inner(&gate), inner(&up));
+        let nodes = [gate.into_primitive().tensor().node, up.into_primitive().tensor().node];
+        let out = prim(B::swiglu_fused(gi.clone(), ui.clone()));
+        let out = match SwigluBackward.prepare::<C>(nodes).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => prep.finish((prim(gi), prim(ui)), out),
+            OpsKind::UnTracked(prep) => prep.finish(out),
+        };
+        float(out)
+    }
+
+    fn attention_fused(q: Tensor<Self, 4>, k: Tensor<Self, 4>, v: Tensor<Self, 4>, mask: Tensor<Self, 3, Bool>, scale: f64) -> (Tensor<Self, 4>, Tensor<Self, 3>) {
+        let (qi, ki, vi) = (inner(&q), inner(&k), inner(&v));
+        let mask = Tensor::<B, 3, Bool>::from_primitive(mask.into_primitive());
+        let nodes = [q.into_primitive().tensor().node, k.into_primitive().tensor().node, v.into_primitive().tensor().node];
+        let (o, lse) = B::attention_fused(qi.clone(), ki.clone(), vi.clone(), mask.clone(), scale);
+        let out = match AttentionBackward.prepare::<C>(nodes).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => {
+                let state = AttentionState { q: prim(qi), k: prim(ki), v: prim(vi), o: prim(o.clone()), lse: prim(lse.clone()), mask: mask.into_primitive(), scale };
+                prep.finish(state, prim(o))
+            }
+            OpsKind::UnTracked(prep) => prep.finish(prim(o)),
+        };
+        (float(out), Tensor::from_inner(lse))
+    }
+}

@@ -1,0 +1,343 @@
+//! CPU kernels of the fused operations (burn's `flex` backend, f32): each reads its inputs once
+//! from contiguous memory and writes one output, rows in parallel with rayon; attention's
+//! matrix products go through the `gemm` crate (the one flex's own matmul uses), per
+//! (batch, kv head) with strided operands, so no head transpose or K/V copy is made.
+
+use burn::prelude::*;
+use burn::tensor::{Bool, TensorData, TensorPrimitive};
+use burn_flex::{Flex, FlexTensor};
+use rayon::prelude::*;
+
+use super::FusedOps;
+
+fn contiguous<const D: usize>(t: Tensor<Flex, D>) -> FlexTensor {
+    t.into_primitive().tensor().to_contiguous()
+}
+
+fn f32s(t: &FlexTensor) -> &[f32] {
+    t.as_slice::<f32>().expect("contiguous f32 tensor")
+}
+
+fn tensor<const D: usize>(data: Vec<f32>, shape: [usize; D]) -> Tensor<Flex, D> {
+    Tensor::from_primitive(TensorPrimitive::Float(FlexTensor::from_data(TensorData::new(data, shape))))
+}
+
+/// The mask's bytes (1 = not attended), contiguous.
+fn mask_bytes(mask: Tensor<Flex, 3, Bool>) -> (Vec<u8>, usize) {
+    let batch = mask.dims()[0];
+    let m = mask.into_primitive().to_contiguous();
+    let (start, end) = m.layout().contiguous_offsets().expect("contiguous mask");
+    (m.storage::<u8>()[start..end].to_vec(), batch)
+}
+
+/// Rows per rayon task for row-wise element kernels (keeps tasks above ~16k elements).
+fn rows_per_task(row_len: usize) -> usize {
+    (16384 / row_len.max(1)).max(1)
+}
+
+/// A raw output pointer shared by tasks that write disjoint parts of one buffer.
+#[derive(Clone, Copy)]
+struct Out(*mut f32);
+unsafe impl Send for Out {}
+unsafe impl Sync for Out {}
+
+impl Out {
+    /// The pointer `i` elements in (the caller keeps `i` inside the buffer).
+    fn at(self, i: usize) -> *mut f32 {
+        self.0.wrapping_add(i)
+    }
+}
+
+/// `dst[m×n] = (dst +)? beta · lhs[m×k] · rhs[k×n]`, every operand given by (pointer, row
+/// stride, column stride) in elements.
+#[allow(clippy::too_many_arguments)]
+unsafe fn mm(
+    (m, n, k): (usize, usize, usize),
+    dst: (*mut f32, usize, usize),
+    accumulate: bool,
+    lhs: (*const f32, usize, usize),
+    rhs: (*const f32, usize, usize),
+    beta: f32,
+    par: gemm::Parallelism,
+) {
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.0,
+            dst.2 as isize,
+            dst.1 as isize,
+            accumulate,
+            lhs.0,
+            lhs.2 as isize,
+            lhs.1 as isize,
+            rhs.0,
+            rhs.2 as isize,
+            rhs.1 as isize,
+            1.0,
+            beta,
+            false,
+            false,
+            false,
+            par,
+        )
+    }
+}
+
+/// Shapes of one attention call.
+#[derive(Clone, Copy)]
+struct Dims {
+    b: usize,
+    t: usize,
+    s: usize,
+    h: usize,
+    kv: usize,
+    hd: usize,
+    mask_batch: usize,
+}
+
+impl Dims {
+    fn of(q: &[usize; 4], k: &[usize; 4], mask_batch: usize) -> Self {
+        let [b, t, h, hd] = *q;
+        let [_, s, kv, _] = *k;
+        assert!(kv > 0 && h % kv == 0, "attention: {h} query heads over {kv} kv heads");
+        Dims { b, t, s, h, kv, hd, mask_batch }
+    }
+    /// Element offset of (batch, position 0, head) in `[B, T, H, hd]` and its row stride.
+    fn q_at(&self, b: usize, h: usize) -> (usize, usize) {
+        ((b * self.t * self.h + h) * self.hd, self.h * self.hd)
+    }
+    fn kv_at(&self, b: usize, g: usize) -> (usize, usize) {
+        ((b * self.s * self.kv + g) * self.hd, self.kv * self.hd)
+    }
+    fn mask_row<'a>(&self, mask: &'a [u8], b: usize, t: usize) -> &'a [u8] {
+        let mb = if self.mask_batch == 1 { 0 } else { b };
+        &mask[(mb * self.t + t) * self.s..][..self.s]
+    }
+    /// Inner GEMMs run single-threaded when the (batch, kv head) tasks already fill the pool.
+    fn parallelism(&self) -> gemm::Parallelism {
+        if self.b * self.kv >= rayon::current_num_threads() {
+            gemm::Parallelism::None
+        } else {
+            gemm::Parallelism::Rayon(0)
+        }
+    }
+}
+
+impl FusedOps for Flex {
+    const FUSED: bool = true;
+
+    fn rms_norm_fused(x: Tensor<Self, 2>, w: Tensor<Self, 1>, eps: f64) -> Tensor<Self, 2> {
+        let [n, d] = x.dims();
+        let (x, w) = (contiguous(x), contiguous(w));
+        let (xs, ws) = (f32s(&x), f32s(&w));
+        let mut y = vec![0f32; n * d];
+        let per = rows_per_task(d) * d;
+        y.par_chunks_mut(per).zip(xs.par_chunks(per)).for_each(|(yc, xc)| {
+            for (yr, xr) in yc.chunks_mut(d).zip(xc.chunks(d)) {
+                let r = rstd(xr, eps);
+                for ((y, x), w) in yr.iter_mut().zip(xr).zip(ws) {
+                    *y = x * r * w;
+                }
+            }
+        });
+        tensor(y, [n, d])
+    }
+
+    fn rms_norm_backward(x: Tensor<Self, 2>, w: Tensor<Self, 1>, eps: f64, grad: Tensor<Self, 2>) -> Tensor<Self, 2> {
+        let [n, d] = x.dims();
+        let (x, w, g) = (contiguous(x), contiguous(w), contiguous(grad));
+        let (xs, ws, gs) = (f32s(&x), f32s(&w), f32s(&g));
+        let mut dx = vec![0f32; n * d];
+        let per = rows_per_task(d) * d;
+        dx.par_chunks_mut(per).zip(xs.par_chunks(per)).zip(gs.par_chunks(per)).for_each(|((dc, xc), gc)| {
+            for ((dr, xr), gr) in dc.chunks_mut(d).zip(xc.chunks(d)).zip(gc.chunks(d)) {
+                // y = w·x·r, r = (mean(x²)+eps)^-½: dx = r·w·g − x·r³·mean(w·g·x)
+                let r = rstd(xr, eps);
+                let dot: f32 = xr.iter().zip(gr).zip(ws).map(|((x, g), w)| x * g * w).sum();
+                let c = dot * r * r * r / d as f32;
+                for (((dx, x), g), w) in dr.iter_mut().zip(xr).zip(gr).zip(ws) {
+                    *dx = r * w * g - x * c;
+                }
+            }
+        });
+        tensor(dx, [n, d])
+    }
+
+    fn rope_fused(x: Tensor<Self, 4>, cos: Tensor<Self, 3>, sin: Tensor<Self, 3>, transpose: bool) -> Tensor<Self, 4> {
+        let [b, t, h, hd] = x.dims();
+        let tb = cos.dims()[0];
+        let (x, cos, sin) = (contiguous(x), contiguous(cos), contiguous(sin));
+        let (xs, cs, ss) = (f32s(&x), f32s(&cos), f32s(&sin));
+        let half = hd / 2;
+        let mut y = vec![0f32; b * t * h * hd];
+        let row = h * hd;
+        y.par_chunks_mut(row).zip(xs.par_chunks(row)).enumerate().with_min_len(rows_per_task(row)).for_each(|(bt, (yr, xr))| {
+            let (bi, ti) = (bt / t, bt % t);
+            let at = ((if tb == 1 { 0 } else { bi }) * t + ti) * hd;
+            let (c, s) = (&cs[at..at + hd], &ss[at..at + hd]);
+            for (yh, xh) in yr.chunks_mut(hd).zip(xr.chunks(hd)) {
+                for i in 0..half {
+                    let j = i + half;
+                    if transpose {
+                        yh[i] = xh[i] * c[i] + xh[j] * s[j];
+                        yh[j] = xh[j] * c[j] - xh[i] * s[i];
+                    } else {
+                        yh[i] = xh[i] * c[i] - xh[j] * s[i];
+                        yh[j] = xh[j] * c[j] + xh[i] * s[j];
+                    }
+                }
+            }
+        });
+        tensor(y, [b, t, h, hd])
+    }
+
+    fn swiglu_fused(gate: Tensor<Self, 2>, up: Tensor<Self, 2>) -> Tensor<Self, 2> {
+        let [n, d] = gate.dims();
+        let (g, u) = (contiguous(gate), contiguous(up));
+        let (gs, us) = (f32s(&g), f32s(&u));
+        let mut y = vec![0f32; n * d];
+        let per = rows_per_task(d) * d;
+        y.par_chunks_mut(per).zip(gs.par_chunks(per)).zip(us.par_chunks(per)).for_each(|((yc, gc), uc)| {
+            for ((y, g), u) in yc.iter_mut().zip(gc).zip(uc) {
+                *y = g * sigmoid(*g) * u;
+            }
+        });
+        tensor(y, [n, d])
+    }
+
+    fn swiglu_backward(gate: Tensor<Self, 2>, up: Tensor<Self, 2>, grad: Tensor<Self, 2>) -> (Tensor<Self, 2>, Tensor<Self, 2>) {
+        let [n, d] = gate.dims();
+        let (g, u, dy) = (contiguous(gate), contiguous(up), contiguous(grad));
+        let (gs, us, dys) = (f32s(&g), f32s(&u), f32s(&dy));
+        let (mut dg, mut du) = (vec![0f32; n * d], vec![0f32; n * d]);
+        let per = rows_per_task(d) * d;
+        dg.par_chunks_mut(per).zip(du.par_chunks_mut(per)).zip(gs.par_chunks(per).zip(us.par_chunks(per)).zip(dys.par_chunks(per))).for_each(
+            |((dgc, duc), ((gc, uc), dyc))| {
+                for i in 0..gc.len() {
+                    let (g, s) = (gc[i], sigmoid(gc[i]));
+                    duc[i] = dyc[i] * g * s;
+                    dgc[i] = dyc[i] * uc[i] * s * (1.0 + g * (1.0 - s));
+                }
+            },
+        );
+        (tensor(dg, [n, d]), tensor(du, [n, d]))
+    }
+
+    fn attention_fused(q: Tensor<Self, 4>, k: Tensor<Self, 4>, v: Tensor<Self, 4>, mask: Tensor<Self, 3, Bool>, scale: f64) -> (Tensor<Self, 4>, Tensor<Self, 3>) {
+        let (mask, mb) = mask_bytes(mask);
+        let d = Dims::of(&q.dims(), &k.dims(), mb);
+        let (q, k, v) = (contiguous(q), contiguous(k), contiguous(v));
+        let (qs, ks, vs) = (f32s(&q), f32s(&k), f32s(&v));
+        let mut o = vec![0f32; d.b * d.t * d.h * d.hd];
+        let mut lse = vec![0f32; d.b * d.h * d.t];
+        let (op, lp) = (Out(o.as_mut_ptr()), Out(lse.as_mut_ptr()));
+        let par = d.parallelism();
+        let n_rep = d.h / d.kv;
+        (0..d.b * d.kv).into_par_iter().for_each(|task| {
+            let (bi, g) = (task / d.kv, task % d.kv);
+            let mut p = vec![0f32; d.t * d.s];
+            let (kv_at, kv_rs) = d.kv_at(bi, g);
+            for h in g * n_rep..(g + 1) * n_rep {
+                let (q_at, q_rs) = d.q_at(bi, h);
+                // SAFETY: task (b, g) alone writes heads g·n_rep.. of batch b in `o` and `lse`;
+                // every pointer stays inside its buffer for the given shapes and strides.
+                unsafe {
+                    mm((d.t, d.s, d.hd), (p.as_mut_ptr(), d.s, 1), false, (qs.as_ptr().add(q_at), q_rs, 1), (ks.as_ptr().add(kv_at), 1, kv_rs), scale as f32, par);
+                    let lse_h = std::slice::from_raw_parts_mut(lp.at((bi * d.h + h) * d.t), d.t);
+                    for (ti, l) in lse_h.iter_mut().enumerate() {
+                        *l = softmax_row(&mut p[ti * d.s..][..d.s], d.mask_row(&mask, bi, ti));
+                    }
+                    mm((d.t, d.hd, d.s), (op.at(q_at), q_rs, 1), false, (p.as_ptr(), d.s, 1), (vs.as_ptr().add(kv_at), kv_rs, 1), 1.0, par);
+                }
+            }
+        });
+        (tensor(o, [d.b, d.t, d.h, d.hd]), tensor(lse, [d.b, d.h, d.t]))
+    }
+
+    fn attention_backward(
+        q: Tensor<Self, 4>,
+        k: Tensor<Self, 4>,
+        v: Tensor<Self, 4>,
+        o: Tensor<Self, 4>,
+        lse: Tensor<Self, 3>,
+        mask: Tensor<Self, 3, Bool>,
+        scale: f64,
+        grad: Tensor<Self, 4>,
+    ) -> (Tensor<Self, 4>, Tensor<Self, 4>, Tensor<Self, 4>) {
+        let (mask, mb) = mask_bytes(mask);
+        let d = Dims::of(&q.dims(), &k.dims(), mb);
+        let (q, k, v, o, lse, dout) = (contiguous(q), contiguous(k), contiguous(v), contiguous(o), contiguous(lse), contiguous(grad));
+        let (qs, ks, vs, os, ls, dos) = (f32s(&q), f32s(&k), f32s(&v), f32s(&o), f32s(&lse), f32s(&dout));
+        let mut dq = vec![0f32; qs.len()];
+        let (mut dk, mut dv) = (vec![0f32; ks.len()], vec![0f32; vs.len()]);
+        let (dqp, dkp, dvp) = (Out(dq.as_mut_ptr()), Out(dk.as_mut_ptr()), Out(dv.as_mut_ptr()));
+        let par = d.parallelism();
+        let n_rep = d.h / d.kv;
+        let scale = scale as f32;
+        (0..d.b * d.kv).into_par_iter().for_each(|task| {
+            let (bi, g) = (task / d.kv, task % d.kv);
+            let (mut p, mut dp) = (vec![0f32; d.t * d.s], vec![0f32; d.t * d.s]);
+            let (kv_at, kv_rs) = d.kv_at(bi, g);
+            for h in g * n_rep..(g + 1) * n_rep {
+                let (q_at, q_rs) = d.q_at(bi, h);
+                // SAFETY: task (b, g) alone writes heads g·n_rep.. of batch b in `dq` and kv head
+                // g of batch b in `dk`, `dv`; pointers stay inside their buffers.
+                unsafe {
+                    // P again from the saved log-sum-exp.
+                    mm((d.t, d.s, d.hd), (p.as_mut_ptr(), d.s, 1), false, (qs.as_ptr().add(q_at), q_rs, 1), (ks.as_ptr().add(kv_at), 1, kv_rs), scale, par);
+                    for ti in 0..d.t {
+                        let l = ls[(bi * d.h + h) * d.t + ti];
+                        let m = d.mask_row(&mask, bi, ti);
+                        for (x, &masked) in p[ti * d.s..][..d.s].iter_mut().zip(m) {
+                            *x = if masked != 0 || l == f32::INFINITY { 0.0 } else { (*x - l).exp() };
+                        }
+                    }
+                    // dV += Pᵀ·dO
+                    mm((d.s, d.hd, d.t), (dvp.at(kv_at), kv_rs, 1), true, (p.as_ptr(), 1, d.s), (dos.as_ptr().add(q_at), q_rs, 1), 1.0, par);
+                    // dP = dO·Vᵀ, then dS = P ∘ (dP − rowsum(dO ∘ O))
+                    mm((d.t, d.s, d.hd), (dp.as_mut_ptr(), d.s, 1), false, (dos.as_ptr().add(q_at), q_rs, 1), (vs.as_ptr().add(kv_at), 1, kv_rs), 1.0, par);
+                    for ti in 0..d.t {
+                        let at = q_at + ti * q_rs;
+                        let di: f32 = dos[at..at + d.hd].iter().zip(&os[at..at + d.hd]).map(|(a, b)| a * b).sum();
+                        for (x, pv) in dp[ti * d.s..][..d.s].iter_mut().zip(&p[ti * d.s..][..d.s]) {
+                            *x = pv * (*x - di);
+                        }
+                    }
+                    // dQ = scale·dS·K, dK += scale·dSᵀ·Q
+                    mm((d.t, d.hd, d.s), (dqp.at(q_at), q_rs, 1), false, (dp.as_ptr(), d.s, 1), (ks.as_ptr().add(kv_at), kv_rs, 1), scale, par);
+                    mm((d.s, d.hd, d.t), (dkp.at(kv_at), kv_rs, 1), true, (dp.as_ptr(), 1, d.s), (qs.as_ptr().add(q_at), q_rs, 1), scale, par);
+                }
+            }
+        });
+        (tensor(dq, [d.b, d.t, d.h, d.hd]), tensor(dk, [d.b, d.s, d.kv, d.hd]), tensor(dv, [d.b, d.s, d.kv, d.hd]))
+    }
+}
+
+fn rstd(x: &[f32], eps: f64) -> f32 {
+    let ss: f32 = x.iter().map(|v| v * v).sum();
+    1.0 / (ss / x.len() as f32 + eps as f32).sqrt()
+}
+
+fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + (-x).exp())
+}
+
+/// Masked softmax of one row of scores, in place; returns its log-sum-exp (+∞ for a row with
+/// nothing to attend, which is then all zeros).
+fn softmax_row(row: &mut [f32], mask: &[u8]) -> f32 {
+    let max = row.iter().zip(mask).filter(|(_, &m)| m == 0).map(|(x, _)| *x).fold(f32::NEG_INFINITY, f32::max);
+    if max == f32::NEG_INFINITY {
+        row.fill(0.0);
+        return f32::INFINITY;
+    }
+    let mut sum = 0f32;
+    for (x, &m) in row.iter_mut().zip(mask) {
+        *x = if m == 0 { (*x - max).exp() } else { 0.0 };
+        sum += *x;
+    }
+    let inv = 1.0 / sum;
+    row.iter_mut().for_each(|x| *x *= inv);
+    max + sum.ln()
+}

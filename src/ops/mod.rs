@@ -1,0 +1,274 @@
+//! The decoder's fused operations: RMSNorm, rotary embedding, SwiGLU and attention, each one
+//! operation with its own backward step instead of a chain of small tensor ops (each of which
+//! allocates, walks strided views and records an autodiff node).
+//!
+//! A backend either has kernels for them ([`FusedOps::FUSED`], the CPU backend: `cpu.rs`) or
+//! computes the same maths from burn tensor ops (the reference compositions in this file, which
+//! is what the CUDA backends do, also under autodiff). The functions here pick one of the two;
+//! the decoder calls only these.
+//!
+//! Attention works on the projections' own layout `[B, T, heads, head_dim]` (no head transpose,
+//! no copy of K/V per query head for grouped-query attention) and keeps only the softmax's
+//! log-sum-exp for the backward, which recomputes the probabilities (as FlashAttention and
+//! PyTorch's SDPA do): memory per layer is O(T), not O(T²).
+
+mod autodiff;
+mod cpu;
+
+use burn::prelude::*;
+use burn::tensor::activation::{silu, softmax};
+use burn::tensor::Bool;
+
+/// Operations a backend may run as single kernels. Only the `*_fused` methods' callers (the
+/// functions of this module) look at [`FusedOps::FUSED`]; on a backend without kernels the
+/// methods are never called.
+pub trait FusedOps: Backend {
+    /// `true` when the methods below have kernels; `false` = use the reference compositions.
+    const FUSED: bool = false;
+
+    /// `x [N, dim]`, `w [dim]` → `w · x / sqrt(mean(x²) + eps)`
+    fn rms_norm_fused(_x: Tensor<Self, 2>, _w: Tensor<Self, 1>, _eps: f64) -> Tensor<Self, 2> {
+        unimplemented!("no fused rms_norm on this backend")
+    }
+    /// Gradient with respect to `x` (the weight is frozen).
+    fn rms_norm_backward(_x: Tensor<Self, 2>, _w: Tensor<Self, 1>, _eps: f64, _grad: Tensor<Self, 2>) -> Tensor<Self, 2> {
+        unimplemented!("no fused rms_norm on this backend")
+    }
+
+    /// Rotate-half rotary embedding of `x [B, T, H, hd]` with `cos`, `sin` `[1 | B, T, hd]`.
+    /// With `transpose`, the transposed linear map (the backward).
+    fn rope_fused(_x: Tensor<Self, 4>, _cos: Tensor<Self, 3>, _sin: Tensor<Self, 3>, _transpose: bool) -> Tensor<Self, 4> {
+        unimplemented!("no fused rope on this backend")
+    }
+
+    /// `silu(gate) · up`, both `[N, I]`.
+    fn swiglu_fused(_gate: Tensor<Self, 2>, _up: Tensor<Self, 2>) -> Tensor<Self, 2> {
+        unimplemented!("no fused swiglu on this backend")
+    }
+    /// Gradients with respect to `gate` and `up`.
+    fn swiglu_backward(_gate: Tensor<Self, 2>, _up: Tensor<Self, 2>, _grad: Tensor<Self, 2>) -> (Tensor<Self, 2>, Tensor<Self, 2>) {
+        unimplemented!("no fused swiglu on this backend")
+    }
+
+    /// Softmax attention of `q [B, T, H, hd]` over `k`, `v` `[B, S, KV, hd]` (H a multiple of
+    /// KV; query head h reads kv head h / (H / KV)), `mask [1 | B, T, S]` true = not attended.
+    /// Returns the output `[B, T, H, hd]` and the softmax's log-sum-exp `[B, H, T]`.
+    fn attention_fused(
+        _q: Tensor<Self, 4>,
+        _k: Tensor<Self, 4>,
+        _v: Tensor<Self, 4>,
+        _mask: Tensor<Self, 3, Bool>,
+        _scale: f64,
+    ) -> (Tensor<Self, 4>, Tensor<Self, 3>) {
+        unimplemented!("no fused attention on this backend")
+    }
+    /// Gradients with respect to `q`, `k`, `v`, given the forward's output and log-sum-exp.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_backward(
+        _q: Tensor<Self, 4>,
+        _k: Tensor<Self, 4>,
+        _v: Tensor<Self, 4>,
+        _o: Tensor<Self, 4>,
+        _lse: Tensor<Self, 3>,
+        _mask: Tensor<Self, 3, Bool>,
+        _scale: f64,
+        _grad: Tensor<Self, 4>,
+    ) -> (Tensor<Self, 4>, Tensor<Self, 4>, Tensor<Self, 4>) {
+        unimplemented!("no fused attention on this backend")
+    }
+}
+
+#[cfg(feature = "cuda")]
+impl FusedOps for crate::backend::CudaF32 {}
+
+#[cfg(feature = "cuda")]
+impl FusedOps for crate::backend::CudaBf16 {}
+
+/// RMSNorm as HF computes it: `w · x / sqrt(mean(x²) + eps)` over the last dimension.
+pub fn rms_norm<B: FusedOps, const D: usize>(x: Tensor<B, D>, w: Tensor<B, 1>, eps: f64) -> Tensor<B, D> {
+    if !B::FUSED {
+        return reference::rms_norm(x, w, eps);
+    }
+    let dims = x.dims();
+    let dim = dims[D - 1];
+    let rows = x.shape().num_elements() / dim.max(1);
+    B::rms_norm_fused(x.reshape([rows, dim]), w, eps).reshape(dims)
+}
+
+/// Rotary embedding (HF's rotate-half form) of `x [B, T, H, hd]`; `cos`, `sin` `[1 | B, T, hd]`.
+pub fn rope<B: FusedOps>(x: Tensor<B, 4>, cos: Tensor<B, 3>, sin: Tensor<B, 3>) -> Tensor<B, 4> {
+    if !B::FUSED {
+        return reference::rope(x, cos, sin);
+    }
+    B::rope_fused(x, cos, sin, false)
+}
+
+/// `silu(gate) · up` (the gated MLP's activation), any rank.
+pub fn swiglu<B: FusedOps, const D: usize>(gate: Tensor<B, D>, up: Tensor<B, D>) -> Tensor<B, D> {
+    if !B::FUSED {
+        return silu(gate) * up;
+    }
+    let dims = gate.dims();
+    let inner = dims[D - 1];
+    let rows = gate.shape().num_elements() / inner.max(1);
+    B::swiglu_fused(gate.reshape([rows, inner]), up.reshape([rows, inner])).reshape(dims)
+}
+
+/// Scaled dot-product attention, as transformers' eager attention computes it: scores
+/// `q·kᵀ · scale`, masked positions at −∞, softmax, times `v`.
+///
+/// # Shapes
+/// `q [B, T, H, hd]`, `k`, `v` `[B, S, KV, hd]`, `mask [1 | B, T, S]` (true = not attended)
+/// → `[B, T, H, hd]`
+pub fn attention<B: FusedOps>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>, mask: Tensor<B, 3, Bool>, scale: f64) -> Tensor<B, 4> {
+    if !B::FUSED {
+        return reference::attention(q, k, v, mask, scale);
+    }
+    B::attention_fused(q, k, v, mask, scale).0
+}
+
+/// The same maths from burn tensor ops: what backends without kernels run, and what the fused
+/// kernels are tested against.
+pub mod reference {
+    use super::*;
+
+    pub fn rms_norm<B: Backend, const D: usize>(x: Tensor<B, D>, w: Tensor<B, 1>, eps: f64) -> Tensor<B, D> {
+        let var = x.clone().powi_scalar(2).mean_dim(D - 1);
+        let x = x * (var + eps).sqrt().recip();
+        x * w.unsqueeze()
+    }
+
+    fn rotate_half<B: Backend>(x: Tensor<B, 4>) -> Tensor<B, 4> {
+        let d = x.dims()[3];
+        let x1 = x.clone().narrow(3, 0, d / 2);
+        let x2 = x.narrow(3, d / 2, d / 2);
+        Tensor::cat(vec![x2.neg(), x1], 3)
+    }
+
+    /// `x [B, T, H, hd]`, tables `[1 | B, T, hd]`.
+    pub fn rope<B: Backend>(x: Tensor<B, 4>, cos: Tensor<B, 3>, sin: Tensor<B, 3>) -> Tensor<B, 4> {
+        let cos: Tensor<B, 4> = cos.unsqueeze_dim(2);
+        let sin: Tensor<B, 4> = sin.unsqueeze_dim(2);
+        x.clone() * cos + rotate_half(x) * sin
+    }
+
+    pub fn attention<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>, mask: Tensor<B, 3, Bool>, scale: f64) -> Tensor<B, 4> {
+        let [b, t, nh, hd] = q.dims();
+        let [_, s, kvh, _] = k.dims();
+        let (q, mut k, mut v) = (q.swap_dims(1, 2), k.swap_dims(1, 2), v.swap_dims(1, 2));
+        // GQA: repeat each kv head n_rep times (HF's repeat_kv), materialised so that the
+        // autodiff backward needs no broadcasting.
+        let n_rep = nh / kvh;
+        if n_rep > 1 {
+            k = k.unsqueeze_dim::<5>(2).expand([b, kvh, n_rep, s, hd]).reshape([b, nh, s, hd]);
+            v = v.unsqueeze_dim::<5>(2).expand([b, kvh, n_rep, s, hd]).reshape([b, nh, s, hd]);
+        }
+        let scores = q.matmul(k.swap_dims(2, 3)) * scale;
+        let mask: Tensor<B, 4, Bool> = mask.unsqueeze_dim(1);
+        let scores = scores.mask_fill(mask.expand([b, nh, t, s]), f32::NEG_INFINITY);
+        softmax(scores, 3).matmul(v).swap_dims(1, 2)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Each fused op (CPU kernels, with the autodiff backward) against the reference composition:
+    //! values and input gradients.
+    use super::*;
+    use crate::backend::Cpu;
+    use burn::backend::Autodiff;
+    use burn::tensor::{Distribution, TensorData};
+
+    type Ad = Autodiff<Cpu>;
+
+    fn close(a: Tensor<Ad, 4>, b: Tensor<Ad, 4>, tol: f32, what: &str) {
+        let (a, b): (Vec<f32>, Vec<f32>) = (a.into_data().to_vec().unwrap(), b.into_data().to_vec().unwrap());
+        assert_eq!(a.len(), b.len());
+        let worst = a.iter().zip(&b).map(|(x, y)| (x - y).abs() / y.abs().max(1.0)).fold(0f32, f32::max);
+        assert!(worst <= tol, "{what}: max difference {worst}");
+    }
+
+    fn rand4(shape: [usize; 4]) -> Tensor<Ad, 4> {
+        Tensor::random(shape, Distribution::Normal(0.0, 1.0), &Default::default())
+    }
+
+    /// `sum(f(inputs) · c)` through both paths; compares outputs and the inputs' gradients.
+    fn check(inputs: Vec<Tensor<Ad, 4>>, fused: impl Fn(Vec<Tensor<Ad, 4>>) -> Tensor<Ad, 4>, reference: impl Fn(Vec<Tensor<Ad, 4>>) -> Tensor<Ad, 4>, what: &str) {
+        let run = |f: &dyn Fn(Vec<Tensor<Ad, 4>>) -> Tensor<Ad, 4>| {
+            let xs: Vec<Tensor<Ad, 4>> = inputs.iter().map(|x| Tensor::from_data(x.to_data(), &Default::default()).require_grad()).collect();
+            let y = f(xs.clone());
+            let c = Tensor::<Ad, 4>::from_data(
+                TensorData::new((0..y.shape().num_elements()).map(|i| ((i * 37 % 11) as f32 - 5.0) / 7.0).collect::<Vec<_>>(), y.dims()),
+                &Default::default(),
+            );
+            let grads = (y.clone() * c).sum().backward();
+            let g: Vec<Tensor<Ad, 4>> = xs.iter().map(|x| Tensor::from_inner(x.grad(&grads).expect("gradient"))).collect();
+            (y, g)
+        };
+        let (yf, gf) = run(&fused);
+        let (yr, gr) = run(&reference);
+        close(yf, yr, 2e-5, what);
+        for (i, (a, b)) in gf.into_iter().zip(gr).enumerate() {
+            close(a, b, 2e-5, &format!("{what}: gradient of input {i}"));
+        }
+    }
+
+    #[test]
+    fn rms_norm_and_swiglu_match_the_reference() {
+        let w = Tensor::<Ad, 1>::random([24], Distribution::Normal(1.0, 0.5), &Default::default());
+        let w2 = w.clone();
+        check(vec![rand4([2, 5, 3, 24])], move |x| rms_norm(x[0].clone(), w.clone(), 1e-5), move |x| reference::rms_norm(x[0].clone(), w2.clone(), 1e-5), "rms_norm");
+        check(vec![rand4([2, 5, 3, 24]), rand4([2, 5, 3, 24])], |x| swiglu(x[0].clone(), x[1].clone()), |x| silu(x[0].clone()) * x[1].clone(), "swiglu");
+    }
+
+    #[test]
+    fn rope_matches_the_reference() {
+        let dev = Default::default();
+        let (b, t, h, hd) = (2, 7, 3, 8);
+        for tb in [1, b] {
+            let cos = Tensor::<Ad, 3>::random([tb, t, hd], Distribution::Uniform(-1.0, 1.0), &dev);
+            let sin = Tensor::<Ad, 3>::random([tb, t, hd], Distribution::Uniform(-1.0, 1.0), &dev);
+            let (c2, s2) = (cos.clone(), sin.clone());
+            check(vec![rand4([b, t, h, hd])], move |x| rope(x[0].clone(), cos.clone(), sin.clone()), move |x| reference::rope(x[0].clone(), c2.clone(), s2.clone()), "rope");
+        }
+    }
+
+    #[test]
+    fn attention_matches_the_reference_with_gqa_caches_and_packed_masks() {
+        let dev = Default::default();
+        // (batch, queries, keys, heads, kv heads): causal without cache, with 3 cached positions,
+        // one query over a cache (generation), grouped and plain multi-head.
+        for (b, t, s, h, kv) in [(2, 6, 6, 6, 2), (2, 5, 8, 4, 4), (1, 1, 9, 3, 1), (3, 4, 4, 2, 1)] {
+            let mask = Tensor::<Ad, 2, Bool>::tril_mask([t, s], (s - t) as i64, &dev).reshape([1, t, s]);
+            let m2 = mask.clone();
+            check(
+                vec![rand4([b, t, h, 8]), rand4([b, s, kv, 8]), rand4([b, s, kv, 8])],
+                move |x| attention(x[0].clone(), x[1].clone(), x[2].clone(), mask.clone(), 0.35),
+                move |x| reference::attention(x[0].clone(), x[1].clone(), x[2].clone(), m2.clone(), 0.35),
+                &format!("attention b{b} t{t} s{s} h{h} kv{kv}"),
+            );
+        }
+        // A per-row block-diagonal mask (packing): row 0 holds samples of 2 and 3 tokens + 1 pad.
+        let (b, t) = (2, 6);
+        let mut masked = vec![true; b * t * t];
+        for (row, segs) in [vec![2, 3, 1], vec![6]].iter().enumerate() {
+            let mut start = 0;
+            for &len in segs {
+                for q in 0..len {
+                    for k in 0..=q {
+                        masked[row * t * t + (start + q) * t + start + k] = false;
+                    }
+                }
+                start += len;
+            }
+        }
+        let mask = Tensor::<Ad, 3, Bool>::from_data(TensorData::new(masked, [b, t, t]), &dev);
+        let m2 = mask.clone();
+        check(
+            vec![rand4([b, t, 4, 8]), rand4([b, t, 2, 8]), rand4([b, t, 2, 8])],
+            move |x| attention(x[0].clone(), x[1].clone(), x[2].clone(), mask.clone(), 0.35),
+            move |x| reference::attention(x[0].clone(), x[1].clone(), x[2].clone(), m2.clone(), 0.35),
+            "attention, packed mask",
+        );
+    }
+}
