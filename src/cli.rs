@@ -500,26 +500,17 @@ fn cmd_train(a: TrainArgs) -> Result<()> {
         }
     })
     .ok();
-    use burn::backend::autodiff::checkpoint::strategy::BalancedCheckpointing;
     use burn::backend::Autodiff;
-    let (gc, q, r) = (recipe.train.gradient_checkpointing, a.quiet, a.resume);
-    let summary = match (recipe.train.device, gc) {
-        (DeviceChoice::Cpu, false) => crate::train::run::run::<Autodiff<crate::backend::Cpu>>(&recipe, Default::default(), q, r)?,
-        (DeviceChoice::Cpu, true) => {
-            crate::train::run::run::<Autodiff<crate::backend::Cpu, BalancedCheckpointing>>(&recipe, Default::default(), q, r)?
-        }
+    let (q, r) = (a.quiet, a.resume);
+    let summary = match recipe.train.device {
+        DeviceChoice::Cpu => crate::train::run::run::<Autodiff<crate::backend::Cpu>>(&recipe, Default::default(), q, r)?,
         #[cfg(feature = "cuda")]
-        (DeviceChoice::Cuda, false) => {
+        DeviceChoice::Cuda => {
             crate::backend::init_cuda_runtime();
             crate::train::run::run::<Autodiff<crate::backend::CudaBf16>>(&recipe, Default::default(), q, r)?
         }
-        #[cfg(feature = "cuda")]
-        (DeviceChoice::Cuda, true) => {
-            crate::backend::init_cuda_runtime();
-            crate::train::run::run::<Autodiff<crate::backend::CudaBf16, BalancedCheckpointing>>(&recipe, Default::default(), q, r)?
-        }
         #[cfg(not(feature = "cuda"))]
-        (DeviceChoice::Cuda, _) => anyhow::bail!("this ft was built without CUDA; rebuild with `cargo build --release --features cuda`"),
+        DeviceChoice::Cuda => anyhow::bail!("this ft was built without CUDA; rebuild with `cargo build --release --features cuda`"),
     };
     if a.json {
         println!("{}", serde_json::to_string(&summary)?);

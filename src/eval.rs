@@ -113,11 +113,17 @@ impl ScoredBatch {
     /// `log p(target)` at every scored position, `[n, 1]`: the head runs only there (right
     /// padding cannot change the logits of real tokens).
     pub fn logprobs<B: Kernels>(self, model: &Decoder<B>) -> Tensor<B, 2> {
+        self.logprobs_with(model, &mut |ids| model.hidden(ids, None))
+    }
+
+    /// As [`Self::logprobs`], with the hidden states from `hidden` (training passes its
+    /// `Forward`, which may recompute blocks in the backward).
+    pub fn logprobs_with<B: Kernels>(self, model: &Decoder<B>, hidden: &mut dyn FnMut(Tensor<B, 2, Int>) -> Tensor<B, 3>) -> Tensor<B, 2> {
         let device = model.device();
         let n = self.positions.len();
         let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(self.input, [self.b, self.t]), &device);
         let target = Tensor::<B, 3, Int>::from_data(TensorData::new(self.targets, [1, n, 1]), &device);
-        log_softmax(model.logits_at(ids, self.positions), 2).gather(2, target).reshape([n, 1])
+        log_softmax(model.head_at(hidden(ids), self.positions), 2).gather(2, target).reshape([n, 1])
     }
 }
 

@@ -161,9 +161,26 @@ impl<B: Backend> KvCache<B> {
 }
 
 /// Rotary cos/sin for the positions of one forward pass, `[1 | B, T, head_dim]` each.
+#[derive(Debug, Clone)]
 pub struct RopeTables<B: Backend> {
     cos: Tensor<B, 3>,
     sin: Tensor<B, 3>,
+}
+
+impl<B: burn::tensor::backend::AutodiffBackend> RopeTables<B> {
+    /// The same tables on the inner (non-autodiff) backend.
+    pub fn inner(&self) -> RopeTables<B::InnerBackend> {
+        RopeTables { cos: self.cos.clone().inner(), sin: self.sin.clone().inner() }
+    }
+}
+
+/// The first block's input and what every block shares: rotary tables and the attention mask
+/// `[1 | B, T, S]` (true = not attended).
+#[derive(Debug, Clone)]
+pub struct BlockInputs<B: Backend> {
+    pub x: Tensor<B, 3>,
+    pub rope: RopeTables<B>,
+    pub mask: Tensor<B, 3, Bool>,
 }
 
 #[derive(Module, Debug)]
@@ -262,6 +279,37 @@ pub struct Block<B: Backend> {
     pub self_attn: Attention<B>,
     pub post_attention_layernorm: RmsNorm<B>,
     pub mlp: Mlp<B>,
+}
+
+impl<B: Backend> Block<B> {
+    /// The block's projections with their paths inside the block (`self_attn.q_proj`, ...).
+    pub fn projections(&self) -> [(&'static str, &Projection<B>); 7] {
+        let (a, m) = (&self.self_attn, &self.mlp);
+        [
+            ("self_attn.q_proj", &a.q_proj),
+            ("self_attn.k_proj", &a.k_proj),
+            ("self_attn.v_proj", &a.v_proj),
+            ("self_attn.o_proj", &a.o_proj),
+            ("mlp.gate_proj", &m.gate_proj),
+            ("mlp.up_proj", &m.up_proj),
+            ("mlp.down_proj", &m.down_proj),
+        ]
+    }
+
+    /// Training mode for the block's adapters (LoRA dropout on or off).
+    pub fn set_training(&mut self, training: bool) {
+        let (a, m) = (&mut self.self_attn, &mut self.mlp);
+        for p in [&mut a.q_proj, &mut a.k_proj, &mut a.v_proj, &mut a.o_proj, &mut m.gate_proj, &mut m.up_proj, &mut m.down_proj] {
+            if let Some(l) = &mut p.lora {
+                l.training = training;
+            }
+        }
+    }
+
+    /// Whether any adapter of the block is in training mode.
+    pub fn training(&self) -> bool {
+        self.projections().iter().any(|(_, p)| p.lora.as_ref().is_some_and(|l| l.training))
+    }
 }
 
 impl<B: Kernels> Block<B> {
@@ -385,14 +433,8 @@ impl<B: Kernels> Decoder<B> {
     /// # Shapes
     /// `ids: [B, T]` → `[B, T, hidden]`. With a cache, positions continue after the cached ones.
     pub fn hidden(&self, ids: Tensor<B, 2, Int>, mut cache: Option<&mut KvCache<B>>) -> Tensor<B, 3> {
-        let device = ids.device();
-        let [b, t] = ids.dims();
         let start = cache.as_ref().map(|c| c.len()).unwrap_or(0);
-        let h = self.config.hidden_size;
-        let mut x = self.embed_tokens.val().select(0, ids.reshape([b * t])).reshape([b, t, h]);
-        let rope = self.rope_tables(start, t, &device);
-        // Query i (absolute position start+i) may see keys 0..=start+i.
-        let mask = Tensor::<B, 2, Bool>::tril_mask([t, start + t], start as i64, &device).reshape([1, t, start + t]);
+        let BlockInputs { mut x, rope, mask } = self.block_inputs(ids, None, start);
         for (i, layer) in self.layers.iter().enumerate() {
             let slot = cache.as_mut().map(|c| &mut c.layers[i]);
             x = layer.forward(x, &rope, mask.clone(), slot);
@@ -408,9 +450,26 @@ impl<B: Kernels> Decoder<B> {
     /// # Shapes
     /// `ids: [B, T]` → `[B, T, hidden]`
     pub fn hidden_packed(&self, ids: Tensor<B, 2, Int>, segments: &[Vec<usize>]) -> Tensor<B, 3> {
+        let BlockInputs { mut x, rope, mask } = self.block_inputs(ids, Some(segments), 0);
+        for layer in &self.layers {
+            x = layer.forward(x, &rope, mask.clone(), None);
+        }
+        self.norm.forward(x)
+    }
+
+    /// What the first block gets: token embeddings, rotary tables and attention mask, for plain
+    /// rows (positions from `start`, causal) or packed rows (`segments`, see [`Self::hidden_packed`]).
+    pub fn block_inputs(&self, ids: Tensor<B, 2, Int>, segments: Option<&[Vec<usize>]>, start: usize) -> BlockInputs<B> {
         let device = ids.device();
         let [b, t] = ids.dims();
         let (h, hd) = (self.config.hidden_size, self.config.head_dim);
+        let x = self.embed_tokens.val().select(0, ids.reshape([b * t])).reshape([b, t, h]);
+        let Some(segments) = segments else {
+            let rope = self.rope_tables(start, t, &device);
+            // Query i (absolute position start+i) may see keys 0..=start+i.
+            let mask = Tensor::<B, 2, Bool>::tril_mask([t, start + t], start as i64, &device).reshape([1, t, start + t]);
+            return BlockInputs { x, rope, mask };
+        };
         let (cos, sin) = self.rope.tables(0, t, t);
         let (mut pc, mut ps) = (vec![0f32; b * t * hd], vec![0f32; b * t * hd]);
         let mut masked = vec![true; b * t * t];
@@ -435,11 +494,7 @@ impl<B: Kernels> Decoder<B> {
         let table = |d: Vec<f32>| Tensor::<B, 3>::from_data(TensorData::new(d, [b, t, hd]), &device);
         let rope = RopeTables { cos: table(pc), sin: table(ps) };
         let mask = Tensor::<B, 3, Bool>::from_data(TensorData::new(masked, [b, t, t]), &device);
-        let mut x = self.embed_tokens.val().select(0, ids.reshape([b * t])).reshape([b, t, h]);
-        for layer in &self.layers {
-            x = layer.forward(x, &rope, mask.clone(), None);
-        }
-        self.norm.forward(x)
+        BlockInputs { x, rope, mask }
     }
 
     /// Projects hidden states to vocabulary logits.

@@ -9,7 +9,7 @@ use crate::backend::Kernels;
 use std::path::Path;
 
 pub use config::{ConfigError, ModelConfig};
-pub use decoder::{Decoder, KvCache};
+pub use decoder::{BlockInputs, Decoder, KvCache};
 pub use weights::{Checkpoint, WeightsError};
 
 

@@ -181,6 +181,11 @@ impl DpoConfig {
 /// Completion log-prob sums of `sides` (one right-padded forward), differentiable: `[n]`, and
 /// the scored-token counts. The head runs only at completion positions.
 pub fn completion_logps<B: Kernels>(model: &Decoder<B>, sides: &[&Encoded]) -> (Tensor<B, 1>, Vec<usize>) {
+    completion_logps_with(model, sides, &mut |ids| model.hidden(ids, None))
+}
+
+/// As [`completion_logps`], with the hidden states from `hidden`.
+pub fn completion_logps_with<B: Kernels>(model: &Decoder<B>, sides: &[&Encoded], hidden: &mut dyn FnMut(Tensor<B, 2, Int>) -> Tensor<B, 3>) -> (Tensor<B, 1>, Vec<usize>) {
     let device = model.device();
     let n = sides.len();
     let batch = ScoredBatch::new(sides);
@@ -191,7 +196,7 @@ pub fn completion_logps<B: Kernels>(model: &Decoder<B>, sides: &[&Encoded]) -> (
     let p = batch.positions.len();
     if p == 0 {
         let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(batch.input, [batch.b, batch.t]), &device);
-        return (model.hidden(ids, None).sum().reshape([1]).repeat_dim(0, n) * 0.0, counts);
+        return (hidden(ids).sum().reshape([1]).repeat_dim(0, n) * 0.0, counts);
     }
     // Sum per sequence: a 0/1 [n, p] matrix times the token log-probs.
     let mut owners = vec![0f32; n * p];
@@ -199,7 +204,7 @@ pub fn completion_logps<B: Kernels>(model: &Decoder<B>, sides: &[&Encoded]) -> (
         owners[i * p + k] = 1.0;
     }
     let owners = Tensor::<B, 2>::from_data(TensorData::new(owners, [n, p]), &device);
-    (owners.matmul(batch.logprobs(model)).reshape([n]), counts)
+    (owners.matmul(batch.logprobs_with(model, hidden)).reshape([n]), counts)
 }
 
 fn values<B: Backend>(t: Tensor<B, 1>) -> Vec<f64> {
@@ -211,9 +216,19 @@ fn values<B: Backend>(t: Tensor<B, 1>) -> Vec<f64> {
 /// chosen ones, and padding both to the longest of all would waste the difference.
 #[allow(clippy::type_complexity)]
 pub fn policy_logps<B: Kernels>(model: &Decoder<B>, pairs: &[&EncodedPair]) -> ((Tensor<B, 1>, Vec<usize>), (Tensor<B, 1>, Vec<usize>)) {
+    policy_logps_with(model, pairs, &mut |ids| model.hidden(ids, None))
+}
+
+/// As [`policy_logps`], with the hidden states from `hidden`.
+#[allow(clippy::type_complexity)]
+pub fn policy_logps_with<B: Kernels>(
+    model: &Decoder<B>,
+    pairs: &[&EncodedPair],
+    hidden: &mut dyn FnMut(Tensor<B, 2, Int>) -> Tensor<B, 3>,
+) -> ((Tensor<B, 1>, Vec<usize>), (Tensor<B, 1>, Vec<usize>)) {
     let chosen: Vec<&Encoded> = pairs.iter().map(|p| &p.chosen).collect();
     let rejected: Vec<&Encoded> = pairs.iter().map(|p| &p.rejected).collect();
-    (completion_logps(model, &chosen), completion_logps(model, &rejected))
+    (completion_logps_with(model, &chosen, hidden), completion_logps_with(model, &rejected, hidden))
 }
 
 /// Reference log-probs `(chosen, rejected)` of `pairs`: the model with adapters off.
@@ -330,6 +345,8 @@ pub struct Dpo {
     /// Where precomputed reference log-probs are cached, and their key.
     cache: Option<(std::path::PathBuf, String)>,
     quiet: bool,
+    /// Recompute blocks in the backward (`train.gradient_checkpointing`).
+    gradient_checkpointing: bool,
 }
 
 /// Reference log-probs cached in the run directory, valid for one key.
@@ -383,7 +400,7 @@ impl Dpo {
             None => None,
         };
         let mut dpo =
-            Dpo { config: section.config(), train, eval, dropped, reference: None, eval_reference: None, cache: None, quiet };
+            Dpo { config: section.config(), train, eval, dropped, reference: None, eval_reference: None, cache: None, quiet, gradient_checkpointing: recipe.train.gradient_checkpointing };
         if section.precompute_ref {
             let key = reference_key(recipe, &template)?;
             let path = recipe.output.dir.join("reference_logps.json");
@@ -443,13 +460,14 @@ impl<B: TrainBackend> Objective<B> for Dpo {
             model,
             opt,
             micro.len(),
-            |m, k| {
+            |m, fwd, k| {
                 let pairs: Vec<&EncodedPair> = micro[k].iter().map(|&i| &train[i]).collect();
                 let refs = match reference {
                     Some(r) if micro[k].iter().all(|&i| r[i].is_some()) => micro[k].iter().filter_map(|&i| r[i]).collect(),
                     _ => reference_logps(m, &pairs),
                 };
-                let (chosen, rejected) = policy_logps(m, &pairs);
+                let m: &Decoder<B> = m;
+                let (chosen, rejected) = policy_logps_with(m, &pairs, &mut |ids| fwd.hidden(m, ids, None));
                 input_tokens += pairs.iter().map(|p| p.chosen.ids.len() + p.rejected.ids.len() - 2).sum::<usize>();
                 let (vc, vr) = (values(chosen.0.clone().detach()), values(rejected.0.clone().detach()));
                 let logps: Vec<PairLogps> = (0..pairs.len())
@@ -468,6 +486,7 @@ impl<B: TrainBackend> Objective<B> for Dpo {
             },
             lr,
             max_grad_norm,
+            self.gradient_checkpointing,
         );
         let mut metrics = cfg.metrics(&seen, "");
         // The loss that was differentiated (equal to the f64 one up to float rounding).

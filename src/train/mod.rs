@@ -6,6 +6,7 @@ pub mod dpo;
 pub mod optim;
 pub mod plot;
 pub mod recipe;
+pub mod recompute;
 pub mod run;
 pub mod sft;
 pub mod step;

@@ -159,16 +159,26 @@ impl MicroBatch {
 /// batch), and the number of correctly predicted trainable tokens. The vocabulary head and the
 /// softmax run only on the trainable positions (the prompt's logits are never formed).
 pub fn sft_loss<B: Kernels>(model: &Decoder<B>, mb: &MicroBatch, norm: f64) -> (Tensor<B, 1>, usize) {
+    sft_loss_with(model, mb, norm, &mut |ids, segments| match segments {
+        Some(s) => model.hidden_packed(ids, s),
+        None => model.hidden(ids, None),
+    })
+}
+
+/// As [`sft_loss`], with the hidden states from `hidden(ids, segments)`.
+pub fn sft_loss_with<B: Kernels>(
+    model: &Decoder<B>,
+    mb: &MicroBatch,
+    norm: f64,
+    hidden: &mut dyn FnMut(Tensor<B, 2, Int>, Option<&[Vec<usize>]>) -> Tensor<B, 3>,
+) -> (Tensor<B, 1>, usize) {
     let device = model.device();
     let (b, t) = (mb.b, mb.t);
     let positions: Vec<i64> = (0..b * t).filter(|&i| mb.weight[i] > 0.0).map(|i| i as i64).collect();
     let targets: Vec<i64> = positions.iter().map(|&i| mb.target[i as usize]).collect();
     let n = positions.len();
     let input = Tensor::<B, 2, Int>::from_data(TensorData::new(mb.input.clone(), [b, t]), &device);
-    let hidden = match &mb.segments {
-        Some(segments) => model.hidden_packed(input, segments),
-        None => model.hidden(input, None),
-    };
+    let hidden = hidden(input, mb.segments.as_deref());
     if n == 0 {
         return (hidden.sum() * 0.0, 0);
     }
@@ -189,6 +199,8 @@ pub struct Sft {
     pub eval: Option<Vec<Encoded>>,
     pub counts: PrepareCounts,
     pub micro_batch_size: usize,
+    /// Recompute blocks in the backward (`train.gradient_checkpointing`).
+    pub gradient_checkpointing: bool,
 }
 
 impl Sft {
@@ -199,7 +211,7 @@ impl Sft {
             None => None,
         };
         let packed = recipe.data.packing.then(|| pack(&train, recipe.data.max_len));
-        Ok(Sft { train, packed, eval, counts, micro_batch_size: recipe.train.micro_batch_size })
+        Ok(Sft { train, packed, eval, counts, micro_batch_size: recipe.train.micro_batch_size, gradient_checkpointing: recipe.train.gradient_checkpointing })
     }
 }
 
@@ -241,13 +253,15 @@ impl<B: TrainBackend> Objective<B> for Sft {
             model,
             opt,
             batches.len(),
-            |m, k| {
-                let (l, c) = sft_loss(m, &batches[k], norm);
+            |m, fwd, k| {
+                let m: &Decoder<B> = m;
+                let (l, c) = sft_loss_with(m, &batches[k], norm, &mut |ids, segments| fwd.hidden(m, ids, segments));
                 correct += c;
                 l
             },
             lr,
             max_grad_norm,
+            self.gradient_checkpointing,
         );
         let mut metrics = Map::new();
         metrics.insert("loss".into(), loss.into());

@@ -5,6 +5,7 @@ use burn::prelude::*;
 use crate::backend::TrainBackend;
 
 use super::optim::{clip_global_norm, AdamW};
+use super::recompute::Forward;
 use crate::model::Decoder;
 
 /// The trainable tensors (LoRA A and B of every adapted projection), in a fixed order.
@@ -32,26 +33,37 @@ fn set_params<B: TrainBackend>(model: &mut Decoder<B>, params: Vec<Tensor<B::Inn
 /// One optimizer step over `n_micro` micro-batches (gradient accumulation): `loss(model, k)` is
 /// micro-batch `k`'s loss, already divided by the normaliser of the whole step, so the sum of
 /// their gradients is the gradient of one big batch. Returns (the summed loss, the global grad
-/// norm before clipping).
+/// norm before clipping). With `recompute` (gradient checkpointing, see [`Forward`]) the blocks
+/// are recomputed in the backward; the closures take their hidden states from the [`Forward`].
 pub fn train_step<B: TrainBackend>(
     model: &mut Decoder<B>,
     opt: &mut AdamW<B::InnerBackend>,
     n_micro: usize,
-    mut loss: impl FnMut(&mut Decoder<B>, usize) -> Tensor<B, 1>,
+    mut loss: impl FnMut(&mut Decoder<B>, &mut Forward<B>, usize) -> Tensor<B, 1>,
     lr: f64,
     max_grad_norm: f64,
+    recompute: bool,
 ) -> (f64, f64) {
     let mut grads: Option<Vec<Tensor<B::InnerBackend, 2>>> = None;
     let mut total = 0.0;
+    let mut forward = Forward::new(recompute);
     for k in 0..n_micro {
-        let l = loss(model, k);
+        let l = loss(model, &mut forward, k);
         total += l.clone().into_scalar().elem::<f64>();
         let g = l.backward();
+        let mut from_blocks = forward.backward_blocks(model, &g);
         let mut this = Vec::new();
-        for (_, p) in model.projections_mut() {
+        for (name, p) in model.projections_mut() {
             if let Some(lo) = &p.lora {
-                this.push(lo.a.val().grad(&g).unwrap_or_else(|| lo.a.val().inner().zeros_like()));
-                this.push(lo.b.val().grad(&g).unwrap_or_else(|| lo.b.val().inner().zeros_like()));
+                let (a, b) = (lo.a.val(), lo.b.val());
+                let (ga, gb) = match (a.grad(&g), b.grad(&g), from_blocks.remove(&name)) {
+                    (Some(ga), Some(gb), Some((ra, rb))) => (ga + ra, gb + rb),
+                    (Some(ga), Some(gb), None) => (ga, gb),
+                    (_, _, Some((ra, rb))) => (ra, rb),
+                    _ => (a.inner().zeros_like(), b.inner().zeros_like()),
+                };
+                this.push(ga);
+                this.push(gb);
             }
         }
         grads = Some(match grads {

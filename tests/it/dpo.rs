@@ -76,11 +76,12 @@ fn prefs(dir: &Path) -> PathBuf {
 }
 
 fn dpo_run(name: &str, dpo: &str) -> (PathBuf, Vec<serde_json::Value>) {
-    dpo_run_with(name, dpo, "")
+    dpo_run_with(name, dpo, "", "")
 }
 
-/// A DPO run of the tiny llama on [`prefs`]; `model` adds keys to the `[model]` section.
-fn dpo_run_with(name: &str, dpo: &str, model: &str) -> (PathBuf, Vec<serde_json::Value>) {
+/// A DPO run of the tiny llama on [`prefs`]; `model` and `train` add keys to the `[model]` and
+/// `[train]` sections.
+fn dpo_run_with(name: &str, dpo: &str, model: &str, train: &str) -> (PathBuf, Vec<serde_json::Value>) {
     let d = scratch(name);
     let data = prefs(&d);
     let r = d.join("recipe.toml");
@@ -88,7 +89,7 @@ fn dpo_run_with(name: &str, dpo: &str, model: &str) -> (PathBuf, Vec<serde_json:
         &r,
         format!(
             "[model]\npath = \"{}\"\n{model}\n[data]\ntrain = \"{}\"\neval = \"{}\"\ntemplate = \"chatml\"\n[lora]\nr = 4\nalpha = 8\n\
-             [train]\nmethod = \"dpo\"\nmax_steps = 8\nmicro_batch_size = 4\ngrad_accum = 2\nlr = 1e-2\nseed = 5\n[dpo]\n{dpo}\n[output]\ndir = \"{}\"\n",
+             [train]\nmethod = \"dpo\"\nmax_steps = 8\nmicro_batch_size = 4\ngrad_accum = 2\nlr = 1e-2\nseed = 5\n{train}\n[dpo]\n{dpo}\n[output]\ndir = \"{}\"\n",
             model_dir("llama").display(),
             data.display(),
             data.display(),
@@ -147,6 +148,29 @@ fn precomputed_reference_gives_the_same_run() {
 }
 
 #[test]
+fn gradient_checkpointing_gives_the_same_dpo_run() {
+    let (a, ma) = dpo_run_with("dpo-gc-off", "beta = 0.1", "", "");
+    let (b, mb) = dpo_run_with("dpo-gc-on", "beta = 0.1", "", "gradient_checkpointing = true");
+    let losses = |m: &[serde_json::Value]| m.iter().filter_map(|l| l["loss"].as_f64()).collect::<Vec<_>>();
+    let (la, lb) = (losses(&ma), losses(&mb));
+    assert_eq!(la.len(), 8);
+    for (x, y) in la.iter().zip(&lb) {
+        assert!((x - y).abs() <= 1e-5 * x.abs().max(1.0), "{la:?} vs {lb:?}");
+    }
+    assert!(la.last() < la.first(), "{la:?}");
+    let tensors = |d: &Path| {
+        let bytes = std::fs::read(d.join("run/adapter/adapter_model.safetensors")).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let mut v: Vec<(String, Vec<f32>)> = st.tensors().into_iter().map(|(n, t)| (n, ft::model::weights::to_f32(t.data(), t.dtype()).unwrap())).collect();
+        v.sort_by(|x, y| x.0.cmp(&y.0));
+        v
+    };
+    for ((n, x), (_, y)) in tensors(&a).iter().zip(&tensors(&b)) {
+        assert!(max_abs_diff(x, y) <= 1e-5, "{n}: {}", max_abs_diff(x, y));
+    }
+}
+
+#[test]
 fn bad_pairs_are_located_errors_or_warnings() {
     let d = scratch("dpo-bad");
     let model = model_dir("llama");
@@ -170,7 +194,7 @@ fn bad_pairs_are_located_errors_or_warnings() {
 #[test]
 fn dpo_runs_on_a_quantized_base() {
     // QLoRA + DPO: the reference is the NF4 base with the adapter off.
-    let (_, m) = dpo_run_with("dpo-qlora", "beta = 0.1", "quantize = \"nf4\"");
+    let (_, m) = dpo_run_with("dpo-qlora", "beta = 0.1", "quantize = \"nf4\"", "");
     assert!((m[0]["loss"].as_f64().unwrap() - std::f64::consts::LN_2).abs() < 1e-6);
     let eval = m.iter().rfind(|l| l.get("eval_loss").is_some()).unwrap();
     assert!(eval["eval_loss"].as_f64().unwrap() < 0.6 && eval["eval_rewards/margins"].as_f64().unwrap() > 0.05, "{eval}");

@@ -1,0 +1,126 @@
+//! Gradient checkpointing (`train.gradient_checkpointing = true`): the decoder blocks run
+//! without recording a graph and keep only each block's input; the backward then recomputes one
+//! block at a time from its saved input, with a graph, and backpropagates through it. Activation
+//! memory drops from every block's intermediates to one block's plus a `[B, T, hidden]` tensor
+//! per block, for one extra forward of the blocks (what transformers' `gradient_checkpointing_enable`
+//! does per decoder layer).
+//!
+//! LoRA dropout draws the same masks in the forward and the recomputation: the backend's RNG is
+//! re-seeded before each block with a seed drawn from the step's RNG stream (in both modes, so
+//! switching checkpointing on changes memory and time, not the numbers).
+
+use std::collections::HashMap;
+
+use burn::module::AutodiffModule;
+use burn::prelude::*;
+use burn::tensor::{Bool, Distribution};
+
+use crate::backend::TrainBackend;
+use crate::model::decoder::RopeTables;
+use crate::model::{BlockInputs, Decoder};
+
+/// One forward whose blocks still owe their backward.
+struct Pending<B: TrainBackend> {
+    /// The last block's output as a graph leaf: where the loss's gradient arrives.
+    top: Tensor<B, 3>,
+    /// Each block's input.
+    inputs: Vec<Tensor<B::InnerBackend, 3>>,
+    rope: RopeTables<B>,
+    mask: Tensor<B, 3, Bool>,
+    seeds: Vec<u64>,
+}
+
+/// How a training step's forwards produce hidden states.
+pub struct Forward<B: TrainBackend> {
+    recompute: bool,
+    pending: Vec<Pending<B>>,
+    /// Seed material for dropout, drawn at the first forward.
+    base: Option<u64>,
+    /// Forwards so far in this step.
+    forwards: usize,
+}
+
+/// LoRA gradients `(dA, dB)` by projection path, from the recomputed blocks.
+pub type BlockGrads<B> = HashMap<String, (Tensor<<B as burn::tensor::backend::AutodiffBackend>::InnerBackend, 2>, Tensor<<B as burn::tensor::backend::AutodiffBackend>::InnerBackend, 2>)>;
+
+impl<B: TrainBackend> Forward<B> {
+    /// `recompute`: gradient checkpointing; otherwise the whole graph is recorded.
+    pub fn new(recompute: bool) -> Self {
+        Forward { recompute, pending: Vec::new(), base: None, forwards: 0 }
+    }
+
+    /// Hidden states after the final norm, as [`Decoder::hidden`] (`segments`: packed rows, as
+    /// [`Decoder::hidden_packed`]).
+    pub fn hidden(&mut self, model: &Decoder<B>, ids: Tensor<B, 2, Int>, segments: Option<&[Vec<usize>]>) -> Tensor<B, 3> {
+        let device = ids.device();
+        let BlockInputs { x, rope, mask } = model.block_inputs(ids, segments, 0);
+        // Each block's dropout masks come from its own seed: a function of one number drawn from
+        // the step's (seeded) RNG stream at the step's first forward, of the forward's index and
+        // of the block's, so they do not depend on what the backward's recomputation draws.
+        let base = *self.base.get_or_insert_with(|| {
+            let r = Tensor::<B::InnerBackend, 1>::random([2], Distribution::Uniform(0.0, 16_777_216.0), &device);
+            let r: Vec<f32> = r.into_data().convert::<f32>().to_vec().expect("seed");
+            (r[0] as u64) << 24 | r[1] as u64
+        });
+        let forward = self.forwards as u64;
+        self.forwards += 1;
+        let seeds: Vec<u64> = (0..model.layers.len() as u64)
+            .map(|i| (base ^ (forward << 40 | i << 32)).wrapping_mul(0x9E37_79B9_7F4A_7C15))
+            .collect();
+        if !self.recompute {
+            let mut x = x;
+            for (layer, &seed) in model.layers.iter().zip(&seeds) {
+                B::seed(&device, seed);
+                x = layer.forward(x, &rope, mask.clone(), None);
+            }
+            return model.norm.forward(x);
+        }
+        let (rope_inner, mask_inner) = (rope.inner(), mask.clone().inner());
+        let mut x = x.inner();
+        let mut inputs = Vec::with_capacity(model.layers.len());
+        for (layer, &seed) in model.layers.iter().zip(&seeds) {
+            inputs.push(x.clone());
+            B::InnerBackend::seed(&device, seed);
+            // `valid()` is burn's evaluation copy: dropout must stay as in training.
+            let mut inner = layer.valid();
+            inner.set_training(layer.training());
+            x = inner.forward(x, &rope_inner, mask_inner.clone(), None);
+        }
+        let top = Tensor::<B, 3>::from_inner(x).require_grad();
+        self.pending.push(Pending { top: top.clone(), inputs, rope, mask, seeds });
+        model.norm.forward(top)
+    }
+
+    /// After `loss.backward()` gave `grads`: backpropagates through the blocks of every pending
+    /// forward, recomputing each, and returns the LoRA gradients found there (empty without
+    /// gradient checkpointing, where `grads` already holds them).
+    pub fn backward_blocks(&mut self, model: &Decoder<B>, grads: &B::Gradients) -> BlockGrads<B> {
+        let mut out: BlockGrads<B> = HashMap::new();
+        for p in self.pending.drain(..) {
+            let Some(mut grad) = p.top.grad(grads) else { continue };
+            let device = grad.device();
+            for (i, layer) in model.layers.iter().enumerate().rev() {
+                B::seed(&device, p.seeds[i]);
+                let x = Tensor::<B, 3>::from_inner(p.inputs[i].clone()).require_grad();
+                let y = layer.forward(x.clone(), &p.rope, p.mask.clone(), None);
+                let g = (y * Tensor::from_inner(grad)).sum().backward();
+                for (name, proj) in layer.projections() {
+                    if let Some(l) = &proj.lora {
+                        let (Some(da), Some(db)) = (l.a.val().grad(&g), l.b.val().grad(&g)) else { continue };
+                        match out.entry(format!("model.layers.{i}.{name}")) {
+                            std::collections::hash_map::Entry::Occupied(mut e) => {
+                                let (a, b) = e.get().clone();
+                                e.insert((a + da, b + db));
+                            }
+                            std::collections::hash_map::Entry::Vacant(e) => {
+                                e.insert((da, db));
+                            }
+                        }
+                    }
+                }
+                grad = x.grad(&g).expect("block input gradient");
+            }
+        }
+        out
+    }
+}
