@@ -187,8 +187,8 @@ pub struct TrainSection {
     /// Evaluate every N optimizer steps (0 = only at the end).
     #[serde(default)]
     pub eval_every: usize,
-    /// Recompute memory-bound activations in the backward pass instead of keeping them
-    /// (burn's balanced checkpointing): less memory, more compute.
+    /// Keep only each decoder block's input and recompute the block in the backward pass
+    /// (`train::recompute`): less memory, one more forward of the blocks; same numbers.
     #[serde(default)]
     pub gradient_checkpointing: bool,
     /// Write `checkpoint-STEP/` every N optimizer steps (0 = never).
