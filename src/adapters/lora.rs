@@ -73,6 +73,8 @@ impl<B: Backend> Lora<B> {
         } else {
             x
         };
-        x.matmul(self.a.val().unsqueeze()).matmul(self.b.val().unsqueeze()) * self.scale
+        // The scale multiplies the rank-r intermediate, not the [.., out] result: the same
+        // product (PEFT scales after B), one r/out-th of the element-wise work.
+        (x.matmul(self.a.val().unsqueeze()) * self.scale).matmul(self.b.val().unsqueeze())
     }
 }
