@@ -65,11 +65,11 @@ diff = abs(cpu["loss"] - gpu["loss"]); fails += diff > 1e-4
 print(f"llama-bnb4 (NF4) f32 eval: cuda {gpu['loss']:.6f} cpu {cpu['loss']:.6f} diff {diff:.2e}")
 # LoRA and QLoRA SFT: CUDA (bf16 compute) vs CPU (f32), 20 steps.
 work = tempfile.mkdtemp()
-def train(name, device, quantize):
+def train(name, device, quantize, extra=""):
     r = f"{work}/{name}.toml"
     open(r, "w").write(f"""[model]\npath = "{os.path.abspath(fx)}/models/llama"\n{'quantize = "nf4"' if quantize else ''}
 [data]\ntrain = "{os.path.abspath(fx)}/chat.jsonl"\ntemplate = "chatml"\n[lora]\nr = 4\nalpha = 8
-[train]\nmax_steps = 20\nmicro_batch_size = 3\nlr = 1e-3\nseed = 3\ndevice = "{device}"\n[output]\ndir = "{work}/{name}"\n""")
+[train]\nmax_steps = 20\nmicro_batch_size = 3\nlr = 1e-3\nseed = 3\ndevice = "{device}"\n{extra}\n[output]\ndir = "{work}/{name}"\n""")
     s, secs = run(["train", r, "--quiet", "--json"])
     losses = [json.loads(l)["loss"] for l in open(f"{work}/{name}/metrics.jsonl") if '"loss"' in l]
     return losses, s, secs
@@ -83,6 +83,15 @@ for quantize in [False, True]:
     rel = max(abs(a - b) / abs(b) for a, b in zip(lg, lc))
     print(f"{tag} sft 20 steps: cuda bf16 vs cpu f32 max rel loss diff {rel:.2e}; loss {lg[0]:.4f} -> {lg[-1]:.4f}; "
           f"{secs:.1f}s; base {s['base_bytes_per_parameter']:.3f} bytes/param")
+# Gradient checkpointing (per-block recomputation) on CUDA gives the run without it.
+try:
+    la, _, ta = train("gc-off-cuda", "cuda", False)
+    lb, _, tb = train("gc-on-cuda", "cuda", False, "gradient_checkpointing = true")
+    rel = max(abs(a - b) / abs(b) for a, b in zip(la, lb))
+    fails += rel > 1e-3
+    print(f"gradient checkpointing on cuda: max rel loss diff on/off {rel:.2e}; {ta:.1f}s off, {tb:.1f}s on")
+except RuntimeError as e:
+    print(f"gradient checkpointing ERROR {e}"); fails += 1
 # DPO on CUDA: starts at ln 2 and tracks the CPU run.
 def dpo(device):
     r = f"{work}/dpo-{device}.toml"

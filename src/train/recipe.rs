@@ -265,6 +265,58 @@ impl Default for TrainSection {
     }
 }
 
+/// For serde's "unknown field `x`, expected one of `a`, `b`" message: the valid key meant, by
+/// the name TRL / PEFT / transformers give it or by spelling (edit distance ≤ 2 or a prefix).
+fn did_you_mean(message: &str) -> String {
+    let Some(rest) = message.split("unknown field `").nth(1) else { return String::new() };
+    let Some((unknown, rest)) = rest.split_once('`') else { return String::new() };
+    let valid: Vec<&str> = rest.split('`').skip(1).step_by(2).collect();
+    const ALIASES: [(&str, &str); 14] = [
+        ("learning_rate", "lr"),
+        ("per_device_train_batch_size", "micro_batch_size"),
+        ("batch_size", "micro_batch_size"),
+        ("gradient_accumulation_steps", "grad_accum"),
+        ("num_train_epochs", "epochs"),
+        ("lr_scheduler_type", "schedule"),
+        ("lora_alpha", "alpha"),
+        ("lora_dropout", "dropout"),
+        ("lora_r", "r"),
+        ("rank", "r"),
+        ("max_seq_length", "max_len"),
+        ("max_length", "max_len"),
+        ("output_dir", "dir"),
+        ("loss", "loss_type"),
+    ];
+    let alias = ALIASES.iter().find(|(a, v)| *a == unknown && valid.contains(v)).map(|(_, v)| *v);
+    let close = || {
+        valid
+            .iter()
+            .map(|v| (edit_distance(unknown, v), *v))
+            .filter(|(d, v)| *d <= 2 || (v.len() >= 3 && unknown.starts_with(v)) || (unknown.len() >= 3 && v.starts_with(unknown)))
+            .min()
+            .map(|(_, v)| v)
+    };
+    match alias.or_else(close) {
+        Some(v) => format!("\ndid you mean `{v}`?"),
+        None => String::new(),
+    }
+}
+
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut prev = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let cur = row[j + 1];
+            row[j + 1] = (prev + usize::from(ca != *cb)).min(row[j] + 1).min(cur + 1);
+            prev = cur;
+        }
+    }
+    row[b.len()]
+}
+
 impl Recipe {
     /// Reads a recipe and applies `--set key=value` overrides (`train.lr=1e-4`).
     pub fn load(path: &Path, overrides: &[String]) -> Result<Self> {
@@ -290,9 +342,9 @@ impl Recipe {
             table.insert(last.to_string(), value);
         }
         let recipe: Recipe = if overrides.is_empty() {
-            toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?
+            toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}{}", path.display(), did_you_mean(&e.to_string())))?
         } else {
-            Recipe::deserialize(doc).map_err(|e| anyhow::anyhow!("{} (with --set): {e}", path.display()))?
+            Recipe::deserialize(doc).map_err(|e| anyhow::anyhow!("{} (with --set): {e}{}", path.display(), did_you_mean(&e.to_string())))?
         };
         recipe.validate().map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
         Ok(recipe)
@@ -384,6 +436,14 @@ mod tests {
         assert!(e.contains("line 8") && e.contains("unknown field `learning_rate`") && e.contains("`lr`"), "{e}");
         let e = Recipe::load(&write(&format!("{MIN}[train]\nlr = \"fast\"\n")), &[]).unwrap_err().to_string();
         assert!(e.contains("line 8") && e.contains("lr"), "{e}");
+        let e = Recipe::load(&write(&format!("{MIN}[train]\nlearning_rate = 1e-4\n")), &[]).unwrap_err().to_string();
+        assert!(e.contains("line") && e.contains("learning_rate") && e.contains("did you mean `lr`?"), "{e}");
+        let e = Recipe::load(&write(&format!("{MIN}[train]\nmicro_bach_size = 2\n")), &[]).unwrap_err().to_string();
+        assert!(e.contains("did you mean `micro_batch_size`?"), "{e}");
+        let e = Recipe::load(&write(MIN), &["lora.lora_alpha=8".to_string()]).unwrap_err().to_string();
+        assert!(e.contains("did you mean `alpha`?"), "{e}");
+        let e = Recipe::load(&write(&format!("{MIN}[train]\nzzz = 1\n")), &[]).unwrap_err().to_string();
+        assert!(!e.contains("did you mean"), "{e}");
         let e = Recipe::load(&write(&format!("{MIN}[lora]\ndropout = 1.5\n")), &[]).unwrap_err().to_string();
         assert!(e.contains("lora.dropout"), "{e}");
     }
