@@ -270,8 +270,9 @@ fn a_failed_checkpoint_is_never_taken_as_complete() {
 #[test]
 fn gradient_checkpointing_changes_memory_not_results() {
     // Per-block recomputation gives the run without it: plain and packed batches, with LoRA
-    // dropout (the recomputed blocks must draw the forward's masks) and gradient accumulation.
-    for (tag, sets) in [("plain0", vec!["lora.dropout=0.0"]), ("plain", vec!["lora.dropout=0.1"]), ("packed", vec!["data.packing=true", "data.max_len=64", "lora.dropout=0.1"])] {
+    // dropout (the recomputed blocks must draw the forward's masks), gradient accumulation, and
+    // over an NF4 base.
+    for (tag, sets) in [("plain0", vec!["lora.dropout=0.0"]), ("plain", vec!["lora.dropout=0.1"]), ("packed", vec!["data.packing=true", "data.max_len=64", "lora.dropout=0.1"]), ("qlora", vec!["model.quantize=\"nf4\""])] {
         let mut runs = Vec::new();
         for gc in ["false", "true"] {
             let mut args = vec!["--set".to_string(), format!("train.gradient_checkpointing={gc}")];
