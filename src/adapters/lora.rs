@@ -61,18 +61,21 @@ impl<B: Backend> Lora<B> {
         self.a.dims()[1]
     }
 
+    /// The adapter's input: `x` after dropout while training, `None` when that is `x` itself.
+    /// Inverted dropout from the backend's seeded RNG (as torch.nn.Dropout).
+    pub fn dropped_input<const D: usize>(&self, x: &Tensor<B, D>) -> Option<Tensor<B, D>> {
+        (self.training && self.dropout > 0.0).then(|| {
+            let keep = x.random_like(burn::tensor::Distribution::Bernoulli(1.0 - self.dropout));
+            x.clone() * keep / (1.0 - self.dropout)
+        })
+    }
+
     /// The adapter's contribution `s · (x A) B`.
     ///
     /// # Shapes
     /// `x: [..., in]` → `[..., out]`
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        let x = if self.training && self.dropout > 0.0 {
-            // Inverted dropout from the backend's seeded RNG (as torch.nn.Dropout).
-            let keep = x.random_like(burn::tensor::Distribution::Bernoulli(1.0 - self.dropout));
-            x * keep / (1.0 - self.dropout)
-        } else {
-            x
-        };
+        let x = self.dropped_input(&x).unwrap_or(x);
         // The scale multiplies the rank-r intermediate, not the [.., out] result: the same
         // product (PEFT scales after B), one r/out-th of the element-wise work.
         (x.matmul(self.a.val().unsqueeze()) * self.scale).matmul(self.b.val().unsqueeze())

@@ -90,16 +90,19 @@ impl<B: Kernels> Projection<B> {
         let (d_in, d_out) = self.shape;
         let rows = dims[..D - 1].iter().product();
         let x: Tensor<B, 2> = x.reshape([rows, d_in]);
-        let mut y = match &self.nf4 {
+        let lora = self.lora.as_ref().filter(|_| self.adapter_enabled);
+        let mut y = match (&self.nf4, lora) {
             // Dequantized for this forward (and again in the backward): never kept.
-            Some(q) => B::nf4_linear(x.clone(), q),
-            None => x.clone().matmul(self.weight.val()),
+            (Some(q), _) => B::nf4_linear(x.clone(), q),
+            // Base and adapter as one operation (one backward step, no separate sum).
+            (None, Some(l)) => ops::lora_linear(x.clone(), l.dropped_input(&x), self.weight.val(), l.a.val(), l.b.val(), l.scale),
+            (None, None) => x.clone().matmul(self.weight.val()),
         };
+        if let (Some(l), Some(_)) = (lora, &self.nf4) {
+            y = y + l.forward(x);
+        }
         if let Some(b) = &self.bias {
             y = y + b.val().unsqueeze();
-        }
-        if let (Some(lora), true) = (&self.lora, self.adapter_enabled) {
-            y = y + lora.forward(x);
         }
         let mut out = dims;
         out[D - 1] = d_out;

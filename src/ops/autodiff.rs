@@ -77,6 +77,61 @@ impl<B: FusedOps> Backward<B, 2> for SwigluBackward {
 }
 
 #[derive(Debug, Clone)]
+struct LoraState<B: Backend> {
+    x: FloatTensor<B>,
+    x_lora: Option<FloatTensor<B>>,
+    w: FloatTensor<B>,
+    a: FloatTensor<B>,
+    b: FloatTensor<B>,
+    t: FloatTensor<B>,
+    scale: f64,
+}
+
+impl<B: FusedOps> LoraState<B> {
+    /// Gradients for (x, x', A, B).
+    fn backward(self, grad: FloatTensor<B>) -> [Option<FloatTensor<B>>; 4] {
+        let (dx, dxl, da, db) =
+            B::lora_linear_backward(float(self.x), self.x_lora.map(float), float(self.w), float(self.a), float(self.b), float(self.t), self.scale, float(grad));
+        [Some(prim(dx)), dxl.map(prim), Some(prim(da)), Some(prim(db))]
+    }
+}
+
+/// Parents (x, A, B): the adapter reads `x` itself.
+#[derive(Debug)]
+struct LoraLinearBackward;
+
+impl<B: FusedOps> Backward<B, 3> for LoraLinearBackward {
+    type State = LoraState<B>;
+
+    fn backward(self, ops: Ops<Self::State, 3>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let grad = grads.consume::<B>(&ops.node);
+        let [dx, _, da, db] = ops.state.backward(grad);
+        for (node, g) in ops.parents.into_iter().zip([dx, da, db]) {
+            if let (Some(node), Some(g)) = (node, g) {
+                grads.register::<B>(node.id, g);
+            }
+        }
+    }
+}
+
+/// Parents (x, x', A, B): the adapter reads `x'` (after dropout).
+#[derive(Debug)]
+struct LoraDropoutLinearBackward;
+
+impl<B: FusedOps> Backward<B, 4> for LoraDropoutLinearBackward {
+    type State = LoraState<B>;
+
+    fn backward(self, ops: Ops<Self::State, 4>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let grad = grads.consume::<B>(&ops.node);
+        for (node, g) in ops.parents.into_iter().zip(ops.state.backward(grad)) {
+            if let (Some(node), Some(g)) = (node, g) {
+                grads.register::<B>(node.id, g);
+            }
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
 struct AttentionState<B: Backend> {
     q: FloatTensor<B>,
     k: FloatTensor<B>,
@@ -140,6 +195,31 @@ impl<B: FusedOps, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
             OpsKind::UnTracked(prep) => prep.finish(out),
         };
         float(out)
+    }
+
+    fn lora_linear_fused(
+        x: Tensor<Self, 2>,
+        x_lora: Option<Tensor<Self, 2>>,
+        w: Tensor<Self, 2>,
+        a: Tensor<Self, 2>,
+        b: Tensor<Self, 2>,
+        scale: f64,
+    ) -> (Tensor<Self, 2>, Tensor<Self, 2>) {
+        let (xi, xli, wi, ai, bi) = (inner(&x), x_lora.as_ref().map(inner), inner(&w), inner(&a), inner(&b));
+        let (y, t) = B::lora_linear_fused(xi.clone(), xli.clone(), wi.clone(), ai.clone(), bi.clone(), scale);
+        let state = |t: Tensor<B, 2>| LoraState { x: prim(xi), x_lora: xli.map(prim), w: prim(wi), a: prim(ai), b: prim(bi), t: prim(t), scale };
+        let node = |t: &Tensor<Self, 2>| t.clone().into_primitive().tensor().node;
+        let out = match &x_lora {
+            None => match LoraLinearBackward.prepare::<C>([node(&x), node(&a), node(&b)]).compute_bound().stateful() {
+                OpsKind::Tracked(prep) => prep.finish(state(t.clone()), prim(y)),
+                OpsKind::UnTracked(prep) => prep.finish(prim(y)),
+            },
+            Some(xl) => match LoraDropoutLinearBackward.prepare::<C>([node(&x), node(xl), node(&a), node(&b)]).compute_bound().stateful() {
+                OpsKind::Tracked(prep) => prep.finish(state(t.clone()), prim(y)),
+                OpsKind::UnTracked(prep) => prep.finish(prim(y)),
+            },
+        };
+        (float(out), Tensor::from_inner(t))
     }
 
     fn attention_fused(q: Tensor<Self, 4>, k: Tensor<Self, 4>, v: Tensor<Self, 4>, mask: Tensor<Self, 3, Bool>, scale: f64) -> (Tensor<Self, 4>, Tensor<Self, 3>) {

@@ -225,6 +225,66 @@ impl FusedOps for Flex {
         (tensor(dg, [n, d]), tensor(du, [n, d]))
     }
 
+    fn lora_linear_fused(
+        x: Tensor<Self, 2>,
+        x_lora: Option<Tensor<Self, 2>>,
+        w: Tensor<Self, 2>,
+        a: Tensor<Self, 2>,
+        b: Tensor<Self, 2>,
+        scale: f64,
+    ) -> (Tensor<Self, 2>, Tensor<Self, 2>) {
+        let ([n, d_in], [_, d_out], [_, r]) = (x.dims(), w.dims(), a.dims());
+        let (x, w, a, b) = (contiguous(x), contiguous(w), contiguous(a), contiguous(b));
+        let xl = x_lora.map(contiguous);
+        let (xs, ws, as_, bs) = (f32s(&x), f32s(&w), f32s(&a), f32s(&b));
+        let xls = xl.as_ref().map_or(xs, f32s);
+        let par = gemm::Parallelism::Rayon(0);
+        let (mut y, mut t) = (vec![0f32; n * d_out], vec![0f32; n * r]);
+        // SAFETY: every operand is a contiguous row-major buffer of the stated shape.
+        unsafe {
+            mm((n, d_out, d_in), (y.as_mut_ptr(), d_out, 1), false, (xs.as_ptr(), d_in, 1), (ws.as_ptr(), d_out, 1), 1.0, par);
+            mm((n, r, d_in), (t.as_mut_ptr(), r, 1), false, (xls.as_ptr(), d_in, 1), (as_.as_ptr(), r, 1), scale as f32, par);
+            mm((n, d_out, r), (y.as_mut_ptr(), d_out, 1), true, (t.as_ptr(), r, 1), (bs.as_ptr(), d_out, 1), 1.0, par);
+        }
+        (tensor(y, [n, d_out]), tensor(t, [n, r]))
+    }
+
+    fn lora_linear_backward(
+        x: Tensor<Self, 2>,
+        x_lora: Option<Tensor<Self, 2>>,
+        w: Tensor<Self, 2>,
+        a: Tensor<Self, 2>,
+        b: Tensor<Self, 2>,
+        t: Tensor<Self, 2>,
+        scale: f64,
+        grad: Tensor<Self, 2>,
+    ) -> (Tensor<Self, 2>, Option<Tensor<Self, 2>>, Tensor<Self, 2>, Tensor<Self, 2>) {
+        let ([n, d_in], [_, d_out], [_, r]) = (x.dims(), w.dims(), a.dims());
+        let (x, w, a, b, t, dy) = (contiguous(x), contiguous(w), contiguous(a), contiguous(b), contiguous(t), contiguous(grad));
+        let xl = x_lora.map(contiguous);
+        let (xs, ws, as_, bs, ts, dys) = (f32s(&x), f32s(&w), f32s(&a), f32s(&b), f32s(&t), f32s(&dy));
+        let xls = xl.as_ref().map_or(xs, f32s);
+        let par = gemm::Parallelism::Rayon(0);
+        let (mut dx, mut u) = (vec![0f32; n * d_in], vec![0f32; n * r]);
+        let mut dxl = xl.as_ref().map(|_| vec![0f32; n * d_in]);
+        let (mut da, mut db) = (vec![0f32; d_in * r], vec![0f32; r * d_out]);
+        // SAFETY: contiguous row-major buffers; transposes are expressed by swapped strides.
+        unsafe {
+            // dx = dy·Wᵀ; u = s·(dy·Bᵀ); the adapter's input gradient u·Aᵀ goes into dx or dx'.
+            mm((n, d_in, d_out), (dx.as_mut_ptr(), d_in, 1), false, (dys.as_ptr(), d_out, 1), (ws.as_ptr(), 1, d_out), 1.0, par);
+            mm((n, r, d_out), (u.as_mut_ptr(), r, 1), false, (dys.as_ptr(), d_out, 1), (bs.as_ptr(), 1, d_out), scale as f32, par);
+            let (into, accumulate) = match &mut dxl {
+                Some(v) => (v.as_mut_ptr(), false),
+                None => (dx.as_mut_ptr(), true),
+            };
+            mm((n, d_in, r), (into, d_in, 1), accumulate, (u.as_ptr(), r, 1), (as_.as_ptr(), 1, r), 1.0, par);
+            // dA = x'ᵀ·u, dB = tᵀ·dy
+            mm((d_in, r, n), (da.as_mut_ptr(), r, 1), false, (xls.as_ptr(), 1, d_in), (u.as_ptr(), r, 1), 1.0, par);
+            mm((r, d_out, n), (db.as_mut_ptr(), d_out, 1), false, (ts.as_ptr(), 1, r), (dys.as_ptr(), d_out, 1), 1.0, par);
+        }
+        (tensor(dx, [n, d_in]), dxl.map(|v| tensor(v, [n, d_in])), tensor(da, [d_in, r]), tensor(db, [r, d_out]))
+    }
+
     fn attention_fused(q: Tensor<Self, 4>, k: Tensor<Self, 4>, v: Tensor<Self, 4>, mask: Tensor<Self, 3, Bool>, scale: f64) -> (Tensor<Self, 4>, Tensor<Self, 3>) {
         let (mask, mb) = mask_bytes(mask);
         let d = Dims::of(&q.dims(), &k.dims(), mb);

@@ -50,6 +50,35 @@ pub trait FusedOps: Backend {
         unimplemented!("no fused swiglu on this backend")
     }
 
+    /// `x·W + (s·(x'·A))·B` for a frozen `W [in, out]` and a LoRA adapter `A [in, r]`,
+    /// `B [r, out]`, where `x'` is the adapter's input (`x` after dropout; `None` = `x`). Also
+    /// returns `t = s·(x'·A)` `[N, r]` for the backward.
+    fn lora_linear_fused(
+        _x: Tensor<Self, 2>,
+        _x_lora: Option<Tensor<Self, 2>>,
+        _w: Tensor<Self, 2>,
+        _a: Tensor<Self, 2>,
+        _b: Tensor<Self, 2>,
+        _scale: f64,
+    ) -> (Tensor<Self, 2>, Tensor<Self, 2>) {
+        unimplemented!("no fused lora_linear on this backend")
+    }
+    /// Gradients with respect to `x`, `x'` (when given), `A` and `B`. Without `x'`, the adapter's
+    /// input gradient is already added into the one for `x`.
+    #[allow(clippy::too_many_arguments, clippy::type_complexity)]
+    fn lora_linear_backward(
+        _x: Tensor<Self, 2>,
+        _x_lora: Option<Tensor<Self, 2>>,
+        _w: Tensor<Self, 2>,
+        _a: Tensor<Self, 2>,
+        _b: Tensor<Self, 2>,
+        _t: Tensor<Self, 2>,
+        _scale: f64,
+        _grad: Tensor<Self, 2>,
+    ) -> (Tensor<Self, 2>, Option<Tensor<Self, 2>>, Tensor<Self, 2>, Tensor<Self, 2>) {
+        unimplemented!("no fused lora_linear on this backend")
+    }
+
     /// Softmax attention of `q [B, T, H, hd]` over `k`, `v` `[B, S, KV, hd]` (H a multiple of
     /// KV; query head h reads kv head h / (H / KV)), `mask [1 | B, T, S]` true = not attended.
     /// Returns the output `[B, T, H, hd]` and the softmax's log-sum-exp `[B, H, T]`.
@@ -112,6 +141,19 @@ pub fn swiglu<B: FusedOps, const D: usize>(gate: Tensor<B, D>, up: Tensor<B, D>)
     let inner = dims[D - 1];
     let rows = gate.shape().num_elements() / inner.max(1);
     B::swiglu_fused(gate.reshape([rows, inner]), up.reshape([rows, inner])).reshape(dims)
+}
+
+/// A frozen linear map plus a LoRA adapter, `x·W + (s·(x'·A))·B` (PEFT's `lora_B(lora_A(x'))·s`
+/// with the scale moved onto the rank-r product), `x'` = `x_lora` or `x`.
+///
+/// # Shapes
+/// `x`, `x_lora`: `[N, in]`, `w [in, out]`, `a [in, r]`, `b [r, out]` → `[N, out]`
+pub fn lora_linear<B: FusedOps>(x: Tensor<B, 2>, x_lora: Option<Tensor<B, 2>>, w: Tensor<B, 2>, a: Tensor<B, 2>, b: Tensor<B, 2>, scale: f64) -> Tensor<B, 2> {
+    if !B::FUSED {
+        let xl = x_lora.unwrap_or_else(|| x.clone());
+        return x.matmul(w) + (xl.matmul(a) * scale).matmul(b);
+    }
+    B::lora_linear_fused(x, x_lora, w, a, b, scale).0
 }
 
 /// Scaled dot-product attention, as transformers' eager attention computes it: scores
@@ -219,6 +261,43 @@ mod tests {
         let w2 = w.clone();
         check(vec![rand4([2, 5, 3, 24])], move |x| rms_norm(x[0].clone(), w.clone(), 1e-5), move |x| reference::rms_norm(x[0].clone(), w2.clone(), 1e-5), "rms_norm");
         check(vec![rand4([2, 5, 3, 24]), rand4([2, 5, 3, 24])], |x| swiglu(x[0].clone(), x[1].clone()), |x| silu(x[0].clone()) * x[1].clone(), "swiglu");
+    }
+
+    #[test]
+    fn lora_linear_matches_the_reference_with_and_without_a_separate_adapter_input() {
+        let dev = Default::default();
+        let r2 = |m: usize, n: usize| Tensor::<Ad, 2>::random([m, n], Distribution::Normal(0.0, 1.0), &dev);
+        let (n, d_in, d_out, r) = (7, 12, 10, 3);
+        let (x, xl, w, a, b) = (r2(n, d_in), r2(n, d_in), r2(d_in, d_out), r2(d_in, r), r2(r, d_out));
+        for separate in [false, true] {
+            let run = |fused: bool| {
+                let leaf = |t: &Tensor<Ad, 2>| Tensor::<Ad, 2>::from_data(t.to_data(), &dev).require_grad();
+                let (x, xl, a, b) = (leaf(&x), leaf(&xl), leaf(&a), leaf(&b));
+                let xl_in = separate.then(|| xl.clone());
+                let y = if fused {
+                    lora_linear(x.clone(), xl_in, w.clone(), a.clone(), b.clone(), 0.7)
+                } else {
+                    let xi = xl_in.unwrap_or_else(|| x.clone());
+                    x.clone().matmul(w.clone()) + xi.matmul(a.clone()).matmul(b.clone()) * 0.7
+                };
+                let c = Tensor::<Ad, 2>::from_data(
+                    TensorData::new((0..n * d_out).map(|i| ((i * 13 % 7) as f32 - 3.0) / 5.0).collect::<Vec<_>>(), [n, d_out]),
+                    &dev,
+                );
+                let g = (y.clone() * c).sum().backward();
+                let grad = |t: &Tensor<Ad, 2>| t.grad(&g).map(|g| g.into_data().to_vec::<f32>().unwrap());
+                (y.into_data().to_vec::<f32>().unwrap(), [grad(&x), grad(&xl), grad(&a), grad(&b)])
+            };
+            let ((yf, gf), (yr, gr)) = (run(true), run(false));
+            let worst = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| (x - y).abs() / y.abs().max(1.0)).fold(0f32, f32::max);
+            assert!(worst(&yf, &yr) <= 2e-5, "output");
+            for (i, (f, r)) in gf.iter().zip(&gr).enumerate() {
+                assert_eq!(f.is_some(), r.is_some(), "separate {separate}: gradient {i} presence");
+                if let (Some(f), Some(r)) = (f, r) {
+                    assert!(worst(f, r) <= 2e-5, "separate {separate}: gradient {i}: {}", worst(f, r));
+                }
+            }
+        }
     }
 
     #[test]
