@@ -332,6 +332,10 @@ impl<B: Kernels> Block<B> {
     }
 }
 
+/// From this many rows on, the tied head multiplies by a transposed view of the embedding (see
+/// [`Decoder::head`]).
+const HEAD_ROWS_FOR_TRANSPOSED_E: usize = 32;
+
 /// The causal language model: embeddings, blocks, final norm and head (`lm_head`, or the
 /// embedding matrix when tied).
 #[derive(Module, Debug)]
@@ -505,11 +509,17 @@ impl<B: Kernels> Decoder<B> {
         match &self.lm_head {
             Some(p) => p.forward(x),
             None => {
-                // E [V, H] · xᵀ [H, B·T], then transposed: E is read in its stored layout (a
-                // transposed view of E would be packed/copied by the GEMM on every call).
                 let [b, t, h] = x.dims();
-                let logits_t = self.embed_tokens.val().matmul(x.reshape([b * t, h]).transpose());
-                logits_t.transpose().reshape([b, t, self.config.vocab_size])
+                let x = x.reshape([b * t, h]);
+                if b * t >= HEAD_ROWS_FOR_TRANSPOSED_E {
+                    // x · Eᵀ: logits come out row-major, so the softmax over the vocabulary reads
+                    // contiguous rows; packing Eᵀ is paid once for many rows.
+                    x.matmul(self.embed_tokens.val().transpose()).reshape([b, t, self.config.vocab_size])
+                } else {
+                    // Few rows (generation): E [V, H] · xᵀ [H, rows], then a transposed view; a
+                    // transposed view of E would be packed/copied by the GEMM on every token.
+                    self.embed_tokens.val().matmul(x.transpose()).transpose().reshape([b, t, self.config.vocab_size])
+                }
             }
         }
     }
