@@ -5,6 +5,31 @@ use burn::module::{Module, Param};
 use burn::prelude::*;
 use burn::tensor::TensorData;
 
+/// How new adapters are initialised, as PEFT's `init_lora_weights`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LoraInit {
+    /// PEFT's `True`: A kaiming-uniform (U(±1/√in)), B zero: the adapted model starts as the base.
+    #[default]
+    Default,
+    /// PEFT's `"gaussian"`: A ~ N(0, 1/r²) (std 1/r), B zero.
+    Gaussian,
+    /// PEFT's `False`: A and B both as `nn.Linear` initialises them (U(±1/√in), U(±1/√r)), so
+    /// the adapter is not the identity from the start (for tests and experiments).
+    Random,
+}
+
+impl LoraInit {
+    /// The value of `init_lora_weights` in PEFT's adapter_config.json.
+    pub fn peft_value(self) -> serde_json::Value {
+        match self {
+            LoraInit::Default => serde_json::Value::Bool(true),
+            LoraInit::Gaussian => serde_json::Value::String("gaussian".into()),
+            LoraInit::Random => serde_json::Value::Bool(false),
+        }
+    }
+}
+
 /// One LoRA adapter on a projection.
 #[derive(Module, Debug)]
 pub struct Lora<B: Backend> {
@@ -36,12 +61,31 @@ impl<B: Backend> Lora<B> {
         }
     }
 
-    /// PEFT's default init: A kaiming-uniform (a = √5, i.e. U(±1/√in)), B zero, so the adapted
-    /// model starts equal to the base. `rng` is seeded before any adapter is created.
-    pub fn init(d_in: usize, d_out: usize, r: usize, scale: f64, rng: &mut impl rand::Rng, device: &B::Device) -> Self {
-        let bound = 1.0 / (d_in as f64).sqrt();
-        let a_peft: Vec<f32> = (0..r * d_in).map(|_| rng.random_range(-bound..bound) as f32).collect();
-        let b_peft = vec![0f32; d_out * r];
+    /// PEFT's init (`kind`; by default A kaiming-uniform with a = √5, i.e. U(±1/√in), and B
+    /// zero, so the adapted model starts equal to the base). `rng` is seeded before any adapter
+    /// is created.
+    pub fn init(d_in: usize, d_out: usize, r: usize, scale: f64, kind: LoraInit, rng: &mut impl rand::Rng, device: &B::Device) -> Self {
+        let uniform = |n: usize, fan_in: usize, rng: &mut dyn rand::RngCore| -> Vec<f32> {
+            let bound = 1.0 / (fan_in as f64).sqrt();
+            (0..n).map(|_| rand::Rng::random_range(rng, -bound..bound) as f32).collect()
+        };
+        let a_peft: Vec<f32> = match kind {
+            LoraInit::Default | LoraInit::Random => uniform(r * d_in, d_in, rng),
+            LoraInit::Gaussian => {
+                // Box-Muller, std 1/r.
+                let std = 1.0 / r as f64;
+                (0..r * d_in)
+                    .map(|_| {
+                        let (u1, u2): (f64, f64) = (rng.random_range(f64::EPSILON..1.0), rng.random_range(0.0..1.0));
+                        ((-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos() * std) as f32
+                    })
+                    .collect()
+            }
+        };
+        let b_peft = match kind {
+            LoraInit::Random => uniform(d_out * r, r, rng),
+            _ => vec![0f32; d_out * r],
+        };
         let mut l = Self::from_peft(&a_peft, &b_peft, r, d_in, d_out, scale, device);
         l.a = Param::from_tensor(l.a.val().require_grad());
         l.b = Param::from_tensor(l.b.val().require_grad());

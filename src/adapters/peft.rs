@@ -86,6 +86,8 @@ pub struct LoraConfig {
     pub dropout: f64,
     pub targets: Targets,
     pub base_model: Option<String>,
+    /// How the adapter was initialised (written as `init_lora_weights`).
+    pub init: crate::adapters::lora::LoraInit,
 }
 
 impl LoraConfig {
@@ -137,6 +139,7 @@ impl LoraConfig {
             dropout: raw.lora_dropout,
             targets,
             base_model: raw.base_model_name_or_path,
+            init: Default::default(),
         })
     }
 }
@@ -241,7 +244,7 @@ pub fn save<B: Kernels>(model: &mut Decoder<B>, config: &LoraConfig, base_model:
         "target_modules": short,
         "bias": "none",
         "fan_in_fan_out": false,
-        "init_lora_weights": true,
+        "init_lora_weights": config.init.peft_value(),
         "inference_mode": true,
         "modules_to_save": null,
         "use_dora": false,

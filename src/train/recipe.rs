@@ -140,6 +140,9 @@ pub struct LoraSection {
     pub target_modules: Vec<String>,
     #[serde(default)]
     pub use_rslora: bool,
+    /// PEFT's `init_lora_weights`: `"default"` (True), `"gaussian"`, `"random"` (False).
+    #[serde(default)]
+    pub init: crate::adapters::lora::LoraInit,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

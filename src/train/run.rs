@@ -92,7 +92,7 @@ pub fn lora_config(recipe: &Recipe) -> LoraConfig {
     } else {
         Targets::Names(l.target_modules.clone())
     };
-    LoraConfig { r: l.r, alpha: l.alpha, use_rslora: l.use_rslora, dropout: l.dropout, targets, base_model: None }
+    LoraConfig { r: l.r, alpha: l.alpha, use_rslora: l.use_rslora, dropout: l.dropout, targets, base_model: None, init: l.init }
 }
 
 /// Attaches freshly initialised adapters (PEFT init) to the projections the recipe targets.
@@ -107,7 +107,7 @@ pub fn attach_new_adapters<B: TrainBackend>(model: &mut Decoder<B>, recipe: &Rec
     for (name, proj) in model.projections_mut() {
         if config.targets.matches(&name) {
             let (d_in, d_out) = proj.dims();
-            let mut lora = Lora::init(d_in, d_out, l.r, scale, &mut rng, &device);
+            let mut lora = Lora::init(d_in, d_out, l.r, scale, l.init, &mut rng, &device);
             lora.dropout = l.dropout;
             proj.lora = Some(lora);
             n += 1;

@@ -133,6 +133,33 @@ fn same_seed_same_bytes_and_dropout_is_seeded() {
 }
 
 #[test]
+fn lora_init_kinds_follow_peft() {
+    // One step at learning rate 0 (warm-up step 0) saves the adapters as initialised.
+    for (init, peft) in [("default", serde_json::json!(true)), ("gaussian", serde_json::json!("gaussian")), ("random", serde_json::json!(false))] {
+        let set = format!("lora.init=\"{init}\"");
+        let d = train_ok(&format!("init-{init}"), "max_steps = 1\nwarmup_steps = 1\nmicro_batch_size = 2\nlr = 1e-3", &["--set", &set]);
+        let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(d.join("run/adapter/adapter_config.json")).unwrap()).unwrap();
+        assert_eq!(cfg["init_lora_weights"], peft, "{init}");
+        let tensors = adapter_tensors(&d);
+        let (a, b): (Vec<f32>, Vec<f32>) = (
+            tensors.iter().filter(|(n, _)| n.contains("lora_A")).flat_map(|(_, v)| v.clone()).collect(),
+            tensors.iter().filter(|(n, _)| n.contains("lora_B")).flat_map(|(_, v)| v.clone()).collect(),
+        );
+        let std = |v: &[f32]| (v.iter().map(|x| (*x as f64).powi(2)).sum::<f64>() / v.len() as f64).sqrt();
+        match init {
+            // r = 4: A ~ N(0, 1/4²)
+            "gaussian" => assert!((std(&a) - 0.25).abs() < 0.02, "gaussian A std {}", std(&a)),
+            _ => assert!(a.iter().all(|x| x.abs() <= 1.0 / 8.0) && std(&a) > 0.02, "uniform A within 1/sqrt(in)"),
+        }
+        if init == "random" {
+            assert!(b.iter().all(|x| x.abs() <= 0.5) && std(&b) > 0.1, "random B ~ U(±1/sqrt(r))");
+        } else {
+            assert!(b.iter().all(|x| *x == 0.0), "{init}: B starts at zero");
+        }
+    }
+}
+
+#[test]
 fn bad_recipes_exit_2_naming_the_key() {
     let d = scratch("train-bad");
     let data = eight(&d);
