@@ -1,7 +1,8 @@
 //! CPU kernels of the fused operations (burn's `flex` backend, f32): each reads its inputs once
 //! from contiguous memory and writes one output, rows in parallel with rayon; attention's
 //! matrix products go through the `gemm` crate (the one flex's own matmul uses), per
-//! (batch, kv head) with strided operands, so no head transpose or K/V copy is made.
+//! (batch, kv head) with strided operands, so no head transpose or K/V copy is made, in blocks of
+//! query rows that stop at the last key the block attends to (half the work for causal masks).
 
 use burn::prelude::*;
 use burn::tensor::{Bool, TensorData, TensorPrimitive};
@@ -85,6 +86,10 @@ unsafe fn mm(
     }
 }
 
+/// Query rows per attention block: the score scratch is `ROW_BLOCK × S` per task (small blocks
+/// in unit tests, so that they cover several).
+const ROW_BLOCK: usize = if cfg!(test) { 3 } else { 128 };
+
 /// Shapes of one attention call.
 #[derive(Clone, Copy)]
 struct Dims {
@@ -114,6 +119,19 @@ impl Dims {
     fn mask_row<'a>(&self, mask: &'a [u8], b: usize, t: usize) -> &'a [u8] {
         let mb = if self.mask_batch == 1 { 0 } else { b };
         &mask[(mb * self.t + t) * self.s..][..self.s]
+    }
+    /// Query rows in blocks of [`ROW_BLOCK`]: `(first row, rows, keys)`, where `keys` is one past
+    /// the last key any row of the block attends to (a causal mask needs no more columns);
+    /// blocks that attend to nothing are left out (their output stays zero).
+    fn blocks(&self, mask: &[u8], b: usize) -> Vec<(usize, usize, usize)> {
+        (0..self.t)
+            .step_by(ROW_BLOCK)
+            .filter_map(|r0| {
+                let rows = ROW_BLOCK.min(self.t - r0);
+                let keys = (r0..r0 + rows).map(|t| self.mask_row(mask, b, t).iter().rposition(|&m| m == 0).map_or(0, |k| k + 1)).max().unwrap_or(0);
+                (keys > 0).then_some((r0, rows, keys))
+            })
+            .collect()
     }
     /// Inner GEMMs run single-threaded when the (batch, kv head) tasks already fill the pool.
     fn parallelism(&self) -> gemm::Parallelism {
@@ -291,25 +309,28 @@ impl FusedOps for Flex {
         let (q, k, v) = (contiguous(q), contiguous(k), contiguous(v));
         let (qs, ks, vs) = (f32s(&q), f32s(&k), f32s(&v));
         let mut o = vec![0f32; d.b * d.t * d.h * d.hd];
-        let mut lse = vec![0f32; d.b * d.h * d.t];
+        let mut lse = vec![f32::INFINITY; d.b * d.h * d.t];
         let (op, lp) = (Out(o.as_mut_ptr()), Out(lse.as_mut_ptr()));
         let par = d.parallelism();
         let n_rep = d.h / d.kv;
         (0..d.b * d.kv).into_par_iter().for_each(|task| {
             let (bi, g) = (task / d.kv, task % d.kv);
-            let mut p = vec![0f32; d.t * d.s];
+            let mut p = vec![0f32; ROW_BLOCK.min(d.t) * d.s];
             let (kv_at, kv_rs) = d.kv_at(bi, g);
-            for h in g * n_rep..(g + 1) * n_rep {
-                let (q_at, q_rs) = d.q_at(bi, h);
-                // SAFETY: task (b, g) alone writes heads g·n_rep.. of batch b in `o` and `lse`;
-                // every pointer stays inside its buffer for the given shapes and strides.
-                unsafe {
-                    mm((d.t, d.s, d.hd), (p.as_mut_ptr(), d.s, 1), false, (qs.as_ptr().add(q_at), q_rs, 1), (ks.as_ptr().add(kv_at), 1, kv_rs), scale as f32, par);
-                    let lse_h = std::slice::from_raw_parts_mut(lp.at((bi * d.h + h) * d.t), d.t);
-                    for (ti, l) in lse_h.iter_mut().enumerate() {
-                        *l = softmax_row(&mut p[ti * d.s..][..d.s], d.mask_row(&mask, bi, ti));
+            for (r0, rows, keys) in d.blocks(&mask, bi) {
+                for h in g * n_rep..(g + 1) * n_rep {
+                    let (q_at, q_rs) = d.q_at(bi, h);
+                    let q_at = q_at + r0 * q_rs;
+                    // SAFETY: task (b, g) alone writes heads g·n_rep.. of batch b in `o` and
+                    // `lse`; every pointer stays inside its buffer for the shapes and strides.
+                    unsafe {
+                        mm((rows, keys, d.hd), (p.as_mut_ptr(), keys, 1), false, (qs.as_ptr().add(q_at), q_rs, 1), (ks.as_ptr().add(kv_at), 1, kv_rs), scale as f32, par);
+                        let lse_h = std::slice::from_raw_parts_mut(lp.at((bi * d.h + h) * d.t + r0), rows);
+                        for (i, l) in lse_h.iter_mut().enumerate() {
+                            *l = softmax_row(&mut p[i * keys..][..keys], &d.mask_row(&mask, bi, r0 + i)[..keys]);
+                        }
+                        mm((rows, d.hd, keys), (op.at(q_at), q_rs, 1), false, (p.as_ptr(), keys, 1), (vs.as_ptr().add(kv_at), kv_rs, 1), 1.0, par);
                     }
-                    mm((d.t, d.hd, d.s), (op.at(q_at), q_rs, 1), false, (p.as_ptr(), d.s, 1), (vs.as_ptr().add(kv_at), kv_rs, 1), 1.0, par);
                 }
             }
         });
@@ -338,36 +359,40 @@ impl FusedOps for Flex {
         let scale = scale as f32;
         (0..d.b * d.kv).into_par_iter().for_each(|task| {
             let (bi, g) = (task / d.kv, task % d.kv);
-            let (mut p, mut dp) = (vec![0f32; d.t * d.s], vec![0f32; d.t * d.s]);
+            let block = ROW_BLOCK.min(d.t) * d.s;
+            let (mut p, mut dp) = (vec![0f32; block], vec![0f32; block]);
             let (kv_at, kv_rs) = d.kv_at(bi, g);
-            for h in g * n_rep..(g + 1) * n_rep {
-                let (q_at, q_rs) = d.q_at(bi, h);
-                // SAFETY: task (b, g) alone writes heads g·n_rep.. of batch b in `dq` and kv head
-                // g of batch b in `dk`, `dv`; pointers stay inside their buffers.
-                unsafe {
-                    // P again from the saved log-sum-exp.
-                    mm((d.t, d.s, d.hd), (p.as_mut_ptr(), d.s, 1), false, (qs.as_ptr().add(q_at), q_rs, 1), (ks.as_ptr().add(kv_at), 1, kv_rs), scale, par);
-                    for ti in 0..d.t {
-                        let l = ls[(bi * d.h + h) * d.t + ti];
-                        let m = d.mask_row(&mask, bi, ti);
-                        for (x, &masked) in p[ti * d.s..][..d.s].iter_mut().zip(m) {
-                            *x = if masked != 0 || l == f32::INFINITY { 0.0 } else { (*x - l).exp() };
+            for (r0, rows, keys) in d.blocks(&mask, bi) {
+                for h in g * n_rep..(g + 1) * n_rep {
+                    let (q_at, q_rs) = d.q_at(bi, h);
+                    let q_at = q_at + r0 * q_rs;
+                    // SAFETY: task (b, g) alone writes heads g·n_rep.. of batch b in `dq` and kv
+                    // head g of batch b in `dk`, `dv`; pointers stay inside their buffers.
+                    unsafe {
+                        // P again from the saved log-sum-exp.
+                        mm((rows, keys, d.hd), (p.as_mut_ptr(), keys, 1), false, (qs.as_ptr().add(q_at), q_rs, 1), (ks.as_ptr().add(kv_at), 1, kv_rs), scale, par);
+                        for i in 0..rows {
+                            let l = ls[(bi * d.h + h) * d.t + r0 + i];
+                            let m = &d.mask_row(&mask, bi, r0 + i)[..keys];
+                            for (x, &masked) in p[i * keys..][..keys].iter_mut().zip(m) {
+                                *x = if masked != 0 || l == f32::INFINITY { 0.0 } else { (*x - l).exp() };
+                            }
                         }
-                    }
-                    // dV += Pᵀ·dO
-                    mm((d.s, d.hd, d.t), (dvp.at(kv_at), kv_rs, 1), true, (p.as_ptr(), 1, d.s), (dos.as_ptr().add(q_at), q_rs, 1), 1.0, par);
-                    // dP = dO·Vᵀ, then dS = P ∘ (dP − rowsum(dO ∘ O))
-                    mm((d.t, d.s, d.hd), (dp.as_mut_ptr(), d.s, 1), false, (dos.as_ptr().add(q_at), q_rs, 1), (vs.as_ptr().add(kv_at), 1, kv_rs), 1.0, par);
-                    for ti in 0..d.t {
-                        let at = q_at + ti * q_rs;
-                        let di: f32 = dos[at..at + d.hd].iter().zip(&os[at..at + d.hd]).map(|(a, b)| a * b).sum();
-                        for (x, pv) in dp[ti * d.s..][..d.s].iter_mut().zip(&p[ti * d.s..][..d.s]) {
-                            *x = pv * (*x - di);
+                        // dV += Pᵀ·dO
+                        mm((keys, d.hd, rows), (dvp.at(kv_at), kv_rs, 1), true, (p.as_ptr(), 1, keys), (dos.as_ptr().add(q_at), q_rs, 1), 1.0, par);
+                        // dP = dO·Vᵀ, then dS = P ∘ (dP − rowsum(dO ∘ O))
+                        mm((rows, keys, d.hd), (dp.as_mut_ptr(), keys, 1), false, (dos.as_ptr().add(q_at), q_rs, 1), (vs.as_ptr().add(kv_at), 1, kv_rs), 1.0, par);
+                        for i in 0..rows {
+                            let at = q_at + i * q_rs;
+                            let di: f32 = dos[at..at + d.hd].iter().zip(&os[at..at + d.hd]).map(|(a, b)| a * b).sum();
+                            for (x, pv) in dp[i * keys..][..keys].iter_mut().zip(&p[i * keys..][..keys]) {
+                                *x = pv * (*x - di);
+                            }
                         }
+                        // dQ = scale·dS·K, dK += scale·dSᵀ·Q
+                        mm((rows, d.hd, keys), (dqp.at(q_at), q_rs, 1), false, (dp.as_ptr(), keys, 1), (ks.as_ptr().add(kv_at), kv_rs, 1), scale, par);
+                        mm((keys, d.hd, rows), (dkp.at(kv_at), kv_rs, 1), true, (dp.as_ptr(), 1, keys), (qs.as_ptr().add(q_at), q_rs, 1), scale, par);
                     }
-                    // dQ = scale·dS·K, dK += scale·dSᵀ·Q
-                    mm((d.t, d.hd, d.s), (dqp.at(q_at), q_rs, 1), false, (dp.as_ptr(), d.s, 1), (ks.as_ptr().add(kv_at), kv_rs, 1), scale, par);
-                    mm((d.s, d.hd, d.t), (dkp.at(kv_at), kv_rs, 1), true, (dp.as_ptr(), 1, d.s), (qs.as_ptr().add(q_at), q_rs, 1), scale, par);
                 }
             }
         });
