@@ -21,11 +21,40 @@ use super::tensor::Nf4Weight;
 pub trait Nf4Linear: Backend {
     /// `x [rows, in] · Wᵀ` for the NF4 weight `W [out, in]` → `[rows, out]`.
     fn nf4_linear(x: Tensor<Self, 2>, w: &Nf4Weight<Self>) -> Tensor<Self, 2> {
-        x.matmul(w.dequantize().transpose())
+        x.matmul(Self::nf4_dequantize(w).transpose())
+    }
+
+    /// The f32 weight `[out, in]` (tensor ops by default).
+    fn nf4_dequantize(w: &Nf4Weight<Self>) -> Tensor<Self, 2> {
+        w.dequantize()
     }
 }
 
-impl Nf4Linear for crate::backend::Cpu {}
+/// The CPU dequantizes in one pass over the codes (the same products as the tensor-op version,
+/// bit for bit).
+impl Nf4Linear for crate::backend::Cpu {
+    fn nf4_dequantize(w: &Nf4Weight<Self>) -> Tensor<Self, 2> {
+        use burn::tensor::TensorData;
+        use rayon::prelude::*;
+        let device = w.words.val().device();
+        let words = w.words.val().into_primitive().to_contiguous();
+        let words: &[i32] = words.as_slice().expect("i32 codes");
+        let absmax: Vec<f32> = w.absmax.val().into_data().to_vec().expect("f32 absmax");
+        let code: Vec<f32> = w.code.val().into_data().to_vec().expect("f32 code");
+        let (n, bs) = (w.rows * w.cols, w.blocksize);
+        let mut out = vec![0f32; n];
+        // Chunks of whole blocks: each element reads its word's nibble and its block's absmax.
+        out.par_chunks_mut(bs * 64).enumerate().for_each(|(c, chunk)| {
+            let start = c * bs * 64;
+            for (i, o) in chunk.iter_mut().enumerate() {
+                let e = start + i;
+                let nibble = (words[e / 8] >> (4 * (e % 8))) & 15;
+                *o = code[nibble as usize] * absmax[e / bs];
+            }
+        });
+        Tensor::from_data(TensorData::new(out, [w.rows, w.cols]), &device)
+    }
+}
 
 #[cfg(feature = "cuda")]
 impl Nf4Linear for crate::backend::CudaF32 {}
@@ -68,7 +97,7 @@ impl<B: Nf4Linear> Backward<B, 1> for Nf4LinearBackward {
         unary::<B, _>(ops.parents, ops.node, grads, |grad| {
             // d(x · Wᵀ)/dx = grad · W, with W dequantized again here.
             let grad = Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(grad));
-            grad.matmul(packed.weight().dequantize()).into_primitive().tensor()
+            grad.matmul(B::nf4_dequantize(&packed.weight())).into_primitive().tensor()
         });
     }
 }
@@ -105,6 +134,19 @@ mod tests {
     use burn::tensor::TensorData;
 
     type Ad = Autodiff<Cpu>;
+
+    #[test]
+    fn cpu_dequantization_equals_the_tensor_op_one_bit_for_bit() {
+        let dev = Default::default();
+        // Sizes that leave a partial last block and a partial last word.
+        for (rows, cols) in [(3, 100), (70, 64 * 65 + 7)] {
+            let w: Vec<f32> = (0..rows * cols).map(|i| ((i * 7919 % 1013) as f32 - 506.0) / 97.0).collect();
+            let q = Nf4Weight::<Cpu>::new(&Nf4::quantize(&w, 64, true), rows, cols, &dev);
+            let fast: Vec<f32> = Cpu::nf4_dequantize(&q).into_data().to_vec().unwrap();
+            let ops: Vec<f32> = q.dequantize().into_data().to_vec().unwrap();
+            assert_eq!(fast, ops, "{rows}x{cols}");
+        }
+    }
 
     #[test]
     fn gradient_equals_the_dense_matmul_gradient() {
