@@ -13,6 +13,10 @@ use burn::tensor::{Bool, TensorPrimitive};
 
 use super::FusedOps;
 
+/// A backward node exists only where the inner backend ran the forward kernel, and a backend with
+/// a forward kernel has its backward one.
+const PAIRED: &str = "a backend with a forward kernel has the backward kernel";
+
 fn inner<B: FusedOps, C: CheckpointStrategy, const D: usize>(t: &Tensor<Autodiff<B, C>, D>) -> Tensor<B, D> {
     Tensor::from_primitive(TensorPrimitive::Float(t.clone().into_primitive().tensor().primitive))
 }
@@ -35,7 +39,7 @@ impl<B: FusedOps> Backward<B, 1> for RmsNormBackward {
         let (x, w, eps) = ops.state;
         let grad = grads.consume::<B>(&ops.node);
         if let [Some(node)] = ops.parents {
-            grads.register::<B>(node.id, prim(B::rms_norm_backward(float(x), float(w), eps, float(grad))));
+            grads.register::<B>(node.id, prim(B::rms_norm_backward(float(x), float(w), eps, float(grad)).expect(PAIRED)));
         }
     }
 }
@@ -51,7 +55,7 @@ impl<B: FusedOps> Backward<B, 1> for RopeBackward {
         let grad = grads.consume::<B>(&ops.node);
         if let [Some(node)] = ops.parents {
             // The map is linear in x: its backward is its transpose.
-            grads.register::<B>(node.id, prim(B::rope_fused(float(grad), float(cos), float(sin), !transpose)));
+            grads.register::<B>(node.id, prim(B::rope_fused(float(grad), float(cos), float(sin), !transpose).expect(PAIRED)));
         }
     }
 }
@@ -65,7 +69,7 @@ impl<B: FusedOps> Backward<B, 2> for SwigluBackward {
     fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
         let (gate, up) = ops.state;
         let grad = grads.consume::<B>(&ops.node);
-        let (dg, du) = B::swiglu_backward(float(gate), float(up), float(grad));
+        let (dg, du) = B::swiglu_backward(float(gate), float(up), float(grad)).expect(PAIRED);
         let [g, u] = ops.parents;
         if let Some(node) = g {
             grads.register::<B>(node.id, prim(dg));
@@ -91,7 +95,8 @@ impl<B: FusedOps> LoraState<B> {
     /// Gradients for (x, x', A, B).
     fn backward(self, grad: FloatTensor<B>) -> [Option<FloatTensor<B>>; 4] {
         let (dx, dxl, da, db) =
-            B::lora_linear_backward(float(self.x), self.x_lora.map(float), float(self.w), float(self.a), float(self.b), float(self.t), self.scale, float(grad));
+            B::lora_linear_backward(float(self.x), self.x_lora.map(float), float(self.w), float(self.a), float(self.b), float(self.t), self.scale, float(grad))
+                .expect(PAIRED);
         [Some(prim(dx)), dxl.map(prim), Some(prim(da)), Some(prim(db))]
     }
 }
@@ -152,7 +157,8 @@ impl<B: FusedOps> Backward<B, 3> for AttentionBackward {
         let s = ops.state;
         let grad = grads.consume::<B>(&ops.node);
         let mask = Tensor::<B, 3, Bool>::from_primitive(s.mask);
-        let (dq, dk, dv) = B::attention_backward(float(s.q), float(s.k), float(s.v), float(s.o), float(s.lse), mask, s.scale, float(grad));
+        let (dq, dk, dv) =
+            B::attention_backward(float(s.q), float(s.k), float(s.v), float(s.o), float(s.lse), mask, s.scale, float(grad)).expect(PAIRED);
         for (node, g) in ops.parents.into_iter().zip([dq, dk, dv]) {
             if let Some(node) = node {
                 grads.register::<B>(node.id, prim(g));
@@ -162,39 +168,37 @@ impl<B: FusedOps> Backward<B, 3> for AttentionBackward {
 }
 
 impl<B: FusedOps, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
-    const FUSED: bool = B::FUSED;
-
-    fn rms_norm_fused(x: Tensor<Self, 2>, w: Tensor<Self, 1>, eps: f64) -> Tensor<Self, 2> {
+    fn rms_norm_fused(x: Tensor<Self, 2>, w: Tensor<Self, 1>, eps: f64) -> Option<Tensor<Self, 2>> {
         let (xi, wi) = (inner(&x), inner(&w));
         let node = x.into_primitive().tensor().node;
-        let out = prim(B::rms_norm_fused(xi.clone(), wi.clone(), eps));
+        let out = prim(B::rms_norm_fused(xi.clone(), wi.clone(), eps)?);
         let out = match RmsNormBackward.prepare::<C>([node]).compute_bound().stateful() {
             OpsKind::Tracked(prep) => prep.finish((prim(xi), prim(wi), eps), out),
             OpsKind::UnTracked(prep) => prep.finish(out),
         };
-        float(out)
+        Some(float(out))
     }
 
-    fn rope_fused(x: Tensor<Self, 4>, cos: Tensor<Self, 3>, sin: Tensor<Self, 3>, transpose: bool) -> Tensor<Self, 4> {
+    fn rope_fused(x: Tensor<Self, 4>, cos: Tensor<Self, 3>, sin: Tensor<Self, 3>, transpose: bool) -> Option<Tensor<Self, 4>> {
         let (xi, ci, si) = (inner(&x), inner(&cos), inner(&sin));
         let node = x.into_primitive().tensor().node;
-        let out = prim(B::rope_fused(xi, ci.clone(), si.clone(), transpose));
+        let out = prim(B::rope_fused(xi, ci.clone(), si.clone(), transpose)?);
         let out = match RopeBackward.prepare::<C>([node]).compute_bound().stateful() {
             OpsKind::Tracked(prep) => prep.finish((prim(ci), prim(si), transpose), out),
             OpsKind::UnTracked(prep) => prep.finish(out),
         };
-        float(out)
+        Some(float(out))
     }
 
-    fn swiglu_fused(gate: Tensor<Self, 2>, up: Tensor<Self, 2>) -> Tensor<Self, 2> {
+    fn swiglu_fused(gate: Tensor<Self, 2>, up: Tensor<Self, 2>) -> Option<Tensor<Self, 2>> {
         let (gi, ui) = (inner(&gate), inner(&up));
         let nodes = [gate.into_primitive().tensor().node, up.into_primitive().tensor().node];
-        let out = prim(B::swiglu_fused(gi.clone(), ui.clone()));
+        let out = prim(B::swiglu_fused(gi.clone(), ui.clone())?);
         let out = match SwigluBackward.prepare::<C>(nodes).compute_bound().stateful() {
             OpsKind::Tracked(prep) => prep.finish((prim(gi), prim(ui)), out),
             OpsKind::UnTracked(prep) => prep.finish(out),
         };
-        float(out)
+        Some(float(out))
     }
 
     fn lora_linear_fused(
@@ -204,9 +208,9 @@ impl<B: FusedOps, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
         a: Tensor<Self, 2>,
         b: Tensor<Self, 2>,
         scale: f64,
-    ) -> (Tensor<Self, 2>, Tensor<Self, 2>) {
+    ) -> Option<(Tensor<Self, 2>, Tensor<Self, 2>)> {
         let (xi, xli, wi, ai, bi) = (inner(&x), x_lora.as_ref().map(inner), inner(&w), inner(&a), inner(&b));
-        let (y, t) = B::lora_linear_fused(xi.clone(), xli.clone(), wi.clone(), ai.clone(), bi.clone(), scale);
+        let (y, t) = B::lora_linear_fused(xi.clone(), xli.clone(), wi.clone(), ai.clone(), bi.clone(), scale)?;
         let state = |t: Tensor<B, 2>| LoraState { x: prim(xi), x_lora: xli.map(prim), w: prim(wi), a: prim(ai), b: prim(bi), t: prim(t), scale };
         let node = |t: &Tensor<Self, 2>| t.clone().into_primitive().tensor().node;
         let out = match &x_lora {
@@ -219,14 +223,14 @@ impl<B: FusedOps, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
                 OpsKind::UnTracked(prep) => prep.finish(prim(y)),
             },
         };
-        (float(out), Tensor::from_inner(t))
+        Some((float(out), Tensor::from_inner(t)))
     }
 
-    fn attention_fused(q: Tensor<Self, 4>, k: Tensor<Self, 4>, v: Tensor<Self, 4>, mask: Tensor<Self, 3, Bool>, scale: f64) -> (Tensor<Self, 4>, Tensor<Self, 3>) {
+    fn attention_fused(q: Tensor<Self, 4>, k: Tensor<Self, 4>, v: Tensor<Self, 4>, mask: Tensor<Self, 3, Bool>, scale: f64) -> Option<(Tensor<Self, 4>, Tensor<Self, 3>)> {
         let (qi, ki, vi) = (inner(&q), inner(&k), inner(&v));
         let mask = Tensor::<B, 3, Bool>::from_primitive(mask.into_primitive());
         let nodes = [q.into_primitive().tensor().node, k.into_primitive().tensor().node, v.into_primitive().tensor().node];
-        let (o, lse) = B::attention_fused(qi.clone(), ki.clone(), vi.clone(), mask.clone(), scale);
+        let (o, lse) = B::attention_fused(qi.clone(), ki.clone(), vi.clone(), mask.clone(), scale)?;
         let out = match AttentionBackward.prepare::<C>(nodes).compute_bound().stateful() {
             OpsKind::Tracked(prep) => {
                 let state = AttentionState { q: prim(qi), k: prim(ki), v: prim(vi), o: prim(o.clone()), lse: prim(lse.clone()), mask: mask.into_primitive(), scale };
@@ -234,6 +238,6 @@ impl<B: FusedOps, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
             }
             OpsKind::UnTracked(prep) => prep.finish(prim(o)),
         };
-        (float(out), Tensor::from_inner(lse))
+        Some((float(out), Tensor::from_inner(lse)))
     }
 }

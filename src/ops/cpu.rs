@@ -144,9 +144,7 @@ impl Dims {
 }
 
 impl FusedOps for Flex {
-    const FUSED: bool = true;
-
-    fn rms_norm_fused(x: Tensor<Self, 2>, w: Tensor<Self, 1>, eps: f64) -> Tensor<Self, 2> {
+    fn rms_norm_fused(x: Tensor<Self, 2>, w: Tensor<Self, 1>, eps: f64) -> Option<Tensor<Self, 2>> {
         let [n, d] = x.dims();
         let (x, w) = (contiguous(x), contiguous(w));
         let (xs, ws) = (f32s(&x), f32s(&w));
@@ -160,10 +158,10 @@ impl FusedOps for Flex {
                 }
             }
         });
-        tensor(y, [n, d])
+        Some(tensor(y, [n, d]))
     }
 
-    fn rms_norm_backward(x: Tensor<Self, 2>, w: Tensor<Self, 1>, eps: f64, grad: Tensor<Self, 2>) -> Tensor<Self, 2> {
+    fn rms_norm_backward(x: Tensor<Self, 2>, w: Tensor<Self, 1>, eps: f64, grad: Tensor<Self, 2>) -> Option<Tensor<Self, 2>> {
         let [n, d] = x.dims();
         let (x, w, g) = (contiguous(x), contiguous(w), contiguous(grad));
         let (xs, ws, gs) = (f32s(&x), f32s(&w), f32s(&g));
@@ -180,10 +178,10 @@ impl FusedOps for Flex {
                 }
             }
         });
-        tensor(dx, [n, d])
+        Some(tensor(dx, [n, d]))
     }
 
-    fn rope_fused(x: Tensor<Self, 4>, cos: Tensor<Self, 3>, sin: Tensor<Self, 3>, transpose: bool) -> Tensor<Self, 4> {
+    fn rope_fused(x: Tensor<Self, 4>, cos: Tensor<Self, 3>, sin: Tensor<Self, 3>, transpose: bool) -> Option<Tensor<Self, 4>> {
         let [b, t, h, hd] = x.dims();
         let tb = cos.dims()[0];
         let (x, cos, sin) = (contiguous(x), contiguous(cos), contiguous(sin));
@@ -208,10 +206,10 @@ impl FusedOps for Flex {
                 }
             }
         });
-        tensor(y, [b, t, h, hd])
+        Some(tensor(y, [b, t, h, hd]))
     }
 
-    fn swiglu_fused(gate: Tensor<Self, 2>, up: Tensor<Self, 2>) -> Tensor<Self, 2> {
+    fn swiglu_fused(gate: Tensor<Self, 2>, up: Tensor<Self, 2>) -> Option<Tensor<Self, 2>> {
         let [n, d] = gate.dims();
         let (g, u) = (contiguous(gate), contiguous(up));
         let (gs, us) = (f32s(&g), f32s(&u));
@@ -222,10 +220,10 @@ impl FusedOps for Flex {
                 *y = g * sigmoid(*g) * u;
             }
         });
-        tensor(y, [n, d])
+        Some(tensor(y, [n, d]))
     }
 
-    fn swiglu_backward(gate: Tensor<Self, 2>, up: Tensor<Self, 2>, grad: Tensor<Self, 2>) -> (Tensor<Self, 2>, Tensor<Self, 2>) {
+    fn swiglu_backward(gate: Tensor<Self, 2>, up: Tensor<Self, 2>, grad: Tensor<Self, 2>) -> Option<(Tensor<Self, 2>, Tensor<Self, 2>)> {
         let [n, d] = gate.dims();
         let (g, u, dy) = (contiguous(gate), contiguous(up), contiguous(grad));
         let (gs, us, dys) = (f32s(&g), f32s(&u), f32s(&dy));
@@ -240,7 +238,7 @@ impl FusedOps for Flex {
                 }
             },
         );
-        (tensor(dg, [n, d]), tensor(du, [n, d]))
+        Some((tensor(dg, [n, d]), tensor(du, [n, d])))
     }
 
     fn lora_linear_fused(
@@ -250,7 +248,7 @@ impl FusedOps for Flex {
         a: Tensor<Self, 2>,
         b: Tensor<Self, 2>,
         scale: f64,
-    ) -> (Tensor<Self, 2>, Tensor<Self, 2>) {
+    ) -> Option<(Tensor<Self, 2>, Tensor<Self, 2>)> {
         let ([n, d_in], [_, d_out], [_, r]) = (x.dims(), w.dims(), a.dims());
         let (x, w, a, b) = (contiguous(x), contiguous(w), contiguous(a), contiguous(b));
         let xl = x_lora.map(contiguous);
@@ -264,7 +262,7 @@ impl FusedOps for Flex {
             mm((n, r, d_in), (t.as_mut_ptr(), r, 1), false, (xls.as_ptr(), d_in, 1), (as_.as_ptr(), r, 1), scale as f32, par);
             mm((n, d_out, r), (y.as_mut_ptr(), d_out, 1), true, (t.as_ptr(), r, 1), (bs.as_ptr(), d_out, 1), 1.0, par);
         }
-        (tensor(y, [n, d_out]), tensor(t, [n, r]))
+        Some((tensor(y, [n, d_out]), tensor(t, [n, r])))
     }
 
     fn lora_linear_backward(
@@ -276,7 +274,7 @@ impl FusedOps for Flex {
         t: Tensor<Self, 2>,
         scale: f64,
         grad: Tensor<Self, 2>,
-    ) -> (Tensor<Self, 2>, Option<Tensor<Self, 2>>, Tensor<Self, 2>, Tensor<Self, 2>) {
+    ) -> Option<(Tensor<Self, 2>, Option<Tensor<Self, 2>>, Tensor<Self, 2>, Tensor<Self, 2>)> {
         let ([n, d_in], [_, d_out], [_, r]) = (x.dims(), w.dims(), a.dims());
         let (x, w, a, b, t, dy) = (contiguous(x), contiguous(w), contiguous(a), contiguous(b), contiguous(t), contiguous(grad));
         let xl = x_lora.map(contiguous);
@@ -300,10 +298,10 @@ impl FusedOps for Flex {
             mm((d_in, r, n), (da.as_mut_ptr(), r, 1), false, (xls.as_ptr(), 1, d_in), (u.as_ptr(), r, 1), 1.0, par);
             mm((r, d_out, n), (db.as_mut_ptr(), d_out, 1), false, (ts.as_ptr(), 1, r), (dys.as_ptr(), d_out, 1), 1.0, par);
         }
-        (tensor(dx, [n, d_in]), dxl.map(|v| tensor(v, [n, d_in])), tensor(da, [d_in, r]), tensor(db, [r, d_out]))
+        Some((tensor(dx, [n, d_in]), dxl.map(|v| tensor(v, [n, d_in])), tensor(da, [d_in, r]), tensor(db, [r, d_out])))
     }
 
-    fn attention_fused(q: Tensor<Self, 4>, k: Tensor<Self, 4>, v: Tensor<Self, 4>, mask: Tensor<Self, 3, Bool>, scale: f64) -> (Tensor<Self, 4>, Tensor<Self, 3>) {
+    fn attention_fused(q: Tensor<Self, 4>, k: Tensor<Self, 4>, v: Tensor<Self, 4>, mask: Tensor<Self, 3, Bool>, scale: f64) -> Option<(Tensor<Self, 4>, Tensor<Self, 3>)> {
         let (mask, mb) = mask_bytes(mask);
         let d = Dims::of(&q.dims(), &k.dims(), mb);
         let (q, k, v) = (contiguous(q), contiguous(k), contiguous(v));
@@ -334,7 +332,7 @@ impl FusedOps for Flex {
                 }
             }
         });
-        (tensor(o, [d.b, d.t, d.h, d.hd]), tensor(lse, [d.b, d.h, d.t]))
+        Some((tensor(o, [d.b, d.t, d.h, d.hd]), tensor(lse, [d.b, d.h, d.t])))
     }
 
     fn attention_backward(
@@ -346,7 +344,7 @@ impl FusedOps for Flex {
         mask: Tensor<Self, 3, Bool>,
         scale: f64,
         grad: Tensor<Self, 4>,
-    ) -> (Tensor<Self, 4>, Tensor<Self, 4>, Tensor<Self, 4>) {
+    ) -> Option<(Tensor<Self, 4>, Tensor<Self, 4>, Tensor<Self, 4>)> {
         let (mask, mb) = mask_bytes(mask);
         let d = Dims::of(&q.dims(), &k.dims(), mb);
         let (q, k, v, o, lse, dout) = (contiguous(q), contiguous(k), contiguous(v), contiguous(o), contiguous(lse), contiguous(grad));
@@ -396,7 +394,7 @@ impl FusedOps for Flex {
                 }
             }
         });
-        (tensor(dq, [d.b, d.t, d.h, d.hd]), tensor(dk, [d.b, d.s, d.kv, d.hd]), tensor(dv, [d.b, d.s, d.kv, d.hd]))
+        Some((tensor(dq, [d.b, d.t, d.h, d.hd]), tensor(dk, [d.b, d.s, d.kv, d.hd]), tensor(dv, [d.b, d.s, d.kv, d.hd])))
     }
 }
 

@@ -2,10 +2,10 @@
 //! operation with its own backward step instead of a chain of small tensor ops (each of which
 //! allocates, walks strided views and records an autodiff node).
 //!
-//! A backend either has kernels for them ([`FusedOps::FUSED`], the CPU backend: `cpu.rs`) or
-//! computes the same maths from burn tensor ops (the reference compositions in this file, which
-//! is what the CUDA backends do, also under autodiff). The functions here pick one of the two;
-//! the decoder calls only these.
+//! A backend either has kernels for them (the CPU backend: `cpu.rs`) or answers `None`, and the
+//! same maths is composed from burn tensor ops (the reference compositions in this file: what the
+//! CUDA backends run, also under autodiff). The functions here pick one of the two; the decoder
+//! calls only these.
 //!
 //! Attention works on the projections' own layout `[B, T, heads, head_dim]` (no head transpose,
 //! no copy of K/V per query head for grouped-query attention) and keeps only the softmax's
@@ -19,35 +19,32 @@ use burn::prelude::*;
 use burn::tensor::activation::{silu, softmax};
 use burn::tensor::Bool;
 
-/// Operations a backend may run as single kernels. Only the `*_fused` methods' callers (the
-/// functions of this module) look at [`FusedOps::FUSED`]; on a backend without kernels the
-/// methods are never called.
+/// Operations a backend may run as single kernels. Each method returns `None` where the backend
+/// has no kernel (the default); the functions of this module then compose the same maths from
+/// burn tensor ops. A backend with a forward kernel has the matching backward kernel.
 pub trait FusedOps: Backend {
-    /// `true` when the methods below have kernels; `false` = use the reference compositions.
-    const FUSED: bool = false;
-
     /// `x [N, dim]`, `w [dim]` → `w · x / sqrt(mean(x²) + eps)`
-    fn rms_norm_fused(_x: Tensor<Self, 2>, _w: Tensor<Self, 1>, _eps: f64) -> Tensor<Self, 2> {
-        unimplemented!("no fused rms_norm on this backend")
+    fn rms_norm_fused(_x: Tensor<Self, 2>, _w: Tensor<Self, 1>, _eps: f64) -> Option<Tensor<Self, 2>> {
+        None
     }
     /// Gradient with respect to `x` (the weight is frozen).
-    fn rms_norm_backward(_x: Tensor<Self, 2>, _w: Tensor<Self, 1>, _eps: f64, _grad: Tensor<Self, 2>) -> Tensor<Self, 2> {
-        unimplemented!("no fused rms_norm on this backend")
+    fn rms_norm_backward(_x: Tensor<Self, 2>, _w: Tensor<Self, 1>, _eps: f64, _grad: Tensor<Self, 2>) -> Option<Tensor<Self, 2>> {
+        None
     }
 
     /// Rotate-half rotary embedding of `x [B, T, H, hd]` with `cos`, `sin` `[1 | B, T, hd]`.
     /// With `transpose`, the transposed linear map (the backward).
-    fn rope_fused(_x: Tensor<Self, 4>, _cos: Tensor<Self, 3>, _sin: Tensor<Self, 3>, _transpose: bool) -> Tensor<Self, 4> {
-        unimplemented!("no fused rope on this backend")
+    fn rope_fused(_x: Tensor<Self, 4>, _cos: Tensor<Self, 3>, _sin: Tensor<Self, 3>, _transpose: bool) -> Option<Tensor<Self, 4>> {
+        None
     }
 
     /// `silu(gate) · up`, both `[N, I]`.
-    fn swiglu_fused(_gate: Tensor<Self, 2>, _up: Tensor<Self, 2>) -> Tensor<Self, 2> {
-        unimplemented!("no fused swiglu on this backend")
+    fn swiglu_fused(_gate: Tensor<Self, 2>, _up: Tensor<Self, 2>) -> Option<Tensor<Self, 2>> {
+        None
     }
     /// Gradients with respect to `gate` and `up`.
-    fn swiglu_backward(_gate: Tensor<Self, 2>, _up: Tensor<Self, 2>, _grad: Tensor<Self, 2>) -> (Tensor<Self, 2>, Tensor<Self, 2>) {
-        unimplemented!("no fused swiglu on this backend")
+    fn swiglu_backward(_gate: Tensor<Self, 2>, _up: Tensor<Self, 2>, _grad: Tensor<Self, 2>) -> Option<(Tensor<Self, 2>, Tensor<Self, 2>)> {
+        None
     }
 
     /// `x·W + (s·(x'·A))·B` for a frozen `W [in, out]` and a LoRA adapter `A [in, r]`,
@@ -60,8 +57,8 @@ pub trait FusedOps: Backend {
         _a: Tensor<Self, 2>,
         _b: Tensor<Self, 2>,
         _scale: f64,
-    ) -> (Tensor<Self, 2>, Tensor<Self, 2>) {
-        unimplemented!("no fused lora_linear on this backend")
+    ) -> Option<(Tensor<Self, 2>, Tensor<Self, 2>)> {
+        None
     }
     /// Gradients with respect to `x`, `x'` (when given), `A` and `B`. Without `x'`, the adapter's
     /// input gradient is already added into the one for `x`.
@@ -75,24 +72,25 @@ pub trait FusedOps: Backend {
         _t: Tensor<Self, 2>,
         _scale: f64,
         _grad: Tensor<Self, 2>,
-    ) -> (Tensor<Self, 2>, Option<Tensor<Self, 2>>, Tensor<Self, 2>, Tensor<Self, 2>) {
-        unimplemented!("no fused lora_linear on this backend")
+    ) -> Option<(Tensor<Self, 2>, Option<Tensor<Self, 2>>, Tensor<Self, 2>, Tensor<Self, 2>)> {
+        None
     }
 
     /// Softmax attention of `q [B, T, H, hd]` over `k`, `v` `[B, S, KV, hd]` (H a multiple of
     /// KV; query head h reads kv head h / (H / KV)), `mask [1 | B, T, S]` true = not attended.
     /// Returns the output `[B, T, H, hd]` and the softmax's log-sum-exp `[B, H, T]`.
+    #[allow(clippy::type_complexity)]
     fn attention_fused(
         _q: Tensor<Self, 4>,
         _k: Tensor<Self, 4>,
         _v: Tensor<Self, 4>,
         _mask: Tensor<Self, 3, Bool>,
         _scale: f64,
-    ) -> (Tensor<Self, 4>, Tensor<Self, 3>) {
-        unimplemented!("no fused attention on this backend")
+    ) -> Option<(Tensor<Self, 4>, Tensor<Self, 3>)> {
+        None
     }
     /// Gradients with respect to `q`, `k`, `v`, given the forward's output and log-sum-exp.
-    #[allow(clippy::too_many_arguments)]
+    #[allow(clippy::too_many_arguments, clippy::type_complexity)]
     fn attention_backward(
         _q: Tensor<Self, 4>,
         _k: Tensor<Self, 4>,
@@ -102,8 +100,8 @@ pub trait FusedOps: Backend {
         _mask: Tensor<Self, 3, Bool>,
         _scale: f64,
         _grad: Tensor<Self, 4>,
-    ) -> (Tensor<Self, 4>, Tensor<Self, 4>, Tensor<Self, 4>) {
-        unimplemented!("no fused attention on this backend")
+    ) -> Option<(Tensor<Self, 4>, Tensor<Self, 4>, Tensor<Self, 4>)> {
+        None
     }
 }
 
@@ -115,32 +113,29 @@ impl FusedOps for crate::backend::CudaBf16 {}
 
 /// RMSNorm as HF computes it: `w · x / sqrt(mean(x²) + eps)` over the last dimension.
 pub fn rms_norm<B: FusedOps, const D: usize>(x: Tensor<B, D>, w: Tensor<B, 1>, eps: f64) -> Tensor<B, D> {
-    if !B::FUSED {
-        return reference::rms_norm(x, w, eps);
-    }
     let dims = x.dims();
     let dim = dims[D - 1];
     let rows = x.shape().num_elements() / dim.max(1);
-    B::rms_norm_fused(x.reshape([rows, dim]), w, eps).reshape(dims)
+    match B::rms_norm_fused(x.clone().reshape([rows, dim]), w.clone(), eps) {
+        Some(y) => y.reshape(dims),
+        None => reference::rms_norm(x, w, eps),
+    }
 }
 
 /// Rotary embedding (HF's rotate-half form) of `x [B, T, H, hd]`; `cos`, `sin` `[1 | B, T, hd]`.
 pub fn rope<B: FusedOps>(x: Tensor<B, 4>, cos: Tensor<B, 3>, sin: Tensor<B, 3>) -> Tensor<B, 4> {
-    if !B::FUSED {
-        return reference::rope(x, cos, sin);
-    }
-    B::rope_fused(x, cos, sin, false)
+    B::rope_fused(x.clone(), cos.clone(), sin.clone(), false).unwrap_or_else(|| reference::rope(x, cos, sin))
 }
 
 /// `silu(gate) · up` (the gated MLP's activation), any rank.
 pub fn swiglu<B: FusedOps, const D: usize>(gate: Tensor<B, D>, up: Tensor<B, D>) -> Tensor<B, D> {
-    if !B::FUSED {
-        return silu(gate) * up;
-    }
     let dims = gate.dims();
     let inner = dims[D - 1];
     let rows = gate.shape().num_elements() / inner.max(1);
-    B::swiglu_fused(gate.reshape([rows, inner]), up.reshape([rows, inner])).reshape(dims)
+    match B::swiglu_fused(gate.clone().reshape([rows, inner]), up.clone().reshape([rows, inner])) {
+        Some(y) => y.reshape(dims),
+        None => silu(gate) * up,
+    }
 }
 
 /// A frozen linear map plus a LoRA adapter, `x·W + (s·(x'·A))·B` (PEFT's `lora_B(lora_A(x'))·s`
@@ -149,11 +144,11 @@ pub fn swiglu<B: FusedOps, const D: usize>(gate: Tensor<B, D>, up: Tensor<B, D>)
 /// # Shapes
 /// `x`, `x_lora`: `[N, in]`, `w [in, out]`, `a [in, r]`, `b [r, out]` → `[N, out]`
 pub fn lora_linear<B: FusedOps>(x: Tensor<B, 2>, x_lora: Option<Tensor<B, 2>>, w: Tensor<B, 2>, a: Tensor<B, 2>, b: Tensor<B, 2>, scale: f64) -> Tensor<B, 2> {
-    if !B::FUSED {
-        let xl = x_lora.unwrap_or_else(|| x.clone());
-        return x.matmul(w) + (xl.matmul(a) * scale).matmul(b);
+    if let Some((y, _)) = B::lora_linear_fused(x.clone(), x_lora.clone(), w.clone(), a.clone(), b.clone(), scale) {
+        return y;
     }
-    B::lora_linear_fused(x, x_lora, w, a, b, scale).0
+    let xl = x_lora.unwrap_or_else(|| x.clone());
+    x.matmul(w) + (xl.matmul(a) * scale).matmul(b)
 }
 
 /// Scaled dot-product attention, as transformers' eager attention computes it: scores
@@ -163,10 +158,10 @@ pub fn lora_linear<B: FusedOps>(x: Tensor<B, 2>, x_lora: Option<Tensor<B, 2>>, w
 /// `q [B, T, H, hd]`, `k`, `v` `[B, S, KV, hd]`, `mask [1 | B, T, S]` (true = not attended)
 /// → `[B, T, H, hd]`
 pub fn attention<B: FusedOps>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>, mask: Tensor<B, 3, Bool>, scale: f64) -> Tensor<B, 4> {
-    if !B::FUSED {
-        return reference::attention(q, k, v, mask, scale);
+    match B::attention_fused(q.clone(), k.clone(), v.clone(), mask.clone(), scale) {
+        Some((o, _)) => o,
+        None => reference::attention(q, k, v, mask, scale),
     }
-    B::attention_fused(q, k, v, mask, scale).0
 }
 
 /// The same maths from burn tensor ops: what backends without kernels run, and what the fused
@@ -253,6 +248,20 @@ mod tests {
         for (i, (a, b)) in gf.into_iter().zip(gr).enumerate() {
             close(a, b, 2e-5, &format!("{what}: gradient of input {i}"));
         }
+    }
+
+    #[test]
+    fn the_cpu_backend_has_every_kernel() {
+        // Otherwise the comparisons below would compare the reference with itself.
+        let dev = Default::default();
+        let t2 = |m: usize, n: usize| Tensor::<Ad, 2>::random([m, n], Distribution::Normal(0.0, 1.0), &dev);
+        let (cos, sin) = (Tensor::<Ad, 3>::ones([1, 2, 4], &dev), Tensor::<Ad, 3>::zeros([1, 2, 4], &dev));
+        let mask = Tensor::<Ad, 2, Bool>::tril_mask([2, 2], 0, &dev).reshape([1, 2, 2]);
+        assert!(Ad::rms_norm_fused(t2(2, 4), Tensor::ones([4], &dev), 1e-5).is_some());
+        assert!(Ad::rope_fused(rand4([1, 2, 1, 4]), cos, sin, false).is_some());
+        assert!(Ad::swiglu_fused(t2(2, 4), t2(2, 4)).is_some());
+        assert!(Ad::lora_linear_fused(t2(2, 4), None, t2(4, 3), t2(4, 2), t2(2, 3), 0.5).is_some());
+        assert!(Ad::attention_fused(rand4([1, 2, 2, 4]), rand4([1, 2, 1, 4]), rand4([1, 2, 1, 4]), mask, 0.5).is_some());
     }
 
     #[test]
