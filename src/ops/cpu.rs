@@ -23,12 +23,16 @@ fn tensor<const D: usize>(data: Vec<f32>, shape: [usize; D]) -> Tensor<Flex, D> 
     Tensor::from_primitive(TensorPrimitive::Float(FlexTensor::from_data(TensorData::new(data, shape))))
 }
 
-/// The mask's bytes (1 = not attended), contiguous.
-fn mask_bytes(mask: Tensor<Flex, 3, Bool>) -> (Vec<u8>, usize) {
+/// The mask as a contiguous tensor (shared with the caller's, not copied, when it already is
+/// one) and its batch size; [`mask_slice`] reads its bytes (1 = not attended).
+fn contiguous_mask(mask: Tensor<Flex, 3, Bool>) -> (FlexTensor, usize) {
     let batch = mask.dims()[0];
-    let m = mask.into_primitive().to_contiguous();
+    (mask.into_primitive().to_contiguous(), batch)
+}
+
+fn mask_slice(m: &FlexTensor) -> &[u8] {
     let (start, end) = m.layout().contiguous_offsets().expect("contiguous mask");
-    (m.storage::<u8>()[start..end].to_vec(), batch)
+    &m.storage::<u8>()[start..end]
 }
 
 /// Rows per rayon task for row-wise element kernels (keeps tasks above ~16k elements).
@@ -302,7 +306,8 @@ impl FusedOps for Flex {
     }
 
     fn attention_fused(q: Tensor<Self, 4>, k: Tensor<Self, 4>, v: Tensor<Self, 4>, mask: Tensor<Self, 3, Bool>, scale: f64) -> Option<(Tensor<Self, 4>, Tensor<Self, 3>)> {
-        let (mask, mb) = mask_bytes(mask);
+        let (mask, mb) = contiguous_mask(mask);
+        let mask = mask_slice(&mask);
         let d = Dims::of(&q.dims(), &k.dims(), mb);
         let (q, k, v) = (contiguous(q), contiguous(k), contiguous(v));
         let (qs, ks, vs) = (f32s(&q), f32s(&k), f32s(&v));
@@ -345,7 +350,8 @@ impl FusedOps for Flex {
         scale: f64,
         grad: Tensor<Self, 4>,
     ) -> Option<(Tensor<Self, 4>, Tensor<Self, 4>, Tensor<Self, 4>)> {
-        let (mask, mb) = mask_bytes(mask);
+        let (mask, mb) = contiguous_mask(mask);
+        let mask = mask_slice(&mask);
         let d = Dims::of(&q.dims(), &k.dims(), mb);
         let (q, k, v, o, lse, dout) = (contiguous(q), contiguous(k), contiguous(v), contiguous(o), contiguous(lse), contiguous(grad));
         let (qs, ks, vs, os, ls, dos) = (f32s(&q), f32s(&k), f32s(&v), f32s(&o), f32s(&lse), f32s(&dout));
