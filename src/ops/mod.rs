@@ -105,10 +105,19 @@ pub trait FusedOps: Backend {
     }
 }
 
-#[cfg(feature = "cuda")]
+// burn's CubeCL backends (CUDA; wgpu in tests) have no fused kernels yet: the tensor-op
+// compositions run there.
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
+impl<R: burn_cubecl::CubeRuntime, F: burn_cubecl::FloatElement, I: burn_cubecl::IntElement, BT: burn_cubecl::BoolElement> FusedOps
+    for burn_cubecl::CubeBackend<R, F, I, BT>
+{
+}
+
+// Under burn's fusion (`cuda-tuned`) the CUDA types are fusion wrappers.
+#[cfg(feature = "cuda-tuned")]
 impl FusedOps for crate::backend::CudaF32 {}
 
-#[cfg(feature = "cuda")]
+#[cfg(feature = "cuda-tuned")]
 impl FusedOps for crate::backend::CudaBf16 {}
 
 /// RMSNorm as HF computes it: `w · x / sqrt(mean(x²) + eps)` over the last dimension.

@@ -13,27 +13,29 @@ use burn::backend::autodiff::ops::{unary, Backward, Ops, OpsKind};
 use burn::backend::Autodiff;
 use burn::prelude::*;
 use burn::tensor::ops::{FloatTensor, IntTensor};
-use burn::tensor::TensorPrimitive;
+use burn::tensor::{FloatDType, TensorPrimitive};
 
 use super::tensor::Nf4Weight;
 
 /// Backends ft runs its decoder on.
 pub trait Nf4Linear: Backend {
-    /// `x [rows, in] · Wᵀ` for the NF4 weight `W [out, in]` → `[rows, out]`.
+    /// `x [rows, in] · Wᵀ` for the NF4 weight `W [out, in]` → `[rows, out]`, in `x`'s dtype.
     fn nf4_linear(x: Tensor<Self, 2>, w: &Nf4Weight<Self>) -> Tensor<Self, 2> {
-        x.matmul(Self::nf4_dequantize(w).transpose())
+        let wt = Self::nf4_dequantize(w, x.dtype().into());
+        x.matmul(wt.transpose())
     }
 
-    /// The f32 weight `[out, in]` (tensor ops by default).
-    fn nf4_dequantize(w: &Nf4Weight<Self>) -> Tensor<Self, 2> {
-        w.dequantize()
+    /// The weight `[out, in]` in `dtype`: each value the f32 product `code[q] · absmax` rounded
+    /// once (tensor ops by default).
+    fn nf4_dequantize(w: &Nf4Weight<Self>, dtype: FloatDType) -> Tensor<Self, 2> {
+        w.dequantize().cast(dtype)
     }
 }
 
 /// The CPU dequantizes in one pass over the codes (the same products as the tensor-op version,
 /// bit for bit).
 impl Nf4Linear for crate::backend::Cpu {
-    fn nf4_dequantize(w: &Nf4Weight<Self>) -> Tensor<Self, 2> {
+    fn nf4_dequantize(w: &Nf4Weight<Self>, dtype: FloatDType) -> Tensor<Self, 2> {
         use burn::tensor::TensorData;
         use rayon::prelude::*;
         let device = w.words.val().device();
@@ -52,14 +54,16 @@ impl Nf4Linear for crate::backend::Cpu {
                 *o = code[nibble as usize] * absmax[e / bs];
             }
         });
-        Tensor::from_data(TensorData::new(out, [w.rows, w.cols]), &device)
+        Tensor::<Self, 2>::from_data(TensorData::new(out, [w.rows, w.cols]), &device).cast(dtype)
     }
 }
 
-#[cfg(feature = "cuda")]
+// burn's CubeCL backends (CUDA, and wgpu for tests) launch ft-kernels' NF4 kernel: see
+// `quant::gpu`. With burn's fusion (`cuda-tuned`) the tensor-op default runs instead.
+#[cfg(feature = "cuda-tuned")]
 impl Nf4Linear for crate::backend::CudaF32 {}
 
-#[cfg(feature = "cuda")]
+#[cfg(feature = "cuda-tuned")]
 impl Nf4Linear for crate::backend::CudaBf16 {}
 
 /// What the backward step needs to dequantize `W` again.
@@ -97,7 +101,8 @@ impl<B: Nf4Linear> Backward<B, 1> for Nf4LinearBackward {
         unary::<B, _>(ops.parents, ops.node, grads, |grad| {
             // d(x · Wᵀ)/dx = grad · W, with W dequantized again here.
             let grad = Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(grad));
-            grad.matmul(B::nf4_dequantize(&packed.weight())).into_primitive().tensor()
+            let dtype = grad.dtype().into();
+            grad.matmul(B::nf4_dequantize(&packed.weight(), dtype)).into_primitive().tensor()
         });
     }
 }
@@ -142,7 +147,7 @@ mod tests {
         for (rows, cols) in [(3, 100), (70, 64 * 65 + 7)] {
             let w: Vec<f32> = (0..rows * cols).map(|i| ((i * 7919 % 1013) as f32 - 506.0) / 97.0).collect();
             let q = Nf4Weight::<Cpu>::new(&Nf4::quantize(&w, 64, true), rows, cols, &dev);
-            let fast: Vec<f32> = Cpu::nf4_dequantize(&q).into_data().to_vec().unwrap();
+            let fast: Vec<f32> = Cpu::nf4_dequantize(&q, FloatDType::F32).into_data().to_vec().unwrap();
             let ops: Vec<f32> = q.dequantize().into_data().to_vec().unwrap();
             assert_eq!(fast, ops, "{rows}x{cols}");
         }

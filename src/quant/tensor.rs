@@ -6,7 +6,7 @@
 
 use burn::module::{Module, Param};
 use burn::prelude::*;
-use burn::tensor::{Int, TensorData};
+use burn::tensor::{DType, Int, TensorData};
 
 use super::nf4::{Nf4, NF4_CODE};
 
@@ -49,10 +49,13 @@ impl<B: Backend> Nf4Weight<B> {
             .collect();
         let n = words.len();
         let absmax = q.absmax_f32();
+        // The absmax and the code stay f32 whatever the compute dtype (bitsandbytes multiplies in
+        // f32 and rounds the product once).
+        let f32_on = (device, DType::F32);
         Nf4Weight {
             words: Param::initialized(burn::module::ParamId::new(), Tensor::from_data(TensorData::new(words, [n]), device)),
-            absmax: Param::from_tensor(Tensor::from_data(TensorData::new(absmax, [blocks]), device)).set_require_grad(false),
-            code: Param::from_tensor(Tensor::from_data(TensorData::new(NF4_CODE.to_vec(), [16]), device)).set_require_grad(false),
+            absmax: Param::from_tensor(Tensor::from_data(TensorData::new(absmax, [blocks]), f32_on)).set_require_grad(false),
+            code: Param::from_tensor(Tensor::from_data(TensorData::new(NF4_CODE.to_vec(), [16]), f32_on)).set_require_grad(false),
             rows,
             cols,
             blocksize: q.blocksize,
@@ -71,7 +74,7 @@ impl<B: Backend> Nf4Weight<B> {
         }
     }
 
-    /// The f32 weight `[rows, cols]`.
+    /// The f32 weight `[rows, cols]`, by tensor ops.
     pub fn dequantize(&self) -> Tensor<B, 2> {
         let words = self.words.val();
         let device = words.device();

@@ -1,0 +1,73 @@
+//! NF4 dequantization: `w[e] = code[q(e)] · absmax[e / blocksize]`, one thread per 32-bit word of
+//! eight 4-bit codes (element `8w + j` in bits `4j..4j + 4`, the layout of ft's `Nf4Weight`).
+//!
+//! The product is one f32 multiply, rounded once to the output type, which is what bitsandbytes'
+//! `kDequantizeBlockwise` computes for NF4 (double quantization is undone into the f32 absmax
+//! when the weight is loaded), so the f32 output is bit-identical to the CPU path and the bf16
+//! output is its round-to-nearest-even.
+
+use cubecl::prelude::*;
+use cubecl::server::Handle;
+
+/// Codes per 32-bit word.
+pub const CODES_PER_WORD: usize = 8;
+
+#[cube(launch)]
+fn dequantize_kernel<F: Float>(
+    words: &Array<u32>,
+    absmax: &Array<f32>,
+    code: &Array<f32>,
+    out: &mut Array<F>,
+    #[comptime] blocksize: usize,
+) {
+    let w = ABSOLUTE_POS;
+    let first = w * 8;
+    if first < out.len() {
+        let word = words[w];
+        // A block holds whole words (blocksize is a multiple of 8).
+        let scale = absmax[first / blocksize];
+        #[unroll]
+        for j in 0..8u32 {
+            let e = first + j as usize;
+            if e < out.len() {
+                let q = (word >> (4 * j)) & 15;
+                out[e] = F::cast_from(code[q as usize] * scale);
+            }
+        }
+    }
+}
+
+/// The buffers of one NF4 weight on a device.
+pub struct Nf4Buffers<'a> {
+    /// `ceil(padded / 8)` words of eight codes.
+    pub words: &'a Handle,
+    pub n_words: usize,
+    /// One f32 per block.
+    pub absmax: &'a Handle,
+    pub n_blocks: usize,
+    /// The 16 f32 NF4 values.
+    pub code: &'a Handle,
+    /// Values per absmax (a multiple of 8; bitsandbytes uses 64).
+    pub blocksize: usize,
+}
+
+/// Writes the `numel` dequantized values into `out` (a buffer of `numel` `F`s).
+pub fn dequantize<R: Runtime, F: Float + CubeElement>(client: &ComputeClient<R>, w: &Nf4Buffers, out: &Handle, numel: usize) {
+    assert!(w.blocksize % CODES_PER_WORD == 0, "NF4 blocksize {} is not a multiple of 8", w.blocksize);
+    assert!(w.n_words * CODES_PER_WORD >= numel && w.n_blocks * w.blocksize >= numel, "NF4 buffers too small for {numel} values");
+    let threads = numel.div_ceil(CODES_PER_WORD);
+    let cube_dim = CubeDim::new_1d(256);
+    let cube_count = CubeCount::new_1d(threads.div_ceil(256) as u32);
+    unsafe {
+        dequantize_kernel::launch::<F, R>(
+            client,
+            cube_count,
+            cube_dim,
+            ArrayArg::from_raw_parts(w.words.clone(), w.n_words),
+            ArrayArg::from_raw_parts(w.absmax.clone(), w.n_blocks),
+            ArrayArg::from_raw_parts(w.code.clone(), 16),
+            ArrayArg::from_raw_parts(out.clone(), numel),
+            w.blocksize,
+        );
+    }
+}

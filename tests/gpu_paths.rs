@@ -1,0 +1,184 @@
+//! ft's GPU code paths, run without a GPU: burn's wgpu backend on a Vulkan driver (in CI, Mesa's
+//! lavapipe on the CPU) goes through the same generic CubeCL code as CUDA. Here: the NF4 kernel's
+//! glue (ft-kernels launched on an `Nf4Weight`'s buffers) against bitsandbytes' oracle values and
+//! the CPU path; the QLoRA linear map's forward and input gradient; every oracle architecture's
+//! logits against transformers; and LoRA / QLoRA training steps (with and without gradient
+//! checkpointing) against the same steps on the CPU.
+//!
+//! `cargo test --features wgpu --test gpu_paths` (`.ci/run` runs it). bf16 output needs the CUDA
+//! backend: `scripts/gpu-check.sh` on the GPU machine.
+#![cfg(feature = "wgpu")]
+
+use burn::backend::{Autodiff, Wgpu};
+use burn::prelude::*;
+use burn::tensor::{FloatDType, TensorData};
+use ft::adapters::peft::PeftAdapter;
+use ft::backend::{Cpu, Kernels, Nf4Linear, TrainBackend};
+use ft::data::conversation::read_jsonl;
+use ft::data::encode::encode_conversation;
+use ft::model::Decoder;
+use ft::tokenizer::{TemplateChoice, TextTokenizer};
+use ft::train::optim::AdamW;
+use ft::train::sft::{sft_loss_with, MicroBatch};
+use ft::train::step::{train_step, trainable_params};
+use ft::quant::nf4::{Nf4, BLOCKSIZE};
+use ft::quant::tensor::Nf4Weight;
+
+fn fixtures() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+}
+
+fn oracle() -> Vec<u8> {
+    std::fs::read(fixtures().join("nf4/bnb_nf4.safetensors")).unwrap()
+}
+
+fn json(path: &std::path::Path) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+}
+
+fn load<B: Kernels>(name: &str) -> Decoder<B> {
+    ft::model::load::<B>(&fixtures().join("models").join(name), &Default::default()).unwrap()
+}
+
+fn logits<B: Kernels>(model: &Decoder<B>, ids: &[u32]) -> Vec<f32> {
+    let input = Tensor::<B, 2, burn::tensor::Int>::from_data(
+        TensorData::new(ids.iter().map(|&x| x as i64).collect::<Vec<_>>(), [1, ids.len()]),
+        &Default::default(),
+    );
+    model.forward(input, None).into_data().convert::<f32>().to_vec().unwrap()
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+fn chat_ids() -> Vec<Vec<u32>> {
+    json(&fixtures().join("chat_tokens.json")).as_array().unwrap().iter().map(|c| c["input_ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()).collect()
+}
+
+fn tensor_f32(st: &safetensors::SafeTensors, name: &str) -> (Vec<f32>, Vec<usize>) {
+    let t = st.tensor(name).unwrap();
+    (bytemuck::pod_collect_to_vec(t.data()), t.shape().to_vec())
+}
+
+fn bits<B: Backend>(t: Tensor<B, 2>) -> Vec<u32> {
+    t.into_data().convert::<f32>().to_vec::<f32>().unwrap().iter().map(|v| v.to_bits()).collect()
+}
+
+#[test]
+fn nf4_kernel_gives_bitsandbytes_values_bit_for_bit() {
+    let bytes = oracle();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let gpu = Default::default();
+    for i in 0..3 {
+        let (x, shape) = tensor_f32(&st, &format!("input_{i}"));
+        let (rows, cols) = (shape[0], shape[1]);
+        for double in [false, true] {
+            let q = Nf4::quantize(&x, BLOCKSIZE, double);
+            let got = bits(Wgpu::nf4_dequantize(&Nf4Weight::<Wgpu>::new(&q, rows, cols, &gpu), FloatDType::F32));
+            let cpu = bits(Cpu::nf4_dequantize(&Nf4Weight::<Cpu>::new(&q, rows, cols, &Default::default()), FloatDType::F32));
+            assert_eq!(got, cpu, "input_{i}, double quant {double}: kernel vs CPU");
+            if cols % BLOCKSIZE == 0 {
+                // bitsandbytes' own dequantized values (its CPU kernel indexes blocks by row when
+                // cols is not a multiple of 64: tests/it/quant.rs).
+                let (want, _) = tensor_f32(&st, &format!("{}dequant_{i}", if double { "dq_" } else { "" }));
+                assert_eq!(got, want.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), "input_{i}, double quant {double}: kernel vs bitsandbytes");
+            }
+        }
+    }
+}
+
+#[test]
+fn qlora_linear_forward_and_input_gradient_match_the_cpu() {
+    type Gpu = Autodiff<Wgpu>;
+    type Host = Autodiff<Cpu>;
+    let (out, inp, rows) = (96, 320, 5);
+    let w: Vec<f32> = (0..out * inp).map(|i| ((i * 7919 % 257) as f32 - 128.0) / 300.0).collect();
+    let q = Nf4::quantize(&w, BLOCKSIZE, true);
+    let x: Vec<f32> = (0..rows * inp).map(|i| ((i * 31 % 17) as f32 - 8.0) / 10.0).collect();
+    let c: Vec<f32> = (0..rows * out).map(|i| (i % 7) as f32 - 3.0).collect();
+
+    fn run<B: burn::tensor::backend::AutodiffBackend + Nf4Linear>(q: &Nf4, x: &[f32], c: &[f32], rows: usize, out: usize, inp: usize) -> (Vec<f32>, Vec<f32>) {
+        let dev = Default::default();
+        let x = Tensor::<B, 2>::from_data(TensorData::new(x.to_vec(), [rows, inp]), &dev).require_grad();
+        let c = Tensor::<B, 2>::from_data(TensorData::new(c.to_vec(), [rows, out]), &dev);
+        let y = B::nf4_linear(x.clone(), &Nf4Weight::new(q, out, inp, &dev));
+        let g = (y.clone() * c).sum().backward();
+        let gx = x.grad(&g).unwrap().into_data().to_vec().unwrap();
+        (y.into_data().to_vec().unwrap(), gx)
+    }
+    let (y_gpu, g_gpu) = run::<Gpu>(&q, &x, &c, rows, out, inp);
+    let (y_cpu, g_cpu) = run::<Host>(&q, &x, &c, rows, out, inp);
+    for (name, a, b) in [("y", &y_gpu, &y_cpu), ("dx", &g_gpu, &g_cpu)] {
+        let worst = a.iter().zip(b.iter()).map(|(a, b)| (a - b).abs() / b.abs().max(1.0)).fold(0f32, f32::max);
+        assert!(worst <= 1e-5, "{name}: GPU path differs from the CPU by {worst}");
+    }
+}
+
+#[test]
+fn decoder_logits_match_transformers() {
+    for name in ["llama", "llama3-rope-tied-bf16", "qwen2", "qwen3", "mistral"] {
+        let model = load::<Wgpu>(name);
+        let expected = fixtures().join("models").join(name).join("expected_logits.safetensors");
+        let bytes = std::fs::read(&expected).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        for (i, ids) in chat_ids().iter().enumerate() {
+            let (want, _) = tensor_f32(&st, &format!("logits_{i}"));
+            let d = max_abs_diff(&logits(&model, ids), &want);
+            assert!(d <= 1e-4, "{name} case {i}: max abs diff {d}");
+        }
+    }
+    // The NF4 base (bitsandbytes checkpoint) through the kernel: the CPU path's logits.
+    let (gpu, cpu) = (load::<Wgpu>("llama-bnb4"), load::<Cpu>("llama-bnb4"));
+    for ids in chat_ids() {
+        let d = max_abs_diff(&logits(&gpu, &ids), &logits(&cpu, &ids));
+        assert!(d <= 1e-5, "llama-bnb4: max abs diff {d}");
+    }
+}
+
+/// Losses and final adapter values of three LoRA SFT steps (PEFT's lora-r4 adapter as the
+/// start, so both A and B get gradients) over the chat fixture in two micro-batches.
+fn lora_steps<B: TrainBackend>(model: &str, recompute: bool) -> (Vec<f64>, Vec<Vec<f32>>) {
+    let mut m = load::<B>(model);
+    PeftAdapter::open(&fixtures().join("adapters/lora-r4")).unwrap().attach(&mut m).unwrap();
+    let tok = TextTokenizer::from_dir(&fixtures().join("models").join(model)).unwrap();
+    let template = tok.template(TemplateChoice::Chatml).unwrap();
+    let enc: Vec<_> = read_jsonl(&fixtures().join("chat.jsonl")).unwrap().iter().map(|c| encode_conversation(&tok, &template, &c.messages).unwrap()).collect();
+    let half = enc.len() / 2;
+    let batches = [MicroBatch::new(&enc[..half].iter().collect::<Vec<_>>()), MicroBatch::new(&enc[half..].iter().collect::<Vec<_>>())];
+    let norm: usize = batches.iter().map(|b| b.trainable()).sum();
+    let mut opt = AdamW::new(&trainable_params(&mut m), 0.01);
+    let mut losses = Vec::new();
+    for _ in 0..3 {
+        let (loss, _) = train_step(
+            &mut m,
+            &mut opt,
+            batches.len(),
+            |m, fwd, k| sft_loss_with(m, &batches[k], norm as f64, &mut |ids, seg| fwd.hidden(m, ids, seg)).0,
+            1e-3,
+            1.0,
+            recompute,
+        );
+        losses.push(loss);
+    }
+    let params = trainable_params(&mut m).into_iter().map(|t| t.into_data().convert::<f32>().to_vec().unwrap()).collect();
+    (losses, params)
+}
+
+#[test]
+fn lora_and_qlora_training_steps_match_the_cpu() {
+    for (model, recompute) in [("llama", false), ("llama", true), ("llama-bnb4", false)] {
+        let (gpu_losses, gpu) = lora_steps::<Autodiff<Wgpu>>(model, recompute);
+        let (cpu_losses, cpu) = lora_steps::<Autodiff<Cpu>>(model, recompute);
+        for (a, b) in gpu_losses.iter().zip(&cpu_losses) {
+            assert!((a - b).abs() <= 1e-5 * b.abs(), "{model} (recompute {recompute}): losses {gpu_losses:?} vs {cpu_losses:?}");
+        }
+        assert!(cpu_losses[2] < cpu_losses[0], "{model}: the loss falls: {cpu_losses:?}");
+        let worst = gpu.iter().flatten().zip(cpu.iter().flatten()).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        // AdamW's first steps move each value by about lr = 1e-3 whatever its gradient's size, so
+        // a small gradient's rounding shows at lr scale: 5% of one step.
+        eprintln!("{model} (recompute {recompute}): losses {gpu_losses:?}, adapter values within {worst}");
+        assert!(worst <= 5e-5, "{model} (recompute {recompute}): adapter values differ by {worst}");
+    }
+}
