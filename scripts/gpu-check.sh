@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# GPU checks, run on the GPU machine with an ft binary built beforehand (nothing is built here):
-#   CUDARC_CUDA_VERSION=13000 cargo build --release --features cuda; cp target/release/ft .bin/
+# GPU checks, run on the GPU machine with binaries built beforehand (nothing is built here):
+#   scripts/build-gpu.sh            (here: .bin/ft and .bin/gpu_paths, CUDA builds)
 #   scripts/gpu-check.sh .bin/ft [SMOLLM2_HF_DIR [random]]
+# First .bin/gpu_paths (tests/gpu_paths.rs on CUDA): the NF4 CubeCL kernel against bitsandbytes'
+# values (f32 bit for bit, bf16 = the rounded f32 product), oracle logits, LoRA/QLoRA steps vs CPU.
 # For each oracle model and dtype (f32, bf16) on CUDA: `ft eval` loss vs transformers' expected loss,
 # and `ft generate` greedy ids vs transformers' (f32 must match to 1e-4 and exactly; bf16 is reported).
 # With a SmolLM2 directory: its three greedy generations and eval/generate speed on the GPU
@@ -15,12 +17,19 @@ FT=${1:-.bin/ft}
 SMOL=${2:-}
 RANDOM_WEIGHTS=${3:-}
 "$FT" --version
-python3 - "$FT" "$SMOL" "$RANDOM_WEIGHTS" <<'PY'
+paths_failed=0
+if [ -x .bin/gpu_paths ]; then
+  CARGO_MANIFEST_DIR=$PWD .bin/gpu_paths --test-threads 1 || paths_failed=1
+else
+  echo "no .bin/gpu_paths (scripts/build-gpu.sh builds it): kernel tests skipped"; paths_failed=1
+fi
+python3 - "$FT" "$SMOL" "$RANDOM_WEIGHTS" "$paths_failed" <<'PY'
 import json, subprocess, sys, time
 ft, smol, random_weights = sys.argv[1], sys.argv[2], sys.argv[3] == "random"
 fx = "tests/fixtures"
 exp_loss = json.load(open(f"{fx}/expected_chat_loss.json"))
-fails = 0
+fails = int(sys.argv[4])
+print("gpu_paths:", "FAILED or missing" if fails else "passed")
 def run(args):
     t = time.time()
     p = subprocess.run([ft] + args, capture_output=True, text=True)

@@ -5,11 +5,12 @@
 //! logits against transformers; and LoRA / QLoRA training steps (with and without gradient
 //! checkpointing) against the same steps on the CPU.
 //!
-//! `cargo test --features wgpu --test gpu_paths` (`.ci/run` runs it). bf16 output needs the CUDA
-//! backend: `scripts/gpu-check.sh` on the GPU machine.
-#![cfg(feature = "wgpu")]
+//! `cargo test --features wgpu --test gpu_paths` (`.ci/run` runs it). Built with `--features cuda`
+//! instead, the same tests run on CUDA, plus the bf16 kernel output (WGSL has no bf16):
+//! `scripts/gpu-check.sh` runs that binary on the GPU machine.
+#![cfg(any(feature = "wgpu", feature = "cuda"))]
 
-use burn::backend::{Autodiff, Wgpu};
+use burn::backend::Autodiff;
 use burn::prelude::*;
 use burn::tensor::{FloatDType, TensorData};
 use ft::adapters::peft::PeftAdapter;
@@ -24,8 +25,19 @@ use ft::train::step::{train_step, trainable_params};
 use ft::quant::nf4::{Nf4, BLOCKSIZE};
 use ft::quant::tensor::Nf4Weight;
 
+/// The GPU backend under test (f32 compute).
+#[cfg(feature = "wgpu")]
+type Gpu = burn::backend::Wgpu;
+#[cfg(all(feature = "cuda", not(feature = "wgpu")))]
+type Gpu = ft::backend::CudaF32;
+
+/// The repository's fixtures: `CARGO_MANIFEST_DIR` when set at run time (cargo sets it; so does
+/// `scripts/gpu-check.sh` for a binary carried to the GPU machine), else where it was built.
 fn fixtures() -> std::path::PathBuf {
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+    #[cfg(feature = "cuda")]
+    ft::backend::init_cuda_runtime();
+    let root = std::env::var("CARGO_MANIFEST_DIR").unwrap_or_else(|_| env!("CARGO_MANIFEST_DIR").to_string());
+    std::path::Path::new(&root).join("tests/fixtures")
 }
 
 fn oracle() -> Vec<u8> {
@@ -76,7 +88,7 @@ fn nf4_kernel_gives_bitsandbytes_values_bit_for_bit() {
         let (rows, cols) = (shape[0], shape[1]);
         for double in [false, true] {
             let q = Nf4::quantize(&x, BLOCKSIZE, double);
-            let got = bits(Wgpu::nf4_dequantize(&Nf4Weight::<Wgpu>::new(&q, rows, cols, &gpu), FloatDType::F32));
+            let got = bits(Gpu::nf4_dequantize(&Nf4Weight::<Gpu>::new(&q, rows, cols, &gpu), FloatDType::F32));
             let cpu = bits(Cpu::nf4_dequantize(&Nf4Weight::<Cpu>::new(&q, rows, cols, &Default::default()), FloatDType::F32));
             assert_eq!(got, cpu, "input_{i}, double quant {double}: kernel vs CPU");
             if cols % BLOCKSIZE == 0 {
@@ -91,7 +103,7 @@ fn nf4_kernel_gives_bitsandbytes_values_bit_for_bit() {
 
 #[test]
 fn qlora_linear_forward_and_input_gradient_match_the_cpu() {
-    type Gpu = Autodiff<Wgpu>;
+    type GpuAd = Autodiff<Gpu>;
     type Host = Autodiff<Cpu>;
     let (out, inp, rows) = (96, 320, 5);
     let w: Vec<f32> = (0..out * inp).map(|i| ((i * 7919 % 257) as f32 - 128.0) / 300.0).collect();
@@ -108,7 +120,7 @@ fn qlora_linear_forward_and_input_gradient_match_the_cpu() {
         let gx = x.grad(&g).unwrap().into_data().to_vec().unwrap();
         (y.into_data().to_vec().unwrap(), gx)
     }
-    let (y_gpu, g_gpu) = run::<Gpu>(&q, &x, &c, rows, out, inp);
+    let (y_gpu, g_gpu) = run::<GpuAd>(&q, &x, &c, rows, out, inp);
     let (y_cpu, g_cpu) = run::<Host>(&q, &x, &c, rows, out, inp);
     for (name, a, b) in [("y", &y_gpu, &y_cpu), ("dx", &g_gpu, &g_cpu)] {
         let worst = a.iter().zip(b.iter()).map(|(a, b)| (a - b).abs() / b.abs().max(1.0)).fold(0f32, f32::max);
@@ -119,7 +131,7 @@ fn qlora_linear_forward_and_input_gradient_match_the_cpu() {
 #[test]
 fn decoder_logits_match_transformers() {
     for name in ["llama", "llama3-rope-tied-bf16", "qwen2", "qwen3", "mistral"] {
-        let model = load::<Wgpu>(name);
+        let model = load::<Gpu>(name);
         let expected = fixtures().join("models").join(name).join("expected_logits.safetensors");
         let bytes = std::fs::read(&expected).unwrap();
         let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
@@ -130,7 +142,7 @@ fn decoder_logits_match_transformers() {
         }
     }
     // The NF4 base (bitsandbytes checkpoint) through the kernel: the CPU path's logits.
-    let (gpu, cpu) = (load::<Wgpu>("llama-bnb4"), load::<Cpu>("llama-bnb4"));
+    let (gpu, cpu) = (load::<Gpu>("llama-bnb4"), load::<Cpu>("llama-bnb4"));
     for ids in chat_ids() {
         let d = max_abs_diff(&logits(&gpu, &ids), &logits(&cpu, &ids));
         assert!(d <= 1e-5, "llama-bnb4: max abs diff {d}");
@@ -169,7 +181,7 @@ fn lora_steps<B: TrainBackend>(model: &str, recompute: bool) -> (Vec<f64>, Vec<V
 #[test]
 fn lora_and_qlora_training_steps_match_the_cpu() {
     for (model, recompute) in [("llama", false), ("llama", true), ("llama-bnb4", false)] {
-        let (gpu_losses, gpu) = lora_steps::<Autodiff<Wgpu>>(model, recompute);
+        let (gpu_losses, gpu) = lora_steps::<Autodiff<Gpu>>(model, recompute);
         let (cpu_losses, cpu) = lora_steps::<Autodiff<Cpu>>(model, recompute);
         for (a, b) in gpu_losses.iter().zip(&cpu_losses) {
             assert!((a - b).abs() <= 1e-5 * b.abs(), "{model} (recompute {recompute}): losses {gpu_losses:?} vs {cpu_losses:?}");
@@ -180,5 +192,29 @@ fn lora_and_qlora_training_steps_match_the_cpu() {
         // a small gradient's rounding shows at lr scale: 5% of one step.
         eprintln!("{model} (recompute {recompute}): losses {gpu_losses:?}, adapter values within {worst}");
         assert!(worst <= 5e-5, "{model} (recompute {recompute}): adapter values differ by {worst}");
+    }
+}
+
+/// bf16 output (CUDA only): each value is the f32 product rounded once to bf16 (what
+/// bitsandbytes' bf16 dequantization writes).
+#[cfg(feature = "cuda")]
+#[test]
+fn nf4_kernel_bf16_output_is_the_rounded_f32_product() {
+    type Bf16 = ft::backend::CudaBf16;
+    let bytes = oracle();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    for i in 0..3 {
+        let (x, shape) = tensor_f32(&st, &format!("input_{i}"));
+        let (rows, cols) = (shape[0], shape[1]);
+        let q = Nf4::quantize(&x, BLOCKSIZE, true);
+        let got: Vec<u16> = Bf16::nf4_dequantize(&Nf4Weight::<Bf16>::new(&q, rows, cols, &Default::default()), FloatDType::BF16)
+            .into_data()
+            .to_vec::<half::bf16>()
+            .unwrap()
+            .iter()
+            .map(|v| v.to_bits())
+            .collect();
+        let want: Vec<u16> = q.dequantize().iter().map(|&v| half::bf16::from_f32(v).to_bits()).collect();
+        assert_eq!(got, want, "input_{i}");
     }
 }
