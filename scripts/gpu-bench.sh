@@ -3,7 +3,7 @@
 # layers, seq 2048, bf16, random weights of the shapes SmolLM2-135M, Qwen2.5-0.5B and Llama-3-8B
 # (ft: `model.random_init`), Llama-3-8B also as QLoRA (NF4). Run on the GPU machine with a binary
 # built beforehand (nothing is built here):
-#   CUDARC_CUDA_VERSION=13000 cargo build --release --features cuda; cp target/release/ft .bin/
+#   scripts/build-gpu.sh   (here; writes .bin/ft)
 #   scripts/gpu-bench.sh .bin/ft [path/to/hf_baseline.py] [shapes...]
 # Prints, per run, ft's median step time after 3 warm-up steps, tokens/s and peak GPU memory
 # (nvidia-smi, sampled every 100 ms), then the baseline's JSON lines and the ratios.
@@ -18,6 +18,8 @@ out=${OUT:-$work}
 trap 'rm -rf "$work"' EXIT
 "$FT" --version
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+# The NF4 dequantization kernel vs the tensor-op path (scripts/build-gpu.sh builds it).
+[ -x .bin/nf4_bandwidth ] && .bin/nf4_bandwidth
 python3 - "$FT" "$work" "$out" $SHAPES <<'PY'
 import json, os, shutil, statistics, subprocess, sys, threading, time
 ft, work, out, shapes = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
