@@ -149,9 +149,9 @@ fn decoder_logits_match_transformers() {
     }
 }
 
-/// Losses and final adapter values of three LoRA SFT steps (PEFT's lora-r4 adapter as the
+/// Losses, gradient norms and final adapter values of three LoRA SFT steps (PEFT's lora-r4 adapter as the
 /// start, so both A and B get gradients) over the chat fixture in two micro-batches.
-fn lora_steps<B: TrainBackend>(model: &str, recompute: bool) -> (Vec<f64>, Vec<Vec<f32>>) {
+fn lora_steps<B: TrainBackend>(model: &str, recompute: bool) -> (Vec<f64>, Vec<f64>, Vec<Vec<f32>>) {
     let mut m = load::<B>(model);
     PeftAdapter::open(&fixtures().join("adapters/lora-r4")).unwrap().attach(&mut m).unwrap();
     let tok = TextTokenizer::from_dir(&fixtures().join("models").join(model)).unwrap();
@@ -161,9 +161,9 @@ fn lora_steps<B: TrainBackend>(model: &str, recompute: bool) -> (Vec<f64>, Vec<V
     let batches = [MicroBatch::new(&enc[..half].iter().collect::<Vec<_>>()), MicroBatch::new(&enc[half..].iter().collect::<Vec<_>>())];
     let norm: usize = batches.iter().map(|b| b.trainable()).sum();
     let mut opt = AdamW::new(&trainable_params(&mut m), 0.01);
-    let mut losses = Vec::new();
+    let (mut losses, mut norms) = (Vec::new(), Vec::new());
     for _ in 0..3 {
-        let (loss, _) = train_step(
+        let (loss, norm) = train_step(
             &mut m,
             &mut opt,
             batches.len(),
@@ -173,24 +173,29 @@ fn lora_steps<B: TrainBackend>(model: &str, recompute: bool) -> (Vec<f64>, Vec<V
             recompute,
         );
         losses.push(loss);
+        norms.push(norm);
     }
     let params = trainable_params(&mut m).into_iter().map(|t| t.into_data().convert::<f32>().to_vec().unwrap()).collect();
-    (losses, params)
+    (losses, norms, params)
 }
 
 #[test]
 fn lora_and_qlora_training_steps_match_the_cpu() {
     for (model, recompute) in [("llama", false), ("llama", true), ("llama-bnb4", false)] {
-        let (gpu_losses, gpu) = lora_steps::<Autodiff<Gpu>>(model, recompute);
-        let (cpu_losses, cpu) = lora_steps::<Autodiff<Cpu>>(model, recompute);
+        let (gpu_losses, gpu_norms, gpu) = lora_steps::<Autodiff<Gpu>>(model, recompute);
+        let (cpu_losses, cpu_norms, cpu) = lora_steps::<Autodiff<Cpu>>(model, recompute);
         for (a, b) in gpu_losses.iter().zip(&cpu_losses) {
             assert!((a - b).abs() <= 1e-5 * b.abs(), "{model} (recompute {recompute}): losses {gpu_losses:?} vs {cpu_losses:?}");
+        }
+        // The global gradient norm (before clipping) of each step.
+        for (a, b) in gpu_norms.iter().zip(&cpu_norms) {
+            assert!((a - b).abs() <= 1e-5 * b.abs(), "{model} (recompute {recompute}): grad norms {gpu_norms:?} vs {cpu_norms:?}");
         }
         assert!(cpu_losses[2] < cpu_losses[0], "{model}: the loss falls: {cpu_losses:?}");
         let worst = gpu.iter().flatten().zip(cpu.iter().flatten()).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
         // AdamW's first steps move each value by about lr = 1e-3 whatever its gradient's size, so
         // a small gradient's rounding shows at lr scale: 5% of one step.
-        eprintln!("{model} (recompute {recompute}): losses {gpu_losses:?}, adapter values within {worst}");
+        eprintln!("{model} (recompute {recompute}): losses {gpu_losses:?}, grad norms {gpu_norms:?} vs {cpu_norms:?}, adapter values within {worst}");
         assert!(worst <= 5e-5, "{model} (recompute {recompute}): adapter values differ by {worst}");
     }
 }
