@@ -3,7 +3,8 @@
 //! glue (ft-kernels launched on an `Nf4Weight`'s buffers) against bitsandbytes' oracle values and
 //! the CPU path; the QLoRA linear map's forward and input gradient; every oracle architecture's
 //! logits against transformers; and LoRA / QLoRA training steps (with and without gradient
-//! checkpointing) against the same steps on the CPU.
+//! checkpointing) against the same steps on the CPU; DPO log-probs (adapters off as the reference),
+//! loss and metrics against TRL.
 //!
 //! `cargo test --features wgpu --test gpu_paths` (`.ci/run` runs it). Built with `--features cuda`
 //! instead, the same tests run on CUDA, plus the bf16 kernel output (WGSL has no bf16):
@@ -221,5 +222,42 @@ fn nf4_kernel_bf16_output_is_the_rounded_f32_product() {
             .collect();
         let want: Vec<u16> = q.dequantize().iter().map(|&v| half::bf16::from_f32(v).to_bits()).collect();
         assert_eq!(got, want, "input_{i}");
+    }
+}
+
+/// DPO scoring on the GPU path: PEFT's lora-r4 over the llama oracle as the policy, the same model
+/// with adapters off as the reference; TRL's per-pair log-probs (≤ 1e-4), sigmoid loss and metrics.
+#[test]
+fn dpo_scores_match_trl() {
+    use ft::train::dpo::{prepare_pairs, score_pairs, DpoConfig};
+    let want = json(&fixtures().join("dpo/expected.json"));
+    let mut m = load::<Gpu>("llama");
+    PeftAdapter::open(&fixtures().join("adapters/lora-r4")).unwrap().attach(&mut m).unwrap();
+    let tok = TextTokenizer::from_dir(&fixtures().join("models/llama")).unwrap();
+    let template = tok.template(TemplateChoice::Chatml).unwrap();
+    let (pairs, dropped, _) = prepare_pairs(&tok, &template, &fixtures().join("dpo/prefs.jsonl"), 4096, None, None).unwrap();
+    assert_eq!(dropped, 0);
+    let scores = score_pairs(&mut m, &pairs, None);
+    let expected = want["pairs"].as_array().unwrap();
+    assert_eq!(scores.len(), expected.len());
+    for (i, (s, w)) in scores.iter().zip(expected).enumerate() {
+        for (side, got) in [("chosen", s.chosen), ("rejected", s.rejected)] {
+            assert_eq!(got.tokens as u64, w[side]["tokens"].as_u64().unwrap(), "pair {i} {side} tokens");
+            for (k, g) in [("logp_policy", got.policy), ("logp_ref", got.reference)] {
+                let e = w[side][k].as_f64().unwrap();
+                assert!((g - e).abs() <= 1e-4, "pair {i} {side} {k}: {g} vs {e}");
+            }
+        }
+    }
+    let cfg = DpoConfig { beta: want["beta"].as_f64().unwrap(), ..DpoConfig::default() };
+    let loss = scores.iter().map(|p| cfg.pair_loss(p)).sum::<f64>() / scores.len() as f64;
+    let w = want["loss"]["sigmoid"].as_f64().unwrap();
+    assert!((loss - w).abs() <= 1e-5 * w, "sigmoid loss {loss} vs {w}");
+    let metrics = cfg.metrics(&scores, "");
+    for (k, w) in want["metrics"].as_object().unwrap() {
+        let (g, w) = (metrics[k].as_f64().unwrap_or_else(|| panic!("no {k}")), w.as_f64().unwrap());
+        // As in tests/it/dpo.rs: rewards are β × differences of log-prob sums held to 1e-4.
+        let tol = (1e-5 * w.abs()).max(if k.starts_with("rewards/") { cfg.beta * 1e-4 } else { 1e-5 * w.abs() });
+        assert!((g - w).abs() <= tol, "{k}: {g} vs {w}");
     }
 }
