@@ -32,60 +32,42 @@ type Gpu = burn::backend::Wgpu;
 #[cfg(all(feature = "cuda", not(feature = "wgpu")))]
 type Gpu = ft::backend::CudaF32;
 
-/// The repository's fixtures: `CARGO_MANIFEST_DIR` when set at run time (cargo sets it; so does
-/// `scripts/gpu-check.sh` for a binary carried to the GPU machine), else where it was built.
+/// The shared test helpers (`tests/it/common.rs`); not every one is used here.
+#[path = "it/common.rs"]
+#[allow(dead_code)]
+mod common;
+
+use common::{ids, json, logits, max_abs_diff, read_f32};
+
+/// The fixtures, after setting up the CUDA runtime where it is the backend under test.
 fn fixtures() -> std::path::PathBuf {
     #[cfg(feature = "cuda")]
     ft::backend::init_cuda_runtime();
-    let root = std::env::var("CARGO_MANIFEST_DIR").unwrap_or_else(|_| env!("CARGO_MANIFEST_DIR").to_string());
-    std::path::Path::new(&root).join("tests/fixtures")
-}
-
-fn oracle() -> Vec<u8> {
-    std::fs::read(fixtures().join("nf4/bnb_nf4.safetensors")).unwrap()
-}
-
-fn json(path: &std::path::Path) -> serde_json::Value {
-    serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap()
+    common::fixtures()
 }
 
 fn load<B: Kernels>(name: &str) -> Decoder<B> {
-    ft::model::load::<B>(&fixtures().join("models").join(name), &Default::default()).unwrap()
+    fixtures();
+    common::load_on(name)
 }
 
-fn logits<B: Kernels>(model: &Decoder<B>, ids: &[u32]) -> Vec<f32> {
-    let input = Tensor::<B, 2, burn::tensor::Int>::from_data(
-        TensorData::new(ids.iter().map(|&x| x as i64).collect::<Vec<_>>(), [1, ids.len()]),
-        &Default::default(),
-    );
-    model.forward(input, None).into_data().convert::<f32>().to_vec().unwrap()
-}
-
-fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
-}
-
-fn chat_ids() -> Vec<Vec<u32>> {
-    json(&fixtures().join("chat_tokens.json")).as_array().unwrap().iter().map(|c| c["input_ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()).collect()
-}
-
-fn tensor_f32(st: &safetensors::SafeTensors, name: &str) -> (Vec<f32>, Vec<usize>) {
-    let t = st.tensor(name).unwrap();
-    (bytemuck::pod_collect_to_vec(t.data()), t.shape().to_vec())
+fn nf4_oracle() -> std::path::PathBuf {
+    fixtures().join("nf4/bnb_nf4.safetensors")
 }
 
 fn bits<B: Backend>(t: Tensor<B, 2>) -> Vec<u32> {
     t.into_data().convert::<f32>().to_vec::<f32>().unwrap().iter().map(|v| v.to_bits()).collect()
 }
 
+fn chat_ids() -> Vec<Vec<u32>> {
+    json(&fixtures().join("chat_tokens.json")).as_array().unwrap().iter().map(|c| ids(&c["input_ids"])).collect()
+}
+
 #[test]
 fn nf4_kernel_gives_bitsandbytes_values_bit_for_bit() {
-    let bytes = oracle();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     let gpu = Default::default();
     for i in 0..3 {
-        let (x, shape) = tensor_f32(&st, &format!("input_{i}"));
+        let (x, shape) = read_f32(&nf4_oracle(), &format!("input_{i}"));
         let (rows, cols) = (shape[0], shape[1]);
         for double in [false, true] {
             let q = Nf4::quantize(&x, BLOCKSIZE, double);
@@ -95,7 +77,7 @@ fn nf4_kernel_gives_bitsandbytes_values_bit_for_bit() {
             if cols % BLOCKSIZE == 0 {
                 // bitsandbytes' own dequantized values (its CPU kernel indexes blocks by row when
                 // cols is not a multiple of 64: tests/it/quant.rs).
-                let (want, _) = tensor_f32(&st, &format!("{}dequant_{i}", if double { "dq_" } else { "" }));
+                let (want, _) = read_f32(&nf4_oracle(), &format!("{}dequant_{i}", if double { "dq_" } else { "" }));
                 assert_eq!(got, want.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), "input_{i}, double quant {double}: kernel vs bitsandbytes");
             }
         }
@@ -134,10 +116,8 @@ fn decoder_logits_match_transformers() {
     for name in ["llama", "llama3-rope-tied-bf16", "qwen2", "qwen3", "mistral"] {
         let model = load::<Gpu>(name);
         let expected = fixtures().join("models").join(name).join("expected_logits.safetensors");
-        let bytes = std::fs::read(&expected).unwrap();
-        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
         for (i, ids) in chat_ids().iter().enumerate() {
-            let (want, _) = tensor_f32(&st, &format!("logits_{i}"));
+            let (want, _) = read_f32(&expected, &format!("logits_{i}"));
             let d = max_abs_diff(&logits(&model, ids), &want);
             assert!(d <= 1e-4, "{name} case {i}: max abs diff {d}");
         }
@@ -207,10 +187,8 @@ fn lora_and_qlora_training_steps_match_the_cpu() {
 #[test]
 fn nf4_kernel_bf16_output_is_the_rounded_f32_product() {
     type Bf16 = ft::backend::CudaBf16;
-    let bytes = oracle();
-    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     for i in 0..3 {
-        let (x, shape) = tensor_f32(&st, &format!("input_{i}"));
+        let (x, shape) = read_f32(&nf4_oracle(), &format!("input_{i}"));
         let (rows, cols) = (shape[0], shape[1]);
         let q = Nf4::quantize(&x, BLOCKSIZE, true);
         let got: Vec<u16> = Bf16::nf4_dequantize(&Nf4Weight::<Bf16>::new(&q, rows, cols, &Default::default()), FloatDType::BF16)

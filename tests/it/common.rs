@@ -1,10 +1,13 @@
 use std::path::{Path, PathBuf};
 
-use ft::backend::Cpu;
+use ft::backend::{Cpu, Kernels};
 use ft::model::Decoder;
 
+/// The repository's fixtures: `CARGO_MANIFEST_DIR` when set at run time (cargo sets it; so does
+/// `scripts/gpu-check.sh` for a test binary carried to the GPU machine), else where it was built.
 pub fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+    let root = std::env::var("CARGO_MANIFEST_DIR").unwrap_or_else(|_| env!("CARGO_MANIFEST_DIR").to_string());
+    Path::new(&root).join("tests/fixtures")
 }
 
 pub const MODELS: [&str; 5] = ["llama", "llama3-rope-tied-bf16", "qwen2", "qwen3", "mistral"];
@@ -22,7 +25,12 @@ pub fn model_dir(name: &str) -> PathBuf {
 }
 
 pub fn load(name: &str) -> Decoder<Cpu> {
-    ft::model::load::<Cpu>(&model_dir(name), &Default::default()).unwrap_or_else(|e| panic!("{name}: {e:#}"))
+    load_on::<Cpu>(name)
+}
+
+/// An oracle model on backend `B`.
+pub fn load_on<B: Kernels>(name: &str) -> Decoder<B> {
+    ft::model::load::<B>(&model_dir(name), &Default::default()).unwrap_or_else(|e| panic!("{name}: {e:#}"))
 }
 
 pub fn json(path: &Path) -> serde_json::Value {
@@ -57,12 +65,12 @@ pub fn ft(args: &[&str]) -> (i32, String, String) {
 }
 
 /// Logits `[T, vocab]` (flattened) of one sequence.
-pub fn logits(model: &Decoder<Cpu>, ids: &[u32]) -> Vec<f32> {
+pub fn logits<B: Kernels>(model: &Decoder<B>, ids: &[u32]) -> Vec<f32> {
     use burn::prelude::*;
     let t = ids.len();
-    let input = Tensor::<Cpu, 2, burn::tensor::Int>::from_data(
+    let input = Tensor::<B, 2, burn::tensor::Int>::from_data(
         burn::tensor::TensorData::new(ids.iter().map(|&x| x as i64).collect::<Vec<_>>(), [1, t]),
         &Default::default(),
     );
-    model.forward(input, None).into_data().to_vec().unwrap()
+    model.forward(input, None).into_data().convert::<f32>().to_vec().unwrap()
 }
