@@ -5,14 +5,17 @@
 #   .bin/gpu_paths  tests/gpu_paths.rs built for CUDA: the NF4 kernel against bitsandbytes' values
 #                   (f32 and bf16), every oracle model's logits, LoRA/QLoRA training steps vs CPU
 #   .bin/nf4_bandwidth  examples/nf4_bandwidth.rs: the NF4 kernel's speed vs the tensor-op path
+#   .bin/attention_bench  examples/attention_bench.rs: chunked vs plain attention, memory and time
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CUDARC_CUDA_VERSION=${CUDARC_CUDA_VERSION:-13000}
 mkdir -p .bin
 cargo build --release --locked --features cuda
 cp target/release/ft .bin/ft
-cargo build --release --locked --features cuda --example nf4_bandwidth
-cp target/release/examples/nf4_bandwidth .bin/nf4_bandwidth
+for example in nf4_bandwidth attention_bench; do
+  cargo build --release --locked --features cuda --example $example
+  cp target/release/examples/$example .bin/$example
+done
 exe=$(cargo test --release --locked --features cuda --test gpu_paths --no-run --message-format=json \
   | python3 -c 'import json,sys
 for l in sys.stdin:

@@ -20,6 +20,8 @@ trap 'rm -rf "$work"' EXIT
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 # The NF4 dequantization kernel vs the tensor-op path (scripts/build-gpu.sh builds it).
 [ -x .bin/nf4_bandwidth ] && .bin/nf4_bandwidth
+# One layer's attention: ft's chunked composition vs the plain one (memory held, time).
+[ -x .bin/attention_bench ] && .bin/attention_bench
 python3 - "$FT" "$work" "$out" $SHAPES <<'PY'
 import json, os, shutil, statistics, subprocess, sys, threading, time
 ft, work, out, shapes = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]

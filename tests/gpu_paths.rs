@@ -2,7 +2,8 @@
 //! lavapipe on the CPU) goes through the same generic CubeCL code as CUDA. Here: the NF4 kernel's
 //! glue (ft-kernels launched on an `Nf4Weight`'s buffers) against bitsandbytes' oracle values and
 //! the CPU path; the QLoRA linear map's forward and input gradient; every oracle architecture's
-//! logits against transformers; and LoRA / QLoRA training steps (with and without gradient
+//! logits against transformers; the decoder's operations as single autodiff nodes, with the
+//! chunked attention against the plain composition; and LoRA / QLoRA training steps (with and without gradient
 //! checkpointing) against the same steps on the CPU; DPO log-probs (adapters off as the reference),
 //! loss and metrics against TRL.
 //!
@@ -108,6 +109,44 @@ fn qlora_linear_forward_and_input_gradient_match_the_cpu() {
     for (name, a, b) in [("y", &y_gpu, &y_cpu), ("dx", &g_gpu, &g_cpu)] {
         let worst = a.iter().zip(b.iter()).map(|(a, b)| (a - b).abs() / b.abs().max(1.0)).fold(0f32, f32::max);
         assert!(worst <= 1e-5, "{name}: GPU path differs from the CPU by {worst}");
+    }
+}
+
+#[test]
+fn the_decoder_operations_run_as_single_nodes_with_chunked_attention() {
+    use burn::tensor::{Bool, Distribution};
+    use ft::backend::FusedOps;
+    use ft::ops::{composed, reference};
+    type GpuAd = Autodiff<Gpu>;
+    let dev = Default::default();
+    // Each operation is one node with its own backward (not burn's chain of tensor ops, which
+    // keeps the [B, H, T, S] scores for the backward).
+    let t2 = |m: usize, n: usize| Tensor::<GpuAd, 2>::random([m, n], Distribution::Normal(0.0, 1.0), &dev);
+    let t4 = |s: [usize; 4]| Tensor::<GpuAd, 4>::random(s, Distribution::Normal(0.0, 1.0), &dev);
+    let causal = |t: usize| Tensor::<GpuAd, 2, Bool>::tril_mask([t, t], 0, &dev).reshape([1, t, t]);
+    let (cos, sin) = (Tensor::<GpuAd, 3>::ones([1, 2, 4], &dev), Tensor::<GpuAd, 3>::zeros([1, 2, 4], &dev));
+    assert!(GpuAd::rms_norm_fused(t2(2, 4), Tensor::ones([4], &dev), 1e-5).is_some());
+    assert!(GpuAd::rope_fused(t4([1, 2, 1, 4]), cos, sin, false).is_some());
+    assert!(GpuAd::swiglu_fused(t2(2, 4), t2(2, 4)).is_some());
+    assert!(GpuAd::attention_fused(t4([1, 2, 2, 4]), t4([1, 2, 1, 4]), t4([1, 2, 1, 4]), causal(2), 0.5).is_some());
+
+    // The chunked attention on this backend, three query rows per chunk (so chunks see different
+    // numbers of keys), against the plain composition's values and autodiff gradients.
+    let (b, t, h, kv, hd) = (2, 11, 6, 2, 16);
+    let (q, k, v) = (t4([b, t, h, hd]).inner(), t4([b, t, kv, hd]).inner(), t4([b, t, kv, hd]).inner());
+    let c = t4([b, t, h, hd]).inner();
+    let leaf = |x: &Tensor<Gpu, 4>| Tensor::<GpuAd, 4>::from_inner(x.clone()).require_grad();
+    let (ql, kl, vl) = (leaf(&q), leaf(&k), leaf(&v));
+    let y = reference::attention(ql.clone(), kl.clone(), vl.clone(), causal(t), 0.25);
+    let g = (y.clone() * Tensor::from_inner(c.clone())).sum().backward();
+    let want = [y.inner(), ql.grad(&g).unwrap(), kl.grad(&g).unwrap(), vl.grad(&g).unwrap()];
+    let budget = 3 * b * h * t;
+    let (o, lse) = composed::attention(q.clone(), k.clone(), v.clone(), causal(t).inner(), 0.25, budget);
+    let (dq, dk, dv) = composed::attention_backward(q, k, v, o.clone(), lse, causal(t).inner(), 0.25, c, budget);
+    for (name, got, want) in [("output", o, &want[0]), ("dq", dq, &want[1]), ("dk", dk, &want[2]), ("dv", dv, &want[3])] {
+        let (got, want): (Vec<f32>, Vec<f32>) = (got.into_data().to_vec().unwrap(), want.clone().into_data().to_vec().unwrap());
+        let worst = got.iter().zip(&want).map(|(a, b)| (a - b).abs() / b.abs().max(1.0)).fold(0f32, f32::max);
+        assert!(worst <= 2e-5, "chunked attention {name}: differs by {worst}");
     }
 }
 

@@ -13,6 +13,7 @@
 //! PyTorch's SDPA do): memory per layer is O(T), not O(T²).
 
 mod autodiff;
+pub mod composed;
 mod cpu;
 
 use burn::prelude::*;
@@ -105,20 +106,62 @@ pub trait FusedOps: Backend {
     }
 }
 
-// burn's CubeCL backends (CUDA; wgpu in tests) have no fused kernels yet: the tensor-op
-// compositions run there.
+/// The [`composed`] implementations as a backend's `FusedOps`: one node under autodiff, keeping
+/// only the inputs (and attention's output and log-sum-exp).
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
+macro_rules! composed_fused_ops {
+    () => {
+        fn rms_norm_fused(x: Tensor<Self, 2>, w: Tensor<Self, 1>, eps: f64) -> Option<Tensor<Self, 2>> {
+            Some(composed::rms_norm(x, w, eps))
+        }
+        fn rms_norm_backward(x: Tensor<Self, 2>, w: Tensor<Self, 1>, eps: f64, grad: Tensor<Self, 2>) -> Option<Tensor<Self, 2>> {
+            Some(composed::rms_norm_backward(x, w, eps, grad))
+        }
+        fn rope_fused(x: Tensor<Self, 4>, cos: Tensor<Self, 3>, sin: Tensor<Self, 3>, transpose: bool) -> Option<Tensor<Self, 4>> {
+            Some(composed::rope(x, cos, sin, transpose))
+        }
+        fn swiglu_fused(gate: Tensor<Self, 2>, up: Tensor<Self, 2>) -> Option<Tensor<Self, 2>> {
+            Some(composed::swiglu(gate, up))
+        }
+        fn swiglu_backward(gate: Tensor<Self, 2>, up: Tensor<Self, 2>, grad: Tensor<Self, 2>) -> Option<(Tensor<Self, 2>, Tensor<Self, 2>)> {
+            Some(composed::swiglu_backward(gate, up, grad))
+        }
+        fn attention_fused(q: Tensor<Self, 4>, k: Tensor<Self, 4>, v: Tensor<Self, 4>, mask: Tensor<Self, 3, Bool>, scale: f64) -> Option<(Tensor<Self, 4>, Tensor<Self, 3>)> {
+            Some(composed::attention(q, k, v, mask, scale, composed::CHUNK_SCORES))
+        }
+        fn attention_backward(
+            q: Tensor<Self, 4>,
+            k: Tensor<Self, 4>,
+            v: Tensor<Self, 4>,
+            o: Tensor<Self, 4>,
+            lse: Tensor<Self, 3>,
+            mask: Tensor<Self, 3, Bool>,
+            scale: f64,
+            grad: Tensor<Self, 4>,
+        ) -> Option<(Tensor<Self, 4>, Tensor<Self, 4>, Tensor<Self, 4>)> {
+            Some(composed::attention_backward(q, k, v, o, lse, mask, scale, grad, composed::CHUNK_SCORES))
+        }
+    };
+}
+
+// burn's CubeCL backends (CUDA; wgpu in tests): the compositions of `composed.rs`.
 #[cfg(any(feature = "cuda", feature = "wgpu"))]
 impl<R: burn_cubecl::CubeRuntime, F: burn_cubecl::FloatElement, I: burn_cubecl::IntElement, BT: burn_cubecl::BoolElement> FusedOps
     for burn_cubecl::CubeBackend<R, F, I, BT>
 {
+    composed_fused_ops!();
 }
 
 // Under burn's fusion (`cuda-tuned`) the CUDA types are fusion wrappers.
 #[cfg(feature = "cuda-tuned")]
-impl FusedOps for crate::backend::CudaF32 {}
+impl FusedOps for crate::backend::CudaF32 {
+    composed_fused_ops!();
+}
 
 #[cfg(feature = "cuda-tuned")]
-impl FusedOps for crate::backend::CudaBf16 {}
+impl FusedOps for crate::backend::CudaBf16 {
+    composed_fused_ops!();
+}
 
 /// RMSNorm as HF computes it: `w · x / sqrt(mean(x²) + eps)` over the last dimension.
 pub fn rms_norm<B: FusedOps, const D: usize>(x: Tensor<B, D>, w: Tensor<B, 1>, eps: f64) -> Tensor<B, D> {
@@ -226,6 +269,23 @@ mod tests {
     use burn::tensor::{Distribution, TensorData};
 
     type Ad = Autodiff<Cpu>;
+
+    /// A packing mask `[rows, t, t]`: causal within each segment, segment lengths per row.
+    pub(super) fn packed_mask<B: Backend>(t: usize, rows: &[Vec<usize>]) -> Tensor<B, 3, Bool> {
+        let mut masked = vec![true; rows.len() * t * t];
+        for (row, segs) in rows.iter().enumerate() {
+            let mut start = 0;
+            for &len in segs {
+                for q in 0..len {
+                    for k in 0..=q {
+                        masked[row * t * t + (start + q) * t + start + k] = false;
+                    }
+                }
+                start += len;
+            }
+        }
+        Tensor::from_data(TensorData::new(masked, [rows.len(), t, t]), &Default::default())
+    }
 
     fn close(a: Tensor<Ad, 4>, b: Tensor<Ad, 4>, tol: f32, what: &str) {
         let (a, b): (Vec<f32>, Vec<f32>) = (a.into_data().to_vec().unwrap(), b.into_data().to_vec().unwrap());
@@ -347,19 +407,7 @@ mod tests {
         }
         // A per-row block-diagonal mask (packing): row 0 holds samples of 2 and 3 tokens + 1 pad.
         let (b, t) = (2, 6);
-        let mut masked = vec![true; b * t * t];
-        for (row, segs) in [vec![2, 3, 1], vec![6]].iter().enumerate() {
-            let mut start = 0;
-            for &len in segs {
-                for q in 0..len {
-                    for k in 0..=q {
-                        masked[row * t * t + (start + q) * t + start + k] = false;
-                    }
-                }
-                start += len;
-            }
-        }
-        let mask = Tensor::<Ad, 3, Bool>::from_data(TensorData::new(masked, [b, t, t]), &dev);
+        let mask = packed_mask::<Ad>(t, &[vec![2, 3, 1], vec![6]]);
         let m2 = mask.clone();
         check(
             vec![rand4([b, t, 4, 8]), rand4([b, t, 2, 8]), rand4([b, t, 2, 8])],

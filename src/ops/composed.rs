@@ -1,0 +1,359 @@
+//! The fused operations composed from burn tensor ops on a backend without kernels of its own
+//! (burn's CubeCL backends: CUDA, and wgpu in tests). Each forward and backward here runs on the
+//! inner backend, so under autodiff each operation is one graph node that keeps only its inputs
+//! (see `autodiff.rs`), instead of the dozen intermediates burn's autodiff keeps for the same
+//! maths written as a chain of tensor ops.
+//!
+//! Attention works through the queries in chunks (FlashAttention's recomputation, with burn's
+//! matmul for the products): the scores of one chunk of query rows against the keys that chunk
+//! can see exist only while the chunk is processed; the forward keeps the output and the softmax's
+//! log-sum-exp, and the backward recomputes the probabilities from them. Memory per layer is
+//! O(T), not O(T²), and causal masks skip the keys after each chunk's last query (about half the
+//! work at long sequences). Grouped-query attention needs no K/V copy per query head: the query
+//! heads of one kv head are stacked as rows of one product.
+//!
+//! Precision follows the Python stack in bf16: softmax statistics, RMSNorm's mean square and the
+//! attention gradient's accumulators are f32, the products run in the compute dtype.
+
+use std::ops::Range;
+
+use burn::prelude::*;
+use burn::tensor::activation::{sigmoid, silu};
+use burn::tensor::{Bool, FloatDType};
+
+/// Score elements (rows × keys × heads × batch) one attention chunk may hold: 32 Mi, so 128 MiB
+/// per f32 score-sized buffer; the backward holds about four at a time.
+pub const CHUNK_SCORES: usize = 1 << 25;
+
+fn float_dtype<B: Backend, const D: usize>(t: &Tensor<B, D>) -> FloatDType {
+    t.dtype().into()
+}
+
+fn f32<B: Backend, const D: usize>(t: Tensor<B, D>) -> Tensor<B, D> {
+    t.cast(FloatDType::F32)
+}
+
+/// RMSNorm `w · x / sqrt(mean(x²) + eps)` as transformers computes it in any dtype: the mean
+/// square and the normalisation in f32, rounded to the input's dtype, then times the weight.
+pub fn rms_norm<B: Backend>(x: Tensor<B, 2>, w: Tensor<B, 1>, eps: f64) -> Tensor<B, 2> {
+    let dtype = float_dtype(&x);
+    let x = f32(x);
+    let r = (x.clone().powi_scalar(2).mean_dim(1) + eps).sqrt().recip();
+    (x * r).cast(dtype) * w.unsqueeze()
+}
+
+/// The input gradient of [`rms_norm`]: with `g = grad · w` and `r = 1 / rms(x)`,
+/// `dx = r·g − x · r³ · mean(g·x)`, in f32.
+pub fn rms_norm_backward<B: Backend>(x: Tensor<B, 2>, w: Tensor<B, 1>, eps: f64, grad: Tensor<B, 2>) -> Tensor<B, 2> {
+    let dtype = float_dtype(&x);
+    let x = f32(x);
+    let g = f32(grad * w.unsqueeze());
+    let r = (x.clone().powi_scalar(2).mean_dim(1) + eps).sqrt().recip();
+    let gx = (g.clone() * x.clone()).mean_dim(1);
+    let dx = g * r.clone() - x * (r.powi_scalar(3) * gx);
+    dx.cast(dtype)
+}
+
+/// `rotate_half` of the last dimension: `[x1, x2] → [−x2, x1]`.
+fn rotate_half<B: Backend>(x: Tensor<B, 4>) -> Tensor<B, 4> {
+    let d = x.dims()[3];
+    let x1 = x.clone().narrow(3, 0, d / 2);
+    let x2 = x.narrow(3, d / 2, d / 2);
+    Tensor::cat(vec![x2.neg(), x1], 3)
+}
+
+/// Rotary embedding `x·cos + rotate_half(x)·sin` of `x [B, T, H, hd]`, tables `[1 | B, T, hd]`;
+/// with `transpose` the transposed map `x·cos − rotate_half(x·sin)` (rotate_half's transpose is
+/// its negation), which is the backward.
+pub fn rope<B: Backend>(x: Tensor<B, 4>, cos: Tensor<B, 3>, sin: Tensor<B, 3>, transpose: bool) -> Tensor<B, 4> {
+    let cos: Tensor<B, 4> = cos.unsqueeze_dim(2);
+    let sin: Tensor<B, 4> = sin.unsqueeze_dim(2);
+    if transpose {
+        x.clone() * cos - rotate_half(x * sin)
+    } else {
+        x.clone() * cos + rotate_half(x) * sin
+    }
+}
+
+/// `silu(gate) · up`.
+pub fn swiglu<B: Backend>(gate: Tensor<B, 2>, up: Tensor<B, 2>) -> Tensor<B, 2> {
+    silu(gate) * up
+}
+
+/// Gradients of [`swiglu`] with respect to `gate` and `up`:
+/// `silu'(g) = σ(g)·(1 + g·(1 − σ(g)))`.
+pub fn swiglu_backward<B: Backend>(gate: Tensor<B, 2>, up: Tensor<B, 2>, grad: Tensor<B, 2>) -> (Tensor<B, 2>, Tensor<B, 2>) {
+    let s = sigmoid(gate.clone());
+    let du = grad.clone() * gate.clone() * s.clone();
+    let dsilu = s.clone() * ((s.neg() + 1.0) * gate + 1.0);
+    (grad * up * dsilu, du)
+}
+
+/// The shapes of one attention call and how its queries are split into chunks.
+#[derive(Debug, Clone, Copy)]
+struct Geometry {
+    b: usize,
+    t: usize,
+    s: usize,
+    h: usize,
+    kv: usize,
+    hd: usize,
+    /// Query rows per chunk.
+    chunk: usize,
+}
+
+impl Geometry {
+    fn of(q: [usize; 4], k: [usize; 4], chunk_scores: usize) -> Self {
+        let ([b, t, h, hd], [_, s, kv, _]) = (q, k);
+        assert!(kv > 0 && h % kv == 0, "attention: {h} query heads are not a multiple of {kv} kv heads");
+        assert!(s >= t, "attention: {t} queries over {s} keys (the queries are the last keys)");
+        let per_row = (b * h * s).max(1);
+        let mut chunk = (chunk_scores / per_row).clamp(1, t.max(1));
+        if chunk > 64 {
+            chunk -= chunk % 64;
+        }
+        Self { b, t, s, h, kv, hd, chunk }
+    }
+
+    fn rep(&self) -> usize {
+        self.h / self.kv
+    }
+
+    /// Each chunk's query rows and the number of keys it can see: a causal mask hides key
+    /// `j > i + (S − T)` from query `i`.
+    fn chunks(&self) -> impl Iterator<Item = (Range<usize>, usize)> + '_ {
+        (0..self.t).step_by(self.chunk).map(|t0| {
+            let t1 = (t0 + self.chunk).min(self.t);
+            (t0..t1, (t1 + self.s - self.t).min(self.s))
+        })
+    }
+}
+
+/// `[B, T, H, hd]` → `[B, KV, rep, T, hd]`.
+fn grouped<B: Backend>(g: &Geometry, x: Tensor<B, 4>) -> Tensor<B, 5> {
+    x.reshape([g.b, g.t, g.kv, g.rep(), g.hd]).permute([0, 2, 3, 1, 4])
+}
+
+/// Rows `rows` of a grouped tensor as the stacked rows of each kv head: `[B, KV, rep·C, hd]`.
+fn rows<B: Backend>(g: &Geometry, x: &Tensor<B, 5>, rows: &Range<usize>) -> Tensor<B, 4> {
+    x.clone().narrow(3, rows.start, rows.len()).reshape([g.b, g.kv, g.rep() * rows.len(), g.hd])
+}
+
+/// Chunks `[B, KV, rep·C, hd]` back to `[B, T, H, hd]`.
+fn ungrouped<B: Backend>(g: &Geometry, chunks: Vec<Tensor<B, 4>>) -> Tensor<B, 4> {
+    let parts = chunks.into_iter().map(|c| {
+        let n = c.dims()[2] / g.rep();
+        c.reshape([g.b, g.kv, g.rep(), n, g.hd])
+    });
+    Tensor::cat(parts.collect(), 3).permute([0, 3, 1, 2, 4]).reshape([g.b, g.t, g.h, g.hd])
+}
+
+/// The mask of one chunk's rows and visible keys, broadcast over the stacked heads:
+/// `[B, KV, rep·C, keys]`.
+fn chunk_mask<B: Backend>(g: &Geometry, mask: &Tensor<B, 3, Bool>, rows: &Range<usize>, keys: usize) -> Tensor<B, 4, Bool> {
+    let mb = mask.dims()[0];
+    let c = rows.len();
+    mask.clone()
+        .narrow(1, rows.start, c)
+        .narrow(2, 0, keys)
+        .reshape([mb, 1, 1, c, keys])
+        .expand([g.b, g.kv, g.rep(), c, keys])
+        .reshape([g.b, g.kv, g.rep() * c, keys])
+}
+
+/// The scaled, masked scores of one chunk in f32: `[B, KV, rep·C, keys]`.
+fn scores<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>, mask: Tensor<B, 4, Bool>, scale: f64) -> Tensor<B, 4> {
+    f32(q.matmul(k.swap_dims(2, 3))).mul_scalar(scale).mask_fill(mask, f32::NEG_INFINITY)
+}
+
+/// Softmax attention of `q [B, T, H, hd]` over `k`, `v` `[B, S, KV, hd]` under
+/// `mask [1 | B, T, S]` (true = not attended; a causal mask or a subset of one), in chunks of at
+/// most `chunk_scores` score elements. Returns the output `[B, T, H, hd]` and the log-sum-exp
+/// `[B, H, T]` in f32.
+pub fn attention<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>, mask: Tensor<B, 3, Bool>, scale: f64, chunk_scores: usize) -> (Tensor<B, 4>, Tensor<B, 3>) {
+    let g = Geometry::of(q.dims(), k.dims(), chunk_scores);
+    let dtype = float_dtype(&q);
+    let qg = grouped(&g, q);
+    let (k, v) = (k.swap_dims(1, 2), v.swap_dims(1, 2));
+    let (mut out, mut lse) = (Vec::new(), Vec::new());
+    for (rows_c, keys) in g.chunks() {
+        let kc = k.clone().narrow(2, 0, keys);
+        let vc = v.clone().narrow(2, 0, keys);
+        let s = scores(rows(&g, &qg, &rows_c), kc, chunk_mask(&g, &mask, &rows_c, keys), scale);
+        let m = s.clone().max_dim(3);
+        let p = (s - m.clone()).exp();
+        let l = p.clone().sum_dim(3);
+        out.push((p / l.clone()).cast(dtype).matmul(vc));
+        lse.push((m + l.log()).reshape([g.b, g.kv, g.rep(), rows_c.len()]));
+    }
+    (ungrouped(&g, out), Tensor::cat(lse, 3).reshape([g.b, g.h, g.t]))
+}
+
+/// Gradients of [`attention`] with respect to `q`, `k` and `v`, from its output `o` and
+/// log-sum-exp: per chunk `P = exp(s − lse)`, `dV += Pᵀ·dO`, `dS = P ∘ (dO·Vᵀ − rowsum(dO ∘ O))`,
+/// `dQ = scale · dS·K`, `dK += scale · dSᵀ·Q`; dK and dV accumulate in f32.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_backward<B: Backend>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    o: Tensor<B, 4>,
+    lse: Tensor<B, 3>,
+    mask: Tensor<B, 3, Bool>,
+    scale: f64,
+    grad: Tensor<B, 4>,
+    chunk_scores: usize,
+) -> (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>) {
+    let g = Geometry::of(q.dims(), k.dims(), chunk_scores);
+    let dtype = float_dtype(&q);
+    let device = q.device();
+    let (qg, og, dog) = (grouped(&g, q), grouped(&g, o), grouped(&g, grad));
+    let lse = f32(lse).reshape([g.b, g.kv, g.rep(), g.t]);
+    let (k, v) = (k.swap_dims(1, 2), v.swap_dims(1, 2));
+    let zeros = || Tensor::<B, 4>::zeros([g.b, g.kv, g.s, g.hd], (&device, burn::tensor::DType::F32));
+    let (mut dk, mut dv) = (zeros(), zeros());
+    let mut dq = Vec::new();
+    for (rows_c, keys) in g.chunks() {
+        let n = g.rep() * rows_c.len();
+        let (kc, vc) = (k.clone().narrow(2, 0, keys), v.clone().narrow(2, 0, keys));
+        let (qc, oc, doc) = (rows(&g, &qg, &rows_c), rows(&g, &og, &rows_c), rows(&g, &dog, &rows_c));
+        let lc = lse.clone().narrow(3, rows_c.start, rows_c.len()).reshape([g.b, g.kv, n, 1]);
+        let p = (scores(qc.clone(), kc.clone(), chunk_mask(&g, &mask, &rows_c, keys), scale) - lc).exp();
+        let delta = (f32(doc.clone()) * f32(oc)).sum_dim(3);
+        let dv_c = p.clone().cast(dtype).swap_dims(2, 3).matmul(doc.clone());
+        let dp = f32(doc.matmul(vc.swap_dims(2, 3)));
+        let ds = (p * (dp - delta)).mul_scalar(scale).cast(dtype);
+        dq.push(ds.clone().matmul(kc));
+        let dk_c = ds.swap_dims(2, 3).matmul(qc);
+        let at = [0..g.b, 0..g.kv, 0..keys, 0..g.hd];
+        dk = dk.clone().slice_assign(at.clone(), dk.slice(at.clone()) + f32(dk_c));
+        dv = dv.clone().slice_assign(at.clone(), dv.slice(at) + f32(dv_c));
+    }
+    let back = |t: Tensor<B, 4>| t.cast(dtype).swap_dims(1, 2);
+    (ungrouped(&g, dq), back(dk), back(dv))
+}
+
+#[cfg(test)]
+mod tests {
+    //! The compositions on the CPU backend (their forward and analytic backward, no autodiff)
+    //! against the reference compositions' values and autodiff gradients.
+    use super::*;
+    use crate::backend::Cpu;
+    use crate::ops::{reference, tests::packed_mask, FusedOps};
+    use burn::backend::Autodiff;
+    use burn::tensor::{DType, Distribution, TensorData};
+
+    type Ad = Autodiff<Cpu>;
+
+    fn worst<const D: usize>(a: Tensor<Cpu, D>, b: Tensor<Cpu, D>) -> f32 {
+        let (a, b): (Vec<f32>, Vec<f32>) = (f32(a).into_data().to_vec().unwrap(), f32(b).into_data().to_vec().unwrap());
+        assert_eq!(a.len(), b.len());
+        a.iter().zip(&b).map(|(x, y)| (x - y).abs() / y.abs().max(1.0)).fold(0f32, f32::max)
+    }
+
+    fn assert_close<const D: usize>(a: Tensor<Cpu, D>, b: Tensor<Cpu, D>, tol: f32, what: &str) {
+        let w = worst(a, b);
+        assert!(w <= tol, "{what}: max difference {w}");
+    }
+
+    fn rand<const D: usize>(shape: [usize; D]) -> Tensor<Cpu, D> {
+        Tensor::random(shape, Distribution::Normal(0.0, 1.0), &Default::default())
+    }
+
+    /// The reference's value, the gradients of `sum(y · c)` with respect to `inputs`, and `c` (a
+    /// fixed pattern, so that every output element weighs differently).
+    fn reference_grads<const D: usize, const E: usize>(inputs: &[Tensor<Cpu, D>], f: impl Fn(Vec<Tensor<Ad, D>>) -> Tensor<Ad, E>) -> (Tensor<Cpu, E>, Vec<Tensor<Cpu, D>>, Tensor<Cpu, E>) {
+        let xs: Vec<Tensor<Ad, D>> = inputs.iter().map(|x| Tensor::from_inner(x.clone()).require_grad()).collect();
+        let y = f(xs.clone());
+        let n = y.shape().num_elements();
+        let c = Tensor::<Cpu, E>::from_data(TensorData::new((0..n).map(|i| ((i * 37 % 11) as f32 - 5.0) / 7.0).collect::<Vec<_>>(), y.dims()), &Default::default());
+        let grads = (y.clone() * Tensor::from_inner(c.clone())).sum().backward();
+        let g = xs.iter().map(|x| x.grad(&grads).expect("gradient")).collect();
+        (y.inner(), g, c)
+    }
+
+    fn check_attention(q: Tensor<Cpu, 4>, k: Tensor<Cpu, 4>, v: Tensor<Cpu, 4>, mask: Tensor<Cpu, 3, Bool>, what: &str) {
+        let scale = 0.35;
+        let m = Tensor::<Ad, 3, Bool>::from_inner(mask.clone());
+        let (y, g, c) = reference_grads(&[q.clone(), k.clone(), v.clone()], |x| reference::attention(x[0].clone(), x[1].clone(), x[2].clone(), m.clone(), scale));
+        let (_, lse_kernel) = Cpu::attention_fused(q.clone(), k.clone(), v.clone(), mask.clone(), scale).expect("CPU kernel");
+        let [b, t, h, _] = q.dims();
+        let s = k.dims()[1];
+        // One query row per chunk, two, and everything in one chunk.
+        for rows in [1, 2, t] {
+            let budget = rows * b * h * s;
+            let what = format!("{what}, {rows} rows per chunk");
+            let (o, lse) = attention(q.clone(), k.clone(), v.clone(), mask.clone(), scale, budget);
+            assert_close(o.clone(), y.clone(), 2e-5, &format!("{what}: output"));
+            assert_close(lse.clone(), lse_kernel.clone(), 2e-5, &format!("{what}: log-sum-exp"));
+            let (dq, dk, dv) = attention_backward(q.clone(), k.clone(), v.clone(), o, lse, mask.clone(), scale, c.clone(), budget);
+            for (name, a, r) in [("dq", dq, &g[0]), ("dk", dk, &g[1]), ("dv", dv, &g[2])] {
+                assert_close(a, r.clone(), 2e-5, &format!("{what}: {name}"));
+            }
+        }
+    }
+
+    #[test]
+    fn chunked_attention_and_its_backward_match_the_reference() {
+        let dev = Default::default();
+        // (batch, queries, keys, heads, kv heads): causal, causal after 3 cached positions, one
+        // query over a cache, grouped and plain multi-head.
+        for (b, t, s, h, kv) in [(2, 6, 6, 6, 2), (2, 5, 8, 4, 4), (1, 1, 9, 3, 1), (3, 4, 4, 2, 1)] {
+            let mask = Tensor::<Cpu, 2, Bool>::tril_mask([t, s], (s - t) as i64, &dev).reshape([1, t, s]);
+            check_attention(rand([b, t, h, 8]), rand([b, s, kv, 8]), rand([b, s, kv, 8]), mask, &format!("b{b} t{t} s{s} h{h} kv{kv}"));
+        }
+        let mask = packed_mask::<Cpu>(6, &[vec![2, 3, 1], vec![6]]);
+        check_attention(rand([2, 6, 4, 8]), rand([2, 6, 2, 8]), rand([2, 6, 2, 8]), mask, "packed mask");
+    }
+
+    #[test]
+    fn chunked_attention_in_bf16_stays_within_bf16_rounding_of_f32() {
+        // The casts between the compute dtype and the f32 statistics run (the GPU computes in
+        // bf16; the other tests are f32).
+        let dev = Default::default();
+        let (b, t, h, kv, hd) = (2, 9, 4, 2, 16);
+        let (q, k, v, c) = (rand([b, t, h, hd]), rand([b, t, kv, hd]), rand([b, t, kv, hd]), rand([b, t, h, hd]));
+        let mask = Tensor::<Cpu, 2, Bool>::tril_mask([t, t], 0, &dev).reshape([1, t, t]);
+        let bf = |x: &Tensor<Cpu, 4>| x.clone().cast(FloatDType::BF16);
+        let budget = 4 * b * h * t;
+        let (o, lse) = attention(q.clone(), k.clone(), v.clone(), mask.clone(), 0.25, budget);
+        let (o16, lse16) = attention(bf(&q), bf(&k), bf(&v), mask.clone(), 0.25, budget);
+        assert_eq!((o16.dtype(), lse16.dtype()), (DType::BF16, DType::F32));
+        let grads = attention_backward(q.clone(), k.clone(), v.clone(), o, lse.clone(), mask.clone(), 0.25, c.clone(), budget);
+        let grads16 = attention_backward(bf(&q), bf(&k), bf(&v), o16.clone(), lse16.clone(), mask, 0.25, bf(&c), budget);
+        // bf16 keeps 8 significant bits: inputs and products each round at ~4e-3 relative.
+        assert_close(lse16, lse, 2e-2, "bf16 log-sum-exp");
+        for (name, a, r) in [("dq", grads16.0, grads.0), ("dk", grads16.1, grads.1), ("dv", grads16.2, grads.2)] {
+            assert_eq!(a.dtype(), DType::BF16, "{name}");
+            assert_close(a, r, 6e-2, &format!("bf16 {name}"));
+        }
+    }
+
+    #[test]
+    fn rms_norm_swiglu_and_rope_with_their_backward_match_the_reference() {
+        let dev = Default::default();
+        let w = Tensor::<Cpu, 1>::random([24], Distribution::Normal(1.0, 0.5), &dev);
+        let wa = Tensor::<Ad, 1>::from_inner(w.clone());
+        let x = rand([10, 24]);
+        let (y, g, c) = reference_grads(&[x.clone()], |x| reference::rms_norm(x[0].clone(), wa.clone(), 1e-5));
+        assert_close(rms_norm(x.clone(), w.clone(), 1e-5), y, 2e-5, "rms_norm");
+        assert_close(rms_norm_backward(x, w, 1e-5, c), g[0].clone(), 2e-5, "rms_norm backward");
+
+        let (gate, up) = (rand([10, 24]), rand([10, 24]));
+        let (y, g, c) = reference_grads(&[gate.clone(), up.clone()], |x| silu(x[0].clone()) * x[1].clone());
+        assert_close(swiglu(gate.clone(), up.clone()), y, 2e-5, "swiglu");
+        let (dg, du) = swiglu_backward(gate, up, c);
+        assert_close(dg, g[0].clone(), 2e-5, "swiglu: gate gradient");
+        assert_close(du, g[1].clone(), 2e-5, "swiglu: up gradient");
+
+        for tb in [1, 2] {
+            let cos = Tensor::<Cpu, 3>::random([tb, 7, 8], Distribution::Uniform(-1.0, 1.0), &dev);
+            let sin = Tensor::<Cpu, 3>::random([tb, 7, 8], Distribution::Uniform(-1.0, 1.0), &dev);
+            let (ca, sa) = (Tensor::<Ad, 3>::from_inner(cos.clone()), Tensor::from_inner(sin.clone()));
+            let x = rand([2, 7, 3, 8]);
+            let (y, g, c) = reference_grads(&[x.clone()], |x| reference::rope(x[0].clone(), ca.clone(), sa.clone()));
+            assert_close(rope(x, cos.clone(), sin.clone(), false), y, 2e-5, "rope");
+            assert_close(rope(c, cos, sin, true), g[0].clone(), 2e-5, "rope transposed (the backward)");
+        }
+    }
+}
