@@ -4,7 +4,8 @@
 //! in the same run, for one layer's causal attention. Prints, for each, the device memory held
 //! between the forward and the backward (what a layer's attention keeps for the backward, the
 //! output included) and the forward + backward time (the best of three after a warm-up run);
-//! then the ratios.
+//! then the ratios; and the chunked forward + backward for chunk budgets 2^24 … 2^27 score
+//! elements (the default is `ops::composed::CHUNK_SCORES`).
 //!
 //! `attention_bench [B T H KV HD]`; defaults: the SmolLM2-135M shape at batch 8 and 2048 tokens
 //! on CUDA (f32 and bf16) and, where the reference fits, the Llama-3-8B shape at batch 4; a small
@@ -76,6 +77,21 @@ fn main() {
         let shape = format!("B{b} T{t} H{h} KV{kv} hd{hd}");
         let chunked = best(true);
         println!("{label} {shape} chunked:   held for backward {:.1} MiB, forward+backward {:.2} ms", mib(chunked.held), chunked.seconds * 1e3);
+        // The chunk budget (`ops::composed::CHUNK_SCORES` is the default): forward + backward
+        // on the inner backend, as the autodiff node runs them.
+        for budget in [1usize << 24, 1 << 25, 1 << 26, 1 << 27] {
+            let once = || {
+                let start = Instant::now();
+                let (o, lse) = ops::composed::attention(q.clone(), k.clone(), v.clone(), mask.clone().inner(), scale, budget);
+                let grads = ops::composed::attention_backward(q.clone(), k.clone(), v.clone(), o, lse, mask.clone().inner(), scale, c.clone(), budget);
+                drop(grads);
+                CubeBackend::<R, F, I, BT>::sync(&device).unwrap();
+                start.elapsed().as_secs_f64()
+            };
+            let seconds = (0..4).map(|_| once()).skip(1).fold(f64::INFINITY, f64::min);
+            let rows = (budget / (b * h * t)).clamp(1, t);
+            println!("{label} {shape} chunk budget 2^{} ({} rows): forward+backward {:.2} ms", budget.trailing_zeros(), if rows > 64 { rows - rows % 64 } else { rows }, seconds * 1e3);
+        }
         if reference_too {
             let plain = best(false);
             println!("{label} {shape} reference: held for backward {:.1} MiB, forward+backward {:.2} ms", mib(plain.held), plain.seconds * 1e3);

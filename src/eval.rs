@@ -2,7 +2,6 @@
 
 use crate::backend::Kernels;
 use burn::prelude::*;
-use burn::tensor::activation::log_softmax;
 use burn::tensor::{Int, TensorData};
 
 use crate::data::conversation::Conversation;
@@ -49,9 +48,10 @@ pub fn batch_logprobs<B: Kernels>(model: &Decoder<B>, seqs: &[&[u32]]) -> Vec<Ve
         }
     }
     let input = Tensor::<B, 2, Int>::from_data(TensorData::new(input, [b, t - 1]), &device);
-    let target = Tensor::<B, 3, Int>::from_data(TensorData::new(target, [b, t - 1, 1]), &device);
-    let logp: Vec<f32> =
-        log_softmax(model.forward(input, None), 2).gather(2, target).into_data().convert::<f32>().to_vec().expect("f32 log-probs");
+    let target = Tensor::<B, 1, Int>::from_data(TensorData::new(target, [b * (t - 1)]), &device);
+    let logits = model.forward(input, None);
+    let vocab = logits.dims()[2];
+    let logp: Vec<f32> = crate::ops::token_logprobs(logits.reshape([b * (t - 1), vocab]), target).into_data().convert::<f32>().to_vec().expect("f32 log-probs");
     seqs.iter()
         .enumerate()
         .map(|(i, s)| logp[i * (t - 1)..i * (t - 1) + s.len().saturating_sub(1)].to_vec())
@@ -122,8 +122,10 @@ impl ScoredBatch {
         let device = model.device();
         let n = self.positions.len();
         let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(self.input, [self.b, self.t]), &device);
-        let target = Tensor::<B, 3, Int>::from_data(TensorData::new(self.targets, [1, n, 1]), &device);
-        log_softmax(model.head_at(hidden(ids), self.positions), 2).gather(2, target).reshape([n, 1])
+        let target = Tensor::<B, 1, Int>::from_data(TensorData::new(self.targets, [n]), &device);
+        let logits = model.head_at(hidden(ids), self.positions);
+        let vocab = logits.dims()[2];
+        crate::ops::token_logprobs(logits.reshape([n, vocab]), target).reshape([n, 1])
     }
 }
 

@@ -8,7 +8,7 @@ use burn::backend::autodiff::grads::Gradients;
 use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
 use burn::backend::Autodiff;
 use burn::prelude::*;
-use burn::tensor::ops::{BoolTensor, FloatTensor};
+use burn::tensor::ops::{BoolTensor, FloatTensor, IntTensor};
 use burn::tensor::{Bool, TensorPrimitive};
 
 use super::FusedOps;
@@ -167,6 +167,22 @@ impl<B: FusedOps> Backward<B, 3> for AttentionBackward {
     }
 }
 
+#[derive(Debug)]
+struct TokenLogprobsBackward;
+
+impl<B: FusedOps> Backward<B, 1> for TokenLogprobsBackward {
+    type State = (FloatTensor<B>, IntTensor<B>, FloatTensor<B>);
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let (logits, targets, lse) = ops.state;
+        let grad = grads.consume::<B>(&ops.node);
+        if let [Some(node)] = ops.parents {
+            let d = B::token_logprobs_backward(float(logits), Tensor::from_primitive(targets), float(lse), float(grad)).expect(PAIRED);
+            grads.register::<B>(node.id, prim(d));
+        }
+    }
+}
+
 impl<B: FusedOps, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
     fn rms_norm_fused(x: Tensor<Self, 2>, w: Tensor<Self, 1>, eps: f64) -> Option<Tensor<Self, 2>> {
         let (xi, wi) = (inner(&x), inner(&w));
@@ -224,6 +240,18 @@ impl<B: FusedOps, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
             },
         };
         Some((float(out), Tensor::from_inner(t)))
+    }
+
+    fn token_logprobs_fused(logits: Tensor<Self, 2>, targets: Tensor<Self, 1, Int>) -> Option<(Tensor<Self, 1>, Tensor<Self, 1>)> {
+        let li = inner(&logits);
+        let ti = Tensor::<B, 1, Int>::from_primitive(targets.into_primitive());
+        let node = logits.into_primitive().tensor().node;
+        let (logp, lse) = B::token_logprobs_fused(li.clone(), ti.clone())?;
+        let out = match TokenLogprobsBackward.prepare::<C>([node]).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => prep.finish((prim(li), ti.into_primitive(), prim(lse.clone())), prim(logp)),
+            OpsKind::UnTracked(prep) => prep.finish(prim(logp)),
+        };
+        Some((float(out), Tensor::from_inner(lse)))
     }
 
     fn attention_fused(q: Tensor<Self, 4>, k: Tensor<Self, 4>, v: Tensor<Self, 4>, mask: Tensor<Self, 3, Bool>, scale: f64) -> Option<(Tensor<Self, 4>, Tensor<Self, 3>)> {

@@ -17,7 +17,7 @@ pub mod composed;
 mod cpu;
 
 use burn::prelude::*;
-use burn::tensor::activation::{silu, softmax};
+use burn::tensor::activation::{log_softmax, silu, softmax};
 use burn::tensor::Bool;
 
 /// Operations a backend may run as single kernels. Each method returns `None` where the backend
@@ -75,6 +75,17 @@ pub trait FusedOps: Backend {
         _grad: Tensor<Self, 2>,
     ) -> Option<(Tensor<Self, 2>, Option<Tensor<Self, 2>>, Tensor<Self, 2>, Tensor<Self, 2>)> {
         None
+    }
+
+    /// `log softmax(logits)[target]` of each row of `logits [N, V]`, `targets [N]`, and each
+    /// row's log-sum-exp, both `[N]` in f32. Every backend runs the [`composed`] chunks unless it
+    /// has a kernel.
+    fn token_logprobs_fused(logits: Tensor<Self, 2>, targets: Tensor<Self, 1, Int>) -> Option<(Tensor<Self, 1>, Tensor<Self, 1>)> {
+        Some(composed::token_logprobs(logits, targets, composed::CHUNK_SCORES))
+    }
+    /// Gradient with respect to the logits, given the log-probs' gradient `grad [N]`.
+    fn token_logprobs_backward(logits: Tensor<Self, 2>, targets: Tensor<Self, 1, Int>, lse: Tensor<Self, 1>, grad: Tensor<Self, 1>) -> Option<Tensor<Self, 2>> {
+        Some(composed::token_logprobs_backward(logits, targets, lse, grad, composed::CHUNK_SCORES))
     }
 
     /// Softmax attention of `q [B, T, H, hd]` over `k`, `v` `[B, S, KV, hd]` (H a multiple of
@@ -203,6 +214,16 @@ pub fn lora_linear<B: FusedOps>(x: Tensor<B, 2>, x_lora: Option<Tensor<B, 2>>, w
     x.matmul(w) + (xl.matmul(a) * scale).matmul(b)
 }
 
+/// `log p(target)` of each row of `logits [N, V]` (`targets [N]`), in f32 whatever the logits'
+/// dtype: one autodiff node that keeps the logits and one log-sum-exp per row, where burn's
+/// `log_softmax` and `gather` keep several `[N, V]` tensors.
+pub fn token_logprobs<B: FusedOps>(logits: Tensor<B, 2>, targets: Tensor<B, 1, Int>) -> Tensor<B, 1> {
+    match B::token_logprobs_fused(logits.clone(), targets.clone()) {
+        Some((logp, _)) => logp,
+        None => reference::token_logprobs(logits, targets),
+    }
+}
+
 /// Scaled dot-product attention, as transformers' eager attention computes it: scores
 /// `q·kᵀ · scale`, masked positions at −∞, softmax, times `v`.
 ///
@@ -239,6 +260,11 @@ pub mod reference {
         let cos: Tensor<B, 4> = cos.unsqueeze_dim(2);
         let sin: Tensor<B, 4> = sin.unsqueeze_dim(2);
         x.clone() * cos + rotate_half(x) * sin
+    }
+
+    pub fn token_logprobs<B: Backend>(logits: Tensor<B, 2>, targets: Tensor<B, 1, Int>) -> Tensor<B, 1> {
+        let n = targets.dims()[0];
+        log_softmax(logits.cast(burn::tensor::FloatDType::F32), 1).gather(1, targets.reshape([n, 1])).reshape([n])
     }
 
     pub fn attention<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>, mask: Tensor<B, 3, Bool>, scale: f64) -> Tensor<B, 4> {

@@ -23,7 +23,7 @@ use anyhow::{bail, Context, Result};
 use burn::prelude::*;
 use burn::tensor::activation::{log_sigmoid, relu};
 use crate::backend::TrainBackend;
-use burn::tensor::{Int, TensorData};
+use burn::tensor::{DType, FloatDType, Int, TensorData};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use sha2::Digest;
@@ -159,7 +159,7 @@ impl DpoConfig {
         let device = chosen.device();
         let n = pairs.len();
         let col = |f: &dyn Fn(&PairLogps) -> f64| {
-            Tensor::<B, 1>::from_data(TensorData::new(pairs.iter().map(|p| f(p) as f32).collect::<Vec<_>>(), [n]), &device)
+            Tensor::<B, 1>::from_data(TensorData::new(pairs.iter().map(|p| f(p) as f32).collect::<Vec<_>>(), [n]), (&device, chosen.dtype()))
         };
         let sc = col(&|p| self.scale(p.chosen.tokens));
         let sr = col(&|p| self.scale(p.rejected.tokens));
@@ -196,14 +196,15 @@ pub fn completion_logps_with<B: Kernels>(model: &Decoder<B>, sides: &[&Encoded],
     let p = batch.positions.len();
     if p == 0 {
         let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(batch.input, [batch.b, batch.t]), &device);
-        return (hidden(ids).sum().reshape([1]).repeat_dim(0, n) * 0.0, counts);
+        return (hidden(ids).sum().cast(FloatDType::F32).reshape([1]).repeat_dim(0, n) * 0.0, counts);
     }
     // Sum per sequence: a 0/1 [n, p] matrix times the token log-probs.
     let mut owners = vec![0f32; n * p];
     for (k, &i) in batch.owner.iter().enumerate() {
         owners[i * p + k] = 1.0;
     }
-    let owners = Tensor::<B, 2>::from_data(TensorData::new(owners, [n, p]), &device);
+    // The log-probs are f32 (see `ops::token_logprobs`); so are the sums.
+    let owners = Tensor::<B, 2>::from_data(TensorData::new(owners, [n, p]), (&device, DType::F32));
     (owners.matmul(batch.logprobs_with(model, hidden)).reshape([n]), counts)
 }
 

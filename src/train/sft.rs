@@ -5,7 +5,6 @@ use std::path::Path;
 
 use anyhow::{bail, Result};
 use burn::prelude::*;
-use burn::tensor::activation::log_softmax;
 use crate::backend::TrainBackend;
 use burn::tensor::{Int, TensorData};
 use serde_json::{json, Map, Value};
@@ -185,8 +184,9 @@ pub fn sft_loss_with<B: Kernels>(
     let logits = model.head_at(hidden, positions);
     let predicted: Vec<i64> = logits.clone().detach().argmax(2).into_data().convert::<i64>().to_vec().expect("ids");
     let correct = predicted.iter().zip(&targets).filter(|(p, t)| p == t).count();
-    let target = Tensor::<B, 3, Int>::from_data(TensorData::new(targets, [1, n, 1]), &device);
-    let nll = log_softmax(logits, 2).gather(2, target).neg();
+    let target = Tensor::<B, 1, Int>::from_data(TensorData::new(targets, [n]), &device);
+    let vocab = logits.dims()[2];
+    let nll = crate::ops::token_logprobs(logits.reshape([n, vocab]), target).neg();
     (nll.sum() / norm, correct)
 }
 
