@@ -195,7 +195,9 @@ fn lora_steps<B: TrainBackend>(model: &str, recompute: bool) -> (Vec<f64>, Vec<f
         losses.push(loss);
         norms.push(norm);
     }
-    let params = trainable_params(&mut m).into_iter().map(|t| t.into_data().convert::<f32>().to_vec().unwrap()).collect();
+    let params = trainable_params(&mut m);
+    assert!(params.iter().all(|t| t.dtype() == burn::tensor::DType::F32), "LoRA master weights stay f32 whatever the compute dtype");
+    let params = params.into_iter().map(|t| t.into_data().convert::<f32>().to_vec().unwrap()).collect();
     (losses, norms, params)
 }
 
@@ -217,6 +219,28 @@ fn lora_and_qlora_training_steps_match_the_cpu() {
         // a small gradient's rounding shows at lr scale: 5% of one step.
         eprintln!("{model} (recompute {recompute}): losses {gpu_losses:?}, grad norms {gpu_norms:?} vs {cpu_norms:?}, adapter values within {worst}");
         assert!(worst <= 5e-5, "{model} (recompute {recompute}): adapter values differ by {worst}");
+    }
+}
+
+/// The GPU backend computing in half precision: f16 on wgpu (WGSL has no bf16), bf16 on CUDA.
+#[cfg(feature = "wgpu")]
+type Half = burn::backend::Wgpu<half::f16, i32, u32>;
+#[cfg(all(feature = "cuda", not(feature = "wgpu")))]
+type Half = ft::backend::CudaBf16;
+
+#[test]
+fn half_precision_training_steps_track_the_cpu() {
+    // The half-precision backend runs the f32 pieces (softmax and RMSNorm statistics, token
+    // log-probs, NF4 absmax, LoRA master weights) beside half-precision tensors: every cast
+    // between them must be in place, or the backend mixes dtypes in one operation.
+    for (model, recompute) in [("llama", false), ("llama", true), ("llama-bnb4", false)] {
+        let (half_losses, half_norms, _) = lora_steps::<Autodiff<Half>>(model, recompute);
+        let (cpu_losses, cpu_norms, _) = lora_steps::<Autodiff<Cpu>>(model, recompute);
+        // NaN counts as infinitely far (f64::max would drop it).
+        let rel = |a: &[f64], b: &[f64]| a.iter().zip(b).map(|(x, y)| (x - y).abs() / y.abs()).map(|d| if d.is_nan() { f64::INFINITY } else { d }).fold(0f64, f64::max);
+        let (dl, dn) = (rel(&half_losses, &cpu_losses), rel(&half_norms, &cpu_norms));
+        eprintln!("{model} (recompute {recompute}): half-precision losses {half_losses:?} vs {cpu_losses:?} ({dl:.2e}), grad norms ({dn:.2e})");
+        assert!(dl <= 1e-2 && dn <= 5e-2, "{model} (recompute {recompute}): losses differ by {dl:.2e}, grad norms by {dn:.2e}");
     }
 }
 
@@ -276,5 +300,44 @@ fn dpo_scores_match_trl() {
         // As in tests/it/dpo.rs: rewards are β × differences of log-prob sums held to 1e-4.
         let tol = (1e-5 * w.abs()).max(if k.starts_with("rewards/") { cfg.beta * 1e-4 } else { 1e-5 * w.abs() });
         assert!((g - w).abs() <= tol, "{k}: {g} vs {w}");
+    }
+}
+
+#[test]
+fn half_precision_dpo_scores_and_gradients() {
+    // DPO's completion log-probs are f32 sums of f32 token log-probs beside half-precision
+    // activations; the loss is differentiable through them into the f32 adapter weights.
+    use ft::train::dpo::{policy_logps, prepare_pairs, score_pairs, DpoConfig};
+    let want = json(&fixtures().join("dpo/expected.json"));
+    let mut m = load::<Autodiff<Half>>("llama");
+    PeftAdapter::open(&fixtures().join("adapters/lora-r4")).unwrap().attach(&mut m).unwrap();
+    let tok = TextTokenizer::from_dir(&fixtures().join("models/llama")).unwrap();
+    let template = tok.template(TemplateChoice::Chatml).unwrap();
+    let (pairs, _, _) = prepare_pairs(&tok, &template, &fixtures().join("dpo/prefs.jsonl"), 4096, None, None).unwrap();
+    let scores = score_pairs(&mut m, &pairs, None);
+    let expected = want["pairs"].as_array().unwrap();
+    let mut worst = 0f64;
+    for (s, w) in scores.iter().zip(expected) {
+        for (side, got) in [("chosen", s.chosen), ("rejected", s.rejected)] {
+            for (k, g) in [("logp_policy", got.policy), ("logp_ref", got.reference)] {
+                let e = w[side][k].as_f64().unwrap();
+                worst = worst.max((g - e).abs() / e.abs().max(1.0));
+            }
+        }
+    }
+    eprintln!("half-precision DPO log-probs within {worst:.2e} (relative) of TRL's f32 ones");
+    assert!(worst <= 2e-3, "half-precision DPO log-probs differ from TRL's by {worst}");
+    let refs: Vec<&_> = pairs.iter().collect();
+    let ((chosen, _), (rejected, _)) = policy_logps(&m, &refs);
+    assert_eq!(chosen.dtype(), burn::tensor::DType::F32);
+    let loss = DpoConfig::default().loss_tensor(chosen, rejected, &scores).sum();
+    let grads = loss.backward();
+    for (name, p) in m.projections_mut() {
+        if let Some(l) = &p.lora {
+            let g = l.a.val().grad(&grads).unwrap_or_else(|| panic!("{name}: no gradient for A"));
+            assert_eq!(g.dtype(), burn::tensor::DType::F32, "{name}");
+            let v: Vec<f32> = g.into_data().to_vec().unwrap();
+            assert!(v.iter().all(|x| x.is_finite()), "{name}: non-finite gradient");
+        }
     }
 }

@@ -3,7 +3,7 @@
 
 use burn::module::{Module, Param};
 use burn::prelude::*;
-use burn::tensor::TensorData;
+use burn::tensor::{DType, TensorData};
 
 /// How new adapters are initialised, as PEFT's `init_lora_weights`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -52,9 +52,10 @@ impl<B: Backend> Lora<B> {
     pub fn from_peft(a_peft: &[f32], b_peft: &[f32], r: usize, d_in: usize, d_out: usize, scale: f64, device: &B::Device) -> Self {
         let a = crate::model::weights::transpose(a_peft, r, d_in);
         let b = crate::model::weights::transpose(b_peft, d_out, r);
+        // f32 whatever the compute dtype: the master weights the optimizer updates.
         Lora {
-            a: Param::from_tensor(Tensor::from_data(TensorData::new(a, [d_in, r]), device)),
-            b: Param::from_tensor(Tensor::from_data(TensorData::new(b, [r, d_out]), device)),
+            a: Param::from_tensor(Tensor::from_data(TensorData::new(a, [d_in, r]), (device, DType::F32))),
+            b: Param::from_tensor(Tensor::from_data(TensorData::new(b, [r, d_out]), (device, DType::F32))),
             scale,
             dropout: 0.0,
             training: false,
@@ -101,6 +102,13 @@ impl<B: Backend> Lora<B> {
         (crate::model::weights::transpose(&a, d_in, r), crate::model::weights::transpose(&b, r, d_out))
     }
 
+    /// A and B in `dtype`, the compute dtype of the activations they multiply: the f32 master
+    /// weights rounded for the forward (a differentiable cast: their gradients come back in f32).
+    pub fn weights_in(&self, dtype: DType) -> (Tensor<B, 2>, Tensor<B, 2>) {
+        let cast = |t: Tensor<B, 2>| if t.dtype() == dtype { t } else { t.cast(dtype) };
+        (cast(self.a.val()), cast(self.b.val()))
+    }
+
     pub fn rank(&self) -> usize {
         self.a.dims()[1]
     }
@@ -120,8 +128,9 @@ impl<B: Backend> Lora<B> {
     /// `x: [..., in]` → `[..., out]`
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
         let x = self.dropped_input(&x).unwrap_or(x);
+        let (a, b) = self.weights_in(x.dtype());
         // The scale multiplies the rank-r intermediate, not the [.., out] result: the same
         // product (PEFT scales after B), one r/out-th of the element-wise work.
-        (x.matmul(self.a.val().unsqueeze()) * self.scale).matmul(self.b.val().unsqueeze())
+        (x.matmul(a.unsqueeze()) * self.scale).matmul(b.unsqueeze())
     }
 }

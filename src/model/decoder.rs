@@ -95,7 +95,10 @@ impl<B: Kernels> Projection<B> {
             // Dequantized for this forward (and again in the backward): never kept.
             (Some(q), _) => B::nf4_linear(x.clone(), q),
             // Base and adapter as one operation (one backward step, no separate sum).
-            (None, Some(l)) => ops::lora_linear(x.clone(), l.dropped_input(&x), self.weight.val(), l.a.val(), l.b.val(), l.scale),
+            (None, Some(l)) => {
+                let (a, b) = l.weights_in(x.dtype());
+                ops::lora_linear(x.clone(), l.dropped_input(&x), self.weight.val(), a, b, l.scale)
+            }
             (None, None) => x.clone().matmul(self.weight.val()),
         };
         if let (Some(l), Some(_)) = (lora, &self.nf4) {

@@ -131,7 +131,7 @@ pub fn load_latest<B: Backend>(run: &Path, device: &B::Device) -> Result<Option<
     while let Some((shape, _)) = ck.info(&format!("m.{i}")) {
         for (name, out) in [(format!("m.{i}"), &mut m), (format!("v.{i}"), &mut v)] {
             let data = ck.f32(&name, &shape)?;
-            out.push(Tensor::from_data(TensorData::new(data, [shape[0], shape[1]]), device));
+            out.push(Tensor::from_data(TensorData::new(data, [shape[0], shape[1]]), (device, burn::tensor::DType::F32)));
         }
         i += 1;
     }
