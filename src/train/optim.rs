@@ -6,7 +6,29 @@ use burn::prelude::*;
 
 use super::recipe::Schedule;
 
-/// AdamW state over a flat list of parameters.
+/// The parameters (or their gradients, or moments) as one flat vector: each tensor row-major,
+/// one after the other. The optimizer works on this, so a step is a dozen tensor operations
+/// whatever the number of adapted projections (hundreds; on the GPU each operation is a kernel
+/// launch).
+pub fn flatten<B: Backend>(ts: &[Tensor<B, 2>]) -> Tensor<B, 1> {
+    assert!(!ts.is_empty(), "no trainable parameters");
+    Tensor::cat(ts.iter().map(|t| t.clone().reshape([t.shape().num_elements()])).collect(), 0)
+}
+
+/// The tensors of `shapes` that [`flatten`] laid out in `flat` (views of it).
+pub fn unflatten<B: Backend>(flat: Tensor<B, 1>, shapes: &[[usize; 2]]) -> Vec<Tensor<B, 2>> {
+    let mut at = 0;
+    shapes
+        .iter()
+        .map(|&[r, c]| {
+            let t = flat.clone().narrow(0, at, r * c).reshape([r, c]);
+            at += r * c;
+            t
+        })
+        .collect()
+}
+
+/// AdamW state over a list of parameters, kept flat (see [`flatten`]).
 pub struct AdamW<B: Backend> {
     pub beta1: f64,
     pub beta2: f64,
@@ -14,67 +36,75 @@ pub struct AdamW<B: Backend> {
     pub weight_decay: f64,
     /// Optimizer steps taken.
     pub t: usize,
-    m: Vec<Tensor<B, 2>>,
-    v: Vec<Tensor<B, 2>>,
+    shapes: Vec<[usize; 2]>,
+    m: Tensor<B, 1>,
+    v: Tensor<B, 1>,
 }
 
 impl<B: Backend> AdamW<B> {
     pub fn new(params: &[Tensor<B, 2>], weight_decay: f64) -> Self {
+        let zeros = flatten(params).zeros_like();
         AdamW {
             beta1: 0.9,
             beta2: 0.999,
             eps: 1e-8,
             weight_decay,
             t: 0,
-            m: params.iter().map(|p| p.zeros_like()).collect(),
-            v: params.iter().map(|p| p.zeros_like()).collect(),
+            shapes: params.iter().map(|p| p.dims()).collect(),
+            m: zeros.clone(),
+            v: zeros,
         }
     }
 
+    /// The parameters' shapes, in order.
+    pub fn shapes(&self) -> &[[usize; 2]] {
+        &self.shapes
+    }
+
     /// First and second moments, per parameter (for checkpoints).
-    pub fn moments(&self) -> (&[Tensor<B, 2>], &[Tensor<B, 2>]) {
-        (&self.m, &self.v)
+    pub fn moments(&self) -> (Vec<Tensor<B, 2>>, Vec<Tensor<B, 2>>) {
+        (unflatten(self.m.clone(), &self.shapes), unflatten(self.v.clone(), &self.shapes))
     }
 
     /// Restores moments and the step count saved by a checkpoint.
     pub fn restore(&mut self, m: Vec<Tensor<B, 2>>, v: Vec<Tensor<B, 2>>, t: usize) {
-        self.m = m;
-        self.v = v;
+        self.m = flatten(&m);
+        self.v = flatten(&v);
         self.t = t;
     }
 
     /// One update; returns the new parameters.
     pub fn step(&mut self, params: Vec<Tensor<B, 2>>, grads: Vec<Tensor<B, 2>>, lr: f64) -> Vec<Tensor<B, 2>> {
+        let new = self.step_flat(flatten(&params), flatten(&grads), lr);
+        unflatten(new, &self.shapes)
+    }
+
+    /// One update of the flat parameters given their flat gradients; returns the new ones.
+    pub fn step_flat(&mut self, p: Tensor<B, 1>, g: Tensor<B, 1>, lr: f64) -> Tensor<B, 1> {
         self.t += 1;
         let bc1 = 1.0 - self.beta1.powi(self.t as i32);
         let bc2 = 1.0 - self.beta2.powi(self.t as i32);
         let step_size = lr / bc1;
         let bc2_sqrt = bc2.sqrt();
-        let mut out = Vec::with_capacity(params.len());
-        for (i, (p, g)) in params.into_iter().zip(grads).enumerate() {
-            let m = self.m[i].clone() * self.beta1 + g.clone() * (1.0 - self.beta1);
-            let v = self.v[i].clone() * self.beta2 + g.clone() * g * (1.0 - self.beta2);
-            let p = if self.weight_decay != 0.0 { p * (1.0 - lr * self.weight_decay) } else { p };
-            let denom = v.clone().sqrt() / bc2_sqrt + self.eps;
-            out.push(p - m.clone() / denom * step_size);
-            self.m[i] = m;
-            self.v[i] = v;
-        }
-        out
+        let m = self.m.clone() * self.beta1 + g.clone() * (1.0 - self.beta1);
+        let v = self.v.clone() * self.beta2 + g.clone() * g * (1.0 - self.beta2);
+        let p = if self.weight_decay != 0.0 { p * (1.0 - lr * self.weight_decay) } else { p };
+        let denom = v.clone().sqrt() / bc2_sqrt + self.eps;
+        let new = p - m.clone() / denom * step_size;
+        self.m = m;
+        self.v = v;
+        new
     }
 }
 
-/// Global L2 norm of all gradients; scales them to `max_norm` when above it (PyTorch:
+/// Global L2 norm of the (flat) gradients; scales them to `max_norm` when above it (PyTorch:
 /// `coef = max_norm / (norm + 1e-6)`, applied when `coef < 1`). Returns the norm before clipping.
-pub fn clip_global_norm<B: Backend>(grads: &mut [Tensor<B, 2>], max_norm: f64) -> f64 {
-    let sq: f64 = grads.iter().map(|g| g.clone().powi_scalar(2).sum().into_scalar().elem::<f64>()).sum();
-    let norm = sq.sqrt();
+pub fn clip_global_norm<B: Backend>(grads: &mut Tensor<B, 1>, max_norm: f64) -> f64 {
+    let norm = grads.clone().powi_scalar(2).sum().into_scalar().elem::<f64>().sqrt();
     if max_norm > 0.0 {
         let coef = max_norm / (norm + 1e-6);
         if coef < 1.0 {
-            for g in grads.iter_mut() {
-                *g = g.clone() * coef;
-            }
+            *grads = grads.clone() * coef;
         }
     }
     norm
@@ -129,14 +159,27 @@ mod tests {
     #[test]
     fn clipping_uses_the_global_norm() {
         let d = Default::default();
-        let mut g = vec![
+        let g = vec![
             Tensor::<Cpu, 2>::from_data(TensorData::new(vec![3.0f32], [1, 1]), &d),
             Tensor::<Cpu, 2>::from_data(TensorData::new(vec![4.0f32], [1, 1]), &d),
         ];
-        let n = clip_global_norm(&mut g, 1.0);
-        assert!((n - 5.0).abs() < 1e-9);
-        let a: f32 = g[0].clone().into_scalar();
+        let mut flat = flatten(&g);
+        let n = clip_global_norm(&mut flat, 1.0);
+        assert!((n - 5.0).abs() < 1e-6);
+        let a: f32 = unflatten(flat, &[[1, 1], [1, 1]])[0].clone().into_scalar();
         assert!((a - 3.0 / (5.0 + 1e-6) as f32).abs() < 1e-6);
+    }
+
+    #[test]
+    fn flat_parameters_round_trip_in_order() {
+        let d = Default::default();
+        let a = Tensor::<Cpu, 2>::from_data(TensorData::new((0..6).map(|i| i as f32).collect::<Vec<_>>(), [2, 3]), &d);
+        let b = Tensor::<Cpu, 2>::from_data(TensorData::new(vec![10f32, 11.0], [2, 1]), &d);
+        let flat = flatten(&[a.clone(), b.clone()]);
+        assert_eq!(flat.to_data().to_vec::<f32>().unwrap(), vec![0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 10.0, 11.0]);
+        let back = unflatten(flat, &[[2, 3], [2, 1]]);
+        assert_eq!(back[0].to_data(), a.to_data());
+        assert_eq!(back[1].to_data(), b.to_data());
     }
 
     #[test]

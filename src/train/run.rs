@@ -259,7 +259,7 @@ pub fn run<B: TrainBackend>(recipe: &Recipe, device: B::Device, quiet: bool, res
             let (m, v) = opt.moments();
             let cfg = lora_config.clone();
             let base = recipe.model.path.display().to_string();
-            let saved = checkpoint::save(out, &st, |dir| peft::save(&mut model, &cfg, &base, dir), m, v, t.keep_last)?;
+            let saved = checkpoint::save(out, &st, |dir| peft::save(&mut model, &cfg, &base, dir), &m, &v, t.keep_last)?;
             if interrupted {
                 bail!(Interrupted { checkpoint: saved });
             }

@@ -4,7 +4,7 @@ use burn::module::Param;
 use burn::prelude::*;
 use crate::backend::TrainBackend;
 
-use super::optim::{clip_global_norm, AdamW};
+use super::optim::{clip_global_norm, flatten, unflatten, AdamW};
 use super::recompute::Forward;
 use crate::model::Decoder;
 
@@ -44,7 +44,8 @@ pub fn train_step<B: TrainBackend>(
     max_grad_norm: f64,
     recompute: bool,
 ) -> (f64, f64) {
-    let mut grads: Option<Vec<Tensor<B::InnerBackend, 2>>> = None;
+    // Gradients accumulate flat (see `optim::flatten`): one addition per micro-batch.
+    let mut grads: Option<Tensor<B::InnerBackend, 1>> = None;
     let mut total = 0.0;
     let mut forward = Forward::new(recompute);
     for k in 0..n_micro {
@@ -66,15 +67,16 @@ pub fn train_step<B: TrainBackend>(
                 this.push(gb);
             }
         }
+        let this = flatten(&this);
         grads = Some(match grads {
             None => this,
-            Some(acc) => acc.into_iter().zip(this).map(|(a, b)| a + b).collect(),
+            Some(acc) => acc + this,
         });
     }
-    let mut grads = grads.unwrap_or_default();
-    let grad_norm = clip_global_norm(&mut grads, max_grad_norm);
     let params = trainable_params(model);
-    let new = opt.step(params, grads, lr);
-    set_params(model, new);
+    let Some(mut grads) = grads else { return (total, 0.0) };
+    let grad_norm = clip_global_norm(&mut grads, max_grad_norm);
+    let new = opt.step_flat(flatten(&params), grads, lr);
+    set_params(model, unflatten(new, opt.shapes()));
     (total, grad_norm)
 }
