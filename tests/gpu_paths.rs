@@ -233,6 +233,10 @@ fn half_precision_training_steps_track_the_cpu() {
     // The half-precision backend runs the f32 pieces (softmax and RMSNorm statistics, token
     // log-probs, NF4 absmax, LoRA master weights) beside half-precision tensors: every cast
     // between them must be in place, or the backend mixes dtypes in one operation.
+    // Losses and norms are read back in f32 (burn's `into_scalar` would round them to f16/bf16).
+    let x = 1.0001f32;
+    let t = Tensor::<Half, 1>::from_data(TensorData::new(vec![x], [1]), (&Default::default(), burn::tensor::DType::F32));
+    assert_eq!(ft::train::scalar(t), x as f64);
     for (model, recompute) in [("llama", false), ("llama", true), ("llama-bnb4", false)] {
         let (half_losses, half_norms, _) = lora_steps::<Autodiff<Half>>(model, recompute);
         let (cpu_losses, cpu_norms, _) = lora_steps::<Autodiff<Cpu>>(model, recompute);
@@ -240,7 +244,9 @@ fn half_precision_training_steps_track_the_cpu() {
         let rel = |a: &[f64], b: &[f64]| a.iter().zip(b).map(|(x, y)| (x - y).abs() / y.abs()).map(|d| if d.is_nan() { f64::INFINITY } else { d }).fold(0f64, f64::max);
         let (dl, dn) = (rel(&half_losses, &cpu_losses), rel(&half_norms, &cpu_norms));
         eprintln!("{model} (recompute {recompute}): half-precision losses {half_losses:?} vs {cpu_losses:?} ({dl:.2e}), grad norms ({dn:.2e})");
-        assert!(dl <= 1e-2 && dn <= 5e-2, "{model} (recompute {recompute}): losses differ by {dl:.2e}, grad norms by {dn:.2e}");
+        // Seen on lavapipe in f16: losses 3e-6, grad norms 4e-4. bf16 keeps 3 fewer mantissa bits.
+        let (tl, tn) = if cfg!(feature = "wgpu") { (1e-4, 5e-3) } else { (1e-2, 5e-2) };
+        assert!(dl <= tl && dn <= tn, "{model} (recompute {recompute}): losses differ by {dl:.2e}, grad norms by {dn:.2e}");
     }
 }
 
@@ -310,6 +316,7 @@ fn half_precision_dpo_scores_and_gradients() {
     use ft::train::dpo::{policy_logps, prepare_pairs, score_pairs, DpoConfig};
     let want = json(&fixtures().join("dpo/expected.json"));
     let mut m = load::<Autodiff<Half>>("llama");
+    assert!(matches!(m.embed_tokens.val().dtype(), burn::tensor::DType::F16 | burn::tensor::DType::BF16), "the model computes in half precision");
     PeftAdapter::open(&fixtures().join("adapters/lora-r4")).unwrap().attach(&mut m).unwrap();
     let tok = TextTokenizer::from_dir(&fixtures().join("models/llama")).unwrap();
     let template = tok.template(TemplateChoice::Chatml).unwrap();
@@ -326,7 +333,9 @@ fn half_precision_dpo_scores_and_gradients() {
         }
     }
     eprintln!("half-precision DPO log-probs within {worst:.2e} (relative) of TRL's f32 ones");
-    assert!(worst <= 2e-3, "half-precision DPO log-probs differ from TRL's by {worst}");
+    // Seen on lavapipe in f16: 2e-5. bf16 keeps 3 fewer mantissa bits.
+    let tol = if cfg!(feature = "wgpu") { 1e-3 } else { 1e-2 };
+    assert!(worst <= tol, "half-precision DPO log-probs differ from TRL's by {worst}");
     let refs: Vec<&_> = pairs.iter().collect();
     let ((chosen, _), (rejected, _)) = policy_logps(&m, &refs);
     assert_eq!(chosen.dtype(), burn::tensor::DType::F32);
@@ -339,5 +348,53 @@ fn half_precision_dpo_scores_and_gradients() {
             let v: Vec<f32> = g.into_data().to_vec().unwrap();
             assert!(v.iter().all(|x| x.is_finite()), "{name}: non-finite gradient");
         }
+    }
+}
+
+/// `ft train`'s whole loop (`train::run::run`: data, adapters, steps, eval, checkpoints, the
+/// written adapter) on the half-precision backend, for SFT with LoRA and with QLoRA and for DPO.
+#[test]
+fn half_precision_sft_and_dpo_runs_end_to_end() {
+    use ft::train::recipe::Recipe;
+    fixtures();
+    for (name, method, data, extra) in [
+        ("sft", "sft", "chat.jsonl", ""),
+        ("qlora", "sft", "chat.jsonl", "quantize = \"nf4\"\n"),
+        ("dpo", "dpo", "dpo/prefs.jsonl", ""),
+    ] {
+        let d = common::scratch(&format!("gpu-half-{name}"));
+        let data = fixtures().join(data);
+        let r = d.join("recipe.toml");
+        std::fs::write(
+            &r,
+            format!(
+                "[model]\npath = \"{}\"\n{extra}[data]\ntrain = \"{}\"\neval = \"{}\"\ntemplate = \"chatml\"\n[lora]\nr = 4\nalpha = 8\n\
+                 [train]\nmethod = \"{method}\"\nmax_steps = 6\nmicro_batch_size = 2\nlr = 1e-2\nseed = 3\nsave_every = 3\n[output]\ndir = \"{}\"\n",
+                common::model_dir("llama").display(),
+                data.display(),
+                data.display(),
+                d.join("run").display()
+            ),
+        )
+        .unwrap();
+        let recipe = Recipe::load(&r, &[]).unwrap();
+        let summary = ft::train::run::run::<Autodiff<Half>>(&recipe, Default::default(), true, false).unwrap();
+        let losses: Vec<f64> = std::fs::read_to_string(d.join("run/metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"].as_f64())
+            .collect();
+        eprintln!("{name}: half-precision losses {losses:?}, eval loss {:?}", summary.eval_loss);
+        assert_eq!(losses.len(), 6, "{name}");
+        assert!(losses.iter().all(|l| l.is_finite()), "{name}: {losses:?}");
+        assert!(losses[5] < losses[0], "{name}: the loss falls: {losses:?}");
+        if method == "dpo" {
+            assert!((losses[0] - std::f64::consts::LN_2).abs() < 1e-3, "DPO starts at ln 2: {}", losses[0]);
+        }
+        assert!(summary.eval_loss.is_some_and(f64::is_finite), "{name}: eval loss {:?}", summary.eval_loss);
+        // The adapter loads back as a PEFT adapter.
+        let mut m = load::<Cpu>("llama");
+        PeftAdapter::open(&d.join("run/adapter")).unwrap().attach(&mut m).unwrap();
+        std::fs::remove_dir_all(&d).ok();
     }
 }

@@ -100,7 +100,7 @@ impl<B: Backend> AdamW<B> {
 /// Global L2 norm of the (flat) gradients; scales them to `max_norm` when above it (PyTorch:
 /// `coef = max_norm / (norm + 1e-6)`, applied when `coef < 1`). Returns the norm before clipping.
 pub fn clip_global_norm<B: Backend>(grads: &mut Tensor<B, 1>, max_norm: f64) -> f64 {
-    let norm = grads.clone().powi_scalar(2).sum().into_scalar().elem::<f64>().sqrt();
+    let norm = super::scalar(grads.clone().powi_scalar(2).sum()).sqrt();
     if max_norm > 0.0 {
         let coef = max_norm / (norm + 1e-6);
         if coef < 1.0 {

@@ -223,7 +223,7 @@ pub fn mean_loss<B: Kernels>(model: &Decoder<B>, data: &[Encoded], batch: usize)
         let mb = MicroBatch::new(&refs);
         let tokens = mb.trainable();
         let (loss, _) = sft_loss(model, &mb, 1.0);
-        nll += loss.into_scalar().elem::<f64>();
+        nll += super::scalar(loss);
         n += tokens;
     }
     nll / n.max(1) as f64

@@ -50,7 +50,7 @@ pub fn train_step<B: TrainBackend>(
     let mut forward = Forward::new(recompute);
     for k in 0..n_micro {
         let l = loss(model, &mut forward, k);
-        total += l.clone().into_scalar().elem::<f64>();
+        total += super::scalar(l.clone());
         let g = l.backward();
         let mut from_blocks = forward.backward_blocks(model, &g);
         let mut this = Vec::new();
