@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # GPU checks, run on the GPU machine with binaries built beforehand (nothing is built here):
-#   scripts/build-gpu.sh            (here: .bin/ft and .bin/gpu_paths, CUDA builds)
+#   scripts/build-gpu.sh            (here: .bin/ft, .bin/gpu_paths, .bin/gpu_half, CUDA builds)
 #   scripts/gpu-check.sh .bin/ft [SMOLLM2_HF_DIR [random]]
-# First .bin/gpu_paths (tests/gpu_paths.rs on CUDA): the NF4 CubeCL kernel against bitsandbytes'
-# values (f32 bit for bit, bf16 = the rounded f32 product), oracle logits, LoRA/QLoRA steps vs CPU.
+# First .bin/gpu_paths (tests/gpu_paths.rs on CUDA, f32): the NF4 CubeCL kernel against
+# bitsandbytes' values bit for bit, oracle logits, chunked attention, LoRA/QLoRA steps vs CPU, DPO;
+# then .bin/gpu_half (tests/gpu_half.rs, bf16): the kernel's bf16 output (= the rounded f32
+# product), LoRA/QLoRA steps vs the f32 CPU, DPO scores and gradients, `ft train`'s whole loop.
 # For each oracle model and dtype (f32, bf16) on CUDA: `ft eval` loss vs transformers' expected loss,
 # and `ft generate` greedy ids vs transformers' (f32 must match to 1e-4 and exactly; bf16 is reported).
 # With a SmolLM2 directory: its three greedy generations and eval/generate speed on the GPU
@@ -18,18 +20,20 @@ SMOL=${2:-}
 RANDOM_WEIGHTS=${3:-}
 "$FT" --version
 paths_failed=0
-if [ -x .bin/gpu_paths ]; then
-  CARGO_MANIFEST_DIR=$PWD .bin/gpu_paths --test-threads 1 || paths_failed=1
-else
-  echo "no .bin/gpu_paths (scripts/build-gpu.sh builds it): kernel tests skipped"; paths_failed=1
-fi
+for t in gpu_paths gpu_half; do
+  if [ -x .bin/$t ]; then
+    CARGO_MANIFEST_DIR=$PWD .bin/$t --test-threads 1 --nocapture || paths_failed=1
+  else
+    echo "no .bin/$t (scripts/build-gpu.sh builds it): skipped"; paths_failed=1
+  fi
+done
 python3 - "$FT" "$SMOL" "$RANDOM_WEIGHTS" "$paths_failed" <<'PY'
 import json, subprocess, sys, time
 ft, smol, random_weights = sys.argv[1], sys.argv[2], sys.argv[3] == "random"
 fx = "tests/fixtures"
 exp_loss = json.load(open(f"{fx}/expected_chat_loss.json"))
 fails = int(sys.argv[4])
-print("gpu_paths:", "FAILED or missing" if fails else "passed")
+print("gpu_paths, gpu_half:", "FAILED or missing" if fails else "passed")
 def run(args):
     t = time.time()
     p = subprocess.run([ft] + args, capture_output=True, text=True)

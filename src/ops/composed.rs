@@ -93,15 +93,15 @@ pub fn swiglu_backward<B: Backend>(gate: Tensor<B, 2>, up: Tensor<B, 2>, grad: T
 
 /// The shapes of one attention call and how its queries are split into chunks.
 #[derive(Debug, Clone, Copy)]
-struct Geometry {
-    b: usize,
-    t: usize,
-    s: usize,
-    h: usize,
-    kv: usize,
-    hd: usize,
+pub struct Geometry {
+    pub b: usize,
+    pub t: usize,
+    pub s: usize,
+    pub h: usize,
+    pub kv: usize,
+    pub hd: usize,
     /// Query rows per chunk.
-    chunk: usize,
+    pub chunk: usize,
 }
 
 impl Geometry {
@@ -117,7 +117,8 @@ impl Geometry {
         Self { b, t, s, h, kv, hd, chunk }
     }
 
-    fn rep(&self) -> usize {
+    /// Query heads per kv head.
+    pub fn rep(&self) -> usize {
         self.h / self.kv
     }
 
@@ -163,30 +164,92 @@ fn chunk_mask<B: Backend>(g: &Geometry, mask: &Tensor<B, 3, Bool>, rows: &Range<
         .reshape([g.b, g.kv, g.rep() * c, keys])
 }
 
-/// The scaled, masked scores of one chunk in f32: `[B, KV, rep·C, keys]`.
-fn scores<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>, mask: Tensor<B, 4, Bool>, scale: f64) -> Tensor<B, 4> {
-    f32(q.matmul(k.swap_dims(2, 3))).mul_scalar(scale).mask_fill(mask, f32::NEG_INFINITY)
+/// The scaled, masked scores of one chunk in f32, from the raw products `q·kᵀ`.
+fn scaled_masked<B: Backend>(g: &Geometry, raw: Tensor<B, 4>, mask: &Tensor<B, 3, Bool>, rows: &Range<usize>, scale: f64) -> Tensor<B, 4> {
+    let keys = raw.dims()[3];
+    f32(raw).mul_scalar(scale).mask_fill(chunk_mask(g, mask, rows, keys), f32::NEG_INFINITY)
 }
+
+/// The row-wise parts of the chunked attention, which a backend may run as kernels (burn's
+/// CubeCL backends: `kernels/src/attention.rs`); by default composed from tensor ops. `raw` is a
+/// chunk's `q·kᵀ` `[B, KV, rep·C, keys]` in the compute dtype (unscaled, unmasked), for the
+/// query rows `rows` of `g`; `mask` is the whole `[1 | B, T, S]` mask.
+pub trait ScoreRows: Backend {
+    /// The probabilities (compute dtype) and each row's log-sum-exp `[B, KV, rep·C]` (f32).
+    fn masked_softmax(g: &Geometry, raw: Tensor<Self, 4>, mask: &Tensor<Self, 3, Bool>, rows: &Range<usize>, scale: f64) -> (Tensor<Self, 4>, Tensor<Self, 3>) {
+        masked_softmax_ops(g, raw, mask, rows, scale)
+    }
+
+    /// The backward's probabilities `P = exp(scale·s − lse)` and score gradients
+    /// `dS = scale · P ∘ (dP − delta)`, both in the compute dtype, given the probabilities'
+    /// gradient `dp` (compute dtype) and per row `lse` and `delta = rowsum(dO ∘ O)` (f32).
+    #[allow(clippy::too_many_arguments)]
+    fn softmax_grad(
+        g: &Geometry,
+        raw: Tensor<Self, 4>,
+        dp: Tensor<Self, 4>,
+        mask: &Tensor<Self, 3, Bool>,
+        rows: &Range<usize>,
+        lse: Tensor<Self, 3>,
+        delta: Tensor<Self, 3>,
+        scale: f64,
+    ) -> (Tensor<Self, 4>, Tensor<Self, 4>) {
+        softmax_grad_ops(g, raw, dp, mask, rows, lse, delta, scale)
+    }
+}
+
+/// [`ScoreRows::masked_softmax`] from tensor ops.
+pub fn masked_softmax_ops<B: Backend>(g: &Geometry, raw: Tensor<B, 4>, mask: &Tensor<B, 3, Bool>, rows: &Range<usize>, scale: f64) -> (Tensor<B, 4>, Tensor<B, 3>) {
+    let dtype = float_dtype(&raw);
+    let s = scaled_masked(g, raw, mask, rows, scale);
+    let m = s.clone().max_dim(3);
+    let p = (s - m.clone()).exp();
+    let l = p.clone().sum_dim(3);
+    ((p / l.clone()).cast(dtype), (m + l.log()).squeeze_dim(3))
+}
+
+/// [`ScoreRows::softmax_grad`] from tensor ops.
+#[allow(clippy::too_many_arguments)]
+pub fn softmax_grad_ops<B: Backend>(
+    g: &Geometry,
+    raw: Tensor<B, 4>,
+    dp: Tensor<B, 4>,
+    mask: &Tensor<B, 3, Bool>,
+    rows: &Range<usize>,
+    lse: Tensor<B, 3>,
+    delta: Tensor<B, 3>,
+    scale: f64,
+) -> (Tensor<B, 4>, Tensor<B, 4>) {
+    let dtype = float_dtype(&raw);
+    let p = (scaled_masked(g, raw, mask, rows, scale) - lse.unsqueeze_dim(3)).exp();
+    let ds = (p.clone() * (f32(dp) - delta.unsqueeze_dim(3))).mul_scalar(scale);
+    (p.cast(dtype), ds.cast(dtype))
+}
+
+impl ScoreRows for burn::backend::Flex {}
+
+#[cfg(feature = "cuda-tuned")]
+impl ScoreRows for crate::backend::CudaF32 {}
+
+#[cfg(feature = "cuda-tuned")]
+impl ScoreRows for crate::backend::CudaBf16 {}
 
 /// Softmax attention of `q [B, T, H, hd]` over `k`, `v` `[B, S, KV, hd]` under
 /// `mask [1 | B, T, S]` (true = not attended; a causal mask or a subset of one), in chunks of at
 /// most `chunk_scores` score elements. Returns the output `[B, T, H, hd]` and the log-sum-exp
 /// `[B, H, T]` in f32.
-pub fn attention<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>, mask: Tensor<B, 3, Bool>, scale: f64, chunk_scores: usize) -> (Tensor<B, 4>, Tensor<B, 3>) {
+pub fn attention<B: ScoreRows>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>, mask: Tensor<B, 3, Bool>, scale: f64, chunk_scores: usize) -> (Tensor<B, 4>, Tensor<B, 3>) {
     let g = Geometry::of(q.dims(), k.dims(), chunk_scores);
-    let dtype = float_dtype(&q);
     let qg = grouped(&g, q);
     let (k, v) = (k.swap_dims(1, 2), v.swap_dims(1, 2));
     let (mut out, mut lse) = (Vec::new(), Vec::new());
     for (rows_c, keys) in g.chunks() {
         let kc = k.clone().narrow(2, 0, keys);
         let vc = v.clone().narrow(2, 0, keys);
-        let s = scores(rows(&g, &qg, &rows_c), kc, chunk_mask(&g, &mask, &rows_c, keys), scale);
-        let m = s.clone().max_dim(3);
-        let p = (s - m.clone()).exp();
-        let l = p.clone().sum_dim(3);
-        out.push((p / l.clone()).cast(dtype).matmul(vc));
-        lse.push((m + l.log()).reshape([g.b, g.kv, g.rep(), rows_c.len()]));
+        let raw = rows(&g, &qg, &rows_c).matmul(kc.swap_dims(2, 3));
+        let (p, l) = B::masked_softmax(&g, raw, &mask, &rows_c, scale);
+        out.push(p.matmul(vc));
+        lse.push(l.reshape([g.b, g.kv, g.rep(), rows_c.len()]));
     }
     (ungrouped(&g, out), Tensor::cat(lse, 3).reshape([g.b, g.h, g.t]))
 }
@@ -195,7 +258,7 @@ pub fn attention<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>, 
 /// log-sum-exp: per chunk `P = exp(s − lse)`, `dV += Pᵀ·dO`, `dS = P ∘ (dO·Vᵀ − rowsum(dO ∘ O))`,
 /// `dQ = scale · dS·K`, `dK += scale · dSᵀ·Q`; dK and dV accumulate in f32.
 #[allow(clippy::too_many_arguments)]
-pub fn attention_backward<B: Backend>(
+pub fn attention_backward<B: ScoreRows>(
     q: Tensor<B, 4>,
     k: Tensor<B, 4>,
     v: Tensor<B, 4>,
@@ -219,12 +282,12 @@ pub fn attention_backward<B: Backend>(
         let n = g.rep() * rows_c.len();
         let (kc, vc) = (k.clone().narrow(2, 0, keys), v.clone().narrow(2, 0, keys));
         let (qc, oc, doc) = (rows(&g, &qg, &rows_c), rows(&g, &og, &rows_c), rows(&g, &dog, &rows_c));
-        let lc = lse.clone().narrow(3, rows_c.start, rows_c.len()).reshape([g.b, g.kv, n, 1]);
-        let p = (scores(qc.clone(), kc.clone(), chunk_mask(&g, &mask, &rows_c, keys), scale) - lc).exp();
-        let delta = (f32(doc.clone()) * f32(oc)).sum_dim(3);
-        let dv_c = p.clone().cast(dtype).swap_dims(2, 3).matmul(doc.clone());
-        let dp = f32(doc.matmul(vc.swap_dims(2, 3)));
-        let ds = (p * (dp - delta)).mul_scalar(scale).cast(dtype);
+        let lc = lse.clone().narrow(3, rows_c.start, rows_c.len()).reshape([g.b, g.kv, n]);
+        let delta = (f32(doc.clone()) * f32(oc)).sum_dim(3).squeeze_dim(3);
+        let raw = qc.clone().matmul(kc.clone().swap_dims(2, 3));
+        let dp = doc.clone().matmul(vc.swap_dims(2, 3));
+        let (p, ds) = B::softmax_grad(&g, raw, dp, &mask, &rows_c, lc, delta, scale);
+        let dv_c = p.swap_dims(2, 3).matmul(doc);
         dq.push(ds.clone().matmul(kc));
         let dk_c = ds.swap_dims(2, 3).matmul(qc);
         let at = [0..g.b, 0..g.kv, 0..keys, 0..g.hd];

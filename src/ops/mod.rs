@@ -15,6 +15,8 @@
 mod autodiff;
 pub mod composed;
 mod cpu;
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
+mod gpu;
 
 use burn::prelude::*;
 use burn::tensor::activation::{log_softmax, silu, softmax};

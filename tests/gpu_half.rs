@@ -1,0 +1,173 @@
+//! ft's GPU code paths in half precision (f16 on wgpu, whose WGSL has no bf16; bf16 on CUDA),
+//! run without a GPU like `gpu_paths.rs` (its own process: burn keeps one default dtype per
+//! device per process). The f32 pieces (softmax and norm statistics, token log-probs, NF4
+//! absmax, LoRA master weights and AdamW state, losses read back) sit beside half-precision
+//! tensors: LoRA, QLoRA and gradient-checkpointed SFT steps against the f32 CPU run, DPO scores and
+//! gradients, `ft train`'s whole loop, and (CUDA) the NF4 kernel's bf16 output.
+//!
+//! `cargo test --features wgpu --test gpu_half`; `scripts/gpu-check.sh` runs the CUDA build.
+#![cfg(any(feature = "wgpu", feature = "cuda"))]
+
+use burn::backend::Autodiff;
+use burn::prelude::*;
+use burn::tensor::TensorData;
+use ft::adapters::peft::PeftAdapter;
+use ft::backend::Cpu;
+use ft::tokenizer::{TemplateChoice, TextTokenizer};
+
+#[path = "it/common.rs"]
+#[allow(dead_code)]
+mod common;
+
+#[path = "gpu/shared.rs"]
+#[allow(dead_code)]
+mod shared;
+
+use common::json;
+use shared::{fixtures, load, lora_steps};
+#[cfg(feature = "cuda")]
+use shared::nf4_oracle;
+
+/// The GPU backend computing in half precision: f16 on wgpu (WGSL has no bf16), bf16 on CUDA.
+#[cfg(feature = "wgpu")]
+type Half = burn::backend::Wgpu<half::f16, i32, u32>;
+#[cfg(all(feature = "cuda", not(feature = "wgpu")))]
+type Half = ft::backend::CudaBf16;
+
+#[test]
+fn half_precision_training_steps_track_the_cpu() {
+    // The half-precision backend runs the f32 pieces (softmax and RMSNorm statistics, token
+    // log-probs, NF4 absmax, LoRA master weights) beside half-precision tensors: every cast
+    // between them must be in place, or the backend mixes dtypes in one operation.
+    // Losses and norms are read back in f32 (burn's `into_scalar` would round them to f16/bf16).
+    let x = 1.0001f32;
+    let t = Tensor::<Half, 1>::from_data(TensorData::new(vec![x], [1]), (&Default::default(), burn::tensor::DType::F32));
+    assert_eq!(ft::train::scalar(t), x as f64);
+    for (model, recompute) in [("llama", false), ("llama", true), ("llama-bnb4", false)] {
+        let (half_losses, half_norms, _) = lora_steps::<Autodiff<Half>>(model, recompute);
+        let (cpu_losses, cpu_norms, _) = lora_steps::<Autodiff<Cpu>>(model, recompute);
+        // NaN counts as infinitely far (f64::max would drop it).
+        let rel = |a: &[f64], b: &[f64]| a.iter().zip(b).map(|(x, y)| (x - y).abs() / y.abs()).map(|d| if d.is_nan() { f64::INFINITY } else { d }).fold(0f64, f64::max);
+        let (dl, dn) = (rel(&half_losses, &cpu_losses), rel(&half_norms, &cpu_norms));
+        eprintln!("{model} (recompute {recompute}): half-precision losses {half_losses:?} vs {cpu_losses:?} ({dl:.2e}), grad norms ({dn:.2e})");
+        // Seen on lavapipe in f16: losses 3e-6, grad norms 4e-4. bf16 keeps 3 fewer mantissa bits.
+        let (tl, tn) = if cfg!(feature = "wgpu") { (1e-4, 5e-3) } else { (1e-2, 5e-2) };
+        assert!(dl <= tl && dn <= tn, "{model} (recompute {recompute}): losses differ by {dl:.2e}, grad norms by {dn:.2e}");
+    }
+}
+
+/// bf16 output (CUDA only): each value is the f32 product rounded once to bf16 (what
+/// bitsandbytes' bf16 dequantization writes).
+#[cfg(feature = "cuda")]
+#[test]
+fn nf4_kernel_bf16_output_is_the_rounded_f32_product() {
+    use burn::tensor::FloatDType;
+    use ft::backend::Nf4Linear;
+    use ft::quant::nf4::{Nf4, BLOCKSIZE};
+    use ft::quant::tensor::Nf4Weight;
+    type Bf16 = ft::backend::CudaBf16;
+    for i in 0..3 {
+        let (x, shape) = common::read_f32(&nf4_oracle(), &format!("input_{i}"));
+        let (rows, cols) = (shape[0], shape[1]);
+        let q = Nf4::quantize(&x, BLOCKSIZE, true);
+        let got: Vec<u16> = Bf16::nf4_dequantize(&Nf4Weight::<Bf16>::new(&q, rows, cols, &Default::default()), FloatDType::BF16)
+            .into_data()
+            .to_vec::<half::bf16>()
+            .unwrap()
+            .iter()
+            .map(|v| v.to_bits())
+            .collect();
+        let want: Vec<u16> = q.dequantize().iter().map(|&v| half::bf16::from_f32(v).to_bits()).collect();
+        assert_eq!(got, want, "input_{i}");
+    }
+}
+
+#[test]
+fn half_precision_dpo_scores_and_gradients() {
+    // DPO's completion log-probs are f32 sums of f32 token log-probs beside half-precision
+    // activations; the loss is differentiable through them into the f32 adapter weights.
+    use ft::train::dpo::{policy_logps, prepare_pairs, score_pairs, DpoConfig};
+    let want = json(&fixtures().join("dpo/expected.json"));
+    let mut m = load::<Autodiff<Half>>("llama");
+    assert!(matches!(m.embed_tokens.val().dtype(), burn::tensor::DType::F16 | burn::tensor::DType::BF16), "the model computes in half precision");
+    PeftAdapter::open(&fixtures().join("adapters/lora-r4")).unwrap().attach(&mut m).unwrap();
+    let tok = TextTokenizer::from_dir(&fixtures().join("models/llama")).unwrap();
+    let template = tok.template(TemplateChoice::Chatml).unwrap();
+    let (pairs, _, _) = prepare_pairs(&tok, &template, &fixtures().join("dpo/prefs.jsonl"), 4096, None, None).unwrap();
+    let scores = score_pairs(&mut m, &pairs, None);
+    let expected = want["pairs"].as_array().unwrap();
+    let mut worst = 0f64;
+    for (s, w) in scores.iter().zip(expected) {
+        for (side, got) in [("chosen", s.chosen), ("rejected", s.rejected)] {
+            for (k, g) in [("logp_policy", got.policy), ("logp_ref", got.reference)] {
+                let e = w[side][k].as_f64().unwrap();
+                worst = worst.max((g - e).abs() / e.abs().max(1.0));
+            }
+        }
+    }
+    eprintln!("half-precision DPO log-probs within {worst:.2e} (relative) of TRL's f32 ones");
+    // Seen on lavapipe in f16: 2e-5. bf16 keeps 3 fewer mantissa bits.
+    let tol = if cfg!(feature = "wgpu") { 1e-3 } else { 1e-2 };
+    assert!(worst <= tol, "half-precision DPO log-probs differ from TRL's by {worst}");
+    let refs: Vec<&_> = pairs.iter().collect();
+    let ((chosen, _), (rejected, _)) = policy_logps(&m, &refs);
+    assert_eq!(chosen.dtype(), burn::tensor::DType::F32);
+    let loss = DpoConfig::default().loss_tensor(chosen, rejected, &scores).sum();
+    let grads = loss.backward();
+    for (name, p) in m.projections_mut() {
+        if let Some(l) = &p.lora {
+            let g = l.a.val().grad(&grads).unwrap_or_else(|| panic!("{name}: no gradient for A"));
+            assert_eq!(g.dtype(), burn::tensor::DType::F32, "{name}");
+            let v: Vec<f32> = g.into_data().to_vec().unwrap();
+            assert!(v.iter().all(|x| x.is_finite()), "{name}: non-finite gradient");
+        }
+    }
+}
+
+/// `ft train`'s whole loop (`train::run::run`: data, adapters, steps, eval, checkpoints, the
+/// written adapter) on the half-precision backend, for SFT with LoRA and with QLoRA and for DPO.
+#[test]
+fn half_precision_sft_and_dpo_runs_end_to_end() {
+    use ft::train::recipe::Recipe;
+    fixtures();
+    for (name, method, data, extra) in [
+        ("sft", "sft", "chat.jsonl", ""),
+        ("qlora", "sft", "chat.jsonl", "quantize = \"nf4\"\n"),
+        ("dpo", "dpo", "dpo/prefs.jsonl", ""),
+    ] {
+        let d = common::scratch(&format!("gpu-half-{name}"));
+        let data = fixtures().join(data);
+        let r = d.join("recipe.toml");
+        std::fs::write(
+            &r,
+            format!(
+                "[model]\npath = \"{}\"\n{extra}[data]\ntrain = \"{}\"\neval = \"{}\"\ntemplate = \"chatml\"\n[lora]\nr = 4\nalpha = 8\n\
+                 [train]\nmethod = \"{method}\"\nmax_steps = 6\nmicro_batch_size = 2\nlr = 1e-2\nseed = 3\nsave_every = 3\n[output]\ndir = \"{}\"\n",
+                common::model_dir("llama").display(),
+                data.display(),
+                data.display(),
+                d.join("run").display()
+            ),
+        )
+        .unwrap();
+        let recipe = Recipe::load(&r, &[]).unwrap();
+        let summary = ft::train::run::run::<Autodiff<Half>>(&recipe, Default::default(), true, false).unwrap();
+        let losses: Vec<f64> = std::fs::read_to_string(d.join("run/metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["loss"].as_f64())
+            .collect();
+        eprintln!("{name}: half-precision losses {losses:?}, eval loss {:?}", summary.eval_loss);
+        assert_eq!(losses.len(), 6, "{name}");
+        assert!(losses.iter().all(|l| l.is_finite()), "{name}: {losses:?}");
+        assert!(losses[5] < losses[0], "{name}: the loss falls: {losses:?}");
+        if method == "dpo" {
+            assert!((losses[0] - std::f64::consts::LN_2).abs() < 1e-3, "DPO starts at ln 2: {}", losses[0]);
+        }
+        assert!(summary.eval_loss.is_some_and(f64::is_finite), "{name}: eval loss {:?}", summary.eval_loss);
+        // The adapter loads back as a PEFT adapter.
+        let mut m = load::<Cpu>("llama");
+        PeftAdapter::open(&d.join("run/adapter")).unwrap().attach(&mut m).unwrap();
+        std::fs::remove_dir_all(&d).ok();
+    }
+}
