@@ -161,7 +161,8 @@ fn softmax_grad_kernel<F: Float, M: Numeric>(
     mask_batched: u32,
     scale: f32,
 ) {
-    let i = ABSOLUTE_POS;
+    // Cubes on a 2-D grid (a dimension holds at most 65535 of them).
+    let i = ((CUBE_POS_Y * CUBE_COUNT_X + CUBE_POS_X) * CUBE_DIM_X + UNIT_POS_X) as usize;
     if i < probs.len() {
         let keys = keys as usize;
         let row = i / keys;
@@ -175,7 +176,7 @@ fn softmax_grad_kernel<F: Float, M: Numeric>(
     }
 }
 
-/// A grid of `n` cubes (rows), under the 65535 limit of a dimension.
+/// A 2-D grid of at least `n` cubes, under the 65535 limit of a dimension.
 fn grid(n: usize) -> CubeCount {
     let x = n.clamp(1, 65535);
     CubeCount::new_2d(x as u32, n.div_ceil(x).max(1) as u32)
@@ -244,7 +245,7 @@ pub fn softmax_grad<R: Runtime, F: Float + CubeElement, M: Numeric + CubeElement
     unsafe {
         softmax_grad_kernel::launch::<F, M, R>(
             client,
-            CubeCount::new_1d(n.div_ceil(256) as u32),
+            grid(n.div_ceil(256)),
             CubeDim::new_1d(256),
             ArrayArg::from_raw_parts(scores.clone(), n),
             ArrayArg::from_raw_parts(dprobs.clone(), n),
