@@ -10,7 +10,9 @@
 //! log-sum-exp, and the backward recomputes the probabilities from them. Memory per layer is
 //! O(T), not O(T²), and causal masks skip the keys after each chunk's last query (about half the
 //! work at long sequences). Grouped-query attention needs no K/V copy per query head: the query
-//! heads of one kv head are stacked as rows of one product.
+//! heads of one kv head are stacked as rows of one product. The row-wise work between the
+//! products (masked softmax, and the backward's probabilities and score gradients) goes through
+//! [`ScoreRows`]: tensor ops by default, ft's CubeCL kernels on the GPU backends (`gpu.rs`).
 //!
 //! Precision follows the Python stack in bf16: softmax statistics, RMSNorm's mean square and the
 //! attention gradient's accumulators are f32, the products run in the compute dtype.
