@@ -33,13 +33,11 @@ pub enum ComputeDtype {
 }
 
 /// Backends compiled into this binary, for `ft --version`.
-pub fn enabled() -> &'static str {
-    if cfg!(feature = "cuda") {
-        "cpu (flex, f32), cuda (f32, bf16)"
-    } else {
-        "cpu (flex, f32)"
-    }
-}
+#[cfg(feature = "cuda")]
+pub const ENABLED: &str = "cpu (flex, f32), cuda (f32, bf16)";
+/// Backends compiled into this binary, for `ft --version`.
+#[cfg(not(feature = "cuda"))]
+pub const ENABLED: &str = "cpu (flex, f32)";
 
 /// Configures burn's GPU runtime once, before the first CUDA device is created: compiled kernels
 /// and autotune results are cached in the user's global cache directory, so only the first run
@@ -63,21 +61,7 @@ pub fn init_cuda_runtime() {
     });
 }
 
-pub use crate::ops::FusedOps;
-pub use crate::quant::linear::Nf4Linear;
-
-/// A backend that runs the decoder: the NF4 linear map and the fused decoder operations, as
-/// kernels of its own or composed from tensor ops.
-pub trait Kernels: Nf4Linear + FusedOps {}
-
-impl<T: Nf4Linear + FusedOps> Kernels for T {}
-
-/// A backend ft trains on: autodiff over an inner backend, both able to run the decoder (the
-/// inner one runs evaluation without recording a graph).
-pub trait TrainBackend: burn::tensor::backend::AutodiffBackend<InnerBackend: Kernels> + Kernels {}
-
-impl<T: burn::tensor::backend::AutodiffBackend<InnerBackend: Kernels> + Kernels> TrainBackend for T {}
-
+/// Set once this process computes on CUDA (by [`init_cuda_runtime`]); read by [`gpu_memory`].
 static CUDA_IN_USE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// `(bytes in use, bytes reserved)` on the default CUDA device by ft's allocator, when this

@@ -1,7 +1,6 @@
 //! Text generation with a KV cache: greedy at temperature 0, else temperature + top-p sampling
 //! from a seeded RNG.
 
-use crate::backend::Kernels;
 use std::time::Instant;
 
 use burn::prelude::*;
@@ -9,7 +8,11 @@ use burn::tensor::{Int, TensorData};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
+use crate::data::conversation::{read_jsonl, DataError, Message, Role};
+use crate::data::template::ChatTemplate;
+use crate::data::tokenizer::{TextTokenizer, TokenizerError};
 use crate::model::{Decoder, KvCache};
+use crate::ops::Kernels;
 
 /// Decoding settings.
 #[derive(Debug, Clone)]
@@ -127,4 +130,58 @@ mod tests {
         let picked: std::collections::HashSet<usize> = (0..400).map(|_| sample(&logits, 5.0, 1.0, &mut rng)).collect();
         assert!(picked.len() > 1);
     }
+}
+
+/// End-of-sequence ids: `config.json`'s, `generation_config.json`'s and the tokenizer's EOS.
+pub fn stop_ids(model_dir: &std::path::Path, config_eos: &[u32], tok: &TextTokenizer) -> Vec<u32> {
+    let mut ids = config_eos.to_vec();
+    ids.extend(crate::formats::model_dir::generation_eos_ids(model_dir));
+    if let Some(id) = tok.eos_token.as_deref().and_then(|t| tok.token_id(t)) {
+        ids.push(id);
+    }
+    ids.sort();
+    ids.dedup();
+    ids
+}
+
+/// Errors from generating over a dataset.
+#[derive(Debug, thiserror::Error)]
+pub enum GenerateError {
+    #[error(transparent)]
+    Data(#[from] DataError),
+    #[error(transparent)]
+    Tokenizer(#[from] TokenizerError),
+    #[error("rendering the chat template")]
+    Template(#[source] minijinja::Error),
+}
+
+/// One reply per conversation of a ChatML JSONL file: the messages up to the last user turn
+/// (after an optional `system` message) are the prompt; `each` gets the JSON line `ft generate
+/// --data` prints (prompt, text, the reference reply, ids).
+pub fn generate_over<B: Kernels>(
+    model: &Decoder<B>,
+    tok: &TextTokenizer,
+    template: &ChatTemplate,
+    file: &std::path::Path,
+    system: Option<&str>,
+    opts: &GenerateOptions,
+    mut each: impl FnMut(serde_json::Value),
+) -> Result<(), GenerateError> {
+    for conv in read_jsonl(file)? {
+        let last_user = conv
+            .messages
+            .iter()
+            .rposition(|m| m.role == Role::User)
+            .ok_or_else(|| DataError::At { at: conv.at.clone(), msg: "no user turn to answer".into() })?;
+        let mut messages = conv.messages[..=last_user].to_vec();
+        if let Some(s) = system {
+            messages.insert(0, Message::new(Role::System, s));
+        }
+        let prompt = template.render(&messages, true).map_err(GenerateError::Template)?;
+        let out = generate(model, tok.encode(&prompt)?.get_ids(), opts);
+        let reference = conv.messages.get(last_user + 1).map(|m| m.content.clone());
+        let text = tok.decode(&out.ids)?;
+        each(serde_json::json!({"prompt": conv.messages[last_user].content, "text": text, "reference": reference, "ids": out.ids}));
+    }
+    Ok(())
 }

@@ -1,20 +1,35 @@
 //! ft: parameter-efficient fine-tuning of Hugging Face language models.
 //!
-//! The library behind the `ft` command: model loading ([`model`]), data ([`data`]),
-//! tokenization ([`tokenizer`]), GGUF import ([`gguf`]), LoRA adapters and merging
-//! ([`adapters`]), NF4 quantization ([`quant`]), SFT and DPO training ([`train`]), generation
-//! ([`generate`]) and evaluation ([`eval`]). The CLI ([`cli`]) is a thin layer over these.
+//! Layers, each importing only the ones listed before it (ARCHITECTURE.md; checked by
+//! `scripts/check-layers.sh`):
+//!
+//! 1. ground: [`backend`] (the backend choice), [`atomic`] (crash-safe output), [`progress`]
+//!    (where the library's messages go), [`quant`] (host NF4 maths), the `ft-kernels` crate;
+//! 2. [`ops`] (every backend extension and its backward) and [`formats`] (on-disk formats);
+//! 3. [`model`] (one decoder; the projection seam);
+//! 4. [`data`], [`adapters`], [`generate`];
+//! 5. [`loss`] (shared by training and evaluation), [`convert`] (merge, quantize, import);
+//! 6. [`train`], [`eval`];
+//! 7. [`cli`] (argument parsing only), then `main`.
+
+pub mod atomic;
+pub mod backend;
+pub mod progress;
+pub mod quant;
+
+pub mod formats;
+pub mod ops;
+
+pub mod model;
 
 pub mod adapters;
-pub mod backend;
-pub mod cli;
 pub mod data;
-pub mod eval;
-pub mod fsutil;
 pub mod generate;
-pub mod gguf;
-pub mod model;
-pub mod ops;
-pub mod quant;
-pub mod tokenizer;
+
+pub mod convert;
+pub mod loss;
+
+pub mod eval;
 pub mod train;
+
+pub mod cli;

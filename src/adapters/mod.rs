@@ -1,5 +1,8 @@
-//! Adapters: activation-path LoRA layers, PEFT's on-disk format, and merging into the base.
+//! Adapters on a loaded model: their settings ([`config`]), new adapters with PEFT's
+//! initialisation ([`attach`]), and PEFT adapter directories read onto and written from a model
+//! ([`peft`]). The adapter layer itself is a part of the model's projection
+//! (`model::projection::Lora`); merging is `convert::merge`.
 
-pub mod lora;
-pub mod merge;
+pub mod attach;
+pub mod config;
 pub mod peft;

@@ -50,7 +50,7 @@ pub fn load(dir: &Path, key: &str) -> Option<Vec<Encoded>> {
 }
 
 /// Writes the entry (atomically).
-pub fn store(dir: &Path, key: &str, samples: &[Encoded]) -> anyhow::Result<()> {
+pub fn store(dir: &Path, key: &str, samples: &[Encoded]) -> Result<(), crate::atomic::AtomicError> {
     let mut bytes = Vec::with_capacity(4 + samples.iter().map(|s| 4 + 5 * s.ids.len()).sum::<usize>());
     bytes.extend_from_slice(&(samples.len() as u32).to_le_bytes());
     for s in samples {
@@ -60,8 +60,8 @@ pub fn store(dir: &Path, key: &str, samples: &[Encoded]) -> anyhow::Result<()> {
         }
         bytes.extend_from_slice(&s.mask);
     }
-    std::fs::create_dir_all(dir)?;
-    crate::fsutil::write_atomic(&path(dir, key), &bytes)
+    std::fs::create_dir_all(dir).map_err(|source| crate::atomic::AtomicError::Io { what: "cannot create", path: dir.into(), source })?;
+    crate::atomic::write_atomic(&path(dir, key), &bytes)
 }
 
 #[cfg(test)]

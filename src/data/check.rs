@@ -1,4 +1,4 @@
-//! `ft data check`: validate data files (conversations or preference pairs, per line) in one
+//! `ft data check` and `ft data show`: validate data files (conversations or preference pairs, per line) in one
 //! streaming pass, tokenizing on all cores, and report every problem with its `file:line`, plus
 //! the statistics a user wants before training.
 
@@ -12,7 +12,7 @@ use super::encode::encode_conversation;
 use super::packing::pack_lengths;
 use super::preference::{encode_pair, is_preference, parse_pair, PreferencePair};
 use super::template::ChatTemplate;
-use crate::tokenizer::TextTokenizer;
+use super::tokenizer::TextTokenizer;
 
 /// One problem found in a file.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -148,7 +148,7 @@ pub fn check(files: &[PathBuf], tok: &TextTokenizer, template: &ChatTemplate, ma
         let fitting: Vec<usize> = lengths.iter().copied().filter(|&l| l <= m).collect();
         let bins = pack_lengths(&fitting, m);
         r.packed_sequences = Some(bins.len());
-        r.packing_efficiency = Some(fitting.iter().sum::<usize>() as f64 / (bins.len() * m).max(1) as f64);
+        r.packing_efficiency = Some(super::packing::efficiency(fitting.iter().sum(), bins.len(), m));
     }
     r.seconds = t0.elapsed().as_secs_f64();
     r.tokens_per_s = r.tokens as f64 / r.seconds.max(1e-9);
@@ -158,9 +158,76 @@ pub fn check(files: &[PathBuf], tok: &TextTokenizer, template: &ChatTemplate, ma
 /// Warns when padding and end-of-sequence are the same token: a loader that masks padding by id
 /// would then also mask the end-of-turn token, and the model never learns to stop.
 pub fn pad_eos_warning(model_dir: &Path, tok: &TextTokenizer) -> Option<String> {
-    let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(model_dir.join("tokenizer_config.json")).ok()?).ok()?;
-    let pad = cfg.get("pad_token").and_then(|v| v.as_str().map(String::from).or_else(|| v.get("content")?.as_str().map(String::from)))?;
+    let cfg = crate::formats::model_dir::tokenizer_config(model_dir).ok()?;
+    let pad = crate::formats::model_dir::token_str(cfg.get("pad_token"))?;
     (Some(&pad) == tok.eos_token.as_ref()).then(|| {
         format!("pad_token == eos_token ({pad}); ft masks by assistant spans, never by the pad id, so training is unaffected, but other tools may drop the end-of-turn token")
     })
 }
+
+/// Why a record cannot be shown.
+#[derive(Debug, thiserror::Error)]
+pub enum ShowError {
+    #[error(transparent)]
+    Data(#[from] DataError),
+    #[error(transparent)]
+    Tokenizer(#[from] super::tokenizer::TokenizerError),
+    #[error("--index {index}: {} has only {count} records", file.display())]
+    NoRecord { file: PathBuf, index: usize, count: usize },
+}
+
+/// Record `index` of `file` (blank lines do not count) as the model sees it: the rendered text
+/// with trained spans marked `[[...]]`, ids, mask and token strings (per side for a preference
+/// pair), and its `file:line` under `"at"`.
+pub fn show(file: &Path, tok: &TextTokenizer, tpl: &ChatTemplate, index: usize) -> Result<serde_json::Value, ShowError> {
+    use super::encode::Encoded;
+    let mut found: Option<(Location, String)> = None;
+    let mut n = 0;
+    super::conversation::read_lines(file, |at, text| {
+        if n == index && found.is_none() {
+            found = Some((at, text.to_string()));
+        }
+        n += 1;
+        Ok(())
+    })?;
+    let Some((at, text)) = found else {
+        return Err(ShowError::NoRecord { file: file.into(), index, count: n });
+    };
+    let located = |msg: String| DataError::At { at: at.clone(), msg };
+    let show = |e: &Encoded| -> Result<serde_json::Value, ShowError> {
+        let enc = tok.encode(&e.text)?;
+        // Trainable spans as byte ranges of the text, merged.
+        let mut marked = String::new();
+        let (mut pos, mut open) = (0, false);
+        for (j, &(a, _)) in enc.get_offsets().iter().enumerate() {
+            let on = e.mask.get(j) == Some(&1);
+            if on != open {
+                marked.push_str(&e.text[pos..a]);
+                marked.push_str(if on { "[[" } else { "]]" });
+                pos = a;
+                open = on;
+            }
+        }
+        marked.push_str(&e.text[pos..]);
+        if open {
+            marked.push_str("]]");
+        }
+        let tokens: Vec<String> = e.ids.iter().map(|&i| tok.id_to_token(i).unwrap_or_default()).collect();
+        Ok(serde_json::json!({"text": e.text, "marked": marked, "ids": e.ids, "mask": e.mask, "tokens": tokens,
+            "trainable": e.trainable()}))
+    };
+    let value: serde_json::Value = serde_json::from_str(&text).map_err(|e| located(format!("invalid JSON: {e}")))?;
+    Ok(if is_preference(&value) {
+        let (prompt, chosen, rejected) = parse_pair(&text).map_err(located)?;
+        let pair = PreferencePair { prompt, chosen, rejected, at: at.clone() };
+        let e = encode_pair(tok, tpl, &pair, None).map_err(located)?;
+        serde_json::json!({"at": at.to_string(), "chosen": show(&e.chosen)?, "rejected": show(&e.rejected)?})
+    } else {
+        let messages = parse_line(&text).map_err(located)?;
+        let e = encode_conversation(tok, tpl, &messages).map_err(located)?;
+        let mut v = show(&e)?;
+        v["at"] = at.to_string().into();
+        v
+    })
+}
+

@@ -8,7 +8,7 @@
 
 use crate::data::conversation::{Message, Role};
 use crate::data::template::ChatTemplate;
-use crate::tokenizer::TextTokenizer;
+use crate::data::tokenizer::TextTokenizer;
 
 /// A tokenized sample.
 #[derive(Debug, Clone, PartialEq)]

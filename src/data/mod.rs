@@ -1,10 +1,14 @@
-//! Data: conversations and preference pairs from JSONL, chat templates, and tokenization with
-//! assistant masks.
+//! Data: conversations and preference pairs from JSONL, the tokenizer and chat templates,
+//! tokenization with assistant masks, datasets prepared for training ([`prepare`]), packing, and
+//! the one batch type every scoring forward takes ([`batch`]).
 
+pub mod batch;
 pub mod cache;
 pub mod check;
 pub mod conversation;
 pub mod encode;
 pub mod packing;
 pub mod preference;
+pub mod prepare;
 pub mod template;
+pub mod tokenizer;

@@ -14,7 +14,7 @@ use serde_json::Value;
 use super::conversation::{parse_messages, read_lines, DataError, Location, Message, Role};
 use super::encode::{encode_conversation, Encoded};
 use super::template::ChatTemplate;
-use crate::tokenizer::TextTokenizer;
+use crate::data::tokenizer::TextTokenizer;
 
 /// One preference pair and its source line.
 #[derive(Debug, Clone)]

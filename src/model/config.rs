@@ -11,6 +11,7 @@ use serde::Deserialize;
 use serde_json::Value;
 
 use super::rope::RopeScaling;
+use crate::formats::model_dir::token_ids;
 
 /// Errors from reading or resolving a `config.json`.
 #[derive(Debug, thiserror::Error)]
@@ -69,13 +70,7 @@ pub struct HfConfig {
     pub rope_scaling: Option<Value>,
     pub rope_parameters: Option<Value>,
     pub partial_rotary_factor: Option<f64>,
-    pub bos_token_id: Option<Value>,
     pub eos_token_id: Option<Value>,
-    pub pad_token_id: Option<Value>,
-    pub sliding_window: Option<Value>,
-    pub use_sliding_window: Option<bool>,
-    pub torch_dtype: Option<String>,
-    pub dtype: Option<String>,
 }
 
 /// Resolved model settings: everything the decoder needs, nothing it has to interpret.
@@ -102,23 +97,8 @@ pub struct ModelConfig {
     pub qk_norm: bool,
     pub rope_theta: f64,
     pub rope_scaling: RopeScaling,
-    pub bos_token_id: Option<u32>,
     /// All end-of-sequence ids (configs may list several).
     pub eos_token_ids: Vec<u32>,
-    pub pad_token_id: Option<u32>,
-    /// The dtype of the weights on disk as the config states it (`float32`, `bfloat16`, ...).
-    pub torch_dtype: Option<String>,
-    /// Keep the decoder blocks' linear weights in NF4 (QLoRA). Not read from `config.json`:
-    /// the caller sets it (a recipe's `model.quantize`); 4-bit checkpoints stay 4-bit anyway.
-    pub quantize_base: bool,
-}
-
-fn token_ids(v: &Option<Value>) -> Vec<u32> {
-    match v {
-        Some(Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
-        Some(Value::Array(a)) => a.iter().filter_map(|x| x.as_u64().map(|x| x as u32)).collect(),
-        _ => vec![],
-    }
 }
 
 impl ModelConfig {
@@ -221,39 +201,8 @@ impl ModelConfig {
             qk_norm,
             rope_theta: theta,
             rope_scaling,
-            bos_token_id: token_ids(&hf.bos_token_id).first().copied(),
-            eos_token_ids: token_ids(&hf.eos_token_id),
-            pad_token_id: token_ids(&hf.pad_token_id).first().copied(),
-            torch_dtype: hf.dtype.clone().or_else(|| hf.torch_dtype.clone()),
-            quantize_base: false,
+            eos_token_ids: token_ids(hf.eos_token_id.as_ref()),
         })
-    }
-
-    /// Query heads per key/value head.
-    pub fn n_rep(&self) -> usize {
-        self.num_heads / self.num_kv_heads
-    }
-
-    /// Number of parameters (weights and biases) the checkpoint should hold.
-    pub fn num_parameters(&self) -> usize {
-        let (h, i, hd) = (self.hidden_size, self.intermediate_size, self.head_dim);
-        let q = self.num_heads * hd;
-        let kv = self.num_kv_heads * hd;
-        let mut layer = h * q + 2 * h * kv + q * h + 3 * h * i + 2 * h;
-        if self.qkv_bias {
-            layer += q + 2 * kv;
-        }
-        if self.o_bias {
-            layer += h;
-        }
-        if self.mlp_bias {
-            layer += 2 * i + h;
-        }
-        if self.qk_norm {
-            layer += 2 * hd;
-        }
-        let head = if self.tie_word_embeddings { 0 } else { self.vocab_size * h };
-        self.vocab_size * h + self.num_layers * layer + h + head
     }
 }
 

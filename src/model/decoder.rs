@@ -1,5 +1,6 @@
 //! The one decoder: Llama / Mistral / Qwen2 / Qwen3 / SmolLM2, as transformers' `modeling_llama.py`
-//! (and `modeling_qwen3.py` for the per-head q/k norm) compute it. Differences between families
+//! (and `modeling_qwen3.py` for the per-head q/k norm) compute it. Its linear maps are
+//! [`Projection`]s (`projection.rs`: the seam where adapters and quantized bases attach). Differences between families
 //! are fields of [`ModelConfig`]; module paths are HF's, so checkpoints load without a rename table.
 
 use burn::module::{Module, Param};
@@ -7,116 +8,10 @@ use burn::prelude::*;
 use burn::tensor::{Bool, Int, TensorData};
 
 use super::config::ModelConfig;
-use crate::quant::nf4::Nf4;
-use crate::backend::Kernels;
-use crate::ops;
-use crate::quant::tensor::Nf4Weight;
-use crate::adapters::lora::Lora;
+use super::projection::{tensor1, tensor2, Projection, WeightSource, BLOCK_LINEARS};
 use super::rope::Rope;
-use super::weights::{transpose, Checkpoint, WeightsError};
-
-fn tensor1<B: Backend>(data: Vec<f32>, device: &B::Device) -> Tensor<B, 1> {
-    let n = data.len();
-    Tensor::from_data(TensorData::new(data, [n]), device)
-}
-
-fn tensor2<B: Backend>(data: Vec<f32>, shape: [usize; 2], device: &B::Device) -> Tensor<B, 2> {
-    Tensor::from_data(TensorData::new(data, shape), device)
-}
-
-/// A linear layer with frozen base weight and an optional LoRA adapter:
-/// `y = x W (+ b) (+ s · (x A) B)`. The seam where adapters and quantized bases attach: the base
-/// weight is either a dense tensor or NF4 codes dequantized just in time for each forward (QLoRA;
-/// only the input gradient flows through it).
-#[derive(Module, Debug)]
-pub struct Projection<B: Backend> {
-    /// `[in, out]` (burn's layout; PyTorch's `[out, in]` is transposed at load). A `[1, 1]`
-    /// placeholder when the weight is held in `nf4`.
-    pub weight: Param<Tensor<B, 2>>,
-    /// `[out]`
-    pub bias: Option<Param<Tensor<B, 1>>>,
-    pub lora: Option<Lora<B>>,
-    /// `false` switches the adapter off (the base model, e.g. DPO's reference).
-    #[module(skip)]
-    pub adapter_enabled: bool,
-    /// The base weight as NF4 codes of the PyTorch-layout `[out, in]` matrix (on the device).
-    pub nf4: Option<Nf4Weight<B>>,
-    /// `(in, out)`
-    #[module(skip)]
-    pub shape: (usize, usize),
-}
-
-impl<B: Kernels> Projection<B> {
-    /// Loads `{path}.weight` (PyTorch `[out, in]`) and, when `bias`, `{path}.bias`. A weight stored
-    /// 4-bit (bitsandbytes) stays 4-bit; with `quantize`, a dense weight is quantized to NF4
-    /// (blocksize 64, double quantization) as it is read.
-    pub fn load(ck: &Checkpoint, path: &str, d_in: usize, d_out: usize, bias: bool, quantize: bool, device: &B::Device) -> Result<Self, WeightsError> {
-        let name = format!("{path}.weight");
-        let nf4 = if crate::quant::bnb::is_quantized(ck, &name) {
-            Some(crate::quant::bnb::read(ck, &name, &[d_out, d_in])?)
-        } else if quantize {
-            Some(Nf4::quantize(&ck.f32(&name, &[d_out, d_in])?, crate::quant::nf4::BLOCKSIZE, true))
-        } else {
-            None
-        };
-        let weight = match &nf4 {
-            Some(_) => tensor2(vec![0.0], [1, 1], device),
-            None => tensor2(transpose(&ck.f32(&name, &[d_out, d_in])?, d_out, d_in), [d_in, d_out], device),
-        };
-        let weight = Param::from_tensor(weight).set_require_grad(false);
-        let bias = if bias {
-            Some(Param::from_tensor(tensor1(ck.f32(&format!("{path}.bias"), &[d_out])?, device)).set_require_grad(false))
-        } else {
-            None
-        };
-        let nf4 = nf4.map(|q| Nf4Weight::new(&q, d_out, d_in, device));
-        Ok(Projection { weight, bias, lora: None, adapter_enabled: true, nf4, shape: (d_in, d_out) })
-    }
-
-    /// Bytes the base weight occupies (f32 dense, or NF4 codes and statistics).
-    pub fn base_bytes(&self) -> usize {
-        match &self.nf4 {
-            Some(q) => q.bytes(),
-            None => 4 * self.shape.0 * self.shape.1,
-        }
-    }
-
-    /// # Shapes
-    /// `x: [..., in]` → `[..., out]`
-    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
-        // One 2-D GEMM over all rows: the CPU backend parallelises a single large matmul far
-        // better than a batch of small ones.
-        let dims = x.dims();
-        let (d_in, d_out) = self.shape;
-        let rows = dims[..D - 1].iter().product();
-        let x: Tensor<B, 2> = x.reshape([rows, d_in]);
-        let lora = self.lora.as_ref().filter(|_| self.adapter_enabled);
-        let mut y = match (&self.nf4, lora) {
-            // Dequantized for this forward (and again in the backward): never kept.
-            (Some(q), _) => B::nf4_linear(x.clone(), q),
-            // Base and adapter as one operation (one backward step, no separate sum).
-            (None, Some(l)) => {
-                let (a, b) = l.weights_in(x.dtype());
-                ops::lora_linear(x.clone(), l.dropped_input(&x), self.weight.val(), a, b, l.scale)
-            }
-            (None, None) => x.clone().matmul(self.weight.val()),
-        };
-        if let (Some(l), Some(_)) = (lora, &self.nf4) {
-            y = y + l.forward(x);
-        }
-        if let Some(b) = &self.bias {
-            y = y + b.val().unsqueeze();
-        }
-        let mut out = dims;
-        out[D - 1] = d_out;
-        y.reshape(out)
-    }
-
-    /// `(in, out)`
-    pub fn dims(&self) -> (usize, usize) {
-        self.shape
-    }
-}
+use crate::formats::safetensors::{TensorFiles, WeightsError};
+use crate::ops::{self, Kernels};
 
 /// RMSNorm as HF computes it: `w * x / sqrt(mean(x²) + eps)` over the last dimension.
 #[derive(Module, Debug)]
@@ -128,7 +23,7 @@ pub struct RmsNorm<B: Backend> {
 }
 
 impl<B: Kernels> RmsNorm<B> {
-    pub fn load(ck: &Checkpoint, name: &str, dim: usize, eps: f64, device: &B::Device) -> Result<Self, WeightsError> {
+    pub fn load(ck: &TensorFiles, name: &str, dim: usize, eps: f64, device: &B::Device) -> Result<Self, WeightsError> {
         let w = ck.f32(name, &[dim])?;
         Ok(RmsNorm { weight: Param::from_tensor(tensor1(w, device)).set_require_grad(false), eps })
     }
@@ -206,7 +101,8 @@ pub struct Attention<B: Backend> {
 }
 
 impl<B: Kernels> Attention<B> {
-    pub fn load(ck: &Checkpoint, p: &str, c: &ModelConfig, device: &B::Device) -> Result<Self, WeightsError> {
+    pub fn load(src: &WeightSource, p: &str, c: &ModelConfig, device: &B::Device) -> Result<Self, WeightsError> {
+        let ck = src.files;
         let (h, hd) = (c.hidden_size, c.head_dim);
         let (q, kv) = (c.num_heads * hd, c.num_kv_heads * hd);
         let norm = |n: &str| -> Result<Option<RmsNorm<B>>, WeightsError> {
@@ -217,10 +113,10 @@ impl<B: Kernels> Attention<B> {
             }
         };
         Ok(Attention {
-            q_proj: Projection::load(ck, &format!("{p}.q_proj"), h, q, c.qkv_bias, c.quantize_base, device)?,
-            k_proj: Projection::load(ck, &format!("{p}.k_proj"), h, kv, c.qkv_bias, c.quantize_base, device)?,
-            v_proj: Projection::load(ck, &format!("{p}.v_proj"), h, kv, c.qkv_bias, c.quantize_base, device)?,
-            o_proj: Projection::load(ck, &format!("{p}.o_proj"), q, h, c.o_bias, c.quantize_base, device)?,
+            q_proj: src.projection(&format!("{p}.q_proj"), h, q, c.qkv_bias, device)?,
+            k_proj: src.projection(&format!("{p}.k_proj"), h, kv, c.qkv_bias, device)?,
+            v_proj: src.projection(&format!("{p}.v_proj"), h, kv, c.qkv_bias, device)?,
+            o_proj: src.projection(&format!("{p}.o_proj"), q, h, c.o_bias, device)?,
             q_norm: norm("q_norm")?,
             k_norm: norm("k_norm")?,
             num_heads: c.num_heads,
@@ -265,12 +161,12 @@ pub struct Mlp<B: Backend> {
 }
 
 impl<B: Kernels> Mlp<B> {
-    pub fn load(ck: &Checkpoint, p: &str, c: &ModelConfig, device: &B::Device) -> Result<Self, WeightsError> {
+    pub fn load(src: &WeightSource, p: &str, c: &ModelConfig, device: &B::Device) -> Result<Self, WeightsError> {
         let (h, i, bias) = (c.hidden_size, c.intermediate_size, c.mlp_bias);
         Ok(Mlp {
-            gate_proj: Projection::load(ck, &format!("{p}.gate_proj"), h, i, bias, c.quantize_base, device)?,
-            up_proj: Projection::load(ck, &format!("{p}.up_proj"), h, i, bias, c.quantize_base, device)?,
-            down_proj: Projection::load(ck, &format!("{p}.down_proj"), i, h, bias, c.quantize_base, device)?,
+            gate_proj: src.projection(&format!("{p}.gate_proj"), h, i, bias, device)?,
+            up_proj: src.projection(&format!("{p}.up_proj"), h, i, bias, device)?,
+            down_proj: src.projection(&format!("{p}.down_proj"), i, h, bias, device)?,
         })
     }
 
@@ -288,44 +184,42 @@ pub struct Block<B: Backend> {
 }
 
 impl<B: Backend> Block<B> {
-    /// The block's projections with their paths inside the block (`self_attn.q_proj`, ...).
+    /// The block's projections with their paths inside the block ([`BLOCK_LINEARS`]).
     pub fn projections(&self) -> [(&'static str, &Projection<B>); 7] {
         let (a, m) = (&self.self_attn, &self.mlp);
-        [
-            ("self_attn.q_proj", &a.q_proj),
-            ("self_attn.k_proj", &a.k_proj),
-            ("self_attn.v_proj", &a.v_proj),
-            ("self_attn.o_proj", &a.o_proj),
-            ("mlp.gate_proj", &m.gate_proj),
-            ("mlp.up_proj", &m.up_proj),
-            ("mlp.down_proj", &m.down_proj),
-        ]
+        let p = [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &m.gate_proj, &m.up_proj, &m.down_proj];
+        std::array::from_fn(|i| (BLOCK_LINEARS[i], p[i]))
+    }
+
+    /// The same, mutable.
+    pub fn projections_mut(&mut self) -> [(&'static str, &mut Projection<B>); 7] {
+        let (a, m) = (&mut self.self_attn, &mut self.mlp);
+        let p = [&mut a.q_proj, &mut a.k_proj, &mut a.v_proj, &mut a.o_proj, &mut m.gate_proj, &mut m.up_proj, &mut m.down_proj];
+        let mut p = p.map(Some);
+        std::array::from_fn(|i| (BLOCK_LINEARS[i], p[i].take().expect("each projection once")))
     }
 
     /// Training mode for the block's adapters (LoRA dropout on or off).
     pub fn set_training(&mut self, training: bool) {
-        let (a, m) = (&mut self.self_attn, &mut self.mlp);
-        for p in [&mut a.q_proj, &mut a.k_proj, &mut a.v_proj, &mut a.o_proj, &mut m.gate_proj, &mut m.up_proj, &mut m.down_proj] {
-            if let Some(l) = &mut p.lora {
-                l.training = training;
-            }
+        for (_, p) in self.projections_mut() {
+            p.set_training(training);
         }
     }
 
     /// Whether any adapter of the block is in training mode.
     pub fn training(&self) -> bool {
-        self.projections().iter().any(|(_, p)| p.lora.as_ref().is_some_and(|l| l.training))
+        self.projections().iter().any(|(_, p)| p.lora().is_some_and(|l| l.training))
     }
 }
 
 impl<B: Kernels> Block<B> {
-    pub fn load(ck: &Checkpoint, i: usize, c: &ModelConfig, device: &B::Device) -> Result<Self, WeightsError> {
-        let p = format!("model.layers.{i}");
+    pub fn load(src: &WeightSource, i: usize, c: &ModelConfig, device: &B::Device) -> Result<Self, WeightsError> {
+        let (ck, p) = (src.files, format!("model.layers.{i}"));
         Ok(Block {
             input_layernorm: RmsNorm::load(ck, &format!("{p}.input_layernorm.weight"), c.hidden_size, c.rms_norm_eps, device)?,
-            self_attn: Attention::load(ck, &format!("{p}.self_attn"), c, device)?,
+            self_attn: Attention::load(src, &format!("{p}.self_attn"), c, device)?,
             post_attention_layernorm: RmsNorm::load(ck, &format!("{p}.post_attention_layernorm.weight"), c.hidden_size, c.rms_norm_eps, device)?,
-            mlp: Mlp::load(ck, &format!("{p}.mlp"), c, device)?,
+            mlp: Mlp::load(src, &format!("{p}.mlp"), c, device)?,
         })
     }
 
@@ -358,17 +252,18 @@ pub struct Decoder<B: Backend> {
 impl<B: Kernels> Decoder<B> {
     /// Builds the decoder from a checkpoint, checking every name and shape and that no tensor
     /// is left unused.
-    pub fn load(ck: &Checkpoint, c: &ModelConfig, device: &B::Device) -> Result<Self, WeightsError> {
+    pub fn load(src: &WeightSource, c: &ModelConfig, device: &B::Device) -> Result<Self, WeightsError> {
+        let ck = src.files;
         let (v, h) = (c.vocab_size, c.hidden_size);
         let embed = ck.f32("model.embed_tokens.weight", &[v, h])?;
         let embed_tokens = Param::from_tensor(tensor2(embed, [v, h], device)).set_require_grad(false);
-        let layers = (0..c.num_layers).map(|i| Block::load(ck, i, c, device)).collect::<Result<Vec<_>, _>>()?;
+        let layers = (0..c.num_layers).map(|i| Block::load(src, i, c, device)).collect::<Result<Vec<_>, _>>()?;
         let norm = RmsNorm::load(ck, "model.norm.weight", h, c.rms_norm_eps, device)?;
         let lm_head = if c.tie_word_embeddings {
             ck.skip("lm_head.weight");
             None
         } else {
-            Some(Projection::load(ck, "lm_head", h, v, false, false, device)?)
+            Some(src.projection("lm_head", h, v, false, device)?)
         };
         ck.check_all_used()?;
         Ok(Decoder {
@@ -398,16 +293,7 @@ impl<B: Kernels> Decoder<B> {
     pub fn projections_mut(&mut self) -> Vec<(String, &mut Projection<B>)> {
         let mut out = Vec::new();
         for (i, l) in self.layers.iter_mut().enumerate() {
-            let p = format!("model.layers.{i}");
-            let a = &mut l.self_attn;
-            out.push((format!("{p}.self_attn.q_proj"), &mut a.q_proj));
-            out.push((format!("{p}.self_attn.k_proj"), &mut a.k_proj));
-            out.push((format!("{p}.self_attn.v_proj"), &mut a.v_proj));
-            out.push((format!("{p}.self_attn.o_proj"), &mut a.o_proj));
-            let m = &mut l.mlp;
-            out.push((format!("{p}.mlp.gate_proj"), &mut m.gate_proj));
-            out.push((format!("{p}.mlp.up_proj"), &mut m.up_proj));
-            out.push((format!("{p}.mlp.down_proj"), &mut m.down_proj));
+            out.extend(l.projections_mut().map(|(name, p)| (format!("model.layers.{i}.{name}"), p)));
         }
         if let Some(h) = &mut self.lm_head {
             out.push(("lm_head".to_string(), h));
@@ -415,19 +301,22 @@ impl<B: Kernels> Decoder<B> {
         out
     }
 
+    /// Whether any projection has an adapter.
+    pub fn has_adapters(&mut self) -> bool {
+        self.projections_mut().iter().any(|(_, p)| p.adapter.is_some())
+    }
+
     /// Training mode for adapters (enables LoRA dropout).
     pub fn set_training(&mut self, training: bool) {
         for (_, p) in self.projections_mut() {
-            if let Some(l) = &mut p.lora {
-                l.training = training;
-            }
+            p.set_training(training);
         }
     }
 
     /// Switches all adapters on or off (off = the base model).
     pub fn set_adapters_enabled(&mut self, enabled: bool) {
         for (_, p) in self.projections_mut() {
-            p.adapter_enabled = enabled;
+            p.adapter_on = enabled;
         }
     }
 
@@ -525,15 +414,6 @@ impl<B: Kernels> Decoder<B> {
                 }
             }
         }
-    }
-
-    /// Logits only at the given flat positions (`batch_index * T + t`) of `ids`: the head is never
-    /// applied to positions nobody scores.
-    ///
-    /// # Shapes
-    /// `ids: [B, T]`, `positions: n` → `[1, n, vocab]`
-    pub fn logits_at(&self, ids: Tensor<B, 2, Int>, positions: Vec<i64>) -> Tensor<B, 3> {
-        self.head_at(self.hidden(ids, None), positions)
     }
 
     /// The head applied to `hidden` at the given flat positions (`batch_index * T + t`).

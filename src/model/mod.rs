@@ -1,45 +1,57 @@
-//! The model: config resolution, rotary embeddings, checkpoint reading and the decoder.
+//! The model: config resolution, rotary embeddings, the projection seam and the decoder.
 
 pub mod config;
 pub mod decoder;
+pub mod projection;
 pub mod rope;
-pub mod weights;
 
-use crate::backend::Kernels;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 pub use config::{ConfigError, ModelConfig};
 pub use decoder::{BlockInputs, Decoder, KvCache};
-pub use weights::{Checkpoint, WeightsError};
+pub use projection::BaseFormat;
 
+use crate::formats::safetensors::{TensorFiles, WeightsError};
+use crate::ops::Kernels;
+use projection::WeightSource;
 
-/// Loads `config.json` and the safetensors weights of a Hugging Face model directory.
-pub fn load<B: Kernels>(dir: &Path, device: &B::Device) -> anyhow::Result<Decoder<B>> {
-    load_with(dir, device, false)
+/// Errors from loading a model directory.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("{}: not a directory (expected a Hugging Face model directory with config.json and safetensors)", dir.display())]
+    NotADirectory { dir: PathBuf },
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("loading the {family} model in {}", dir.display())]
+    Weights { family: &'static str, dir: PathBuf, source: WeightsError },
+    #[error(transparent)]
+    Files(#[from] WeightsError),
 }
 
-/// [`load`], with the decoder blocks' linear weights quantized to NF4 as they are read when
-/// `quantize_base` (QLoRA).
-pub fn load_with<B: Kernels>(dir: &Path, device: &B::Device, quantize_base: bool) -> anyhow::Result<Decoder<B>> {
+/// How a model is loaded.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LoadOptions {
+    /// How the decoder blocks' frozen linear weights are held (QLoRA: [`BaseFormat::Nf4`]).
+    pub base: BaseFormat,
+}
+
+/// Loads `config.json` and the safetensors weights of a Hugging Face model directory.
+pub fn load<B: Kernels>(dir: &Path, device: &B::Device, options: LoadOptions) -> Result<Decoder<B>, LoadError> {
     if !dir.is_dir() {
-        anyhow::bail!("{}: not a directory (expected a Hugging Face model directory with config.json and safetensors)", dir.display());
+        return Err(LoadError::NotADirectory { dir: dir.into() });
     }
-    let mut config = ModelConfig::from_dir(dir)?;
-    config.quantize_base = quantize_base;
-    let ck = Checkpoint::open(dir)?;
-    build(ck, config, dir, device)
+    let config = ModelConfig::from_dir(dir)?;
+    build(&TensorFiles::open(dir)?, &config, dir, device, options)
 }
 
 /// A model of the shape `dir/config.json` describes with random weights (seeded), for
-/// benchmarks; `quantize_base` as in [`load_with`].
-pub fn random<B: Kernels>(dir: &Path, device: &B::Device, quantize_base: bool, seed: u64) -> anyhow::Result<Decoder<B>> {
-    let mut config = ModelConfig::from_dir(dir)?;
-    config.quantize_base = quantize_base;
-    build(Checkpoint::random(dir, seed), config, dir, device)
+/// benchmarks.
+pub fn random<B: Kernels>(dir: &Path, device: &B::Device, options: LoadOptions, seed: u64) -> Result<Decoder<B>, LoadError> {
+    let config = ModelConfig::from_dir(dir)?;
+    build(&TensorFiles::random(dir, seed), &config, dir, device, options)
 }
 
-fn build<B: Kernels>(ck: Checkpoint, config: ModelConfig, dir: &Path, device: &B::Device) -> anyhow::Result<Decoder<B>> {
-    use anyhow::Context;
-    let model = Decoder::load(&ck, &config, device).with_context(|| format!("loading the {} model in {}", config.family.as_str(), dir.display()))?;
-    Ok(model)
+fn build<B: Kernels>(files: &TensorFiles, config: &ModelConfig, dir: &Path, device: &B::Device, options: LoadOptions) -> Result<Decoder<B>, LoadError> {
+    let src = WeightSource { files, format: options.base };
+    Decoder::load(&src, config, device).map_err(|source| LoadError::Weights { family: config.family.as_str(), dir: dir.into(), source })
 }

@@ -5,13 +5,14 @@
 use burn::backend::autodiff::checkpoint::base::Checkpointer;
 use burn::backend::autodiff::checkpoint::strategy::CheckpointStrategy;
 use burn::backend::autodiff::grads::Gradients;
-use burn::backend::autodiff::ops::{Backward, Ops, OpsKind};
+use burn::backend::autodiff::ops::{unary, Backward, Ops, OpsKind};
 use burn::backend::Autodiff;
 use burn::prelude::*;
 use burn::tensor::ops::{BoolTensor, FloatTensor, IntTensor};
 use burn::tensor::{Bool, TensorPrimitive};
 
-use super::FusedOps;
+use super::{FusedOps, Nf4Linear};
+use crate::quant::nf4_weight::Nf4Weight;
 
 /// A backward node exists only where the inner backend ran the forward kernel, and a backend with
 /// a forward kernel has its backward one.
@@ -267,5 +268,108 @@ impl<B: FusedOps, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
             OpsKind::UnTracked(prep) => prep.finish(prim(o)),
         };
         Some((float(out), Tensor::from_inner(lse)))
+    }
+}
+
+/// What the backward step needs to dequantize `W` again.
+#[derive(Debug, Clone)]
+struct Nf4BackwardState<B: Backend> {
+    words: IntTensor<B>,
+    absmax: FloatTensor<B>,
+    code: FloatTensor<B>,
+    rows: usize,
+    cols: usize,
+    blocksize: usize,
+}
+
+impl<B: Backend> Nf4BackwardState<B> {
+    fn weight(&self) -> Nf4Weight<B> {
+        Nf4Weight::from_parts(
+            Tensor::from_primitive(self.words.clone()),
+            Tensor::from_primitive(TensorPrimitive::Float(self.absmax.clone())),
+            Tensor::from_primitive(TensorPrimitive::Float(self.code.clone())),
+            self.rows,
+            self.cols,
+            self.blocksize,
+        )
+    }
+}
+
+#[derive(Debug)]
+struct Nf4LinearBackward;
+
+impl<B: Nf4Linear> Backward<B, 1> for Nf4LinearBackward {
+    type State = Nf4BackwardState<B>;
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _checkpointer: &mut Checkpointer) {
+        let packed = ops.state;
+        unary::<B, _>(ops.parents, ops.node, grads, |grad| {
+            // d(x · Wᵀ)/dx = grad · W, with W dequantized again here.
+            let grad = Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(grad));
+            let dtype = grad.dtype().into();
+            grad.matmul(B::nf4_dequantize(&packed.weight(), dtype)).into_primitive().tensor()
+        });
+    }
+}
+
+impl<B: Nf4Linear, C: CheckpointStrategy> Nf4Linear for Autodiff<B, C> {
+    fn nf4_linear(x: Tensor<Self, 2>, w: &Nf4Weight<Self>) -> Tensor<Self, 2> {
+        let inner = w.inner();
+        let x = x.into_primitive().tensor();
+        let x_inner = Tensor::<B, 2>::from_primitive(TensorPrimitive::Float(x.primitive.clone()));
+        let out = B::nf4_linear(x_inner, &inner).into_primitive().tensor();
+        let out = match Nf4LinearBackward.prepare::<C>([x.node.clone()]).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => {
+                let state = Nf4BackwardState {
+                    words: inner.words.val().into_primitive(),
+                    absmax: inner.absmax.val().into_primitive().tensor(),
+                    code: inner.code.val().into_primitive().tensor(),
+                    rows: inner.rows,
+                    cols: inner.cols,
+                    blocksize: inner.blocksize,
+                };
+                prep.finish(state, out)
+            }
+            OpsKind::UnTracked(prep) => prep.finish(out),
+        };
+        Tensor::from_primitive(TensorPrimitive::Float(out))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::Cpu;
+    use crate::quant::nf4::Nf4;
+    use burn::tensor::TensorData;
+
+    type Ad = Autodiff<Cpu>;
+
+    #[test]
+    fn gradient_equals_the_dense_matmul_gradient() {
+        let dev = Default::default();
+        let (out, inp) = (5, 128);
+        let w: Vec<f32> = (0..out * inp).map(|i| ((i * 7919 % 257) as f32 - 128.0) / 300.0).collect();
+        let q = Nf4::quantize(&w, 64, true);
+        let x: Vec<f32> = (0..3 * inp).map(|i| ((i * 31 % 17) as f32 - 8.0) / 10.0).collect();
+        let c: Vec<f32> = (0..3 * out).map(|i| i as f32 - 4.0).collect();
+        let c = Tensor::<Ad, 2>::from_data(TensorData::new(c, [3, out]), &dev);
+
+        let xq = Tensor::<Ad, 2>::from_data(TensorData::new(x.clone(), [3, inp]), &dev).require_grad();
+        let yq = Ad::nf4_linear(xq.clone(), &Nf4Weight::new(&q, out, inp, &dev));
+        let gq = (yq.clone() * c.clone()).sum().backward();
+        let gq: Vec<f32> = xq.grad(&gq).unwrap().into_data().to_vec().unwrap();
+
+        let xd = Tensor::<Ad, 2>::from_data(TensorData::new(x, [3, inp]), &dev).require_grad();
+        let wd = Tensor::<Ad, 2>::from_data(TensorData::new(q.dequantize(), [out, inp]), &dev);
+        let yd = xd.clone().matmul(wd.transpose());
+        let gd = (yd.clone() * c).sum().backward();
+        let gd: Vec<f32> = xd.grad(&gd).unwrap().into_data().to_vec().unwrap();
+
+        let (yq, yd): (Vec<f32>, Vec<f32>) = (yq.into_data().to_vec().unwrap(), yd.into_data().to_vec().unwrap());
+        assert_eq!(yq, yd);
+        for (a, b) in gq.iter().zip(&gd) {
+            assert!((a - b).abs() <= 1e-5 * b.abs().max(1.0), "{a} vs {b}");
+        }
     }
 }

@@ -9,7 +9,9 @@ use burn::tensor::{Bool, TensorData, TensorPrimitive};
 use burn_flex::{Flex, FlexTensor};
 use rayon::prelude::*;
 
-use super::FusedOps;
+use super::{FusedOps, Nf4Linear, ScoreRows};
+use crate::quant::nf4_weight::Nf4Weight;
+use burn::tensor::FloatDType;
 
 fn contiguous<const D: usize>(t: Tensor<Flex, D>) -> FlexTensor {
     t.into_primitive().tensor().to_contiguous()
@@ -429,4 +431,53 @@ fn softmax_row(row: &mut [f32], mask: &[u8]) -> f32 {
     let inv = 1.0 / sum;
     row.iter_mut().for_each(|x| *x *= inv);
     max + sum.ln()
+}
+
+/// The chunked attention's row-wise parts: the tensor-op defaults (the CPU runs its own fused
+/// attention and never reaches them outside tests).
+impl ScoreRows for Flex {}
+
+/// The CPU dequantizes in one pass over the codes (the same products as the tensor-op version,
+/// bit for bit).
+impl Nf4Linear for Flex {
+    fn nf4_dequantize(w: &Nf4Weight<Self>, dtype: FloatDType) -> Tensor<Self, 2> {
+        use burn::tensor::TensorData;
+        use rayon::prelude::*;
+        let device = w.words.val().device();
+        let words = w.words.val().into_primitive().to_contiguous();
+        let words: &[i32] = words.as_slice().expect("i32 codes");
+        let absmax: Vec<f32> = w.absmax.val().into_data().to_vec().expect("f32 absmax");
+        let code: Vec<f32> = w.code.val().into_data().to_vec().expect("f32 code");
+        let (n, bs) = (w.rows * w.cols, w.blocksize);
+        let mut out = vec![0f32; n];
+        // Chunks of whole blocks: each element reads its word's nibble and its block's absmax.
+        out.par_chunks_mut(bs * 64).enumerate().for_each(|(c, chunk)| {
+            let start = c * bs * 64;
+            for (i, o) in chunk.iter_mut().enumerate() {
+                let e = start + i;
+                let nibble = (words[e / 8] >> (4 * (e % 8))) & 15;
+                *o = code[nibble as usize] * absmax[e / bs];
+            }
+        });
+        Tensor::<Self, 2>::from_data(TensorData::new(out, [w.rows, w.cols]), &device).cast(dtype)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::quant::nf4::Nf4;
+
+    #[test]
+    fn cpu_dequantization_equals_the_tensor_op_one_bit_for_bit() {
+        let dev = Default::default();
+        // Sizes that leave a partial last block and a partial last word.
+        for (rows, cols) in [(3, 100), (70, 64 * 65 + 7)] {
+            let w: Vec<f32> = (0..rows * cols).map(|i| ((i * 7919 % 1013) as f32 - 506.0) / 97.0).collect();
+            let q = Nf4Weight::<Flex>::new(&Nf4::quantize(&w, 64, true), rows, cols, &dev);
+            let fast: Vec<f32> = Flex::nf4_dequantize(&q, FloatDType::F32).into_data().to_vec().unwrap();
+            let ops: Vec<f32> = q.dequantize().into_data().to_vec().unwrap();
+            assert_eq!(fast, ops, "{rows}x{cols}");
+        }
+    }
 }

@@ -2,10 +2,11 @@
 //! operation with its own backward step instead of a chain of small tensor ops (each of which
 //! allocates, walks strided views and records an autodiff node).
 //!
-//! A backend either has kernels for them (the CPU backend: `cpu.rs`) or answers `None`, and the
-//! same maths is composed from burn tensor ops (the reference compositions in this file: what the
-//! CUDA backends run, also under autodiff). The functions here pick one of the two; the decoder
-//! calls only these.
+//! Every backend extension lives here, one file per backend: the traits ([`FusedOps`],
+//! [`ScoreRows`], [`Nf4Linear`]) and what the decoder calls (the functions below), the CPU
+//! kernels (`cpu.rs`), the compositions from tensor ops that the CubeCL backends run as single
+//! autodiff nodes (`chunked.rs`), the CubeCL kernel launches (`cubecl.rs`), every backward node
+//! (`autodiff.rs`), and the plain tensor-op maths they are all tested against (`reference.rs`).
 //!
 //! Attention works on the projections' own layout `[B, T, heads, head_dim]` (no head transpose,
 //! no copy of K/V per query head for grouped-query attention) and keeps only the softmax's
@@ -13,14 +14,52 @@
 //! PyTorch's SDPA do): memory per layer is O(T), not O(T²).
 
 mod autodiff;
-pub mod composed;
+pub mod chunked;
 mod cpu;
 #[cfg(any(feature = "cuda", feature = "wgpu"))]
-mod gpu;
+mod cubecl;
+pub mod reference;
+
+use std::ops::Range;
 
 use burn::prelude::*;
-use burn::tensor::activation::{log_softmax, silu, softmax};
-use burn::tensor::Bool;
+use burn::tensor::activation::silu;
+use burn::tensor::{Bool, FloatDType};
+
+use crate::quant::nf4_weight::Nf4Weight;
+pub use chunked::Geometry;
+
+/// A backend that runs the decoder: the NF4 linear map and the fused decoder operations, as
+/// kernels of its own or composed from tensor ops.
+pub trait Kernels: Nf4Linear + FusedOps {}
+
+impl<T: Nf4Linear + FusedOps> Kernels for T {}
+
+/// A backend ft trains on: autodiff over an inner backend, both able to run the decoder (the
+/// inner one runs evaluation without recording a graph).
+pub trait TrainBackend: burn::tensor::backend::AutodiffBackend<InnerBackend: Kernels> + Kernels {}
+
+impl<T: burn::tensor::backend::AutodiffBackend<InnerBackend: Kernels> + Kernels> TrainBackend for T {}
+
+/// The QLoRA linear map `x · Wᵀ` with `W` held in NF4: the weight is dequantized for the forward
+/// and again in the backward, never kept between them, so training holds only the 4-bit codes
+/// (as bitsandbytes' `MatMul4Bit` does). Only the input gradient exists: `W` is frozen. Plain
+/// backends compute `x · dequant(W)ᵀ`; the autodiff backend registers its own backward step
+/// (`autodiff.rs`) instead of letting the matmul keep `W` for it.
+pub trait Nf4Linear: Backend {
+    /// `x [rows, in] · Wᵀ` for the NF4 weight `W [out, in]` → `[rows, out]`, in `x`'s dtype.
+    fn nf4_linear(x: Tensor<Self, 2>, w: &Nf4Weight<Self>) -> Tensor<Self, 2> {
+        let wt = Self::nf4_dequantize(w, x.dtype().into());
+        x.matmul(wt.transpose())
+    }
+
+    /// The weight `[out, in]` in `dtype`: each value the f32 product `code[q] · absmax` rounded
+    /// once (the tensor-op reference by default; the CPU kernel in `cpu.rs`, the CubeCL kernel in
+    /// `cubecl.rs`).
+    fn nf4_dequantize(w: &Nf4Weight<Self>, dtype: FloatDType) -> Tensor<Self, 2> {
+        w.dequantize().cast(dtype)
+    }
+}
 
 /// Operations a backend may run as single kernels. Each method returns `None` where the backend
 /// has no kernel (the default); the functions of this module then compose the same maths from
@@ -80,14 +119,14 @@ pub trait FusedOps: Backend {
     }
 
     /// `log softmax(logits)[target]` of each row of `logits [N, V]`, `targets [N]`, and each
-    /// row's log-sum-exp, both `[N]` in f32. Every backend runs the [`composed`] chunks unless it
+    /// row's log-sum-exp, both `[N]` in f32. Every backend runs the [`chunked`] composition unless it
     /// has a kernel.
     fn token_logprobs_fused(logits: Tensor<Self, 2>, targets: Tensor<Self, 1, Int>) -> Option<(Tensor<Self, 1>, Tensor<Self, 1>)> {
-        Some(composed::token_logprobs(logits, targets, composed::CHUNK_SCORES))
+        Some(chunked::token_logprobs(logits, targets, chunked::CHUNK_SCORES))
     }
     /// Gradient with respect to the logits, given the log-probs' gradient `grad [N]`.
     fn token_logprobs_backward(logits: Tensor<Self, 2>, targets: Tensor<Self, 1, Int>, lse: Tensor<Self, 1>, grad: Tensor<Self, 1>) -> Option<Tensor<Self, 2>> {
-        Some(composed::token_logprobs_backward(logits, targets, lse, grad, composed::CHUNK_SCORES))
+        Some(chunked::token_logprobs_backward(logits, targets, lse, grad, chunked::CHUNK_SCORES))
     }
 
     /// Softmax attention of `q [B, T, H, hd]` over `k`, `v` `[B, S, KV, hd]` (H a multiple of
@@ -119,61 +158,32 @@ pub trait FusedOps: Backend {
     }
 }
 
-/// The [`composed`] implementations as a backend's `FusedOps`: one node under autodiff, keeping
-/// only the inputs (and attention's output and log-sum-exp).
-#[cfg(any(feature = "cuda", feature = "wgpu"))]
-macro_rules! composed_fused_ops {
-    () => {
-        fn rms_norm_fused(x: Tensor<Self, 2>, w: Tensor<Self, 1>, eps: f64) -> Option<Tensor<Self, 2>> {
-            Some(composed::rms_norm(x, w, eps))
-        }
-        fn rms_norm_backward(x: Tensor<Self, 2>, w: Tensor<Self, 1>, eps: f64, grad: Tensor<Self, 2>) -> Option<Tensor<Self, 2>> {
-            Some(composed::rms_norm_backward(x, w, eps, grad))
-        }
-        fn rope_fused(x: Tensor<Self, 4>, cos: Tensor<Self, 3>, sin: Tensor<Self, 3>, transpose: bool) -> Option<Tensor<Self, 4>> {
-            Some(composed::rope(x, cos, sin, transpose))
-        }
-        fn swiglu_fused(gate: Tensor<Self, 2>, up: Tensor<Self, 2>) -> Option<Tensor<Self, 2>> {
-            Some(composed::swiglu(gate, up))
-        }
-        fn swiglu_backward(gate: Tensor<Self, 2>, up: Tensor<Self, 2>, grad: Tensor<Self, 2>) -> Option<(Tensor<Self, 2>, Tensor<Self, 2>)> {
-            Some(composed::swiglu_backward(gate, up, grad))
-        }
-        fn attention_fused(q: Tensor<Self, 4>, k: Tensor<Self, 4>, v: Tensor<Self, 4>, mask: Tensor<Self, 3, Bool>, scale: f64) -> Option<(Tensor<Self, 4>, Tensor<Self, 3>)> {
-            Some(composed::attention(q, k, v, mask, scale, composed::CHUNK_SCORES))
-        }
-        fn attention_backward(
-            q: Tensor<Self, 4>,
-            k: Tensor<Self, 4>,
-            v: Tensor<Self, 4>,
-            o: Tensor<Self, 4>,
-            lse: Tensor<Self, 3>,
-            mask: Tensor<Self, 3, Bool>,
-            scale: f64,
-            grad: Tensor<Self, 4>,
-        ) -> Option<(Tensor<Self, 4>, Tensor<Self, 4>, Tensor<Self, 4>)> {
-            Some(composed::attention_backward(q, k, v, o, lse, mask, scale, grad, composed::CHUNK_SCORES))
-        }
-    };
-}
+/// The row-wise parts of the chunked attention, which a backend may run as kernels (burn's
+/// CubeCL backends: `kernels/src/attention.rs`); by default composed from tensor ops. `raw` is a
+/// chunk's `q·kᵀ` `[B, KV, rep·C, keys]` in the compute dtype (unscaled, unmasked), for the
+/// query rows `rows` of `g`; `mask` is the whole `[1 | B, T, S]` mask.
+pub trait ScoreRows: Backend {
+    /// The probabilities (compute dtype) and each row's log-sum-exp `[B, KV, rep·C]` (f32).
+    fn masked_softmax(g: &Geometry, raw: Tensor<Self, 4>, mask: &Tensor<Self, 3, Bool>, rows: &Range<usize>, scale: f64) -> (Tensor<Self, 4>, Tensor<Self, 3>) {
+        chunked::masked_softmax_ops(g, raw, mask, rows, scale)
+    }
 
-// burn's CubeCL backends (CUDA; wgpu in tests): the compositions of `composed.rs`.
-#[cfg(any(feature = "cuda", feature = "wgpu"))]
-impl<R: burn_cubecl::CubeRuntime, F: burn_cubecl::FloatElement, I: burn_cubecl::IntElement, BT: burn_cubecl::BoolElement> FusedOps
-    for burn_cubecl::CubeBackend<R, F, I, BT>
-{
-    composed_fused_ops!();
-}
-
-// Under burn's fusion (`cuda-tuned`) the CUDA types are fusion wrappers.
-#[cfg(feature = "cuda-tuned")]
-impl FusedOps for crate::backend::CudaF32 {
-    composed_fused_ops!();
-}
-
-#[cfg(feature = "cuda-tuned")]
-impl FusedOps for crate::backend::CudaBf16 {
-    composed_fused_ops!();
+    /// The backward's probabilities `P = exp(scale·s − lse)` and score gradients
+    /// `dS = scale · P ∘ (dP − delta)`, both in the compute dtype, given the probabilities'
+    /// gradient `dp` (compute dtype) and per row `lse` and `delta = rowsum(dO ∘ O)` (f32).
+    #[allow(clippy::too_many_arguments)]
+    fn softmax_grad(
+        g: &Geometry,
+        raw: Tensor<Self, 4>,
+        dp: Tensor<Self, 4>,
+        mask: &Tensor<Self, 3, Bool>,
+        rows: &Range<usize>,
+        lse: Tensor<Self, 3>,
+        delta: Tensor<Self, 3>,
+        scale: f64,
+    ) -> (Tensor<Self, 4>, Tensor<Self, 4>) {
+        chunked::softmax_grad_ops(g, raw, dp, mask, rows, lse, delta, scale)
+    }
 }
 
 /// RMSNorm as HF computes it: `w · x / sqrt(mean(x²) + eps)` over the last dimension.
@@ -236,54 +246,6 @@ pub fn attention<B: FusedOps>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>,
     match B::attention_fused(q.clone(), k.clone(), v.clone(), mask.clone(), scale) {
         Some((o, _)) => o,
         None => reference::attention(q, k, v, mask, scale),
-    }
-}
-
-/// The same maths from burn tensor ops: what backends without kernels run, and what the fused
-/// kernels are tested against.
-pub mod reference {
-    use super::*;
-
-    pub fn rms_norm<B: Backend, const D: usize>(x: Tensor<B, D>, w: Tensor<B, 1>, eps: f64) -> Tensor<B, D> {
-        let var = x.clone().powi_scalar(2).mean_dim(D - 1);
-        let x = x * (var + eps).sqrt().recip();
-        x * w.unsqueeze()
-    }
-
-    fn rotate_half<B: Backend>(x: Tensor<B, 4>) -> Tensor<B, 4> {
-        let d = x.dims()[3];
-        let x1 = x.clone().narrow(3, 0, d / 2);
-        let x2 = x.narrow(3, d / 2, d / 2);
-        Tensor::cat(vec![x2.neg(), x1], 3)
-    }
-
-    /// `x [B, T, H, hd]`, tables `[1 | B, T, hd]`.
-    pub fn rope<B: Backend>(x: Tensor<B, 4>, cos: Tensor<B, 3>, sin: Tensor<B, 3>) -> Tensor<B, 4> {
-        let cos: Tensor<B, 4> = cos.unsqueeze_dim(2);
-        let sin: Tensor<B, 4> = sin.unsqueeze_dim(2);
-        x.clone() * cos + rotate_half(x) * sin
-    }
-
-    pub fn token_logprobs<B: Backend>(logits: Tensor<B, 2>, targets: Tensor<B, 1, Int>) -> Tensor<B, 1> {
-        let n = targets.dims()[0];
-        log_softmax(logits.cast(burn::tensor::FloatDType::F32), 1).gather(1, targets.reshape([n, 1])).reshape([n])
-    }
-
-    pub fn attention<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>, mask: Tensor<B, 3, Bool>, scale: f64) -> Tensor<B, 4> {
-        let [b, t, nh, hd] = q.dims();
-        let [_, s, kvh, _] = k.dims();
-        let (q, mut k, mut v) = (q.swap_dims(1, 2), k.swap_dims(1, 2), v.swap_dims(1, 2));
-        // GQA: repeat each kv head n_rep times (HF's repeat_kv), materialised so that the
-        // autodiff backward needs no broadcasting.
-        let n_rep = nh / kvh;
-        if n_rep > 1 {
-            k = k.unsqueeze_dim::<5>(2).expand([b, kvh, n_rep, s, hd]).reshape([b, nh, s, hd]);
-            v = v.unsqueeze_dim::<5>(2).expand([b, kvh, n_rep, s, hd]).reshape([b, nh, s, hd]);
-        }
-        let scores = q.matmul(k.swap_dims(2, 3)) * scale;
-        let mask: Tensor<B, 4, Bool> = mask.unsqueeze_dim(1);
-        let scores = scores.mask_fill(mask.expand([b, nh, t, s]), f32::NEG_INFINITY);
-        softmax(scores, 3).matmul(v).swap_dims(1, 2)
     }
 }
 

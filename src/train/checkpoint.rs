@@ -5,33 +5,38 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
 use burn::prelude::*;
 use burn::tensor::TensorData;
-use serde::{Deserialize, Serialize};
 use sha2::Digest;
 
-use crate::fsutil::{write_atomic, StagedDir};
+use super::state::TrainState;
+use super::{IoAt, TrainError};
+use crate::atomic::{write_atomic, StagedDir};
+use crate::formats::safetensors::{write_safetensors, RawTensors, TensorFiles};
 
-/// Where the loop stands; with the adapter and optimizer state, all that resume needs.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
-pub struct TrainState {
-    pub step: usize,
-    pub epoch: usize,
-    pub cursor: usize,
-    pub tokens_seen: usize,
-    pub optimizer_t: usize,
+type Result<T> = std::result::Result<T, TrainError>;
+
+/// Tests only (the `fault-injection` feature): the step whose checkpoint fails like a full disk
+/// halfway through, from `FT_FAIL_CHECKPOINT_AT`.
+#[cfg(feature = "fault-injection")]
+fn failing_step() -> Option<usize> {
+    std::env::var("FT_FAIL_CHECKPOINT_AT").ok().and_then(|v| v.parse().ok())
+}
+
+#[cfg(not(feature = "fault-injection"))]
+fn failing_step() -> Option<usize> {
+    None
 }
 
 const COMPLETE: &str = "COMPLETE";
 
 fn sha256_file(p: &Path) -> Result<String> {
-    let bytes = std::fs::read(p).with_context(|| format!("cannot read {}", p.display()))?;
+    let bytes = std::fs::read(p).at("cannot read", p)?;
     Ok(sha2::Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect())
 }
 
 fn tensors_to_file<B: Backend>(path: &Path, named: Vec<(String, Tensor<B, 2>)>) -> Result<()> {
-    let data: crate::model::weights::RawTensors = named
+    let data: RawTensors = named
         .into_iter()
         .map(|(n, t)| {
             let shape = t.dims().to_vec();
@@ -39,7 +44,7 @@ fn tensors_to_file<B: Backend>(path: &Path, named: Vec<(String, Tensor<B, 2>)>) 
             (n, safetensors::Dtype::F32, shape, bytemuck::cast_slice(&v).to_vec())
         })
         .collect();
-    crate::model::weights::write_safetensors(path, &data, None)
+    Ok(write_safetensors(path, &data, None)?)
 }
 
 /// Writes `checkpoint-{state.step}` into `run`: `save_adapter` writes the PEFT adapter into the
@@ -54,14 +59,13 @@ pub fn save<B: Backend>(
 ) -> Result<PathBuf> {
     let target = run.join(format!("checkpoint-{}", state.step));
     if target.exists() {
-        std::fs::remove_dir_all(&target).with_context(|| format!("replacing {}", target.display()))?;
+        std::fs::remove_dir_all(&target).at("cannot replace", &target)?;
     }
     let staged = StagedDir::new(&target)?;
     save_adapter(&staged.path("adapter"))?;
     // Fault injection for tests: fail like a full disk halfway through this checkpoint.
-    if std::env::var("FT_FAIL_CHECKPOINT_AT").ok().and_then(|v| v.parse::<usize>().ok()) == Some(state.step) {
-        return Err(std::io::Error::new(std::io::ErrorKind::StorageFull, "No space left on device (simulated)"))
-            .with_context(|| format!("writing {}", target.display()));
+    if failing_step() == Some(state.step) {
+        return Err(std::io::Error::new(std::io::ErrorKind::StorageFull, "No space left on device (simulated)")).at("writing", &target);
     }
     let mut named = Vec::new();
     for (i, (a, b)) in m.iter().zip(v).enumerate() {
@@ -69,12 +73,12 @@ pub fn save<B: Backend>(
         named.push((format!("v.{i}"), b.clone()));
     }
     tensors_to_file(&staged.path("optimizer.safetensors"), named)?;
-    write_atomic(&staged.path("trainer_state.json"), &serde_json::to_vec_pretty(state)?)?;
+    write_atomic(&staged.path("trainer_state.json"), &serde_json::to_vec_pretty(state).expect("state serializes"))?;
     let mut manifest = serde_json::Map::new();
     for f in ["adapter/adapter_model.safetensors", "adapter/adapter_config.json", "optimizer.safetensors", "trainer_state.json"] {
         manifest.insert(f.into(), sha256_file(&staged.tmp.join(f))?.into());
     }
-    write_atomic(&staged.path("manifest.json"), &serde_json::to_vec_pretty(&manifest)?)?;
+    write_atomic(&staged.path("manifest.json"), &serde_json::to_vec_pretty(&manifest).expect("JSON serializes"))?;
     write_atomic(&staged.path(COMPLETE), b"")?;
     let out = staged.commit()?;
     prune(run, keep_last)?;
@@ -100,7 +104,7 @@ fn prune(run: &Path, keep_last: usize) -> Result<()> {
     let all = complete_checkpoints(run);
     if keep_last > 0 && all.len() > keep_last {
         for (_, p) in &all[..all.len() - keep_last] {
-            std::fs::remove_dir_all(p).with_context(|| format!("removing old checkpoint {}", p.display()))?;
+            std::fs::remove_dir_all(p).at("cannot remove the old checkpoint", p)?;
         }
     }
     Ok(())
@@ -117,15 +121,21 @@ pub struct Loaded<B: Backend> {
 /// The newest complete checkpoint of `run` whose files match its manifest.
 pub fn load_latest<B: Backend>(run: &Path, device: &B::Device) -> Result<Option<Loaded<B>>> {
     let Some((_, dir)) = complete_checkpoints(run).pop() else { return Ok(None) };
-    let manifest: serde_json::Map<String, serde_json::Value> =
-        serde_json::from_slice(&std::fs::read(dir.join("manifest.json"))?).context("reading the checkpoint manifest")?;
-    for (f, sum) in &manifest {
+    let read_json = |name: &str| -> Result<serde_json::Value> {
+        let path = dir.join(name);
+        let bytes = std::fs::read(&path).at("cannot read", &path)?;
+        serde_json::from_slice(&bytes).map_err(|e| TrainError::Invalid { path, msg: format!("not valid JSON: {e}") })
+    };
+    let manifest = read_json("manifest.json")?;
+    for (f, sum) in manifest.as_object().into_iter().flatten() {
         if sha256_file(&dir.join(f))? != sum.as_str().unwrap_or_default() {
-            bail!("{}: {f} does not match its sha256 in manifest.json; the checkpoint is damaged", dir.display());
+            let msg = format!("{f} does not match its sha256 in manifest.json; the checkpoint is damaged");
+            return Err(TrainError::Invalid { path: dir.clone(), msg });
         }
     }
-    let state: TrainState = serde_json::from_slice(&std::fs::read(dir.join("trainer_state.json"))?)?;
-    let ck = crate::model::weights::Checkpoint::open_file(&dir.join("optimizer.safetensors"))?;
+    let state: TrainState = serde_json::from_value(read_json("trainer_state.json")?)
+        .map_err(|e| TrainError::Invalid { path: dir.join("trainer_state.json"), msg: e.to_string() })?;
+    let ck = TensorFiles::open_file(&dir.join("optimizer.safetensors"))?;
     let (mut m, mut v) = (Vec::new(), Vec::new());
     let mut i = 0;
     while let Some((shape, _)) = ck.info(&format!("m.{i}")) {

@@ -1,21 +1,59 @@
-//! Training: recipes, the optimizer and schedules, the step, the loop, and its two objectives
-//! (SFT and DPO).
+//! Training: the recipe (the only place that knows the TOML), the loop ([`run`]), its run
+//! directory, checkpoints and state, the step and the optimizer, and the objectives as
+//! components ([`objective`]; [`sft`], [`dpo`]) that receive their own settings.
 
 pub mod checkpoint;
 pub mod dpo;
+pub mod objective;
 pub mod optim;
-pub mod plot;
 pub mod recipe;
 pub mod recompute;
 pub mod run;
+pub mod run_dir;
 pub mod sft;
+pub mod state;
 pub mod step;
 
-use burn::prelude::*;
+use std::path::{Path, PathBuf};
 
-/// The value of a one-element tensor, read in the tensor's own dtype. burn's `into_scalar`
-/// converts to the backend's float type first: on a bf16 backend an f32 loss or gradient norm
-/// would come back rounded to three significant digits (and an f16 norm² overflows at 65504).
-pub fn scalar<B: Backend>(t: Tensor<B, 1>) -> f64 {
-    t.into_data().convert::<f64>().to_vec::<f64>().expect("one value")[0]
+/// Errors from a training run; each names the file or setting concerned.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    #[error("{what} {}", path.display())]
+    Io { what: &'static str, path: PathBuf, source: std::io::Error },
+    #[error("{}: {msg}", path.display())]
+    Invalid { path: PathBuf, msg: String },
+    #[error(transparent)]
+    Recipe(#[from] recipe::RecipeError),
+    #[error(transparent)]
+    Load(#[from] crate::model::LoadError),
+    #[error(transparent)]
+    Tokenizer(#[from] crate::data::tokenizer::TokenizerError),
+    #[error(transparent)]
+    Prepare(#[from] crate::data::prepare::PrepareError),
+    #[error(transparent)]
+    Data(#[from] crate::data::conversation::DataError),
+    #[error(transparent)]
+    Peft(#[from] crate::formats::peft::PeftError),
+    #[error(transparent)]
+    Weights(#[from] crate::formats::safetensors::WeightsError),
+    #[error(transparent)]
+    Output(#[from] crate::atomic::AtomicError),
+    #[error(transparent)]
+    NoTargets(#[from] crate::adapters::attach::NoTargets),
+    #[error(transparent)]
+    Diverged(#[from] run::Divergence),
+    #[error(transparent)]
+    Interrupted(#[from] run::Interrupted),
+}
+
+/// Attaches what was being done and to which path to an I/O error.
+pub(crate) trait IoAt<T> {
+    fn at(self, what: &'static str, path: &Path) -> Result<T, TrainError>;
+}
+
+impl<T> IoAt<T> for std::io::Result<T> {
+    fn at(self, what: &'static str, path: &Path) -> Result<T, TrainError> {
+        self.map_err(|source| TrainError::Io { what, path: path.into(), source })
+    }
 }

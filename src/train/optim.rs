@@ -4,7 +4,14 @@
 
 use burn::prelude::*;
 
-use super::recipe::Schedule;
+/// The learning-rate schedule after warmup (transformers' `lr_scheduler_type`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Schedule {
+    Linear,
+    Cosine,
+    Constant,
+}
 
 /// The parameters (or their gradients, or moments) as one flat vector: each tensor row-major,
 /// one after the other. The optimizer works on this, so a step is a dozen tensor operations
@@ -73,12 +80,6 @@ impl<B: Backend> AdamW<B> {
         self.t = t;
     }
 
-    /// One update; returns the new parameters.
-    pub fn step(&mut self, params: Vec<Tensor<B, 2>>, grads: Vec<Tensor<B, 2>>, lr: f64) -> Vec<Tensor<B, 2>> {
-        let new = self.step_flat(flatten(&params), flatten(&grads), lr);
-        unflatten(new, &self.shapes)
-    }
-
     /// One update of the flat parameters given their flat gradients; returns the new ones.
     pub fn step_flat(&mut self, p: Tensor<B, 1>, g: Tensor<B, 1>, lr: f64) -> Tensor<B, 1> {
         self.t += 1;
@@ -100,7 +101,7 @@ impl<B: Backend> AdamW<B> {
 /// Global L2 norm of the (flat) gradients; scales them to `max_norm` when above it (PyTorch:
 /// `coef = max_norm / (norm + 1e-6)`, applied when `coef < 1`). Returns the norm before clipping.
 pub fn clip_global_norm<B: Backend>(grads: &mut Tensor<B, 1>, max_norm: f64) -> f64 {
-    let norm = super::scalar(grads.clone().powi_scalar(2).sum()).sqrt();
+    let norm = crate::loss::scalar(grads.clone().powi_scalar(2).sum()).sqrt();
     if max_norm > 0.0 {
         let coef = max_norm / (norm + 1e-6);
         if coef < 1.0 {
@@ -128,6 +129,12 @@ pub fn learning_rate(base: f64, schedule: Schedule, step: usize, total: usize, w
 mod tests {
     use super::*;
     use crate::backend::Cpu;
+
+    /// One update of per-tensor parameters (the loop updates the flat vector directly).
+    fn step<B: Backend>(opt: &mut AdamW<B>, params: Vec<Tensor<B, 2>>, grads: Vec<Tensor<B, 2>>, lr: f64) -> Vec<Tensor<B, 2>> {
+        let new = opt.step_flat(flatten(&params), flatten(&grads), lr);
+        unflatten(new, opt.shapes())
+    }
     use burn::tensor::TensorData;
 
     #[test]
@@ -138,7 +145,7 @@ mod tests {
         let p = vec![Tensor::<Cpu, 2>::from_data(TensorData::new(vec![1.0f32, -2.0], [1, 2]), &d)];
         let mut opt = AdamW::new(&p, 0.01);
         let g = vec![Tensor::<Cpu, 2>::from_data(TensorData::new(vec![0.5f32, 0.5], [1, 2]), &d)];
-        let p = opt.step(p, g, 0.1);
+        let p = step(&mut opt, p, g, 0.1);
         let v: Vec<f32> = p[0].to_data().to_vec().unwrap();
         assert!((v[0] - 0.899).abs() < 1e-6 && (v[1] + 2.098).abs() < 1e-6, "{v:?}");
         // step 2 by hand: m = 0.9·m + 0.1·g, v = 0.999·v + 0.001·g², p·(1−0.001) − 0.1/bc1 · m / (sqrt(v)/sqrt(bc2) + eps)
@@ -152,7 +159,7 @@ mod tests {
             want[i] = p0 - 0.1 / bc1 * m / (vv.sqrt() / bc2.sqrt() + 1e-8);
         }
         let g = vec![Tensor::<Cpu, 2>::from_data(TensorData::new(vec![-1.0f32, 2.0], [1, 2]), &d)];
-        let v: Vec<f32> = opt.step(p, g, 0.1)[0].to_data().to_vec().unwrap();
+        let v: Vec<f32> = step(&mut opt, p, g, 0.1)[0].to_data().to_vec().unwrap();
         assert!((v[0] as f64 - want[0]).abs() < 1e-5 && (v[1] as f64 - want[1]).abs() < 1e-5, "{v:?} vs {want:?}");
     }
 

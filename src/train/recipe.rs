@@ -4,12 +4,45 @@
 
 use std::path::{Path, PathBuf};
 
-use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
-use super::dpo::{DpoConfig, LossType};
+use super::dpo::{DpoSettings, ReferenceCache};
+use super::optim::Schedule;
+use super::recompute::Recompute;
+use super::sft::SftSettings;
+use crate::adapters::config::{LoraConfig, LoraInit, Targets};
 use crate::backend::DeviceChoice;
-use crate::tokenizer::TemplateChoice;
+use crate::data::prepare::{CacheAt, Overlong, PrepareOptions};
+use crate::data::tokenizer::TemplateChoice;
+use crate::loss::dpo::{DpoConfig, LossType};
+use crate::model::{BaseFormat, LoadOptions};
+
+/// A recipe that does not validate (exit code 2): the file, the line when the TOML parser knows
+/// it, the key when one is at fault, and what was expected.
+#[derive(Debug, thiserror::Error)]
+pub enum RecipeError {
+    #[error("cannot read recipe {}", path.display())]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{}{}: {msg}", path.display(), if *with_set { " (with --set)" } else { "" })]
+    Invalid {
+        path: PathBuf,
+        /// 1-based line of the offending text, when known.
+        line: Option<usize>,
+        /// The key at fault (`train.lr`, `learning_rate`), when known.
+        key: Option<String>,
+        msg: String,
+        with_set: bool,
+    },
+}
+
+type Result<T> = std::result::Result<T, RecipeError>;
+
+/// A validation failure: the key and the message.
+type Invalid = (&'static str, String);
+
+fn invalid(key: &'static str, msg: String) -> std::result::Result<(), Invalid> {
+    Err((key, msg))
+}
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -59,6 +92,28 @@ impl DpoSection {
     }
 }
 
+impl ModelSection {
+    /// How the model is loaded: QLoRA keeps the block weights in NF4.
+    pub fn load_options(&self) -> LoadOptions {
+        LoadOptions { base: if self.quantize == Some(Quantize::Nf4) { BaseFormat::Nf4 } else { BaseFormat::AsStored } }
+    }
+}
+
+impl LoraSection {
+    /// The adapter configuration this section asks for.
+    pub fn config(&self) -> LoraConfig {
+        LoraConfig {
+            r: self.r,
+            alpha: self.alpha,
+            use_rslora: self.use_rslora,
+            dropout: self.dropout,
+            targets: Targets::from_list(&self.target_modules),
+            base_model: None,
+            init: self.init,
+        }
+    }
+}
+
 fn d_beta() -> f64 {
     0.1
 }
@@ -79,13 +134,6 @@ pub struct ModelSection {
     /// needed; `path` still supplies the tokenizer).
     #[serde(default)]
     pub random_init: bool,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Overlong {
-    Drop,
-    Truncate,
 }
 
 fn d_overlong() -> Overlong {
@@ -142,7 +190,7 @@ pub struct LoraSection {
     pub use_rslora: bool,
     /// PEFT's `init_lora_weights`: `"default"` (True), `"gaussian"`, `"random"` (False).
     #[serde(default)]
-    pub init: crate::adapters::lora::LoraInit,
+    pub init: LoraInit,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -150,14 +198,6 @@ pub struct LoraSection {
 pub enum Method {
     Sft,
     Dpo,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Schedule {
-    Linear,
-    Cosine,
-    Constant,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -322,86 +362,151 @@ fn edit_distance(a: &str, b: &str) -> usize {
 
 impl Recipe {
     /// Reads a recipe and applies `--set key=value` overrides (`train.lr=1e-4`).
+    /// Reads and validates a recipe, with `--set key=value` overrides applied.
     pub fn load(path: &Path, overrides: &[String]) -> Result<Self> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read recipe {}", path.display()))?;
-        let mut doc: toml::Table = text.parse().map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        let text = std::fs::read_to_string(path).map_err(|source| RecipeError::Read { path: path.into(), source })?;
+        let with_set = !overrides.is_empty();
+        let error = |line: Option<usize>, key: Option<String>, msg: String| RecipeError::Invalid { path: path.into(), line, key, msg, with_set };
+        let line_of = |e: &toml::de::Error| e.span().map(|s| text[..s.start.min(text.len())].matches('\n').count() + 1);
+        let mut doc: toml::Table = text.parse().map_err(|e: toml::de::Error| error(line_of(&e), None, e.to_string()))?;
         for o in overrides {
-            let (key, value) = o.split_once('=').with_context(|| format!("--set {o}: expected key=value"))?;
+            let set_error = |msg: &str| error(None, Some(o.clone()), format!("--set {o}: {msg}"));
+            let (key, value) = o.split_once('=').ok_or_else(|| set_error("expected key=value"))?;
             let value: toml::Value = format!("v = {value}")
                 .parse::<toml::Table>()
                 .ok()
                 .and_then(|mut t| t.remove("v"))
                 .unwrap_or_else(|| toml::Value::String(value.to_string()));
             let mut parts: Vec<&str> = key.split('.').collect();
-            let last = parts.pop().filter(|l| !l.is_empty()).with_context(|| format!("--set {o}: empty key"))?;
+            let last = parts.pop().filter(|l| !l.is_empty()).ok_or_else(|| set_error("empty key"))?;
             let mut table = &mut doc;
             for p in parts {
                 table = table
                     .entry(p)
                     .or_insert_with(|| toml::Value::Table(Default::default()))
                     .as_table_mut()
-                    .with_context(|| format!("--set {o}: {p} is not a section"))?;
+                    .ok_or_else(|| set_error(&format!("{p} is not a section")))?;
             }
             table.insert(last.to_string(), value);
         }
-        let recipe: Recipe = if overrides.is_empty() {
-            toml::from_str(&text).map_err(|e| anyhow::anyhow!("{}: {e}{}", path.display(), did_you_mean(&e.to_string())))?
-        } else {
-            Recipe::deserialize(doc).map_err(|e| anyhow::anyhow!("{} (with --set): {e}{}", path.display(), did_you_mean(&e.to_string())))?
+        let schema_error = |e: toml::de::Error, line: Option<usize>| {
+            let msg = e.to_string();
+            let key = msg.split("unknown field `").nth(1).and_then(|r| r.split('`').next()).map(String::from);
+            error(line, key, format!("{msg}{}", did_you_mean(&msg)))
         };
-        recipe.validate().map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+        let recipe: Recipe = if overrides.is_empty() {
+            toml::from_str(&text).map_err(|e| {
+                let line = line_of(&e);
+                schema_error(e, line)
+            })?
+        } else {
+            Recipe::deserialize(doc).map_err(|e| schema_error(e, None))?
+        };
+        recipe.validate().map_err(|(key, msg)| error(None, Some(key.into()), msg))?;
         Ok(recipe)
     }
 
-    pub fn validate(&self) -> Result<()> {
+    /// Checks every range the schema cannot express; the error names the key.
+    pub fn validate(&self) -> std::result::Result<(), Invalid> {
         let t = &self.train;
         let l = &self.lora;
         if l.r == 0 {
-            bail!("lora.r must be at least 1");
+            return invalid("lora.r", "lora.r must be at least 1".into());
         }
         if !(0.0..1.0).contains(&l.dropout) {
-            bail!("lora.dropout must be in [0, 1), got {}", l.dropout);
+            return invalid("lora.dropout", format!("lora.dropout must be in [0, 1), got {}", l.dropout));
         }
         if t.micro_batch_size == 0 || t.grad_accum == 0 {
-            bail!("train.micro_batch_size and train.grad_accum must be at least 1");
+            return invalid("train.micro_batch_size", "train.micro_batch_size and train.grad_accum must be at least 1".into());
         }
         if !(t.lr > 0.0 && t.lr.is_finite()) {
-            bail!("train.lr must be a positive number, got {}", t.lr);
+            return invalid("train.lr", format!("train.lr must be a positive number, got {}", t.lr));
         }
         if !(0.0..=1.0).contains(&t.warmup_ratio) {
-            bail!("train.warmup_ratio must be in [0, 1], got {}", t.warmup_ratio);
+            return invalid("train.warmup_ratio", format!("train.warmup_ratio must be in [0, 1], got {}", t.warmup_ratio));
         }
         if t.max_steps.is_none() && t.epochs <= 0.0 {
-            bail!("train.epochs must be positive (or set train.max_steps)");
+            return invalid("train.epochs", "train.epochs must be positive (or set train.max_steps)".into());
         }
         if t.max_grad_norm < 0.0 || t.weight_decay < 0.0 {
-            bail!("train.max_grad_norm and train.weight_decay must not be negative");
+            return invalid("train.max_grad_norm", "train.max_grad_norm and train.weight_decay must not be negative".into());
         }
         if self.data.max_len < 2 {
-            bail!("data.max_len must be at least 2");
+            return invalid("data.max_len", "data.max_len must be at least 2".into());
         }
         if self.data.packing && t.method == Method::Dpo {
-            bail!("data.packing is for SFT; DPO batches chosen and rejected sequences unpacked");
+            return invalid("data.packing", "data.packing is for SFT; DPO batches chosen and rejected sequences unpacked".into());
         }
         match (t.method, &self.dpo) {
-            (Method::Sft, Some(_)) => bail!("a [dpo] section is set but train.method is \"sft\" (set train.method = \"dpo\")"),
+            (Method::Sft, Some(_)) => return invalid("dpo", "a [dpo] section is set but train.method is \"sft\" (set train.method = \"dpo\")".into()),
             (Method::Dpo, Some(d)) => {
                 if !(d.beta > 0.0 && d.beta.is_finite()) {
-                    bail!("dpo.beta must be a positive number, got {}", d.beta);
+                    return invalid("dpo.beta", format!("dpo.beta must be a positive number, got {}", d.beta));
                 }
                 if !(0.0..0.5).contains(&d.label_smoothing) {
-                    bail!("dpo.label_smoothing must be in [0, 0.5), got {}", d.label_smoothing);
+                    return invalid("dpo.label_smoothing", format!("dpo.label_smoothing must be in [0, 0.5), got {}", d.label_smoothing));
                 }
                 if d.rpo_alpha.is_some_and(|a| !(a >= 0.0 && a.is_finite())) {
-                    bail!("dpo.rpo_alpha must not be negative");
+                    return invalid("dpo.rpo_alpha", "dpo.rpo_alpha must not be negative".into());
                 }
                 if d.max_prompt_len.is_some_and(|m| m == 0 || m >= self.data.max_len) {
-                    bail!("dpo.max_prompt_len must be between 1 and data.max_len - 1");
+                    return invalid("dpo.max_prompt_len", "dpo.max_prompt_len must be between 1 and data.max_len - 1".into());
                 }
             }
             _ => {}
         }
         Ok(())
+    }
+
+    /// How the training data is prepared (SFT and DPO alike).
+    pub fn prepare_options(&self) -> PrepareOptions {
+        let d = &self.data;
+        // Tokenized data is cached beside the run directory (`.ft-cache/`).
+        let cache_dir = self.output.dir.parent().unwrap_or(Path::new(".")).join(".ft-cache");
+        PrepareOptions {
+            max_len: d.max_len,
+            overlong: d.overlong,
+            drop_untrainable: d.drop_untrainable,
+            max_prompt_len: self.dpo.as_ref().and_then(|p| p.max_prompt_len),
+            cache: Some(CacheAt { dir: cache_dir, model_dir: self.model.path.clone() }),
+        }
+    }
+
+    fn recompute(&self) -> Recompute {
+        if self.train.gradient_checkpointing {
+            Recompute::PerBlock
+        } else {
+            Recompute::Off
+        }
+    }
+
+    /// The SFT objective's settings.
+    pub fn sft_settings(&self) -> SftSettings {
+        SftSettings {
+            train: self.data.train.clone(),
+            eval: self.data.eval.clone(),
+            prepare: self.prepare_options(),
+            packing: self.data.packing,
+            recompute: self.recompute(),
+        }
+    }
+
+    /// The DPO objective's settings.
+    pub fn dpo_settings(&self) -> DpoSettings {
+        let section = self.dpo.clone().unwrap_or_default();
+        let mut prepare = self.prepare_options();
+        // Pairs longer than max_len are dropped (DPO never truncates a side).
+        prepare.overlong = Overlong::Drop;
+        DpoSettings {
+            config: section.config(),
+            train: self.data.train.clone(),
+            eval: self.data.eval.clone(),
+            prepare,
+            reference_cache: section
+                .precompute_ref
+                .then(|| ReferenceCache { path: self.output.dir.join("reference_logps.json"), model_dir: self.model.path.clone() }),
+            recompute: self.recompute(),
+        }
     }
 
     /// The recipe with every default filled in, as TOML (saved into the run directory).

@@ -15,9 +15,19 @@ use burn::module::AutodiffModule;
 use burn::prelude::*;
 use burn::tensor::{Bool, Distribution};
 
-use crate::backend::TrainBackend;
 use crate::model::decoder::RopeTables;
 use crate::model::{BlockInputs, Decoder};
+use crate::ops::TrainBackend;
+
+/// Whether a training forward keeps every block's graph or recomputes blocks in the backward.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Recompute {
+    /// The whole graph is recorded.
+    #[default]
+    Off,
+    /// Gradient checkpointing: each block keeps only its input and is recomputed in the backward.
+    PerBlock,
+}
 
 /// One forward whose blocks still owe their backward.
 struct Pending<B: TrainBackend> {
@@ -44,9 +54,8 @@ pub struct Forward<B: TrainBackend> {
 pub type BlockGrads<B> = HashMap<String, (Tensor<<B as burn::tensor::backend::AutodiffBackend>::InnerBackend, 2>, Tensor<<B as burn::tensor::backend::AutodiffBackend>::InnerBackend, 2>)>;
 
 impl<B: TrainBackend> Forward<B> {
-    /// `recompute`: gradient checkpointing; otherwise the whole graph is recorded.
-    pub fn new(recompute: bool) -> Self {
-        Forward { recompute, pending: Vec::new(), base: None, forwards: 0 }
+    pub fn new(recompute: Recompute) -> Self {
+        Forward { recompute: recompute == Recompute::PerBlock, pending: Vec::new(), base: None, forwards: 0 }
     }
 
     /// Hidden states after the final norm, as [`Decoder::hidden`] (`segments`: packed rows, as
@@ -105,7 +114,7 @@ impl<B: TrainBackend> Forward<B> {
                 let y = layer.forward(x.clone(), &p.rope, p.mask.clone(), None);
                 let g = (y * Tensor::from_inner(grad)).sum().backward();
                 for (name, proj) in layer.projections() {
-                    if let Some(l) = &proj.lora {
+                    if let Some(l) = proj.lora() {
                         let (Some(da), Some(db)) = (l.a.val().grad(&g), l.b.val().grad(&g)) else { continue };
                         match out.entry(format!("model.layers.{i}.{name}")) {
                             std::collections::hash_map::Entry::Occupied(mut e) => {

@@ -1,57 +1,28 @@
 //! The training loop, read top to bottom: run directory, data (through the method's
 //! [`Objective`]), model and adapters, then per step: learning rate, micro-batches, step, log,
 //! checkpoint, eval; finally the adapter and the summary. SFT and DPO differ only in their
-//! objective.
+//! objective. This is the one function (with `cli`) that sees the [`Recipe`]: it hands each
+//! component its own settings.
 
-use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
 use burn::module::AutodiffModule;
-use crate::backend::TrainBackend;
-use rand::rngs::StdRng;
-use rand::seq::SliceRandom;
-use rand::SeedableRng;
 use serde_json::{Map, Value};
 
-use super::checkpoint::{self, TrainState};
+use super::checkpoint;
+use super::objective::{Objective, StepSettings};
 use super::optim::{learning_rate, AdamW};
 use super::recipe::{Method, Recipe};
+use super::run_dir::RunDir;
+use super::state::{DataOrder, TrainState};
 use super::step::trainable_params;
-use crate::adapters::lora::Lora;
-use crate::adapters::peft::{self, LoraConfig, Targets};
-use crate::model::Decoder;
-use crate::tokenizer::TextTokenizer;
-
-/// What a training method contributes to the loop: its examples, one optimizer step over
-/// micro-batches of example indices, and its eval metrics.
-pub trait Objective<B: TrainBackend> {
-    /// Training examples (samples for SFT, pairs for DPO).
-    fn len(&self) -> usize;
-    /// What preparing the training data dropped or truncated.
-    fn data_counts(&self) -> super::sft::PrepareCounts;
-    /// Work before the first step, given the examples the run will visit (DPO precomputes its
-    /// reference log-probs here).
-    fn before_training(&mut self, _model: &mut Decoder<B>, _upcoming: &[usize]) -> Result<()> {
-        Ok(())
-    }
-    /// One optimizer step (forward, backward, update) over `micro`.
-    fn step(&mut self, model: &mut Decoder<B>, opt: &mut AdamW<B::InnerBackend>, micro: &[Vec<usize>], lr: f64, max_grad_norm: f64) -> StepReport;
-    /// Metrics on the eval split (names prefixed `eval_`, including `eval_loss`), if there is one.
-    /// Runs on the inner backend: no autodiff graph is recorded.
-    fn evaluate(&mut self, model: &mut Decoder<B::InnerBackend>) -> Option<Map<String, Value>>;
-}
-
-/// What one optimizer step measured.
-pub struct StepReport {
-    pub loss: f64,
-    pub grad_norm: f64,
-    /// Non-padding input tokens processed.
-    pub input_tokens: usize,
-    /// The method's metrics with TRL's names (including `loss`).
-    pub metrics: Map<String, Value>,
-}
+use super::TrainError;
+use crate::adapters::attach::{attach_new, make_trainable};
+use crate::adapters::peft;
+use crate::data::tokenizer::TextTokenizer;
+use crate::ops::TrainBackend;
+use crate::progress::Progress;
 
 /// What a finished run reports (also written to `RUN/summary.json`).
 #[derive(Debug, Clone, serde::Serialize)]
@@ -84,85 +55,40 @@ pub struct Summary {
     pub peak_gpu_reserved_gib: Option<f64>,
 }
 
-/// The adapter configuration a recipe asks for.
-pub fn lora_config(recipe: &Recipe) -> LoraConfig {
-    let l = &recipe.lora;
-    let targets = if l.target_modules.iter().any(|t| t == "all-linear") {
-        Targets::AllLinear
-    } else {
-        Targets::Names(l.target_modules.clone())
-    };
-    LoraConfig { r: l.r, alpha: l.alpha, use_rslora: l.use_rslora, dropout: l.dropout, targets, base_model: None, init: l.init }
-}
-
-/// Attaches freshly initialised adapters (PEFT init) to the projections the recipe targets.
-/// The RNG is seeded first, so the same seed gives the same adapters.
-pub fn attach_new_adapters<B: TrainBackend>(model: &mut Decoder<B>, recipe: &Recipe) -> Result<LoraConfig> {
-    let l = &recipe.lora;
-    let config = lora_config(recipe);
-    let mut rng = StdRng::seed_from_u64(recipe.train.seed);
-    let device = model.device();
-    let scale = config.scale();
-    let mut n = 0;
-    for (name, proj) in model.projections_mut() {
-        if config.targets.matches(&name) {
-            let (d_in, d_out) = proj.dims();
-            let mut lora = Lora::init(d_in, d_out, l.r, scale, l.init, &mut rng, &device);
-            lora.dropout = l.dropout;
-            proj.lora = Some(lora);
-            n += 1;
-        }
-    }
-    if n == 0 {
-        bail!("lora.target_modules {:?} matches no module of the model", l.target_modules);
-    }
-    Ok(config)
-}
-
 /// Trains as the recipe says (SFT or DPO), writing the run directory.
 /// With `resume`, continues from the newest complete checkpoint in the output directory (the
 /// recipe must be the one the run started with); on CPU the result is bit-identical to an
 /// uninterrupted run.
-pub fn run<B: TrainBackend>(recipe: &Recipe, device: B::Device, quiet: bool, resume: bool) -> Result<Summary> {
+pub fn run<B: TrainBackend>(recipe: &Recipe, device: B::Device, progress: &dyn Progress, resume: bool) -> Result<Summary, TrainError> {
     let t0 = Instant::now();
-    let out = &recipe.output.dir;
-    let resolved = recipe.resolved_toml();
-    let non_empty = out.exists() && std::fs::read_dir(out).map(|mut d| d.next().is_some()).unwrap_or(false);
-    if resume {
-        let saved = std::fs::read_to_string(out.join("recipe.resolved.toml"))
-            .with_context(|| format!("--resume: {} holds no run to resume", out.display()))?;
-        if saved != resolved {
-            bail!("--resume: the recipe differs from the one {} was started with (see its recipe.resolved.toml)", out.display());
-        }
-    } else if non_empty {
-        bail!("output directory {} already exists and is not empty (use --resume to continue it)", out.display());
-    } else {
-        std::fs::create_dir_all(out).with_context(|| format!("cannot create output directory {}", out.display()))?;
-        crate::fsutil::write_atomic(&out.join("recipe.resolved.toml"), resolved.as_bytes())?;
-    }
+    let mut run_dir = RunDir::open(&recipe.output.dir, &recipe.resolved_toml(), resume)?;
+    let out = run_dir.path.clone();
 
     let tok = TextTokenizer::from_dir(&recipe.model.path)?;
-    let quantize = recipe.model.quantize == Some(super::recipe::Quantize::Nf4);
+    let template = tok.template(recipe.data.template)?;
+    let options = recipe.model.load_options();
     let mut model = if recipe.model.random_init {
-        crate::model::random::<B>(&recipe.model.path, &device, quantize, recipe.train.seed)?
+        crate::model::random::<B>(&recipe.model.path, &device, options, recipe.train.seed)?
     } else {
-        crate::model::load_with::<B>(&recipe.model.path, &device, quantize)?
+        crate::model::load::<B>(&recipe.model.path, &device, options)?
     };
     let (base_bytes, base_params) = model.block_weight_bytes();
     let mut objective: Box<dyn Objective<B>> = match recipe.train.method {
-        Method::Sft => Box::new(super::sft::Sft::new(&tok, recipe)?),
-        Method::Dpo => Box::new(super::dpo::Dpo::new(&tok, recipe, quiet)?),
+        Method::Sft => Box::new(super::sft::Sft::new(&tok, &template, &recipe.sft_settings())?),
+        Method::Dpo => Box::new(super::dpo::Dpo::new(&tok, &template, &recipe.dpo_settings(), progress)?),
     };
     let n_examples = objective.len();
-    let loaded = if resume { checkpoint::load_latest::<B::InnerBackend>(out, &device)? } else { None };
-    let lora_config = match &loaded {
+    let loaded = if resume { checkpoint::load_latest::<B::InnerBackend>(&out, &device)? } else { None };
+    let lora_config = recipe.lora.config();
+    match &loaded {
         Some(ck) => {
             peft::PeftAdapter::open(&ck.dir.join("adapter"))?.attach(&mut model)?;
-            make_trainable(&mut model, recipe.lora.dropout);
-            lora_config(recipe)
+            make_trainable(&mut model, lora_config.dropout);
         }
-        None => attach_new_adapters(&mut model, recipe)?,
-    };
+        None => {
+            attach_new(&mut model, &lora_config, recipe.train.seed)?;
+        }
+    }
     let params = trainable_params(&mut model);
     let trainable_parameters: usize = params.iter().map(|p| p.shape().num_elements()).sum();
     let t = &recipe.train;
@@ -171,9 +97,7 @@ pub fn run<B: TrainBackend>(recipe: &Recipe, device: B::Device, quiet: bool, res
     if let Some(ck) = loaded {
         opt.restore(ck.m, ck.v, ck.state.optimizer_t);
         state = ck.state;
-        if !quiet {
-            eprintln!("resuming from {} (step {})", ck.dir.display(), state.step);
-        }
+        progress.status(&format!("resuming from {} (step {})", ck.dir.display(), state.step));
     }
 
     let per_step = t.micro_batch_size * t.grad_accum;
@@ -185,37 +109,28 @@ pub fn run<B: TrainBackend>(recipe: &Recipe, device: B::Device, quiet: bool, res
     // The examples the remaining steps will visit, in order.
     let mut ahead = data.clone();
     let upcoming: Vec<usize> = (0..total.saturating_sub(state.step) * per_step).map(|_| ahead.next_index()).collect();
-    objective.before_training(&mut model, &upcoming)?;
-    let mut metrics = open_metrics(&out.join("metrics.jsonl"), state.step)?;
+    objective.before_training(&mut model, &upcoming, progress)?;
+    run_dir.start_metrics(state.step)?;
     let (mut last_loss, mut tokens_seen, mut eval_loss) = (f64::NAN, state.tokens_seen, None);
     // Time and tokens inside optimizer steps only (no loading, reference precompute or eval).
     let (mut step_seconds, mut step_tokens) = (0.0, 0usize);
     let mut peak_gpu = 0f64;
-    // A progress bar on a terminal; plain periodic lines otherwise (CI logs).
-    let bar = (!quiet && std::io::IsTerminal::is_terminal(&std::io::stderr())).then(|| {
-        let b = indicatif::ProgressBar::new(total as u64).with_position(state.step as u64);
-        b.set_style(
-            indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} steps [{elapsed_precise}<{eta_precise}] {msg}")
-                .expect("template"),
-        );
-        b
-    });
-    let log_every = (total / 20).max(1);
+    progress.start(state.step, total);
     for step in state.step..total {
         // Dropout masks are a function of (seed, step), so a resumed run draws the same ones.
         B::seed(&device, t.seed ^ ((step as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15)));
-        let lr = learning_rate(t.lr, t.schedule, step, total, warmup);
+        let settings = StepSettings { lr: learning_rate(t.lr, t.schedule, step, total, warmup), max_grad_norm: t.max_grad_norm };
         let micro: Vec<Vec<usize>> =
             (0..t.grad_accum).map(|_| (0..t.micro_batch_size).map(|_| data.next_index()).collect()).collect();
         model.set_training(true);
         let ts = Instant::now();
-        let stats = objective.step(&mut model, &mut opt, &micro, lr, t.max_grad_norm);
+        let stats = objective.step(&mut model, &mut opt, &micro, settings);
         let step_s = ts.elapsed().as_secs_f64();
         step_seconds += step_s;
         step_tokens += stats.input_tokens;
         model.set_training(false);
         if !stats.loss.is_finite() || !stats.grad_norm.is_finite() {
-            bail!(Divergence { step: step + 1, loss: stats.loss, grad_norm: stats.grad_norm });
+            return Err(Divergence { step: step + 1, loss: stats.loss, grad_norm: stats.grad_norm }.into());
         }
         last_loss = stats.loss;
         tokens_seen += stats.input_tokens;
@@ -225,7 +140,7 @@ pub fn run<B: TrainBackend>(recipe: &Recipe, device: B::Device, quiet: bool, res
         line.insert("epoch".into(), data.progress().into());
         line.extend(stats.metrics);
         line.insert("grad_norm".into(), stats.grad_norm.into());
-        line.insert("learning_rate".into(), lr.into());
+        line.insert("learning_rate".into(), settings.lr.into());
         line.insert("num_tokens".into(), tokens_seen.into());
         line.insert("tokens_per_s".into(), (tokens_seen as f64 / secs).into());
         line.insert("step_s".into(), step_s.into());
@@ -236,32 +151,23 @@ pub fn run<B: TrainBackend>(recipe: &Recipe, device: B::Device, quiet: bool, res
             line.insert("gpu_reserved_gib".into(), gib(reserved).into());
         }
         let line = Value::Object(line);
-        writeln!(metrics, "{line}")?;
-        let mut msg = format!("loss {:.4} grad_norm {:.3} lr {:.2e}", stats.loss, stats.grad_norm, lr);
+        run_dir.log(&line)?;
+        let mut msg = format!("loss {:.4} grad_norm {:.3} lr {:.2e}", stats.loss, stats.grad_norm, settings.lr);
         if let (Some(acc), Some(margin)) = (line["rewards/accuracies"].as_f64(), line["rewards/margins"].as_f64()) {
             msg.push_str(&format!(" reward acc {acc:.2} margin {margin:.3}"));
         }
-        match &bar {
-            Some(b) => {
-                b.set_message(msg);
-                b.inc(1);
-            }
-            None if !quiet && ((step + 1) % log_every == 0 || step + 1 == total || step == state.step) => {
-                eprintln!("step {}/{total} {msg} ({:.0} tokens/s)", step + 1, tokens_seen as f64 / secs);
-            }
-            None => {}
-        }
+        progress.step(step + 1, total, &msg, tokens_seen as f64 / secs);
         let last = step + 1 == total;
         let interrupted = INTERRUPTED.load(std::sync::atomic::Ordering::SeqCst);
         if (t.save_every > 0 && (step + 1) % t.save_every == 0 && !last) || (interrupted && !last) {
-            metrics.sync_all()?;
+            run_dir.sync()?;
             let st = TrainState { step: step + 1, epoch: data.epoch, cursor: data.cursor, tokens_seen, optimizer_t: opt.t };
             let (m, v) = opt.moments();
-            let cfg = lora_config.clone();
             let base = recipe.model.path.display().to_string();
-            let saved = checkpoint::save(out, &st, |dir| peft::save(&mut model, &cfg, &base, dir), &m, &v, t.keep_last)?;
+            let save = |dir: &std::path::Path| Ok(peft::save(&mut model, &lora_config, &base, dir)?);
+            let saved = checkpoint::save(&out, &st, save, &m, &v, t.keep_last)?;
             if interrupted {
-                bail!(Interrupted { checkpoint: saved });
+                return Err(Interrupted { checkpoint: saved }.into());
             }
         }
         if last || (t.eval_every > 0 && (step + 1) % t.eval_every == 0) {
@@ -270,20 +176,18 @@ pub fn run<B: TrainBackend>(recipe: &Recipe, device: B::Device, quiet: bool, res
                 let mut line = Map::new();
                 line.insert("step".into(), (step + 1).into());
                 line.append(&mut m);
-                writeln!(metrics, "{}", Value::Object(line))?;
+                run_dir.log(&Value::Object(line))?;
             }
         }
     }
-    if let Some(b) = &bar {
-        b.finish();
-    }
-    metrics.sync_all()?;
-    write_loss_svg(out)?;
+    progress.finish();
+    run_dir.sync()?;
+    run_dir.write_loss_svg()?;
     peft::save(&mut model, &lora_config, &recipe.model.path.display().to_string(), &out.join("adapter"))?;
     let seconds = t0.elapsed().as_secs_f64();
     let counts = objective.data_counts();
     let summary = Summary {
-        output_dir: out.clone(),
+        output_dir: out,
         steps: total,
         epochs: total as f64 / steps_per_epoch as f64,
         method: recipe.train.method,
@@ -302,99 +206,12 @@ pub fn run<B: TrainBackend>(recipe: &Recipe, device: B::Device, quiet: bool, res
         step_tokens_per_s: step_tokens as f64 / step_seconds.max(1e-9),
         peak_gpu_reserved_gib: (peak_gpu > 0.0).then_some(peak_gpu),
     };
-    crate::fsutil::write_atomic(&out.join("summary.json"), &serde_json::to_vec_pretty(&summary)?)?;
+    run_dir.write_summary(&summary)?;
     Ok(summary)
 }
 
-/// Where the loop stands in the data: the epoch, the position in that epoch's order, and the
-/// order itself, a pure function of (seed, epoch).
-#[derive(Clone)]
-struct DataOrder {
-    seed: u64,
-    n: usize,
-    epoch: usize,
-    cursor: usize,
-    order: Vec<usize>,
-}
-
-impl DataOrder {
-    fn new(seed: u64, n: usize, epoch: usize, cursor: usize) -> Self {
-        DataOrder { seed, n, epoch, cursor, order: Self::shuffled(seed, n, epoch) }
-    }
-
-    fn shuffled(seed: u64, n: usize, epoch: usize) -> Vec<usize> {
-        let mut o: Vec<usize> = (0..n).collect();
-        o.shuffle(&mut StdRng::seed_from_u64(seed.wrapping_add(epoch as u64)));
-        o
-    }
-
-    /// The next example, moving on to the next epoch's order at the end of one.
-    fn next_index(&mut self) -> usize {
-        if self.cursor == self.order.len() {
-            self.epoch += 1;
-            self.order = Self::shuffled(self.seed, self.n, self.epoch);
-            self.cursor = 0;
-        }
-        self.cursor += 1;
-        self.order[self.cursor - 1]
-    }
-
-    /// Epochs done, fractional.
-    fn progress(&self) -> f64 {
-        self.epoch as f64 + self.cursor as f64 / self.n as f64
-    }
-}
-
-/// Draws `loss.svg` from `metrics.jsonl`.
-fn write_loss_svg(out: &Path) -> Result<()> {
-    let (mut train, mut eval) = (Vec::new(), Vec::new());
-    for line in std::fs::read_to_string(out.join("metrics.jsonl"))?.lines() {
-        let v: serde_json::Value = serde_json::from_str(line)?;
-        let step = v["step"].as_f64().unwrap_or(0.0);
-        if let Some(l) = v["loss"].as_f64() {
-            train.push((step, l));
-        }
-        if let Some(l) = v["eval_loss"].as_f64() {
-            eval.push((step, l));
-        }
-    }
-    crate::fsutil::write_atomic(&out.join("loss.svg"), super::plot::loss_svg(&train, &eval).as_bytes())
-}
-
-/// Makes loaded adapters trainable (gradients on, dropout as the recipe says).
-fn make_trainable<B: TrainBackend>(model: &mut Decoder<B>, dropout: f64) {
-    for (_, p) in model.projections_mut() {
-        if let Some(l) = &mut p.lora {
-            l.a = burn::module::Param::from_tensor(l.a.val().require_grad());
-            l.b = burn::module::Param::from_tensor(l.b.val().require_grad());
-            l.dropout = dropout;
-        }
-    }
-}
-
-/// Opens metrics.jsonl for appending, keeping only the lines of steps ≤ `keep_through` (a
-/// resumed run drops what the interrupted one logged after its checkpoint).
-fn open_metrics(path: &Path, keep_through: usize) -> Result<std::fs::File> {
-    let kept: String = if keep_through == 0 {
-        String::new()
-    } else {
-        std::fs::read_to_string(path)
-            .unwrap_or_default()
-            .lines()
-            .filter(|l| {
-                serde_json::from_str::<serde_json::Value>(l)
-                    .ok()
-                    .and_then(|v| v["step"].as_u64())
-                    .is_some_and(|s| s as usize <= keep_through)
-            })
-            .map(|l| format!("{l}\n"))
-            .collect()
-    };
-    crate::fsutil::write_atomic(path, kept.as_bytes())?;
-    std::fs::OpenOptions::new().append(true).open(path).with_context(|| format!("opening {}", path.display()))
-}
-
-/// Set by the CLI's SIGINT handler; the loop checkpoints after the current step and stops.
+/// Set by the CLI's SIGINT handler; the loop checkpoints after the current step and stops. One of
+/// the two documented process-wide flags (the other is `backend::CUDA_IN_USE`).
 pub static INTERRUPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// The run was interrupted (SIGINT) and saved a checkpoint to resume from.

@@ -6,7 +6,8 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
-use crate::data::template::ChatTemplate;
+use super::template::ChatTemplate;
+use crate::formats::model_dir::token_str;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TokenizerError {
@@ -38,15 +39,6 @@ pub struct TextTokenizer {
     /// The model's own template, if it has one.
     pub model_template: Option<String>,
     pub dir: PathBuf,
-}
-
-/// A token string from tokenizer_config.json: a plain string or an AddedToken object.
-fn token_str(v: Option<&Value>) -> Option<String> {
-    match v? {
-        Value::String(s) => Some(s.clone()),
-        Value::Object(o) => o.get("content").and_then(Value::as_str).map(String::from),
-        _ => None,
-    }
 }
 
 impl TextTokenizer {

@@ -1,5 +1,5 @@
-//! Reading checkpoint tensors: `model.safetensors` or a sharded `model.safetensors.index.json`,
-//! memory-mapped (the page cache holds the file; ft converts one tensor at a time, so the
+//! safetensors files: reading a model's tensors (`model.safetensors` or a sharded
+//! `model.safetensors.index.json`, or one file such as an adapter's), memory-mapped (the page cache holds the file; ft converts one tensor at a time, so the
 //! weights never exist twice in anonymous memory). f32, bf16 and f16 on disk all load as f32.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -32,6 +32,8 @@ pub enum WeightsError {
     UnsupportedDtype { name: String, path: PathBuf, dtype: Dtype },
     #[error("the checkpoint in {dir} has tensors the model does not use: {names}")]
     Unused { dir: PathBuf, names: String },
+    #[error("writing {path}")]
+    Write { path: PathBuf, source: safetensors::SafeTensorError },
 }
 
 struct Shard {
@@ -41,8 +43,9 @@ struct Shard {
     meta: Metadata,
 }
 
-/// A memory-mapped checkpoint. Tracks which tensors were read so that leftovers can be reported.
-pub struct Checkpoint {
+/// Memory-mapped safetensors files (one, or the shards of an index). Tracks which tensors were
+/// read so that leftovers can be reported.
+pub struct TensorFiles {
     dir: PathBuf,
     /// A stand-in with no files: every weight is drawn from a seeded RNG (benchmarks of a
     /// model's shape without its weights).
@@ -63,7 +66,7 @@ fn open_shard(path: &Path) -> Result<Shard, WeightsError> {
     Ok(Shard { path: path.into(), mmap, header_len, meta })
 }
 
-impl Checkpoint {
+impl TensorFiles {
     /// Opens the safetensors checkpoint in `dir`.
     pub fn open(dir: &Path) -> Result<Self, WeightsError> {
         let single = dir.join("model.safetensors");
@@ -110,7 +113,7 @@ impl Checkpoint {
         } else {
             return Err(WeightsError::NoWeights { dir: dir.into() });
         }
-        Ok(Checkpoint { dir: dir.into(), random: None, shards, names, used: Mutex::new(HashSet::new()) })
+        Ok(TensorFiles { dir: dir.into(), random: None, shards, names, used: Mutex::new(HashSet::new()) })
     }
 
     /// Opens one safetensors file (an adapter, a single shard).
@@ -118,14 +121,14 @@ impl Checkpoint {
         let shard = open_shard(path)?;
         let names = shard.meta.tensors().keys().map(|n| (n.clone(), 0)).collect();
         let dir = path.parent().unwrap_or(Path::new(".")).to_path_buf();
-        Ok(Checkpoint { dir, random: None, shards: vec![shard], names, used: Mutex::new(HashSet::new()) })
+        Ok(TensorFiles { dir, random: None, shards: vec![shard], names, used: Mutex::new(HashSet::new()) })
     }
 
     /// A checkpoint of random weights for the model configured in `dir`: norm weights 1, biases
     /// 0, everything else uniform with standard deviation 0.02 (transformers' initializer range),
     /// each tensor from an RNG seeded by `seed` and its name.
     pub fn random(dir: &Path, seed: u64) -> Self {
-        Checkpoint { dir: dir.into(), random: Some(seed), shards: vec![], names: BTreeMap::new(), used: Mutex::new(HashSet::new()) }
+        TensorFiles { dir: dir.into(), random: Some(seed), shards: vec![], names: BTreeMap::new(), used: Mutex::new(HashSet::new()) }
     }
 
     fn random_tensor(seed: u64, name: &str, n: usize) -> Vec<f32> {
@@ -241,15 +244,16 @@ pub type RawTensors = Vec<(String, Dtype, Vec<usize>, Vec<u8>)>;
 
 /// Writes `tensors` as a safetensors file with `metadata` plus `"format": "pt"` (what
 /// transformers expects).
-pub fn write_safetensors(path: &Path, tensors: &RawTensors, metadata: Option<HashMap<String, String>>) -> anyhow::Result<()> {
-    use anyhow::Context;
+pub fn write_safetensors(path: &Path, tensors: &RawTensors, metadata: Option<HashMap<String, String>>) -> Result<(), WeightsError> {
+    let write = |source| WeightsError::Write { path: path.into(), source };
     let views = tensors
         .iter()
         .map(|(n, d, s, b)| Ok((n.clone(), safetensors::tensor::TensorView::new(*d, s.clone(), b)?)))
-        .collect::<Result<Vec<_>, safetensors::SafeTensorError>>()?;
+        .collect::<Result<Vec<_>, safetensors::SafeTensorError>>()
+        .map_err(write)?;
     let mut meta = metadata.unwrap_or_default();
     meta.insert("format".into(), "pt".into());
-    safetensors::serialize_to_file(views, Some(meta), path).with_context(|| format!("writing {}", path.display()))
+    safetensors::serialize_to_file(views, Some(meta), path).map_err(write)
 }
 
 /// Little-endian f32/bf16/f16 bytes to f32 values; `None` for other dtypes.
@@ -268,21 +272,42 @@ pub fn to_f32(bytes: &[u8], dtype: Dtype) -> Option<Vec<f32>> {
     })
 }
 
-/// Transposes a row-major `[rows, cols]` matrix (PyTorch's `[out, in]` → burn's `[in, out]`).
-/// This is the one place where the layouts meet.
-pub fn transpose(data: &[f32], rows: usize, cols: usize) -> Vec<f32> {
-    let mut out = vec![0f32; data.len()];
-    const B: usize = 32;
-    for r0 in (0..rows).step_by(B) {
-        for c0 in (0..cols).step_by(B) {
-            for r in r0..(r0 + B).min(rows) {
-                for c in c0..(c0 + B).min(cols) {
-                    out[c * rows + r] = data[r * cols + c];
-                }
-            }
+/// The dtype a converted model is written in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OutDtype {
+    F32,
+    Bf16,
+    F16,
+}
+
+impl OutDtype {
+    pub fn dtype(self) -> Dtype {
+        match self {
+            OutDtype::F32 => Dtype::F32,
+            OutDtype::Bf16 => Dtype::BF16,
+            OutDtype::F16 => Dtype::F16,
         }
     }
-    out
+}
+
+/// The name PyTorch (and `config.json`'s `torch_dtype`) gives a float dtype: `float32`,
+/// `bfloat16`, `float16`.
+pub fn torch_name(d: Dtype) -> &'static str {
+    match d {
+        Dtype::BF16 => "bfloat16",
+        Dtype::F16 => "float16",
+        _ => "float32",
+    }
+}
+
+/// f32 values as little-endian bytes of `dtype` (F32, BF16 or F16; round to nearest even).
+pub fn encode(values: &[f32], dtype: Dtype) -> Vec<u8> {
+    match dtype {
+        Dtype::BF16 => values.iter().flat_map(|&x| half::bf16::from_f32(x).to_bits().to_le_bytes()).collect(),
+        Dtype::F16 => values.iter().flat_map(|&x| half::f16::from_f32(x).to_bits().to_le_bytes()).collect(),
+        _ => bytemuck::cast_slice(values).to_vec(),
+    }
 }
 
 #[cfg(test)]
@@ -290,13 +315,10 @@ mod tests {
     use super::*;
 
     #[test]
-    fn transpose_is_exact() {
-        let d: Vec<f32> = (0..35 * 70).map(|x| x as f32).collect();
-        let t = transpose(&d, 35, 70);
-        for r in 0..35 {
-            for c in 0..70 {
-                assert_eq!(t[c * 35 + r], d[r * 70 + c]);
-            }
-        }
+    fn encode_roundtrips_f32() {
+        let v = [1.5f32, -2.25];
+        assert_eq!(to_f32(&encode(&v, Dtype::F32), Dtype::F32).unwrap(), v);
+        assert_eq!(to_f32(&encode(&v, Dtype::BF16), Dtype::BF16).unwrap(), v);
+        assert_eq!(to_f32(&encode(&v, Dtype::F16), Dtype::F16).unwrap(), v);
     }
 }

@@ -1,17 +1,26 @@
-//! The chunked attention's row-wise parts on burn's CubeCL backends (CUDA; wgpu in tests):
-//! ft-kernels' `attention` kernels launched on the buffers of burn's tensors, one kernel where
-//! the tensor-op default runs about eight over the chunk's score matrix. Inputs laid out
-//! otherwise than expected (not contiguous, an unexpected dtype) take the default.
+//! ft-kernels' CubeCL kernels launched on the buffers of burn's CubeCL tensors (CUDA; wgpu in
+//! tests). Inputs laid out otherwise than expected (not contiguous, an unexpected dtype) take the
+//! tensor-op default.
+//!
+//! - The chunked attention's row-wise parts ([`ScoreRows`]): one kernel where the tensor-op
+//!   default runs about eight over the chunk's score matrix.
+//! - NF4 dequantization ([`Nf4Linear`]): written straight in the compute dtype (bf16 on the GPU:
+//!   one rounding of the f32 product, as bitsandbytes). Under burn's fusion (`cuda-tuned`) the
+//!   tensor-op default runs.
 
 use std::ops::Range;
 
 use burn::prelude::*;
-use burn::tensor::{Bool, BoolStore, DType, Shape, TensorMetadata, TensorPrimitive};
+use burn::tensor::{Bool, BoolStore, DType, FloatDType, Shape, TensorMetadata, TensorPrimitive};
 use burn_cubecl::tensor::CubeTensor;
 use burn_cubecl::{BoolElement, CubeBackend, CubeRuntime, FloatElement, IntElement};
 use ft_kernels::attention::{masked_softmax, softmax_grad, ChunkLayout};
 
-use super::composed::{self, Geometry, ScoreRows};
+use ft_kernels::nf4::{dequantize, Nf4Buffers};
+
+use super::chunked::{self, Geometry};
+use super::{Nf4Linear, ScoreRows};
+use crate::quant::nf4_weight::Nf4Weight;
 
 /// The float and mask buffers of one call, when the kernels can take them.
 struct Buffers<R: CubeRuntime> {
@@ -76,7 +85,7 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> ScoreRows 
     fn masked_softmax(g: &Geometry, raw: Tensor<Self, 4>, mask: &Tensor<Self, 3, Bool>, rows: &Range<usize>, scale: f64) -> (Tensor<Self, 4>, Tensor<Self, 3>) {
         let raw_t: CubeTensor<R> = float(raw.clone());
         let Some(buf) = buffers(g, &raw_t, mask, rows) else {
-            return composed::masked_softmax_ops(g, raw, mask, rows, scale);
+            return chunked::masked_softmax_ops(g, raw, mask, rows, scale);
         };
         let [b, kv, n, _] = raw.dims();
         let probs = empty(&raw_t, raw_t.shape(), buf.dtype);
@@ -102,7 +111,7 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> ScoreRows 
         let stats_ok = lse_t.dtype == DType::F32 && delta_t.dtype == DType::F32 && lse_t.is_contiguous() && delta_t.is_contiguous();
         let buf = buffers(g, &raw_t, mask, rows).filter(|_| stats_ok && dp_t.is_contiguous() && dp_t.dtype == raw_t.dtype);
         let Some(buf) = buf else {
-            return composed::softmax_grad_ops(g, raw, dp, mask, rows, lse, delta, scale);
+            return chunked::softmax_grad_ops(g, raw, dp, mask, rows, lse, delta, scale);
         };
         let probs = empty(&raw_t, raw_t.shape(), buf.dtype);
         let dscores = empty(&raw_t, raw_t.shape(), buf.dtype);
@@ -122,5 +131,38 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> ScoreRows 
             scale as f32
         );
         (tensor(probs), tensor(dscores))
+    }
+}
+
+impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> Nf4Linear for CubeBackend<R, F, I, BT> {
+    fn nf4_dequantize(w: &Nf4Weight<Self>, dtype: FloatDType) -> Tensor<Self, 2> {
+        let words: CubeTensor<R> = w.words.val().into_primitive();
+        let absmax: CubeTensor<R> = w.absmax.val().into_primitive().tensor();
+        let code: CubeTensor<R> = w.code.val().into_primitive().tensor();
+        let out_dtype = DType::from(dtype);
+        let kernel_types = matches!(words.dtype, DType::I32 | DType::U32) && absmax.dtype == DType::F32 && code.dtype == DType::F32;
+        let contiguous = words.is_contiguous() && absmax.is_contiguous() && code.is_contiguous();
+        if !kernel_types || !contiguous || !matches!(out_dtype, DType::F32 | DType::BF16 | DType::F16) {
+            // Not laid out as Nf4Weight::new makes them: the tensor-op path.
+            return w.dequantize().cast(dtype);
+        }
+        let numel = w.rows * w.cols;
+        let client = words.client.clone();
+        let out = client.empty(numel * out_dtype.size());
+        let buffers = Nf4Buffers {
+            words: &words.handle,
+            n_words: words.shape().num_elements(),
+            absmax: &absmax.handle,
+            n_blocks: absmax.shape().num_elements(),
+            code: &code.handle,
+            blocksize: w.blocksize,
+        };
+        match out_dtype {
+            DType::F32 => dequantize::<R, f32>(&client, &buffers, &out, numel),
+            DType::BF16 => dequantize::<R, half::bf16>(&client, &buffers, &out, numel),
+            _ => dequantize::<R, half::f16>(&client, &buffers, &out, numel),
+        }
+        let out = CubeTensor::new_contiguous(client, words.device.clone(), Shape::new([w.rows, w.cols]), out, out_dtype);
+        Tensor::from_primitive(TensorPrimitive::Float(out))
     }
 }

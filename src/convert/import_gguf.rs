@@ -5,19 +5,18 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use anyhow::{anyhow, bail, Context, Result};
-use safetensors::tensor::{Dtype, TensorView};
 use serde_json::{json, Value as Json};
 
-use super::dequant;
-use super::reader::{GgufFile, Value};
-use crate::fsutil::{write_atomic, StagedDir};
+use super::ConvertError;
+use crate::formats::gguf::dequant;
+use crate::formats::gguf::reader::{GgufError, GgufFile, Value};
+use crate::formats::model_dir::ModelDirWriter;
+use crate::formats::safetensors::{encode, torch_name, OutDtype, RawTensors};
 
-/// The dtype the imported weights are written in.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum SaveDtype {
-    F32,
-    Bf16,
+type Result<T> = std::result::Result<T, ConvertError>;
+
+fn key_error(g: &GgufFile, key: &str, msg: &str) -> ConvertError {
+    GgufError::Key { path: g.path.clone(), key: key.into(), msg: msg.into() }.into()
 }
 
 /// What an import wrote.
@@ -81,23 +80,20 @@ fn meta_u(g: &GgufFile, key: &str) -> Result<usize> {
     g.get(key)
         .and_then(Value::as_u64)
         .map(|x| x as usize)
-        .ok_or_else(|| anyhow!("{}: metadata key {key} is missing or not an integer", g.path.display()))
+        .ok_or_else(|| key_error(g, key, "missing or not an integer"))
 }
 
 fn tokenizer_json(g: &GgufFile) -> Result<(Json, Vec<String>)> {
     let model = g.get("tokenizer.ggml.model").and_then(Value::as_str).unwrap_or("");
     if model != "gpt2" {
-        bail!(
-            "{}: tokenizer.ggml.model is {model:?}; ft converts GPT2-style byte-level BPE tokenizers (\"gpt2\")",
-            g.path.display()
-        );
+        return Err(key_error(g, "tokenizer.ggml.model", &format!("{model:?}; ft converts GPT2-style byte-level BPE tokenizers (\"gpt2\")")));
     }
     let strings = |key: &str| -> Result<Vec<String>> {
         g.get(key)
             .and_then(Value::as_array)
-            .ok_or_else(|| anyhow!("{}: metadata key {key} is missing", g.path.display()))?
+            .ok_or_else(|| key_error(g, key, "missing"))?
             .iter()
-            .map(|v| v.as_str().map(String::from).ok_or_else(|| anyhow!("{key} holds a non-string")))
+            .map(|v| v.as_str().map(String::from).ok_or_else(|| key_error(g, key, "holds a non-string")))
             .collect()
     };
     let tokens = strings("tokenizer.ggml.tokens")?;
@@ -137,15 +133,15 @@ fn tokenizer_json(g: &GgufFile) -> Result<(Json, Vec<String>)> {
 }
 
 /// Converts `gguf` into a Hugging Face model directory at `out`.
-pub fn import(gguf: &Path, out: &Path, dtype: SaveDtype) -> Result<ImportReport> {
+pub fn import(gguf: &Path, out: &Path, dtype: OutDtype) -> Result<ImportReport> {
     let g = GgufFile::open(gguf)?;
     let arch = g
         .get("general.architecture")
         .and_then(Value::as_str)
-        .ok_or_else(|| anyhow!("{}: general.architecture is missing", gguf.display()))?
+        .ok_or_else(|| key_error(&g, "general.architecture", "missing"))?
         .to_string();
     if !matches!(arch.as_str(), "llama" | "mistral" | "qwen2") {
-        bail!("{}: architecture {arch:?} is not supported for import (llama, mistral, qwen2)", gguf.display());
+        return Err(key_error(&g, "general.architecture", &format!("{arch:?} is not supported for import (llama, mistral, qwen2)")));
     }
     let k = |s: &str| format!("{arch}.{s}");
     let hidden = meta_u(&g, &k("embedding_length"))?;
@@ -181,7 +177,7 @@ pub fn import(gguf: &Path, out: &Path, dtype: SaveDtype) -> Result<ImportReport>
         "rope_theta": g.get(&k("rope.freq_base")).and_then(Value::as_f64).unwrap_or(10000.0),
         "tie_word_embeddings": tied,
         "attention_bias": false,
-        "torch_dtype": match dtype { SaveDtype::F32 => "float32", SaveDtype::Bf16 => "bfloat16" },
+        "torch_dtype": torch_name(dtype.dtype()),
     });
     for (key, v) in [("bos_token_id", bos), ("eos_token_id", eos), ("pad_token_id", pad)] {
         if let Some(v) = v {
@@ -197,40 +193,25 @@ pub fn import(gguf: &Path, out: &Path, dtype: SaveDtype) -> Result<ImportReport>
 
     // Tensors, dequantized to f32 (then cast if asked), in HF names and layout.
     let mut types = BTreeMap::new();
-    let mut data: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+    let mut tensors: RawTensors = Vec::new();
     let mut parameters = 0;
     for t in &g.tensors {
-        let name = hf_name(&t.name)
-            .ok_or_else(|| anyhow!("{}: tensor {} has no Hugging Face counterpart", gguf.display(), t.name))?;
+        let tensor_error = |msg: String| -> ConvertError { GgufError::Tensor { path: gguf.into(), name: t.name.clone(), msg }.into() };
+        let name = hf_name(&t.name).ok_or_else(|| tensor_error("has no Hugging Face counterpart".into()))?;
         *types.entry(dequant::type_name(t.ggml_type)).or_insert(0) += 1;
         let shape = t.shape();
         let bytes = g.tensor_bytes(t)?;
-        let mut v = dequant::dequantize(t.ggml_type, bytes, t.numel()).map_err(|e| anyhow!("{}: tensor {}: {e}", gguf.display(), t.name))?;
+        let mut v = dequant::dequantize(t.ggml_type, bytes, t.numel()).map_err(tensor_error)?;
         if arch != "qwen2" && (t.name.ends_with("attn_q.weight") || t.name.ends_with("attn_k.weight")) {
             let heads = if t.name.ends_with("attn_q.weight") { n_head } else { n_kv };
             let (rows, cols) = (shape[0], shape.get(1).copied().unwrap_or(1));
             v = reverse_permute(&v, rows, cols, heads);
         }
         parameters += v.len();
-        let bytes = match dtype {
-            SaveDtype::F32 => bytemuck::cast_slice(&v).to_vec(),
-            SaveDtype::Bf16 => v.iter().flat_map(|&x| half::bf16::from_f32(x).to_bits().to_le_bytes()).collect(),
-        };
-        data.push((name, shape, bytes));
+        tensors.push((name, dtype.dtype(), shape, encode(&v, dtype.dtype())));
     }
-    let st_dtype = match dtype {
-        SaveDtype::F32 => Dtype::F32,
-        SaveDtype::Bf16 => Dtype::BF16,
-    };
-    let views = data
-        .iter()
-        .map(|(n, s, b)| Ok((n.clone(), TensorView::new(st_dtype, s.clone(), b)?)))
-        .collect::<Result<Vec<_>, safetensors::SafeTensorError>>()?;
-    let meta = Some(std::collections::HashMap::from([("format".to_string(), "pt".to_string())]));
-
-    let staged = StagedDir::new(out)?;
-    safetensors::serialize_to_file(views, meta, &staged.path("model.safetensors"))
-        .with_context(|| format!("writing {}", staged.path("model.safetensors").display()))?;
+    let mut writer = ModelDirWriter::new(out)?;
+    writer.write_shard("model.safetensors", &tensors, None)?;
     let chat_template = g.get("tokenizer.chat_template").and_then(Value::as_str);
     let mut tok_cfg = json!({
         "tokenizer_class": "PreTrainedTokenizerFast",
@@ -254,13 +235,12 @@ pub fn import(gguf: &Path, out: &Path, dtype: SaveDtype) -> Result<ImportReport>
     if let Some(e) = eos {
         gen_cfg["eos_token_id"] = json!(e);
     }
-    let pretty = |v: &Json| serde_json::to_vec_pretty(v).expect("json");
-    write_atomic(&staged.path("config.json"), &pretty(&config))?;
-    write_atomic(&staged.path("tokenizer.json"), &serde_json::to_vec(&tok_json)?)?;
-    write_atomic(&staged.path("tokenizer_config.json"), &pretty(&tok_cfg))?;
-    write_atomic(&staged.path("generation_config.json"), &pretty(&gen_cfg))?;
-    let out = staged.commit()?;
-    Ok(ImportReport { out, architecture: arch, tensors: data.len(), parameters, types })
+    writer.write_json("config.json", &config)?;
+    writer.write_file("tokenizer.json", &serde_json::to_vec(&tok_json).expect("JSON values serialize"))?;
+    writer.write_json("tokenizer_config.json", &tok_cfg)?;
+    writer.write_json("generation_config.json", &gen_cfg)?;
+    let out = writer.commit()?;
+    Ok(ImportReport { out, architecture: arch, tensors: tensors.len(), parameters, types })
 }
 
 #[cfg(test)]

@@ -12,7 +12,7 @@
 //! work at long sequences). Grouped-query attention needs no K/V copy per query head: the query
 //! heads of one kv head are stacked as rows of one product. The row-wise work between the
 //! products (masked softmax, and the backward's probabilities and score gradients) goes through
-//! [`ScoreRows`]: tensor ops by default, ft's CubeCL kernels on the GPU backends (`gpu.rs`).
+//! [`ScoreRows`]: tensor ops by default, ft's CubeCL kernels on the GPU backends (`cubecl.rs`).
 //!
 //! Precision follows the Python stack in bf16: softmax statistics, RMSNorm's mean square and the
 //! attention gradient's accumulators are f32, the products run in the compute dtype.
@@ -22,6 +22,10 @@ use std::ops::Range;
 use burn::prelude::*;
 use burn::tensor::activation::{sigmoid, silu};
 use burn::tensor::{Bool, FloatDType};
+
+#[allow(unused_imports)]
+use super::{chunked, FusedOps, Nf4Linear, ScoreRows};
+use super::reference::rotate_half;
 
 /// Score elements (rows × keys × heads × batch) one attention chunk may hold: 64 Mi, so 256 MiB
 /// per f32 score-sized buffer (the backward holds about five at a time). Fewer, larger chunks
@@ -56,14 +60,6 @@ pub fn rms_norm_backward<B: Backend>(x: Tensor<B, 2>, w: Tensor<B, 1>, eps: f64,
     let gx = (g.clone() * x.clone()).mean_dim(1);
     let dx = g * r.clone() - x * (r.powi_scalar(3) * gx);
     dx.cast(dtype)
-}
-
-/// `rotate_half` of the last dimension: `[x1, x2] → [−x2, x1]`.
-fn rotate_half<B: Backend>(x: Tensor<B, 4>) -> Tensor<B, 4> {
-    let d = x.dims()[3];
-    let x1 = x.clone().narrow(3, 0, d / 2);
-    let x2 = x.narrow(3, d / 2, d / 2);
-    Tensor::cat(vec![x2.neg(), x1], 3)
 }
 
 /// Rotary embedding `x·cos + rotate_half(x)·sin` of `x [B, T, H, hd]`, tables `[1 | B, T, hd]`;
@@ -172,34 +168,6 @@ fn scaled_masked<B: Backend>(g: &Geometry, raw: Tensor<B, 4>, mask: &Tensor<B, 3
     f32(raw).mul_scalar(scale).mask_fill(chunk_mask(g, mask, rows, keys), f32::NEG_INFINITY)
 }
 
-/// The row-wise parts of the chunked attention, which a backend may run as kernels (burn's
-/// CubeCL backends: `kernels/src/attention.rs`); by default composed from tensor ops. `raw` is a
-/// chunk's `q·kᵀ` `[B, KV, rep·C, keys]` in the compute dtype (unscaled, unmasked), for the
-/// query rows `rows` of `g`; `mask` is the whole `[1 | B, T, S]` mask.
-pub trait ScoreRows: Backend {
-    /// The probabilities (compute dtype) and each row's log-sum-exp `[B, KV, rep·C]` (f32).
-    fn masked_softmax(g: &Geometry, raw: Tensor<Self, 4>, mask: &Tensor<Self, 3, Bool>, rows: &Range<usize>, scale: f64) -> (Tensor<Self, 4>, Tensor<Self, 3>) {
-        masked_softmax_ops(g, raw, mask, rows, scale)
-    }
-
-    /// The backward's probabilities `P = exp(scale·s − lse)` and score gradients
-    /// `dS = scale · P ∘ (dP − delta)`, both in the compute dtype, given the probabilities'
-    /// gradient `dp` (compute dtype) and per row `lse` and `delta = rowsum(dO ∘ O)` (f32).
-    #[allow(clippy::too_many_arguments)]
-    fn softmax_grad(
-        g: &Geometry,
-        raw: Tensor<Self, 4>,
-        dp: Tensor<Self, 4>,
-        mask: &Tensor<Self, 3, Bool>,
-        rows: &Range<usize>,
-        lse: Tensor<Self, 3>,
-        delta: Tensor<Self, 3>,
-        scale: f64,
-    ) -> (Tensor<Self, 4>, Tensor<Self, 4>) {
-        softmax_grad_ops(g, raw, dp, mask, rows, lse, delta, scale)
-    }
-}
-
 /// [`ScoreRows::masked_softmax`] from tensor ops.
 pub fn masked_softmax_ops<B: Backend>(g: &Geometry, raw: Tensor<B, 4>, mask: &Tensor<B, 3, Bool>, rows: &Range<usize>, scale: f64) -> (Tensor<B, 4>, Tensor<B, 3>) {
     let dtype = float_dtype(&raw);
@@ -228,13 +196,76 @@ pub fn softmax_grad_ops<B: Backend>(
     (p.cast(dtype), ds.cast(dtype))
 }
 
-impl ScoreRows for burn::backend::Flex {}
-
 #[cfg(feature = "cuda-tuned")]
 impl ScoreRows for crate::backend::CudaF32 {}
 
 #[cfg(feature = "cuda-tuned")]
 impl ScoreRows for crate::backend::CudaBf16 {}
+
+/// The compositions of this file implementations as a backend's `FusedOps`: one node under autodiff, keeping
+/// only the inputs (and attention's output and log-sum-exp).
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
+macro_rules! composed_fused_ops {
+    () => {
+        fn rms_norm_fused(x: Tensor<Self, 2>, w: Tensor<Self, 1>, eps: f64) -> Option<Tensor<Self, 2>> {
+            Some(chunked::rms_norm(x, w, eps))
+        }
+        fn rms_norm_backward(x: Tensor<Self, 2>, w: Tensor<Self, 1>, eps: f64, grad: Tensor<Self, 2>) -> Option<Tensor<Self, 2>> {
+            Some(chunked::rms_norm_backward(x, w, eps, grad))
+        }
+        fn rope_fused(x: Tensor<Self, 4>, cos: Tensor<Self, 3>, sin: Tensor<Self, 3>, transpose: bool) -> Option<Tensor<Self, 4>> {
+            Some(chunked::rope(x, cos, sin, transpose))
+        }
+        fn swiglu_fused(gate: Tensor<Self, 2>, up: Tensor<Self, 2>) -> Option<Tensor<Self, 2>> {
+            Some(chunked::swiglu(gate, up))
+        }
+        fn swiglu_backward(gate: Tensor<Self, 2>, up: Tensor<Self, 2>, grad: Tensor<Self, 2>) -> Option<(Tensor<Self, 2>, Tensor<Self, 2>)> {
+            Some(chunked::swiglu_backward(gate, up, grad))
+        }
+        fn attention_fused(q: Tensor<Self, 4>, k: Tensor<Self, 4>, v: Tensor<Self, 4>, mask: Tensor<Self, 3, Bool>, scale: f64) -> Option<(Tensor<Self, 4>, Tensor<Self, 3>)> {
+            Some(chunked::attention(q, k, v, mask, scale, chunked::CHUNK_SCORES))
+        }
+        fn attention_backward(
+            q: Tensor<Self, 4>,
+            k: Tensor<Self, 4>,
+            v: Tensor<Self, 4>,
+            o: Tensor<Self, 4>,
+            lse: Tensor<Self, 3>,
+            mask: Tensor<Self, 3, Bool>,
+            scale: f64,
+            grad: Tensor<Self, 4>,
+        ) -> Option<(Tensor<Self, 4>, Tensor<Self, 4>, Tensor<Self, 4>)> {
+            Some(chunked::attention_backward(q, k, v, o, lse, mask, scale, grad, chunked::CHUNK_SCORES))
+        }
+    };
+}
+
+// burn's CubeCL backends (CUDA; wgpu in tests): the compositions of this file.
+#[cfg(any(feature = "cuda", feature = "wgpu"))]
+impl<R: burn_cubecl::CubeRuntime, F: burn_cubecl::FloatElement, I: burn_cubecl::IntElement, BT: burn_cubecl::BoolElement> FusedOps
+    for burn_cubecl::CubeBackend<R, F, I, BT>
+{
+    composed_fused_ops!();
+}
+
+// Under burn's fusion (`cuda-tuned`) the CUDA types are fusion wrappers.
+#[cfg(feature = "cuda-tuned")]
+impl FusedOps for crate::backend::CudaF32 {
+    composed_fused_ops!();
+}
+
+#[cfg(feature = "cuda-tuned")]
+impl FusedOps for crate::backend::CudaBf16 {
+    composed_fused_ops!();
+}
+
+
+// With burn's fusion (`cuda-tuned`) the NF4 dequantization runs the tensor-op default.
+#[cfg(feature = "cuda-tuned")]
+impl Nf4Linear for crate::backend::CudaF32 {}
+
+#[cfg(feature = "cuda-tuned")]
+impl Nf4Linear for crate::backend::CudaBf16 {}
 
 /// Softmax attention of `q [B, T, H, hd]` over `k`, `v` `[B, S, KV, hd]` under
 /// `mask [1 | B, T, S]` (true = not attended; a causal mask or a subset of one), in chunks of at
@@ -352,7 +383,7 @@ mod tests {
     //! against the reference compositions' values and autodiff gradients.
     use super::*;
     use crate::backend::Cpu;
-    use crate::ops::{reference, tests::packed_mask, FusedOps};
+    use crate::ops::{reference, tests::packed_mask};
     use burn::backend::Autodiff;
     use burn::tensor::{DType, Distribution, TensorData};
 

@@ -11,19 +11,17 @@
 //! | `X.weight.quant_state.bitsandbytes__nf4` | U8 | JSON: quant_type, blocksize, dtype, shape, nested_* |
 //!
 //! and `config.json` carries a `quantization_config` with `quant_method = "bitsandbytes"`.
-//! `ft quantize` writes this (tensors byte for byte as bitsandbytes would) and ft loads it.
+//! `ft quantize` (`convert::quantize`) writes this, tensors byte for byte as bitsandbytes would,
+//! and the model loader reads it.
 
-use std::path::{Path, PathBuf};
-
-use anyhow::{bail, Context, Result};
 use safetensors::tensor::Dtype;
 
-use super::dynamic::dynamic_map;
-use super::nf4::{Absmax, DoubleQuant, Nf4, BLOCKSIZE, NF4_CODE};
-use crate::fsutil::{write_atomic, StagedDir};
-use crate::model::weights::{to_f32, write_safetensors, Checkpoint, RawTensors, WeightsError};
+use super::safetensors::{to_f32, torch_name, RawTensors, TensorFiles, WeightsError};
+use crate::quant::dynamic::dynamic_map;
+use crate::quant::nf4::{Absmax, DoubleQuant, Nf4, BLOCKSIZE, NF4_CODE};
 
-const STATE_SUFFIX: &str = ".quant_state.bitsandbytes__nf4";
+/// The suffix of the tensor holding a quantized weight's quant-state JSON.
+pub const STATE_SUFFIX: &str = ".quant_state.bitsandbytes__nf4";
 
 /// A float as Python's `repr` writes it (what `json.dumps` puts in the quant state).
 fn python_float(x: f64) -> String {
@@ -53,8 +51,9 @@ fn python_float(x: f64) -> String {
     }
 }
 
-/// The quant-state JSON of a weight of `shape` whose original dtype is `dtype` ("float32", ...).
-pub fn quant_state_json(q: &Nf4, shape: &[usize], dtype: &str) -> String {
+/// The quant-state JSON of a weight of `shape` whose original dtype is `dtype`.
+pub fn quant_state_json(q: &Nf4, shape: &[usize], dtype: Dtype) -> String {
+    let dtype = torch_name(dtype);
     let shape: Vec<String> = shape.iter().map(usize::to_string).collect();
     let mut s = format!(
         "{{\"quant_type\": \"nf4\", \"blocksize\": {}, \"dtype\": \"{dtype}\", \"shape\": [{}]",
@@ -76,7 +75,7 @@ fn f32_bytes(v: &[f32]) -> Vec<u8> {
 }
 
 /// The tensors that store quantized `name` (`X.weight`), in bitsandbytes' names.
-pub fn tensors(name: &str, q: &Nf4, shape: &[usize], dtype: &str) -> Vec<(String, Dtype, Vec<usize>, Vec<u8>)> {
+pub fn tensors(name: &str, q: &Nf4, shape: &[usize], dtype: Dtype) -> RawTensors {
     let mut out = vec![(name.to_string(), Dtype::U8, vec![q.packed.len(), 1], q.packed.clone())];
     match &q.absmax {
         Absmax::Plain(a) => out.push((format!("{name}.absmax"), Dtype::F32, vec![a.len()], f32_bytes(a))),
@@ -93,21 +92,36 @@ pub fn tensors(name: &str, q: &Nf4, shape: &[usize], dtype: &str) -> Vec<(String
 }
 
 /// True when `X.weight` is stored 4-bit in `ck`.
-pub fn is_quantized(ck: &Checkpoint, name: &str) -> bool {
+pub fn is_quantized(ck: &TensorFiles, name: &str) -> bool {
     ck.contains(&format!("{name}{STATE_SUFFIX}"))
 }
 
-fn f32_tensor(ck: &Checkpoint, name: &str) -> Result<Vec<f32>, WeightsError> {
+/// True when `name` is one of the statistics tensors that accompany a 4-bit weight
+/// (`X.weight.absmax`, `X.weight.quant_state…`, ...), not a weight of its own.
+pub fn is_statistic(name: &str) -> bool {
+    !name.ends_with(".weight") && name.contains(".weight.")
+}
+
+/// The `[out, in]` shape recorded in a 4-bit weight's quant state.
+pub fn stored_shape(ck: &TensorFiles, name: &str) -> Result<Vec<usize>, WeightsError> {
+    let state_name = format!("{name}{STATE_SUFFIX}");
+    let (state, _, _, _) = ck.raw(&state_name)?;
+    let state: serde_json::Value =
+        serde_json::from_slice(state).map_err(|e| bad(ck, &state_name, format!("quant state is not JSON: {e}")))?;
+    Ok(state["shape"].as_array().into_iter().flatten().filter_map(|v| v.as_u64().map(|v| v as usize)).collect())
+}
+
+fn f32_tensor(ck: &TensorFiles, name: &str) -> Result<Vec<f32>, WeightsError> {
     let (bytes, dtype, _, path) = ck.raw(name)?;
     to_f32(bytes, dtype).ok_or_else(|| WeightsError::UnsupportedDtype { name: name.into(), path: path.into(), dtype })
 }
 
-fn bad(ck: &Checkpoint, name: &str, msg: String) -> WeightsError {
+fn bad(ck: &TensorFiles, name: &str, msg: String) -> WeightsError {
     WeightsError::Index { path: ck.dir().join(name), msg }
 }
 
 /// Reads quantized `X.weight` and checks it has `shape` (`[out, in]`).
-pub fn read(ck: &Checkpoint, name: &str, shape: &[usize]) -> Result<Nf4, WeightsError> {
+pub fn read(ck: &TensorFiles, name: &str, shape: &[usize]) -> Result<Nf4, WeightsError> {
     let state_name = format!("{name}{STATE_SUFFIX}");
     let (state, _, _, _) = ck.raw(&state_name)?;
     let state: serde_json::Value =
@@ -152,11 +166,11 @@ pub fn read(ck: &Checkpoint, name: &str, shape: &[usize]) -> Result<Nf4, Weights
 }
 
 /// The `quantization_config` transformers writes for bitsandbytes NF4.
-pub fn quantization_config(compute_dtype: &str, double: bool) -> serde_json::Value {
+pub fn quantization_config(compute_dtype: Dtype, double: bool) -> serde_json::Value {
     serde_json::json!({
         "_load_in_4bit": true,
         "_load_in_8bit": false,
-        "bnb_4bit_compute_dtype": compute_dtype,
+        "bnb_4bit_compute_dtype": torch_name(compute_dtype),
         "bnb_4bit_quant_storage": "uint8",
         "bnb_4bit_quant_type": "nf4",
         "bnb_4bit_use_double_quant": double,
@@ -168,97 +182,6 @@ pub fn quantization_config(compute_dtype: &str, double: bool) -> serde_json::Val
         "load_in_8bit": false,
         "quant_method": "bitsandbytes"
     })
-}
-
-/// Whether a checkpoint tensor is one QLoRA quantizes: a linear weight inside a decoder block
-/// (embeddings, norms and `lm_head` stay as they are, as transformers does).
-pub fn quantizable(name: &str, shape: &[usize]) -> bool {
-    const LINEAR: [&str; 7] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
-    shape.len() == 2
-        && name.starts_with("model.layers.")
-        && name.strip_suffix(".weight").and_then(|m| m.rsplit('.').next()).is_some_and(|last| LINEAR.contains(&last))
-}
-
-/// What `ft quantize` wrote.
-#[derive(Debug, serde::Serialize)]
-pub struct QuantizeReport {
-    pub out: PathBuf,
-    pub quantized: usize,
-    pub parameters_quantized: usize,
-    pub bytes_before: usize,
-    pub bytes_after: usize,
-}
-
-fn dtype_name(d: Dtype) -> &'static str {
-    match d {
-        Dtype::BF16 => "bfloat16",
-        Dtype::F16 => "float16",
-        _ => "float32",
-    }
-}
-
-/// `ft quantize`: writes `model` with its decoder linear weights in bitsandbytes NF4 (double
-/// quantization unless `double` is false), shard by shard, plus every other file of the
-/// directory and a `quantization_config` in `config.json`.
-pub fn quantize_checkpoint(model: &Path, out: &Path, double: bool) -> Result<QuantizeReport> {
-    crate::model::ModelConfig::from_dir(model)?;
-    let config_path = model.join("config.json");
-    let mut config: serde_json::Value = serde_json::from_slice(&std::fs::read(&config_path)?)?;
-    if config.get("quantization_config").is_some() {
-        bail!("{}: the model is already quantized", config_path.display());
-    }
-    let ck = Checkpoint::open(model)?;
-    let staged = StagedDir::new(out)?;
-    let (mut quantized, mut params, mut before, mut after) = (0, 0, 0, 0);
-    let mut compute_dtype = "float32";
-    let mut weight_map = serde_json::Map::new();
-    for (i, file) in ck.files().into_iter().enumerate() {
-        let file_name = file.file_name().expect("file").to_string_lossy().into_owned();
-        let mut tensors: RawTensors = Vec::new();
-        for name in ck.shard_names(i) {
-            let (bytes, dtype, shape, _) = ck.raw(&name)?;
-            before += bytes.len();
-            if quantizable(&name, &shape) {
-                let w = to_f32(bytes, dtype).with_context(|| format!("{name}: cannot quantize a {dtype:?} tensor"))?;
-                let q = Nf4::quantize(&w, BLOCKSIZE, double);
-                compute_dtype = dtype_name(dtype);
-                tensors.extend(self::tensors(&name, &q, &shape, dtype_name(dtype)));
-                quantized += 1;
-                params += w.len();
-            } else {
-                tensors.push((name, dtype, shape, bytes.to_vec()));
-            }
-        }
-        for t in &tensors {
-            after += t.3.len();
-            weight_map.insert(t.0.clone(), file_name.clone().into());
-        }
-        write_safetensors(&staged.path(&file_name), &tensors, ck.shard_metadata(i))?;
-    }
-    if quantized == 0 {
-        bail!("{}: no decoder linear weight to quantize", model.display());
-    }
-    config["quantization_config"] = quantization_config(compute_dtype, double);
-    for entry in std::fs::read_dir(model).with_context(|| format!("cannot read {}", model.display()))? {
-        let p = entry?.path();
-        let name = p.file_name().expect("entry").to_string_lossy().into_owned();
-        if !p.is_file() || name.ends_with(".safetensors") {
-            continue;
-        }
-        let bytes = match name.as_str() {
-            "config.json" => serde_json::to_vec_pretty(&config)?,
-            "model.safetensors.index.json" => {
-                let mut v: serde_json::Value = serde_json::from_slice(&std::fs::read(&p)?)?;
-                v["metadata"]["total_size"] = after.into();
-                v["weight_map"] = weight_map.clone().into();
-                serde_json::to_vec_pretty(&v)?
-            }
-            _ => std::fs::read(&p).with_context(|| format!("cannot read {}", p.display()))?,
-        };
-        write_atomic(&staged.path(&name), &bytes)?;
-    }
-    let out = staged.commit()?;
-    Ok(QuantizeReport { out, quantized, parameters_quantized: params, bytes_before: before, bytes_after: after })
 }
 
 #[cfg(test)]

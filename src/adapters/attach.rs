@@ -1,0 +1,87 @@
+//! New adapters on a model, initialised as PEFT does, and loaded adapters made trainable.
+
+use burn::module::Param;
+use burn::prelude::*;
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+use super::config::{LoraConfig, LoraInit, Targets};
+use crate::model::projection::{Adapter, Lora};
+use crate::model::Decoder;
+use crate::ops::TrainBackend;
+
+/// The adapter matched no module of the model.
+#[derive(Debug, thiserror::Error)]
+#[error("lora.target_modules {targets} matches no module of the model")]
+pub struct NoTargets {
+    pub targets: String,
+}
+
+/// A new LoRA adapter `[d_in → r → d_out]` with PEFT's init (`kind`; by default A
+/// kaiming-uniform with a = √5, i.e. U(±1/√in), and B zero, so the adapted model starts equal to
+/// the base), trainable.
+pub fn new_lora<B: Backend>(d_in: usize, d_out: usize, r: usize, scale: f64, kind: LoraInit, rng: &mut impl Rng, device: &B::Device) -> Lora<B> {
+    let uniform = |n: usize, fan_in: usize, rng: &mut dyn rand::RngCore| -> Vec<f32> {
+        let bound = 1.0 / (fan_in as f64).sqrt();
+        (0..n).map(|_| rand::Rng::random_range(rng, -bound..bound) as f32).collect()
+    };
+    let a_peft: Vec<f32> = match kind {
+        LoraInit::Default | LoraInit::Random => uniform(r * d_in, d_in, rng),
+        LoraInit::Gaussian => {
+            // Box-Muller, std 1/r.
+            let std = 1.0 / r as f64;
+            (0..r * d_in)
+                .map(|_| {
+                    let (u1, u2): (f64, f64) = (rng.random_range(f64::EPSILON..1.0), rng.random_range(0.0..1.0));
+                    ((-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos() * std) as f32
+                })
+                .collect()
+        }
+    };
+    let b_peft = match kind {
+        LoraInit::Random => uniform(d_out * r, r, rng),
+        _ => vec![0f32; d_out * r],
+    };
+    let mut l = Lora::from_peft(&a_peft, &b_peft, r, d_in, d_out, scale, device);
+    l.a = Param::from_tensor(l.a.val().require_grad());
+    l.b = Param::from_tensor(l.b.val().require_grad());
+    l
+}
+
+/// Attaches freshly initialised adapters to the projections `config` targets, in module order
+/// from an RNG seeded with `seed` (the same seed gives the same adapters). Returns how many.
+pub fn attach_new<B: TrainBackend>(model: &mut Decoder<B>, config: &LoraConfig, seed: u64) -> Result<usize, NoTargets> {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let device = model.device();
+    let scale = config.scale();
+    let mut n = 0;
+    for (name, proj) in model.projections_mut() {
+        if config.targets.matches(&name) {
+            let (d_in, d_out) = proj.dims();
+            let mut lora = new_lora(d_in, d_out, config.r, scale, config.init, &mut rng, &device);
+            lora.dropout = config.dropout;
+            proj.adapter = Some(Adapter::Lora(lora));
+            n += 1;
+        }
+    }
+    if n == 0 {
+        let targets = match &config.targets {
+            Targets::Names(names) => format!("{names:?}"),
+            Targets::Regex(re) => format!("{re:?}"),
+            Targets::AllLinear => "[\"all-linear\"]".into(),
+        };
+        return Err(NoTargets { targets });
+    }
+    Ok(n)
+}
+
+/// Makes loaded adapters trainable (gradients on, dropout `dropout`).
+pub fn make_trainable<B: TrainBackend>(model: &mut Decoder<B>, dropout: f64) {
+    for (_, p) in model.projections_mut() {
+        if let Some(Adapter::Lora(l)) = &mut p.adapter {
+            l.a = Param::from_tensor(l.a.val().require_grad());
+            l.b = Param::from_tensor(l.b.val().require_grad());
+            l.dropout = dropout;
+        }
+    }
+}

@@ -1,0 +1,153 @@
+//! Adapter settings, as PEFT's `LoraConfig` holds them: rank, alpha, dropout, which modules
+//! (`target_modules`) and how new adapters are initialised.
+
+use std::path::Path;
+
+use serde_json::Value;
+
+use crate::formats::peft::{PeftError, RawConfig};
+
+/// How new adapters are initialised, as PEFT's `init_lora_weights`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LoraInit {
+    /// PEFT's `True`: A kaiming-uniform (U(±1/√in)), B zero: the adapted model starts as the base.
+    #[default]
+    Default,
+    /// PEFT's `"gaussian"`: A ~ N(0, 1/r²) (std 1/r), B zero.
+    Gaussian,
+    /// PEFT's `False`: A and B both as `nn.Linear` initialises them (U(±1/√in), U(±1/√r)), so
+    /// the adapter is not the identity from the start (for tests and experiments).
+    Random,
+}
+
+impl LoraInit {
+    /// The value of `init_lora_weights` in PEFT's adapter_config.json.
+    pub fn peft_value(self) -> Value {
+        match self {
+            LoraInit::Default => Value::Bool(true),
+            LoraInit::Gaussian => Value::String("gaussian".into()),
+            LoraInit::Random => Value::Bool(false),
+        }
+    }
+}
+
+/// Which modules get adapters (`target_modules`).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Targets {
+    /// Names matched exactly or as a `.`-separated suffix (`q_proj` matches `model.layers.0.self_attn.q_proj`).
+    Names(Vec<String>),
+    /// A regular expression the whole module path must match.
+    Regex(String),
+    /// Every linear layer except the output head.
+    AllLinear,
+}
+
+impl Targets {
+    /// `target_modules` given as one string: PEFT's `"all-linear"`, else a regular expression.
+    pub fn parse_string(s: &str) -> Self {
+        if s == "all-linear" {
+            Targets::AllLinear
+        } else {
+            Targets::Regex(s.to_string())
+        }
+    }
+
+    /// `target_modules` given as a list (a recipe's): `["all-linear"]` or module names.
+    pub fn from_list(names: &[String]) -> Self {
+        if names.iter().any(|t| t == "all-linear") {
+            Targets::AllLinear
+        } else {
+            Targets::Names(names.to_vec())
+        }
+    }
+
+    pub fn matches(&self, module: &str) -> bool {
+        match self {
+            Targets::AllLinear => module != "lm_head",
+            Targets::Names(names) => names.iter().any(|t| module == t || module.ends_with(&format!(".{t}"))),
+            Targets::Regex(re) => regex_full_match(re, module),
+        }
+    }
+}
+
+/// PEFT's `re.fullmatch` for the simple patterns configs use (alternations of literal names
+/// with `.*`); anything richer is refused at load.
+pub fn regex_full_match(re: &str, s: &str) -> bool {
+    fn m(p: &[u8], s: &[u8]) -> bool {
+        if p.is_empty() {
+            return s.is_empty();
+        }
+        if p.len() >= 2 && p[0] == b'.' && p[1] == b'*' {
+            return (0..=s.len()).any(|i| m(&p[2..], &s[i..]));
+        }
+        if p[0] == b'\\' && p.len() >= 2 {
+            return !s.is_empty() && s[0] == p[1] && m(&p[2..], &s[1..]);
+        }
+        !s.is_empty() && (p[0] == b'.' || p[0] == s[0]) && m(&p[1..], &s[1..])
+    }
+    let body = re.trim_start_matches('^').trim_end_matches('$');
+    let body = body.strip_prefix('(').and_then(|b| b.strip_suffix(')')).filter(|b| !b.contains('(')).unwrap_or(body);
+    body.split('|').any(|alt| m(alt.as_bytes(), s.as_bytes()))
+}
+
+/// A LoRA configuration, as PEFT's `LoraConfig` holds it.
+#[derive(Debug, Clone)]
+pub struct LoraConfig {
+    pub r: usize,
+    pub alpha: f64,
+    pub use_rslora: bool,
+    pub dropout: f64,
+    pub targets: Targets,
+    pub base_model: Option<String>,
+    /// How the adapter was initialised (written as `init_lora_weights`).
+    pub init: LoraInit,
+}
+
+impl LoraConfig {
+    /// `alpha / r`, or `alpha / sqrt(r)` with rsLoRA.
+    pub fn scale(&self) -> f64 {
+        if self.use_rslora {
+            self.alpha / (self.r as f64).sqrt()
+        } else {
+            self.alpha / self.r as f64
+        }
+    }
+
+    /// From a PEFT `adapter_config.json` read from `path`.
+    pub fn from_peft(raw: &RawConfig, path: &Path) -> Result<Self, PeftError> {
+        let targets = match &raw.target_modules {
+            Some(Value::String(s)) => Targets::parse_string(s),
+            Some(Value::Array(a)) => Targets::Names(a.iter().filter_map(|v| v.as_str().map(String::from)).collect()),
+            _ => return Err(PeftError::Invalid { path: path.into(), msg: "target_modules must be a list of names or a string".into() }),
+        };
+        Ok(LoraConfig {
+            r: raw.r,
+            alpha: raw.lora_alpha,
+            use_rslora: raw.use_rslora,
+            dropout: raw.lora_dropout,
+            targets,
+            base_model: raw.base_model_name_or_path.clone(),
+            init: Default::default(),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn target_matching_follows_peft() {
+        let t = Targets::Names(vec!["q_proj".into(), "model.layers.1.mlp.up_proj".into()]);
+        assert!(t.matches("model.layers.0.self_attn.q_proj"));
+        assert!(t.matches("model.layers.1.mlp.up_proj"));
+        assert!(!t.matches("model.layers.0.mlp.up_proj"));
+        assert!(!t.matches("model.layers.0.self_attn.xq_proj"));
+        assert!(Targets::AllLinear.matches("model.layers.3.mlp.down_proj") && !Targets::AllLinear.matches("lm_head"));
+        let re = Targets::Regex(r".*\.(q_proj|v_proj)".into());
+        assert!(!re.matches("model.layers.0.self_attn.k_proj"));
+        let re = Targets::Regex(r".*q_proj|.*v_proj".into());
+        assert!(re.matches("model.layers.0.self_attn.q_proj") && !re.matches("model.layers.0.self_attn.k_proj"));
+    }
+}

@@ -1,0 +1,121 @@
+//! The `ft` command line: argument definitions (clap) and one function per subcommand, one file
+//! per command; the work is the library's. Exit codes are decided here, in [`exit_code`], from
+//! the kind of error.
+
+pub mod args;
+pub mod convert;
+pub mod data;
+pub mod eval;
+pub mod generate;
+pub mod train;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+/// Exit codes (documented in the README).
+pub mod exit {
+    pub const OK: u8 = 0;
+    /// Anything else: a model, file or I/O problem.
+    pub const FAILURE: u8 = 1;
+    /// Bad command-line usage or recipe.
+    pub const USAGE: u8 = 2;
+    /// Bad data (a dataset line, a conversation).
+    pub const DATA: u8 = 3;
+    /// Training diverged (non-finite loss or gradient norm).
+    pub const DIVERGED: u8 = 4;
+    /// Interrupted (SIGINT) after saving a checkpoint.
+    pub const INTERRUPTED: u8 = 130;
+}
+
+/// A command line that parses but does not make sense (exit code 2).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct UsageError(pub String);
+
+static VERSION: std::sync::LazyLock<String> =
+    std::sync::LazyLock::new(|| format!("{}\nbackends: {}", env!("CARGO_PKG_VERSION"), crate::backend::ENABLED));
+
+/// ft: fine-tune Hugging Face language models with LoRA/QLoRA, fast and reproducibly.
+#[derive(Debug, Parser)]
+#[command(name = "ft", version = VERSION.as_str(), about, long_about = None)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Fine-tune a LoRA adapter as a TOML recipe describes (see recipes/README.md).
+    Train(train::TrainArgs),
+    /// Check datasets: every problem with file:line, token statistics, what training would drop.
+    #[command(subcommand)]
+    Data(data::DataCommand),
+    /// Validate a recipe and print it with every default resolved.
+    #[command(name = "recipe", subcommand)]
+    Recipe(train::RecipeCommand),
+    /// Generate a chat reply: render the model's chat template with a generation prompt and decode.
+    Generate(generate::GenerateArgs),
+    /// Mean next-token loss over the assistant tokens of a ChatML JSONL dataset (or, with
+    /// `--objective dpo`, DPO metrics on preference pairs).
+    Eval(eval::EvalArgs),
+    /// Merge a LoRA adapter into the base weights (W + scale·B·A in f32), writing a plain checkpoint.
+    Merge(convert::MergeArgs),
+    /// Quantize a model's decoder linear weights to bitsandbytes NF4 (the `*-bnb-4bit` format
+    /// transformers loads), so that QLoRA runs skip the quantization.
+    Quantize(convert::QuantizeArgs),
+    /// Convert a llama-architecture GGUF (F32/F16/BF16/Q8_0/Q4_0/Q4_1) into a Hugging Face directory.
+    #[command(name = "import-gguf")]
+    ImportGguf(convert::ImportArgs),
+}
+
+/// Runs a parsed command line.
+pub fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Train(a) => train::run(a),
+        Command::Data(c) => data::run(c),
+        Command::Recipe(c) => train::run_recipe(c),
+        Command::Generate(a) => generate::run(a),
+        Command::Eval(a) => eval::run(a),
+        Command::Merge(a) => convert::run_merge(a),
+        Command::ImportGguf(a) => convert::run_import(a),
+        Command::Quantize(a) => convert::run_quantize(a),
+    }
+}
+
+/// The exit code for an error, by its kind: the one place where errors become exit codes.
+pub fn exit_code(err: &anyhow::Error) -> u8 {
+    use crate::data::conversation::DataError;
+    use crate::data::prepare::PrepareError;
+    use crate::train::TrainError;
+    fn prepare(e: &PrepareError) -> u8 {
+        match e {
+            PrepareError::Data(_) => exit::DATA,
+            _ => exit::FAILURE,
+        }
+    }
+    for cause in err.chain() {
+        if cause.is::<UsageError>() || cause.is::<crate::train::recipe::RecipeError>() {
+            return exit::USAGE;
+        }
+        if cause.is::<DataError>() {
+            return exit::DATA;
+        }
+        if let Some(e) = cause.downcast_ref::<PrepareError>() {
+            return prepare(e);
+        }
+        if let Some(crate::generate::GenerateError::Data(_)) = cause.downcast_ref() {
+            return exit::DATA;
+        }
+        if let Some(e) = cause.downcast_ref::<TrainError>() {
+            return match e {
+                TrainError::Diverged(_) => exit::DIVERGED,
+                TrainError::Interrupted(_) => exit::INTERRUPTED,
+                TrainError::Recipe(_) => exit::USAGE,
+                TrainError::Data(_) => exit::DATA,
+                TrainError::Prepare(p) => prepare(p),
+                _ => exit::FAILURE,
+            };
+        }
+    }
+    exit::FAILURE
+}

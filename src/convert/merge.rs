@@ -1,0 +1,166 @@
+//! `ft merge`: bake a LoRA adapter into the base weights, `W + s · B A` in f32, shard by shard
+//! (peak memory is about one shard plus the adapter). The output is a plain checkpoint with the
+//! base's index, config, tokenizer and generation config.
+//!
+//! QLoRA adapters merge into what training saw: the NF4-dequantized weights (of a bitsandbytes
+//! 4-bit base, or of a dense base the run quantized on load), written bf16 unless `--dtype` says
+//! otherwise; the result is never re-quantized. `--base DIR` merges into a full-precision base
+//! instead.
+
+use std::path::{Path, PathBuf};
+
+use rayon::prelude::*;
+use safetensors::tensor::Dtype;
+
+use super::ConvertError;
+use crate::adapters::peft::PeftAdapter;
+use crate::formats::bnb;
+use crate::formats::model_dir::ModelDirWriter;
+use crate::formats::peft::AdapterFiles;
+use crate::formats::safetensors::{encode, to_f32, torch_name, OutDtype, RawTensors, TensorFiles, WeightsError};
+use crate::model::projection::quantizable;
+use crate::model::ModelConfig;
+use crate::quant::nf4::{Nf4, BLOCKSIZE};
+
+/// What a merge wrote.
+#[derive(Debug, serde::Serialize)]
+pub struct MergeReport {
+    pub out: PathBuf,
+    pub merged_modules: usize,
+    pub shards: usize,
+}
+
+/// `w [out, in] += scale · (b [out, r] · a [r, in])`, rows in parallel.
+pub fn add_lora_delta(w: &mut [f32], a: &[f32], b: &[f32], r: usize, d_in: usize, scale: f32) {
+    w.par_chunks_mut(d_in).enumerate().for_each(|(o, row)| {
+        let mut delta = vec![0f32; d_in];
+        for k in 0..r {
+            let c = b[o * r + k];
+            for (d, &x) in delta.iter_mut().zip(&a[k * d_in..(k + 1) * d_in]) {
+                *d += c * x;
+            }
+        }
+        for (x, d) in row.iter_mut().zip(delta) {
+            *x += d * scale;
+        }
+    });
+}
+
+/// Where a merge reads its base weights from.
+#[derive(Debug, Clone, Copy)]
+pub enum MergeBase<'a> {
+    /// The model the adapter was trained on, as training saw it: NF4-dequantized for a QLoRA
+    /// adapter (or a bitsandbytes 4-bit base), else as stored.
+    AsTrained(&'a Path),
+    /// A full-precision base (for a QLoRA adapter: instead of the NF4 values training saw).
+    FullPrecision(&'a Path),
+}
+
+/// Merges the PEFT adapter in `adapter` into the base, writing `out` in `dtype` (default: the
+/// base's dtype; bf16 for NF4-derived weights).
+pub fn merge(base: MergeBase, adapter: &Path, out: &Path, dtype: Option<OutDtype>) -> Result<MergeReport, ConvertError> {
+    let full_precision = matches!(base, MergeBase::FullPrecision(_));
+    let (base, nf4) = match base {
+        MergeBase::FullPrecision(dense) => (dense, false),
+        MergeBase::AsTrained(b) => (b, AdapterFiles::quantized_base(adapter)),
+    };
+    // Refuse what ft cannot load (unknown architecture, bad config) before writing anything.
+    ModelConfig::from_dir(base)?;
+    let ad = PeftAdapter::open(adapter)?;
+    let ck = TensorFiles::open(base)?;
+    let quantized_base = ck.names().any(|n| n.ends_with(bnb::STATE_SUFFIX));
+    if quantized_base && full_precision {
+        return Err(ConvertError::invalid(base, "--base: a 4-bit checkpoint is not a full-precision base"));
+    }
+    // Merging into NF4 values writes bf16 by default (the weights have no more precision).
+    let dtype = dtype.or((nf4 || quantized_base).then_some(OutDtype::Bf16));
+    let scale = ad.config.scale() as f32;
+    let mut writer = ModelDirWriter::new(out)?;
+    let mut merged = 0;
+    for (i, file) in ck.files().into_iter().enumerate() {
+        let mut tensors: RawTensors = Vec::new();
+        for name in ck.shard_names(i) {
+            if quantized_base && bnb::is_statistic(&name) {
+                ck.skip(&name); // bitsandbytes statistics: folded into the dequantized weight
+                continue;
+            }
+            let (bytes, src_dtype, shape, path) = ck.raw(&name)?;
+            let not_float = || WeightsError::UnsupportedDtype { name: name.clone(), path: path.into(), dtype: src_dtype };
+            // The weight training saw, in f32: NF4-dequantized for QLoRA, else as stored.
+            let dequantized: Option<(Vec<f32>, Vec<usize>)> = if bnb::is_quantized(&ck, &name) {
+                let shape = bnb::stored_shape(&ck, &name)?;
+                Some((bnb::read(&ck, &name, &shape)?.dequantize(), shape))
+            } else if nf4 && quantizable(&name, &shape) {
+                let w = to_f32(bytes, src_dtype).ok_or_else(not_float)?;
+                Some((Nf4::quantize(&w, BLOCKSIZE, true).dequantize(), shape.clone()))
+            } else {
+                None
+            };
+            let (bytes, src_dtype, shape): (std::borrow::Cow<[u8]>, Dtype, Vec<usize>) = match &dequantized {
+                Some((w, s)) => (bytemuck::cast_slice(w).to_vec().into(), Dtype::F32, s.clone()),
+                None => (bytes.into(), src_dtype, shape),
+            };
+            let bytes: &[u8] = &bytes;
+            let out_dtype = match (dtype, src_dtype) {
+                (Some(d), Dtype::F32 | Dtype::BF16 | Dtype::F16) => d.dtype(),
+                _ => src_dtype,
+            };
+            let module = name.strip_suffix(".weight");
+            let lora = match (module, shape.as_slice()) {
+                (Some(m), [d_out, d_in]) => ad.files.matrices(m, *d_in, *d_out)?,
+                _ => None,
+            };
+            let data = if let Some((a, b)) = lora {
+                let mut w = to_f32(bytes, src_dtype).ok_or_else(not_float)?;
+                add_lora_delta(&mut w, &a, &b, ad.config.r, shape[1], scale);
+                merged += 1;
+                encode(&w, out_dtype)
+            } else if out_dtype == src_dtype {
+                bytes.to_vec()
+            } else {
+                encode(&to_f32(bytes, src_dtype).expect("float dtype"), out_dtype)
+            };
+            tensors.push((name, out_dtype, shape, data));
+        }
+        writer.write_shard(&file.file_name().expect("file").to_string_lossy(), &tensors, ck.shard_metadata(i))?;
+    }
+    ad.files.tensors.check_all_used().map_err(|e| {
+        ConvertError::invalid(adapter, format!("the adapter does not fit the model in {}: {e}", base.display()))
+    })?;
+    if merged == 0 {
+        return Err(ConvertError::invalid(adapter, format!("no adapter tensor matched a weight of {}", base.display())));
+    }
+    // Everything else the base directory holds: config, tokenizer, generation config, index.
+    writer.copy_sidecars(base, |config| {
+        if dtype.is_none() && !quantized_base {
+            return false;
+        }
+        if let Some(o) = config.as_object_mut() {
+            o.remove("quantization_config");
+        }
+        if let Some(d) = dtype {
+            for key in ["torch_dtype", "dtype"] {
+                if config.get(key).is_some() {
+                    config[key] = torch_name(d.dtype()).into();
+                }
+            }
+        }
+        true
+    })?;
+    let shards = ck.files().len();
+    let out = writer.commit()?;
+    Ok(MergeReport { out, merged_modules: merged, shards })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn delta_is_scaled_b_times_a() {
+        // w = 0, a = [[1, 2, 3]], b = [[1], [2]], scale 0.5 → w = 0.5 · [[1,2,3],[2,4,6]]
+        let mut w = vec![0f32; 6];
+        add_lora_delta(&mut w, &[1.0, 2.0, 3.0], &[1.0, 2.0], 1, 3, 0.5);
+        assert_eq!(w, vec![0.5, 1.0, 1.5, 1.0, 2.0, 3.0]);
+    }
+}

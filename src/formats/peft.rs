@@ -1,0 +1,150 @@
+//! PEFT's adapter format: `adapter_config.json` and `adapter_model.safetensors` with tensors
+//! `base_model.model.<module>.lora_A.weight` `[r, in]` and `.lora_B.weight` `[out, r]` (older
+//! PEFT versions write `.lora_A.default.weight`). This is the one name map between module paths
+//! and PEFT's files; what the settings mean for a model is `adapters::config`'s.
+
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use serde_json::Value;
+
+use super::safetensors::{write_safetensors, RawTensors, TensorFiles, WeightsError};
+use crate::atomic::{write_atomic, AtomicError, StagedDir};
+
+/// The file in an adapter directory that marks a QLoRA adapter (trained on an NF4 base). PEFT
+/// ignores it.
+pub const QUANTIZED_BASE_FILE: &str = "ft_quantized_base.json";
+
+/// Errors from reading or writing a PEFT adapter directory.
+#[derive(Debug, thiserror::Error)]
+pub enum PeftError {
+    #[error("cannot read {path}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("{path} is not a PEFT LoRA adapter_config.json")]
+    Config { path: PathBuf, source: serde_json::Error },
+    #[error("{path}: {what} is not supported by ft")]
+    Unsupported { path: PathBuf, what: String },
+    #[error("{path}: {msg}")]
+    Invalid { path: PathBuf, msg: String },
+    #[error("{dir}: no adapter_model.safetensors (expected a PEFT adapter directory)")]
+    NoWeights { dir: PathBuf },
+    #[error(transparent)]
+    Weights(#[from] WeightsError),
+    #[error(transparent)]
+    Output(#[from] AtomicError),
+}
+
+/// `adapter_config.json` as PEFT writes it (the keys ft reads).
+#[derive(Debug, Clone, Deserialize)]
+pub struct RawConfig {
+    pub r: usize,
+    pub lora_alpha: f64,
+    #[serde(default)]
+    pub use_rslora: bool,
+    pub target_modules: Option<Value>,
+    #[serde(default)]
+    pub lora_dropout: f64,
+    #[serde(default)]
+    pub fan_in_fan_out: bool,
+    pub bias: Option<String>,
+    #[serde(default)]
+    pub use_dora: bool,
+    pub modules_to_save: Option<Value>,
+    #[serde(default)]
+    pub rank_pattern: serde_json::Map<String, Value>,
+    #[serde(default)]
+    pub alpha_pattern: serde_json::Map<String, Value>,
+    pub peft_type: Option<String>,
+    pub base_model_name_or_path: Option<String>,
+}
+
+impl RawConfig {
+    /// Reads `path`, refusing what ft does not implement (each refusal names the key).
+    pub fn read(path: &Path) -> Result<Self, PeftError> {
+        let text = std::fs::read_to_string(path).map_err(|source| PeftError::Read { path: path.into(), source })?;
+        let raw: RawConfig = serde_json::from_str(&text).map_err(|source| PeftError::Config { path: path.into(), source })?;
+        let unsupported = |what: &str| Err(PeftError::Unsupported { path: path.into(), what: what.into() });
+        if let Some(t) = raw.peft_type.as_deref().filter(|t| *t != "LORA") {
+            return unsupported(&format!("peft_type {t:?}"));
+        }
+        if raw.use_dora {
+            return unsupported("use_dora");
+        }
+        if raw.fan_in_fan_out {
+            return unsupported("fan_in_fan_out (GPT-2 Conv1D layers)");
+        }
+        if raw.bias.as_deref().is_some_and(|b| b != "none") {
+            return unsupported("a trained bias (bias != \"none\")");
+        }
+        if raw.modules_to_save.as_ref().is_some_and(|m| !m.is_null()) {
+            return unsupported("modules_to_save");
+        }
+        if !raw.rank_pattern.is_empty() || !raw.alpha_pattern.is_empty() {
+            return unsupported("rank_pattern / alpha_pattern");
+        }
+        if raw.r == 0 {
+            return Err(PeftError::Invalid { path: path.into(), msg: "r must be positive".into() });
+        }
+        Ok(raw)
+    }
+}
+
+/// The PEFT tensor names of a module's adapter.
+pub fn tensor_names(module: &str) -> (String, String) {
+    (format!("base_model.model.{module}.lora_A.weight"), format!("base_model.model.{module}.lora_B.weight"))
+}
+
+/// An adapter directory on disk: its config and its tensors.
+pub struct AdapterFiles {
+    pub dir: PathBuf,
+    pub config: RawConfig,
+    pub tensors: TensorFiles,
+}
+
+impl AdapterFiles {
+    pub fn open(dir: &Path) -> Result<Self, PeftError> {
+        let config = RawConfig::read(&dir.join("adapter_config.json"))?;
+        let file = dir.join("adapter_model.safetensors");
+        if !file.exists() {
+            return Err(PeftError::NoWeights { dir: dir.into() });
+        }
+        Ok(AdapterFiles { dir: dir.into(), config, tensors: TensorFiles::open_file(&file)? })
+    }
+
+    /// Whether the adapter was trained on an NF4 base (ft's QLoRA marker).
+    pub fn quantized_base(dir: &Path) -> bool {
+        dir.join(QUANTIZED_BASE_FILE).exists()
+    }
+
+    /// The adapter of `module` in PEFT layout (`a: [r, in]`, `b: [out, r]`), if it has one.
+    pub fn matrices(&self, module: &str, d_in: usize, d_out: usize) -> Result<Option<(Vec<f32>, Vec<f32>)>, WeightsError> {
+        let (an, bn) = tensor_names(module);
+        let (an, bn) = if self.tensors.contains(&an) {
+            (an, bn)
+        } else {
+            let (a2, b2) = (an.replace(".lora_A.weight", ".lora_A.default.weight"), bn.replace(".lora_B.weight", ".lora_B.default.weight"));
+            if !self.tensors.contains(&a2) {
+                return Ok(None);
+            }
+            (a2, b2)
+        };
+        let r = self.config.r;
+        let a = self.tensors.f32(&an, &[r, d_in])?;
+        let b = self.tensors.f32(&bn, &[d_out, r])?;
+        Ok(Some((a, b)))
+    }
+}
+
+/// Writes an adapter directory atomically: `adapter_model.safetensors` (with `{"format": "pt"}`),
+/// `adapter_config.json` and, for an adapter trained on an NF4 base, the marker file saying so.
+pub fn write(out: &Path, tensors: &RawTensors, config: &Value, quantized_base: Option<&Value>) -> Result<(), PeftError> {
+    let staged = StagedDir::new(out)?;
+    write_safetensors(&staged.path("adapter_model.safetensors"), tensors, None)?;
+    let pretty = |v: &Value| serde_json::to_vec_pretty(v).expect("JSON values serialize");
+    write_atomic(&staged.path("adapter_config.json"), &pretty(config))?;
+    if let Some(base) = quantized_base {
+        write_atomic(&staged.path(QUANTIZED_BASE_FILE), &pretty(base))?;
+    }
+    staged.commit()?;
+    Ok(())
+}

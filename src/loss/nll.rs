@@ -1,0 +1,105 @@
+//! The masked next-token negative log-likelihood over a [`Batch`]: the SFT loss, training's eval
+//! loss and `ft eval`'s loss are this one computation. The vocabulary head and the softmax run
+//! only at scored positions (the prompt's logits are never formed).
+
+use burn::prelude::*;
+use burn::tensor::{Int, TensorData};
+
+use crate::data::batch::Batch;
+use crate::data::encode::Encoded;
+use crate::model::Decoder;
+use crate::ops::Kernels;
+
+/// Where hidden states come from: `(ids [B, T], packed-row segments)` → `[B, T, hidden]`.
+/// Training passes its `Forward` (which may recompute blocks in the backward).
+pub type Hidden<'a, B> = dyn FnMut(Tensor<B, 2, Int>, Option<&[Vec<usize>]>) -> Tensor<B, 3> + 'a;
+
+/// The model's own forward: plain or packed rows.
+pub fn plain_hidden<B: Kernels>(model: &Decoder<B>) -> impl FnMut(Tensor<B, 2, Int>, Option<&[Vec<usize>]>) -> Tensor<B, 3> + '_ {
+    move |ids, segments| match segments {
+        Some(s) => model.hidden_packed(ids, s),
+        None => model.hidden(ids, None),
+    }
+}
+
+/// `log p(target)` at every scored position of `batch`, `[n]` in f32 (differentiable), and
+/// the logits there `[1, n, vocab]`. With no scored position, `None` and the hidden states.
+fn scored<B: Kernels>(model: &Decoder<B>, batch: &Batch, hidden: &mut Hidden<B>) -> Result<(Tensor<B, 1>, Tensor<B, 3>), Tensor<B, 3>> {
+    let device = model.device();
+    let n = batch.positions.len();
+    let input = Tensor::<B, 2, Int>::from_data(TensorData::new(batch.input.clone(), [batch.b, batch.t]), &device);
+    let hidden = hidden(input, batch.segments.as_deref());
+    if n == 0 {
+        return Err(hidden);
+    }
+    let logits = model.head_at(hidden, batch.positions.clone());
+    let target = Tensor::<B, 1, Int>::from_data(TensorData::new(batch.targets.clone(), [n]), &device);
+    let vocab = logits.dims()[2];
+    Ok((crate::ops::token_logprobs(logits.clone().reshape([n, vocab]), target), logits))
+}
+
+/// `log p(target)` at every scored position of `batch`, `[n]` in f32 (differentiable).
+pub fn token_logprobs<B: Kernels>(model: &Decoder<B>, batch: &Batch, hidden: &mut Hidden<B>) -> Option<Tensor<B, 1>> {
+    scored(model, batch, hidden).ok().map(|(lp, _)| lp)
+}
+
+/// The SFT loss: the sum of the scored tokens' NLL divided by `norm` (the scored tokens of the
+/// whole accumulated batch), and how many scored tokens the model predicts right (argmax).
+pub fn sft_loss<B: Kernels>(model: &Decoder<B>, batch: &Batch, norm: f64, hidden: &mut Hidden<B>) -> (Tensor<B, 1>, usize) {
+    match scored(model, batch, hidden) {
+        Err(hidden) => (hidden.sum() * 0.0, 0),
+        Ok((logp, logits)) => {
+            let predicted: Vec<i64> = logits.detach().argmax(2).into_data().convert::<i64>().to_vec().expect("ids");
+            let correct = predicted.iter().zip(&batch.targets).filter(|(p, t)| p == t).count();
+            (logp.neg().sum() / norm, correct)
+        }
+    }
+}
+
+/// The NLL sum and scored-token count of each sample of a padded batch (no gradient).
+pub fn per_sample<B: Kernels>(model: &Decoder<B>, samples: &[&Encoded]) -> Vec<(f64, usize)> {
+    let batch = Batch::padded(samples);
+    let mut out = vec![(0.0, 0); samples.len()];
+    let Some(logp) = token_logprobs(model, &batch, &mut plain_hidden(model)) else { return out };
+    let logp: Vec<f32> = logp.into_data().convert::<f32>().to_vec().expect("f32 log-probs");
+    for (&i, lp) in batch.owner.iter().zip(logp) {
+        out[i].0 -= lp as f64;
+        out[i].1 += 1;
+    }
+    out
+}
+
+/// Padded tokens per evaluation forward (length-sorted batches keep padding small).
+const EVAL_BATCH_TOKENS: usize = 4096;
+
+/// Mean NLL per scored token of `samples` and its parts.
+#[derive(Debug, Clone)]
+pub struct NllReport {
+    pub loss: f64,
+    pub tokens: usize,
+    /// Per sample, in input order: (NLL sum, scored tokens).
+    pub per_sample: Vec<(f64, usize)>,
+}
+
+/// The evaluation loss of `samples` (training's eval and `ft eval`): length-sorted batches of
+/// about [`EVAL_BATCH_TOKENS`] padded tokens, per-token log-probs summed in f64.
+pub fn evaluate<B: Kernels>(model: &Decoder<B>, samples: &[Encoded]) -> NllReport {
+    let mut order: Vec<usize> = (0..samples.len()).collect();
+    order.sort_by_key(|&i| std::cmp::Reverse(samples[i].ids.len()));
+    let mut per = vec![(0.0, 0); samples.len()];
+    let mut k = 0;
+    while k < order.len() {
+        let longest = samples[order[k]].ids.len().max(1);
+        let n = (EVAL_BATCH_TOKENS / longest).clamp(1, 64).min(order.len() - k);
+        let batch = &order[k..k + n];
+        let refs: Vec<&Encoded> = batch.iter().map(|&i| &samples[i]).collect();
+        for (&i, r) in batch.iter().zip(per_sample(model, &refs)) {
+            per[i] = r;
+        }
+        k += n;
+    }
+    let nll: f64 = per.iter().map(|s| s.0).sum();
+    let tokens: usize = per.iter().map(|s| s.1).sum();
+    let loss = if tokens > 0 { nll / tokens as f64 } else { f64::NAN };
+    NllReport { loss, tokens, per_sample: per }
+}

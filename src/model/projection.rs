@@ -1,0 +1,303 @@
+//! The projection seam: every linear map of the decoder is a [`Projection`] — a frozen [`Base`]
+//! (dense, or NF4 codes dequantized just in time: QLoRA) plus an optional [`Adapter`] (LoRA;
+//! other adapter kinds are further variants). The base kind is chosen once, when the weight is
+//! read ([`WeightSource`]: stored 4-bit stays 4-bit; a load option quantizes dense weights), so
+//! no flag travels through the layers.
+//!
+//! Also here: the one place where PyTorch's `[out, in]` layout meets burn's `[in, out]`
+//! ([`transpose`]), and the table of the decoder block's linear modules ([`BLOCK_LINEARS`]).
+
+use burn::module::{Module, Param};
+use burn::prelude::*;
+use burn::tensor::{DType, TensorData};
+
+use crate::formats::bnb;
+use crate::formats::safetensors::{TensorFiles, WeightsError};
+use crate::ops::{self, Kernels};
+use crate::quant::nf4::{Nf4, BLOCKSIZE};
+use crate::quant::nf4_weight::Nf4Weight;
+
+/// The linear modules of a decoder block, by their path inside the block, in the order every
+/// listing of a model's projections follows.
+pub const BLOCK_LINEARS: [&str; 7] =
+    ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"];
+
+/// Whether a checkpoint tensor is one QLoRA quantizes: the weight of a linear module inside a
+/// decoder block (embeddings, norms and `lm_head` stay as they are, as transformers does).
+pub fn quantizable(name: &str, shape: &[usize]) -> bool {
+    shape.len() == 2
+        && name.strip_prefix("model.layers.").and_then(|rest| rest.split_once('.')).is_some_and(|(layer, module)| {
+            layer.parse::<usize>().is_ok() && module.strip_suffix(".weight").is_some_and(|m| BLOCK_LINEARS.contains(&m))
+        })
+}
+
+/// Transposes a row-major `[rows, cols]` matrix (PyTorch's `[out, in]` → burn's `[in, out]`).
+/// This is the one place where the layouts meet.
+pub fn transpose(data: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    let mut out = vec![0f32; data.len()];
+    const B: usize = 32;
+    for r0 in (0..rows).step_by(B) {
+        for c0 in (0..cols).step_by(B) {
+            for r in r0..(r0 + B).min(rows) {
+                for c in c0..(c0 + B).min(cols) {
+                    out[c * rows + r] = data[r * cols + c];
+                }
+            }
+        }
+    }
+    out
+}
+
+pub(crate) fn tensor1<B: Backend>(data: Vec<f32>, device: &B::Device) -> Tensor<B, 1> {
+    let n = data.len();
+    Tensor::from_data(TensorData::new(data, [n]), device)
+}
+
+pub(crate) fn tensor2<B: Backend>(data: Vec<f32>, shape: [usize; 2], device: &B::Device) -> Tensor<B, 2> {
+    Tensor::from_data(TensorData::new(data, shape), device)
+}
+
+/// How the frozen base weights of the decoder blocks are held.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum BaseFormat {
+    /// As stored: dense weights dense, bitsandbytes 4-bit weights in NF4.
+    #[default]
+    AsStored,
+    /// Dense block weights quantized to NF4 as they are read (QLoRA: blocksize 64, double
+    /// quantization, bit-exact with bitsandbytes).
+    Nf4,
+}
+
+/// Where projections read their weights from, and in which form their bases are kept.
+pub struct WeightSource<'a> {
+    pub files: &'a TensorFiles,
+    pub format: BaseFormat,
+}
+
+impl WeightSource<'_> {
+    /// The projection `{path}.weight` (PyTorch `[out, in]`, plus `{path}.bias` `[out]` when
+    /// `bias`). A 4-bit stored weight stays 4-bit; with [`BaseFormat::Nf4`] a dense block weight
+    /// is quantized as it is read.
+    pub fn projection<B: Kernels>(&self, path: &str, d_in: usize, d_out: usize, bias: bool, device: &B::Device) -> Result<Projection<B>, WeightsError> {
+        let ck = self.files;
+        let name = format!("{path}.weight");
+        let base = if bnb::is_quantized(ck, &name) {
+            Base::Nf4(Nf4Weight::new(&bnb::read(ck, &name, &[d_out, d_in])?, d_out, d_in, device))
+        } else if self.format == BaseFormat::Nf4 && quantizable(&name, &[d_out, d_in]) {
+            let q = Nf4::quantize(&ck.f32(&name, &[d_out, d_in])?, BLOCKSIZE, true);
+            Base::Nf4(Nf4Weight::new(&q, d_out, d_in, device))
+        } else {
+            let w = transpose(&ck.f32(&name, &[d_out, d_in])?, d_out, d_in);
+            Base::Dense(Param::from_tensor(tensor2(w, [d_in, d_out], device)).set_require_grad(false))
+        };
+        let bias = if bias {
+            Some(Param::from_tensor(tensor1(ck.f32(&format!("{path}.bias"), &[d_out])?, device)).set_require_grad(false))
+        } else {
+            None
+        };
+        Ok(Projection { base, bias, adapter: None, adapter_on: true, shape: (d_in, d_out) })
+    }
+}
+
+/// A projection's frozen base weight.
+#[derive(Module, Debug)]
+pub enum Base<B: Backend> {
+    /// `[in, out]` (burn's layout; PyTorch's `[out, in]` is transposed at load).
+    Dense(Param<Tensor<B, 2>>),
+    /// NF4 codes of the PyTorch-layout `[out, in]` matrix, dequantized for each forward (and
+    /// again in the backward): only the input gradient flows through it.
+    Nf4(Nf4Weight<B>),
+}
+
+impl<B: Backend> Base<B> {
+    pub fn is_nf4(&self) -> bool {
+        matches!(self, Base::Nf4(_))
+    }
+}
+
+/// What a projection adds to its base.
+#[derive(Module, Debug)]
+pub enum Adapter<B: Backend> {
+    Lora(Lora<B>),
+}
+
+/// A linear layer with a frozen base and an optional adapter: `y = x W (+ b) (+ s · (x A) B)`.
+#[derive(Module, Debug)]
+pub struct Projection<B: Backend> {
+    pub base: Base<B>,
+    /// `[out]`
+    pub bias: Option<Param<Tensor<B, 1>>>,
+    pub adapter: Option<Adapter<B>>,
+    /// `false` switches the adapter off (the base model, e.g. DPO's reference).
+    #[module(skip)]
+    pub adapter_on: bool,
+    /// `(in, out)`
+    #[module(skip)]
+    pub shape: (usize, usize),
+}
+
+impl<B: Backend> Projection<B> {
+    /// The LoRA adapter, if the projection has one.
+    pub fn lora(&self) -> Option<&Lora<B>> {
+        match &self.adapter {
+            Some(Adapter::Lora(l)) => Some(l),
+            None => None,
+        }
+    }
+
+    /// `(in, out)`
+    pub fn dims(&self) -> (usize, usize) {
+        self.shape
+    }
+
+    /// Bytes the base weight occupies (f32 dense, or NF4 codes and statistics).
+    pub fn base_bytes(&self) -> usize {
+        match &self.base {
+            Base::Nf4(q) => q.bytes(),
+            Base::Dense(_) => 4 * self.shape.0 * self.shape.1,
+        }
+    }
+
+    /// Training mode of the adapter (dropout on or off).
+    pub fn set_training(&mut self, training: bool) {
+        if let Some(Adapter::Lora(l)) = &mut self.adapter {
+            l.training = training;
+        }
+    }
+}
+
+impl<B: Kernels> Projection<B> {
+    /// # Shapes
+    /// `x: [..., in]` → `[..., out]`
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        // One 2-D GEMM over all rows: the CPU backend parallelises a single large matmul far
+        // better than a batch of small ones.
+        let dims = x.dims();
+        let (d_in, d_out) = self.shape;
+        let rows = dims[..D - 1].iter().product();
+        let x: Tensor<B, 2> = x.reshape([rows, d_in]);
+        let adapter = self.adapter.as_ref().filter(|_| self.adapter_on);
+        let mut y = match (&self.base, adapter) {
+            // Base and adapter as one operation (one backward step, no separate sum).
+            (Base::Dense(w), Some(Adapter::Lora(l))) => {
+                let (a, b) = l.weights_in(x.dtype());
+                ops::lora_linear(x.clone(), l.dropped_input(&x), w.val(), a, b, l.scale)
+            }
+            (Base::Dense(w), None) => x.clone().matmul(w.val()),
+            // Dequantized for this forward (and again in the backward): never kept.
+            (Base::Nf4(q), adapter) => {
+                let y = B::nf4_linear(x.clone(), q);
+                match adapter {
+                    Some(Adapter::Lora(l)) => y + l.forward(x),
+                    None => y,
+                }
+            }
+        };
+        if let Some(b) = &self.bias {
+            y = y + b.val().unsqueeze();
+        }
+        let mut out = dims;
+        out[D - 1] = d_out;
+        y.reshape(out)
+    }
+}
+
+/// One LoRA adapter on a projection.
+#[derive(Module, Debug)]
+pub struct Lora<B: Backend> {
+    /// `[in, r]` (PEFT's `lora_A.weight` is `[r, in]`).
+    pub a: Param<Tensor<B, 2>>,
+    /// `[r, out]` (PEFT's `lora_B.weight` is `[out, r]`).
+    pub b: Param<Tensor<B, 2>>,
+    /// `alpha / r`, or `alpha / sqrt(r)` with rsLoRA.
+    #[module(skip)]
+    pub scale: f64,
+    /// Dropout probability on the adapter input, applied while `training`.
+    #[module(skip)]
+    pub dropout: f64,
+    #[module(skip)]
+    pub training: bool,
+}
+
+impl<B: Backend> Lora<B> {
+    /// Builds from PEFT-layout matrices (`a_peft: [r, in]`, `b_peft: [out, r]`, row-major).
+    pub fn from_peft(a_peft: &[f32], b_peft: &[f32], r: usize, d_in: usize, d_out: usize, scale: f64, device: &B::Device) -> Self {
+        let a = transpose(a_peft, r, d_in);
+        let b = transpose(b_peft, d_out, r);
+        // f32 whatever the compute dtype: the master weights the optimizer updates.
+        Lora {
+            a: Param::from_tensor(Tensor::from_data(TensorData::new(a, [d_in, r]), (device, DType::F32))),
+            b: Param::from_tensor(Tensor::from_data(TensorData::new(b, [r, d_out]), (device, DType::F32))),
+            scale,
+            dropout: 0.0,
+            training: false,
+        }
+    }
+
+    /// A and B in PEFT's layout (`[r, in]`, `[out, r]`), row-major f32.
+    pub fn to_peft(&self) -> (Vec<f32>, Vec<f32>) {
+        let [d_in, r] = self.a.dims();
+        let [_, d_out] = self.b.dims();
+        let a: Vec<f32> = self.a.val().into_data().convert::<f32>().to_vec().expect("f32");
+        let b: Vec<f32> = self.b.val().into_data().convert::<f32>().to_vec().expect("f32");
+        (transpose(&a, d_in, r), transpose(&b, r, d_out))
+    }
+
+    /// A and B in `dtype`, the compute dtype of the activations they multiply: the f32 master
+    /// weights rounded for the forward (a differentiable cast: their gradients come back in f32).
+    pub fn weights_in(&self, dtype: DType) -> (Tensor<B, 2>, Tensor<B, 2>) {
+        let cast = |t: Tensor<B, 2>| if t.dtype() == dtype { t } else { t.cast(dtype) };
+        (cast(self.a.val()), cast(self.b.val()))
+    }
+
+    pub fn rank(&self) -> usize {
+        self.a.dims()[1]
+    }
+
+    /// The adapter's input: `x` after dropout while training, `None` when that is `x` itself.
+    /// Inverted dropout from the backend's seeded RNG (as torch.nn.Dropout).
+    pub fn dropped_input<const D: usize>(&self, x: &Tensor<B, D>) -> Option<Tensor<B, D>> {
+        (self.training && self.dropout > 0.0).then(|| {
+            let keep = x.random_like(burn::tensor::Distribution::Bernoulli(1.0 - self.dropout));
+            x.clone() * keep / (1.0 - self.dropout)
+        })
+    }
+
+    /// The adapter's contribution `s · (x A) B`.
+    ///
+    /// # Shapes
+    /// `x: [..., in]` → `[..., out]`
+    pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        let x = self.dropped_input(&x).unwrap_or(x);
+        let (a, b) = self.weights_in(x.dtype());
+        // The scale multiplies the rank-r intermediate, not the [.., out] result: the same
+        // product (PEFT scales after B), one r/out-th of the element-wise work.
+        (x.matmul(a.unsqueeze()) * self.scale).matmul(b.unsqueeze())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transpose_is_exact() {
+        let d: Vec<f32> = (0..35 * 70).map(|x| x as f32).collect();
+        let t = transpose(&d, 35, 70);
+        for r in 0..35 {
+            for c in 0..70 {
+                assert_eq!(t[c * 35 + r], d[r * 70 + c]);
+            }
+        }
+    }
+
+    #[test]
+    fn quantizable_means_a_block_linear_weight() {
+        assert!(quantizable("model.layers.3.self_attn.q_proj.weight", &[8, 8]));
+        assert!(quantizable("model.layers.0.mlp.down_proj.weight", &[8, 8]));
+        assert!(!quantizable("model.layers.0.mlp.down_proj.bias", &[8]));
+        assert!(!quantizable("model.layers.0.input_layernorm.weight", &[8]));
+        assert!(!quantizable("lm_head.weight", &[8, 8]));
+        assert!(!quantizable("model.embed_tokens.weight", &[8, 8]));
+    }
+}

@@ -1,0 +1,165 @@
+//! The run directory, apart from checkpoints: `recipe.resolved.toml` (what the run was started
+//! with; `--resume` refuses another), `metrics.jsonl` (one JSON line per step and per eval),
+//! `loss.svg` (train and eval loss against step, a small standalone SVG a person can open) and
+//! `summary.json`.
+
+use std::fmt::Write as _;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+
+use super::{IoAt, TrainError};
+use crate::atomic::write_atomic;
+
+/// An open run directory.
+pub struct RunDir {
+    pub path: PathBuf,
+    metrics: Option<std::fs::File>,
+}
+
+impl RunDir {
+    /// A new run in `path` (which must not exist or be empty), saving `resolved` as the recipe.
+    /// `resume`: continue the run already there (the recipe must be the one it was started
+    /// with), keeping only the metrics of steps ≤ the checkpoint's step.
+    pub fn open(path: &Path, resolved: &str, resume: bool) -> Result<Self, TrainError> {
+        let non_empty = path.exists() && std::fs::read_dir(path).map(|mut d| d.next().is_some()).unwrap_or(false);
+        let invalid = |msg: &str| TrainError::Invalid { path: path.into(), msg: msg.into() };
+        if resume {
+            let saved = std::fs::read_to_string(path.join("recipe.resolved.toml")).map_err(|_| invalid("--resume: this directory holds no run to resume"))?;
+            if saved != resolved {
+                return Err(invalid("--resume: the recipe differs from the one this run was started with (see its recipe.resolved.toml)"));
+            }
+        } else if non_empty {
+            return Err(invalid("the output directory already exists and is not empty (use --resume to continue it)"));
+        } else {
+            std::fs::create_dir_all(path).at("cannot create the output directory", path)?;
+            write_atomic(&path.join("recipe.resolved.toml"), resolved.as_bytes())?;
+        }
+        Ok(RunDir { path: path.into(), metrics: None })
+    }
+
+    /// Opens `metrics.jsonl` for the steps after `step`, keeping only the lines of steps ≤ `step`
+    /// (a resumed run drops what the interrupted one logged after its checkpoint).
+    pub fn start_metrics(&mut self, step: usize) -> Result<(), TrainError> {
+        self.metrics = Some(open_metrics(&self.path.join("metrics.jsonl"), step)?);
+        Ok(())
+    }
+
+    fn metrics(&mut self) -> &mut std::fs::File {
+        self.metrics.as_mut().expect("start_metrics is called before logging")
+    }
+
+    /// Appends one line to `metrics.jsonl`.
+    pub fn log(&mut self, line: &Value) -> Result<(), TrainError> {
+        let path = self.path.join("metrics.jsonl");
+        writeln!(self.metrics(), "{line}").at("writing", &path)
+    }
+
+    /// fsyncs `metrics.jsonl` (before a checkpoint, and at the end).
+    pub fn sync(&mut self) -> Result<(), TrainError> {
+        let path = self.path.join("metrics.jsonl");
+        self.metrics().sync_all().at("syncing", &path)
+    }
+
+    /// Draws `loss.svg` from `metrics.jsonl`.
+    pub fn write_loss_svg(&self) -> Result<(), TrainError> {
+        let path = self.path.join("metrics.jsonl");
+        let (mut train, mut eval) = (Vec::new(), Vec::new());
+        for line in std::fs::read_to_string(&path).at("cannot read", &path)?.lines() {
+            let v: Value = serde_json::from_str(line).map_err(|e| TrainError::Invalid { path: path.clone(), msg: e.to_string() })?;
+            let step = v["step"].as_f64().unwrap_or(0.0);
+            if let Some(l) = v["loss"].as_f64() {
+                train.push((step, l));
+            }
+            if let Some(l) = v["eval_loss"].as_f64() {
+                eval.push((step, l));
+            }
+        }
+        Ok(write_atomic(&self.path.join("loss.svg"), loss_svg(&train, &eval).as_bytes())?)
+    }
+
+    /// Writes `summary.json`.
+    pub fn write_summary(&self, summary: &impl serde::Serialize) -> Result<(), TrainError> {
+        Ok(write_atomic(&self.path.join("summary.json"), &serde_json::to_vec_pretty(summary).expect("summary serializes"))?)
+    }
+}
+
+/// Opens metrics.jsonl for appending, keeping only the lines of steps ≤ `keep_through`.
+fn open_metrics(path: &Path, keep_through: usize) -> Result<std::fs::File, TrainError> {
+    let kept: String = if keep_through == 0 {
+        String::new()
+    } else {
+        std::fs::read_to_string(path)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| {
+                serde_json::from_str::<Value>(l).ok().and_then(|v| v["step"].as_u64()).is_some_and(|s| s as usize <= keep_through)
+            })
+            .map(|l| format!("{l}\n"))
+            .collect()
+    };
+    write_atomic(path, kept.as_bytes())?;
+    std::fs::OpenOptions::new().append(true).open(path).at("cannot open", path)
+}
+
+/// Renders loss curves. `train` and `eval` are `(step, loss)` points.
+pub fn loss_svg(train: &[(f64, f64)], eval: &[(f64, f64)]) -> String {
+    let (w, h, pad) = (640.0, 360.0, 48.0);
+    let all = train.iter().chain(eval).filter(|p| p.1.is_finite());
+    let (mut x0, mut x1, mut y0, mut y1) = (f64::MAX, f64::MIN, f64::MAX, f64::MIN);
+    for &(x, y) in all {
+        x0 = x0.min(x);
+        x1 = x1.max(x);
+        y0 = y0.min(y);
+        y1 = y1.max(y);
+    }
+    if x0 > x1 {
+        (x0, x1, y0, y1) = (0.0, 1.0, 0.0, 1.0);
+    }
+    if x1 - x0 < 1e-12 {
+        x1 = x0 + 1.0;
+    }
+    if y1 - y0 < 1e-12 {
+        y1 = y0 + 1.0;
+    }
+    let sx = |x: f64| pad + (x - x0) / (x1 - x0) * (w - 2.0 * pad);
+    let sy = |y: f64| h - pad - (y - y0) / (y1 - y0) * (h - 2.0 * pad);
+    let line = |pts: &[(f64, f64)]| {
+        pts.iter()
+            .filter(|p| p.1.is_finite())
+            .enumerate()
+            .map(|(i, &(x, y))| format!("{}{:.1},{:.1}", if i == 0 { "M" } else { " L" }, sx(x), sy(y)))
+            .collect::<String>()
+    };
+    let mut s = String::new();
+    let _ = write!(
+        s,
+        r##"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12">
+<rect width="100%" height="100%" fill="white"/>
+<line x1="{pad}" y1="{b}" x2="{r}" y2="{b}" stroke="#444"/><line x1="{pad}" y1="{pad}" x2="{pad}" y2="{b}" stroke="#444"/>
+<text x="{pad}" y="{ty}">step {x0:.0}</text><text x="{r}" y="{ty}" text-anchor="end">step {x1:.0}</text>
+<text x="{lx}" y="{b}" text-anchor="end">{y0:.3}</text><text x="{lx}" y="{pad}" text-anchor="end">{y1:.3}</text>
+<path d="{tr}" fill="none" stroke="#1f77b4" stroke-width="1.5"/>
+<path d="{ev}" fill="none" stroke="#d62728" stroke-width="2" stroke-dasharray="5,3"/>
+<text x="{r}" y="20" text-anchor="end"><tspan fill="#1f77b4">train loss</tspan>  <tspan fill="#d62728">eval loss</tspan></text>
+</svg>
+"##,
+        b = h - pad,
+        r = w - pad,
+        ty = h - pad + 18.0,
+        lx = pad - 4.0,
+        tr = line(train),
+        ev = line(eval),
+    );
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn draws_both_curves() {
+        let s = super::loss_svg(&[(1.0, 3.0), (2.0, 2.0), (3.0, 1.5)], &[(3.0, 1.8)]);
+        assert!(s.starts_with("<svg") && s.contains("M48.0,") && s.contains("eval loss"));
+    }
+}
