@@ -1,11 +1,11 @@
-//! Attention on the GPU under autodiff: ft's chunked composition (`src/ops/composed.rs`: one
+//! Attention on the GPU under autodiff: ft's chunked composition (`src/ops/chunked.rs`: one
 //! graph node keeping q, k, v, the output and the log-sum-exp) against the plain composition
 //! (`ops::reference::attention`: scores and probabilities `[B, H, T, S]` kept for the backward),
 //! in the same run, for one layer's causal attention. Prints, for each, the device memory held
 //! between the forward and the backward (what a layer's attention keeps for the backward, the
 //! output included) and the forward + backward time (the best of three after a warm-up run);
 //! then the ratios; and the chunked forward + backward for chunk budgets 2^24 … 2^27 score
-//! elements (the default is `ops::composed::CHUNK_SCORES`).
+//! elements (the default is `ops::chunked::CHUNK_SCORES`).
 //!
 //! `attention_bench [B T H KV HD]`; defaults: the SmolLM2-135M shape at batch 8 and 2048 tokens
 //! on CUDA (f32 and bf16) and, where the reference fits, the Llama-3-8B shape at batch 4; a small
@@ -77,13 +77,13 @@ fn main() {
         let shape = format!("B{b} T{t} H{h} KV{kv} hd{hd}");
         let chunked = best(true);
         println!("{label} {shape} chunked:   held for backward {:.1} MiB, forward+backward {:.2} ms", mib(chunked.held), chunked.seconds * 1e3);
-        // The chunk budget (`ops::composed::CHUNK_SCORES` is the default): forward + backward
+        // The chunk budget (`ops::chunked::CHUNK_SCORES` is the default): forward + backward
         // on the inner backend, as the autodiff node runs them.
         for budget in [1usize << 24, 1 << 25, 1 << 26, 1 << 27] {
             let once = || {
                 let start = Instant::now();
-                let (o, lse) = ops::composed::attention(q.clone(), k.clone(), v.clone(), mask.clone().inner(), scale, budget);
-                let grads = ops::composed::attention_backward(q.clone(), k.clone(), v.clone(), o, lse, mask.clone().inner(), scale, c.clone(), budget);
+                let (o, lse) = ops::chunked::attention(q.clone(), k.clone(), v.clone(), mask.clone().inner(), scale, budget);
+                let grads = ops::chunked::attention_backward(q.clone(), k.clone(), v.clone(), o, lse, mask.clone().inner(), scale, c.clone(), budget);
                 drop(grads);
                 CubeBackend::<R, F, I, BT>::sync(&device).unwrap();
                 start.elapsed().as_secs_f64()

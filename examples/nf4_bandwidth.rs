@@ -11,9 +11,9 @@
 fn main() {
     use burn::prelude::*;
     use burn::tensor::FloatDType;
-    use ft::backend::Nf4Linear;
+    use ft::ops::Nf4Linear;
     use ft::quant::nf4::{Nf4, BLOCKSIZE};
-    use ft::quant::tensor::Nf4Weight;
+    use ft::quant::nf4_weight::Nf4Weight;
     use std::time::Instant;
 
     let args: Vec<usize> = std::env::args().skip(1).map(|a| a.parse().expect("ROWS COLS")).collect();

@@ -13,7 +13,7 @@ use burn::prelude::*;
 use burn::tensor::TensorData;
 use ft::adapters::peft::PeftAdapter;
 use ft::backend::Cpu;
-use ft::tokenizer::{TemplateChoice, TextTokenizer};
+use ft::data::tokenizer::{TemplateChoice, TextTokenizer};
 
 #[path = "it/common.rs"]
 #[allow(dead_code)]
@@ -23,7 +23,7 @@ mod common;
 #[allow(dead_code)]
 mod shared;
 
-use common::json;
+use common::{json, prepare_options};
 use shared::{fixtures, load, lora_steps};
 #[cfg(feature = "cuda")]
 use shared::nf4_oracle;
@@ -42,7 +42,7 @@ fn half_precision_training_steps_track_the_cpu() {
     // Losses and norms are read back in f32 (burn's `into_scalar` would round them to f16/bf16).
     let x = 1.0001f32;
     let t = Tensor::<Half, 1>::from_data(TensorData::new(vec![x], [1]), (&Default::default(), burn::tensor::DType::F32));
-    assert_eq!(ft::train::scalar(t), x as f64);
+    assert_eq!(ft::loss::scalar(t), x as f64);
     for (model, recompute) in [("llama", false), ("llama", true), ("llama-bnb4", false)] {
         let (half_losses, half_norms, _) = lora_steps::<Autodiff<Half>>(model, recompute);
         let (cpu_losses, cpu_norms, _) = lora_steps::<Autodiff<Cpu>>(model, recompute);
@@ -62,9 +62,9 @@ fn half_precision_training_steps_track_the_cpu() {
 #[test]
 fn nf4_kernel_bf16_output_is_the_rounded_f32_product() {
     use burn::tensor::FloatDType;
-    use ft::backend::Nf4Linear;
+    use ft::ops::Nf4Linear;
     use ft::quant::nf4::{Nf4, BLOCKSIZE};
-    use ft::quant::tensor::Nf4Weight;
+    use ft::quant::nf4_weight::Nf4Weight;
     type Bf16 = ft::backend::CudaBf16;
     for i in 0..3 {
         let (x, shape) = common::read_f32(&nf4_oracle(), &format!("input_{i}"));
@@ -86,14 +86,14 @@ fn nf4_kernel_bf16_output_is_the_rounded_f32_product() {
 fn half_precision_dpo_scores_and_gradients() {
     // DPO's completion log-probs are f32 sums of f32 token log-probs beside half-precision
     // activations; the loss is differentiable through them into the f32 adapter weights.
-    use ft::train::dpo::{policy_logps, prepare_pairs, score_pairs, DpoConfig};
+    use ft::loss::dpo::{policy_logps, score_pairs, DpoConfig};
     let want = json(&fixtures().join("dpo/expected.json"));
     let mut m = load::<Autodiff<Half>>("llama");
     assert!(matches!(m.embed_tokens.val().dtype(), burn::tensor::DType::F16 | burn::tensor::DType::BF16), "the model computes in half precision");
     PeftAdapter::open(&fixtures().join("adapters/lora-r4")).unwrap().attach(&mut m).unwrap();
     let tok = TextTokenizer::from_dir(&fixtures().join("models/llama")).unwrap();
     let template = tok.template(TemplateChoice::Chatml).unwrap();
-    let (pairs, _, _) = prepare_pairs(&tok, &template, &fixtures().join("dpo/prefs.jsonl"), 4096, None, None).unwrap();
+    let (pairs, _, _) = ft::data::prepare::pairs(&tok, &template, &fixtures().join("dpo/prefs.jsonl"), &prepare_options(4096)).unwrap();
     let scores = score_pairs(&mut m, &pairs, None);
     let expected = want["pairs"].as_array().unwrap();
     let mut worst = 0f64;
@@ -115,7 +115,7 @@ fn half_precision_dpo_scores_and_gradients() {
     let loss = DpoConfig::default().loss_tensor(chosen, rejected, &scores).sum();
     let grads = loss.backward();
     for (name, p) in m.projections_mut() {
-        if let Some(l) = &p.lora {
+        if let Some(l) = p.lora() {
             let g = l.a.val().grad(&grads).unwrap_or_else(|| panic!("{name}: no gradient for A"));
             assert_eq!(g.dtype(), burn::tensor::DType::F32, "{name}");
             let v: Vec<f32> = g.into_data().to_vec().unwrap();
@@ -151,7 +151,7 @@ fn half_precision_sft_and_dpo_runs_end_to_end() {
         )
         .unwrap();
         let recipe = Recipe::load(&r, &[]).unwrap();
-        let summary = ft::train::run::run::<Autodiff<Half>>(&recipe, Default::default(), true, false).unwrap();
+        let summary = ft::train::run::run::<Autodiff<Half>>(&recipe, Default::default(), &ft::progress::Silent, false).unwrap();
         let losses: Vec<f64> = std::fs::read_to_string(d.join("run/metrics.jsonl"))
             .unwrap()
             .lines()

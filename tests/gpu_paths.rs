@@ -16,10 +16,11 @@ use burn::backend::Autodiff;
 use burn::prelude::*;
 use burn::tensor::{FloatDType, TensorData};
 use ft::adapters::peft::PeftAdapter;
-use ft::backend::{Cpu, Nf4Linear};
-use ft::tokenizer::{TemplateChoice, TextTokenizer};
+use ft::backend::Cpu;
+use ft::ops::Nf4Linear;
+use ft::data::tokenizer::{TemplateChoice, TextTokenizer};
 use ft::quant::nf4::{Nf4, BLOCKSIZE};
-use ft::quant::tensor::Nf4Weight;
+use ft::quant::nf4_weight::Nf4Weight;
 
 /// The GPU backend under test (f32 compute).
 #[cfg(feature = "wgpu")]
@@ -35,7 +36,7 @@ mod common;
 #[path = "gpu/shared.rs"]
 mod shared;
 
-use common::{ids, json, logits, max_abs_diff, read_f32};
+use common::{ids, json, logits, max_abs_diff, prepare_options, read_f32};
 use shared::{fixtures, load, lora_steps, nf4_oracle};
 
 fn bits<B: Backend>(t: Tensor<B, 2>) -> Vec<u32> {
@@ -97,8 +98,8 @@ fn qlora_linear_forward_and_input_gradient_match_the_cpu() {
 #[test]
 fn the_decoder_operations_run_as_single_nodes_with_chunked_attention() {
     use burn::tensor::{Bool, Distribution};
-    use ft::backend::FusedOps;
-    use ft::ops::{composed, reference};
+    use ft::ops::FusedOps;
+    use ft::ops::{chunked, reference};
     type GpuAd = Autodiff<Gpu>;
     let dev = Default::default();
     // Each operation is one node with its own backward (not burn's chain of tensor ops, which
@@ -138,8 +139,8 @@ fn the_decoder_operations_run_as_single_nodes_with_chunked_attention() {
         let g = (y.clone() * Tensor::from_inner(c.clone())).sum().backward();
         let want = [y.inner(), ql.grad(&g).unwrap(), kl.grad(&g).unwrap(), vl.grad(&g).unwrap()];
         let budget = 3 * b * h * t;
-        let (o, lse) = composed::attention(q.clone(), k.clone(), v.clone(), mask.clone().inner(), 0.25, budget);
-        let (dq, dk, dv) = composed::attention_backward(q, k, v, o.clone(), lse, mask.inner(), 0.25, c, budget);
+        let (o, lse) = chunked::attention(q.clone(), k.clone(), v.clone(), mask.clone().inner(), 0.25, budget);
+        let (dq, dk, dv) = chunked::attention_backward(q, k, v, o.clone(), lse, mask.inner(), 0.25, c, budget);
         for (name, got, want) in [("output", o, &want[0]), ("dq", dq, &want[1]), ("dk", dk, &want[2]), ("dv", dv, &want[3])] {
             let (got, want): (Vec<f32>, Vec<f32>) = (got.into_data().to_vec().unwrap(), want.clone().into_data().to_vec().unwrap());
             let worst = got.iter().zip(&want).map(|(a, b)| (a - b).abs() / b.abs().max(1.0)).fold(0f32, f32::max);
@@ -193,13 +194,13 @@ fn lora_and_qlora_training_steps_match_the_cpu() {
 /// with adapters off as the reference; TRL's per-pair log-probs (≤ 1e-4), sigmoid loss and metrics.
 #[test]
 fn dpo_scores_match_trl() {
-    use ft::train::dpo::{prepare_pairs, score_pairs, DpoConfig};
+    use ft::loss::dpo::{score_pairs, DpoConfig};
     let want = json(&fixtures().join("dpo/expected.json"));
     let mut m = load::<Gpu>("llama");
     PeftAdapter::open(&fixtures().join("adapters/lora-r4")).unwrap().attach(&mut m).unwrap();
     let tok = TextTokenizer::from_dir(&fixtures().join("models/llama")).unwrap();
     let template = tok.template(TemplateChoice::Chatml).unwrap();
-    let (pairs, dropped, _) = prepare_pairs(&tok, &template, &fixtures().join("dpo/prefs.jsonl"), 4096, None, None).unwrap();
+    let (pairs, dropped, _) = ft::data::prepare::pairs(&tok, &template, &fixtures().join("dpo/prefs.jsonl"), &prepare_options(4096)).unwrap();
     assert_eq!(dropped, 0);
     let scores = score_pairs(&mut m, &pairs, None);
     let expected = want["pairs"].as_array().unwrap();

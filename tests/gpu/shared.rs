@@ -4,13 +4,16 @@
 //! same device cannot be tested side by side in one.
 
 use ft::adapters::peft::PeftAdapter;
-use ft::backend::{Kernels, TrainBackend};
+use ft::ops::{Kernels, TrainBackend};
 use ft::data::conversation::read_jsonl;
 use ft::data::encode::encode_conversation;
 use ft::model::Decoder;
-use ft::tokenizer::{TemplateChoice, TextTokenizer};
+use ft::data::tokenizer::{TemplateChoice, TextTokenizer};
 use ft::train::optim::AdamW;
-use ft::train::sft::{sft_loss_with, MicroBatch};
+use ft::data::batch::Batch;
+use ft::loss::nll::sft_loss;
+use ft::train::objective::StepSettings;
+use ft::train::recompute::Recompute;
 use ft::train::step::{train_step, trainable_params};
 
 use crate::common;
@@ -40,8 +43,8 @@ pub fn lora_steps<B: TrainBackend>(model: &str, recompute: bool) -> (Vec<f64>, V
     let template = tok.template(TemplateChoice::Chatml).unwrap();
     let enc: Vec<_> = read_jsonl(&fixtures().join("chat.jsonl")).unwrap().iter().map(|c| encode_conversation(&tok, &template, &c.messages).unwrap()).collect();
     let half = enc.len() / 2;
-    let batches = [MicroBatch::new(&enc[..half].iter().collect::<Vec<_>>()), MicroBatch::new(&enc[half..].iter().collect::<Vec<_>>())];
-    let norm: usize = batches.iter().map(|b| b.trainable()).sum();
+    let batches = [Batch::padded(&enc[..half].iter().collect::<Vec<_>>()), Batch::padded(&enc[half..].iter().collect::<Vec<_>>())];
+    let norm: usize = batches.iter().map(|b| b.scored()).sum();
     let mut opt = AdamW::new(&trainable_params(&mut m), 0.01);
     let (mut losses, mut norms) = (Vec::new(), Vec::new());
     for _ in 0..3 {
@@ -49,10 +52,9 @@ pub fn lora_steps<B: TrainBackend>(model: &str, recompute: bool) -> (Vec<f64>, V
             &mut m,
             &mut opt,
             batches.len(),
-            |m, fwd, k| sft_loss_with(m, &batches[k], norm as f64, &mut |ids, seg| fwd.hidden(m, ids, seg)).0,
-            1e-3,
-            1.0,
-            recompute,
+            |m, fwd, k| sft_loss(m, &batches[k], norm as f64, &mut |ids, seg| fwd.hidden(m, ids, seg)).0,
+            StepSettings { lr: 1e-3, max_grad_norm: 1.0 },
+            if recompute { Recompute::PerBlock } else { Recompute::Off },
         );
         losses.push(loss);
         norms.push(norm);

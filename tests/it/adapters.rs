@@ -9,7 +9,7 @@ use ft::adapters::peft::PeftAdapter;
 use ft::backend::Cpu;
 use ft::data::conversation::read_jsonl;
 use ft::model::Decoder;
-use ft::tokenizer::{TemplateChoice, TextTokenizer};
+use ft::data::tokenizer::{TemplateChoice, TextTokenizer};
 
 use super::common::*;
 
@@ -87,14 +87,14 @@ fn merge_reproduces_peft_merge_and_unload() {
         for (tname, t) in want.tensors() {
             let g = got.tensor(&tname).unwrap_or_else(|_| panic!("{name}: {tname} missing"));
             assert_eq!(g.shape(), t.shape(), "{tname}");
-            let (a, b) = (ft::model::weights::to_f32(g.data(), g.dtype()).unwrap(), ft::model::weights::to_f32(t.data(), t.dtype()).unwrap());
+            let (a, b) = (ft::formats::safetensors::to_f32(g.data(), g.dtype()).unwrap(), ft::formats::safetensors::to_f32(t.data(), t.dtype()).unwrap());
             let d = max_abs_diff(&a, &b);
             assert!(d <= 1e-6, "{name} {tname}: max abs diff {d}");
         }
         for f in ["config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json"] {
             assert!(out.join(f).exists(), "{f} not copied");
         }
-        let merged = ft::model::load::<Cpu>(&out, &Default::default()).unwrap();
+        let merged = ft::model::load::<Cpu>(&out, &Default::default(), Default::default()).unwrap();
         assert_logits(&merged, &fixtures().join("merged").join(name).join("expected_logits.safetensors"), name);
         std::fs::remove_dir_all(&out).ok();
     }

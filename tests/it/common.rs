@@ -1,6 +1,7 @@
 use std::path::{Path, PathBuf};
 
-use ft::backend::{Cpu, Kernels};
+use ft::backend::Cpu;
+use ft::ops::Kernels;
 use ft::model::Decoder;
 
 /// The repository's fixtures: `CARGO_MANIFEST_DIR` when set at run time (cargo sets it; so does
@@ -30,7 +31,7 @@ pub fn load(name: &str) -> Decoder<Cpu> {
 
 /// An oracle model on backend `B`.
 pub fn load_on<B: Kernels>(name: &str) -> Decoder<B> {
-    ft::model::load::<B>(&model_dir(name), &Default::default()).unwrap_or_else(|e| panic!("{name}: {e:#}"))
+    ft::model::load::<B>(&model_dir(name), &Default::default(), Default::default()).unwrap_or_else(|e| panic!("{name}: {e:#}"))
 }
 
 pub fn json(path: &Path) -> serde_json::Value {
@@ -46,7 +47,7 @@ pub fn read_f32(path: &Path, name: &str) -> (Vec<f32>, Vec<usize>) {
     let bytes = std::fs::read(path).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     let t = st.tensor(name).unwrap();
-    (ft::model::weights::to_f32(t.data(), t.dtype()).unwrap(), t.shape().to_vec())
+    (ft::formats::safetensors::to_f32(t.data(), t.dtype()).unwrap(), t.shape().to_vec())
 }
 
 pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
@@ -73,4 +74,25 @@ pub fn logits<B: Kernels>(model: &Decoder<B>, ids: &[u32]) -> Vec<f32> {
         &Default::default(),
     );
     model.forward(input, None).into_data().convert::<f32>().to_vec().unwrap()
+}
+
+/// Per-token log-probabilities of whole sequences scored in one right-padded batch through the
+/// library's scoring path (`loss::nll`): `out[i][j-1] = log p(seqs[i][j] | seqs[i][..j])`.
+pub fn all_token_logprobs<B: Kernels>(model: &Decoder<B>, seqs: &[&[u32]]) -> Vec<Vec<f32>> {
+    let encs: Vec<ft::data::encode::Encoded> =
+        seqs.iter().map(|s| ft::data::encode::Encoded { text: String::new(), ids: s.to_vec(), mask: vec![1; s.len()] }).collect();
+    let batch = ft::data::batch::Batch::padded(&encs.iter().collect::<Vec<_>>());
+    let lp: Vec<f32> = ft::loss::nll::token_logprobs(model, &batch, &mut ft::loss::nll::plain_hidden(model))
+        .map(|t| t.into_data().convert::<f32>().to_vec().unwrap())
+        .unwrap_or_default();
+    let mut out = vec![Vec::new(); seqs.len()];
+    for (&i, v) in batch.owner.iter().zip(lp) {
+        out[i].push(v);
+    }
+    out
+}
+
+/// How tests prepare preference pairs: drop pairs over `max_len`, no cache.
+pub fn prepare_options(max_len: usize) -> ft::data::prepare::PrepareOptions {
+    ft::data::prepare::PrepareOptions { max_len, overlong: ft::data::prepare::Overlong::Drop, drop_untrainable: false, max_prompt_len: None, cache: None }
 }

@@ -160,7 +160,7 @@ fn gradient_checkpointing_gives_the_same_dpo_run() {
     let tensors = |d: &Path| {
         let bytes = std::fs::read(d.join("run/adapter/adapter_model.safetensors")).unwrap();
         let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-        let mut v: Vec<(String, Vec<f32>)> = st.tensors().into_iter().map(|(n, t)| (n, ft::model::weights::to_f32(t.data(), t.dtype()).unwrap())).collect();
+        let mut v: Vec<(String, Vec<f32>)> = st.tensors().into_iter().map(|(n, t)| (n, ft::formats::safetensors::to_f32(t.data(), t.dtype()).unwrap())).collect();
         v.sort_by(|x, y| x.0.cmp(&y.0));
         v
     };

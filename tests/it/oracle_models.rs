@@ -4,7 +4,7 @@
 use ft::data::conversation::read_jsonl;
 use ft::data::encode::encode_conversation;
 use ft::generate::{generate, GenerateOptions};
-use ft::tokenizer::{TemplateChoice, TextTokenizer};
+use ft::data::tokenizer::{TemplateChoice, TextTokenizer};
 
 use super::common::*;
 
@@ -86,9 +86,9 @@ fn batched_logprobs_equal_unbatched() {
     let refs: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
     for name in ["llama", "qwen2"] {
         let model = load(name);
-        let batched = ft::eval::batch_logprobs(&model, &refs);
+        let batched = all_token_logprobs(&model, &refs);
         for (s, b) in seqs.iter().zip(&batched) {
-            let single = ft::eval::token_logprobs(&model, s);
+            let single = all_token_logprobs(&model, &[s]).pop().unwrap();
             assert_eq!(single.len(), s.len() - 1);
             assert!(max_abs_diff(&single, b) <= 1e-5, "{name}");
         }

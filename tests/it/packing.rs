@@ -5,8 +5,9 @@
 use ft::data::conversation::read_jsonl;
 use ft::data::encode::{encode_conversation, Encoded};
 use ft::data::packing::pack;
-use ft::tokenizer::{TemplateChoice, TextTokenizer};
-use ft::train::sft::{sft_loss, MicroBatch};
+use ft::data::tokenizer::{TemplateChoice, TextTokenizer};
+use ft::data::batch::Batch;
+use ft::loss::nll::{plain_hidden, sft_loss};
 
 use super::common::*;
 
@@ -30,15 +31,15 @@ fn packed_loss_equals_unpacked_loss_on_every_oracle_model() {
         let model = load(name);
         let data = samples(name);
         let longest = data.iter().map(|s| s.ids.len()).max().unwrap();
-        let unpacked = MicroBatch::new(&data.iter().collect::<Vec<_>>());
-        let (want, _) = sft_loss(&model, &unpacked, 1.0);
+        let unpacked = Batch::padded(&data.iter().collect::<Vec<_>>());
+        let (want, _) = sft_loss(&model, &unpacked, 1.0, &mut plain_hidden(&model));
         let want: f32 = want.into_scalar();
         let packed = pack(&data, longest + 40);
         assert!(packed.len() < data.len() && packed.iter().any(|p| p.segments.len() > 2), "{name}: packing must share sequences");
-        let mb = MicroBatch::packed(&packed.iter().collect::<Vec<_>>());
-        assert_eq!(mb.trainable(), unpacked.trainable(), "{name}: trainable tokens");
+        let mb = Batch::packed(&packed.iter().collect::<Vec<_>>());
+        assert_eq!(mb.scored(), unpacked.scored(), "{name}: trainable tokens");
         assert_eq!(mb.real_tokens, unpacked.real_tokens, "{name}: input tokens");
-        let (got, _) = sft_loss(&model, &mb, 1.0);
+        let (got, _) = sft_loss(&model, &mb, 1.0, &mut plain_hidden(&model));
         let got: f32 = got.into_scalar();
         let rel = ((got - want) / want).abs();
         assert!(rel <= 1e-5, "{name}: packed NLL {got} vs unpacked {want} (rel {rel:.2e})");

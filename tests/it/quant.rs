@@ -78,9 +78,9 @@ fn nf4_matches_bitsandbytes_bit_for_bit() {
 
 /// `dir` with every 4-bit weight replaced by f32 values from `dequant(nf4, rows, cols)`.
 fn dense_copy(dir: &std::path::Path, out: &std::path::Path, dequant: impl Fn(&Nf4, usize, usize) -> Vec<f32>) {
-    use ft::quant::bnb;
+    use ft::formats::bnb;
     std::fs::create_dir_all(out).unwrap();
-    let ck = ft::model::Checkpoint::open(dir).unwrap();
+    let ck = ft::formats::safetensors::TensorFiles::open(dir).unwrap();
     let mut tensors: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
     for name in ck.names().map(String::from).collect::<Vec<_>>() {
         if bnb::is_quantized(&ck, &name) {
@@ -116,7 +116,7 @@ fn bitsandbytes_checkpoint_loads_and_matches_transformers() {
     // expected logits; the tiny model's down_proj is 96 wide), the logits are transformers'.
     let d = scratch("bnb4-as-bitsandbytes");
     dense_copy(&dir, &d, |q, rows, cols| bnb_avx512_dequant(&q.packed, &q.absmax_f32(), rows, cols));
-    let as_bnb = ft::model::load::<ft::backend::Cpu>(&d, &Default::default()).unwrap();
+    let as_bnb = ft::model::load::<ft::backend::Cpu>(&d, &Default::default(), Default::default()).unwrap();
     for (i, case) in cases.as_array().unwrap().iter().enumerate() {
         let ids = ids(&case["input_ids"]);
         let (want, _) = read_f32(&expected, &format!("logits_{i}"));
@@ -128,7 +128,7 @@ fn bitsandbytes_checkpoint_loads_and_matches_transformers() {
     let model = load("llama-bnb4");
     let d = scratch("bnb4-flat");
     dense_copy(&dir, &d, |q, _, _| q.dequantize());
-    let flat = ft::model::load::<ft::backend::Cpu>(&d, &Default::default()).unwrap();
+    let flat = ft::model::load::<ft::backend::Cpu>(&d, &Default::default(), Default::default()).unwrap();
     let ids = ids(&cases[0]["input_ids"]);
     assert_eq!(logits(&model, &ids), logits(&flat, &ids));
 }
@@ -159,7 +159,7 @@ fn ft_quantize_writes_the_bitsandbytes_checkpoint_byte_for_byte() {
     let want_cfg = json(&model_dir("llama-bnb4").join("config.json"));
     assert_eq!(cfg["quantization_config"], want_cfg["quantization_config"]);
     // The result loads (dequantized) like the transformers-written one.
-    let a = ft::model::load::<ft::backend::Cpu>(&out, &Default::default()).unwrap();
+    let a = ft::model::load::<ft::backend::Cpu>(&out, &Default::default(), Default::default()).unwrap();
     let b = load("llama-bnb4");
     let ids = [1u32, 5, 9, 200, 31];
     assert_eq!(logits(&a, &ids), logits(&b, &ids));
@@ -233,7 +233,7 @@ fn qlora_merges_into_what_training_saw() {
     let m1 = merge(&model_dir("llama-bnb4"), &adapter(&bnb_run), "m1", &["--dtype", "f32"]);
     let cfg = json(&m1.join("config.json"));
     assert!(cfg.get("quantization_config").is_none());
-    let merged = ft::model::load::<ft::backend::Cpu>(&m1, &Default::default()).unwrap();
+    let merged = ft::model::load::<ft::backend::Cpu>(&m1, &Default::default(), Default::default()).unwrap();
     let mut with_adapter = load("llama-bnb4");
     ft::adapters::peft::PeftAdapter::open(&adapter(&bnb_run)).unwrap().attach(&mut with_adapter).unwrap();
     let ids = [1u32, 87, 491, 201, 57, 9, 300];
@@ -272,9 +272,9 @@ fn ft_quantize_handles_sharded_checkpoints() {
     assert!(map.contains_key("model.layers.0.self_attn.q_proj.bias"), "biases stay as they are");
     // It loads 4-bit, and scores the chat data about as the f32 model does.
     let dense = load("qwen2");
-    let q = ft::model::load::<ft::backend::Cpu>(&out, &Default::default()).unwrap();
-    let tok = ft::tokenizer::TextTokenizer::from_dir(&out).unwrap();
-    let template = tok.template(ft::tokenizer::TemplateChoice::Chatml).unwrap();
+    let q = ft::model::load::<ft::backend::Cpu>(&out, &Default::default(), Default::default()).unwrap();
+    let tok = ft::data::tokenizer::TextTokenizer::from_dir(&out).unwrap();
+    let template = tok.template(ft::data::tokenizer::TemplateChoice::Chatml).unwrap();
     let data = ft::data::conversation::read_jsonl(&fixtures().join("chat.jsonl")).unwrap();
     let a = ft::eval::evaluate(&dense, &tok, &template, &data, None).unwrap().loss;
     let b = ft::eval::evaluate(&q, &tok, &template, &data, None).unwrap().loss;

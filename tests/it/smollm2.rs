@@ -10,7 +10,7 @@ use ft::data::conversation::{Message, Role};
 use ft::data::encode::encode_conversation;
 use ft::generate::{generate, GenerateOptions};
 use ft::model::Decoder;
-use ft::tokenizer::{TemplateChoice, TextTokenizer};
+use ft::data::tokenizer::{TemplateChoice, TextTokenizer};
 use sha2::Digest;
 
 use super::common::*;
@@ -45,10 +45,10 @@ fn smol() -> Option<&'static Smol> {
         assert_eq!(digest, exp["gguf_sha256"].as_str().unwrap(), "{} is not the expected file", gguf.display());
         let dir = std::env::temp_dir().join(format!("ft-test-smollm2-{}", std::process::id()));
         std::fs::remove_dir_all(&dir).ok();
-        ft::gguf::import::import(&gguf, &dir, ft::gguf::import::SaveDtype::F32).unwrap();
-        let model = ft::model::load::<Cpu>(&dir, &Default::default()).unwrap();
+        ft::convert::import_gguf::import(&gguf, &dir, ft::formats::safetensors::OutDtype::F32).unwrap();
+        let model = ft::model::load::<Cpu>(&dir, &Default::default(), Default::default()).unwrap();
         let tok = TextTokenizer::from_dir(&dir).unwrap();
-        let stop_ids = ft::cli::stop_ids(&dir, &model.config.eos_token_ids, &tok);
+        let stop_ids = ft::generate::stop_ids(&dir, &model.config.eos_token_ids, &tok);
         // Everything is in memory now; don't leave half a gigabyte in the temp dir.
         std::fs::remove_dir_all(&dir).ok();
         Some(Smol { model, tok, stop_ids })
@@ -112,7 +112,7 @@ fn smollm2_chat_loss_and_masks() {
         assert_eq!(enc.ids, ids(&case["input_ids"]));
         let mask: Vec<u8> = ids(&case["assistant_mask"]).into_iter().map(|x| x as u8).collect();
         assert_eq!(enc.mask, mask);
-        let (nll, n) = ft::eval::sample_nll(&s.model, &enc);
+        let (nll, n) = ft::loss::nll::per_sample(&s.model, &[&enc])[0];
         assert_eq!(n as u64, case["tokens"].as_u64().unwrap());
         let want = case["nll_sum"].as_f64().unwrap();
         assert!((nll - want).abs() <= 1e-3 * want.abs().max(1.0), "nll {nll} vs {want}");
@@ -137,7 +137,7 @@ fn smollm2_preference_pairs_score_exactly_the_replies() {
     let heldout = std::fs::read_to_string(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("datasets/direct-answers/heldout.jsonl")).unwrap();
     std::fs::write(&f, heldout.lines().take(4).collect::<Vec<_>>().join("\n")).unwrap();
     let template = s.tok.template(TemplateChoice::Model).unwrap();
-    let (pairs, dropped, _) = ft::train::dpo::prepare_pairs(&s.tok, &template, &f, 256, None, None).unwrap();
+    let (pairs, dropped, _) = ft::data::prepare::pairs(&s.tok, &template, &f, &prepare_options(256)).unwrap();
     assert_eq!((pairs.len(), dropped), (4, 0));
     for (line, p) in heldout.lines().zip(&pairs) {
         let v: serde_json::Value = serde_json::from_str(line).unwrap();
@@ -152,8 +152,8 @@ fn smollm2_preference_pairs_score_exactly_the_replies() {
     }
     // Without an adapter the policy is the reference: ln 2, zero rewards.
     let mut model = s.model.clone();
-    let logps = ft::train::dpo::score_pairs(&mut model, &pairs, None);
-    let m = ft::train::dpo::DpoConfig::default().metrics(&logps, "");
+    let logps = ft::loss::dpo::score_pairs(&mut model, &pairs, None);
+    let m = ft::loss::dpo::DpoConfig::default().metrics(&logps, "");
     assert!((m["loss"].as_f64().unwrap() - std::f64::consts::LN_2).abs() < 1e-12);
     assert_eq!(m["rewards/margins"].as_f64(), Some(0.0));
     assert!(m["logps/chosen"].as_f64().unwrap() > m["logps/rejected"].as_f64().unwrap());

@@ -55,7 +55,7 @@ fn adapter_tensors(dir: &Path) -> Vec<(String, Vec<f32>)> {
     let bytes = std::fs::read(dir.join("run/adapter/adapter_model.safetensors")).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     let mut v: Vec<(String, Vec<f32>)> =
-        st.tensors().into_iter().map(|(n, t)| (n, ft::model::weights::to_f32(t.data(), t.dtype()).unwrap())).collect();
+        st.tensors().into_iter().map(|(n, t)| (n, ft::formats::safetensors::to_f32(t.data(), t.dtype()).unwrap())).collect();
     v.sort_by(|a, b| a.0.cmp(&b.0));
     v
 }
@@ -385,7 +385,7 @@ fn random_init_trains_a_model_of_the_configured_shape() {
     // Weights of std 0.02 give near-uniform predictions over the 1024-token vocabulary.
     let first = m[0]["loss"].as_f64().unwrap();
     assert!((first - 1024f64.ln()).abs() < 0.15, "{first}");
-    let a = ft::model::random::<ft::backend::Cpu>(&model_dir("llama"), &Default::default(), false, 4).unwrap();
-    let b = ft::model::random::<ft::backend::Cpu>(&model_dir("llama"), &Default::default(), false, 4).unwrap();
+    let a = ft::model::random::<ft::backend::Cpu>(&model_dir("llama"), &Default::default(), Default::default(), 4).unwrap();
+    let b = ft::model::random::<ft::backend::Cpu>(&model_dir("llama"), &Default::default(), Default::default(), 4).unwrap();
     assert_eq!(logits(&a, &[1, 2, 3]), logits(&b, &[1, 2, 3]));
 }
