@@ -21,44 +21,19 @@ fn f32s(b: &[u8]) -> Vec<u32> {
     b.chunks(4).map(|c| u32::from_le_bytes(c.try_into().unwrap())).collect()
 }
 
-/// bitsandbytes 0.50's AVX-512 CPU dequantization (which produced the oracle's `dequant_*` and
-/// the 4-bit model's expected logits) takes the absmax of element `(r, c)` of an `[m, n]` weight
-/// from `absmax[r · ⌊n / 64⌋ + ⌊c / 64⌋]`. That is the flat block `⌊(r·n + c) / 64⌋` when `n` is
-/// a multiple of 64 (every real model) and a different block otherwise (the oracle's 96×160 and
-/// 7×352 inputs, the tiny model's 96-wide down_proj): a bitsandbytes bug. ft computes the flat
-/// block everywhere (as bitsandbytes' CUDA kernel and reference code do); the tests reproduce the
-/// bug here to show it accounts for every differing value.
-fn bnb_avx512_dequant(packed: &[u8], absmax: &[f32], rows: usize, cols: usize) -> Vec<f32> {
-    (0..rows * cols)
-        .map(|i| {
-            let q = if i % 2 == 0 { packed[i / 2] >> 4 } else { packed[i / 2] & 0xF };
-            NF4_CODE[q as usize] * absmax[(i / cols) * (cols / BLOCKSIZE) + (i % cols) / BLOCKSIZE]
-        })
-        .collect()
-}
-
 #[test]
 fn nf4_matches_bitsandbytes_bit_for_bit() {
     let f = fixtures().join("nf4/bnb_nf4.safetensors");
     assert_eq!(bits(&NF4_CODE), f32s(&raw(&f, "nf4_code")));
     for i in 0..3 {
-        let (x, shape) = read_f32(&f, &format!("input_{i}"));
-        let (rows, cols) = (shape[0], shape[1]);
+        let (x, _) = read_f32(&f, &format!("input_{i}"));
         let plain = Nf4::quantize(&x, BLOCKSIZE, false);
         assert_eq!(plain.packed, raw(&f, &format!("packed_{i}")), "packed_{i}");
         let Absmax::Plain(a) = &plain.absmax else { panic!() };
         assert_eq!(bits(a), f32s(&raw(&f, &format!("absmax_{i}"))), "absmax_{i}");
-        let want = f32s(&raw(&f, &format!("dequant_{i}")));
-        if cols % BLOCKSIZE == 0 {
-            assert_eq!(bits(&plain.dequantize()), want, "dequant_{i}");
-        } else {
-            assert_eq!(bits(&bnb_avx512_dequant(&plain.packed, a, rows, cols)), want, "dequant_{i} (bitsandbytes' row indexing)");
-            // ft's flat blocks reconstruct every value within half the widest NF4 code gap of
-            // its block's absmax; bitsandbytes' row-indexed values do not.
-            let err = |v: &[f32]| x.iter().zip(v).enumerate().map(|(j, (x, v))| (x - v).abs() / a[j / BLOCKSIZE]).fold(0f32, f32::max);
-            assert!(err(&plain.dequantize()) <= 0.16, "input_{i}: {}", err(&plain.dequantize()));
-            assert!(err(&bnb_avx512_dequant(&plain.packed, a, rows, cols)) > 0.16);
-        }
+        // bitsandbytes' CUDA semantics (flat absmax indexing) for every shape, including the
+        // 96×160 and 7×352 inputs whose rows are not a multiple of 64 wide (oracle README, "NF4 fix").
+        assert_eq!(bits(&plain.dequantize()), f32s(&raw(&f, &format!("dequant_{i}"))), "dequant_{i}");
 
         let dq = Nf4::quantize(&x, BLOCKSIZE, true);
         assert_eq!(dq.packed, raw(&f, &format!("dq_packed_{i}")), "dq_packed_{i}");
@@ -67,12 +42,7 @@ fn nf4_matches_bitsandbytes_bit_for_bit() {
         assert_eq!(d.codes, raw(&f, &format!("dq_absmax_u8_{i}")), "dq_absmax_u8_{i}");
         assert_eq!(bits(&d.nested_absmax), f32s(&raw(&f, &format!("dq_nested_absmax_{i}"))), "dq_nested_absmax_{i}");
         assert_eq!(bits(&dynamic_map()), f32s(&raw(&f, &format!("dq_nested_code_{i}"))), "dq_nested_code_{i}");
-        let want = f32s(&raw(&f, &format!("dq_dequant_{i}")));
-        if cols % BLOCKSIZE == 0 {
-            assert_eq!(bits(&dq.dequantize()), want, "dq_dequant_{i}");
-        } else {
-            assert_eq!(bits(&bnb_avx512_dequant(&dq.packed, &dq.absmax_f32(), rows, cols)), want, "dq_dequant_{i}");
-        }
+        assert_eq!(bits(&dq.dequantize()), f32s(&raw(&f, &format!("dq_dequant_{i}"))), "dq_dequant_{i}");
     }
 }
 
@@ -112,20 +82,16 @@ fn bitsandbytes_checkpoint_loads_and_matches_transformers() {
     let dir = model_dir("llama-bnb4");
     let cases = json(&fixtures().join("chat_tokens.json"));
     let expected = dir.join("expected_logits.safetensors");
-    // Every tensor is read right: with bitsandbytes' AVX-512 row indexing (which produced the
-    // expected logits; the tiny model's down_proj is 96 wide), the logits are transformers'.
-    let d = scratch("bnb4-as-bitsandbytes");
-    dense_copy(&dir, &d, |q, rows, cols| bnb_avx512_dequant(&q.packed, &q.absmax_f32(), rows, cols));
-    let as_bnb = ft::model::load::<ft::backend::Cpu>(&d, &Default::default(), Default::default()).unwrap();
+    // ft's loader gives transformers' logits (bitsandbytes' CUDA semantics: flat absmax blocks,
+    // also for the tiny model's 96-wide down_proj).
+    let model = load("llama-bnb4");
     for (i, case) in cases.as_array().unwrap().iter().enumerate() {
         let ids = ids(&case["input_ids"]);
         let (want, _) = read_f32(&expected, &format!("logits_{i}"));
-        let diff = max_abs_diff(&logits(&as_bnb, &ids), &want);
+        let diff = max_abs_diff(&logits(&model, &ids), &want);
         assert!(diff <= 1e-4, "case {i}: max abs diff {diff}");
     }
-    // ft's own loader dequantizes flat blocks: equal to a dense copy made that way, and within
-    // the NF4 error of the bitsandbytes numbers.
-    let model = load("llama-bnb4");
+    // And exactly the logits of a dense copy of its dequantized weights.
     let d = scratch("bnb4-flat");
     dense_copy(&dir, &d, |q, _, _| q.dequantize());
     let flat = ft::model::load::<ft::backend::Cpu>(&d, &Default::default(), Default::default()).unwrap();

@@ -95,6 +95,8 @@ fn sft_lowers_the_loss_and_writes_a_peft_adapter() {
     assert_eq!(c, 0, "{err}");
     let v: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert!((v["loss"].as_f64().unwrap() - eval_loss).abs() < 1e-5, "{} vs {eval_loss}", v["loss"]);
+    // Training's eval and `ft eval` are one code path (`loss::nll::evaluate`): the same number.
+    assert_eq!(v["loss"].as_f64().unwrap(), eval_loss, "training's eval loss vs ft eval's");
     assert!(eval_loss < 6.8, "eval loss did not fall: {eval_loss}");
 }
 
