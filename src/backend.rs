@@ -80,17 +80,24 @@ pub fn gpu_memory() -> Option<(u64, u64)> {
     None
 }
 
-/// Calls `$f::<Backend>($arg, device)` for the chosen device and dtype, or returns an error
-/// naming what this build lacks.
+/// A device and dtype this build or backend cannot run.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error("--dtype bf16 is supported on --device cuda; the CPU backend computes in f32")]
+    CpuBf16,
+    #[error("this ft was built without CUDA; rebuild with `cargo build --release --features cuda`")]
+    NoCuda,
+}
+
+/// Calls `$f::<Backend>($arg, device)` for the chosen device and dtype, or returns a
+/// [`BackendError`] naming what this build lacks.
 #[macro_export]
 macro_rules! dispatch_backend {
     ($device:expr, $dtype:expr, $f:ident, $arg:expr) => {{
         use $crate::backend::{ComputeDtype, DeviceChoice};
         match ($device, $dtype) {
             (DeviceChoice::Cpu, ComputeDtype::F32) => $f::<$crate::backend::Cpu>($arg, Default::default()),
-            (DeviceChoice::Cpu, ComputeDtype::Bf16) => {
-                anyhow::bail!("--dtype bf16 is supported on --device cuda; the CPU backend computes in f32")
-            }
+            (DeviceChoice::Cpu, ComputeDtype::Bf16) => Err($crate::backend::BackendError::CpuBf16.into()),
             #[cfg(feature = "cuda")]
             (DeviceChoice::Cuda, ComputeDtype::F32) => {
                 $crate::backend::init_cuda_runtime();
@@ -102,9 +109,7 @@ macro_rules! dispatch_backend {
                 $f::<$crate::backend::CudaBf16>($arg, Default::default())
             }
             #[cfg(not(feature = "cuda"))]
-            (DeviceChoice::Cuda, _) => {
-                anyhow::bail!("this ft was built without CUDA; rebuild with `cargo build --release --features cuda`")
-            }
+            (DeviceChoice::Cuda, _) => Err($crate::backend::BackendError::NoCuda.into()),
         }
     }};
 }

@@ -45,7 +45,7 @@ pub fn evaluate<B: Kernels>(
     let (mut truncated, mut input_tokens) = (0, 0);
     for conv in data {
         let at = || conv.at.clone();
-        let mut enc = encode_conversation(tok, template, &conv.messages).map_err(|msg| DataError::At { at: at(), msg })?;
+        let mut enc = encode_conversation(tok, template, &conv.messages).map_err(|e| e.at(at()))?;
         if let Some(m) = max_len.filter(|&m| enc.ids.len() > m) {
             enc.ids.truncate(m);
             enc.mask.truncate(m);

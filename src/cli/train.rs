@@ -135,7 +135,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
             crate::train::run::run::<Autodiff<crate::backend::CudaBf16>>(&recipe, Default::default(), &progress, r)?
         }
         #[cfg(not(feature = "cuda"))]
-        DeviceChoice::Cuda => anyhow::bail!("this ft was built without CUDA; rebuild with `cargo build --release --features cuda`"),
+        DeviceChoice::Cuda => return Err(crate::backend::BackendError::NoCuda.into()),
     };
     if a.json {
         println!("{}", serde_json::to_string(&summary)?);

@@ -201,7 +201,7 @@ pub fn import(gguf: &Path, out: &Path, dtype: OutDtype) -> Result<ImportReport> 
         *types.entry(dequant::type_name(t.ggml_type)).or_insert(0) += 1;
         let shape = t.shape();
         let bytes = g.tensor_bytes(t)?;
-        let mut v = dequant::dequantize(t.ggml_type, bytes, t.numel()).map_err(tensor_error)?;
+        let mut v = dequant::dequantize(t.ggml_type, bytes, t.numel()).map_err(|e| tensor_error(e.to_string()))?;
         if arch != "qwen2" && (t.name.ends_with("attn_q.weight") || t.name.ends_with("attn_k.weight")) {
             let heads = if t.name.ends_with("attn_q.weight") { n_head } else { n_kv };
             let (rows, cols) = (shape[0], shape.get(1).copied().unwrap_or(1));

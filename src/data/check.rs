@@ -62,7 +62,7 @@ fn check_line(bytes: &[u8], tok: &TextTokenizer, template: &ChatTemplate) -> Out
     if pair {
         let (prompt, chosen, rejected) = match parse_pair(text) {
             Ok(p) => p,
-            Err(e) => return Outcome::Error(e),
+            Err(e) => return Outcome::Error(e.to_string()),
         };
         if chosen == rejected {
             warnings.push("chosen and rejected are identical (no preference to learn)".to_string());
@@ -77,17 +77,17 @@ fn check_line(bytes: &[u8], tok: &TextTokenizer, template: &ChatTemplate) -> Out
                 pair: true,
                 warnings,
             },
-            Err(e) => Outcome::Error(e),
+            Err(e) => Outcome::Error(e.to_string()),
         };
     }
     let messages = match parse_line(text) {
         Ok(m) => m,
-        Err(e) => return Outcome::Error(e),
+        Err(e) => return Outcome::Error(e.to_string()),
     };
     match encode_conversation(tok, template, &messages) {
         Ok(enc) if enc.trainable() == 0 => Outcome::Error("no trainable tokens (every assistant turn has train: false?)".into()),
         Ok(enc) => Outcome::Sample { tokens: enc.ids.len(), trainable: enc.trainable(), longest: enc.ids.len(), pair: false, warnings },
-        Err(e) => Outcome::Error(e),
+        Err(e) => Outcome::Error(e.to_string()),
     }
 }
 
@@ -193,7 +193,7 @@ pub fn show(file: &Path, tok: &TextTokenizer, tpl: &ChatTemplate, index: usize) 
     let Some((at, text)) = found else {
         return Err(ShowError::NoRecord { file: file.into(), index, count: n });
     };
-    let located = |msg: String| DataError::At { at: at.clone(), msg };
+    let located = |e: super::conversation::RecordError| e.at(at.clone());
     let show = |e: &Encoded| -> Result<serde_json::Value, ShowError> {
         let enc = tok.encode(&e.text)?;
         // Trainable spans as byte ranges of the text, merged.
@@ -216,7 +216,7 @@ pub fn show(file: &Path, tok: &TextTokenizer, tpl: &ChatTemplate, index: usize) 
         Ok(serde_json::json!({"text": e.text, "marked": marked, "ids": e.ids, "mask": e.mask, "tokens": tokens,
             "trainable": e.trainable()}))
     };
-    let value: serde_json::Value = serde_json::from_str(&text).map_err(|e| located(format!("invalid JSON: {e}")))?;
+    let value: serde_json::Value = serde_json::from_str(&text).map_err(|e| located(super::conversation::RecordError::Json(e.to_string())))?;
     Ok(if is_preference(&value) {
         let (prompt, chosen, rejected) = parse_pair(&text).map_err(located)?;
         let pair = PreferencePair { prompt, chosen, rejected, at: at.clone() };

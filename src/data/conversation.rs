@@ -82,8 +82,40 @@ pub enum DataError {
     Io { path: PathBuf, source: std::io::Error },
     #[error("{at}: {msg}")]
     At { at: Location, msg: String },
+    #[error("{at}: {error}")]
+    Record { at: Location, error: RecordError },
     #[error("{count} bad line(s); the first: {first}")]
     Invalid { count: usize, first: String },
+}
+
+/// What is wrong with one record (a JSONL line); [`DataError::Record`] adds where it is.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum RecordError {
+    #[error("invalid JSON: {0}")]
+    Json(String),
+    /// The record's structure: a missing key, a wrong type, an empty message, a role order.
+    #[error("{0}")]
+    Schema(String),
+    #[error("chat template: {0}")]
+    Template(String),
+    #[error("tokenizing failed: {0}")]
+    Tokenize(String),
+    #[error("assistant message {0} does not appear verbatim in the rendered text; the chat template changes it")]
+    NotVerbatim(usize),
+    #[error("a completion has no tokens to score")]
+    NoCompletionTokens,
+}
+
+impl RecordError {
+    /// This problem at `at`.
+    pub fn at(self, at: Location) -> DataError {
+        DataError::Record { at, error: self }
+    }
+}
+
+/// A schema problem of a record.
+pub(crate) fn schema(msg: impl Into<String>) -> RecordError {
+    RecordError::Schema(msg.into())
 }
 
 /// A conversation and its source line.
@@ -93,32 +125,31 @@ pub struct Conversation {
     pub at: Location,
 }
 
-pub(crate) fn parse_messages(v: &Value, key: &str) -> Result<Vec<Message>, String> {
+pub(crate) fn parse_messages(v: &Value, key: &str) -> Result<Vec<Message>, RecordError> {
     let arr = v
         .as_array()
-        .ok_or_else(|| format!("\"{key}\" must be a list of messages"))?;
+        .ok_or_else(|| schema(format!("\"{key}\" must be a list of messages")))?;
     let sharegpt = key == "conversations";
     let (role_key, content_key) = if sharegpt { ("from", "value") } else { ("role", "content") };
     let mut out = Vec::with_capacity(arr.len());
     for (i, m) in arr.iter().enumerate() {
-        let o = m.as_object().ok_or_else(|| format!("{key}[{i}] must be an object"))?;
+        let o = m.as_object().ok_or_else(|| schema(format!("{key}[{i}] must be an object")))?;
         let role = o
             .get(role_key)
-            .ok_or_else(|| format!("{key}[{i}] has no \"{role_key}\""))?
+            .ok_or_else(|| schema(format!("{key}[{i}] has no \"{role_key}\"")))?
             .as_str()
-            .ok_or_else(|| format!("{key}[{i}].{role_key} must be a string"))?;
-        let role = Role::parse(role).ok_or_else(|| {
-            format!("{key}[{i}] has unknown role {role:?} (expected system, user, assistant or tool)")
-        })?;
+            .ok_or_else(|| schema(format!("{key}[{i}].{role_key} must be a string")))?;
+        let role = Role::parse(role)
+            .ok_or_else(|| schema(format!("{key}[{i}] has unknown role {role:?} (expected system, user, assistant or tool)")))?;
         let content = o
             .get(content_key)
-            .ok_or_else(|| format!("{key}[{i}] has no \"{content_key}\""))?
+            .ok_or_else(|| schema(format!("{key}[{i}] has no \"{content_key}\"")))?
             .as_str()
-            .ok_or_else(|| format!("{key}[{i}].{content_key} must be a string"))?;
+            .ok_or_else(|| schema(format!("{key}[{i}].{content_key} must be a string")))?;
         let train = match o.get("train") {
             None => true,
             Some(Value::Bool(b)) => *b,
-            Some(_) => return Err(format!("{key}[{i}].train must be true or false")),
+            Some(_) => return Err(schema(format!("{key}[{i}].train must be true or false"))),
         };
         out.push(Message { role, content: content.to_string(), train });
     }
@@ -126,27 +157,27 @@ pub(crate) fn parse_messages(v: &Value, key: &str) -> Result<Vec<Message>, Strin
 }
 
 /// Parses one JSONL line into messages.
-pub fn parse_line(line: &str) -> Result<Vec<Message>, String> {
-    let v: Value = serde_json::from_str(line).map_err(|e| format!("invalid JSON: {e}"))?;
-    let o = v.as_object().ok_or("expected a JSON object with \"messages\"")?;
+pub fn parse_line(line: &str) -> Result<Vec<Message>, RecordError> {
+    let v: Value = serde_json::from_str(line).map_err(|e| RecordError::Json(e.to_string()))?;
+    let o = v.as_object().ok_or_else(|| schema("expected a JSON object with \"messages\""))?;
     let msgs = if let Some(m) = o.get("messages") {
         parse_messages(m, "messages")?
     } else if let Some(m) = o.get("conversations") {
         parse_messages(m, "conversations")?
     } else {
-        return Err("expected a \"messages\" key (ChatML) or \"conversations\" (ShareGPT)".into());
+        return Err(schema("expected a \"messages\" key (ChatML) or \"conversations\" (ShareGPT)"));
     };
     if msgs.is_empty() {
-        return Err("the conversation has no messages".into());
+        return Err(schema("the conversation has no messages"));
     }
     if let Some(i) = msgs.iter().position(|m| m.content.trim().is_empty()) {
-        return Err(format!("message {i} ({}) has empty content", msgs[i].role.as_str()));
+        return Err(schema(format!("message {i} ({}) has empty content", msgs[i].role.as_str())));
     }
     if let Some(i) = msgs.iter().skip(1).position(|m| m.role == Role::System) {
-        return Err(format!("wrong role order: message {} is a system message; a system message may only come first", i + 1));
+        return Err(schema(format!("wrong role order: message {} is a system message; a system message may only come first", i + 1)));
     }
     if !msgs.iter().any(|m| m.role == Role::Assistant) {
-        return Err("the conversation has no assistant turn, so there is nothing to learn or score".into());
+        return Err(schema("the conversation has no assistant turn, so there is nothing to learn or score"));
     }
     Ok(msgs)
 }
@@ -222,7 +253,7 @@ pub fn read_lines(path: &Path, mut f: impl FnMut(Location, &str) -> Result<(), D
 pub fn read_jsonl(path: &Path) -> Result<Vec<Conversation>, DataError> {
     let mut out = Vec::new();
     read_lines(path, |at, text| {
-        let messages = parse_line(text).map_err(|msg| DataError::At { at: at.clone(), msg })?;
+        let messages = parse_line(text).map_err(|e| e.at(at.clone()))?;
         out.push(Conversation { messages, at });
         Ok(())
     })?;
@@ -249,7 +280,7 @@ mod tests {
             ),
         ];
         for (line, want) in cases {
-            let e = parse_line(line).unwrap_err();
+            let e = parse_line(line).unwrap_err().to_string();
             assert!(e.contains(want), "{line}: {e}");
         }
     }

@@ -6,9 +6,9 @@
 //! the conversation up to each assistant turn with a generation prompt: what follows that prefix
 //! is the turn's content.
 
-use crate::data::conversation::{Message, Role};
-use crate::data::template::ChatTemplate;
-use crate::data::tokenizer::TextTokenizer;
+use super::conversation::{Message, RecordError, Role};
+use super::template::ChatTemplate;
+use super::tokenizer::TextTokenizer;
 
 /// A tokenized sample.
 #[derive(Debug, Clone, PartialEq)]
@@ -26,22 +26,20 @@ impl Encoded {
 }
 
 /// Byte spans `[start, end)` of each trainable assistant content in the rendered `full` text.
-fn assistant_spans(template: &ChatTemplate, messages: &[Message], full: &str) -> Result<Vec<(usize, usize)>, String> {
+fn assistant_spans(template: &ChatTemplate, messages: &[Message], full: &str) -> Result<Vec<(usize, usize)>, RecordError> {
     let mut spans = Vec::new();
     let mut cursor = 0;
     for (i, m) in messages.iter().enumerate() {
         if m.role != Role::Assistant {
             continue;
         }
-        let prefix = template.render(&messages[..i], true).map_err(|e| format!("chat template: {e:#}"))?;
+        let prefix = template.render(&messages[..i], true).map_err(|e| RecordError::Template(format!("{e:#}")))?;
         let start = if full.starts_with(&prefix) && full[prefix.len()..].starts_with(&m.content) && prefix.len() >= cursor {
             prefix.len()
         } else {
             // Templates that rewrite earlier turns: find the content after the previous turn.
             cursor
-                + full[cursor..].find(&m.content).ok_or_else(|| {
-                    format!("assistant message {i} does not appear verbatim in the rendered text; the chat template changes it")
-                })?
+                + full[cursor..].find(&m.content).ok_or(RecordError::NotVerbatim(i))?
         };
         let end = start + m.content.len();
         cursor = end;
@@ -53,10 +51,10 @@ fn assistant_spans(template: &ChatTemplate, messages: &[Message], full: &str) ->
 }
 
 /// Renders and tokenizes `messages`, with the assistant mask.
-pub fn encode_conversation(tok: &TextTokenizer, template: &ChatTemplate, messages: &[Message]) -> Result<Encoded, String> {
-    let text = template.render(messages, false).map_err(|e| format!("chat template: {e:#}"))?;
+pub fn encode_conversation(tok: &TextTokenizer, template: &ChatTemplate, messages: &[Message]) -> Result<Encoded, RecordError> {
+    let text = template.render(messages, false).map_err(|e| RecordError::Template(format!("{e:#}")))?;
     let spans = assistant_spans(template, messages, &text)?;
-    let enc = tok.encode(&text).map_err(|e| e.to_string())?;
+    let enc = tok.encode(&text).map_err(|e| RecordError::Tokenize(e.to_string()))?;
     let ids = enc.get_ids().to_vec();
     let offsets = enc.get_offsets();
     let mut mask = vec![0u8; ids.len()];

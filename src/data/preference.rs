@@ -11,10 +11,10 @@ use std::path::Path;
 
 use serde_json::Value;
 
-use super::conversation::{parse_messages, read_lines, DataError, Location, Message, Role};
+use super::conversation::{parse_messages, read_lines, schema, DataError, Location, Message, RecordError, Role};
 use super::encode::{encode_conversation, Encoded};
 use super::template::ChatTemplate;
-use crate::data::tokenizer::TextTokenizer;
+use super::tokenizer::TextTokenizer;
 
 /// One preference pair and its source line.
 #[derive(Debug, Clone)]
@@ -25,15 +25,15 @@ pub struct PreferencePair {
     pub at: Location,
 }
 
-fn side(o: &serde_json::Map<String, Value>, key: &str, role: Role) -> Result<Vec<Message>, String> {
-    let v = o.get(key).ok_or_else(|| format!("a preference record needs \"prompt\", \"chosen\" and \"rejected\"; \"{key}\" is missing"))?;
+fn side(o: &serde_json::Map<String, Value>, key: &str, role: Role) -> Result<Vec<Message>, RecordError> {
+    let v = o.get(key).ok_or_else(|| schema(format!("a preference record needs \"prompt\", \"chosen\" and \"rejected\"; \"{key}\" is missing")))?;
     let msgs = match v {
         Value::String(s) => vec![Message::new(role, s.clone())],
         Value::Array(_) => parse_messages(v, key)?,
-        _ => return Err(format!("\"{key}\" must be a string or a list of messages")),
+        _ => return Err(schema(format!("\"{key}\" must be a string or a list of messages"))),
     };
     if msgs.is_empty() {
-        return Err(format!("\"{key}\" is empty"));
+        return Err(schema(format!("\"{key}\" is empty")));
     }
     Ok(msgs)
 }
@@ -44,18 +44,18 @@ pub fn is_preference(v: &Value) -> bool {
 }
 
 /// Parses one JSONL line into (prompt, chosen, rejected).
-pub fn parse_pair(line: &str) -> Result<(Vec<Message>, Vec<Message>, Vec<Message>), String> {
-    let v: Value = serde_json::from_str(line).map_err(|e| format!("invalid JSON: {e}"))?;
-    let o = v.as_object().ok_or("expected a JSON object with \"prompt\", \"chosen\" and \"rejected\"")?;
+pub fn parse_pair(line: &str) -> Result<(Vec<Message>, Vec<Message>, Vec<Message>), RecordError> {
+    let v: Value = serde_json::from_str(line).map_err(|e| RecordError::Json(e.to_string()))?;
+    let o = v.as_object().ok_or_else(|| schema("expected a JSON object with \"prompt\", \"chosen\" and \"rejected\""))?;
     let prompt = side(o, "prompt", Role::User)?;
     let chosen = side(o, "chosen", Role::Assistant)?;
     let rejected = side(o, "rejected", Role::Assistant)?;
     for (name, s) in [("chosen", &chosen), ("rejected", &rejected)] {
         if !s.iter().any(|m| m.role == Role::Assistant) {
-            return Err(format!("\"{name}\" has no assistant message to score"));
+            return Err(schema(format!("\"{name}\" has no assistant message to score")));
         }
         if s.iter().filter(|m| m.role == Role::Assistant).all(|m| m.content.is_empty()) {
-            return Err(format!("\"{name}\" is an empty completion"));
+            return Err(schema(format!("\"{name}\" is an empty completion")));
         }
     }
     Ok((prompt, chosen, rejected))
@@ -66,7 +66,7 @@ pub fn parse_pair(line: &str) -> Result<(Vec<Message>, Vec<Message>, Vec<Message
 pub fn read_preferences(path: &Path) -> Result<Vec<PreferencePair>, DataError> {
     let mut out = Vec::new();
     read_lines(path, |at, text| {
-        let (prompt, chosen, rejected) = parse_pair(text).map_err(|msg| DataError::At { at: at.clone(), msg })?;
+        let (prompt, chosen, rejected) = parse_pair(text).map_err(|e| e.at(at.clone()))?;
         out.push(PreferencePair { prompt, chosen, rejected, at });
         Ok(())
     })?;
@@ -82,7 +82,7 @@ pub struct EncodedPair {
     pub prompt_len: usize,
 }
 
-fn encode_side(tok: &TextTokenizer, template: &ChatTemplate, prompt: &[Message], completion: &[Message]) -> Result<Encoded, String> {
+fn encode_side(tok: &TextTokenizer, template: &ChatTemplate, prompt: &[Message], completion: &[Message]) -> Result<Encoded, RecordError> {
     let mut msgs: Vec<Message> = prompt.iter().map(|m| Message { train: false, ..m.clone() }).collect();
     msgs.extend(completion.iter().map(|m| Message { train: m.role == Role::Assistant, ..m.clone() }));
     encode_conversation(tok, template, &msgs)
@@ -95,12 +95,12 @@ pub fn encode_pair(
     template: &ChatTemplate,
     pair: &PreferencePair,
     max_prompt_len: Option<usize>,
-) -> Result<EncodedPair, String> {
+) -> Result<EncodedPair, RecordError> {
     let mut chosen = encode_side(tok, template, &pair.prompt, &pair.chosen)?;
     let mut rejected = encode_side(tok, template, &pair.prompt, &pair.rejected)?;
     let first = |e: &Encoded| e.mask.iter().position(|&m| m == 1);
     let (Some(pc), Some(pr)) = (first(&chosen), first(&rejected)) else {
-        return Err("a completion has no tokens to score".into());
+        return Err(RecordError::NoCompletionTokens);
     };
     // The shared prompt is the common token prefix up to the first scored token.
     let prompt_len = pc.min(pr);
@@ -142,7 +142,7 @@ mod tests {
             (r#"{"prompt": "q", "chosen": [], "rejected": "b"}"#, "\"chosen\" is empty"),
         ];
         for (line, want) in cases {
-            let e = parse_pair(line).unwrap_err();
+            let e = parse_pair(line).unwrap_err().to_string();
             assert!(e.contains(want), "{line}: {e}");
         }
     }

@@ -103,7 +103,7 @@ pub fn sft(tok: &TextTokenizer, template: &ChatTemplate, path: &Path, opts: &Pre
         cache_key(opts, path, template, "sft-v1"),
         1,
         |s| s[0].clone(),
-        |conv| encode_conversation(tok, template, &conv.messages).map_err(|msg| DataError::At { at: conv.at.clone(), msg }),
+        |conv| encode_conversation(tok, template, &conv.messages).map_err(|e| e.at(conv.at.clone())),
         |e| vec![e.clone()],
     );
     let max_len = opts.max_len;
@@ -156,7 +156,7 @@ pub fn pairs(tok: &TextTokenizer, template: &ChatTemplate, path: &Path, opts: &P
             let prompt_len = first(&s[0]).min(first(&s[1]));
             EncodedPair { chosen: s[0].clone(), rejected: s[1].clone(), prompt_len }
         },
-        |p| encode_pair(tok, template, p, opts.max_prompt_len).map_err(|msg| DataError::At { at: p.at.clone(), msg }),
+        |p| encode_pair(tok, template, p, opts.max_prompt_len).map_err(|e| e.at(p.at.clone())),
         |p| vec![p.chosen.clone(), p.rejected.clone()],
     );
     let max_len = opts.max_len;

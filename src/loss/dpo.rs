@@ -181,7 +181,7 @@ pub fn completion_logps_with<B: Kernels>(model: &Decoder<B>, sides: &[&Encoded],
     let counts = batch.counts(n);
     let p = batch.positions.len();
     let mut hidden = |ids: Tensor<B, 2, Int>, _: Option<&[Vec<usize>]>| hidden(ids);
-    let Some(logp) = nll::token_logprobs(model, &batch, &mut hidden) else {
+    let Some(logp) = nll::scored_logprobs(model, &batch, &mut hidden) else {
         let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(batch.input, [batch.b, batch.t]), &device);
         return (hidden(ids, None).sum().cast(FloatDType::F32).reshape([1]).repeat_dim(0, n) * 0.0, counts);
     };

@@ -39,7 +39,7 @@ fn scored<B: Kernels>(model: &Decoder<B>, batch: &Batch, hidden: &mut Hidden<B>)
 }
 
 /// `log p(target)` at every scored position of `batch`, `[n]` in f32 (differentiable).
-pub fn token_logprobs<B: Kernels>(model: &Decoder<B>, batch: &Batch, hidden: &mut Hidden<B>) -> Option<Tensor<B, 1>> {
+pub fn scored_logprobs<B: Kernels>(model: &Decoder<B>, batch: &Batch, hidden: &mut Hidden<B>) -> Option<Tensor<B, 1>> {
     scored(model, batch, hidden).ok().map(|(lp, _)| lp)
 }
 
@@ -60,7 +60,7 @@ pub fn sft_loss<B: Kernels>(model: &Decoder<B>, batch: &Batch, norm: f64, hidden
 pub fn per_sample<B: Kernels>(model: &Decoder<B>, samples: &[&Encoded]) -> Vec<(f64, usize)> {
     let batch = Batch::padded(samples);
     let mut out = vec![(0.0, 0); samples.len()];
-    let Some(logp) = token_logprobs(model, &batch, &mut plain_hidden(model)) else { return out };
+    let Some(logp) = scored_logprobs(model, &batch, &mut plain_hidden(model)) else { return out };
     let logp: Vec<f32> = logp.into_data().convert::<f32>().to_vec().expect("f32 log-probs");
     for (&i, lp) in batch.owner.iter().zip(logp) {
         out[i].0 -= lp as f64;

@@ -169,7 +169,7 @@ impl ModelConfig {
             _ => (hf.rope_theta.unwrap_or(default_theta), hf.rope_scaling.clone()),
         };
         let rope_scaling = RopeScaling::from_json(scaling_value.as_ref(), max_pos)
-            .map_err(|msg| invalid(if hf.rope_parameters.is_some() { "rope_parameters" } else { "rope_scaling" }, msg))?;
+            .map_err(|e| invalid(if hf.rope_parameters.is_some() { "rope_parameters" } else { "rope_scaling" }, e.to_string()))?;
 
         let (qkv_bias, o_bias, qk_norm) = match family {
             Family::Qwen2 => (true, false, false),

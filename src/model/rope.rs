@@ -15,6 +15,17 @@ pub enum RopeScaling {
     Llama3 { factor: f64, low_freq_factor: f64, high_freq_factor: f64, original_max: usize },
 }
 
+/// A `rope_scaling` / `rope_parameters` value ft cannot use.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum RopeError {
+    #[error("expected an object, got {0}")]
+    NotAnObject(String),
+    #[error("rope type {kind:?} needs a numeric {key:?}")]
+    Missing { kind: String, key: &'static str },
+    #[error("unsupported rope_scaling {0:?} (ft supports default, linear, dynamic, yarn, llama3)")]
+    Unsupported(String),
+}
+
 fn get_f64(o: &serde_json::Map<String, Value>, k: &str) -> Option<f64> {
     o.get(k).and_then(Value::as_f64)
 }
@@ -22,14 +33,15 @@ fn get_f64(o: &serde_json::Map<String, Value>, k: &str) -> Option<f64> {
 impl RopeScaling {
     /// Parses a `rope_scaling` object (or `rope_parameters`, which also holds `rope_theta`).
     /// `max_pos` is the config's `max_position_embeddings`, the default original context.
-    pub fn from_json(v: Option<&Value>, max_pos: usize) -> Result<Self, String> {
+    pub fn from_json(v: Option<&Value>, max_pos: usize) -> Result<Self, RopeError> {
         let o = match v {
             None | Some(Value::Null) => return Ok(RopeScaling::None),
             Some(Value::Object(o)) => o,
-            Some(other) => return Err(format!("expected an object, got {other}")),
+            Some(other) => return Err(RopeError::NotAnObject(other.to_string())),
         };
         let kind = o.get("rope_type").or_else(|| o.get("type")).and_then(Value::as_str).unwrap_or("default");
-        let factor = || get_f64(o, "factor").ok_or_else(|| format!("rope type {kind:?} needs a numeric \"factor\""));
+        let need = |key: &'static str| get_f64(o, key).ok_or_else(|| RopeError::Missing { kind: kind.to_string(), key });
+        let factor = || need("factor");
         let original_max =
             get_f64(o, "original_max_position_embeddings").map(|x| x as usize).unwrap_or(max_pos);
         Ok(match kind {
@@ -38,10 +50,9 @@ impl RopeScaling {
             "dynamic" => RopeScaling::Dynamic { factor: factor()?, original_max: max_pos },
             "llama3" => RopeScaling::Llama3 {
                 factor: factor()?,
-                low_freq_factor: get_f64(o, "low_freq_factor").ok_or("llama3 rope needs \"low_freq_factor\"")?,
-                high_freq_factor: get_f64(o, "high_freq_factor").ok_or("llama3 rope needs \"high_freq_factor\"")?,
-                original_max: get_f64(o, "original_max_position_embeddings")
-                    .ok_or("llama3 rope needs \"original_max_position_embeddings\"")? as usize,
+                low_freq_factor: need("low_freq_factor")?,
+                high_freq_factor: need("high_freq_factor")?,
+                original_max: need("original_max_position_embeddings")? as usize,
             },
             "yarn" => {
                 let factor = factor()?;
@@ -60,7 +71,7 @@ impl RopeScaling {
                     truncate: o.get("truncate").and_then(Value::as_bool).unwrap_or(true),
                 }
             }
-            other => return Err(format!("unsupported rope_scaling {other:?} (ft supports default, linear, dynamic, yarn, llama3)")),
+            other => return Err(RopeError::Unsupported(other.to_string())),
         })
     }
 }

@@ -82,7 +82,7 @@ pub fn all_token_logprobs<B: Kernels>(model: &Decoder<B>, seqs: &[&[u32]]) -> Ve
     let encs: Vec<ft::data::encode::Encoded> =
         seqs.iter().map(|s| ft::data::encode::Encoded { text: String::new(), ids: s.to_vec(), mask: vec![1; s.len()] }).collect();
     let batch = ft::data::batch::Batch::padded(&encs.iter().collect::<Vec<_>>());
-    let lp: Vec<f32> = ft::loss::nll::token_logprobs(model, &batch, &mut ft::loss::nll::plain_hidden(model))
+    let lp: Vec<f32> = ft::loss::nll::scored_logprobs(model, &batch, &mut ft::loss::nll::plain_hidden(model))
         .map(|t| t.into_data().convert::<f32>().to_vec().unwrap())
         .unwrap_or_default();
     let mut out = vec![Vec::new(); seqs.len()];

@@ -27,15 +27,22 @@ pub fn type_name(t: u32) -> String {
     }
 }
 
-fn unsupported(t: u32) -> String {
-    format!("unsupported GGUF tensor type {} (ft reads F32, F16, BF16, Q8_0, Q4_0, Q4_1)", type_name(t))
+/// A tensor ft cannot decode.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum DequantError {
+    #[error("unsupported GGUF tensor type {} (ft reads F32, F16, BF16, Q8_0, Q4_0, Q4_1)", type_name(*.0))]
+    Unsupported(u32),
+    #[error("{n} elements is not a multiple of the block size {block}")]
+    PartialBlock { n: usize, block: usize },
+    #[error("expected {expected} values, decoded {got}")]
+    Count { expected: usize, got: usize },
 }
 
 /// Bytes that `n` elements of type `t` occupy.
-pub fn byte_size(t: u32, n: usize) -> Result<usize, String> {
+pub fn byte_size(t: u32, n: usize) -> Result<usize, DequantError> {
     let blocks = || {
         if n % QK != 0 {
-            Err(format!("{n} elements is not a multiple of the block size {QK}"))
+            Err(DequantError::PartialBlock { n, block: QK })
         } else {
             Ok(n / QK)
         }
@@ -46,7 +53,7 @@ pub fn byte_size(t: u32, n: usize) -> Result<usize, String> {
         Q4_0 => blocks()? * 18,
         Q4_1 => blocks()? * 20,
         Q8_0 => blocks()? * 34,
-        t => return Err(unsupported(t)),
+        t => return Err(DequantError::Unsupported(t)),
     })
 }
 
@@ -55,7 +62,7 @@ fn h(b: &[u8]) -> f32 {
 }
 
 /// Dequantizes `n` elements of type `t` from `bytes` (sized by [`byte_size`]).
-pub fn dequantize(t: u32, bytes: &[u8], n: usize) -> Result<Vec<f32>, String> {
+pub fn dequantize(t: u32, bytes: &[u8], n: usize) -> Result<Vec<f32>, DequantError> {
     let mut out = Vec::with_capacity(n);
     match t {
         F32 => out.extend(bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))),
@@ -84,10 +91,10 @@ pub fn dequantize(t: u32, bytes: &[u8], n: usize) -> Result<Vec<f32>, String> {
                 out.extend(qs.iter().map(|&q| (q >> 4) as f32 * d + m));
             }
         }
-        t => return Err(unsupported(t)),
+        t => return Err(DequantError::Unsupported(t)),
     }
     if out.len() != n {
-        return Err(format!("expected {n} values, decoded {}", out.len()));
+        return Err(DequantError::Count { expected: n, got: out.len() });
     }
     Ok(out)
 }
@@ -132,6 +139,6 @@ mod tests {
 
     #[test]
     fn unsupported_types_are_named() {
-        assert!(byte_size(12, 256).unwrap_err().contains("Q4_K"));
+        assert!(byte_size(12, 256).unwrap_err().to_string().contains("Q4_K"));
     }
 }

@@ -87,36 +87,53 @@ pub struct GgufFile {
     data_start: usize,
 }
 
+/// Why the bytes are not GGUF.
+#[derive(Debug, thiserror::Error)]
+enum ParseError {
+    #[error("unexpected end of file")]
+    Eof,
+    #[error("invalid UTF-8 string: {0}")]
+    Utf8(std::string::FromUtf8Error),
+    #[error("arrays nested too deeply")]
+    TooDeep,
+    #[error("array length {0} exceeds the file size")]
+    ArrayTooLong(usize),
+    #[error("unknown metadata value type {0}")]
+    UnknownType(u32),
+}
+
+type Parsed<T> = Result<T, ParseError>;
+
 struct Cursor<'a> {
     buf: &'a [u8],
     pos: usize,
 }
 
 impl<'a> Cursor<'a> {
-    fn take(&mut self, n: usize) -> Result<&'a [u8], String> {
-        let end = self.pos.checked_add(n).filter(|&e| e <= self.buf.len()).ok_or("unexpected end of file")?;
+    fn take(&mut self, n: usize) -> Parsed<&'a [u8]> {
+        let end = self.pos.checked_add(n).filter(|&e| e <= self.buf.len()).ok_or(ParseError::Eof)?;
         let s = &self.buf[self.pos..end];
         self.pos = end;
         Ok(s)
     }
-    fn u8(&mut self) -> Result<u8, String> {
+    fn u8(&mut self) -> Parsed<u8> {
         Ok(self.take(1)?[0])
     }
-    fn u16(&mut self) -> Result<u16, String> {
+    fn u16(&mut self) -> Parsed<u16> {
         Ok(u16::from_le_bytes(self.take(2)?.try_into().unwrap()))
     }
-    fn u32(&mut self) -> Result<u32, String> {
+    fn u32(&mut self) -> Parsed<u32> {
         Ok(u32::from_le_bytes(self.take(4)?.try_into().unwrap()))
     }
-    fn u64(&mut self) -> Result<u64, String> {
+    fn u64(&mut self) -> Parsed<u64> {
         Ok(u64::from_le_bytes(self.take(8)?.try_into().unwrap()))
     }
-    fn string(&mut self) -> Result<String, String> {
+    fn string(&mut self) -> Parsed<String> {
         let n = self.u64()? as usize;
         let b = self.take(n)?;
-        String::from_utf8(b.to_vec()).map_err(|e| format!("invalid UTF-8 string: {e}"))
+        String::from_utf8(b.to_vec()).map_err(ParseError::Utf8)
     }
-    fn value(&mut self, ty: u32, depth: usize) -> Result<Value, String> {
+    fn value(&mut self, ty: u32, depth: usize) -> Parsed<Value> {
         Ok(match ty {
             0 => Value::U64(self.u8()? as u64),
             1 => Value::I64(self.u8()? as i8 as i64),
@@ -129,12 +146,12 @@ impl<'a> Cursor<'a> {
             8 => Value::Str(self.string()?),
             9 => {
                 if depth > 2 {
-                    return Err("arrays nested too deeply".into());
+                    return Err(ParseError::TooDeep);
                 }
                 let ity = self.u32()?;
                 let n = self.u64()? as usize;
                 if n > self.buf.len() {
-                    return Err(format!("array length {n} exceeds the file size"));
+                    return Err(ParseError::ArrayTooLong(n));
                 }
                 let mut v = Vec::with_capacity(n);
                 for _ in 0..n {
@@ -145,7 +162,7 @@ impl<'a> Cursor<'a> {
             10 => Value::U64(self.u64()?),
             11 => Value::I64(self.u64()? as i64),
             12 => Value::F64(f64::from_bits(self.u64()?)),
-            t => return Err(format!("unknown metadata value type {t}")),
+            t => return Err(ParseError::UnknownType(t)),
         })
     }
 }
@@ -155,14 +172,15 @@ impl GgufFile {
         let file = std::fs::File::open(path).map_err(|source| GgufError::Io { path: path.into(), source })?;
         // SAFETY: read-only map of a file that ft does not modify.
         let mmap = unsafe { Mmap::map(&file) }.map_err(|source| GgufError::Io { path: path.into(), source })?;
-        let fmt = |msg: String| GgufError::Format { path: path.into(), msg };
+        let fmt = |e: ParseError| GgufError::Format { path: path.into(), msg: e.to_string() };
+        let bad = |msg: String| GgufError::Format { path: path.into(), msg };
         let mut c = Cursor { buf: &mmap, pos: 0 };
         if c.take(4).map_err(fmt)? != b"GGUF" {
-            return Err(fmt("bad magic, expected \"GGUF\"".into()));
+            return Err(bad("bad magic, expected \"GGUF\"".into()));
         }
         let version = c.u32().map_err(fmt)?;
         if !(2..=3).contains(&version) {
-            return Err(fmt(format!("unsupported GGUF version {version} (expected 2 or 3)")));
+            return Err(bad(format!("unsupported GGUF version {version} (expected 2 or 3)")));
         }
         let n_tensors = c.u64().map_err(fmt)? as usize;
         let n_kv = c.u64().map_err(fmt)? as usize;
@@ -170,7 +188,7 @@ impl GgufFile {
         for _ in 0..n_kv {
             let key = c.string().map_err(fmt)?;
             let ty = c.u32().map_err(fmt)?;
-            let v = c.value(ty, 0).map_err(|msg| GgufError::Key { path: path.into(), key: key.clone(), msg })?;
+            let v = c.value(ty, 0).map_err(|e| GgufError::Key { path: path.into(), key: key.clone(), msg: e.to_string() })?;
             metadata.insert(key, v);
         }
         let mut tensors = Vec::with_capacity(n_tensors.min(1 << 20));
@@ -201,7 +219,7 @@ impl GgufFile {
     /// The bytes of a tensor, checked to lie inside the file.
     pub fn tensor_bytes(&self, t: &TensorInfo) -> Result<&[u8], GgufError> {
         let err = |msg: String| GgufError::Tensor { path: self.path.clone(), name: t.name.clone(), msg };
-        let size = super::dequant::byte_size(t.ggml_type, t.numel()).map_err(err)?;
+        let size = super::dequant::byte_size(t.ggml_type, t.numel()).map_err(|e| err(e.to_string()))?;
         let start = self.data_start + t.offset as usize;
         let end = start.checked_add(size).filter(|&e| e <= self.mmap.len()).ok_or_else(|| {
             err(format!("data runs past the end of the file ({} bytes); the file is truncated", self.mmap.len()))
