@@ -53,7 +53,7 @@ pub struct Nf4Buffers<'a> {
 
 /// Writes the `numel` dequantized values into `out` (a buffer of `numel` `F`s).
 pub fn dequantize<R: Runtime, F: Float + CubeElement>(client: &ComputeClient<R>, w: &Nf4Buffers, out: &Handle, numel: usize) {
-    assert!(w.blocksize % CODES_PER_WORD == 0, "NF4 blocksize {} is not a multiple of 8", w.blocksize);
+    assert!(w.blocksize.is_multiple_of(CODES_PER_WORD), "NF4 blocksize {} is not a multiple of 8", w.blocksize);
     assert!(w.n_words * CODES_PER_WORD >= numel && w.n_blocks * w.blocksize >= numel, "NF4 buffers too small for {numel} values");
     let threads = numel.div_ceil(CODES_PER_WORD);
     let cube_dim = CubeDim::new_1d(256);

@@ -105,7 +105,7 @@ impl EvalArgs {
             label_smoothing: self.label_smoothing.unwrap_or(d.label_smoothing),
             rpo_alpha: self.rpo_alpha,
         };
-        if config.label_smoothing < 0.0 || config.label_smoothing >= 0.5 || !(config.beta > 0.0) {
+        if config.label_smoothing < 0.0 || config.label_smoothing >= 0.5 || config.beta.is_nan() || config.beta <= 0.0 {
             return Err(UsageError("--beta must be positive and --label-smoothing in [0, 0.5)".into()));
         }
         Ok(Some(config))

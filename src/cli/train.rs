@@ -97,7 +97,7 @@ impl Progress for Stderr {
             return;
         }
         let log_every = (total / 20).max(1);
-        if step % log_every == 0 || step == total || step == self.first.load(std::sync::atomic::Ordering::SeqCst) {
+        if step.is_multiple_of(log_every) || step == total || step == self.first.load(std::sync::atomic::Ordering::SeqCst) {
             eprintln!("step {step}/{total} {message} ({tokens_per_s:.0} tokens/s)");
         }
     }

@@ -38,13 +38,16 @@ fn side(o: &serde_json::Map<String, Value>, key: &str, role: Role) -> Result<Vec
     Ok(msgs)
 }
 
+/// A pair's messages: (prompt, chosen, rejected).
+pub type PairMessages = (Vec<Message>, Vec<Message>, Vec<Message>);
+
 /// True when a JSON record looks like a preference pair (has `chosen` and `rejected`).
 pub fn is_preference(v: &Value) -> bool {
     v.get("chosen").is_some() && v.get("rejected").is_some()
 }
 
 /// Parses one JSONL line into (prompt, chosen, rejected).
-pub fn parse_pair(line: &str) -> Result<(Vec<Message>, Vec<Message>, Vec<Message>), RecordError> {
+pub fn parse_pair(line: &str) -> Result<PairMessages, RecordError> {
     let v: Value = serde_json::from_str(line).map_err(|e| RecordError::Json(e.to_string()))?;
     let o = v.as_object().ok_or_else(|| schema("expected a JSON object with \"prompt\", \"chosen\" and \"rejected\""))?;
     let prompt = side(o, "prompt", Role::User)?;

@@ -94,6 +94,9 @@ pub fn tensor_names(module: &str) -> (String, String) {
     (format!("base_model.model.{module}.lora_A.weight"), format!("base_model.model.{module}.lora_B.weight"))
 }
 
+/// One module's LoRA matrices in PEFT layout: A `[r, in]`, B `[out, r]`, row-major f32.
+pub type LoraMatrices = (Vec<f32>, Vec<f32>);
+
 /// An adapter directory on disk: its config and its tensors.
 pub struct AdapterFiles {
     pub dir: PathBuf,
@@ -117,7 +120,7 @@ impl AdapterFiles {
     }
 
     /// The adapter of `module` in PEFT layout (`a: [r, in]`, `b: [out, r]`), if it has one.
-    pub fn matrices(&self, module: &str, d_in: usize, d_out: usize) -> Result<Option<(Vec<f32>, Vec<f32>)>, WeightsError> {
+    pub fn matrices(&self, module: &str, d_in: usize, d_out: usize) -> Result<Option<LoraMatrices>, WeightsError> {
         let (an, bn) = tensor_names(module);
         let (an, bn) = if self.tensors.contains(&an) {
             (an, bn)

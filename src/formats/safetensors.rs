@@ -43,6 +43,9 @@ struct Shard {
     meta: Metadata,
 }
 
+/// A tensor as stored: its bytes, dtype and shape, and the file holding it.
+pub type RawTensor<'a> = (&'a [u8], Dtype, Vec<usize>, &'a Path);
+
 /// Memory-mapped safetensors files (one, or the shards of an index). Tracks which tensors were
 /// read so that leftovers can be reported.
 pub struct TensorFiles {
@@ -183,7 +186,7 @@ impl TensorFiles {
     }
 
     /// Raw bytes of a tensor as stored, with its dtype and shape. Marks it used.
-    pub fn raw(&self, name: &str) -> Result<(&[u8], Dtype, Vec<usize>, &Path), WeightsError> {
+    pub fn raw(&self, name: &str) -> Result<RawTensor<'_>, WeightsError> {
         let i = *self
             .names
             .get(name)

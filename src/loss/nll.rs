@@ -12,10 +12,13 @@ use crate::ops::Kernels;
 
 /// Where hidden states come from: `(ids [B, T], packed-row segments)` → `[B, T, hidden]`.
 /// Training passes its `Forward` (which may recompute blocks in the backward).
-pub type Hidden<'a, B> = dyn FnMut(Tensor<B, 2, Int>, Option<&[Vec<usize>]>) -> Tensor<B, 3> + 'a;
+pub type Hidden<'a, B> = dyn FnMut(Tensor<B, 2, Int>, Segments) -> Tensor<B, 3> + 'a;
+
+/// Packed rows: the lengths of the samples in each row (`None` for padded rows).
+pub type Segments<'a> = Option<&'a [Vec<usize>]>;
 
 /// The model's own forward: plain or packed rows.
-pub fn plain_hidden<B: Kernels>(model: &Decoder<B>) -> impl FnMut(Tensor<B, 2, Int>, Option<&[Vec<usize>]>) -> Tensor<B, 3> + '_ {
+pub fn plain_hidden<B: Kernels>(model: &Decoder<B>) -> impl FnMut(Tensor<B, 2, Int>, Segments) -> Tensor<B, 3> + '_ {
     move |ids, segments| match segments {
         Some(s) => model.hidden_packed(ids, s),
         None => model.hidden(ids, None),

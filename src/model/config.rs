@@ -138,14 +138,14 @@ impl ModelConfig {
             return Err(invalid("num_attention_heads", "sizes must be positive".into()));
         }
         let num_kv_heads = hf.num_key_value_heads.unwrap_or(hf.num_attention_heads);
-        if num_kv_heads == 0 || hf.num_attention_heads % num_kv_heads != 0 {
+        if num_kv_heads == 0 || !hf.num_attention_heads.is_multiple_of(num_kv_heads) {
             return Err(invalid(
                 "num_key_value_heads",
                 format!("{num_kv_heads} does not divide num_attention_heads = {}", hf.num_attention_heads),
             ));
         }
         let head_dim = hf.head_dim.unwrap_or(hf.hidden_size / hf.num_attention_heads);
-        if head_dim % 2 != 0 {
+        if !head_dim.is_multiple_of(2) {
             return Err(invalid("head_dim", format!("{head_dim} must be even for rotary embeddings")));
         }
         if let Some(p) = hf.partial_rotary_factor {

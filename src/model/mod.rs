@@ -23,7 +23,7 @@ pub enum LoadError {
     #[error(transparent)]
     Config(#[from] ConfigError),
     #[error("loading the {family} model in {}", dir.display())]
-    Weights { family: &'static str, dir: PathBuf, source: WeightsError },
+    Weights { family: &'static str, dir: PathBuf, source: Box<WeightsError> },
     #[error(transparent)]
     Files(#[from] WeightsError),
 }
@@ -53,5 +53,5 @@ pub fn random<B: Kernels>(dir: &Path, device: &B::Device, options: LoadOptions, 
 
 fn build<B: Kernels>(files: &TensorFiles, config: &ModelConfig, dir: &Path, device: &B::Device, options: LoadOptions) -> Result<Decoder<B>, LoadError> {
     let src = WeightSource { files, format: options.base };
-    Decoder::load(&src, config, device).map_err(|source| LoadError::Weights { family: config.family.as_str(), dir: dir.into(), source })
+    Decoder::load(&src, config, device).map_err(|e| LoadError::Weights { family: config.family.as_str(), dir: dir.into(), source: Box::new(e) })
 }

@@ -99,8 +99,10 @@ impl WeightSource<'_> {
     }
 }
 
-/// A projection's frozen base weight.
+/// A projection's frozen base weight. (The NF4 variant is larger; one per projection, and burn's
+/// module derive takes no boxed field.)
 #[derive(Module, Debug)]
+#[allow(clippy::large_enum_variant)]
 pub enum Base<B: Backend> {
     /// `[in, out]` (burn's layout; PyTorch's `[out, in]` is transposed at load).
     Dense(Param<Tensor<B, 2>>),

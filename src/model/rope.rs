@@ -108,6 +108,8 @@ impl Rope {
                     .map(|f| {
                         let wavelen = 2.0 * std::f32::consts::PI / f;
                         let scaled = if wavelen > low_wavelen { f / factor } else { f };
+                        // transformers' `~(wavelen < high) * ~(wavelen > low)`, NaN-safe alike.
+                        #[allow(clippy::neg_cmp_op_on_partial_ord)]
                         let medium = !(wavelen < high_wavelen) && !(wavelen > low_wavelen);
                         if medium {
                             let smooth = (old / wavelen - lo) / (hi - lo);

@@ -481,7 +481,7 @@ mod tests {
         let ids: Vec<i64> = (0..n).map(|i| (i * 13 % v) as i64).collect();
         let targets = Tensor::<Cpu, 1, Int>::from_data(TensorData::new(ids.clone(), [n]), &dev);
         let targets_ad = || Tensor::<Ad, 1, Int>::from_data(TensorData::new(ids.clone(), [n]), &dev);
-        let (y, g, c) = reference_grads(&[logits.clone()], |x| reference::token_logprobs(x[0].clone(), targets_ad()));
+        let (y, g, c) = reference_grads(std::slice::from_ref(&logits), |x| reference::token_logprobs(x[0].clone(), targets_ad()));
         for rows in [1, 3, n] {
             let (lp, lse) = token_logprobs(logits.clone(), targets.clone(), rows * v);
             assert_close(lp, y.clone(), 2e-6, &format!("{rows} rows per chunk: log-probs"));
@@ -506,7 +506,7 @@ mod tests {
         let w = Tensor::<Cpu, 1>::random([24], Distribution::Normal(1.0, 0.5), &dev);
         let wa = Tensor::<Ad, 1>::from_inner(w.clone());
         let x = rand([10, 24]);
-        let (y, g, c) = reference_grads(&[x.clone()], |x| reference::rms_norm(x[0].clone(), wa.clone(), 1e-5));
+        let (y, g, c) = reference_grads(std::slice::from_ref(&x), |x| reference::rms_norm(x[0].clone(), wa.clone(), 1e-5));
         assert_close(rms_norm(x.clone(), w.clone(), 1e-5), y, 2e-5, "rms_norm");
         assert_close(rms_norm_backward(x, w, 1e-5, c), g[0].clone(), 2e-5, "rms_norm backward");
 
@@ -522,7 +522,7 @@ mod tests {
             let sin = Tensor::<Cpu, 3>::random([tb, 7, 8], Distribution::Uniform(-1.0, 1.0), &dev);
             let (ca, sa) = (Tensor::<Ad, 3>::from_inner(cos.clone()), Tensor::from_inner(sin.clone()));
             let x = rand([2, 7, 3, 8]);
-            let (y, g, c) = reference_grads(&[x.clone()], |x| reference::rope(x[0].clone(), ca.clone(), sa.clone()));
+            let (y, g, c) = reference_grads(std::slice::from_ref(&x), |x| reference::rope(x[0].clone(), ca.clone(), sa.clone()));
             assert_close(rope(x, cos.clone(), sin.clone(), false), y, 2e-5, "rope");
             assert_close(rope(c, cos, sin, true), g[0].clone(), 2e-5, "rope transposed (the backward)");
         }

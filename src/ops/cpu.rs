@@ -322,7 +322,7 @@ impl FusedOps for Flex {
             let (bi, g) = (task / d.kv, task % d.kv);
             let mut p = vec![0f32; ROW_BLOCK.min(d.t) * d.s];
             let (kv_at, kv_rs) = d.kv_at(bi, g);
-            for (r0, rows, keys) in d.blocks(&mask, bi) {
+            for (r0, rows, keys) in d.blocks(mask, bi) {
                 for h in g * n_rep..(g + 1) * n_rep {
                     let (q_at, q_rs) = d.q_at(bi, h);
                     let q_at = q_at + r0 * q_rs;
@@ -332,7 +332,7 @@ impl FusedOps for Flex {
                         mm((rows, keys, d.hd), (p.as_mut_ptr(), keys, 1), false, (qs.as_ptr().add(q_at), q_rs, 1), (ks.as_ptr().add(kv_at), 1, kv_rs), scale as f32, par);
                         let lse_h = std::slice::from_raw_parts_mut(lp.at((bi * d.h + h) * d.t + r0), rows);
                         for (i, l) in lse_h.iter_mut().enumerate() {
-                            *l = softmax_row(&mut p[i * keys..][..keys], &d.mask_row(&mask, bi, r0 + i)[..keys]);
+                            *l = softmax_row(&mut p[i * keys..][..keys], &d.mask_row(mask, bi, r0 + i)[..keys]);
                         }
                         mm((rows, d.hd, keys), (op.at(q_at), q_rs, 1), false, (p.as_ptr(), keys, 1), (vs.as_ptr().add(kv_at), kv_rs, 1), 1.0, par);
                     }
@@ -368,7 +368,7 @@ impl FusedOps for Flex {
             let block = ROW_BLOCK.min(d.t) * d.s;
             let (mut p, mut dp) = (vec![0f32; block], vec![0f32; block]);
             let (kv_at, kv_rs) = d.kv_at(bi, g);
-            for (r0, rows, keys) in d.blocks(&mask, bi) {
+            for (r0, rows, keys) in d.blocks(mask, bi) {
                 for h in g * n_rep..(g + 1) * n_rep {
                     let (q_at, q_rs) = d.q_at(bi, h);
                     let q_at = q_at + r0 * q_rs;
@@ -379,7 +379,7 @@ impl FusedOps for Flex {
                         mm((rows, keys, d.hd), (p.as_mut_ptr(), keys, 1), false, (qs.as_ptr().add(q_at), q_rs, 1), (ks.as_ptr().add(kv_at), 1, kv_rs), scale, par);
                         for i in 0..rows {
                             let l = ls[(bi * d.h + h) * d.t + r0 + i];
-                            let m = &d.mask_row(&mask, bi, r0 + i)[..keys];
+                            let m = &d.mask_row(mask, bi, r0 + i)[..keys];
                             for (x, &masked) in p[i * keys..][..keys].iter_mut().zip(m) {
                                 *x = if masked != 0 || l == f32::INFINITY { 0.0 } else { (*x - l).exp() };
                             }

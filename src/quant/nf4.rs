@@ -12,7 +12,9 @@
 
 use super::dynamic;
 
-/// The 16 NF4 values (bitsandbytes' `get_4bit_type("nf4")`), sorted.
+/// The 16 NF4 values (bitsandbytes' `get_4bit_type("nf4")`), sorted. Written with
+/// bitsandbytes' own digits (more than f32 holds) so the source can be compared with theirs.
+#[allow(clippy::excessive_precision)]
 pub const NF4_CODE: [f32; 16] = [
     -1.0,
     -0.696_192_800_998_687_7,
@@ -103,7 +105,9 @@ pub fn quantize(x: &[f32], blocksize: usize) -> (Vec<u8>, Vec<f32>) {
 /// cascade), the scalar tail, then the 8 lanes in order. bitsandbytes' double-quantization
 /// offset is this sum divided by the count, so matching it bit for bit needs the same order.
 /// (torch splits reductions of more than 32768 values across threads; for such tensors the last
-/// bit of the offset can depend on the thread count of the machine that quantized.)
+/// bit of the offset can depend on the thread count of the machine that quantized.) The loops
+/// index the accumulators as PyTorch's `cascade_sum` does, so the two read side by side.
+#[allow(clippy::needless_range_loop)]
 pub fn torch_sum_f32(x: &[f32]) -> f32 {
     const W: usize = 8;
     const ILP: usize = 4;
@@ -206,7 +210,7 @@ impl Nf4 {
     /// The 4-bit code of element `i`.
     pub fn code(&self, i: usize) -> u8 {
         let byte = self.packed[i / 2];
-        if i % 2 == 0 {
+        if i.is_multiple_of(2) {
             byte >> 4
         } else {
             byte & 0xF

@@ -33,6 +33,9 @@ pub struct StepReport {
 pub trait Objective<B: TrainBackend> {
     /// Training examples (samples or packed rows for SFT, pairs for DPO).
     fn len(&self) -> usize;
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
     /// What preparing the training data dropped or truncated.
     fn data_counts(&self) -> DataCounts;
     /// Work before the first step, given the examples the run will visit (DPO precomputes its

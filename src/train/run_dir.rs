@@ -33,7 +33,7 @@ impl RunDir {
         } else if non_empty {
             return Err(invalid("the output directory already exists and is not empty (use --resume to continue it)"));
         } else {
-            std::fs::create_dir_all(path).at("cannot create the output directory", path)?;
+            std::fs::create_dir_all(path).at("cannot create output directory", path)?;
             write_atomic(&path.join("recipe.resolved.toml"), resolved.as_bytes())?;
         }
         Ok(RunDir { path: path.into(), metrics: None })

@@ -41,7 +41,7 @@ pub enum DequantError {
 /// Bytes that `n` elements of type `t` occupy.
 pub fn byte_size(t: u32, n: usize) -> Result<usize, DequantError> {
     let blocks = || {
-        if n % QK != 0 {
+        if !n.is_multiple_of(QK) {
             Err(DequantError::PartialBlock { n, block: QK })
         } else {
             Ok(n / QK)
