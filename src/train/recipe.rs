@@ -557,6 +557,22 @@ mod tests {
     }
 
     #[test]
+    fn recipe_errors_carry_file_line_and_key() {
+        let path = write(&format!("{MIN}[train]\nlearning_rate = 1e-4\n"));
+        match Recipe::load(&path, &[]).unwrap_err() {
+            RecipeError::Invalid { path: p, line, key, .. } => {
+                assert_eq!((p, line, key.as_deref()), (path, Some(8), Some("learning_rate")));
+            }
+            e => panic!("{e}"),
+        }
+        let path = write(&format!("{MIN}[train]\nlr = -1.0\n"));
+        match Recipe::load(&path, &[]).unwrap_err() {
+            RecipeError::Invalid { key, .. } => assert_eq!(key.as_deref(), Some("train.lr")),
+            e => panic!("{e}"),
+        }
+    }
+
+    #[test]
     fn set_overrides_keys() {
         let r = Recipe::load(&write(MIN), &["train.lr=1e-3".into(), "lora.r=4".into()]).unwrap();
         assert_eq!((r.train.lr, r.lora.r), (1e-3, 4));

@@ -233,3 +233,32 @@ fn dpo_resumes_to_the_same_bytes() {
     // The second and third runs read the pairs' tokens from the cache the first one wrote.
     assert_eq!(std::fs::read_dir(d.join(".ft-cache")).unwrap().count(), 1);
 }
+
+#[test]
+fn eval_objective_dpo_is_the_dpo_alias_and_dpo_flags_need_it() {
+    let model = model_dir("llama");
+    let adapter = fixtures().join("adapters/lora-r4");
+    let data = fixtures().join("dpo/prefs.jsonl");
+    let base = ["eval", "--json", "--template", "chatml", "--model", model.to_str().unwrap(), "--adapter", adapter.to_str().unwrap()];
+    let run = |extra: &[&str]| {
+        let mut args: Vec<&str> = base.to_vec();
+        args.extend_from_slice(extra);
+        ft(&args)
+    };
+    let (c, by_value, err) = run(&["--objective", "dpo", "--data", data.to_str().unwrap()]);
+    assert_eq!(c, 0, "{err}");
+    let (c, by_alias, err) = run(&["--dpo", "--data", data.to_str().unwrap()]);
+    assert_eq!(c, 0, "{err}");
+    let strip = |s: &str| {
+        let mut v: serde_json::Value = serde_json::from_str(s).unwrap();
+        v.as_object_mut().unwrap().remove("seconds");
+        v
+    };
+    assert_eq!(strip(&by_value), strip(&by_alias));
+    assert!(strip(&by_value)["rewards/accuracies"].is_number());
+    // A DPO setting without the DPO objective is a usage error naming the flag.
+    let chat = fixtures().join("chat.jsonl");
+    let (c, _, err) = run(&["--beta", "0.2", "--data", chat.to_str().unwrap()]);
+    assert_eq!(c, 2, "{err}");
+    assert!(err.contains("--beta") && err.contains("--objective dpo"), "{err}");
+}
