@@ -106,6 +106,9 @@ pub fn exit_code(err: &anyhow::Error) -> u8 {
         if let Some(crate::generate::GenerateError::Data(_)) = cause.downcast_ref() {
             return exit::DATA;
         }
+        if let Some(crate::data::check::ShowError::Data(_)) = cause.downcast_ref() {
+            return exit::DATA;
+        }
         if let Some(e) = cause.downcast_ref::<TrainError>() {
             return match e {
                 TrainError::Diverged(_) => exit::DIVERGED,

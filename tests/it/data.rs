@@ -138,6 +138,13 @@ fn data_show_marks_exactly_the_trained_tokens() {
     let (c, _, err) = ft(&["data", "show", s(&fixtures().join("chat.jsonl")), "--model", s(&model_dir("llama")), "--index", "9"]);
     assert_eq!(c, 2);
     assert!(err.contains("only 3 records"), "{err}");
+    // A bad record is a data error naming file:line.
+    let d = scratch("data-show-bad");
+    let bad = d.join("bad.jsonl");
+    std::fs::write(&bad, "{\"messages\": [{\"role\": \"user\", \"content\": \"hi\"}]}\n").unwrap();
+    let (c, _, err) = ft(&["data", "show", s(&bad), "--model", s(&model_dir("llama")), "--template", "chatml"]);
+    assert_eq!(c, 3, "{err}");
+    assert!(err.contains("bad.jsonl:1") && err.contains("no assistant turn"), "{err}");
 }
 
 #[test]
