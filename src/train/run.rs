@@ -11,7 +11,7 @@ use burn::module::AutodiffModule;
 use serde_json::{Map, Value};
 
 use super::checkpoint;
-use super::objective::{Objective, StepSettings};
+use super::objective::{Objective, StepReport, StepSettings};
 use super::optim::{learning_rate, AdamW};
 use super::recipe::{Method, Recipe};
 use super::run_dir::RunDir;
@@ -134,29 +134,11 @@ pub fn run<B: TrainBackend>(recipe: &Recipe, device: B::Device, progress: &dyn P
         }
         last_loss = stats.loss;
         tokens_seen += stats.input_tokens;
-        let secs = t0.elapsed().as_secs_f64();
-        let mut line = Map::new();
-        line.insert("step".into(), (step + 1).into());
-        line.insert("epoch".into(), data.progress().into());
-        line.extend(stats.metrics);
-        line.insert("grad_norm".into(), stats.grad_norm.into());
-        line.insert("learning_rate".into(), settings.lr.into());
-        line.insert("num_tokens".into(), tokens_seen.into());
-        line.insert("tokens_per_s".into(), (tokens_seen as f64 / secs).into());
-        line.insert("step_s".into(), step_s.into());
-        if let Some((in_use, reserved)) = crate::backend::gpu_memory() {
-            let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
-            peak_gpu = peak_gpu.max(gib(reserved));
-            line.insert("gpu_mem_gib".into(), gib(in_use).into());
-            line.insert("gpu_reserved_gib".into(), gib(reserved).into());
-        }
-        let line = Value::Object(line);
+        let tokens_per_s = tokens_seen as f64 / t0.elapsed().as_secs_f64();
+        let (line, reserved_gib) = step_line(step + 1, data.progress(), stats, settings.lr, tokens_seen, tokens_per_s, step_s);
+        peak_gpu = peak_gpu.max(reserved_gib.unwrap_or(0.0));
         run_dir.log(&line)?;
-        let mut msg = format!("loss {:.4} grad_norm {:.3} lr {:.2e}", stats.loss, stats.grad_norm, settings.lr);
-        if let (Some(acc), Some(margin)) = (line["rewards/accuracies"].as_f64(), line["rewards/margins"].as_f64()) {
-            msg.push_str(&format!(" reward acc {acc:.2} margin {margin:.3}"));
-        }
-        progress.step(step + 1, total, &msg, tokens_seen as f64 / secs);
+        progress.step(step + 1, total, &step_message(&line), tokens_per_s);
         let last = step + 1 == total;
         let interrupted = INTERRUPTED.load(std::sync::atomic::Ordering::SeqCst);
         if (t.save_every > 0 && (step + 1) % t.save_every == 0 && !last) || (interrupted && !last) {
@@ -208,6 +190,38 @@ pub fn run<B: TrainBackend>(recipe: &Recipe, device: B::Device, progress: &dyn P
     };
     run_dir.write_summary(&summary)?;
     Ok(summary)
+}
+
+/// One step's line of `metrics.jsonl`: TRL's names, plus throughput and (CUDA) device memory;
+/// also the GiB the device allocator holds, when on CUDA.
+fn step_line(step: usize, epoch: f64, stats: StepReport, lr: f64, num_tokens: usize, tokens_per_s: f64, step_s: f64) -> (Value, Option<f64>) {
+    let mut line = Map::new();
+    line.insert("step".into(), step.into());
+    line.insert("epoch".into(), epoch.into());
+    line.extend(stats.metrics);
+    line.insert("grad_norm".into(), stats.grad_norm.into());
+    line.insert("learning_rate".into(), lr.into());
+    line.insert("num_tokens".into(), num_tokens.into());
+    line.insert("tokens_per_s".into(), tokens_per_s.into());
+    line.insert("step_s".into(), step_s.into());
+    let mut reserved_gib = None;
+    if let Some((in_use, reserved)) = crate::backend::gpu_memory() {
+        let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+        reserved_gib = Some(gib(reserved));
+        line.insert("gpu_mem_gib".into(), gib(in_use).into());
+        line.insert("gpu_reserved_gib".into(), gib(reserved).into());
+    }
+    (Value::Object(line), reserved_gib)
+}
+
+/// The progress message of a step's metrics line.
+fn step_message(line: &Value) -> String {
+    let g = |k: &str| line[k].as_f64().unwrap_or(f64::NAN);
+    let mut msg = format!("loss {:.4} grad_norm {:.3} lr {:.2e}", g("loss"), g("grad_norm"), g("learning_rate"));
+    if let (Some(acc), Some(margin)) = (line["rewards/accuracies"].as_f64(), line["rewards/margins"].as_f64()) {
+        msg.push_str(&format!(" reward acc {acc:.2} margin {margin:.3}"));
+    }
+    msg
 }
 
 /// Set by the CLI's SIGINT handler; the loop checkpoints after the current step and stops. One of
