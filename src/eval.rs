@@ -32,15 +32,25 @@ pub struct EvalReport {
     pub per_sample: Vec<(f64, usize)>,
 }
 
+/// Why `ft eval` has no loss to report.
+#[derive(Debug, thiserror::Error)]
+pub enum EvalError {
+    #[error(transparent)]
+    Data(#[from] DataError),
+    /// A NaN or infinite loss: the model or adapter computes non-finite values (exit 1).
+    #[error("the loss is {loss}: the model (or adapter) computes non-finite values; check its weights")]
+    NonFinite { loss: f64 },
+}
+
 /// Scores every conversation (errors name the record's `file:line`). Samples longer than
-/// `max_len` are cut (and counted).
+/// `max_len` are cut (and counted). A non-finite loss is an error, never a number to report.
 pub fn evaluate<B: Kernels>(
     model: &Decoder<B>,
     tok: &TextTokenizer,
     template: &ChatTemplate,
     data: &[Conversation],
     max_len: Option<usize>,
-) -> Result<EvalReport, DataError> {
+) -> Result<EvalReport, EvalError> {
     let mut encoded: Vec<Encoded> = Vec::with_capacity(data.len());
     let (mut truncated, mut input_tokens) = (0, 0);
     for conv in data {
@@ -52,12 +62,15 @@ pub fn evaluate<B: Kernels>(
             truncated += 1;
         }
         if enc.trainable() == 0 {
-            return Err(DataError::At { at: at(), msg: "the conversation has no assistant tokens to score (after max_len)".into() });
+            return Err(DataError::At { at: at(), msg: "the conversation has no assistant tokens to score (after max_len)".into() }.into());
         }
         input_tokens += enc.ids.len();
         encoded.push(enc);
     }
     let r = nll::evaluate(model, &encoded);
+    if !r.loss.is_finite() {
+        return Err(EvalError::NonFinite { loss: r.loss });
+    }
     Ok(EvalReport { loss: r.loss, tokens: r.tokens, samples: encoded.len(), perplexity: r.loss.exp(), input_tokens, truncated, per_sample: r.per_sample })
 }
 

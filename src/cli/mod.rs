@@ -87,34 +87,44 @@ pub fn exit_code(err: &anyhow::Error) -> u8 {
     use crate::data::conversation::DataError;
     use crate::data::prepare::PrepareError;
     use crate::train::TrainError;
+    // A data file that cannot be read is a file problem; what is in it is a data problem.
+    fn data(e: &DataError) -> u8 {
+        match e {
+            DataError::Io { .. } => exit::FAILURE,
+            _ => exit::DATA,
+        }
+    }
     fn prepare(e: &PrepareError) -> u8 {
         match e {
-            PrepareError::Data(_) => exit::DATA,
-            _ => exit::FAILURE,
+            PrepareError::Data(e) => data(e),
+            PrepareError::NoSamples { .. } | PrepareError::NoPairs { .. } => exit::DATA,
         }
     }
     for cause in err.chain() {
         if cause.is::<UsageError>() || cause.is::<crate::train::recipe::RecipeError>() {
             return exit::USAGE;
         }
-        if cause.is::<DataError>() {
-            return exit::DATA;
+        if let Some(e) = cause.downcast_ref::<DataError>() {
+            return data(e);
+        }
+        if let Some(crate::eval::EvalError::Data(e)) = cause.downcast_ref() {
+            return data(e);
         }
         if let Some(e) = cause.downcast_ref::<PrepareError>() {
             return prepare(e);
         }
-        if let Some(crate::generate::GenerateError::Data(_)) = cause.downcast_ref() {
-            return exit::DATA;
+        if let Some(crate::generate::GenerateError::Data(e)) = cause.downcast_ref() {
+            return data(e);
         }
-        if let Some(crate::data::check::ShowError::Data(_)) = cause.downcast_ref() {
-            return exit::DATA;
+        if let Some(crate::data::check::ShowError::Data(e)) = cause.downcast_ref() {
+            return data(e);
         }
         if let Some(e) = cause.downcast_ref::<TrainError>() {
             return match e {
                 TrainError::Diverged(_) => exit::DIVERGED,
                 TrainError::Interrupted(_) => exit::INTERRUPTED,
-                TrainError::Recipe(_) => exit::USAGE,
-                TrainError::Data(_) => exit::DATA,
+                TrainError::Recipe(_) | TrainError::NoTargets(_) => exit::USAGE,
+                TrainError::Data(e) => data(e),
                 TrainError::Prepare(p) => prepare(p),
                 _ => exit::FAILURE,
             };

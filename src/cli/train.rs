@@ -118,7 +118,8 @@ pub fn run(a: TrainArgs) -> Result<()> {
         print!("{}", recipe.resolved_toml());
         return Ok(());
     }
-    // First Ctrl-C: finish the step, save a checkpoint, exit 130. A second one kills.
+    // First Ctrl-C (or SIGTERM, as schedulers and CI runners send before SIGKILL): finish the
+    // step, save a checkpoint, exit 130. A second one kills.
     ctrlc::set_handler(|| {
         if crate::train::run::INTERRUPTED.swap(true, std::sync::atomic::Ordering::SeqCst) {
             std::process::exit(exit::INTERRUPTED as i32);

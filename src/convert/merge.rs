@@ -113,6 +113,10 @@ pub fn merge(base: MergeBase, adapter: &Path, out: &Path, dtype: Option<OutDtype
             let data = if let Some((a, b)) = lora {
                 let mut w = to_f32(bytes, src_dtype).ok_or_else(not_float)?;
                 add_lora_delta(&mut w, &a, &b, ad.config.r, shape[1], scale);
+                if let Some(i) = w.iter().position(|x| !x.is_finite()) {
+                    let msg = format!("merging into {name} gives a non-finite weight ({} at index {i}); the adapter or the base holds NaN or infinity", w[i]);
+                    return Err(ConvertError::invalid(adapter, msg));
+                }
                 merged += 1;
                 encode(&w, out_dtype)
             } else if out_dtype == src_dtype {

@@ -150,6 +150,10 @@ pub fn check(files: &[PathBuf], tok: &TextTokenizer, template: &ChatTemplate, ma
         r.packed_sequences = Some(bins.len());
         r.packing_efficiency = Some(super::packing::efficiency(fitting.iter().sum(), bins.len(), m));
     }
+    if r.samples == 0 && r.errors.is_empty() {
+        let at = files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>().join(", ");
+        r.errors.push(Problem { at, message: "no records (the data is empty)".into() });
+    }
     r.seconds = t0.elapsed().as_secs_f64();
     r.tokens_per_s = r.tokens as f64 / r.seconds.max(1e-9);
     Ok(r)

@@ -86,6 +86,8 @@ pub enum DataError {
     Record { at: Location, error: RecordError },
     #[error("{count} bad line(s); the first: {first}")]
     Invalid { count: usize, first: String },
+    #[error("{}: no records (the data is empty)", path.display())]
+    Empty { path: PathBuf },
 }
 
 /// What is wrong with one record (a JSONL line); [`DataError::Record`] adds where it is.
@@ -232,6 +234,8 @@ pub fn read_raw_lines(path: &Path, mut f: impl FnMut(Location, &[u8]) -> Result<
         for (i, line) in BufReader::new(reader).split(b'\n').enumerate() {
             let bytes = line.map_err(io)?;
             let bytes = bytes.strip_suffix(b"\r").unwrap_or(&bytes);
+            // A UTF-8 byte-order mark (some editors write one) is not part of the first record.
+            let bytes = if i == 0 { bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes) } else { bytes };
             if bytes.iter().all(u8::is_ascii_whitespace) {
                 continue;
             }
@@ -249,7 +253,8 @@ pub fn read_lines(path: &Path, mut f: impl FnMut(Location, &str) -> Result<(), D
     })
 }
 
-/// Reads every conversation of a data path; the first bad line is an error naming `file:line`.
+/// Reads every conversation of a data path; the first bad line is an error naming `file:line`,
+/// and a path without any record is an error too.
 pub fn read_jsonl(path: &Path) -> Result<Vec<Conversation>, DataError> {
     let mut out = Vec::new();
     read_lines(path, |at, text| {
@@ -257,6 +262,9 @@ pub fn read_jsonl(path: &Path) -> Result<Vec<Conversation>, DataError> {
         out.push(Conversation { messages, at });
         Ok(())
     })?;
+    if out.is_empty() {
+        return Err(DataError::Empty { path: path.into() });
+    }
     Ok(out)
 }
 

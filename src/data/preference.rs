@@ -73,6 +73,9 @@ pub fn read_preferences(path: &Path) -> Result<Vec<PreferencePair>, DataError> {
         out.push(PreferencePair { prompt, chosen, rejected, at });
         Ok(())
     })?;
+    if out.is_empty() {
+        return Err(DataError::Empty { path: path.into() });
+    }
     Ok(out)
 }
 

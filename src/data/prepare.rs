@@ -58,7 +58,7 @@ pub struct DataCounts {
 pub enum PrepareError {
     #[error(transparent)]
     Data(#[from] DataError),
-    #[error("{}: no usable samples ({counts:?}, data.max_len = {max_len})", path.display())]
+    #[error("{}: no usable samples: {} longer than data.max_len = {max_len} (set data.overlong = \"truncate\" or raise it), {} without trainable tokens", path.display(), counts.dropped_too_long, counts.dropped_untrainable)]
     NoSamples { path: PathBuf, counts: DataCounts, max_len: usize },
     #[error("{}: no usable preference pairs (dropped {dropped} longer than data.max_len = {max_len})", path.display())]
     NoPairs { path: PathBuf, dropped: usize, max_len: usize },

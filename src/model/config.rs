@@ -144,6 +144,18 @@ impl ModelConfig {
                 format!("{num_kv_heads} does not divide num_attention_heads = {}", hf.num_attention_heads),
             ));
         }
+        if hf.head_dim.is_none() && !hf.hidden_size.is_multiple_of(hf.num_attention_heads) {
+            return Err(invalid(
+                "num_attention_heads",
+                format!("{} does not divide hidden_size = {} (and no head_dim is given)", hf.num_attention_heads, hf.hidden_size),
+            ));
+        }
+        if hf.vocab_size == 0 || hf.intermediate_size == 0 || hf.head_dim == Some(0) {
+            return Err(invalid("vocab_size", "vocab_size, intermediate_size and head_dim must be positive".into()));
+        }
+        if let Some(eps) = hf.rms_norm_eps.filter(|e| !(e.is_finite() && *e > 0.0)) {
+            return Err(invalid("rms_norm_eps", format!("{eps} must be a positive number")));
+        }
         let head_dim = hf.head_dim.unwrap_or(hf.hidden_size / hf.num_attention_heads);
         if !head_dim.is_multiple_of(2) {
             return Err(invalid("head_dim", format!("{head_dim} must be even for rotary embeddings")));
@@ -163,11 +175,17 @@ impl ModelConfig {
         };
         let (theta, scaling_value) = match &hf.rope_parameters {
             Some(Value::Object(p)) => {
-                let theta = p.get("rope_theta").and_then(Value::as_f64).or(hf.rope_theta).unwrap_or(default_theta);
+                let theta = match p.get("rope_theta") {
+                    None | Some(Value::Null) => hf.rope_theta.unwrap_or(default_theta),
+                    Some(v) => v.as_f64().ok_or_else(|| invalid("rope_parameters", format!("rope_theta must be a number, got {v}")))?,
+                };
                 (theta, Some(Value::Object(p.clone())))
             }
             _ => (hf.rope_theta.unwrap_or(default_theta), hf.rope_scaling.clone()),
         };
+        if !(theta.is_finite() && theta > 0.0) {
+            return Err(invalid("rope_theta", format!("{theta} must be a positive number")));
+        }
         let rope_scaling = RopeScaling::from_json(scaling_value.as_ref(), max_pos)
             .map_err(|e| invalid(if hf.rope_parameters.is_some() { "rope_parameters" } else { "rope_scaling" }, e.to_string()))?;
 
@@ -234,6 +252,24 @@ mod tests {
         assert_eq!(b.rope_theta, 500000.0);
         assert_eq!(a.rope_scaling, b.rope_scaling);
         assert_eq!(a.rope_scaling, RopeScaling::Linear { factor: 2.0 });
+    }
+
+    #[test]
+    fn wrong_values_name_their_key() {
+        for (key, value, want) in [
+            ("rms_norm_eps", serde_json::json!(-1.0), "rms_norm_eps"),
+            ("num_attention_heads", serde_json::json!(3), "does not divide hidden_size"),
+            ("rope_parameters", serde_json::json!({"rope_theta": "1000000.0"}), "rope_theta must be a number"),
+            ("rope_theta", serde_json::json!(0.0), "rope_theta"),
+        ] {
+            let mut c = base();
+            c[key] = value;
+            if key == "num_attention_heads" {
+                c["num_key_value_heads"] = 1.into();
+            }
+            let e = resolve(c).unwrap_err().to_string();
+            assert!(e.contains(want), "{key}: {e}");
+        }
     }
 
     #[test]

@@ -418,7 +418,8 @@ fn sigmoid(x: f32) -> f32 {
 /// Masked softmax of one row of scores, in place; returns its log-sum-exp (+∞ for a row with
 /// nothing to attend, which is then all zeros).
 fn softmax_row(row: &mut [f32], mask: &[u8]) -> f32 {
-    let max = row.iter().zip(mask).filter(|(_, &m)| m == 0).map(|(x, _)| *x).fold(f32::NEG_INFINITY, f32::max);
+    // NaN propagates (`f32::max` would skip it and a row of NaN scores would look fully masked).
+    let max = row.iter().zip(mask).filter(|(_, &m)| m == 0).map(|(x, _)| *x).fold(f32::NEG_INFINITY, |a, x| if a.is_nan() || x.is_nan() { f32::NAN } else { a.max(x) });
     if max == f32::NEG_INFINITY {
         row.fill(0.0);
         return f32::INFINITY;

@@ -37,6 +37,13 @@ pub enum RecipeError {
 
 type Result<T> = std::result::Result<T, RecipeError>;
 
+/// The largest `train.micro_batch_size` a recipe may ask for (sequences per forward).
+pub const MAX_MICRO_BATCH: usize = 1 << 12;
+/// The largest `train.grad_accum`.
+pub const MAX_GRAD_ACCUM: usize = 1 << 16;
+/// The largest `train.epochs` (more is a typo, not a plan).
+pub const MAX_EPOCHS: f64 = 1e6;
+
 /// A validation failure: the key and the message.
 type Invalid = (&'static str, String);
 
@@ -416,8 +423,20 @@ impl Recipe {
         if !(0.0..1.0).contains(&l.dropout) {
             return invalid("lora.dropout", format!("lora.dropout must be in [0, 1), got {}", l.dropout));
         }
+        if !(l.alpha.is_finite() && l.alpha > 0.0) {
+            return invalid("lora.alpha", format!("lora.alpha must be a positive number (0 makes the adapter do nothing), got {}", l.alpha));
+        }
         if t.micro_batch_size == 0 || t.grad_accum == 0 {
             return invalid("train.micro_batch_size", "train.micro_batch_size and train.grad_accum must be at least 1".into());
+        }
+        if t.micro_batch_size > MAX_MICRO_BATCH {
+            return invalid("train.micro_batch_size", format!("train.micro_batch_size must be at most {MAX_MICRO_BATCH}, got {}", t.micro_batch_size));
+        }
+        if t.grad_accum > MAX_GRAD_ACCUM {
+            return invalid("train.grad_accum", format!("train.grad_accum must be at most {MAX_GRAD_ACCUM}, got {}", t.grad_accum));
+        }
+        if t.max_steps == Some(0) {
+            return invalid("train.max_steps", "train.max_steps must be at least 1".into());
         }
         if !(t.lr > 0.0 && t.lr.is_finite()) {
             return invalid("train.lr", format!("train.lr must be a positive number, got {}", t.lr));
@@ -425,11 +444,14 @@ impl Recipe {
         if !(0.0..=1.0).contains(&t.warmup_ratio) {
             return invalid("train.warmup_ratio", format!("train.warmup_ratio must be in [0, 1], got {}", t.warmup_ratio));
         }
-        if t.max_steps.is_none() && t.epochs <= 0.0 {
-            return invalid("train.epochs", "train.epochs must be positive (or set train.max_steps)".into());
+        if t.max_steps.is_none() && !(t.epochs > 0.0 && t.epochs <= MAX_EPOCHS) {
+            return invalid("train.epochs", format!("train.epochs must be positive and at most {MAX_EPOCHS} (or set train.max_steps), got {}", t.epochs));
         }
-        if t.max_grad_norm < 0.0 || t.weight_decay < 0.0 {
-            return invalid("train.max_grad_norm", "train.max_grad_norm and train.weight_decay must not be negative".into());
+        if !(t.max_grad_norm.is_finite() && t.max_grad_norm >= 0.0) {
+            return invalid("train.max_grad_norm", format!("train.max_grad_norm must be a number ≥ 0 (0 = no clipping), got {}", t.max_grad_norm));
+        }
+        if !(t.weight_decay.is_finite() && t.weight_decay >= 0.0) {
+            return invalid("train.weight_decay", format!("train.weight_decay must be a number ≥ 0, got {}", t.weight_decay));
         }
         if self.data.max_len < 2 {
             return invalid("data.max_len", "data.max_len must be at least 2".into());
@@ -570,6 +592,28 @@ mod tests {
             RecipeError::Invalid { key, .. } => assert_eq!(key.as_deref(), Some("train.lr")),
             e => panic!("{e}"),
         }
+    }
+
+    #[test]
+    fn numbers_are_checked_where_they_enter() {
+        for (set, key) in [
+            ("lora.alpha=0", "lora.alpha"),
+            ("lora.alpha=nan", "lora.alpha"),
+            ("train.weight_decay=inf", "train.weight_decay"),
+            ("train.max_grad_norm=nan", "train.max_grad_norm"),
+            ("train.max_steps=0", "train.max_steps"),
+            ("train.epochs=1e300", "train.epochs"),
+            ("train.epochs=nan", "train.epochs"),
+            ("train.micro_batch_size=1000000000", "train.micro_batch_size"),
+            ("train.grad_accum=100000000000", "train.grad_accum"),
+        ] {
+            match Recipe::load(&write(MIN), &[set.to_string()]) {
+                Err(RecipeError::Invalid { key: Some(k), msg, .. }) => assert_eq!(k, key, "{set}: {msg}"),
+                other => panic!("{set}: {:?}", other.map(|_| ())),
+            }
+        }
+        // Large but plannable: a run this long is generated step by step, never listed.
+        assert!(Recipe::load(&write(MIN), &["train.max_steps=9223372036854775807".to_string()]).is_ok());
     }
 
     #[test]

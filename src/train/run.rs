@@ -104,11 +104,17 @@ pub fn run<B: TrainBackend>(recipe: &Recipe, device: B::Device, progress: &dyn P
     let steps_per_epoch = n_examples.div_ceil(per_step);
     let total = t.max_steps.unwrap_or_else(|| (t.epochs * steps_per_epoch as f64).ceil() as usize).max(1);
     let warmup = if t.warmup_steps > 0 { t.warmup_steps } else { (t.warmup_ratio * total as f64).ceil() as usize };
+    if warmup >= total {
+        progress.warning(&format!("the warmup ({warmup} steps) is not shorter than the run ({total} steps): the learning rate never reaches train.lr"));
+    }
 
     let mut data = DataOrder::new(t.seed, n_examples, state.epoch, state.cursor);
-    // The examples the remaining steps will visit, in order.
+    // The examples the remaining steps will visit, in order, as far as needed to know which:
+    // after the rest of this epoch and one more, every example has come up (a long run is never
+    // listed whole).
     let mut ahead = data.clone();
-    let upcoming: Vec<usize> = (0..total.saturating_sub(state.step) * per_step).map(|_| ahead.next_index()).collect();
+    let draws = total.saturating_sub(state.step).saturating_mul(per_step).min(2 * n_examples);
+    let upcoming: Vec<usize> = (0..draws).map(|_| ahead.next_index()).collect();
     objective.before_training(&mut model, &upcoming, progress)?;
     run_dir.start_metrics(state.step)?;
     let (mut last_loss, mut tokens_seen, mut eval_loss) = (f64::NAN, state.tokens_seen, None);

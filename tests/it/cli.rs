@@ -133,7 +133,17 @@ fn bad_data_gives_file_and_line() {
     let noasst = d.join("noasst.jsonl");
     std::fs::write(&noasst, "{\"messages\": [{\"role\": \"user\", \"content\": \"a\"}]}\n").unwrap();
     assert_clean_error(&["eval", "--model", s(&m), "--data", s(&noasst)], 3, &[&format!("{}:1", noasst.display()), "no assistant turn"]);
-    assert_clean_error(&["eval", "--model", s(&m), "--data", s(&d.join("missing.jsonl"))], 3, &["missing.jsonl"]);
+    // A data file that cannot be read is a file problem (1); what a file holds is data (3).
+    assert_clean_error(&["eval", "--model", s(&m), "--data", s(&d.join("missing.jsonl"))], 1, &["missing.jsonl"]);
+    let empty = d.join("empty.jsonl");
+    std::fs::write(&empty, "\n").unwrap();
+    assert_clean_error(&["eval", "--model", s(&m), "--data", s(&empty)], 3, &["empty.jsonl", "no records"]);
+    assert_clean_error(&["data", "check", s(&empty), "--model", s(&m)], 3, &["empty.jsonl", "no records"]);
+    // A UTF-8 byte-order mark before the first record is accepted.
+    let bom = d.join("bom.jsonl");
+    std::fs::write(&bom, "\u{feff}{\"messages\": [{\"role\": \"user\", \"content\": \"a\"}, {\"role\": \"assistant\", \"content\": \"b\"}]}\n").unwrap();
+    let (c, _, err) = ft(&["eval", "--model", s(&m), "--data", s(&bom), "--template", "chatml"]);
+    assert_eq!(c, 0, "{err}");
 }
 
 #[test]
@@ -170,4 +180,38 @@ fn data_check_reports_every_bad_line() {
     assert!(warnings.iter().any(|(at, m)| at == &format!("{file}:1") && m.contains("longer than --max-len 10")), "{warnings:?}");
     assert_eq!(v["too_long"], 2);
     assert!(v["trainable_tokens"].as_u64().unwrap() > 0);
+}
+
+/// `adapters/lora-r4` with one value of one `lora_B` set to NaN.
+fn nan_adapter(name: &str) -> (PathBuf, String) {
+    let d = scratch(name);
+    let src = fixtures().join("adapters/lora-r4");
+    std::fs::copy(src.join("adapter_config.json"), d.join("adapter_config.json")).unwrap();
+    let bytes = std::fs::read(src.join("adapter_model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut tensors: Vec<(String, safetensors::Dtype, Vec<usize>, Vec<u8>)> =
+        st.tensors().into_iter().map(|(n, t)| (n, t.dtype(), t.shape().to_vec(), t.data().to_vec())).collect();
+    tensors.sort_by(|a, b| a.0.cmp(&b.0));
+    let target = tensors.iter_mut().find(|t| t.0.contains("q_proj.lora_B")).unwrap();
+    assert_eq!(target.1, safetensors::Dtype::F32);
+    target.3[..4].copy_from_slice(&f32::NAN.to_le_bytes());
+    let name = target.0.clone();
+    let views: Vec<(String, safetensors::tensor::TensorView)> =
+        tensors.iter().map(|(n, d, s, b)| (n.clone(), safetensors::tensor::TensorView::new(*d, s.clone(), b).unwrap())).collect();
+    safetensors::serialize_to_file(views, None, &d.join("adapter_model.safetensors")).unwrap();
+    (d, name)
+}
+
+#[test]
+fn nan_weights_never_become_numbers() {
+    let (adapter, tensor) = nan_adapter("cli-nan-adapter");
+    let m = model_dir("llama");
+    // The CPU attention propagates the NaN (its softmax once skipped NaN scores and returned zeros),
+    // so the loss is NaN, which `ft eval` reports as an error, not a number.
+    assert_clean_error(&["eval", "--model", s(&m), "--adapter", s(&adapter), "--data", &chat(), "--template", "chatml"], 1, &["non-finite", "NaN"]);
+    // `ft merge` refuses to write non-finite weights, naming the tensor, and writes nothing.
+    let out = scratch("cli-nan-merge").join("merged");
+    let module = tensor.trim_start_matches("base_model.model.").trim_end_matches(".lora_B.weight");
+    assert_clean_error(&["merge", "--model", s(&m), "--adapter", s(&adapter), "--out", s(&out)], 1, &[module, "non-finite"]);
+    assert!(!out.exists(), "nothing written");
 }

@@ -257,6 +257,41 @@ fn sigint_saves_a_checkpoint_and_exits_130() {
 }
 
 #[test]
+fn sigterm_is_handled_like_sigint() {
+    // Schedulers and CI runners send SIGTERM before SIGKILL: the run saves a checkpoint and
+    // exits 130, as for Ctrl-C.
+    let d = scratch("train-sigterm");
+    let data = eight(&d);
+    let r = recipe(&d, &data, "max_steps = 100000\nmicro_batch_size = 2\nlr = 1e-3");
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_ft"))
+        .args(["train", r.to_str().unwrap(), "--quiet"])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let start = std::time::Instant::now();
+    while std::fs::read_to_string(d.join("run/metrics.jsonl")).map(|m| m.lines().count() < 2).unwrap_or(true) {
+        assert!(start.elapsed().as_secs() < 60, "no training step within 60 s");
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    std::process::Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(130), "{err}");
+    assert!(err.contains("--resume"), "{err}");
+    assert_eq!(ft::train::checkpoint::complete_checkpoints(&d.join("run")).len(), 1, "one complete checkpoint");
+}
+
+#[test]
+fn target_modules_matching_nothing_is_a_recipe_error() {
+    let d = scratch("train-notargets");
+    let data = eight(&d);
+    let r = recipe(&d, &data, "max_steps = 1\nmicro_batch_size = 2");
+    let (c, _, err) = ft(&["train", r.to_str().unwrap(), "--quiet", "--set", "lora.target_modules=[\"nope_proj\"]"]);
+    assert_eq!(c, 2, "{err}");
+    assert!(err.contains("target_modules") && err.contains("nope_proj"), "{err}");
+}
+
+#[test]
 fn unwritable_output_dir_is_a_clear_error() {
     let d = scratch("unwritable");
     let data = eight(&d);
