@@ -124,6 +124,8 @@ pub fn exit_code(err: &anyhow::Error) -> u8 {
                 TrainError::Diverged(_) => exit::DIVERGED,
                 TrainError::Interrupted(_) => exit::INTERRUPTED,
                 TrainError::Recipe(_) | TrainError::NoTargets(_) => exit::USAGE,
+                TrainError::Changed { data: true, .. } => exit::DATA,
+                TrainError::Changed { data: false, .. } => exit::USAGE,
                 TrainError::Data(e) => data(e),
                 TrainError::Prepare(p) => prepare(p),
                 _ => exit::FAILURE,

@@ -9,7 +9,7 @@ use burn::prelude::*;
 use burn::tensor::TensorData;
 use sha2::Digest;
 
-use super::state::TrainState;
+use super::state::{Fingerprint, TrainState};
 use super::{IoAt, TrainError};
 use crate::atomic::{write_atomic, StagedDir};
 use crate::formats::safetensors::{write_safetensors, RawTensors, TensorFiles};
@@ -52,6 +52,7 @@ fn tensors_to_file<B: Backend>(path: &Path, named: Vec<(String, Tensor<B, 2>)>) 
 pub fn save<B: Backend>(
     run: &Path,
     state: &TrainState,
+    fingerprint: &Fingerprint,
     save_adapter: impl FnOnce(&Path) -> Result<()>,
     m: &[Tensor<B, 2>],
     v: &[Tensor<B, 2>],
@@ -74,8 +75,9 @@ pub fn save<B: Backend>(
     }
     tensors_to_file(&staged.path("optimizer.safetensors"), named)?;
     write_atomic(&staged.path("trainer_state.json"), &serde_json::to_vec_pretty(state).expect("state serializes"))?;
+    write_atomic(&staged.path("fingerprint.json"), &serde_json::to_vec_pretty(fingerprint).expect("fingerprint serializes"))?;
     let mut manifest = serde_json::Map::new();
-    for f in ["adapter/adapter_model.safetensors", "adapter/adapter_config.json", "optimizer.safetensors", "trainer_state.json"] {
+    for f in ["adapter/adapter_model.safetensors", "adapter/adapter_config.json", "optimizer.safetensors", "trainer_state.json", "fingerprint.json"] {
         manifest.insert(f.into(), sha256_file(&staged.tmp.join(f))?.into());
     }
     write_atomic(&staged.path("manifest.json"), &serde_json::to_vec_pretty(&manifest).expect("JSON serializes"))?;
@@ -114,6 +116,8 @@ fn prune(run: &Path, keep_last: usize) -> Result<()> {
 pub struct Loaded<B: Backend> {
     pub dir: PathBuf,
     pub state: TrainState,
+    /// What the run trained on (`None` for checkpoints written before ft recorded it).
+    pub fingerprint: Option<Fingerprint>,
     pub m: Vec<Tensor<B, 2>>,
     pub v: Vec<Tensor<B, 2>>,
 }
@@ -135,6 +139,13 @@ pub fn load_latest<B: Backend>(run: &Path, device: &B::Device) -> Result<Option<
     }
     let state: TrainState = serde_json::from_value(read_json("trainer_state.json")?)
         .map_err(|e| TrainError::Invalid { path: dir.join("trainer_state.json"), msg: e.to_string() })?;
+    let fingerprint = match dir.join("fingerprint.json").exists() {
+        true => Some(
+            serde_json::from_value(read_json("fingerprint.json")?)
+                .map_err(|e| TrainError::Invalid { path: dir.join("fingerprint.json"), msg: e.to_string() })?,
+        ),
+        false => None,
+    };
     let ck = TensorFiles::open_file(&dir.join("optimizer.safetensors"))?;
     let (mut m, mut v) = (Vec::new(), Vec::new());
     let mut i = 0;
@@ -145,5 +156,5 @@ pub fn load_latest<B: Backend>(run: &Path, device: &B::Device) -> Result<Option<
         }
         i += 1;
     }
-    Ok(Some(Loaded { dir, state, m, v }))
+    Ok(Some(Loaded { dir, state, fingerprint, m, v }))
 }

@@ -23,6 +23,9 @@ pub enum TrainError {
     Io { what: &'static str, path: PathBuf, source: std::io::Error },
     #[error("{}: {msg}", path.display())]
     Invalid { path: PathBuf, msg: String },
+    /// `--resume` on a run whose recipe (exit 2) or data (exit 3) changed since it started.
+    #[error("--resume: {what}: the run in {} was started with other inputs; resume it with those, or train into a new output directory", run.display())]
+    Changed { run: PathBuf, what: String, data: bool },
     #[error(transparent)]
     Recipe(#[from] recipe::RecipeError),
     #[error(transparent)]

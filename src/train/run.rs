@@ -15,7 +15,7 @@ use super::objective::{Objective, StepReport, StepSettings};
 use super::optim::{learning_rate, AdamW};
 use super::recipe::{Method, Recipe};
 use super::run_dir::RunDir;
-use super::state::{DataOrder, TrainState};
+use super::state::{DataOrder, Fingerprint, TrainState};
 use super::step::trainable_params;
 use super::TrainError;
 use crate::adapters::attach::{attach_new, make_trainable};
@@ -25,7 +25,7 @@ use crate::ops::TrainBackend;
 use crate::progress::Progress;
 
 /// What a finished run reports (also written to `RUN/summary.json`).
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 pub struct Summary {
     pub output_dir: PathBuf,
     pub steps: usize,
@@ -63,6 +63,10 @@ pub fn run<B: TrainBackend>(recipe: &Recipe, device: B::Device, progress: &dyn P
     let t0 = Instant::now();
     let mut run_dir = RunDir::open(&recipe.output.dir, &recipe.resolved_toml(), resume)?;
     let out = run_dir.path.clone();
+    if let Some(summary) = run_dir.finished::<Summary>()? {
+        progress.status(&format!("{} already finished (summary.json); nothing to resume", out.display()));
+        return Ok(summary);
+    }
 
     let tok = TextTokenizer::from_dir(&recipe.model.path)?;
     let template = tok.template(recipe.data.template)?;
@@ -78,7 +82,25 @@ pub fn run<B: TrainBackend>(recipe: &Recipe, device: B::Device, progress: &dyn P
         Method::Dpo => Box::new(super::dpo::Dpo::new(&tok, &template, &recipe.dpo_settings(), progress)?),
     };
     let n_examples = objective.len();
+    let fingerprint = {
+        let data: Vec<&std::path::Path> = [Some(&recipe.data.train), recipe.data.eval.as_ref()].into_iter().flatten().map(|p| p.as_path()).collect();
+        Fingerprint::of(&data, &recipe.model.path, &template.source)?
+    };
     let loaded = if resume { checkpoint::load_latest::<B::InnerBackend>(&out, &device)? } else { None };
+    if let Some(ck) = &loaded {
+        match &ck.fingerprint {
+            Some(saved) => {
+                if let Some((what, data)) = fingerprint.changed_since(saved) {
+                    return Err(TrainError::Changed { run: out, what, data });
+                }
+            }
+            None => progress.warning(&format!("{} records no data fingerprint (an older ft): the data is not checked", ck.dir.display())),
+        }
+        if ck.state.cursor > n_examples {
+            let what = format!("the number of training examples changed ({n_examples}; the checkpoint is at example {})", ck.state.cursor);
+            return Err(TrainError::Changed { run: out, what, data: true });
+        }
+    }
     let lora_config = recipe.lora.config();
     match &loaded {
         Some(ck) => {
@@ -115,6 +137,8 @@ pub fn run<B: TrainBackend>(recipe: &Recipe, device: B::Device, progress: &dyn P
     let mut ahead = data.clone();
     let draws = total.saturating_sub(state.step).saturating_mul(per_step).min(2 * n_examples);
     let upcoming: Vec<usize> = (0..draws).map(|_| ahead.next_index()).collect();
+    // The run directory appears only now: a run that fails while loading leaves nothing behind.
+    run_dir.create()?;
     objective.before_training(&mut model, &upcoming, progress)?;
     run_dir.start_metrics(state.step)?;
     let (mut last_loss, mut tokens_seen, mut eval_loss) = (f64::NAN, state.tokens_seen, None);
@@ -153,7 +177,7 @@ pub fn run<B: TrainBackend>(recipe: &Recipe, device: B::Device, progress: &dyn P
             let (m, v) = opt.moments();
             let base = recipe.model.path.display().to_string();
             let save = |dir: &std::path::Path| Ok(peft::save(&mut model, &lora_config, &base, dir)?);
-            let saved = checkpoint::save(&out, &st, save, &m, &v, t.keep_last)?;
+            let saved = checkpoint::save(&out, &st, &fingerprint, save, &m, &v, t.keep_last)?;
             if interrupted {
                 return Err(Interrupted { checkpoint: saved }.into());
             }
@@ -171,7 +195,12 @@ pub fn run<B: TrainBackend>(recipe: &Recipe, device: B::Device, progress: &dyn P
     progress.finish();
     run_dir.sync()?;
     run_dir.write_loss_svg()?;
-    peft::save(&mut model, &lora_config, &recipe.model.path.display().to_string(), &out.join("adapter"))?;
+    // A run killed after writing its adapter but before summary.json wrote the same bytes.
+    let final_adapter = out.join("adapter");
+    if final_adapter.exists() {
+        std::fs::remove_dir_all(&final_adapter).map_err(|source| TrainError::Io { what: "cannot replace", path: final_adapter.clone(), source })?;
+    }
+    peft::save(&mut model, &lora_config, &recipe.model.path.display().to_string(), &final_adapter)?;
     let seconds = t0.elapsed().as_secs_f64();
     let counts = objective.data_counts();
     let summary = Summary {

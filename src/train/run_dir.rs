@@ -16,27 +16,46 @@ use crate::atomic::write_atomic;
 pub struct RunDir {
     pub path: PathBuf,
     metrics: Option<std::fs::File>,
+    resolved: String,
 }
 
 impl RunDir {
-    /// A new run in `path` (which must not exist or be empty), saving `resolved` as the recipe.
-    /// `resume`: continue the run already there (the recipe must be the one it was started
-    /// with), keeping only the metrics of steps ≤ the checkpoint's step.
+    /// Checks that a run can start in `path`: a new run needs it missing or empty; with
+    /// `resume`, it must hold a run started with this very recipe (`resolved`). Nothing is
+    /// written until [`Self::create`], so a run that fails while loading leaves nothing behind.
     pub fn open(path: &Path, resolved: &str, resume: bool) -> Result<Self, TrainError> {
         let non_empty = path.exists() && std::fs::read_dir(path).map(|mut d| d.next().is_some()).unwrap_or(false);
         let invalid = |msg: &str| TrainError::Invalid { path: path.into(), msg: msg.into() };
         if resume {
             let saved = std::fs::read_to_string(path.join("recipe.resolved.toml")).map_err(|_| invalid("--resume: this directory holds no run to resume"))?;
             if saved != resolved {
-                return Err(invalid("--resume: the recipe differs from the one this run was started with (see its recipe.resolved.toml)"));
+                let what = "the recipe differs from the run's recipe.resolved.toml".into();
+                return Err(TrainError::Changed { run: path.into(), what, data: false });
             }
         } else if non_empty {
             return Err(invalid("the output directory already exists and is not empty (use --resume to continue it)"));
-        } else {
-            std::fs::create_dir_all(path).at("cannot create output directory", path)?;
-            write_atomic(&path.join("recipe.resolved.toml"), resolved.as_bytes())?;
         }
-        Ok(RunDir { path: path.into(), metrics: None })
+        Ok(RunDir { path: path.into(), metrics: None, resolved: resolved.into() })
+    }
+
+    /// Creates the directory and saves the resolved recipe (a resumed run has both).
+    pub fn create(&self) -> Result<(), TrainError> {
+        std::fs::create_dir_all(&self.path).at("cannot create output directory", &self.path)?;
+        let recipe = self.path.join("recipe.resolved.toml");
+        if !recipe.exists() {
+            write_atomic(&recipe, self.resolved.as_bytes())?;
+        }
+        Ok(())
+    }
+
+    /// The summary of a run that already finished, if this one did.
+    pub fn finished<S: serde::de::DeserializeOwned>(&self) -> Result<Option<S>, TrainError> {
+        let path = self.path.join("summary.json");
+        if !path.exists() {
+            return Ok(None);
+        }
+        let bytes = std::fs::read(&path).at("cannot read", &path)?;
+        serde_json::from_slice(&bytes).map(Some).map_err(|e| TrainError::Invalid { path, msg: format!("not a run summary: {e}") })
     }
 
     /// Opens `metrics.jsonl` for the steps after `step`, keeping only the lines of steps ≤ `step`

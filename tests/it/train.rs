@@ -232,6 +232,49 @@ fn resume_refuses_a_changed_recipe() {
 }
 
 #[test]
+fn resume_refuses_changed_data_and_finishes_what_it_can() {
+    let d = scratch("train-resume-data");
+    let data = eight(&d);
+    let r = recipe(&d, &data, "max_steps = 4\nmicro_batch_size = 2\nsave_every = 2\nseed = 5");
+    assert_eq!(ft(&["train", r.to_str().unwrap(), "--quiet"]).0, 0);
+    let adapter = std::fs::read(d.join("run/adapter/adapter_model.safetensors")).unwrap();
+    // `--resume` on a finished run says so and retrains nothing.
+    let (c, _, err) = ft(&["train", r.to_str().unwrap(), "--resume"]);
+    assert_eq!(c, 0, "{err}");
+    assert!(err.contains("already finished"), "{err}");
+    // Killed after the final adapter, before summary.json: `--resume` finishes with the same bytes.
+    std::fs::remove_file(d.join("run/summary.json")).unwrap();
+    let (c, _, err) = ft(&["train", r.to_str().unwrap(), "--quiet", "--resume"]);
+    assert_eq!(c, 0, "{err}");
+    assert!(d.join("run/summary.json").exists());
+    assert_eq!(std::fs::read(d.join("run/adapter/adapter_model.safetensors")).unwrap(), adapter);
+    // Changed data (here: shortened) is refused with exit 3, naming the file, before any step.
+    std::fs::remove_file(d.join("run/summary.json")).unwrap();
+    let text = std::fs::read_to_string(&data).unwrap();
+    std::fs::write(&data, text.lines().take(3).collect::<Vec<_>>().join("\n") + "\n").unwrap();
+    let metrics_before = std::fs::read_to_string(d.join("run/metrics.jsonl")).unwrap();
+    let (c, _, err) = ft(&["train", r.to_str().unwrap(), "--quiet", "--resume"]);
+    assert_eq!(c, 3, "{err}");
+    assert!(err.contains("data changed") && err.contains("eight.jsonl") && !err.contains("panicked"), "{err}");
+    assert_eq!(std::fs::read_to_string(d.join("run/metrics.jsonl")).unwrap(), metrics_before, "nothing trained");
+}
+
+#[test]
+fn a_run_that_fails_while_loading_leaves_nothing_behind() {
+    let d = scratch("train-fails-loading");
+    let data = d.join("bad.jsonl");
+    std::fs::write(&data, "{\"messages\": [{\"role\": \"user\", \"content\": \"a\"}]}\n").unwrap();
+    let r = recipe(&d, &data, "max_steps = 1\nmicro_batch_size = 2");
+    let (c, _, err) = ft(&["train", r.to_str().unwrap(), "--quiet"]);
+    assert_eq!(c, 3, "{err}");
+    assert!(!d.join("run").exists(), "a failed data preparation leaves no run directory");
+    // Fixed, the same command runs.
+    std::fs::copy(eight(&d), &data).unwrap();
+    let (c, _, err) = ft(&["train", r.to_str().unwrap(), "--quiet"]);
+    assert_eq!(c, 0, "{err}");
+}
+
+#[test]
 fn sigint_saves_a_checkpoint_and_exits_130() {
     let d = scratch("train-sigint");
     let data = eight(&d);
