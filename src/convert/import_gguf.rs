@@ -132,6 +132,29 @@ fn tokenizer_json(g: &GgufFile) -> Result<(Json, Vec<String>)> {
     Ok((tj, tokens))
 }
 
+/// The header's sizes against the tensors, before anything is converted: the block count is the
+/// number of `blk.N` layers, and each layer's q/k projections have the rows the head counts say.
+fn check_header_against_tensors(g: &GgufFile, k: &dyn Fn(&str) -> String, layers: usize, q_rows: usize, kv_rows: usize, hidden: usize) -> Result<()> {
+    let blocks = g
+        .tensors
+        .iter()
+        .filter_map(|t| t.name.strip_prefix("blk.")?.split_once('.')?.0.parse::<usize>().ok())
+        .max()
+        .map_or(0, |m| m + 1);
+    if blocks != layers {
+        return Err(key_error(g, &k("block_count"), &format!("says {layers} but the file has tensors for {blocks} blocks")));
+    }
+    for (suffix, rows, key) in [("attn_q.weight", q_rows, "attention.head_count"), ("attn_k.weight", kv_rows, "attention.head_count_kv")] {
+        for t in g.tensors.iter().filter(|t| t.name.starts_with("blk.") && t.name.ends_with(suffix)) {
+            if t.shape() != [rows, hidden] {
+                let msg = format!("implies [{rows}, {hidden}] for {} but the tensor is {:?}", t.name, t.shape());
+                return Err(key_error(g, &k(key), &msg));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Converts `gguf` into a Hugging Face model directory at `out`.
 pub fn import(gguf: &Path, out: &Path, dtype: OutDtype) -> Result<ImportReport> {
     let g = GgufFile::open(gguf)?;
@@ -150,7 +173,15 @@ pub fn import(gguf: &Path, out: &Path, dtype: OutDtype) -> Result<ImportReport> 
     let layers = meta_u(&g, &k("block_count"))?;
     let (tok_json, tokens) = tokenizer_json(&g)?;
     let vocab = g.get(&k("vocab_size")).and_then(Value::as_u64).map(|x| x as usize).unwrap_or(tokens.len());
-    let head_dim = g.get(&k("attention.key_length")).and_then(Value::as_u64).map(|x| x as usize).unwrap_or(hidden / n_head);
+    if n_head == 0 || n_kv == 0 || !n_head.is_multiple_of(n_kv) {
+        return Err(key_error(&g, &k("attention.head_count"), &format!("{n_head} query heads and {n_kv} key/value heads: both must be positive, the second dividing the first")));
+    }
+    let head_dim = match g.get(&k("attention.key_length")).and_then(Value::as_u64) {
+        Some(d) => d as usize,
+        None if hidden.is_multiple_of(n_head) => hidden / n_head,
+        None => return Err(key_error(&g, &k("attention.head_count"), &format!("{n_head} does not divide embedding_length = {hidden}"))),
+    };
+    check_header_against_tensors(&g, &k, layers, n_head * head_dim, n_kv * head_dim, hidden)?;
     let tied = g.tensor("output.weight").is_none();
     let id = |key: &str| g.get(key).and_then(Value::as_u64);
     let (bos, eos, pad, unk) = (
@@ -239,6 +270,9 @@ pub fn import(gguf: &Path, out: &Path, dtype: OutDtype) -> Result<ImportReport> 
     writer.write_file("tokenizer.json", &serde_json::to_vec(&tok_json).expect("JSON values serialize"))?;
     writer.write_json("tokenizer_config.json", &tok_cfg)?;
     writer.write_json("generation_config.json", &gen_cfg)?;
+    // The directory must load before it appears: every name and shape as the config says.
+    crate::model::load::<crate::backend::Cpu>(writer.staged(), &Default::default(), Default::default())
+        .map_err(|e| ConvertError::invalid(gguf, format!("the converted model does not load (the GGUF header does not describe its tensors): {e}")))?;
     let out = writer.commit()?;
     Ok(ImportReport { out, architecture: arch, tensors: tensors.len(), parameters, types })
 }

@@ -97,6 +97,11 @@ impl ModelDirWriter {
         Ok(())
     }
 
+    /// Where the directory is being written (it is renamed into place by [`Self::commit`]).
+    pub fn staged(&self) -> &Path {
+        &self.staged.tmp
+    }
+
     /// Bytes of tensor data written so far.
     pub fn total_size(&self) -> usize {
         self.total_size

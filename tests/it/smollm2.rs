@@ -158,3 +158,36 @@ fn smollm2_preference_pairs_score_exactly_the_replies() {
     assert_eq!(m["rewards/margins"].as_f64(), Some(0.0));
     assert!(m["logps/chosen"].as_f64().unwrap() > m["logps/rejected"].as_f64().unwrap());
 }
+
+/// The SmolLM2 GGUF with the u32 metadata value `key` set to `value`.
+fn patched_gguf(gguf: &std::path::Path, key: &str, value: u32, out: &std::path::Path) {
+    let mut bytes = std::fs::read(gguf).unwrap();
+    let mut needle = (key.len() as u64).to_le_bytes().to_vec();
+    needle.extend_from_slice(key.as_bytes());
+    let at = bytes.windows(needle.len()).position(|w| w == needle).unwrap_or_else(|| panic!("{key} not in the GGUF")) + needle.len();
+    assert_eq!(u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap()), 4, "{key} is a u32");
+    bytes[at + 4..at + 8].copy_from_slice(&value.to_le_bytes());
+    std::fs::write(out, bytes).unwrap();
+}
+
+#[test]
+fn gguf_headers_are_checked_against_the_tensors() {
+    let Some(gguf) = gguf_path() else { return };
+    let d = scratch("gguf-header");
+    for (key, value, want) in [
+        ("llama.attention.head_count", 0, "attention.head_count"),
+        ("llama.attention.head_count", 8, "dividing"),
+        ("llama.attention.head_count", 6, "attention.head_count_kv"),
+        ("llama.block_count", 31, "block_count"),
+        // Not checkable from the header alone: the converted directory is loaded before it appears.
+        ("llama.feed_forward_length", 1000, "does not load"),
+    ] {
+        let bad = d.join("bad.gguf");
+        patched_gguf(&gguf, key, value, &bad);
+        let out = d.join("out");
+        let (c, _, err) = ft(&["import-gguf", bad.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+        assert_eq!(c, 1, "{key} = {value}: {err}");
+        assert!(err.contains(want) && !err.contains("panicked"), "{key} = {value}: {err}");
+        assert!(!out.exists(), "{key} = {value}: nothing written");
+    }
+}

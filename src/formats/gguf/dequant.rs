@@ -36,6 +36,8 @@ pub enum DequantError {
     PartialBlock { n: usize, block: usize },
     #[error("expected {expected} values, decoded {got}")]
     Count { expected: usize, got: usize },
+    #[error("{0} elements do not fit in memory")]
+    TooLarge(usize),
 }
 
 /// Bytes that `n` elements of type `t` occupy.
@@ -47,14 +49,15 @@ pub fn byte_size(t: u32, n: usize) -> Result<usize, DequantError> {
             Ok(n / QK)
         }
     };
-    Ok(match t {
-        F32 => n * 4,
-        F16 | BF16 => n * 2,
-        Q4_0 => blocks()? * 18,
-        Q4_1 => blocks()? * 20,
-        Q8_0 => blocks()? * 34,
+    let bytes = match t {
+        F32 => n.checked_mul(4),
+        F16 | BF16 => n.checked_mul(2),
+        Q4_0 => blocks()?.checked_mul(18),
+        Q4_1 => blocks()?.checked_mul(20),
+        Q8_0 => blocks()?.checked_mul(34),
         t => return Err(DequantError::Unsupported(t)),
-    })
+    };
+    bytes.ok_or(DequantError::TooLarge(n))
 }
 
 fn h(b: &[u8]) -> f32 {

@@ -74,8 +74,9 @@ impl TensorInfo {
     pub fn shape(&self) -> Vec<usize> {
         self.dims.iter().rev().map(|&d| d as usize).collect()
     }
+    /// Elements; `usize::MAX` when hostile dims overflow (the size check then refuses it).
     pub fn numel(&self) -> usize {
-        self.dims.iter().product::<u64>() as usize
+        self.dims.iter().try_fold(1u64, |a, &d| a.checked_mul(d)).and_then(|n| usize::try_from(n).ok()).unwrap_or(usize::MAX)
     }
 }
 
@@ -220,11 +221,11 @@ impl GgufFile {
     pub fn tensor_bytes(&self, t: &TensorInfo) -> Result<&[u8], GgufError> {
         let err = |msg: String| GgufError::Tensor { path: self.path.clone(), name: t.name.clone(), msg };
         let size = super::dequant::byte_size(t.ggml_type, t.numel()).map_err(|e| err(e.to_string()))?;
-        let start = self.data_start + t.offset as usize;
-        let end = start.checked_add(size).filter(|&e| e <= self.mmap.len()).ok_or_else(|| {
+        let end = usize::try_from(t.offset).ok().and_then(|o| self.data_start.checked_add(o)).and_then(|s| s.checked_add(size));
+        let end = end.filter(|&e| e <= self.mmap.len()).ok_or_else(|| {
             err(format!("data runs past the end of the file ({} bytes); the file is truncated", self.mmap.len()))
         })?;
-        Ok(&self.mmap[start..end])
+        Ok(&self.mmap[end - size..end])
     }
 
     pub fn tensor(&self, name: &str) -> Option<&TensorInfo> {
