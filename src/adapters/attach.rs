@@ -56,7 +56,7 @@ pub fn attach_new<B: TrainBackend>(model: &mut Decoder<B>, config: &LoraConfig, 
     let scale = config.scale();
     let mut n = 0;
     for (name, proj) in model.projections_mut() {
-        if config.targets.matches(&name) {
+        if config.covers(&name) {
             let (d_in, d_out) = proj.dims();
             let mut lora = new_lora(d_in, d_out, config.r, scale, config.init, &mut rng, &device);
             lora.dropout = config.dropout;

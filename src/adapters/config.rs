@@ -99,12 +99,29 @@ pub struct LoraConfig {
     pub use_rslora: bool,
     pub dropout: f64,
     pub targets: Targets,
+    /// Modules left out although `targets` matches them (PEFT's `exclude_modules`).
+    pub exclude: Option<Targets>,
+    /// Only decoder layers with these indices are adapted (PEFT's `layers_to_transform`).
+    pub layers: Option<Vec<usize>>,
     pub base_model: Option<String>,
     /// How the adapter was initialised (written as `init_lora_weights`).
     pub init: LoraInit,
 }
 
 impl LoraConfig {
+    /// Whether the module at `path` gets an adapter, as PEFT decides it: `targets` match, no
+    /// exclusion matches, and its layer (if it is in one) is among `layers`.
+    pub fn covers(&self, path: &str) -> bool {
+        let layer = path.strip_prefix("model.layers.").and_then(|r| r.split('.').next()).and_then(|i| i.parse::<usize>().ok());
+        self.targets.matches(path)
+            && !self.exclude.as_ref().is_some_and(|e| e.matches(path))
+            && match (&self.layers, layer) {
+                (Some(allowed), Some(i)) => allowed.contains(&i),
+                (Some(_), None) => false,
+                (None, _) => true,
+            }
+    }
+
     /// `alpha / r`, or `alpha / sqrt(r)` with rsLoRA.
     pub fn scale(&self) -> f64 {
         if self.use_rslora {
@@ -116,10 +133,37 @@ impl LoraConfig {
 
     /// From a PEFT `adapter_config.json` read from `path`.
     pub fn from_peft(raw: &RawConfig, path: &Path) -> Result<Self, PeftError> {
+        let invalid = |msg: &str| PeftError::Invalid { path: path.into(), msg: msg.into() };
+        let names = |key: &str, v: &Value| -> Result<Targets, PeftError> {
+            match v {
+                Value::String(s) => Ok(Targets::parse_string(s)),
+                Value::Array(a) => a
+                    .iter()
+                    .map(|v| v.as_str().map(String::from))
+                    .collect::<Option<Vec<_>>>()
+                    .map(Targets::Names)
+                    .ok_or_else(|| invalid(&format!("{key} must be a list of names or a string"))),
+                _ => Err(invalid(&format!("{key} must be a list of names or a string"))),
+            }
+        };
         let targets = match &raw.target_modules {
-            Some(Value::String(s)) => Targets::parse_string(s),
-            Some(Value::Array(a)) => Targets::Names(a.iter().filter_map(|v| v.as_str().map(String::from)).collect()),
-            _ => return Err(PeftError::Invalid { path: path.into(), msg: "target_modules must be a list of names or a string".into() }),
+            Some(v) => names("target_modules", v)?,
+            None => return Err(invalid("target_modules must be a list of names or a string")),
+        };
+        let exclude = match &raw.exclude_modules {
+            None | Some(Value::Null) => None,
+            Some(v) => Some(names("exclude_modules", v)?),
+        };
+        let layers = match &raw.layers_to_transform {
+            None | Some(Value::Null) => None,
+            Some(Value::Number(n)) => Some(vec![n.as_u64().ok_or_else(|| invalid("layers_to_transform must be layer indices"))? as usize]),
+            Some(Value::Array(a)) => Some(
+                a.iter()
+                    .map(|v| v.as_u64().map(|i| i as usize))
+                    .collect::<Option<Vec<_>>>()
+                    .ok_or_else(|| invalid("layers_to_transform must be layer indices"))?,
+            ),
+            Some(_) => return Err(invalid("layers_to_transform must be a layer index or a list of them")),
         };
         Ok(LoraConfig {
             r: raw.r,
@@ -127,6 +171,8 @@ impl LoraConfig {
             use_rslora: raw.use_rslora,
             dropout: raw.lora_dropout,
             targets,
+            exclude,
+            layers,
             base_model: raw.base_model_name_or_path.clone(),
             init: Default::default(),
         })

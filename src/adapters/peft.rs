@@ -4,8 +4,8 @@
 
 use std::path::Path;
 
-use super::config::LoraConfig;
-use crate::formats::peft::{self, AdapterFiles, PeftError};
+use super::config::{LoraConfig, Targets};
+use crate::formats::peft::{self, AdapterFiles, LoraMatrices, PeftError};
 use crate::formats::safetensors::RawTensors;
 use crate::model::projection::{Adapter, Lora};
 use crate::model::Decoder;
@@ -24,15 +24,45 @@ impl PeftAdapter {
         Ok(PeftAdapter { files, config })
     }
 
+    /// The LoRA matrices of `module` (PEFT layout), if the adapter has them; tensors for a
+    /// module the config does not cover (`target_modules`, `exclude_modules`,
+    /// `layers_to_transform`) are an error, never applied.
+    pub fn matrices(&self, module: &str, d_in: usize, d_out: usize) -> Result<Option<LoraMatrices>, PeftError> {
+        let m = self.files.matrices(module, d_in, d_out)?;
+        if m.is_some() && !self.config.covers(module) {
+            let msg = format!(
+                "adapter_model.safetensors has tensors for {module}, which the config leaves out (target_modules, exclude_modules, layers_to_transform)"
+            );
+            return Err(PeftError::Invalid { path: self.files.dir.join("adapter_config.json"), msg });
+        }
+        Ok(m)
+    }
+
+    /// Checks that every module `target_modules` names (as names, not a pattern) exists among
+    /// `modules`, the model's module paths.
+    pub fn check_targets<'a>(&self, modules: impl IntoIterator<Item = &'a str> + Clone) -> Result<(), PeftError> {
+        if let Targets::Names(names) = &self.config.targets {
+            for t in names {
+                if !modules.clone().into_iter().any(|m| Targets::Names(vec![t.clone()]).matches(m)) {
+                    let msg = format!("target_modules names {t:?}, which this model does not have");
+                    return Err(PeftError::Invalid { path: self.files.dir.join("adapter_config.json"), msg });
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Attaches the adapters to `model`; every adapter tensor must find its module. Returns how
     /// many projections got one.
     pub fn attach<B: Kernels>(&self, model: &mut Decoder<B>) -> Result<usize, PeftError> {
         let device = model.device();
         let (r, scale) = (self.config.r, self.config.scale());
+        let modules: Vec<String> = model.projections_mut().into_iter().map(|(name, _)| name).collect();
+        self.check_targets(modules.iter().map(String::as_str))?;
         let mut n = 0;
         for (name, proj) in model.projections_mut() {
             let (d_in, d_out) = proj.dims();
-            if let Some((a, b)) = self.files.matrices(&name, d_in, d_out)? {
+            if let Some((a, b)) = self.matrices(&name, d_in, d_out)? {
                 proj.adapter = Some(Adapter::Lora(Lora::from_peft(&a, &b, r, d_in, d_out, scale, &device)));
                 n += 1;
             }

@@ -68,6 +68,8 @@ pub fn merge(base: MergeBase, adapter: &Path, out: &Path, dtype: Option<OutDtype
     ModelConfig::from_dir(base)?;
     let ad = PeftAdapter::open(adapter)?;
     let ck = TensorFiles::open(base)?;
+    let modules: Vec<String> = ck.names().filter_map(|n| n.strip_suffix(".weight")).map(String::from).collect();
+    ad.check_targets(modules.iter().map(String::as_str))?;
     let quantized_base = ck.names().any(|n| n.ends_with(bnb::STATE_SUFFIX));
     if quantized_base && full_precision {
         return Err(ConvertError::invalid(base, "--base: a 4-bit checkpoint is not a full-precision base"));
@@ -107,7 +109,7 @@ pub fn merge(base: MergeBase, adapter: &Path, out: &Path, dtype: Option<OutDtype
             };
             let module = name.strip_suffix(".weight");
             let lora = match (module, shape.as_slice()) {
-                (Some(m), [d_out, d_in]) => ad.files.matrices(m, *d_in, *d_out)?,
+                (Some(m), [d_out, d_in]) => ad.matrices(m, *d_in, *d_out)?,
                 _ => None,
             };
             let data = if let Some((a, b)) = lora {

@@ -56,6 +56,21 @@ pub struct RawConfig {
     pub alpha_pattern: serde_json::Map<String, Value>,
     pub peft_type: Option<String>,
     pub base_model_name_or_path: Option<String>,
+    /// Modules left out although `target_modules` matches them (names or a regex).
+    pub exclude_modules: Option<Value>,
+    /// Only these layer indices are adapted (an index or a list).
+    pub layers_to_transform: Option<Value>,
+    pub layers_pattern: Option<Value>,
+    /// Fields whose adapters ft cannot run: refused when set.
+    pub layer_replication: Option<Value>,
+    #[serde(default)]
+    pub use_qalora: bool,
+    pub target_parameters: Option<Value>,
+    pub trainable_token_indices: Option<Value>,
+    #[serde(default)]
+    pub lora_bias: bool,
+    pub alora_invocation_tokens: Option<Value>,
+    pub use_bdlora: Option<Value>,
 }
 
 impl RawConfig {
@@ -81,6 +96,35 @@ impl RawConfig {
         }
         if !raw.rank_pattern.is_empty() || !raw.alpha_pattern.is_empty() {
             return unsupported("rank_pattern / alpha_pattern");
+        }
+        let set = |v: &Option<Value>| match v {
+            None | Some(Value::Null) | Some(Value::Bool(false)) => false,
+            Some(Value::Array(a)) => !a.is_empty(),
+            Some(Value::Object(o)) => !o.is_empty(),
+            Some(_) => true,
+        };
+        for (name, value) in [
+            ("layer_replication", &raw.layer_replication),
+            ("target_parameters", &raw.target_parameters),
+            ("trainable_token_indices", &raw.trainable_token_indices),
+            ("alora_invocation_tokens", &raw.alora_invocation_tokens),
+            ("use_bdlora", &raw.use_bdlora),
+        ] {
+            if set(value) {
+                return unsupported(name);
+            }
+        }
+        if raw.use_qalora {
+            return unsupported("use_qalora");
+        }
+        if raw.lora_bias {
+            return unsupported("lora_bias");
+        }
+        match &raw.layers_pattern {
+            None | Some(Value::Null) => {}
+            Some(Value::String(p)) if p == "layers" => {}
+            Some(Value::Array(a)) if a.iter().all(|p| p == "layers") => {}
+            Some(other) => return unsupported(&format!("layers_pattern {other} (the decoder's layers are `model.layers`)")),
         }
         if raw.r == 0 {
             return Err(PeftError::Invalid { path: path.into(), msg: "r must be positive".into() });

@@ -115,6 +115,8 @@ impl LoraSection {
             use_rslora: self.use_rslora,
             dropout: self.dropout,
             targets: Targets::from_list(&self.target_modules),
+            exclude: None,
+            layers: None,
             base_model: None,
             init: self.init,
         }

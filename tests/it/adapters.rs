@@ -107,3 +107,50 @@ fn adapter_for_another_model_is_refused() {
     let e = PeftAdapter::open(&adapter_dir("lora-r4")).unwrap().attach(&mut model).unwrap_err();
     assert!(format!("{e:#}").contains("shape"), "{e:#}");
 }
+
+/// `adapters/lora-r4` with its adapter_config.json changed by `edit`.
+fn edited_adapter(name: &str, edit: impl Fn(&mut serde_json::Value)) -> PathBuf {
+    let d = scratch(name);
+    std::fs::copy(adapter_dir("lora-r4").join("adapter_model.safetensors"), d.join("adapter_model.safetensors")).unwrap();
+    let mut cfg = json(&adapter_dir("lora-r4").join("adapter_config.json"));
+    edit(&mut cfg);
+    std::fs::write(d.join("adapter_config.json"), cfg.to_string()).unwrap();
+    d
+}
+
+#[test]
+fn adapter_configs_mean_what_they_say() {
+    let load = |dir: &std::path::Path| {
+        let mut m = ft::model::load::<Cpu>(&model_dir("llama"), &Default::default(), Default::default()).unwrap();
+        PeftAdapter::open(dir).and_then(|a| a.attach(&mut m)).map(|_| m)
+    };
+    let expected = adapter_dir("lora-r4").join("expected_logits.safetensors");
+    // Honoured settings that still cover every tensor load as before.
+    let all_layers = edited_adapter("peft-layers-all", |c| c["layers_to_transform"] = serde_json::json!([0, 1]));
+    assert_logits(&load(&all_layers).unwrap(), &expected, "layers_to_transform [0, 1]");
+    let unmatched_exclude = edited_adapter("peft-exclude-none", |c| c["exclude_modules"] = serde_json::json!(["lm_head"]));
+    assert_logits(&load(&unmatched_exclude).unwrap(), &expected, "exclude_modules [lm_head]");
+    // Tensors the config leaves out, modules the model lacks, fields ft cannot run: errors naming them.
+    for (name, edit, want) in [
+        ("peft-layers-0", serde_json::json!({"layers_to_transform": [0]}), "leaves out"),
+        ("peft-exclude-k", serde_json::json!({"exclude_modules": ["k_proj"]}), "k_proj, which the config leaves out"),
+        ("peft-missing-module", serde_json::json!({"target_modules": ["q_proj", "nope_proj"]}), "nope_proj"),
+        ("peft-replication", serde_json::json!({"layer_replication": [[0, 2]]}), "layer_replication"),
+        ("peft-qalora", serde_json::json!({"use_qalora": true}), "use_qalora"),
+        ("peft-layers-pattern", serde_json::json!({"layers_pattern": "h"}), "layers_pattern"),
+    ] {
+        let dir = edited_adapter(name, |c| {
+            for (k, v) in edit.as_object().unwrap() {
+                c[k] = v.clone();
+            }
+        });
+        let e = load(&dir).err().unwrap_or_else(|| panic!("{name}: loaded")).to_string();
+        assert!(e.contains(want), "{name}: {e}");
+        // `ft merge` refuses the same adapter and writes nothing.
+        let out = scratch(&format!("{name}-merge")).join("merged");
+        let (c, _, err) = ft(&["merge", "--model", model_dir("llama").to_str().unwrap(), "--adapter", dir.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+        assert_eq!(c, 1, "{name}: {err}");
+        assert!(err.contains(want), "{name}: {err}");
+        assert!(!out.exists(), "{name}: nothing written");
+    }
+}
