@@ -17,6 +17,54 @@ pub struct RunDir {
     pub path: PathBuf,
     metrics: Option<std::fs::File>,
     resolved: String,
+    lock: Option<Lock>,
+}
+
+/// `RUN/.lock`, holding the pid of the process training in the directory; removed when the run
+/// ends (a killed run leaves it, and its dead pid marks it stale).
+struct Lock(PathBuf);
+
+impl Drop for Lock {
+    fn drop(&mut self) {
+        std::fs::remove_file(&self.0).ok();
+    }
+}
+
+/// Whether process `pid` is alive (Linux: `/proc/PID`; elsewhere every lock counts as live).
+fn alive(pid: u32) -> bool {
+    if cfg!(target_os = "linux") {
+        Path::new(&format!("/proc/{pid}")).exists()
+    } else {
+        true
+    }
+}
+
+impl Lock {
+    /// Takes the lock of the run in `dir`, refusing while another live process holds it.
+    fn take(dir: &Path) -> Result<Self, TrainError> {
+        let path = dir.join(".lock");
+        for _ in 0..2 {
+            match std::fs::OpenOptions::new().write(true).create_new(true).open(&path) {
+                Ok(mut f) => {
+                    write!(f, "{}", std::process::id()).at("writing", &path)?;
+                    return Ok(Lock(path));
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    let holder = std::fs::read_to_string(&path).ok().and_then(|s| s.trim().parse::<u32>().ok());
+                    match holder {
+                        Some(pid) if pid != std::process::id() && alive(pid) => {
+                            let msg = format!("another ft (pid {pid}) is training in this directory; wait for it, or stop it (its lock: {})", path.display());
+                            return Err(TrainError::Invalid { path: dir.into(), msg });
+                        }
+                        // A killed run's lock: take it over.
+                        _ => std::fs::remove_file(&path).at("cannot remove the stale lock", &path)?,
+                    }
+                }
+                Err(e) => return Err(e).at("cannot create", &path),
+            }
+        }
+        Err(TrainError::Invalid { path: dir.into(), msg: "cannot take the run's lock".into() })
+    }
 }
 
 impl RunDir {
@@ -35,12 +83,14 @@ impl RunDir {
         } else if non_empty {
             return Err(invalid("the output directory already exists and is not empty (use --resume to continue it)"));
         }
-        Ok(RunDir { path: path.into(), metrics: None, resolved: resolved.into() })
+        Ok(RunDir { path: path.into(), metrics: None, resolved: resolved.into(), lock: None })
     }
 
-    /// Creates the directory and saves the resolved recipe (a resumed run has both).
-    pub fn create(&self) -> Result<(), TrainError> {
+    /// Creates the directory, takes its lock (refused while another live ft trains there) and
+    /// saves the resolved recipe (a resumed run has it).
+    pub fn create(&mut self) -> Result<(), TrainError> {
         std::fs::create_dir_all(&self.path).at("cannot create output directory", &self.path)?;
+        self.lock = Some(Lock::take(&self.path)?);
         let recipe = self.path.join("recipe.resolved.toml");
         if !recipe.exists() {
             write_atomic(&recipe, self.resolved.as_bytes())?;

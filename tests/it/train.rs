@@ -260,6 +260,26 @@ fn resume_refuses_changed_data_and_finishes_what_it_can() {
 }
 
 #[test]
+fn a_run_directory_has_one_trainer_at_a_time() {
+    let d = scratch("train-lock");
+    let data = eight(&d);
+    let r = recipe(&d, &data, "max_steps = 2\nmicro_batch_size = 2\nsave_every = 1");
+    assert_eq!(ft(&["train", r.to_str().unwrap(), "--quiet"]).0, 0);
+    assert!(!d.join("run/.lock").exists(), "the lock goes with the run");
+    std::fs::remove_file(d.join("run/summary.json")).unwrap();
+    // A live process holds the run (this test's pid stands in for another ft): refused.
+    std::fs::write(d.join("run/.lock"), std::process::id().to_string()).unwrap();
+    let (c, _, err) = ft(&["train", r.to_str().unwrap(), "--quiet", "--resume"]);
+    assert_eq!(c, 1, "{err}");
+    assert!(err.contains(&format!("pid {}", std::process::id())) && err.contains(".lock"), "{err}");
+    // A dead process's lock (a killed run) is taken over.
+    std::fs::write(d.join("run/.lock"), "4194303").unwrap();
+    let (c, _, err) = ft(&["train", r.to_str().unwrap(), "--quiet", "--resume"]);
+    assert_eq!(c, 0, "{err}");
+    assert!(!d.join("run/.lock").exists());
+}
+
+#[test]
 fn a_run_that_fails_while_loading_leaves_nothing_behind() {
     let d = scratch("train-fails-loading");
     let data = d.join("bad.jsonl");
