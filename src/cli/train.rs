@@ -120,8 +120,14 @@ pub fn run(a: TrainArgs) -> Result<()> {
     }
     // First Ctrl-C (or SIGTERM, as schedulers and CI runners send before SIGKILL): finish the
     // step, save a checkpoint, exit 130. A second one kills.
+    // While loading (nothing written yet), it exits at once.
     ctrlc::set_handler(|| {
-        if crate::train::run::INTERRUPTED.swap(true, std::sync::atomic::Ordering::SeqCst) {
+        use std::sync::atomic::Ordering::SeqCst;
+        if !crate::train::run::WRITING.load(SeqCst) {
+            eprintln!("interrupted while loading; nothing was written");
+            std::process::exit(exit::INTERRUPTED as i32);
+        }
+        if crate::train::run::INTERRUPTED.swap(true, SeqCst) {
             std::process::exit(exit::INTERRUPTED as i32);
         }
     })

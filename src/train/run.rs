@@ -139,6 +139,7 @@ pub fn run<B: TrainBackend>(recipe: &Recipe, device: B::Device, progress: &dyn P
     let upcoming: Vec<usize> = (0..draws).map(|_| ahead.next_index()).collect();
     // The run directory appears only now: a run that fails while loading leaves nothing behind.
     run_dir.create()?;
+    WRITING.store(true, std::sync::atomic::Ordering::SeqCst);
     objective.before_training(&mut model, &upcoming, progress)?;
     run_dir.start_metrics(state.step)?;
     let (mut last_loss, mut tokens_seen, mut eval_loss) = (f64::NAN, state.tokens_seen, None);
@@ -260,8 +261,12 @@ fn step_message(line: &Value) -> String {
 }
 
 /// Set by the CLI's SIGINT handler; the loop checkpoints after the current step and stops. One of
-/// the two documented process-wide flags (the other is `backend::CUDA_IN_USE`).
+/// the documented process-wide flags (with [`WRITING`] and `backend::CUDA_IN_USE`).
 pub static INTERRUPTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Set once the run directory exists. Before that (loading the model, preparing data) an
+/// interrupt has nothing to save: the CLI's handler exits at once instead of waiting for a step.
+pub static WRITING: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 /// The run was interrupted (SIGINT) and saved a checkpoint to resume from.
 #[derive(Debug, thiserror::Error)]
