@@ -294,9 +294,9 @@ fn a_run_that_fails_while_loading_leaves_nothing_behind() {
     assert_eq!(c, 0, "{err}");
 }
 
-#[test]
-fn sigint_saves_a_checkpoint_and_exits_130() {
-    let d = scratch("train-sigint");
+/// Starts a long run, sends `signal` once two steps are logged; the scratch dir, exit code and stderr.
+fn signal_mid_run(name: &str, signal: &str) -> (PathBuf, Option<i32>, String) {
+    let d = scratch(name);
     let data = eight(&d);
     let r = recipe(&d, &data, "max_steps = 100000\nmicro_batch_size = 2\nlr = 1e-3");
     let child = std::process::Command::new(env!("CARGO_BIN_EXE_ft"))
@@ -309,10 +309,15 @@ fn sigint_saves_a_checkpoint_and_exits_130() {
         assert!(start.elapsed().as_secs() < 60, "no training step within 60 s");
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
-    std::process::Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+    std::process::Command::new("kill").args([signal, &child.id().to_string()]).status().unwrap();
     let out = child.wait_with_output().unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(130), "{err}");
+    (d, out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+#[test]
+fn sigint_saves_a_checkpoint_and_exits_130() {
+    let (d, code, err) = signal_mid_run("train-sigint", "-INT");
+    assert_eq!(code, Some(130), "{err}");
     assert!(err.contains("--resume"), "{err}");
     let cks = ft::train::checkpoint::complete_checkpoints(&d.join("run"));
     assert_eq!(cks.len(), 1, "one complete checkpoint");
@@ -325,7 +330,10 @@ fn an_interrupt_while_loading_stops_at_once() {
     let d = scratch("train-sigint-loading");
     let line = r#"{"messages": [{"role": "user", "content": "Count to three, please, and then stop."}, {"role": "assistant", "content": "1, 2, 3"}]}"#;
     let data = d.join("big.jsonl");
-    std::fs::write(&data, format!("{line}\n").repeat(400_000)).unwrap();
+    // Unique content each run, so that the tokenized-data cache (beside the run) never hits.
+    let nonce = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
+    let first = line.replace("then stop.", &format!("then stop ({nonce})."));
+    std::fs::write(&data, format!("{first}\n") + &format!("{line}\n").repeat(400_000)).unwrap();
     let r = recipe(&d, &data, "max_steps = 1\nmicro_batch_size = 2");
     let child = std::process::Command::new(env!("CARGO_BIN_EXE_ft"))
         .args(["train", r.to_str().unwrap(), "--quiet"])
@@ -346,23 +354,8 @@ fn an_interrupt_while_loading_stops_at_once() {
 fn sigterm_is_handled_like_sigint() {
     // Schedulers and CI runners send SIGTERM before SIGKILL: the run saves a checkpoint and
     // exits 130, as for Ctrl-C.
-    let d = scratch("train-sigterm");
-    let data = eight(&d);
-    let r = recipe(&d, &data, "max_steps = 100000\nmicro_batch_size = 2\nlr = 1e-3");
-    let child = std::process::Command::new(env!("CARGO_BIN_EXE_ft"))
-        .args(["train", r.to_str().unwrap(), "--quiet"])
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let start = std::time::Instant::now();
-    while std::fs::read_to_string(d.join("run/metrics.jsonl")).map(|m| m.lines().count() < 2).unwrap_or(true) {
-        assert!(start.elapsed().as_secs() < 60, "no training step within 60 s");
-        std::thread::sleep(std::time::Duration::from_millis(5));
-    }
-    std::process::Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
-    let out = child.wait_with_output().unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(130), "{err}");
+    let (d, code, err) = signal_mid_run("train-sigterm", "-TERM");
+    assert_eq!(code, Some(130), "{err}");
     assert!(err.contains("--resume"), "{err}");
     assert_eq!(ft::train::checkpoint::complete_checkpoints(&d.join("run")).len(), 1, "one complete checkpoint");
 }
