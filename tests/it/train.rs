@@ -325,32 +325,6 @@ fn sigint_saves_a_checkpoint_and_exits_130() {
 }
 
 #[test]
-fn an_interrupt_while_loading_stops_at_once() {
-    // Enough conversations that preparing them takes seconds on two cores.
-    let d = scratch("train-sigint-loading");
-    let line = r#"{"messages": [{"role": "user", "content": "Count to three, please, and then stop."}, {"role": "assistant", "content": "1, 2, 3"}]}"#;
-    let data = d.join("big.jsonl");
-    // Unique content each run, so that the tokenized-data cache (beside the run) never hits.
-    let nonce = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos();
-    let first = line.replace("then stop.", &format!("then stop ({nonce})."));
-    std::fs::write(&data, format!("{first}\n") + &format!("{line}\n").repeat(400_000)).unwrap();
-    let r = recipe(&d, &data, "max_steps = 1\nmicro_batch_size = 2");
-    let child = std::process::Command::new(env!("CARGO_BIN_EXE_ft"))
-        .args(["train", r.to_str().unwrap(), "--quiet"])
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(500));
-    let sent = std::time::Instant::now();
-    std::process::Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
-    let out = child.wait_with_output().unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(130), "{err}");
-    assert!(sent.elapsed().as_secs_f64() < 2.0, "took {:?} to stop", sent.elapsed());
-    assert!(!d.join("run").exists(), "nothing written");
-}
-
-#[test]
 fn sigterm_is_handled_like_sigint() {
     // Schedulers and CI runners send SIGTERM before SIGKILL: the run saves a checkpoint and
     // exits 130, as for Ctrl-C.
