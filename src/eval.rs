@@ -5,7 +5,7 @@
 use std::path::Path;
 
 use crate::data::conversation::{Conversation, DataError};
-use crate::data::encode::{encode_conversation, Encoded};
+use crate::data::encode::{encode_chat, Encoded};
 use crate::data::prepare::{self, Overlong, PrepareError, PrepareOptions};
 use crate::data::template::ChatTemplate;
 use crate::data::tokenizer::TextTokenizer;
@@ -55,7 +55,7 @@ pub fn evaluate<B: Kernels>(
     let (mut truncated, mut input_tokens) = (0, 0);
     for conv in data {
         let at = || conv.at.clone();
-        let mut enc = encode_conversation(tok, template, &conv.messages).map_err(|e| e.at(at()))?;
+        let mut enc = encode_chat(tok, template, &conv.messages, conv.tools.as_ref()).map_err(|e| e.at(at()))?;
         if let Some(m) = max_len.filter(|&m| enc.ids.len() > m) {
             enc.ids.truncate(m);
             enc.mask.truncate(m);

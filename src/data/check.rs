@@ -8,9 +8,9 @@ use std::path::{Path, PathBuf};
 use rayon::prelude::*;
 
 use super::conversation::{parse_line, read_raw_lines, DataError, Location};
-use super::encode::encode_conversation;
+use super::encode::encode_chat;
 use super::packing::pack_lengths;
-use super::preference::{encode_pair, is_preference, parse_pair, PreferencePair};
+use super::preference::{encode_pair, is_preference, parse_pair};
 use super::template::ChatTemplate;
 use super::tokenizer::TextTokenizer;
 
@@ -60,15 +60,13 @@ fn check_line(bytes: &[u8], tok: &TextTokenizer, template: &ChatTemplate) -> Out
     let pair = serde_json::from_str::<serde_json::Value>(text).map(|v| is_preference(&v)).unwrap_or(false);
     let mut warnings = Vec::new();
     if pair {
-        let (prompt, chosen, rejected) = match parse_pair(text) {
+        let p = match parse_pair(text, Location { file: PathBuf::new(), line: 0 }) {
             Ok(p) => p,
             Err(e) => return Outcome::Error(e.to_string()),
         };
-        if chosen == rejected {
+        if p.chosen == p.rejected {
             warnings.push("chosen and rejected are identical (no preference to learn)".to_string());
         }
-        let at = Location { file: PathBuf::new(), line: 0 };
-        let p = PreferencePair { prompt, chosen, rejected, at };
         return match encode_pair(tok, template, &p, None) {
             Ok(e) => Outcome::Sample {
                 tokens: e.chosen.ids.len() + e.rejected.ids.len(),
@@ -80,11 +78,11 @@ fn check_line(bytes: &[u8], tok: &TextTokenizer, template: &ChatTemplate) -> Out
             Err(e) => Outcome::Error(e.to_string()),
         };
     }
-    let messages = match parse_line(text) {
+    let chat = match parse_line(text) {
         Ok(m) => m,
         Err(e) => return Outcome::Error(e.to_string()),
     };
-    match encode_conversation(tok, template, &messages) {
+    match encode_chat(tok, template, &chat.messages, chat.tools.as_ref()) {
         Ok(enc) if enc.trainable() == 0 => Outcome::Error("no trainable tokens (every assistant turn has train: false?)".into()),
         Ok(enc) => Outcome::Sample { tokens: enc.ids.len(), trainable: enc.trainable(), longest: enc.ids.len(), pair: false, warnings },
         Err(e) => Outcome::Error(e.to_string()),
@@ -222,13 +220,12 @@ pub fn show(file: &Path, tok: &TextTokenizer, tpl: &ChatTemplate, index: usize) 
     };
     let value: serde_json::Value = serde_json::from_str(&text).map_err(|e| located(super::conversation::RecordError::Json(e.to_string())))?;
     Ok(if is_preference(&value) {
-        let (prompt, chosen, rejected) = parse_pair(&text).map_err(located)?;
-        let pair = PreferencePair { prompt, chosen, rejected, at: at.clone() };
+        let pair = parse_pair(&text, at.clone()).map_err(located)?;
         let e = encode_pair(tok, tpl, &pair, None).map_err(located)?;
         serde_json::json!({"at": at.to_string(), "chosen": show(&e.chosen)?, "rejected": show(&e.rejected)?})
     } else {
-        let messages = parse_line(&text).map_err(located)?;
-        let e = encode_conversation(tok, tpl, &messages).map_err(located)?;
+        let chat = parse_line(&text).map_err(located)?;
+        let e = encode_chat(tok, tpl, &chat.messages, chat.tools.as_ref()).map_err(located)?;
         let mut v = show(&e)?;
         v["at"] = at.to_string().into();
         v

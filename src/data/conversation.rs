@@ -40,25 +40,53 @@ impl Role {
 }
 
 /// One chat message.
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Message {
     pub role: Role,
+    /// The text; empty when the record has none (an assistant turn of only `tool_calls`).
     pub content: String,
     /// `false` excludes an assistant turn from the loss.
-    #[serde(default = "yes", skip_serializing_if = "is_true")]
     pub train: bool,
-}
-
-fn yes() -> bool {
-    true
-}
-fn is_true(b: &bool) -> bool {
-    *b
+    /// The record's other keys of this message (`tool_calls`, `name`, `tool_call_id`,
+    /// `reasoning_content`, …; `content` when it is null), in the record's order. The chat template
+    /// sees them as transformers passes them.
+    pub extra: Vec<(String, minijinja::Value)>,
 }
 
 impl Message {
     pub fn new(role: Role, content: impl Into<String>) -> Self {
-        Message { role, content: content.into(), train: true }
+        Message { role, content: content.into(), train: true, extra: Vec::new() }
+    }
+
+    /// The message's `tool_calls`, when it has any.
+    pub fn tool_calls(&self) -> Option<&minijinja::Value> {
+        self.extra.iter().find(|(k, v)| k == "tool_calls" && !v.is_none()).map(|(_, v)| v)
+    }
+
+    /// The message as the chat template sees it: `role`, `content`, then the other keys; a
+    /// reasoning field (`reasoning_content`, `thinking`, `reasoning`) is also given as `thinking`
+    /// and `reasoning_content`, as transformers 5 aliases them.
+    pub fn template_value(&self) -> minijinja::Value {
+        let mut map: Vec<(String, minijinja::Value)> = Vec::new();
+        let mut insert = |k: &str, v: minijinja::Value| match map.iter_mut().find(|(n, _)| n == k) {
+            Some(slot) => slot.1 = v,
+            None => map.push((k.to_string(), v)),
+        };
+        let reasoning = ["reasoning_content", "thinking", "reasoning"]
+            .iter()
+            .find_map(|f| self.extra.iter().find(|(k, v)| k == f && !v.is_none()).map(|(_, v)| v.clone()));
+        if let Some(r) = &reasoning {
+            insert("thinking", r.clone());
+        }
+        insert("role", minijinja::Value::from(self.role.as_str()));
+        insert("content", minijinja::Value::from(self.content.as_str()));
+        for (k, v) in &self.extra {
+            insert(k, v.clone());
+        }
+        if let Some(r) = reasoning {
+            insert("reasoning_content", r);
+        }
+        minijinja::Value::from_iter(map)
     }
 }
 
@@ -124,10 +152,64 @@ pub(crate) fn schema(msg: impl Into<String>) -> RecordError {
 #[derive(Debug, Clone)]
 pub struct Conversation {
     pub messages: Vec<Message>,
+    /// The record's `tools` (JSON schemas of callable functions), given to the chat template.
+    pub tools: Option<minijinja::Value>,
     pub at: Location,
 }
 
-pub(crate) fn parse_messages(v: &Value, key: &str) -> Result<Vec<Message>, RecordError> {
+/// A parsed record: its messages and `tools`.
+#[derive(Debug, Clone)]
+pub struct Chat {
+    pub messages: Vec<Message>,
+    pub tools: Option<minijinja::Value>,
+}
+
+/// One JSONL record, parsed for checking (`serde_json`) and, only when a message has keys beyond
+/// `role`/`content`/`train` or the record has `tools`, once more in the record's key order for
+/// the chat template (JSON objects are ordered for Python, and templates print them).
+pub(crate) struct Record<'a> {
+    line: &'a str,
+    ordered: std::cell::OnceCell<minijinja::Value>,
+}
+
+impl<'a> Record<'a> {
+    pub(crate) fn new(line: &'a str) -> Self {
+        Record { line, ordered: std::cell::OnceCell::new() }
+    }
+
+    /// The value at `path` (keys and list indices) in the record's order.
+    fn ordered(&self, path: &[minijinja::Value]) -> minijinja::Value {
+        let mut v = self.ordered.get_or_init(|| serde_json::from_str(self.line).unwrap_or_default()).clone();
+        for p in path {
+            v = v.get_item(p).unwrap_or_default();
+        }
+        v
+    }
+}
+
+/// The function name of a tool schema or tool call (`{"function": {"name": …}}` or `{"name": …}`).
+pub fn function_name(v: &Value) -> Option<&str> {
+    v.get("function").and_then(|f| f.get("name")).or_else(|| v.get("name")).and_then(Value::as_str)
+}
+
+/// The function names of a template value holding tools or tool calls.
+pub fn function_names(v: &minijinja::Value) -> Vec<String> {
+    let json: Value = serde_json::to_value(v).unwrap_or_default();
+    json.as_array().into_iter().flatten().filter_map(function_name).map(str::to_string).collect()
+}
+
+/// Checks a `tools` list or a message's `tool_calls`: a list of objects that each name a function.
+fn check_functions(v: &Value, what: &str) -> Result<(), RecordError> {
+    let items = v.as_array().ok_or_else(|| schema(format!("{what} must be a list")))?;
+    for (j, item) in items.iter().enumerate() {
+        if !item.is_object() || function_name(item).is_none() {
+            return Err(schema(format!("{what}[{j}] must be an object naming its function ({{\"function\": {{\"name\": ...}}}})")));
+        }
+    }
+    Ok(())
+}
+
+pub(crate) fn parse_messages(v: &Value, key: &str, record: &Record) -> Result<Vec<Message>, RecordError> {
     let arr = v
         .as_array()
         .ok_or_else(|| schema(format!("\"{key}\" must be a list of messages")))?;
@@ -143,36 +225,72 @@ pub(crate) fn parse_messages(v: &Value, key: &str) -> Result<Vec<Message>, Recor
             .ok_or_else(|| schema(format!("{key}[{i}].{role_key} must be a string")))?;
         let role = Role::parse(role)
             .ok_or_else(|| schema(format!("{key}[{i}] has unknown role {role:?} (expected system, user, assistant or tool)")))?;
-        let content = o
-            .get(content_key)
-            .ok_or_else(|| schema(format!("{key}[{i}] has no \"{content_key}\"")))?
-            .as_str()
-            .ok_or_else(|| schema(format!("{key}[{i}].{content_key} must be a string")))?;
+        let tool_calls = o.get("tool_calls").filter(|v| !v.is_null() && !sharegpt);
+        if let Some(tc) = tool_calls {
+            if role != Role::Assistant {
+                return Err(schema(format!("{key}[{i}] has tool_calls, but only an assistant message can call tools")));
+            }
+            check_functions(tc, &format!("{key}[{i}].tool_calls"))?;
+        }
+        let calls = tool_calls.and_then(Value::as_array).is_some_and(|a| !a.is_empty());
+        let content = match o.get(content_key) {
+            Some(Value::String(s)) => s.clone(),
+            None | Some(Value::Null) if calls => String::new(),
+            None => return Err(schema(format!("{key}[{i}] has no \"{content_key}\""))),
+            Some(_) => return Err(schema(format!("{key}[{i}].{content_key} must be a string"))),
+        };
         let train = match o.get("train") {
             None => true,
             Some(Value::Bool(b)) => *b,
             Some(_) => return Err(schema(format!("{key}[{i}].train must be true or false"))),
         };
-        out.push(Message { role, content: content.to_string(), train });
+        let mut extra = Vec::new();
+        let plain = |k: &str| matches!(k, "role" | "train") || (k == "content" && o[k].is_string());
+        if !sharegpt && o.keys().any(|k| !plain(k)) {
+            let at = [minijinja::Value::from(key), minijinja::Value::from(i)];
+            let ordered = record.ordered(&at);
+            for k in ordered.try_iter().into_iter().flatten() {
+                let name = k.as_str().unwrap_or_default().to_string();
+                if !plain(&name) {
+                    extra.push((name, ordered.get_item(&k).unwrap_or_default()));
+                }
+            }
+            if !o.contains_key("content") {
+                extra.push(("content".into(), minijinja::Value::UNDEFINED));
+            }
+        }
+        out.push(Message { role, content, train, extra });
     }
     Ok(out)
 }
 
-/// Parses one JSONL line into messages.
-pub fn parse_line(line: &str) -> Result<Vec<Message>, RecordError> {
+/// The record's `tools`, checked, in the record's order.
+pub(crate) fn parse_tools(o: &serde_json::Map<String, Value>, record: &Record) -> Result<Option<minijinja::Value>, RecordError> {
+    match o.get("tools") {
+        None | Some(Value::Null) => Ok(None),
+        Some(t) => {
+            check_functions(t, "tools")?;
+            Ok(Some(record.ordered(&[minijinja::Value::from("tools")])))
+        }
+    }
+}
+
+/// Parses one JSONL line into messages and tools.
+pub fn parse_line(line: &str) -> Result<Chat, RecordError> {
+    let record = Record::new(line);
     let v: Value = serde_json::from_str(line).map_err(|e| RecordError::Json(e.to_string()))?;
     let o = v.as_object().ok_or_else(|| schema("expected a JSON object with \"messages\""))?;
     let msgs = if let Some(m) = o.get("messages") {
-        parse_messages(m, "messages")?
+        parse_messages(m, "messages", &record)?
     } else if let Some(m) = o.get("conversations") {
-        parse_messages(m, "conversations")?
+        parse_messages(m, "conversations", &record)?
     } else {
         return Err(schema("expected a \"messages\" key (ChatML) or \"conversations\" (ShareGPT)"));
     };
     if msgs.is_empty() {
         return Err(schema("the conversation has no messages"));
     }
-    if let Some(i) = msgs.iter().position(|m| m.content.trim().is_empty()) {
+    if let Some(i) = msgs.iter().position(|m| m.content.trim().is_empty() && m.tool_calls().is_none()) {
         return Err(schema(format!("message {i} ({}) has empty content", msgs[i].role.as_str())));
     }
     if let Some(i) = msgs.iter().skip(1).position(|m| m.role == Role::System) {
@@ -181,7 +299,8 @@ pub fn parse_line(line: &str) -> Result<Vec<Message>, RecordError> {
     if !msgs.iter().any(|m| m.role == Role::Assistant) {
         return Err(schema("the conversation has no assistant turn, so there is nothing to learn or score"));
     }
-    Ok(msgs)
+    let tools = parse_tools(o, &record)?;
+    Ok(Chat { messages: msgs, tools })
 }
 
 /// The files a data path names: the file itself, a directory's `*.jsonl`/`*.jsonl.gz` files, or
@@ -220,8 +339,15 @@ pub fn expand_data_path(path: &Path) -> Result<Vec<PathBuf>, DataError> {
     Ok(files)
 }
 
+/// The longest record (JSONL line) ft reads: 4 MiB, about a million tokens of English, beyond any
+/// training length in use. A longer line is refused with its `file:line` before it is held in
+/// memory whole. (Tokenizing takes about 150 bytes per token, so a record's text costs up to
+/// ~170× its size while it is tokenized: this limit bounds that to well under a gigabyte.)
+pub const MAX_RECORD_BYTES: usize = 4 << 20;
+
 /// Calls `f` with every non-blank line (raw bytes, without the newline) of the files `path`
-/// names, gzip-decompressed for `.gz`, with its location.
+/// names, gzip-decompressed for `.gz`, with its location. A line longer than
+/// [`MAX_RECORD_BYTES`] is an error.
 pub fn read_raw_lines(path: &Path, mut f: impl FnMut(Location, &[u8]) -> Result<(), DataError>) -> Result<(), DataError> {
     for file in expand_data_path(path)? {
         let io = |source| DataError::Io { path: file.clone(), source };
@@ -231,9 +357,20 @@ pub fn read_raw_lines(path: &Path, mut f: impl FnMut(Location, &[u8]) -> Result<
         } else {
             Box::new(raw)
         };
-        for (i, line) in BufReader::new(reader).split(b'\n').enumerate() {
-            let bytes = line.map_err(io)?;
-            let bytes = bytes.strip_suffix(b"\r").unwrap_or(&bytes);
+        let mut reader = BufReader::new(reader);
+        let mut buf = Vec::new();
+        for i in 0.. {
+            buf.clear();
+            let n = (&mut reader).take(MAX_RECORD_BYTES as u64 + 2).read_until(b'\n', &mut buf).map_err(io)?;
+            if n == 0 {
+                break;
+            }
+            let bytes = buf.strip_suffix(b"\n").unwrap_or(&buf);
+            let bytes = bytes.strip_suffix(b"\r").unwrap_or(bytes);
+            if bytes.len() > MAX_RECORD_BYTES {
+                let msg = format!("the line is longer than {} MiB, ft's limit for one record", MAX_RECORD_BYTES >> 20);
+                return Err(DataError::At { at: Location { file: file.clone(), line: i + 1 }, msg });
+            }
             // A UTF-8 byte-order mark (some editors write one) is not part of the first record.
             let bytes = if i == 0 { bytes.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(bytes) } else { bytes };
             if bytes.iter().all(u8::is_ascii_whitespace) {
@@ -258,8 +395,8 @@ pub fn read_lines(path: &Path, mut f: impl FnMut(Location, &str) -> Result<(), D
 pub fn read_jsonl(path: &Path) -> Result<Vec<Conversation>, DataError> {
     let mut out = Vec::new();
     read_lines(path, |at, text| {
-        let messages = parse_line(text).map_err(|e| e.at(at.clone()))?;
-        out.push(Conversation { messages, at });
+        let chat = parse_line(text).map_err(|e| e.at(at.clone()))?;
+        out.push(Conversation { messages: chat.messages, tools: chat.tools, at });
         Ok(())
     })?;
     if out.is_empty() {
@@ -296,6 +433,6 @@ mod tests {
     #[test]
     fn sharegpt_is_accepted() {
         let m = parse_line(r#"{"conversations": [{"from": "human", "value": "a"}, {"from": "gpt", "value": "b"}]}"#).unwrap();
-        assert_eq!(m[1], Message::new(Role::Assistant, "b"));
+        assert_eq!(m.messages[1], Message::new(Role::Assistant, "b"));
     }
 }

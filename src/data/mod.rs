@@ -10,5 +10,6 @@ pub mod encode;
 pub mod packing;
 pub mod preference;
 pub mod prepare;
+pub mod pyjson;
 pub mod template;
 pub mod tokenizer;

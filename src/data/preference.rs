@@ -11,8 +11,8 @@ use std::path::Path;
 
 use serde_json::Value;
 
-use super::conversation::{parse_messages, read_lines, schema, DataError, Location, Message, RecordError, Role};
-use super::encode::{encode_conversation, Encoded};
+use super::conversation::{parse_messages, parse_tools, read_lines, schema, DataError, Location, Message, Record, RecordError, Role};
+use super::encode::{encode_chat, Encoded};
 use super::template::ChatTemplate;
 use super::tokenizer::TextTokenizer;
 
@@ -22,14 +22,16 @@ pub struct PreferencePair {
     pub prompt: Vec<Message>,
     pub chosen: Vec<Message>,
     pub rejected: Vec<Message>,
+    /// The record's `tools`, given to the chat template.
+    pub tools: Option<minijinja::Value>,
     pub at: Location,
 }
 
-fn side(o: &serde_json::Map<String, Value>, key: &str, role: Role) -> Result<Vec<Message>, RecordError> {
+fn side(o: &serde_json::Map<String, Value>, key: &str, role: Role, record: &Record) -> Result<Vec<Message>, RecordError> {
     let v = o.get(key).ok_or_else(|| schema(format!("a preference record needs \"prompt\", \"chosen\" and \"rejected\"; \"{key}\" is missing")))?;
     let msgs = match v {
         Value::String(s) => vec![Message::new(role, s.clone())],
-        Value::Array(_) => parse_messages(v, key)?,
+        Value::Array(_) => parse_messages(v, key, record)?,
         _ => return Err(schema(format!("\"{key}\" must be a string or a list of messages"))),
     };
     if msgs.is_empty() {
@@ -38,30 +40,29 @@ fn side(o: &serde_json::Map<String, Value>, key: &str, role: Role) -> Result<Vec
     Ok(msgs)
 }
 
-/// A pair's messages: (prompt, chosen, rejected).
-pub type PairMessages = (Vec<Message>, Vec<Message>, Vec<Message>);
-
 /// True when a JSON record looks like a preference pair (has `chosen` and `rejected`).
 pub fn is_preference(v: &Value) -> bool {
     v.get("chosen").is_some() && v.get("rejected").is_some()
 }
 
-/// Parses one JSONL line into (prompt, chosen, rejected).
-pub fn parse_pair(line: &str) -> Result<PairMessages, RecordError> {
+/// Parses one JSONL line (from `at`) into a pair.
+pub fn parse_pair(line: &str, at: Location) -> Result<PreferencePair, RecordError> {
+    let record = Record::new(line);
     let v: Value = serde_json::from_str(line).map_err(|e| RecordError::Json(e.to_string()))?;
     let o = v.as_object().ok_or_else(|| schema("expected a JSON object with \"prompt\", \"chosen\" and \"rejected\""))?;
-    let prompt = side(o, "prompt", Role::User)?;
-    let chosen = side(o, "chosen", Role::Assistant)?;
-    let rejected = side(o, "rejected", Role::Assistant)?;
+    let prompt = side(o, "prompt", Role::User, &record)?;
+    let chosen = side(o, "chosen", Role::Assistant, &record)?;
+    let rejected = side(o, "rejected", Role::Assistant, &record)?;
     for (name, s) in [("chosen", &chosen), ("rejected", &rejected)] {
         if !s.iter().any(|m| m.role == Role::Assistant) {
             return Err(schema(format!("\"{name}\" has no assistant message to score")));
         }
-        if s.iter().filter(|m| m.role == Role::Assistant).all(|m| m.content.is_empty()) {
+        if s.iter().filter(|m| m.role == Role::Assistant).all(|m| m.content.is_empty() && m.tool_calls().is_none()) {
             return Err(schema(format!("\"{name}\" is an empty completion")));
         }
     }
-    Ok((prompt, chosen, rejected))
+    let tools = parse_tools(o, &record)?;
+    Ok(PreferencePair { prompt, chosen, rejected, tools, at })
 }
 
 /// Reads every pair of a JSONL file (plain or `.gz`); the first bad line is an error naming
@@ -69,8 +70,7 @@ pub fn parse_pair(line: &str) -> Result<PairMessages, RecordError> {
 pub fn read_preferences(path: &Path) -> Result<Vec<PreferencePair>, DataError> {
     let mut out = Vec::new();
     read_lines(path, |at, text| {
-        let (prompt, chosen, rejected) = parse_pair(text).map_err(|e| e.at(at.clone()))?;
-        out.push(PreferencePair { prompt, chosen, rejected, at });
+        out.push(parse_pair(text, at.clone()).map_err(|e| e.at(at))?);
         Ok(())
     })?;
     if out.is_empty() {
@@ -88,10 +88,10 @@ pub struct EncodedPair {
     pub prompt_len: usize,
 }
 
-fn encode_side(tok: &TextTokenizer, template: &ChatTemplate, prompt: &[Message], completion: &[Message]) -> Result<Encoded, RecordError> {
-    let mut msgs: Vec<Message> = prompt.iter().map(|m| Message { train: false, ..m.clone() }).collect();
+fn encode_side(tok: &TextTokenizer, template: &ChatTemplate, pair: &PreferencePair, completion: &[Message]) -> Result<Encoded, RecordError> {
+    let mut msgs: Vec<Message> = pair.prompt.iter().map(|m| Message { train: false, ..m.clone() }).collect();
     msgs.extend(completion.iter().map(|m| Message { train: m.role == Role::Assistant, ..m.clone() }));
-    encode_conversation(tok, template, &msgs)
+    encode_chat(tok, template, &msgs, pair.tools.as_ref())
 }
 
 /// Encodes a pair. With `max_prompt_len`, a longer prompt loses tokens from its start (TRL's
@@ -102,8 +102,8 @@ pub fn encode_pair(
     pair: &PreferencePair,
     max_prompt_len: Option<usize>,
 ) -> Result<EncodedPair, RecordError> {
-    let mut chosen = encode_side(tok, template, &pair.prompt, &pair.chosen)?;
-    let mut rejected = encode_side(tok, template, &pair.prompt, &pair.rejected)?;
+    let mut chosen = encode_side(tok, template, pair, &pair.chosen)?;
+    let mut rejected = encode_side(tok, template, pair, &pair.rejected)?;
     let first = |e: &Encoded| e.mask.iter().position(|&m| m == 1);
     let (Some(pc), Some(pr)) = (first(&chosen), first(&rejected)) else {
         return Err(RecordError::NoCompletionTokens);
@@ -127,15 +127,19 @@ pub fn encode_pair(
 mod tests {
     use super::*;
 
+    fn parse(line: &str) -> Result<PreferencePair, RecordError> {
+        parse_pair(line, Location { file: "t.jsonl".into(), line: 1 })
+    }
+
     #[test]
     fn both_spellings_parse() {
-        let (p, c, r) = parse_pair(r#"{"prompt": "q", "chosen": "a", "rejected": "b"}"#).unwrap();
-        assert_eq!((p[0].role, c[0].role, r[0].content.as_str()), (Role::User, Role::Assistant, "b"));
-        let (p, c, _) = parse_pair(
+        let p = parse(r#"{"prompt": "q", "chosen": "a", "rejected": "b"}"#).unwrap();
+        assert_eq!((p.prompt[0].role, p.chosen[0].role, p.rejected[0].content.as_str()), (Role::User, Role::Assistant, "b"));
+        let p = parse(
             r#"{"prompt": [{"role": "system", "content": "s"}, {"role": "user", "content": "q"}], "chosen": [{"role": "assistant", "content": "a"}], "rejected": [{"role": "assistant", "content": "b"}]}"#,
         )
         .unwrap();
-        assert_eq!((p.len(), c[0].content.as_str()), (2, "a"));
+        assert_eq!((p.prompt.len(), p.chosen[0].content.as_str()), (2, "a"));
     }
 
     #[test]
@@ -148,7 +152,7 @@ mod tests {
             (r#"{"prompt": "q", "chosen": [], "rejected": "b"}"#, "\"chosen\" is empty"),
         ];
         for (line, want) in cases {
-            let e = parse_pair(line).unwrap_err().to_string();
+            let e = parse(line).unwrap_err().to_string();
             assert!(e.contains(want), "{line}: {e}");
         }
     }

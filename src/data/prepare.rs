@@ -8,7 +8,7 @@ use rayon::prelude::*;
 
 use super::cache;
 use super::conversation::{read_jsonl, DataError};
-use super::encode::{encode_conversation, Encoded};
+use super::encode::{encode_chat, Encoded};
 use super::preference::{encode_pair, read_preferences, EncodedPair};
 use super::template::ChatTemplate;
 use super::tokenizer::TextTokenizer;
@@ -100,10 +100,10 @@ pub fn sft(tok: &TextTokenizer, template: &ChatTemplate, path: &Path, opts: &Pre
     let convs = read_jsonl(path)?;
     let encoded = cached_encode(
         &convs,
-        cache_key(opts, path, template, "sft-v1"),
+        cache_key(opts, path, template, "sft-v2"),
         1,
         |s| s[0].clone(),
-        |conv| encode_conversation(tok, template, &conv.messages).map_err(|e| e.at(conv.at.clone())),
+        |conv| encode_chat(tok, template, &conv.messages, conv.tools.as_ref()).map_err(|e| e.at(conv.at.clone())),
         |e| vec![e.clone()],
     );
     let max_len = opts.max_len;
@@ -149,7 +149,7 @@ pub fn pairs(tok: &TextTokenizer, template: &ChatTemplate, path: &Path, opts: &P
     let pairs = read_preferences(path)?;
     let encoded = cached_encode(
         &pairs,
-        cache_key(opts, path, template, &format!("dpo-v1 {:?}", opts.max_prompt_len)),
+        cache_key(opts, path, template, &format!("dpo-v2 {:?}", opts.max_prompt_len)),
         2,
         |s| {
             let first = |e: &Encoded| e.mask.iter().position(|&m| m == 1).unwrap_or(0);

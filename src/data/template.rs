@@ -2,8 +2,7 @@
 //! `chat_template.jinja`) rendered with minijinja the way transformers renders it (trim_blocks,
 //! lstrip_blocks, `raise_exception`, Python string methods), or ft's built-in ChatML.
 
-use minijinja::{context, Environment, Error, ErrorKind};
-use serde::Serialize;
+use minijinja::{context, Environment, Error, ErrorKind, Value};
 
 use super::conversation::Message;
 
@@ -19,12 +18,6 @@ pub struct ChatTemplate {
     pub source: String,
 }
 
-#[derive(Serialize)]
-struct Msg<'a> {
-    role: &'a str,
-    content: &'a str,
-}
-
 impl ChatTemplate {
     pub fn new(source: &str, bos_token: &str, eos_token: &str) -> Result<Self, Error> {
         let mut env = Environment::new();
@@ -36,6 +29,7 @@ impl ChatTemplate {
             Err(Error::new(ErrorKind::InvalidOperation, msg))
         });
         env.add_function("strftime_now", |_fmt: String| -> String { String::new() });
+        env.add_filter("tojson", super::pyjson::tojson);
         env.add_template_owned("chat", source.to_string())?;
         Ok(ChatTemplate { env, bos_token: bos_token.into(), eos_token: eos_token.into(), source: source.into() })
     }
@@ -48,9 +42,19 @@ impl ChatTemplate {
     /// Renders `messages`; with `add_generation_prompt` the text ends where the assistant's
     /// reply begins.
     pub fn render(&self, messages: &[Message], add_generation_prompt: bool) -> Result<String, Error> {
-        let msgs: Vec<Msg> = messages.iter().map(|m| Msg { role: m.role.as_str(), content: &m.content }).collect();
+        self.render_with_tools(messages, None, add_generation_prompt)
+    }
+
+    /// Renders `messages` with the record's `tools` (JSON schemas), as transformers'
+    /// `apply_chat_template(messages, tools=...)` does: each message is the record's object
+    /// (`role`, `content`, then its other keys such as `tool_calls`, in the record's order, with
+    /// transformers' aliases of the reasoning fields), and `tools`/`documents` are none when absent.
+    pub fn render_with_tools(&self, messages: &[Message], tools: Option<&Value>, add_generation_prompt: bool) -> Result<String, Error> {
+        let msgs: Vec<Value> = messages.iter().map(Message::template_value).collect();
         self.env.get_template("chat")?.render(context! {
             messages => msgs,
+            tools => tools,
+            documents => (),
             add_generation_prompt => add_generation_prompt,
             bos_token => &self.bos_token,
             eos_token => &self.eos_token,

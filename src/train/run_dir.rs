@@ -169,6 +169,12 @@ fn open_metrics(path: &Path, keep_through: usize) -> Result<std::fs::File, Train
             .collect()
     };
     write_atomic(path, kept.as_bytes())?;
+    // Tests only (the `fault-injection` feature): `FT_FULL_DISK_METRICS` appends the step lines to
+    // /dev/full, so every append fails as on a full disk.
+    #[cfg(feature = "fault-injection")]
+    if std::env::var_os("FT_FULL_DISK_METRICS").is_some() {
+        return std::fs::OpenOptions::new().append(true).open("/dev/full").at("cannot open", path);
+    }
     std::fs::OpenOptions::new().append(true).open(path).at("cannot open", path)
 }
 

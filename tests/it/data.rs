@@ -58,7 +58,7 @@ fn malformed_lines_are_located_errors_and_never_panic() {
     for b in &bad {
         let text = String::from_utf8_lossy(b);
         let r = std::panic::catch_unwind(|| {
-            let _ = ft::data::preference::parse_pair(&text);
+            let _ = ft::data::preference::parse_pair(&text, ft::data::conversation::Location { file: "x.jsonl".into(), line: 1 });
             ft::data::conversation::parse_line(&text).is_err()
         });
         let rejected = r.unwrap_or_else(|_| panic!("a parser panicked on {text:.80}"));
@@ -163,4 +163,102 @@ fn data_check_reads_preference_pairs_and_reports_packing() {
     assert!(v["warnings"].as_array().unwrap().iter().any(|w| w["message"].as_str().unwrap().contains("identical") && w["at"].as_str().unwrap().ends_with(":4")));
     let eff = v["packing_efficiency"].as_f64().unwrap();
     assert!(eff > 0.5 && eff <= 1.0, "{eff}");
+}
+
+/// A copy of the llama fixture whose chat template renders tools (`tests/fixtures/tools`).
+fn tool_model(name: &str) -> std::path::PathBuf {
+    let d = scratch(name).join("model");
+    std::fs::create_dir_all(&d).unwrap();
+    for f in ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "generation_config.json"] {
+        std::fs::copy(model_dir("llama").join(f), d.join(f)).unwrap();
+    }
+    std::fs::copy(fixtures().join("tools/chat_template.jinja"), d.join("chat_template.jinja")).unwrap();
+    d
+}
+
+#[test]
+fn tool_calls_and_tools_render_as_transformers_does() {
+    use ft::data::conversation::{parse_line, Role};
+    use ft::data::encode::encode_chat;
+    use ft::data::template::ChatTemplate;
+    use ft::data::tokenizer::TextTokenizer;
+    let exp = json(&fixtures().join("tools/expected.json"));
+    let source = std::fs::read_to_string(fixtures().join("tools/chat_template.jinja")).unwrap();
+    let template = ChatTemplate::new(&source, "<|im_start|>", "<|im_end|>").unwrap();
+    let tok = TextTokenizer::from_dir(&model_dir("llama")).unwrap();
+    let lines = std::fs::read_to_string(fixtures().join("tools/tools.jsonl")).unwrap();
+    for (line, want) in lines.lines().zip(exp["records"].as_array().unwrap()) {
+        let chat = parse_line(line).unwrap();
+        // Byte for byte what transformers renders: tools and tool calls through tojson (Python's
+        // separators, float repr, no HTML escaping, the record's key order), reasoning fields.
+        let text = template.render_with_tools(&chat.messages, chat.tools.as_ref(), false).unwrap();
+        assert_eq!(text, want["text"].as_str().unwrap());
+        let enc = encode_chat(&tok, &template, &chat.messages, chat.tools.as_ref()).unwrap();
+        // Trained: each trainable assistant turn from its generation prompt through its closing
+        // <|im_end|> (tool calls and reasoning included), nothing else.
+        let mut expected = String::new();
+        let turns = chat.messages.iter().filter(|m| m.role == Role::Assistant);
+        for (m, prefix) in turns.zip(want["assistant_prefixes"].as_array().unwrap()) {
+            let p = prefix.as_str().unwrap().len();
+            let end = p + text[p..].find("<|im_end|>").unwrap() + "<|im_end|>".len();
+            if m.train {
+                expected.push_str(&text[p..end]);
+            }
+        }
+        let offsets = tok.inner.encode(text.as_str(), false).unwrap().get_offsets().to_vec();
+        assert_eq!(offsets.len(), enc.ids.len());
+        // The bytes under trained tokens (byte-level BPE splits a character over two tokens with
+        // the same offsets, so cover bytes rather than concatenating token texts).
+        let mut covered = vec![false; text.len()];
+        for (&(a, b), _) in offsets.iter().zip(&enc.mask).filter(|(_, &m)| m == 1) {
+            covered[a..b].iter_mut().for_each(|c| *c = true);
+        }
+        let trained: String = text.char_indices().filter(|&(i, _)| covered[i]).map(|(_, c)| c).collect();
+        assert_eq!(trained, expected);
+    }
+    // A template that cannot render them is an error, never a silent drop: with ChatML, the
+    // tool calls and the tools vanish from the text.
+    let chatml = ChatTemplate::chatml("<|im_start|>", "<|im_end|>");
+    let calls = r#"{"messages": [{"role": "user", "content": "w?"}, {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {"name": "get_weather", "arguments": {}}}]}, {"role": "tool", "content": "3"}, {"role": "assistant", "content": "3"}]}"#;
+    let chat = parse_line(calls).unwrap();
+    let e = encode_chat(&tok, &chatml, &chat.messages, None).unwrap_err().to_string();
+    assert!(e.contains("message 1 has tool_calls, but the chat template does not render them") && e.contains("get_weather"), "{e}");
+    let second = lines.lines().nth(1).unwrap();
+    let chat = parse_line(second).unwrap();
+    let e = encode_chat(&tok, &chatml, &chat.messages, chat.tools.as_ref()).unwrap_err().to_string();
+    assert!(e.contains("the record has tools, but the chat template does not render them"), "{e}");
+    // Malformed tool data is a schema error naming the place.
+    for (line, want) in [
+        (r#"{"messages": [{"role": "user", "content": "a", "tool_calls": [{"function": {"name": "f"}}]}, {"role": "assistant", "content": "b"}]}"#, "only an assistant message can call tools"),
+        (r#"{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "tool_calls": [{"function": {}}]}]}"#, "messages[1].tool_calls[0] must be an object naming its function"),
+        (r#"{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": null}]}"#, "messages[1].content must be a string"),
+        (r#"{"tools": {"name": "f"}, "messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}"#, "tools must be a list"),
+    ] {
+        let e = parse_line(line).unwrap_err().to_string();
+        assert!(e.contains(want), "{line}: {e}");
+    }
+    // From the command line: the model's own template renders tools; ChatML is refused naming
+    // file:line, exit 3.
+    let model = tool_model("data-tools");
+    let data = fixtures().join("tools/tools.jsonl");
+    let (c, out, err) = ft(&["data", "check", s(&data), "--model", s(&model), "--json"]);
+    assert_eq!(c, 0, "{err}");
+    assert_eq!(serde_json::from_str::<serde_json::Value>(&out).unwrap()["samples"], 3);
+    let (c, _, err) = ft(&["eval", "--model", s(&model), "--template", "chatml", "--data", s(&data)]);
+    assert_eq!(c, 3, "{err}");
+    assert!(err.contains(&format!("{}:1", data.display())) && err.contains("chat template"), "{err}");
+}
+
+#[test]
+fn a_line_over_the_record_limit_is_refused_with_its_location() {
+    let d = scratch("data-huge-line");
+    let f = d.join("huge.jsonl");
+    let good = r#"{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}"#;
+    let huge = format!(r#"{{"messages": [{{"role": "user", "content": "{}"}}, {{"role": "assistant", "content": "a"}}]}}"#, "x".repeat(ft::data::conversation::MAX_RECORD_BYTES));
+    std::fs::write(&f, format!("{good}\n{huge}\n{good}\n")).unwrap();
+    for args in [&["data", "check", s(&f)][..], &["eval", "--data", s(&f)][..]] {
+        let (c, _, err) = ft(&[args, &["--model", s(&model_dir("llama")), "--template", "chatml"]].concat());
+        assert_eq!(c, 3, "{args:?}: {err}");
+        assert!(err.contains(&format!("{}:2", f.display())) && err.contains("longer than 4 MiB"), "{err}");
+    }
 }

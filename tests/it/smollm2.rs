@@ -61,7 +61,8 @@ fn hex(b: &[u8]) -> String {
 }
 
 fn messages(v: &serde_json::Value) -> Vec<Message> {
-    serde_json::from_value(v.clone()).unwrap()
+    let role = |r: &str| [Role::System, Role::User, Role::Assistant, Role::Tool].into_iter().find(|x| x.as_str() == r).unwrap();
+    v.as_array().unwrap().iter().map(|m| Message::new(role(m["role"].as_str().unwrap()), m["content"].as_str().unwrap())).collect()
 }
 
 #[test]

@@ -232,6 +232,40 @@ fn resume_refuses_a_changed_recipe() {
 }
 
 #[test]
+fn io_errors_name_their_file() {
+    let d = scratch("train-io-errors");
+    let data = eight(&d);
+    let r = recipe(&d, &data, "max_steps = 4\nmicro_batch_size = 2\nsave_every = 2\nseed = 5");
+    // A full disk while appending metrics.jsonl (the appends go to /dev/full): exit 1, naming the
+    // file and the cause, and the run is not taken as finished.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ft"))
+        .args(["train", r.to_str().unwrap(), "--quiet"])
+        .env("FT_FULL_DISK_METRICS", "1")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains(&d.join("run/metrics.jsonl").display().to_string()) && err.contains("No space left"), "{err}");
+    assert!(!d.join("run/summary.json").exists() && !d.join("run/adapter").exists());
+    // A checkpoint whose manifest is missing or broken: exit 1 naming the manifest.
+    std::fs::remove_dir_all(d.join("run")).unwrap();
+    assert_eq!(ft(&["train", r.to_str().unwrap(), "--quiet"]).0, 0);
+    std::fs::remove_dir_all(d.join("run/adapter")).unwrap();
+    std::fs::remove_file(d.join("run/summary.json")).unwrap();
+    let (_, last) = ft::train::checkpoint::complete_checkpoints(&d.join("run")).pop().unwrap();
+    let manifest = last.join("manifest.json");
+    for (broken, want) in [(Some("{"), "not valid JSON"), (None, "cannot read")] {
+        match broken {
+            Some(text) => std::fs::write(&manifest, text).unwrap(),
+            None => std::fs::remove_file(&manifest).unwrap(),
+        }
+        let (c, _, err) = ft(&["train", r.to_str().unwrap(), "--quiet", "--resume"]);
+        assert_eq!(c, 1, "{err}");
+        assert!(err.contains(&manifest.display().to_string()) && err.contains(want), "{err}");
+    }
+}
+
+#[test]
 fn resume_refuses_changed_data_and_finishes_what_it_can() {
     let d = scratch("train-resume-data");
     let data = eight(&d);
