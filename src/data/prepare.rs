@@ -78,13 +78,28 @@ fn cached_encode<T: Sync, E: Send>(
     if let Some(c) = cached {
         return c.chunks_exact(per_item).map(|s| Ok(from_cache(s))).collect();
     }
-    let e: Vec<Result<E, DataError>> = items.par_iter().map(encode).collect();
+    let e: Vec<Result<E, DataError>> = items
+        .par_iter()
+        .map(|item| {
+            slow_for_tests();
+            encode(item)
+        })
+        .collect();
     if let (Some((dir, k)), true) = (&key, e.iter().all(Result::is_ok)) {
         let all: Vec<Encoded> = e.iter().filter_map(|r| r.as_ref().ok()).flat_map(&to_cache).collect();
         // A cache that cannot be written only costs time next run.
         let _ = cache::store(dir, k, &all);
     }
     e
+}
+
+/// Tests only (the `fault-injection` feature): `FT_SLOW_PREPARE_MS` makes encoding each record
+/// take that long, so that a test can interrupt data preparation.
+fn slow_for_tests() {
+    #[cfg(feature = "fault-injection")]
+    if let Some(ms) = std::env::var("FT_SLOW_PREPARE_MS").ok().and_then(|v| v.parse().ok()) {
+        std::thread::sleep(std::time::Duration::from_millis(ms));
+    }
 }
 
 /// The cache key of `path` under `opts`, when caching is on and the files can be hashed.

@@ -77,6 +77,7 @@ pub fn run<B: TrainBackend>(recipe: &Recipe, device: B::Device, progress: &dyn P
         crate::model::load::<B>(&recipe.model.path, &device, options)?
     };
     let (base_bytes, base_params) = model.block_weight_bytes();
+    progress.status(&format!("reading and tokenizing {}", recipe.data.train.display()));
     let mut objective: Box<dyn Objective<B>> = match recipe.train.method {
         Method::Sft => Box::new(super::sft::Sft::new(&tok, &template, &recipe.sft_settings())?),
         Method::Dpo => Box::new(super::dpo::Dpo::new(&tok, &template, &recipe.dpo_settings(), progress)?),

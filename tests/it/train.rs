@@ -328,6 +328,48 @@ fn a_run_that_fails_while_loading_leaves_nothing_behind() {
     assert_eq!(c, 0, "{err}");
 }
 
+#[test]
+fn an_interrupt_while_preparing_data_stops_at_once() {
+    use std::io::BufRead;
+    let d = scratch("train-interrupt-prep");
+    let data = eight(&d);
+    // A record of its own, so that no tokenized-data cache of another run applies.
+    let unique = format!("{{\"messages\": [{{\"role\": \"user\", \"content\": \"{:?}\"}}, {{\"role\": \"assistant\", \"content\": \"ok\"}}]}}\n", std::time::SystemTime::now());
+    std::fs::write(&data, std::fs::read_to_string(&data).unwrap() + &unique).unwrap();
+    let r = recipe(&d, &data, "max_steps = 2\nmicro_batch_size = 2");
+    // Each record takes 20 s to encode (fault-injection hook): preparing takes ≥ 20 s anywhere.
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_ft"))
+        .args(["train", r.to_str().unwrap()])
+        .env("FT_SLOW_PREPARE_MS", "20000")
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    let mut seen = Vec::new();
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        seen.push(line.clone());
+        if line.contains("reading and tokenizing") {
+            break;
+        }
+    }
+    assert!(seen.last().is_some_and(|l| l.contains("reading and tokenizing")), "{seen:?}");
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let sent = std::time::Instant::now();
+    std::process::Command::new("kill").args(["-INT", &child.id().to_string()]).status().unwrap();
+    let code = child.wait().unwrap().code();
+    let waited = sent.elapsed();
+    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    assert_eq!(code, Some(130), "{rest:?}");
+    // Well under the 20 s one record takes: the interrupt did not wait for the preparation.
+    assert!(waited.as_secs_f64() < 10.0, "exited {waited:?} after the interrupt");
+    assert!(rest.iter().any(|l| l.contains("nothing was written")), "{rest:?}");
+    assert!(!d.join("run").exists(), "nothing written");
+    // Nothing blocks the same command afterwards.
+    let (c, _, err) = ft(&["train", r.to_str().unwrap(), "--quiet"]);
+    assert_eq!(c, 0, "{err}");
+}
+
 /// Starts a long run, sends `signal` once two steps are logged; the scratch dir, exit code and stderr.
 fn signal_mid_run(name: &str, signal: &str) -> (PathBuf, Option<i32>, String) {
     let d = scratch(name);
