@@ -119,8 +119,13 @@ fn masked_softmax_kernel<F: Float, M: Numeric>(
             k += ROW_THREADS;
         }
         let l = reduce(&mut shared, l, false);
+        // `l` is 0 only for a row with every key masked. A NaN score makes `l` NaN (whether or not
+        // the max skipped it), and the NaN goes on to every probability and the log-sum-exp, as
+        // the composed softmax and transformers give it. `is_nan` tests the bits: WGSL may take
+        // comparisons as never seeing a NaN.
+        let nan = l.is_nan();
         let mut inv = f32::new(0.0);
-        if l > 0.0 {
+        if l > 0.0 || nan {
             inv = 1.0 / l;
         }
         let mut k = UNIT_POS_X as usize;
@@ -134,7 +139,7 @@ fn masked_softmax_kernel<F: Float, M: Numeric>(
         }
         if UNIT_POS_X == 0 {
             let mut out = f32::new(NEG);
-            if l > 0.0 {
+            if l > 0.0 || nan {
                 out = m + f32::ln(l);
             }
             lse[row] = out;

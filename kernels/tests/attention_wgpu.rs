@@ -129,3 +129,30 @@ fn softmax_grad_matches_the_host() {
         close(&ds, &want_ds, &format!("{what}: score gradients"));
     }
 }
+
+#[test]
+fn a_nan_score_makes_its_row_nan() {
+    // A NaN never becomes a number: its row's probabilities and log-sum-exp are NaN (the host
+    // reference and transformers agree); the other rows are untouched.
+    let case = Case::new(2, 12, 4, 3, 9, true);
+    let (rows, keys) = (case.c.rows, case.c.keys);
+    let mut s = values(rows * keys, 7);
+    let r = (0..rows).find(|&r| (0..keys).filter(|&j| !case.masked(r, j)).count() >= 2).unwrap();
+    let j = (0..keys).find(|&j| !case.masked(r, j)).unwrap();
+    s[r * keys + j] = f32::NAN;
+    let client = client();
+    let (sh, mh) = (client.create_from_slice(bytemuck::cast_slice(&s)), client.create_from_slice(bytemuck::cast_slice(&case.mask)));
+    let (ph, lh) = (client.empty(rows * keys * 4), client.empty(rows * 4));
+    masked_softmax::<WgpuRuntime, f32, u32>(&client, &case.c, &sh, &mh, case.mask.len(), &ph, &lh, 0.7);
+    let p = f32::from_bytes(&client.read_one_unchecked(ph)).to_vec();
+    let lse = f32::from_bytes(&client.read_one_unchecked(lh)).to_vec();
+    assert!(lse[r].is_nan(), "log-sum-exp of the NaN row: {}", lse[r]);
+    for k in (0..keys).filter(|&k| !case.masked(r, k)) {
+        assert!(p[r * keys + k].is_nan(), "probability {k} of the NaN row: {}", p[r * keys + k]);
+    }
+    let (want_p, want_lse) = case.softmax(&s, 0.7);
+    for row in (0..rows).filter(|&row| row != r) {
+        close(&p[row * keys..(row + 1) * keys], &want_p[row * keys..(row + 1) * keys], "other rows");
+        close(&lse[row..row + 1], &want_lse[row..row + 1], "other rows' log-sum-exp");
+    }
+}
