@@ -103,6 +103,10 @@ fn tokenizer_json(g: &GgufFile) -> Result<(Json, Vec<String>)> {
         .and_then(Value::as_array)
         .map(|a| a.iter().map(|v| v.as_u64().unwrap_or(1)).collect())
         .unwrap_or_default();
+    if !types.is_empty() && types.len() != tokens.len() {
+        let msg = format!("has {} entries for {} tokens (tokenizer.ggml.tokens); they must match one to one", types.len(), tokens.len());
+        return Err(key_error(g, "tokenizer.ggml.token_type", &msg));
+    }
     let vocab: serde_json::Map<String, Json> = tokens.iter().enumerate().map(|(i, t)| (t.clone(), json!(i))).collect();
     // Control tokens (type 3) are special; user-defined ones (type 4) are plain added tokens.
     let added: Vec<Json> = types

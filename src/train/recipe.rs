@@ -446,7 +446,9 @@ impl Recipe {
         if !(0.0..=1.0).contains(&t.warmup_ratio) {
             return invalid("train.warmup_ratio", format!("train.warmup_ratio must be in [0, 1], got {}", t.warmup_ratio));
         }
-        if t.max_steps.is_none() && !(t.epochs > 0.0 && t.epochs <= MAX_EPOCHS) {
+        // Checked even when train.max_steps decides the length: a NaN or infinite value in a
+        // recipe is a mistake wherever it is.
+        if !(t.epochs > 0.0 && t.epochs <= MAX_EPOCHS) {
             return invalid("train.epochs", format!("train.epochs must be positive and at most {MAX_EPOCHS} (or set train.max_steps), got {}", t.epochs));
         }
         if !(t.max_grad_norm.is_finite() && t.max_grad_norm >= 0.0) {

@@ -3,6 +3,7 @@ pub mod cli;
 pub mod common;
 pub mod data;
 pub mod dpo;
+pub mod fuzz;
 pub mod oracle_models;
 pub mod packing;
 pub mod quant;

@@ -204,7 +204,17 @@ impl GgufFile {
             let offset = c.u64().map_err(fmt)?;
             tensors.push(TensorInfo { name, dims, ggml_type, offset });
         }
-        let align = metadata.get("general.alignment").and_then(Value::as_u64).unwrap_or(32) as usize;
+        let align = match metadata.get("general.alignment") {
+            None => 32,
+            // GGUF requires a power of two (llama.cpp refuses others); 0 would divide by zero.
+            Some(v) => match v.as_u64().filter(|a| a.is_power_of_two() && *a <= 1 << 20) {
+                Some(a) => a as usize,
+                None => {
+                    let msg = format!("{v:?} is not a power of two up to 2^20");
+                    return Err(GgufError::Key { path: path.into(), key: "general.alignment".into(), msg });
+                }
+            },
+        };
         let data_start = c.pos.div_ceil(align) * align;
         let g = GgufFile { path: path.into(), mmap, metadata, tensors, data_start };
         for t in &g.tensors {
