@@ -254,11 +254,13 @@ fn adapter_configs_with_hostile_values_are_typed_errors() {
     assert!(refused > 0 && accepted > 0, "{refused} refused, {accepted} accepted");
 }
 
+/// A tensor of a GGUF file: name, GGUF dims, ggml type, offset, bytes.
+type Tensor = (String, Vec<u64>, u32, u64, Vec<u8>);
+
 /// A GGUF file held as parts, written back with [`write_gguf`].
 struct Gguf {
     metadata: Vec<(String, G)>,
-    /// name, GGUF dims, ggml type, offset, bytes.
-    tensors: Vec<(String, Vec<u64>, u32, u64, Vec<u8>)>,
+    tensors: Vec<Tensor>,
 }
 
 fn read_gguf(path: &Path) -> Gguf {
