@@ -374,7 +374,8 @@ fn an_interrupt_while_preparing_data_stops_at_once() {
 fn signal_mid_run(name: &str, signal: &str) -> (PathBuf, Option<i32>, String) {
     let d = scratch(name);
     let data = eight(&d);
-    let r = recipe(&d, &data, "max_steps = 100000\nmicro_batch_size = 2\nlr = 1e-3");
+    // A run too long to plan (the audit's example: it panicked "capacity overflow") starts at once.
+    let r = recipe(&d, &data, "max_steps = 9223372036854775807\nmicro_batch_size = 2\nlr = 1e-3");
     let child = std::process::Command::new(env!("CARGO_BIN_EXE_ft"))
         .args(["train", r.to_str().unwrap(), "--quiet"])
         .stderr(std::process::Stdio::piped())
