@@ -109,6 +109,30 @@ pub fn evaluate_dpo<B: Kernels>(
     Ok(DpoReport { metrics, losses, pairs, logps, dropped, warnings })
 }
 
+/// A reference-free preference objective's loss and metrics on a file of pairs.
+pub struct RefFreeReport {
+    pub metrics: serde_json::Map<String, serde_json::Value>,
+    pub pairs: usize,
+    pub dropped: usize,
+    pub warnings: Vec<String>,
+}
+
+/// ORPO, CPO or SimPO of `model` on the preference pairs of `data` (no reference).
+pub fn evaluate_ref_free<B: Kernels>(
+    model: &Decoder<B>,
+    tok: &TextTokenizer,
+    template: &ChatTemplate,
+    data: &Path,
+    objective: crate::loss::ref_free::RefFree,
+    max_len: Option<usize>,
+    max_prompt_len: Option<usize>,
+) -> Result<RefFreeReport, PrepareError> {
+    let opts = PrepareOptions { max_len: max_len.unwrap_or(usize::MAX), overlong: Overlong::Drop, drop_untrainable: false, max_prompt_len, cache: None };
+    let (pairs, dropped, warnings) = prepare::pairs(tok, template, data, &opts)?;
+    let scores = crate::loss::ref_free::score_pairs(model, &pairs, &objective);
+    Ok(RefFreeReport { metrics: objective.metrics(&scores, ""), pairs: pairs.len(), dropped, warnings })
+}
+
 /// One pair's side as `--per-pair` prints it: ids, completion positions and log-probs.
 pub fn side_json(e: &Encoded, s: &SideLogps) -> serde_json::Value {
     let positions: Vec<usize> = (0..e.mask.len()).filter(|&j| e.mask[j] == 1).collect();

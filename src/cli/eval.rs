@@ -9,7 +9,10 @@ use super::args::{load_with_adapter, BackendArgs};
 use super::UsageError;
 use crate::data::conversation::read_jsonl;
 use crate::data::tokenizer::{TemplateChoice, TextTokenizer};
+use clap::ValueEnum;
+
 use crate::loss::dpo::{DpoConfig, LossType};
+use crate::loss::ref_free::{CpoLossType, RefFree};
 use crate::ops::Kernels;
 
 /// What `ft eval` measures.
@@ -19,6 +22,12 @@ pub enum EvalObjective {
     Sft,
     /// DPO losses and TRL's reward metrics over preference pairs.
     Dpo,
+    /// ORPO's loss and TRL's metrics over preference pairs (no reference).
+    Orpo,
+    /// CPO's loss (`--loss-type sigmoid|hinge|ipo|simpo`) and TRL's metrics (no reference).
+    Cpo,
+    /// SimPO (CPO's simpo loss, β 2, γ 0.5, no NLL term) and TRL's metrics (no reference).
+    Simpo,
 }
 
 #[derive(Debug, clap::Args)]
@@ -48,15 +57,22 @@ pub struct EvalArgs {
     /// The same as `--objective dpo`.
     #[arg(long, conflicts_with = "objective")]
     pub dpo: bool,
-    /// DPO β [default: 0.1].
+    /// β [default: 0.1; simpo 2.0].
     #[arg(long)]
     pub beta: Option<f64>,
-    /// The DPO loss reported as `loss` (`losses` has all of them) [default: sigmoid].
-    #[arg(long, value_enum)]
-    pub loss_type: Option<LossType>,
-    /// Label smoothing for the sigmoid and robust DPO losses [default: 0].
+    /// The loss type: DPO `sigmoid|ipo|hinge|robust` (reported as `loss`; `losses` has all of
+    /// them), CPO `sigmoid|hinge|ipo|simpo` [default: sigmoid].
+    #[arg(long)]
+    pub loss_type: Option<String>,
+    /// Label smoothing for the sigmoid and robust losses [default: 0].
     #[arg(long)]
     pub label_smoothing: Option<f64>,
+    /// CPO/SimPO: the weight of the chosen completions' NLL [default: cpo 1, simpo 0].
+    #[arg(long)]
+    pub cpo_alpha: Option<f64>,
+    /// SimPO's γ (TRL's `simpo_gamma`) [default: 0.5].
+    #[arg(long)]
+    pub gamma: Option<f64>,
     /// Adds this times the chosen NLL to the DPO loss (RPO).
     #[arg(long)]
     pub rpo_alpha: Option<f64>,
@@ -82,34 +98,74 @@ impl EvalArgs {
         }
     }
 
-    /// The DPO settings; flags that only DPO reads are usage errors without it.
-    fn dpo_config(&self) -> Result<Option<DpoConfig>, UsageError> {
-        let dpo_only = [
-            ("--beta", self.beta.is_some()),
-            ("--loss-type", self.loss_type.is_some()),
-            ("--label-smoothing", self.label_smoothing.is_some()),
-            ("--rpo-alpha", self.rpo_alpha.is_some()),
-            ("--max-prompt-len", self.max_prompt_len.is_some()),
-            ("--per-pair", self.per_pair),
+    /// The preference objective and its settings; a flag the chosen objective does not read is
+    /// a usage error.
+    fn preference(&self) -> Result<Option<Preference>, UsageError> {
+        let objective = self.objective();
+        // Each flag and the objectives that read it.
+        let flags = [
+            ("--beta", self.beta.is_some(), "dpo|orpo|cpo|simpo"),
+            ("--loss-type", self.loss_type.is_some(), "dpo|cpo"),
+            ("--label-smoothing", self.label_smoothing.is_some(), "dpo|cpo|simpo"),
+            ("--rpo-alpha", self.rpo_alpha.is_some(), "dpo"),
+            ("--cpo-alpha", self.cpo_alpha.is_some(), "cpo|simpo"),
+            ("--gamma", self.gamma.is_some(), "cpo|simpo"),
+            ("--max-prompt-len", self.max_prompt_len.is_some(), "dpo|orpo|cpo|simpo"),
+            ("--per-pair", self.per_pair, "dpo"),
         ];
-        if self.objective() == EvalObjective::Sft {
-            return match dpo_only.iter().find(|(_, set)| *set) {
-                Some((flag, _)) => Err(UsageError(format!("{flag} is a DPO setting: add --objective dpo"))),
-                None => Ok(None),
-            };
+        let name = format!("{objective:?}").to_lowercase();
+        if let Some((flag, _, readers)) = flags.iter().find(|(_, set, readers)| *set && !readers.split('|').any(|r| r == name)) {
+            let readers = readers.replace('|', ", ");
+            return Err(UsageError(format!("{flag} is not a setting of --objective {name}; it is one of --objective {readers}")));
         }
-        let d = DpoConfig::default();
-        let config = DpoConfig {
-            beta: self.beta.unwrap_or(d.beta),
-            loss_type: self.loss_type.unwrap_or(d.loss_type),
-            label_smoothing: self.label_smoothing.unwrap_or(d.label_smoothing),
-            rpo_alpha: self.rpo_alpha,
-        };
-        if config.label_smoothing < 0.0 || config.label_smoothing >= 0.5 || config.beta.is_nan() || config.beta <= 0.0 {
+        let beta_ok = |b: f64| b > 0.0 && b.is_finite();
+        let ls = self.label_smoothing.unwrap_or(0.0);
+        if !(0.0..0.5).contains(&ls) || self.beta.is_some_and(|b| !beta_ok(b)) {
             return Err(UsageError("--beta must be positive and --label-smoothing in [0, 0.5)".into()));
         }
-        Ok(Some(config))
+        if self.cpo_alpha.is_some_and(|a| !(a >= 0.0 && a.is_finite())) || self.gamma.is_some_and(|g| !g.is_finite()) {
+            return Err(UsageError("--cpo-alpha must be a number ≥ 0 and --gamma a number".into()));
+        }
+        let parse = |what: &str, allowed: &str| -> Result<String, UsageError> {
+            let t = self.loss_type.clone().unwrap_or_else(|| "sigmoid".into());
+            match allowed.split('|').any(|a| a == t) {
+                true => Ok(t),
+                false => Err(UsageError(format!("--loss-type {t:?} is not a {what} loss type ({allowed})"))),
+            }
+        };
+        Ok(Some(match objective {
+            EvalObjective::Sft => return Ok(None),
+            EvalObjective::Dpo => {
+                let d = DpoConfig::default();
+                let loss_type = LossType::from_str(&parse("DPO", "sigmoid|ipo|hinge|robust")?, true).map_err(UsageError)?;
+                Preference::Dpo(DpoConfig { beta: self.beta.unwrap_or(d.beta), loss_type, label_smoothing: ls, rpo_alpha: self.rpo_alpha })
+            }
+            EvalObjective::Orpo => Preference::RefFree(RefFree::Orpo { beta: self.beta.unwrap_or(0.1) }),
+            EvalObjective::Cpo | EvalObjective::Simpo => {
+                let defaults = if objective == EvalObjective::Cpo { RefFree::cpo() } else { RefFree::simpo() };
+                let RefFree::Cpo { beta, loss_type, cpo_alpha, simpo_gamma, .. } = defaults else {
+                    unreachable!("cpo() and simpo() are CPO objectives")
+                };
+                let loss_type = match objective {
+                    EvalObjective::Cpo => CpoLossType::from_str(&parse("CPO", "sigmoid|hinge|ipo|simpo")?, true).map_err(UsageError)?,
+                    _ => loss_type,
+                };
+                Preference::RefFree(RefFree::Cpo {
+                    beta: self.beta.unwrap_or(beta),
+                    loss_type,
+                    label_smoothing: ls,
+                    cpo_alpha: self.cpo_alpha.unwrap_or(cpo_alpha),
+                    simpo_gamma: self.gamma.unwrap_or(simpo_gamma),
+                })
+            }
+        }))
     }
+}
+
+/// A preference objective of `ft eval`.
+enum Preference {
+    Dpo(DpoConfig),
+    RefFree(RefFree),
 }
 
 pub fn run(a: EvalArgs) -> Result<()> {
@@ -117,8 +173,10 @@ pub fn run(a: EvalArgs) -> Result<()> {
 }
 
 fn eval_on<B: Kernels>(a: EvalArgs, device: B::Device) -> Result<()> {
-    if let Some(config) = a.dpo_config()? {
-        return eval_dpo_on::<B>(a, config, device);
+    match a.preference()? {
+        Some(Preference::Dpo(config)) => return eval_dpo_on::<B>(a, config, device),
+        Some(Preference::RefFree(objective)) => return eval_ref_free_on::<B>(a, objective, device),
+        None => {}
     }
     let data = read_jsonl(&a.data)?;
     let t0 = Instant::now();
@@ -189,6 +247,42 @@ fn eval_dpo_on<B: Kernels>(a: EvalArgs, config: DpoConfig, device: B::Device) ->
             g("rewards/chosen"),
             g("rewards/rejected"),
             r.pairs.len(),
+            if r.dropped > 0 { format!("  dropped {}", r.dropped) } else { String::new() },
+            secs
+        );
+    }
+    Ok(())
+}
+
+fn eval_ref_free_on<B: Kernels>(a: EvalArgs, objective: RefFree, device: B::Device) -> Result<()> {
+    let t0 = Instant::now();
+    let tok = TextTokenizer::from_dir(&a.model)?;
+    let template = tok.template(a.template)?;
+    let model = load_with_adapter::<B>(&a.model, a.adapter.as_deref(), &device)?;
+    let r = crate::eval::evaluate_ref_free(&model, &tok, &template, &a.data, objective, a.max_len, a.max_prompt_len)?;
+    for w in &r.warnings {
+        eprintln!("warning: {w}");
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    let mut report = r.metrics;
+    if a.json {
+        report.insert("pairs".into(), r.pairs.into());
+        report.insert("dropped".into(), r.dropped.into());
+        report.insert("warnings".into(), r.warnings.len().into());
+        report.insert("seconds".into(), secs.into());
+        println!("{}", serde_json::Value::Object(report));
+    } else {
+        let g = |k: &str| report[k].as_f64().unwrap_or(f64::NAN);
+        println!(
+            "{} loss {:.6}  nll {:.6}  reward accuracy {:.4}  margin {:.6}  chosen {:.6}  rejected {:.6}  pairs {}{}  ({:.1}s)",
+            objective.name(),
+            g("loss"),
+            g("nll_loss"),
+            g("rewards/accuracies"),
+            g("rewards/margins"),
+            g("rewards/chosen"),
+            g("rewards/rejected"),
+            r.pairs,
             if r.dropped > 0 { format!("  dropped {}", r.dropped) } else { String::new() },
             secs
         );

@@ -106,6 +106,8 @@ impl DpoConfig {
         match self.loss_type {
             LossType::Sigmoid => -(1.0 - ls) * log_sigmoid(bx) - ls * log_sigmoid(-bx),
             LossType::Robust => (-(1.0 - ls) * log_sigmoid(bx) + ls * log_sigmoid(-bx)) / (1.0 - 2.0 * ls),
+            // TRL's relu(1 − βx); a NaN stays NaN (`f64::max` would make it 0).
+            LossType::Hinge if bx.is_nan() => f64::NAN,
             LossType::Hinge => (1.0 - bx).max(0.0),
             LossType::Ipo => (self.logit(p) - 1.0 / (2.0 * self.beta)).powi(2),
         }
@@ -161,7 +163,12 @@ impl DpoConfig {
         match self.loss_type {
             LossType::Sigmoid => log_sigmoid(bx.clone()) * -(1.0 - ls) - log_sigmoid(bx.neg()) * ls,
             LossType::Robust => (log_sigmoid(bx.clone()) * -(1.0 - ls) + log_sigmoid(bx.neg()) * ls) / (1.0 - 2.0 * ls),
-            LossType::Hinge => relu(bx.neg() + 1.0),
+            // `+ z·0` keeps relu's gradient and lets a NaN through (a backend's relu may map it
+            // to 0, which would hide a diverged step).
+            LossType::Hinge => {
+                let z = bx.neg() + 1.0;
+                relu(z.clone()) + z * 0.0
+            }
             LossType::Ipo => (x - 1.0 / (2.0 * self.beta)).powi_scalar(2),
         }
     }
@@ -284,6 +291,22 @@ mod tests {
         let rpo = DpoConfig { rpo_alpha: Some(0.5), ..plain };
         let want = plain.metrics(&pairs, "")["loss"].as_f64().unwrap() + 0.5 * (10.0 + 3.0) / (5.0 + 5.0);
         assert!((rpo.metrics(&pairs, "")["loss"].as_f64().unwrap() - want).abs() < 1e-12);
+    }
+
+    #[test]
+    fn a_nan_log_prob_gives_a_nan_loss_of_every_type() {
+        let pairs = [pair(f64::NAN, -20.0, -11.0, -19.0), pair(-3.0, -1.0, -2.5, -1.5)];
+        let dev = Default::default();
+        let t = |f: fn(&PairLogps) -> f64| {
+            Tensor::<Cpu, 1>::from_data(TensorData::new(pairs.iter().map(|p| f(p) as f32).collect::<Vec<_>>(), [2]), &dev)
+        };
+        for loss_type in LossType::ALL {
+            let cfg = DpoConfig { loss_type, label_smoothing: 0.1, beta: 0.3, rpo_alpha: None };
+            assert!(cfg.pair_loss(&pairs[0]).is_nan(), "{loss_type:?}");
+            assert!(cfg.metrics(&pairs, "")["loss"].as_f64().is_none_or(f64::is_nan), "{loss_type:?}");
+            let got: Vec<f32> = cfg.loss_tensor(t(|p| p.chosen.policy), t(|p| p.rejected.policy), &pairs).into_data().to_vec().unwrap();
+            assert!(got[0].is_nan() && got[1].is_finite(), "{loss_type:?}: {got:?}");
+        }
     }
 
     #[test]

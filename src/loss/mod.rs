@@ -4,6 +4,7 @@
 
 pub mod dpo;
 pub mod nll;
+pub mod ref_free;
 
 use burn::prelude::*;
 

@@ -8,6 +8,7 @@ pub mod objective;
 pub mod optim;
 pub mod recipe;
 pub mod recompute;
+pub mod ref_free;
 pub mod run;
 pub mod run_dir;
 pub mod sft;

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use super::dpo::{DpoSettings, ReferenceCache};
+use super::ref_free::RefFreeSettings;
 use super::optim::Schedule;
 use super::recompute::Recompute;
 use super::sft::SftSettings;
@@ -15,6 +16,7 @@ use crate::backend::DeviceChoice;
 use crate::data::prepare::{CacheAt, Overlong, PrepareOptions};
 use crate::data::tokenizer::TemplateChoice;
 use crate::loss::dpo::{DpoConfig, LossType};
+use crate::loss::ref_free::{CpoLossType, RefFree};
 use crate::model::{BaseFormat, LoadOptions};
 
 /// A recipe that does not validate (exit code 2): the file, the line when the TOML parser knows
@@ -62,7 +64,70 @@ pub struct Recipe {
     pub train: TrainSection,
     /// DPO settings (only with `train.method = "dpo"`).
     pub dpo: Option<DpoSection>,
+    /// ORPO settings (only with `train.method = "orpo"`).
+    pub orpo: Option<OrpoSection>,
+    /// CPO settings (only with `train.method = "cpo"`).
+    pub cpo: Option<CpoSection>,
+    /// SimPO settings (only with `train.method = "simpo"`).
+    pub simpo: Option<SimpoSection>,
     pub output: OutputSection,
+}
+
+/// ORPO settings, with TRL's `ORPOConfig` names and defaults.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OrpoSection {
+    #[serde(default = "d_beta")]
+    pub beta: f64,
+    /// Prompts longer than this lose tokens from their start.
+    pub max_prompt_len: Option<usize>,
+}
+
+/// CPO settings, with TRL's `CPOConfig` names and defaults.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CpoSection {
+    #[serde(default = "d_beta")]
+    pub beta: f64,
+    #[serde(default = "d_cpo_loss_type")]
+    pub loss_type: CpoLossType,
+    #[serde(default)]
+    pub label_smoothing: f64,
+    #[serde(default = "d_cpo_alpha")]
+    pub cpo_alpha: f64,
+    /// γ of the `simpo` loss type.
+    #[serde(default = "d_gamma")]
+    pub simpo_gamma: f64,
+    pub max_prompt_len: Option<usize>,
+}
+
+/// SimPO settings: the SimPO paper's β 2.0 and γ 0.5 (TRL's `simpo_gamma`), no NLL term
+/// (`cpo_alpha = 1` is "CPO-SimPO", what TRL's CPOTrainer does when only the loss type is set).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SimpoSection {
+    #[serde(default = "d_simpo_beta")]
+    pub beta: f64,
+    #[serde(default = "d_gamma")]
+    pub gamma: f64,
+    #[serde(default)]
+    pub cpo_alpha: f64,
+    #[serde(default)]
+    pub label_smoothing: f64,
+    pub max_prompt_len: Option<usize>,
+}
+
+fn d_cpo_loss_type() -> CpoLossType {
+    CpoLossType::Sigmoid
+}
+fn d_cpo_alpha() -> f64 {
+    1.0
+}
+fn d_gamma() -> f64 {
+    0.5
+}
+fn d_simpo_beta() -> f64 {
+    2.0
 }
 
 /// DPO settings, with TRL's `DPOConfig` names and defaults.
@@ -207,6 +272,16 @@ pub struct LoraSection {
 pub enum Method {
     Sft,
     Dpo,
+    Orpo,
+    Cpo,
+    Simpo,
+}
+
+impl Method {
+    /// Whether the method trains on preference pairs.
+    pub fn pairs(self) -> bool {
+        self != Method::Sft
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -460,26 +535,52 @@ impl Recipe {
         if self.data.max_len < 2 {
             return invalid("data.max_len", "data.max_len must be at least 2".into());
         }
-        if self.data.packing && t.method == Method::Dpo {
-            return invalid("data.packing", "data.packing is for SFT; DPO batches chosen and rejected sequences unpacked".into());
+        if self.data.packing && t.method.pairs() {
+            return invalid("data.packing", "data.packing is for SFT; preference methods batch chosen and rejected sequences unpacked".into());
         }
-        match (t.method, &self.dpo) {
-            (Method::Sft, Some(_)) => return invalid("dpo", "a [dpo] section is set but train.method is \"sft\" (set train.method = \"dpo\")".into()),
-            (Method::Dpo, Some(d)) => {
-                if !(d.beta > 0.0 && d.beta.is_finite()) {
-                    return invalid("dpo.beta", format!("dpo.beta must be a positive number, got {}", d.beta));
-                }
-                if !(0.0..0.5).contains(&d.label_smoothing) {
-                    return invalid("dpo.label_smoothing", format!("dpo.label_smoothing must be in [0, 0.5), got {}", d.label_smoothing));
-                }
-                if d.rpo_alpha.is_some_and(|a| !(a >= 0.0 && a.is_finite())) {
-                    return invalid("dpo.rpo_alpha", "dpo.rpo_alpha must not be negative".into());
-                }
-                if d.max_prompt_len.is_some_and(|m| m == 0 || m >= self.data.max_len) {
-                    return invalid("dpo.max_prompt_len", "dpo.max_prompt_len must be between 1 and data.max_len - 1".into());
-                }
+        // A method's section only with that method.
+        let sections = [("dpo", Method::Dpo, self.dpo.is_some()), ("orpo", Method::Orpo, self.orpo.is_some()), ("cpo", Method::Cpo, self.cpo.is_some()), ("simpo", Method::Simpo, self.simpo.is_some())];
+        for (name, method, set) in sections {
+            if set && t.method != method {
+                return invalid(name, format!("a [{name}] section is set but train.method is {:?} (set train.method = \"{name}\")", format!("{:?}", t.method).to_lowercase()));
             }
-            _ => {}
+        }
+        let positive = |key: &'static str, v: f64| if v > 0.0 && v.is_finite() { Ok(()) } else { Err((key, format!("{key} must be a positive number, got {v}"))) };
+        let smoothing = |key: &'static str, v: f64| if (0.0..0.5).contains(&v) { Ok(()) } else { Err((key, format!("{key} must be in [0, 0.5), got {v}"))) };
+        let non_negative = |key: &'static str, v: f64| if v >= 0.0 && v.is_finite() { Ok(()) } else { Err((key, format!("{key} must be a number ≥ 0, got {v}"))) };
+        let prompt = |key: &'static str, m: Option<usize>| match m {
+            Some(m) if m == 0 || m >= self.data.max_len => Err((key, format!("{key} must be between 1 and data.max_len - 1"))),
+            _ => Ok(()),
+        };
+        if let Some(o) = &self.orpo {
+            positive("orpo.beta", o.beta)?;
+            prompt("orpo.max_prompt_len", o.max_prompt_len)?;
+        }
+        if let Some(c) = &self.cpo {
+            positive("cpo.beta", c.beta)?;
+            smoothing("cpo.label_smoothing", c.label_smoothing)?;
+            non_negative("cpo.cpo_alpha", c.cpo_alpha)?;
+            if !c.simpo_gamma.is_finite() {
+                return invalid("cpo.simpo_gamma", format!("cpo.simpo_gamma must be a number, got {}", c.simpo_gamma));
+            }
+            prompt("cpo.max_prompt_len", c.max_prompt_len)?;
+        }
+        if let Some(c) = &self.simpo {
+            positive("simpo.beta", c.beta)?;
+            smoothing("simpo.label_smoothing", c.label_smoothing)?;
+            non_negative("simpo.cpo_alpha", c.cpo_alpha)?;
+            if !c.gamma.is_finite() {
+                return invalid("simpo.gamma", format!("simpo.gamma must be a number, got {}", c.gamma));
+            }
+            prompt("simpo.max_prompt_len", c.max_prompt_len)?;
+        }
+        if let Some(d) = &self.dpo {
+            positive("dpo.beta", d.beta)?;
+            smoothing("dpo.label_smoothing", d.label_smoothing)?;
+            if d.rpo_alpha.is_some_and(|a| !(a >= 0.0 && a.is_finite())) {
+                return invalid("dpo.rpo_alpha", "dpo.rpo_alpha must not be negative".into());
+            }
+            prompt("dpo.max_prompt_len", d.max_prompt_len)?;
         }
         Ok(())
     }
@@ -535,6 +636,30 @@ impl Recipe {
         }
     }
 
+    /// The reference-free preference objective's settings (ORPO, CPO, SimPO).
+    pub fn ref_free_settings(&self) -> RefFreeSettings {
+        let (objective, max_prompt_len) = match self.train.method {
+            Method::Orpo => {
+                let o = self.orpo.clone().unwrap_or_else(|| toml::from_str("").expect("defaults"));
+                (RefFree::Orpo { beta: o.beta }, o.max_prompt_len)
+            }
+            Method::Simpo => {
+                let o = self.simpo.clone().unwrap_or_else(|| toml::from_str("").expect("defaults"));
+                let c = RefFree::Cpo { beta: o.beta, loss_type: CpoLossType::Simpo, label_smoothing: o.label_smoothing, cpo_alpha: o.cpo_alpha, simpo_gamma: o.gamma };
+                (c, o.max_prompt_len)
+            }
+            _ => {
+                let o = self.cpo.clone().unwrap_or_else(|| toml::from_str("").expect("defaults"));
+                let c = RefFree::Cpo { beta: o.beta, loss_type: o.loss_type, label_smoothing: o.label_smoothing, cpo_alpha: o.cpo_alpha, simpo_gamma: o.simpo_gamma };
+                (c, o.max_prompt_len)
+            }
+        };
+        let mut prepare = self.prepare_options();
+        prepare.overlong = Overlong::Drop;
+        prepare.max_prompt_len = max_prompt_len;
+        RefFreeSettings { objective, train: self.data.train.clone(), eval: self.data.eval.clone(), prepare, recompute: self.recompute() }
+    }
+
     /// The recipe with every default filled in, as TOML (saved into the run directory).
     pub fn resolved_toml(&self) -> String {
         toml::to_string_pretty(self).expect("recipe serializes")
@@ -562,6 +687,25 @@ mod tests {
         assert_eq!(r.train.lr, 2e-5);
         assert_eq!(r.train.max_grad_norm, 1.0);
         assert_eq!(r.train.schedule, Schedule::Linear);
+        // Without their sections, the reference-free methods take TRL's defaults (SimPO the
+        // paper's β 2 and no NLL term).
+        for (method, want) in [("orpo", RefFree::orpo()), ("cpo", RefFree::cpo()), ("simpo", RefFree::simpo())] {
+            let r = Recipe::load(&write(MIN), &[format!("train.method=\"{method}\"")]).unwrap();
+            assert_eq!(r.ref_free_settings().objective, want, "{method}");
+        }
+        assert_eq!(RefFree::orpo(), RefFree::Orpo { beta: 0.1 });
+        // A method's section with another method, and out-of-range values, name the key.
+        for (set, key) in [
+            (vec!["orpo.beta=0.2"], "orpo"),
+            (vec!["train.method=\"simpo\"", "simpo.beta=0"], "simpo.beta"),
+            (vec!["train.method=\"cpo\"", "cpo.label_smoothing=0.5"], "cpo.label_smoothing"),
+            (vec!["train.method=\"cpo\"", "cpo.cpo_alpha=nan"], "cpo.cpo_alpha"),
+            (vec!["train.method=\"orpo\"", "data.packing=true"], "data.packing"),
+        ] {
+            let sets: Vec<String> = set.iter().map(|s| s.to_string()).collect();
+            let e = Recipe::load(&write(MIN), &sets).unwrap_err().to_string();
+            assert!(e.contains(key), "{set:?}: {e}");
+        }
     }
 
     #[test]

@@ -81,6 +81,7 @@ pub fn run<B: TrainBackend>(recipe: &Recipe, device: B::Device, progress: &dyn P
     let mut objective: Box<dyn Objective<B>> = match recipe.train.method {
         Method::Sft => Box::new(super::sft::Sft::new(&tok, &template, &recipe.sft_settings())?),
         Method::Dpo => Box::new(super::dpo::Dpo::new(&tok, &template, &recipe.dpo_settings(), progress)?),
+        Method::Orpo | Method::Cpo | Method::Simpo => Box::new(super::ref_free::RefFreeTraining::new(&tok, &template, &recipe.ref_free_settings(), progress)?),
     };
     let n_examples = objective.len();
     let fingerprint = {

@@ -6,6 +6,7 @@ pub mod dpo;
 pub mod fuzz;
 pub mod oracle_models;
 pub mod packing;
+pub mod preference;
 pub mod quant;
 pub mod smollm2;
 pub mod train;

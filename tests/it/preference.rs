@@ -1,0 +1,134 @@
+//! Reference-free preference objectives (ORPO, CPO, SimPO) against TRL 1.16
+//! (`fixtures/preference/expected.json`): per-pair log-probs, losses and every metric, through
+//! `ft eval --objective …` and in-process; training with each lowers its loss.
+
+use std::path::Path;
+
+use ft::data::prepare::{self, Overlong, PrepareOptions};
+use ft::data::tokenizer::{TemplateChoice, TextTokenizer};
+use ft::loss::ref_free::{score_pairs, RefFree};
+
+use super::common::*;
+
+fn oracle() -> serde_json::Value {
+    json(&fixtures().join("preference/expected.json"))
+}
+
+fn close(got: f64, want: f64, rel: f64, what: &str) {
+    assert!((got - want).abs() <= rel * want.abs().max(1e-3), "{what}: {got} vs {want}");
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// `ft eval --objective NAME --json` with the oracle's policy (llama + lora-r4) on its pairs.
+fn eval(objective: &str, extra: &[&str]) -> serde_json::Value {
+    let (model, adapter, data) = (model_dir("llama"), fixtures().join("adapters/lora-r4"), fixtures().join("dpo/prefs.jsonl"));
+    let mut args = vec!["eval", "--objective", objective, "--json", "--template", "chatml", "--model", s(&model), "--adapter", s(&adapter), "--data", s(&data)];
+    args.extend_from_slice(extra);
+    let (c, out, err) = ft(&args);
+    assert_eq!(c, 0, "{err}");
+    serde_json::from_str(&out).unwrap()
+}
+
+#[test]
+fn orpo_cpo_and_simpo_match_trl() {
+    let o = oracle();
+    let cases: [(&str, &str, Vec<&str>); 4] = [
+        ("orpo", "orpo", vec![]),
+        ("cpo", "cpo", vec![]),
+        ("simpo", "simpo", vec![]),
+        // TRL's CPOTrainer with only loss_type = "simpo" set keeps cpo_alpha 1.
+        ("cpo_simpo", "cpo", vec!["--loss-type", "simpo", "--beta", "2.0", "--cpo-alpha", "1"]),
+    ];
+    for (key, objective, extra) in cases {
+        let want = &o[key];
+        let got = eval(objective, &extra);
+        close(got["loss"].as_f64().unwrap(), want["loss"].as_f64().unwrap(), 1e-5, &format!("{key} loss"));
+        for (k, v) in want["metrics"].as_object().unwrap() {
+            close(got[k].as_f64().unwrap_or_else(|| panic!("{key}: no {k} in {got}")), v.as_f64().unwrap(), 1e-5, &format!("{key} {k}"));
+        }
+        assert_eq!(got["pairs"], 3);
+    }
+    // Per pair: the completion log-prob sums and ORPO's all-token NLL (prompt included, up to the
+    // last completion token).
+    let tok = TextTokenizer::from_dir(&model_dir("llama")).unwrap();
+    let template = tok.template(TemplateChoice::Chatml).unwrap();
+    let opts = PrepareOptions { max_len: usize::MAX, overlong: Overlong::Drop, drop_untrainable: false, max_prompt_len: None, cache: None };
+    let (pairs, _, _) = prepare::pairs(&tok, &template, &fixtures().join("dpo/prefs.jsonl"), &opts).unwrap();
+    let mut model = load("llama");
+    ft::adapters::peft::PeftAdapter::open(&fixtures().join("adapters/lora-r4")).unwrap().attach(&mut model).unwrap();
+    let scores = score_pairs(&model, &pairs, &RefFree::orpo());
+    for (i, (sc, want)) in scores.iter().zip(o["pairs"].as_array().unwrap()).enumerate() {
+        let (c, r) = (&want["chosen"], &want["rejected"]);
+        close(sc.chosen, c["logp_policy_sum"].as_f64().unwrap(), 1e-4, &format!("pair {i} chosen"));
+        close(sc.rejected, r["logp_policy_sum"].as_f64().unwrap(), 1e-4, &format!("pair {i} rejected"));
+        assert_eq!((sc.chosen_tokens, sc.rejected_tokens), (c["tokens"].as_u64().unwrap() as usize, r["tokens"].as_u64().unwrap() as usize));
+        close(sc.chosen_all_nll, c["nll_all_tokens_sum"].as_f64().unwrap(), 1e-4, &format!("pair {i} all-token NLL"));
+        assert_eq!(sc.chosen_all_tokens, c["nll_all_tokens_count"].as_u64().unwrap() as usize);
+    }
+    // A flag of another objective is a usage error naming it.
+    let (c, _, err) = ft(&["eval", "--objective", "orpo", "--model", s(&model_dir("llama")), "--data", s(&fixtures().join("dpo/prefs.jsonl")), "--gamma", "1"]);
+    assert_eq!(c, 2, "{err}");
+    assert!(err.contains("--gamma") && err.contains("cpo, simpo"), "{err}");
+}
+
+/// A run of the tiny llama on the DPO test pairs with `method`; its directory and metrics.
+fn run(name: &str, method: &str, train: &str) -> (std::path::PathBuf, Vec<serde_json::Value>) {
+    let d = scratch(name);
+    let mut lines: Vec<String> = std::fs::read_to_string(fixtures().join("dpo/prefs.jsonl")).unwrap().lines().map(String::from).collect();
+    for i in 1..6 {
+        let right = (1..=i).map(|k| k.to_string()).collect::<Vec<_>>().join(", ");
+        lines.push(format!(r#"{{"prompt": "Count to {i}.", "chosen": "{right}", "rejected": "{}"}}"#, i + 7));
+    }
+    let data = d.join("prefs.jsonl");
+    std::fs::write(&data, lines.join("\n") + "\n").unwrap();
+    let r = d.join("recipe.toml");
+    std::fs::write(
+        &r,
+        format!(
+            "[model]\npath = \"{}\"\n[data]\ntrain = \"{}\"\neval = \"{}\"\ntemplate = \"chatml\"\n[lora]\nr = 4\nalpha = 8\n\
+             [train]\nmethod = \"{method}\"\nlr = 1e-2\nseed = 5\n{train}\n[output]\ndir = \"{}\"\n",
+            model_dir("llama").display(),
+            data.display(),
+            data.display(),
+            d.join("run").display()
+        ),
+    )
+    .unwrap();
+    let (c, _, err) = ft(&["train", s(&r), "--quiet"]);
+    assert_eq!(c, 0, "{err}");
+    let m = std::fs::read_to_string(d.join("run/metrics.jsonl")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    (d, m)
+}
+
+#[test]
+fn reference_free_training_lowers_its_loss() {
+    for method in ["orpo", "cpo", "simpo"] {
+        let (d, m) = run(&format!("ref-free-{method}"), method, "max_steps = 8\nmicro_batch_size = 4\ngrad_accum = 2");
+        let eval = |adapter: Option<&Path>| {
+            let (model, data) = (model_dir("llama"), d.join("prefs.jsonl"));
+            let mut args = vec!["eval", "--objective", method, "--json", "--template", "chatml", "--model", s(&model), "--data", s(&data)];
+            if let Some(a) = adapter {
+                args.extend(["--adapter", s(a)]);
+            }
+            let (c, out, err) = ft(&args);
+            assert_eq!(c, 0, "{err}");
+            serde_json::from_str::<serde_json::Value>(&out).unwrap()["loss"].as_f64().unwrap()
+        };
+        let (before, after) = (eval(None), eval(Some(&d.join("run/adapter"))));
+        assert!(after < before - 0.01, "{method}: loss {before} → {after}");
+        let last = m.iter().rfind(|l| l.get("eval_loss").is_some()).expect("an eval line");
+        close(after, last["eval_loss"].as_f64().unwrap(), 1e-5, &format!("{method}: the saved adapter's loss is the run's last eval loss"));
+        for k in ["nll_loss", "rewards/margins", "logps/chosen", "grad_norm"] {
+            assert!(m[0].get(k).is_some(), "{method}: metrics lack {k}");
+        }
+    }
+    // Gradient accumulation is one big batch: the NLL term averages over the step's tokens.
+    let (_, a) = run("ref-free-accum", "orpo", "max_steps = 1\nmicro_batch_size = 4\ngrad_accum = 2");
+    let (_, b) = run("ref-free-one", "orpo", "max_steps = 1\nmicro_batch_size = 8\ngrad_accum = 1");
+    for k in ["loss", "grad_norm", "nll_loss"] {
+        close(a[0][k].as_f64().unwrap(), b[0][k].as_f64().unwrap(), 1e-4, k);
+    }
+}
