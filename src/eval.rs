@@ -133,6 +133,36 @@ pub fn evaluate_ref_free<B: Kernels>(
     Ok(RefFreeReport { metrics: objective.metrics(&scores, ""), pairs: pairs.len(), dropped, warnings })
 }
 
+/// KTO's loss and metrics on a file of rows.
+pub struct KtoReport {
+    pub metrics: serde_json::Map<String, serde_json::Value>,
+    pub rows: usize,
+    pub dropped: usize,
+    /// The mean KL estimate before the clamp at 0.
+    pub kl_unclamped: f64,
+}
+
+/// KTO of `model` on the rows of `data` (TRL's unpaired format, or pairs unpaired as TRL does),
+/// the reference being the adapter-disabled model; KL estimates over batches of `kl_batch` rows
+/// (all rows in one when `None`).
+pub fn evaluate_kto<B: Kernels>(
+    model: &mut Decoder<B>,
+    tok: &TextTokenizer,
+    template: &ChatTemplate,
+    data: &Path,
+    config: crate::loss::kto::KtoConfig,
+    max_len: Option<usize>,
+    kl_batch: Option<usize>,
+) -> Result<KtoReport, PrepareError> {
+    let opts = PrepareOptions { max_len: max_len.unwrap_or(usize::MAX), overlong: Overlong::Drop, drop_untrainable: false, max_prompt_len: None, cache: None };
+    let block = kl_batch.unwrap_or(usize::MAX);
+    let (rows, dropped) = prepare::kto(tok, template, data, &opts, block)?;
+    let scored = crate::loss::kto::score_rows(model, &rows, block);
+    let kl_unclamped = scored.iter().map(|b| b.2).sum::<f64>() / scored.len().max(1) as f64;
+    let batches: Vec<_> = scored.into_iter().map(|(r, kl, _)| (r, kl)).collect();
+    Ok(KtoReport { metrics: config.metrics(&batches, ""), rows: rows.len(), dropped, kl_unclamped })
+}
+
 /// One pair's side as `--per-pair` prints it: ids, completion positions and log-probs.
 pub fn side_json(e: &Encoded, s: &SideLogps) -> serde_json::Value {
     let positions: Vec<usize> = (0..e.mask.len()).filter(|&j| e.mask[j] == 1).collect();

@@ -76,6 +76,25 @@ impl PeftAdapter {
     }
 }
 
+impl PeftAdapter {
+    /// Puts this adapter on `model` as the frozen reference (`Projection::reference`): DPO's
+    /// reference when training continues from this adapter, as TRL's frozen "ref" adapter.
+    /// Returns how many projections got one.
+    pub fn attach_reference<B: Kernels>(&self, model: &mut Decoder<B>) -> Result<usize, PeftError> {
+        let device = model.device();
+        let (r, scale) = (self.config.r, self.config.scale());
+        let mut n = 0;
+        for (name, proj) in model.projections_mut() {
+            let (d_in, d_out) = proj.dims();
+            if let Some((a, b)) = self.matrices(&name, d_in, d_out)? {
+                proj.reference = Some(Adapter::Lora(Lora::from_peft(&a, &b, r, d_in, d_out, scale, &device)));
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+}
+
 /// Writes `model`'s adapters as a PEFT adapter directory (`adapter_config.json` with PEFT's keys,
 /// `adapter_model.safetensors` in f32 with `{"format": "pt"}`), atomically. An adapter trained on
 /// an NF4 base says so in a marker file, so that `ft merge` merges into the same weights.

@@ -12,6 +12,7 @@ use crate::data::tokenizer::{TemplateChoice, TextTokenizer};
 use clap::ValueEnum;
 
 use crate::loss::dpo::{DpoConfig, LossType};
+use crate::loss::kto::KtoConfig;
 use crate::loss::ref_free::{CpoLossType, RefFree};
 use crate::ops::Kernels;
 
@@ -28,6 +29,9 @@ pub enum EvalObjective {
     Cpo,
     /// SimPO (CPO's simpo loss, β 2, γ 0.5, no NLL term) and TRL's metrics (no reference).
     Simpo,
+    /// KTO's loss and TRL's metrics over unpaired rows {"prompt", "completion", "label"} (or
+    /// preference pairs, unpaired as TRL does), the adapter-disabled model as reference.
+    Kto,
 }
 
 #[derive(Debug, clap::Args)]
@@ -73,6 +77,20 @@ pub struct EvalArgs {
     /// SimPO's γ (TRL's `simpo_gamma`) [default: 0.5].
     #[arg(long)]
     pub gamma: Option<f64>,
+    /// DPO, KTO: a PEFT adapter that, frozen, is the reference (as when training continues from
+    /// it) instead of the adapter-disabled model.
+    #[arg(long)]
+    pub reference_adapter: Option<PathBuf>,
+    /// KTO: the weight of desirable rows' losses [default: 1].
+    #[arg(long)]
+    pub desirable_weight: Option<f64>,
+    /// KTO: the weight of undesirable rows' losses [default: 1].
+    #[arg(long)]
+    pub undesirable_weight: Option<f64>,
+    /// KTO: rows per KL estimate (TRL's batch; the mismatched completions rotate within it)
+    /// [default: all rows].
+    #[arg(long)]
+    pub batch_size: Option<usize>,
     /// Adds this times the chosen NLL to the DPO loss (RPO).
     #[arg(long)]
     pub rpo_alpha: Option<f64>,
@@ -104,7 +122,11 @@ impl EvalArgs {
         let objective = self.objective();
         // Each flag and the objectives that read it.
         let flags = [
-            ("--beta", self.beta.is_some(), "dpo|orpo|cpo|simpo"),
+            ("--beta", self.beta.is_some(), "dpo|orpo|cpo|simpo|kto"),
+            ("--desirable-weight", self.desirable_weight.is_some(), "kto"),
+            ("--undesirable-weight", self.undesirable_weight.is_some(), "kto"),
+            ("--batch-size", self.batch_size.is_some(), "kto"),
+            ("--reference-adapter", self.reference_adapter.is_some(), "dpo|kto"),
             ("--loss-type", self.loss_type.is_some(), "dpo|cpo"),
             ("--label-smoothing", self.label_smoothing.is_some(), "dpo|cpo|simpo"),
             ("--rpo-alpha", self.rpo_alpha.is_some(), "dpo"),
@@ -133,8 +155,20 @@ impl EvalArgs {
                 false => Err(UsageError(format!("--loss-type {t:?} is not a {what} loss type ({allowed})"))),
             }
         };
+        let weight_ok = |w: Option<f64>| w.is_none_or(|w| w >= 0.0 && w.is_finite());
+        if !weight_ok(self.desirable_weight) || !weight_ok(self.undesirable_weight) || self.batch_size == Some(0) {
+            return Err(UsageError("--desirable-weight and --undesirable-weight must be numbers ≥ 0 and --batch-size at least 1".into()));
+        }
         Ok(Some(match objective {
             EvalObjective::Sft => return Ok(None),
+            EvalObjective::Kto => {
+                let d = KtoConfig::default();
+                Preference::Kto(KtoConfig {
+                    beta: self.beta.unwrap_or(d.beta),
+                    desirable_weight: self.desirable_weight.unwrap_or(d.desirable_weight),
+                    undesirable_weight: self.undesirable_weight.unwrap_or(d.undesirable_weight),
+                })
+            }
             EvalObjective::Dpo => {
                 let d = DpoConfig::default();
                 let loss_type = LossType::from_str(&parse("DPO", "sigmoid|ipo|hinge|robust")?, true).map_err(UsageError)?;
@@ -166,6 +200,7 @@ impl EvalArgs {
 enum Preference {
     Dpo(DpoConfig),
     RefFree(RefFree),
+    Kto(KtoConfig),
 }
 
 pub fn run(a: EvalArgs) -> Result<()> {
@@ -176,6 +211,7 @@ fn eval_on<B: Kernels>(a: EvalArgs, device: B::Device) -> Result<()> {
     match a.preference()? {
         Some(Preference::Dpo(config)) => return eval_dpo_on::<B>(a, config, device),
         Some(Preference::RefFree(objective)) => return eval_ref_free_on::<B>(a, objective, device),
+        Some(Preference::Kto(config)) => return eval_kto_on::<B>(a, config, device),
         None => {}
     }
     let data = read_jsonl(&a.data)?;
@@ -213,6 +249,9 @@ fn eval_dpo_on<B: Kernels>(a: EvalArgs, config: DpoConfig, device: B::Device) ->
     let tok = TextTokenizer::from_dir(&a.model)?;
     let template = tok.template(a.template)?;
     let mut model = load_with_adapter::<B>(&a.model, a.adapter.as_deref(), &device)?;
+    if let Some(dir) = &a.reference_adapter {
+        crate::adapters::peft::PeftAdapter::open(dir)?.attach_reference(&mut model)?;
+    }
     let r = crate::eval::evaluate_dpo(&mut model, &tok, &template, &a.data, config, a.max_len, a.max_prompt_len)?;
     for w in &r.warnings {
         eprintln!("warning: {w}");
@@ -283,6 +322,40 @@ fn eval_ref_free_on<B: Kernels>(a: EvalArgs, objective: RefFree, device: B::Devi
             g("rewards/chosen"),
             g("rewards/rejected"),
             r.pairs,
+            if r.dropped > 0 { format!("  dropped {}", r.dropped) } else { String::new() },
+            secs
+        );
+    }
+    Ok(())
+}
+
+fn eval_kto_on<B: Kernels>(a: EvalArgs, config: KtoConfig, device: B::Device) -> Result<()> {
+    let t0 = Instant::now();
+    let tok = TextTokenizer::from_dir(&a.model)?;
+    let template = tok.template(a.template)?;
+    let mut model = load_with_adapter::<B>(&a.model, a.adapter.as_deref(), &device)?;
+    if let Some(dir) = &a.reference_adapter {
+        crate::adapters::peft::PeftAdapter::open(dir)?.attach_reference(&mut model)?;
+    }
+    let r = crate::eval::evaluate_kto(&mut model, &tok, &template, &a.data, config, a.max_len, a.batch_size)?;
+    let secs = t0.elapsed().as_secs_f64();
+    let mut report = r.metrics;
+    if a.json {
+        report.insert("kl_unclamped".into(), r.kl_unclamped.into());
+        report.insert("rows".into(), r.rows.into());
+        report.insert("dropped".into(), r.dropped.into());
+        report.insert("seconds".into(), secs.into());
+        println!("{}", serde_json::Value::Object(report));
+    } else {
+        let g = |k: &str| report[k].as_f64().unwrap_or(f64::NAN);
+        println!(
+            "kto loss {:.6}  kl {:.6}  margin {:.6}  chosen {:.6}  rejected {:.6}  rows {}{}  ({:.1}s)",
+            g("loss"),
+            g("kl"),
+            g("rewards/margins"),
+            g("rewards/chosen"),
+            g("rewards/rejected"),
+            r.rows,
             if r.dropped > 0 { format!("  dropped {}", r.dropped) } else { String::new() },
             secs
         );

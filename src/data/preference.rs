@@ -79,6 +79,92 @@ pub fn read_preferences(path: &Path) -> Result<Vec<PreferencePair>, DataError> {
     Ok(out)
 }
 
+/// One row of unpaired feedback (TRL's KTO format): a prompt, a completion and whether the
+/// completion is desirable.
+#[derive(Debug, Clone)]
+pub struct UnpairedRow {
+    pub prompt: Vec<Message>,
+    pub completion: Vec<Message>,
+    pub label: bool,
+    pub tools: Option<minijinja::Value>,
+    pub at: Location,
+}
+
+/// True when a JSON record is a KTO row (has `completion` and `label`).
+pub fn is_unpaired(v: &Value) -> bool {
+    v.get("completion").is_some() && v.get("label").is_some()
+}
+
+/// Parses one JSONL line in TRL's unpaired format `{"prompt", "completion", "label": bool}`
+/// (conversational or strings).
+pub fn parse_unpaired(line: &str, at: Location) -> Result<UnpairedRow, RecordError> {
+    let record = Record::new(line);
+    let v: Value = serde_json::from_str(line).map_err(|e| RecordError::Json(e.to_string()))?;
+    let o = v.as_object().ok_or_else(|| schema("expected a JSON object with \"prompt\", \"completion\" and \"label\""))?;
+    let label = match o.get("label") {
+        Some(Value::Bool(b)) => *b,
+        Some(_) => return Err(schema("\"label\" must be true (desirable) or false (undesirable)")),
+        None => return Err(schema("an unpaired record needs \"prompt\", \"completion\" and \"label\"; \"label\" is missing")),
+    };
+    let prompt = side(o, "prompt", Role::User, &record)?;
+    let completion = side(o, "completion", Role::Assistant, &record)?;
+    if !completion.iter().any(|m| m.role == Role::Assistant && (!m.content.is_empty() || m.tool_calls().is_some())) {
+        return Err(schema("\"completion\" has no assistant message to score"));
+    }
+    let tools = parse_tools(o, &record)?;
+    Ok(UnpairedRow { prompt, completion, label, tools, at })
+}
+
+/// How many records TRL's `unpair_preference_dataset` unpairs at once (`datasets.map`'s batch):
+/// within each block, every chosen completion (label true) comes before every rejected one.
+pub const UNPAIR_BLOCK: usize = 1000;
+
+/// The rows of a data path for KTO: TRL's unpaired records as they are, or preference pairs
+/// unpaired as TRL does it (per block of [`UNPAIR_BLOCK`] pairs: the chosen rows, then the
+/// rejected ones). A file mixing the two formats is an error naming the first odd line.
+pub fn read_unpaired(path: &Path) -> Result<Vec<UnpairedRow>, DataError> {
+    let (mut rows, mut pairs) = (Vec::new(), Vec::new());
+    read_lines(path, |at, text| {
+        let paired = serde_json::from_str::<Value>(text).map(|v| is_preference(&v)).unwrap_or(false);
+        if paired {
+            if !rows.is_empty() {
+                return Err(DataError::At { at, msg: "a preference pair among unpaired rows: use one format per dataset".into() });
+            }
+            pairs.push(parse_pair(text, at.clone()).map_err(|e| e.at(at))?);
+        } else {
+            if !pairs.is_empty() {
+                return Err(DataError::At { at, msg: "an unpaired row among preference pairs: use one format per dataset".into() });
+            }
+            rows.push(parse_unpaired(text, at.clone()).map_err(|e| e.at(at))?);
+        }
+        Ok(())
+    })?;
+    for block in pairs.chunks(UNPAIR_BLOCK) {
+        for label in [true, false] {
+            for p in block {
+                let completion = if label { p.chosen.clone() } else { p.rejected.clone() };
+                rows.push(UnpairedRow { prompt: p.prompt.clone(), completion, label, tools: p.tools.clone(), at: p.at.clone() });
+            }
+        }
+    }
+    if rows.is_empty() {
+        return Err(DataError::Empty { path: path.into() });
+    }
+    Ok(rows)
+}
+
+/// Encodes `prompt + completion` (rendered with `tools`): the completion's assistant tokens are
+/// scored, the prompt's never.
+pub fn encode_completion(tok: &TextTokenizer, template: &ChatTemplate, prompt: &[Message], completion: &[Message], tools: Option<&minijinja::Value>) -> Result<Encoded, RecordError> {
+    let mut msgs: Vec<Message> = prompt.iter().map(|m| Message { train: false, ..m.clone() }).collect();
+    msgs.extend(completion.iter().map(|m| Message { train: m.role == Role::Assistant, ..m.clone() }));
+    let e = encode_chat(tok, template, &msgs, tools)?;
+    if e.trainable() == 0 {
+        return Err(RecordError::NoCompletionTokens);
+    }
+    Ok(e)
+}
+
 /// A tokenized pair: both sides share the prompt.
 #[derive(Debug, Clone)]
 pub struct EncodedPair {

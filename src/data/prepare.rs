@@ -9,7 +9,7 @@ use rayon::prelude::*;
 use super::cache;
 use super::conversation::{read_jsonl, DataError};
 use super::encode::{encode_chat, Encoded};
-use super::preference::{encode_pair, read_preferences, EncodedPair};
+use super::preference::{encode_completion, encode_pair, read_preferences, read_unpaired, EncodedPair};
 use super::template::ChatTemplate;
 use super::tokenizer::TextTokenizer;
 
@@ -191,4 +191,56 @@ pub fn pairs(tok: &TextTokenizer, template: &ChatTemplate, path: &Path, opts: &P
         return Err(PrepareError::NoPairs { path: path.into(), dropped, max_len });
     }
     Ok((out, dropped, warnings))
+}
+
+/// A KTO row, encoded: its prompt + completion (completion tokens scored), its label, and the
+/// mismatched sample of TRL's KL estimate (this row's prompt with the completion of the row
+/// before it in its block).
+#[derive(Debug, Clone)]
+pub struct EncodedRow {
+    pub sample: Encoded,
+    pub kl: Encoded,
+    pub desirable: bool,
+}
+
+/// The rows of a data path for KTO (unpaired records, or pairs unpaired as TRL does), encoded.
+/// The KL sample of row `j` pairs its prompt with the completion of row `j − 1` within blocks
+/// of `kl_block` consecutive rows (the first takes the block's last: TRL's rotation over each
+/// batch of its KL dataset map). Rows whose sample or KL sample exceeds `opts.max_len` are
+/// dropped (and counted).
+pub fn kto(tok: &TextTokenizer, template: &ChatTemplate, path: &Path, opts: &PrepareOptions, kl_block: usize) -> Result<(Vec<EncodedRow>, usize), PrepareError> {
+    let rows = read_unpaired(path)?;
+    let kl_block = kl_block.max(1);
+    let companion = |j: usize| {
+        let start = j / kl_block * kl_block;
+        let len = kl_block.min(rows.len() - start);
+        start + (j - start + len - 1) % len
+    };
+    let indexed: Vec<usize> = (0..rows.len()).collect();
+    let encoded = cached_encode(
+        &indexed,
+        cache_key(opts, path, template, &format!("kto-v1 {kl_block}")),
+        2,
+        |s| (s[0].clone(), s[1].clone()),
+        |&j| {
+            let (r, c) = (&rows[j], &rows[companion(j)]);
+            let sample = encode_completion(tok, template, &r.prompt, &r.completion, r.tools.as_ref()).map_err(|e| e.at(r.at.clone()))?;
+            let kl = encode_completion(tok, template, &r.prompt, &c.completion, r.tools.as_ref()).map_err(|e| e.at(r.at.clone()))?;
+            Ok((sample, kl))
+        },
+        |(a, b)| vec![a.clone(), b.clone()],
+    );
+    let (mut out, mut dropped) = (Vec::new(), 0);
+    for (row, enc) in rows.iter().zip(encoded) {
+        let (sample, kl) = enc?;
+        if sample.ids.len() > opts.max_len || kl.ids.len() > opts.max_len {
+            dropped += 1;
+            continue;
+        }
+        out.push(EncodedRow { sample, kl, desirable: row.label });
+    }
+    if out.is_empty() {
+        return Err(PrepareError::NoPairs { path: path.into(), dropped, max_len: opts.max_len });
+    }
+    Ok((out, dropped))
 }

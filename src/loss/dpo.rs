@@ -222,12 +222,13 @@ pub fn policy_logps_with<B: Kernels>(
     (completion_logps_with(model, &chosen, hidden), completion_logps_with(model, &rejected, hidden))
 }
 
-/// Reference log-probs `(chosen, rejected)` of `pairs`: the model with adapters off.
+/// Reference log-probs `(chosen, rejected)` of `pairs`: the model with adapters off, or with
+/// its frozen reference adapter (training from a starting adapter; see `Decoder::set_reference`).
 pub fn reference_logps<B: Kernels>(model: &mut Decoder<B>, pairs: &[&EncodedPair]) -> Vec<(f64, f64)> {
-    model.set_adapters_enabled(false);
+    model.set_reference(true);
     let (c, r) = policy_logps(model, pairs);
     let (c, r) = (values(c.0.detach()), values(r.0.detach()));
-    model.set_adapters_enabled(true);
+    model.set_reference(false);
     c.into_iter().zip(r).collect()
 }
 

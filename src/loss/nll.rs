@@ -59,6 +59,39 @@ pub fn sft_loss<B: Kernels>(model: &Decoder<B>, batch: &Batch, norm: f64, hidden
     }
 }
 
+/// What a sample's scored positions give (no gradient): the log-prob sum and count, and the sums
+/// over those positions of the vocabulary-mean logit and of the next-token entropy (TRL's
+/// `logits/*` and `entropy` metrics).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct SampleStats {
+    pub logp: f64,
+    pub tokens: usize,
+    pub mean_logit: f64,
+    pub entropy: f64,
+}
+
+/// [`SampleStats`] of each sample of a padded batch.
+pub fn sample_stats<B: Kernels>(model: &Decoder<B>, samples: &[&Encoded]) -> Vec<SampleStats> {
+    let batch = Batch::padded(samples);
+    let mut out = vec![SampleStats::default(); samples.len()];
+    let Ok((logp, logits)) = scored(model, &batch, &mut plain_hidden(model)) else { return out };
+    let n = batch.positions.len();
+    let vocab = logits.dims()[2];
+    let logits = logits.cast(burn::tensor::DType::F32).reshape([n, vocab]);
+    let mean: Vec<f64> = logits.clone().mean_dim(1).into_data().convert::<f64>().to_vec().expect("f64");
+    let ls = burn::tensor::activation::log_softmax(logits, 1);
+    let entropy: Vec<f64> = (ls.clone().exp() * ls).sum_dim(1).neg().into_data().convert::<f64>().to_vec().expect("f64");
+    let logp: Vec<f64> = logp.into_data().convert::<f64>().to_vec().expect("f64");
+    for (k, &i) in batch.owner.iter().enumerate() {
+        let s = &mut out[i];
+        s.logp += logp[k];
+        s.tokens += 1;
+        s.mean_logit += mean[k];
+        s.entropy += entropy[k];
+    }
+    out
+}
+
 /// The NLL sum and scored-token count of each sample of a padded batch (no gradient).
 pub fn per_sample<B: Kernels>(model: &Decoder<B>, samples: &[&Encoded]) -> Vec<(f64, usize)> {
     let batch = Batch::padded(samples);

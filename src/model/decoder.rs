@@ -314,6 +314,27 @@ impl<B: Kernels> Decoder<B> {
     }
 
     /// Switches all adapters on or off (off = the base model).
+    /// Switches to the reference model (`true`) and back: where a projection holds a frozen
+    /// reference adapter, that adapter; elsewhere the base (adapters off).
+    pub fn set_reference(&mut self, on: bool) {
+        for (_, p) in self.projections_mut() {
+            // Swapped in, `reference` holds the policy's adapter, which may be none.
+            if p.reference.is_some() || p.on_reference {
+                if p.on_reference != on {
+                    std::mem::swap(&mut p.adapter, &mut p.reference);
+                    p.on_reference = on;
+                }
+            } else {
+                p.adapter_on = !on;
+            }
+        }
+    }
+
+    /// Whether the reference model is its own adapter (not the base).
+    pub fn has_reference_adapter(&mut self) -> bool {
+        self.projections_mut().iter().any(|(_, p)| p.reference.is_some() || p.on_reference)
+    }
+
     pub fn set_adapters_enabled(&mut self, enabled: bool) {
         for (_, p) in self.projections_mut() {
             p.adapter_on = enabled;

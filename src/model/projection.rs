@@ -95,7 +95,7 @@ impl WeightSource<'_> {
         } else {
             None
         };
-        Ok(Projection { base, bias, adapter: None, adapter_on: true, shape: (d_in, d_out) })
+        Ok(Projection { base, bias, adapter: None, reference: None, adapter_on: true, on_reference: false, shape: (d_in, d_out) })
     }
 }
 
@@ -130,9 +130,15 @@ pub struct Projection<B: Backend> {
     /// `[out]`
     pub bias: Option<Param<Tensor<B, 1>>>,
     pub adapter: Option<Adapter<B>>,
+    /// A frozen adapter standing for the reference model (DPO from a starting adapter: that
+    /// adapter, never trained): swapped with `adapter` while the reference is scored.
+    pub reference: Option<Adapter<B>>,
     /// `false` switches the adapter off (the base model, e.g. DPO's reference).
     #[module(skip)]
     pub adapter_on: bool,
+    /// Whether `adapter` and `reference` are swapped (the reference is being scored).
+    #[module(skip)]
+    pub on_reference: bool,
     /// `(in, out)`
     #[module(skip)]
     pub shape: (usize, usize),

@@ -3,7 +3,7 @@
 //! second copy of the weights). Reference log-probs can be precomputed once and cached in the
 //! run directory.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
@@ -30,6 +30,8 @@ use crate::progress::Progress;
 pub struct ReferenceCache {
     pub path: PathBuf,
     pub model_dir: PathBuf,
+    /// The frozen starting adapter when it is the reference.
+    pub adapter: Option<PathBuf>,
 }
 
 /// What DPO needs to know.
@@ -68,9 +70,10 @@ struct RefCache {
     logps: Vec<Option<(f64, f64)>>,
 }
 
-/// The cache key: every byte of the model's weights, config and tokenizer, of the data, the
-/// template source and the length limits.
-fn reference_key(model_dir: &Path, s: &DpoSettings, template: &ChatTemplate) -> Result<String, TrainError> {
+/// The cache key: every byte of the model's weights, config and tokenizer, of the reference
+/// adapter if any, of the data, the template source and the length limits.
+fn reference_key(rc: &ReferenceCache, s: &DpoSettings, template: &ChatTemplate) -> Result<String, TrainError> {
+    let model_dir = rc.model_dir.as_path();
     let mut h = sha2::Sha256::new();
     let mut files: Vec<_> = std::fs::read_dir(model_dir)
         .at("cannot read", model_dir)?
@@ -81,6 +84,9 @@ fn reference_key(model_dir: &Path, s: &DpoSettings, template: &ChatTemplate) -> 
         })
         .collect();
     files.sort();
+    if let Some(a) = &rc.adapter {
+        files.extend([a.join("adapter_config.json"), a.join("adapter_model.safetensors")]);
+    }
     files.extend(expand_data_path(&s.train)?);
     for f in files {
         let mut file = std::fs::File::open(&f).at("cannot read", &f)?;
@@ -106,7 +112,7 @@ impl Dpo {
         };
         let mut dpo = Dpo { config: s.config, train, eval, dropped, reference: None, eval_reference: None, cache: None, recompute: s.recompute };
         if let Some(rc) = &s.reference_cache {
-            let key = reference_key(&rc.model_dir, s, template)?;
+            let key = reference_key(rc, s, template)?;
             let cached = std::fs::read(&rc.path).ok().and_then(|b| serde_json::from_slice::<RefCache>(&b).ok());
             dpo.reference = Some(match cached {
                 Some(c) if c.key == key && c.logps.len() == dpo.train.len() => c.logps,

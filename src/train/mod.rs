@@ -4,6 +4,7 @@
 
 pub mod checkpoint;
 pub mod dpo;
+pub mod kto;
 pub mod objective;
 pub mod optim;
 pub mod recipe;

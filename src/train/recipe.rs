@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use super::dpo::{DpoSettings, ReferenceCache};
+use super::kto::KtoSettings;
 use super::ref_free::RefFreeSettings;
 use super::optim::Schedule;
 use super::recompute::Recompute;
@@ -16,6 +17,7 @@ use crate::backend::DeviceChoice;
 use crate::data::prepare::{CacheAt, Overlong, PrepareOptions};
 use crate::data::tokenizer::TemplateChoice;
 use crate::loss::dpo::{DpoConfig, LossType};
+use crate::loss::kto::KtoConfig;
 use crate::loss::ref_free::{CpoLossType, RefFree};
 use crate::model::{BaseFormat, LoadOptions};
 
@@ -70,6 +72,8 @@ pub struct Recipe {
     pub cpo: Option<CpoSection>,
     /// SimPO settings (only with `train.method = "simpo"`).
     pub simpo: Option<SimpoSection>,
+    /// KTO settings (only with `train.method = "kto"`).
+    pub kto: Option<KtoSection>,
     pub output: OutputSection,
 }
 
@@ -117,6 +121,20 @@ pub struct SimpoSection {
     pub max_prompt_len: Option<usize>,
 }
 
+/// KTO settings, with TRL's `KTOConfig` names and defaults.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KtoSection {
+    #[serde(default = "d_beta")]
+    pub beta: f64,
+    #[serde(default = "d_cpo_alpha")]
+    pub desirable_weight: f64,
+    #[serde(default = "d_cpo_alpha")]
+    pub undesirable_weight: f64,
+    /// As `dpo.reference`.
+    pub reference: Option<ReferenceChoice>,
+}
+
 fn d_cpo_loss_type() -> CpoLossType {
     CpoLossType::Sigmoid
 }
@@ -150,6 +168,9 @@ pub struct DpoSection {
     /// forward.
     #[serde(default)]
     pub precompute_ref: bool,
+    /// The reference: `"adapter"` (the starting adapter `model.adapter`, frozen; the default
+    /// when there is one, as TRL) or `"base"` (adapters off; the default without one).
+    pub reference: Option<ReferenceChoice>,
 }
 
 impl Default for DpoSection {
@@ -208,6 +229,19 @@ pub struct ModelSection {
     /// needed; `path` still supplies the tokenizer).
     #[serde(default)]
     pub random_init: bool,
+    /// A PEFT LoRA adapter (ft's or PEFT's) to start from: training continues it, with its own
+    /// rank, alpha, targets and dropout (the [lora] section is not read).
+    pub adapter: Option<PathBuf>,
+}
+
+/// What DPO compares the policy with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReferenceChoice {
+    /// The starting adapter (`model.adapter`), frozen.
+    Adapter,
+    /// The base model (adapters off).
+    Base,
 }
 
 fn d_overlong() -> Overlong {
@@ -275,6 +309,7 @@ pub enum Method {
     Orpo,
     Cpo,
     Simpo,
+    Kto,
 }
 
 impl Method {
@@ -539,7 +574,7 @@ impl Recipe {
             return invalid("data.packing", "data.packing is for SFT; preference methods batch chosen and rejected sequences unpacked".into());
         }
         // A method's section only with that method.
-        let sections = [("dpo", Method::Dpo, self.dpo.is_some()), ("orpo", Method::Orpo, self.orpo.is_some()), ("cpo", Method::Cpo, self.cpo.is_some()), ("simpo", Method::Simpo, self.simpo.is_some())];
+        let sections = [("dpo", Method::Dpo, self.dpo.is_some()), ("orpo", Method::Orpo, self.orpo.is_some()), ("cpo", Method::Cpo, self.cpo.is_some()), ("simpo", Method::Simpo, self.simpo.is_some()), ("kto", Method::Kto, self.kto.is_some())];
         for (name, method, set) in sections {
             if set && t.method != method {
                 return invalid(name, format!("a [{name}] section is set but train.method is {:?} (set train.method = \"{name}\")", format!("{:?}", t.method).to_lowercase()));
@@ -574,6 +609,14 @@ impl Recipe {
             }
             prompt("simpo.max_prompt_len", c.max_prompt_len)?;
         }
+        if let Some(k) = &self.kto {
+            positive("kto.beta", k.beta)?;
+            non_negative("kto.desirable_weight", k.desirable_weight)?;
+            non_negative("kto.undesirable_weight", k.undesirable_weight)?;
+            if k.reference == Some(ReferenceChoice::Adapter) && self.model.adapter.is_none() {
+                return invalid("kto.reference", "kto.reference = \"adapter\" needs model.adapter (the adapter to start from)".into());
+            }
+        }
         if let Some(d) = &self.dpo {
             positive("dpo.beta", d.beta)?;
             smoothing("dpo.label_smoothing", d.label_smoothing)?;
@@ -581,6 +624,9 @@ impl Recipe {
                 return invalid("dpo.rpo_alpha", "dpo.rpo_alpha must not be negative".into());
             }
             prompt("dpo.max_prompt_len", d.max_prompt_len)?;
+            if d.reference == Some(ReferenceChoice::Adapter) && self.model.adapter.is_none() {
+                return invalid("dpo.reference", "dpo.reference = \"adapter\" needs model.adapter (the adapter to start from)".into());
+            }
         }
         Ok(())
     }
@@ -631,7 +677,33 @@ impl Recipe {
             prepare,
             reference_cache: section
                 .precompute_ref
-                .then(|| ReferenceCache { path: self.output.dir.join("reference_logps.json"), model_dir: self.model.path.clone() }),
+                .then(|| ReferenceCache {
+                    path: self.output.dir.join("reference_logps.json"),
+                    model_dir: self.model.path.clone(),
+                    adapter: self.reference_is_start_adapter().then(|| self.model.adapter.clone()).flatten(),
+                }),
+            recompute: self.recompute(),
+        }
+    }
+
+    /// Whether DPO's reference is the frozen starting adapter (`model.adapter` set and
+    /// `dpo.reference` not "base").
+    pub fn reference_is_start_adapter(&self) -> bool {
+        let choice = self.dpo.as_ref().and_then(|d| d.reference).or(self.kto.as_ref().and_then(|k| k.reference));
+        self.model.adapter.is_some() && choice != Some(ReferenceChoice::Base)
+    }
+
+    /// KTO's settings.
+    pub fn kto_settings(&self) -> KtoSettings {
+        let k = self.kto.clone().unwrap_or_else(|| toml::from_str("").expect("defaults"));
+        let mut prepare = self.prepare_options();
+        prepare.overlong = Overlong::Drop;
+        KtoSettings {
+            config: KtoConfig { beta: k.beta, desirable_weight: k.desirable_weight, undesirable_weight: k.undesirable_weight },
+            train: self.data.train.clone(),
+            eval: self.data.eval.clone(),
+            prepare,
+            kl_block: self.train.micro_batch_size,
             recompute: self.recompute(),
         }
     }

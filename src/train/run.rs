@@ -81,6 +81,7 @@ pub fn run<B: TrainBackend>(recipe: &Recipe, device: B::Device, progress: &dyn P
     let mut objective: Box<dyn Objective<B>> = match recipe.train.method {
         Method::Sft => Box::new(super::sft::Sft::new(&tok, &template, &recipe.sft_settings())?),
         Method::Dpo => Box::new(super::dpo::Dpo::new(&tok, &template, &recipe.dpo_settings(), progress)?),
+        Method::Kto => Box::new(super::kto::Kto::new(&tok, &template, &recipe.kto_settings())?),
         Method::Orpo | Method::Cpo | Method::Simpo => Box::new(super::ref_free::RefFreeTraining::new(&tok, &template, &recipe.ref_free_settings(), progress)?),
     };
     let n_examples = objective.len();
@@ -103,15 +104,32 @@ pub fn run<B: TrainBackend>(recipe: &Recipe, device: B::Device, progress: &dyn P
             return Err(TrainError::Changed { run: out, what, data: true });
         }
     }
-    let lora_config = recipe.lora.config();
-    match &loaded {
-        Some(ck) => {
+    // Training from a starting adapter takes its settings (rank, alpha, targets, dropout), as
+    // TRL does with a PeftModel; else the recipe's [lora] section.
+    let start = match &recipe.model.adapter {
+        Some(dir) => Some(peft::PeftAdapter::open(dir)?),
+        None => None,
+    };
+    let lora_config = match &start {
+        Some(a) => a.config.clone(),
+        None => recipe.lora.config(),
+    };
+    match (&loaded, &start) {
+        (Some(ck), _) => {
             peft::PeftAdapter::open(&ck.dir.join("adapter"))?.attach(&mut model)?;
             make_trainable(&mut model, lora_config.dropout);
         }
-        None => {
+        (None, Some(a)) => {
+            a.attach(&mut model)?;
+            make_trainable(&mut model, lora_config.dropout);
+        }
+        (None, None) => {
             attach_new(&mut model, &lora_config, recipe.train.seed)?;
         }
+    }
+    // The reference of DPO is the starting adapter, frozen (unless the recipe asks for the base).
+    if let (Some(a), true) = (&start, recipe.reference_is_start_adapter()) {
+        a.attach_reference(&mut model)?;
     }
     let params = trainable_params(&mut model);
     let trainable_parameters: usize = params.iter().map(|p| p.shape().num_elements()).sum();

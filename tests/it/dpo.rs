@@ -262,3 +262,40 @@ fn eval_objective_dpo_is_the_dpo_alias_and_dpo_flags_need_it() {
     assert_eq!(c, 2, "{err}");
     assert!(err.contains("--beta") && err.contains("--objective dpo"), "{err}");
 }
+
+#[test]
+fn dpo_from_an_adapter_uses_it_frozen_as_the_reference() {
+    // Start from a PEFT adapter (the SFT → DPO pipeline): with the default reference, the
+    // frozen starting adapter, the policy equals the reference at step 0: loss ln 2, rewards 0.
+    let start = fixtures().join("adapters/lora-r4");
+    let before = std::fs::read(start.join("adapter_model.safetensors")).unwrap();
+    let model = format!("adapter = \"{}\"", start.display());
+    let (d, m) = dpo_run_with("dpo-from-adapter", "beta = 0.1", &model, "");
+    assert!((m[0]["loss"].as_f64().unwrap() - std::f64::consts::LN_2).abs() < 1e-6, "{}", m[0]);
+    assert_eq!(m[0]["rewards/margins"].as_f64(), Some(0.0));
+    let last = m.iter().rfind(|l| l.get("loss").is_some()).unwrap();
+    assert!(last["loss"].as_f64().unwrap() < std::f64::consts::LN_2 - 0.05, "{last}");
+    // With the base as the reference the same policy is already far from it.
+    let (_, base) = dpo_run_with("dpo-from-adapter-base", "beta = 0.1\nreference = \"base\"", &model, "");
+    assert!((base[0]["loss"].as_f64().unwrap() - std::f64::consts::LN_2).abs() > 1e-3, "{}", base[0]);
+    assert!(base[0]["rewards/margins"].as_f64().unwrap().abs() > 1e-3, "{}", base[0]);
+    // The run continued the adapter (its rank and alpha) and left the starting one untouched.
+    let cfg = json(&d.join("run/adapter/adapter_config.json"));
+    assert_eq!((cfg["r"].as_u64(), cfg["lora_alpha"].as_f64()), (Some(4), Some(8.0)));
+    assert_eq!(std::fs::read(start.join("adapter_model.safetensors")).unwrap(), before);
+    // `reference = "adapter"` without a starting adapter is a recipe error naming the key.
+    let d = scratch("dpo-reference-without-adapter");
+    let r = d.join("recipe.toml");
+    std::fs::write(
+        &r,
+        format!(
+            "[model]\npath = \"{}\"\n[data]\ntrain = \"x.jsonl\"\n[train]\nmethod = \"dpo\"\n[dpo]\nreference = \"adapter\"\n[output]\ndir = \"{}\"\n",
+            model_dir("llama").display(),
+            d.join("run").display()
+        ),
+    )
+    .unwrap();
+    let (c, _, err) = ft(&["train", r.to_str().unwrap()]);
+    assert_eq!(c, 2, "{err}");
+    assert!(err.contains("dpo.reference"), "{err}");
+}

@@ -132,3 +132,88 @@ fn reference_free_training_lowers_its_loss() {
         close(a[0][k].as_f64().unwrap(), b[0][k].as_f64().unwrap(), 1e-4, k);
     }
 }
+
+#[test]
+fn kto_matches_trl() {
+    let o = oracle();
+    let (model, adapter) = (model_dir("llama"), fixtures().join("adapters/lora-r4"));
+    let kto = fixtures().join("preference/kto.jsonl");
+    let run = |args: &[&str]| {
+        let mut all = vec!["eval", "--objective", "kto", "--json", "--template", "chatml", "--model", s(&model)];
+        all.extend_from_slice(args);
+        let (c, out, err) = ft(&all);
+        assert_eq!(c, 0, "{err}");
+        serde_json::from_str::<serde_json::Value>(&out).unwrap()
+    };
+    // `kto`: policy = llama + lora-r4, reference = adapters off (every KL estimate negative: kl 0);
+    // `kto_swapped`: policy = llama, reference = lora-r4 frozen (a positive KL enters the loss).
+    let cases = [("kto", vec!["--adapter", s(&adapter), "--data", s(&kto)]), ("kto_swapped", vec!["--reference-adapter", s(&adapter), "--data", s(&kto)])];
+    for (key, args) in cases {
+        let want = &o[key];
+        let got = run(&args);
+        close(got["loss"].as_f64().unwrap(), want["loss"].as_f64().unwrap(), 1e-5, &format!("{key} loss"));
+        close(got["kl_unclamped"].as_f64().unwrap(), want["kl_unclamped"].as_f64().unwrap(), 1e-4, &format!("{key} kl before the clamp"));
+        for (k, v) in want["metrics"].as_object().unwrap() {
+            let (g, w) = (got[k].as_f64().unwrap_or_else(|| panic!("{key}: no {k} in {got}")), v.as_f64().unwrap());
+            // Rewards are β × (S_policy − S_reference), differences of log-prob sums of −35 to
+            // −85 that nearly cancel (|reward| ~ 4e-4 to 9e-3). One float32 sum of 80 nats
+            // resolves only ~5e-6 nats (TRL sums in float32, ft in float64), so a reward can move
+            // by β × 1e-5 = 1e-6 with both sides right to 1e-7 relative: held to 1e-5 relative
+            // plus 2e-6 absolute. `kl` is the same kind of difference, unscaled by β: 1e-5.
+            let abs = if k.starts_with("rewards/") {
+                2e-6
+            } else if k == "kl" {
+                1e-5
+            } else {
+                0.0
+            };
+            assert!((g - w).abs() <= 1e-5 * w.abs().max(1e-3) + abs, "{key} {k}: {g} vs {w}");
+        }
+        assert_eq!(got["rows"], 6);
+    }
+    // The preference pairs the rows came from, unpaired by ft as TRL does, give the same numbers.
+    let from_pairs = run(&["--adapter", s(&adapter), "--data", s(&fixtures().join("dpo/prefs.jsonl"))]);
+    let from_rows = run(&["--adapter", s(&adapter), "--data", s(&kto)]);
+    for k in ["loss", "kl_unclamped", "rewards/chosen", "rewards/rejected", "logps/chosen", "entropy"] {
+        close(from_pairs[k].as_f64().unwrap(), from_rows[k].as_f64().unwrap(), 1e-9, k);
+    }
+    // Per row: the KL sample is this row's prompt with the previous row's completion.
+    let tok = TextTokenizer::from_dir(&model).unwrap();
+    let template = tok.template(TemplateChoice::Chatml).unwrap();
+    let opts = PrepareOptions { max_len: usize::MAX, overlong: Overlong::Drop, drop_untrainable: false, max_prompt_len: None, cache: None };
+    let (rows, _) = prepare::kto(&tok, &template, &kto, &opts, usize::MAX).unwrap();
+    for (i, (row, want)) in rows.iter().zip(o["kto"]["rows"].as_array().unwrap()).enumerate() {
+        let ids = |v: &serde_json::Value| v.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect::<Vec<_>>();
+        let (prompt, completion, kl) = (ids(&want["prompt_ids"]), ids(&want["completion_ids"]), ids(&want["kl_completion_ids"]));
+        assert_eq!(row.sample.ids[..prompt.len() + completion.len()], [prompt.clone(), completion].concat()[..], "row {i}");
+        assert_eq!(row.kl.ids[..prompt.len() + kl.len()], [prompt, kl].concat()[..], "row {i} KL sample");
+        assert_eq!(row.desirable, want["label"].as_bool().unwrap());
+    }
+}
+
+#[test]
+fn kto_training_lowers_its_loss() {
+    // The DPO test pairs, unpaired (16 rows); KL estimates over blocks of the micro-batch size.
+    let (d, m) = run("kto-train", "kto", "max_steps = 8\nmicro_batch_size = 4\ngrad_accum = 2");
+    let eval = |adapter: Option<&Path>| {
+        let (model, data) = (model_dir("llama"), d.join("prefs.jsonl"));
+        let mut args = vec!["eval", "--objective", "kto", "--batch-size", "4", "--json", "--template", "chatml", "--model", s(&model), "--data", s(&data)];
+        if let Some(a) = adapter {
+            args.extend(["--adapter", s(a)]);
+        }
+        let (c, out, err) = ft(&args);
+        assert_eq!(c, 0, "{err}");
+        serde_json::from_str::<serde_json::Value>(&out).unwrap()
+    };
+    let (before, after) = (eval(None), eval(Some(&d.join("run/adapter"))));
+    // Policy = reference at the start: every reward is 0 and each row's loss is 1 − σ(±β·kl).
+    assert!((before["loss"].as_f64().unwrap() - 0.5).abs() < 1e-6, "{before}");
+    // KTO's loss moves slowly (β 0.1 scales rewards of a few nats); the margin shows the learning.
+    assert!(after["loss"].as_f64().unwrap() < 0.495, "{after}");
+    assert!(after["rewards/margins"].as_f64().unwrap() > 0.1, "{after}");
+    let last = m.iter().rfind(|l| l.get("eval_loss").is_some()).expect("an eval line");
+    close(after["loss"].as_f64().unwrap(), last["eval_loss"].as_f64().unwrap(), 1e-5, "the saved adapter's loss is the run's last eval loss");
+    for k in ["kl", "rewards/chosen", "rewards/rejected", "logps/chosen", "grad_norm"] {
+        assert!(m[0].get(k).is_some(), "metrics lack {k}");
+    }
+}
