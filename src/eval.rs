@@ -163,6 +163,54 @@ pub fn evaluate_kto<B: Kernels>(
     Ok(KtoReport { metrics: config.metrics(&batches, ""), rows: rows.len(), dropped, kl_unclamped })
 }
 
+/// GRPO's loss and metrics on fixed groups of completions.
+pub struct GrpoReport {
+    pub metrics: serde_json::Map<String, serde_json::Value>,
+    pub advantages: Vec<f64>,
+    pub groups: usize,
+}
+
+/// GRPO of `model` on groups of already sampled and scored completions (no sampling): per-token
+/// log-probs of the policy and of the reference (adapters off, or `--reference-adapter`), the
+/// advantages and the loss of one generation batch, as TRL computes them. `max_completion_length`
+/// (for `dr_grpo`) defaults to the longest completion.
+pub fn evaluate_grpo<B: Kernels>(
+    model: &mut Decoder<B>,
+    tok: &TextTokenizer,
+    template: &ChatTemplate,
+    data: &Path,
+    mut config: crate::loss::grpo::GrpoConfig,
+    weights: &[(String, f64)],
+    max_completion_length: Option<usize>,
+) -> Result<GrpoReport, PrepareError> {
+    use crate::loss::grpo::ScoredCompletion;
+    let groups = crate::data::groups::read_groups(data)?;
+    let mut samples = Vec::new();
+    let mut meta = Vec::new();
+    for g in &groups {
+        let (enc, prompt_tokens) = crate::data::groups::encode_group(tok, template, g).map_err(|e| e.at(g.at.clone()))?;
+        for (e, c) in enc.into_iter().zip(&g.completions) {
+            meta.push((prompt_tokens, c.truncated, c.rewards.clone()));
+            samples.push(e);
+        }
+    }
+    let mut scored = Vec::with_capacity(samples.len());
+    for (chunk, meta) in samples.chunks(8).zip(meta.chunks(8)) {
+        let refs: Vec<&Encoded> = chunk.iter().collect();
+        let policy = crate::loss::nll::token_logps(model, &refs);
+        let stats = crate::loss::nll::sample_stats(model, &refs);
+        model.set_reference(true);
+        let reference = crate::loss::nll::token_logps(model, &refs);
+        model.set_reference(false);
+        for (((p, r), s), (prompt_tokens, truncated, rewards)) in policy.into_iter().zip(reference).zip(stats).zip(meta) {
+            scored.push(ScoredCompletion { policy: p, reference: r, entropy: s.entropy, prompt_tokens: *prompt_tokens, truncated: *truncated, rewards: rewards.clone() });
+        }
+    }
+    config.max_completion_length = max_completion_length.unwrap_or_else(|| scored.iter().map(|c| c.policy.len()).max().unwrap_or(1));
+    let (metrics, advantages) = config.metrics(&scored, groups[0].completions.len(), weights);
+    Ok(GrpoReport { metrics, advantages, groups: groups.len() })
+}
+
 /// One pair's side as `--per-pair` prints it: ids, completion positions and log-probs.
 pub fn side_json(e: &Encoded, s: &SideLogps) -> serde_json::Value {
     let positions: Vec<usize> = (0..e.mask.len()).filter(|&j| e.mask[j] == 1).collect();

@@ -12,6 +12,7 @@ use crate::data::tokenizer::{TemplateChoice, TextTokenizer};
 use clap::ValueEnum;
 
 use crate::loss::dpo::{DpoConfig, LossType};
+use crate::loss::grpo::{GrpoConfig, GrpoLossType, ScaleRewards};
 use crate::loss::kto::KtoConfig;
 use crate::loss::ref_free::{CpoLossType, RefFree};
 use crate::ops::Kernels;
@@ -32,6 +33,9 @@ pub enum EvalObjective {
     /// KTO's loss and TRL's metrics over unpaired rows {"prompt", "completion", "label"} (or
     /// preference pairs, unpaired as TRL does), the adapter-disabled model as reference.
     Kto,
+    /// GRPO's loss and TRL's metrics on groups of sampled, scored completions {"prompt",
+    /// "completions": [{"text" | "completion_ids", "reward" | "rewards", "truncated"}]} (no sampling).
+    Grpo,
 }
 
 #[derive(Debug, clap::Args)]
@@ -87,6 +91,16 @@ pub struct EvalArgs {
     /// KTO: the weight of undesirable rows' losses [default: 1].
     #[arg(long)]
     pub undesirable_weight: Option<f64>,
+    /// GRPO: how advantages are scaled [default: group].
+    #[arg(long, value_enum)]
+    pub scale_rewards: Option<ScaleRewards>,
+    /// GRPO: reward function weights, `name=w,...` (unnamed functions weigh 1).
+    #[arg(long, value_delimiter = ',')]
+    pub reward_weights: Vec<String>,
+    /// GRPO: the length limit completions were sampled with (`dr_grpo` divides by it)
+    /// [default: the longest completion].
+    #[arg(long)]
+    pub max_completion_length: Option<usize>,
     /// KTO: rows per KL estimate (TRL's batch; the mismatched completions rotate within it)
     /// [default: all rows].
     #[arg(long)]
@@ -122,12 +136,15 @@ impl EvalArgs {
         let objective = self.objective();
         // Each flag and the objectives that read it.
         let flags = [
-            ("--beta", self.beta.is_some(), "dpo|orpo|cpo|simpo|kto"),
+            ("--beta", self.beta.is_some(), "dpo|orpo|cpo|simpo|kto|grpo"),
+            ("--scale-rewards", self.scale_rewards.is_some(), "grpo"),
+            ("--reward-weights", !self.reward_weights.is_empty(), "grpo"),
+            ("--max-completion-length", self.max_completion_length.is_some(), "grpo"),
             ("--desirable-weight", self.desirable_weight.is_some(), "kto"),
             ("--undesirable-weight", self.undesirable_weight.is_some(), "kto"),
             ("--batch-size", self.batch_size.is_some(), "kto"),
-            ("--reference-adapter", self.reference_adapter.is_some(), "dpo|kto"),
-            ("--loss-type", self.loss_type.is_some(), "dpo|cpo"),
+            ("--reference-adapter", self.reference_adapter.is_some(), "dpo|kto|grpo"),
+            ("--loss-type", self.loss_type.is_some(), "dpo|cpo|grpo"),
             ("--label-smoothing", self.label_smoothing.is_some(), "dpo|cpo|simpo"),
             ("--rpo-alpha", self.rpo_alpha.is_some(), "dpo"),
             ("--cpo-alpha", self.cpo_alpha.is_some(), "cpo|simpo"),
@@ -142,7 +159,7 @@ impl EvalArgs {
         }
         let beta_ok = |b: f64| b > 0.0 && b.is_finite();
         let ls = self.label_smoothing.unwrap_or(0.0);
-        if !(0.0..0.5).contains(&ls) || self.beta.is_some_and(|b| !beta_ok(b)) {
+        if !(0.0..0.5).contains(&ls) || (objective != EvalObjective::Grpo && self.beta.is_some_and(|b| !beta_ok(b))) {
             return Err(UsageError("--beta must be positive and --label-smoothing in [0, 0.5)".into()));
         }
         if self.cpo_alpha.is_some_and(|a| !(a >= 0.0 && a.is_finite())) || self.gamma.is_some_and(|g| !g.is_finite()) {
@@ -161,6 +178,15 @@ impl EvalArgs {
         }
         Ok(Some(match objective {
             EvalObjective::Sft => return Ok(None),
+            EvalObjective::Grpo => {
+                let d = GrpoConfig::default();
+                let t = self.loss_type.clone().unwrap_or_else(|| "dapo".into());
+                let loss_type = GrpoLossType::from_str(&t, true).map_err(|_| UsageError(format!("--loss-type {t:?} is not a GRPO loss type (grpo|dapo|dr_grpo|bnpo)")))?;
+                if self.beta.is_some_and(|b| b < 0.0) {
+                    return Err(UsageError("--beta must be ≥ 0 for GRPO".into()));
+                }
+                Preference::Grpo(GrpoConfig { loss_type, beta: self.beta.unwrap_or(0.0), scale_rewards: self.scale_rewards.unwrap_or(d.scale_rewards), ..d })
+            }
             EvalObjective::Kto => {
                 let d = KtoConfig::default();
                 Preference::Kto(KtoConfig {
@@ -201,6 +227,7 @@ enum Preference {
     Dpo(DpoConfig),
     RefFree(RefFree),
     Kto(KtoConfig),
+    Grpo(GrpoConfig),
 }
 
 pub fn run(a: EvalArgs) -> Result<()> {
@@ -212,6 +239,7 @@ fn eval_on<B: Kernels>(a: EvalArgs, device: B::Device) -> Result<()> {
         Some(Preference::Dpo(config)) => return eval_dpo_on::<B>(a, config, device),
         Some(Preference::RefFree(objective)) => return eval_ref_free_on::<B>(a, objective, device),
         Some(Preference::Kto(config)) => return eval_kto_on::<B>(a, config, device),
+        Some(Preference::Grpo(config)) => return eval_grpo_on::<B>(a, config, device),
         None => {}
     }
     let data = read_jsonl(&a.data)?;
@@ -357,6 +385,48 @@ fn eval_kto_on<B: Kernels>(a: EvalArgs, config: KtoConfig, device: B::Device) ->
             g("rewards/rejected"),
             r.rows,
             if r.dropped > 0 { format!("  dropped {}", r.dropped) } else { String::new() },
+            secs
+        );
+    }
+    Ok(())
+}
+
+fn eval_grpo_on<B: Kernels>(a: EvalArgs, config: GrpoConfig, device: B::Device) -> Result<()> {
+    let t0 = Instant::now();
+    let weights: Vec<(String, f64)> = a
+        .reward_weights
+        .iter()
+        .map(|w| {
+            let (n, v) = w.split_once('=').ok_or_else(|| UsageError(format!("--reward-weights {w:?}: expected name=weight")))?;
+            let v: f64 = v.parse().ok().filter(|v: &f64| v.is_finite()).ok_or_else(|| UsageError(format!("--reward-weights {w:?}: the weight is not a number")))?;
+            Ok((n.to_string(), v))
+        })
+        .collect::<Result<_, UsageError>>()?;
+    let tok = TextTokenizer::from_dir(&a.model)?;
+    let template = tok.template(a.template)?;
+    let mut model = load_with_adapter::<B>(&a.model, a.adapter.as_deref(), &device)?;
+    if let Some(dir) = &a.reference_adapter {
+        crate::adapters::peft::PeftAdapter::open(dir)?.attach_reference(&mut model)?;
+    }
+    let r = crate::eval::evaluate_grpo(&mut model, &tok, &template, &a.data, config, &weights, a.max_completion_length)?;
+    let secs = t0.elapsed().as_secs_f64();
+    let mut report = r.metrics;
+    if a.json {
+        report.insert("advantages".into(), r.advantages.into());
+        report.insert("groups".into(), r.groups.into());
+        report.insert("seconds".into(), secs.into());
+        println!("{}", serde_json::Value::Object(report));
+    } else {
+        let g = |k: &str| report[k].as_f64().unwrap_or(f64::NAN);
+        println!(
+            "grpo {:?} loss {:.6}  reward {:.4} ± {:.4}  mean length {:.1}  entropy {:.4}  groups {}  ({:.1}s)",
+            config.loss_type,
+            g("loss"),
+            g("reward"),
+            g("reward_std"),
+            g("completions/mean_length"),
+            g("entropy"),
+            r.groups,
             secs
         );
     }

@@ -7,6 +7,7 @@ pub mod cache;
 pub mod check;
 pub mod conversation;
 pub mod encode;
+pub mod groups;
 pub mod packing;
 pub mod preference;
 pub mod prepare;

@@ -3,6 +3,7 @@
 //! completion scoring they need ([`dpo`]).
 
 pub mod dpo;
+pub mod grpo;
 pub mod kto;
 pub mod nll;
 pub mod ref_free;

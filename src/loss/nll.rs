@@ -92,6 +92,18 @@ pub fn sample_stats<B: Kernels>(model: &Decoder<B>, samples: &[&Encoded]) -> Vec
     out
 }
 
+/// The log-prob of every scored token of each sample of a padded batch, in order (no gradient).
+pub fn token_logps<B: Kernels>(model: &Decoder<B>, samples: &[&Encoded]) -> Vec<Vec<f64>> {
+    let batch = Batch::padded(samples);
+    let mut out = vec![Vec::new(); samples.len()];
+    let Some(logp) = scored_logprobs(model, &batch, &mut plain_hidden(model)) else { return out };
+    let logp: Vec<f64> = logp.into_data().convert::<f64>().to_vec().expect("f64 log-probs");
+    for (&i, lp) in batch.owner.iter().zip(logp) {
+        out[i].push(lp);
+    }
+    out
+}
+
 /// The NLL sum and scored-token count of each sample of a padded batch (no gradient).
 pub fn per_sample<B: Kernels>(model: &Decoder<B>, samples: &[&Encoded]) -> Vec<(f64, usize)> {
     let batch = Batch::padded(samples);

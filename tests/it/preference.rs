@@ -217,3 +217,85 @@ fn kto_training_lowers_its_loss() {
         assert!(m[0].get(k).is_some(), "metrics lack {k}");
     }
 }
+
+/// `fixtures/grpo/inputs.json` as `ft eval --objective grpo` reads it: one group per prompt.
+fn grpo_groups(dir: &Path) -> std::path::PathBuf {
+    let inputs = json(&fixtures().join("grpo/inputs.json"));
+    let mut lines = Vec::new();
+    for (k, prompt) in inputs["prompts"].as_array().unwrap().iter().enumerate() {
+        let completions: Vec<serde_json::Value> = inputs["completions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|c| c["prompt_index"].as_u64() == Some(k as u64))
+            .map(|c| serde_json::json!({"completion_ids": c["completion_ids"], "rewards": c["rewards"], "truncated": c["truncated"]}))
+            .collect();
+        lines.push(serde_json::json!({"prompt": prompt, "completions": completions}).to_string());
+    }
+    let p = dir.join("groups.jsonl");
+    std::fs::write(&p, lines.join("\n") + "\n").unwrap();
+    p
+}
+
+#[test]
+fn grpo_scoring_matches_trl() {
+    let o = json(&fixtures().join("grpo/expected.json"));
+    let d = scratch("grpo-eval");
+    let groups = grpo_groups(&d);
+    let (model, adapter) = (model_dir("llama"), fixtures().join("adapters/lora-r4"));
+    let run = |extra: &[&str]| {
+        let mut args = vec!["eval", "--objective", "grpo", "--json", "--template", "chatml", "--model", s(&model), "--adapter", s(&adapter), "--data", s(&groups)];
+        args.extend_from_slice(&["--reward-weights", "correct=1,style=0.5", "--max-completion-length", "14"]);
+        args.extend_from_slice(extra);
+        let (c, out, err) = ft(&args);
+        assert_eq!(c, 0, "{err}");
+        serde_json::from_str::<serde_json::Value>(&out).unwrap()
+    };
+    for scale in ["group", "batch", "none"] {
+        let got = run(&["--scale-rewards", scale]);
+        for (g, w) in got["advantages"].as_array().unwrap().iter().zip(o["advantages"][scale].as_array().unwrap()) {
+            close(g.as_f64().unwrap(), w.as_f64().unwrap(), 1e-5, &format!("{scale} advantage"));
+        }
+        for (k, v) in o["metrics"][format!("scale_rewards={scale}")].as_object().unwrap() {
+            close(got[k].as_f64().unwrap_or_else(|| panic!("no {k}")), v.as_f64().unwrap(), 1e-5, &format!("{scale} {k}"));
+        }
+    }
+    for (key, want) in o["loss"].as_object().unwrap() {
+        let (loss_type, beta) = key.split_once("/beta=").unwrap();
+        let got = run(&["--loss-type", loss_type, "--beta", beta]);
+        // grpo with β 0 is −(mean advantage) ≈ 0 (each group's advantages sum to 0): its TRL value
+        // −3e-8 is float32 rounding, so losses are held to 1e-5 relative plus 1e-7 absolute.
+        let (g, w) = (got["loss"].as_f64().unwrap(), want.as_f64().unwrap());
+        assert!((g - w).abs() <= 1e-5 * w.abs() + 1e-7, "{key}: {g} vs {w}");
+        for (k, v) in o["metrics"][key.as_str()].as_object().unwrap() {
+            close(got[k].as_f64().unwrap_or_else(|| panic!("{key}: no {k}")), v.as_f64().unwrap(), 1e-5, &format!("{key} {k}"));
+        }
+    }
+    // Per token, policy and reference log-probs of every completion token (end-of-turn included).
+    let tok = TextTokenizer::from_dir(&model).unwrap();
+    let template = tok.template(TemplateChoice::Chatml).unwrap();
+    let inputs = json(&fixtures().join("grpo/inputs.json"));
+    let mut m = load("llama");
+    ft::adapters::peft::PeftAdapter::open(&adapter).unwrap().attach(&mut m).unwrap();
+    let mut i = 0;
+    for (k, g) in ft::data::groups::read_groups(&groups).unwrap().iter().enumerate() {
+        let (samples, prompt_len) = ft::data::groups::encode_group(&tok, &template, g).unwrap();
+        assert_eq!(prompt_len, inputs["prompt_ids"][k].as_array().unwrap().len(), "prompt {k} tokens");
+        let refs: Vec<&ft::data::encode::Encoded> = samples.iter().collect();
+        let policy = ft::loss::nll::token_logps(&m, &refs);
+        m.set_reference(true);
+        let reference = ft::loss::nll::token_logps(&m, &refs);
+        m.set_reference(false);
+        for (p, r) in policy.iter().zip(&reference) {
+            for (side, got) in [("policy", p), ("reference", r)] {
+                let want = o["per_token_logps"][side][i].as_array().unwrap();
+                assert_eq!(got.len(), want.len(), "completion {i}");
+                for (t, (g, w)) in got.iter().zip(want).enumerate() {
+                    assert!((g - w.as_f64().unwrap()).abs() <= 1e-4, "completion {i} token {t} {side}: {g} vs {w}");
+                }
+            }
+            i += 1;
+        }
+    }
+    assert_eq!(i, 8);
+}

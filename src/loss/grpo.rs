@@ -1,0 +1,197 @@
+//! GRPO's loss and metrics as TRL 1.16's `GRPOTrainer` computes them, for completions already
+//! sampled and scored (`ft eval --objective grpo`; the loss of one generation batch).
+//!
+//! Rewards `r = Σ_f w_f R_f`; advantages `A = (r − mean_group) / (std + 1e-4)` with the group's
+//! std (`group`), the whole batch's (`batch`) or none (`r − mean_group`); stds unbiased. Per
+//! completion token, with the importance ratio `ρ = exp(logp − logp_old)` (1 in value when the
+//! completions come from this policy) and `k3 = e^(ref − logp) − (ref − logp) − 1`:
+//! `ℓ = −min(ρA, clip(ρ, 1 − ε, 1 + ε_high)·A) + β·k3·ρ` (`· ρ`: `use_bias_correction_kl`). The
+//! loss aggregates `ℓ` by `loss_type`:
+//!
+//! | loss_type | aggregation |
+//! |---|---|
+//! | grpo | mean over completions of `Σ_t ℓ / L_i` |
+//! | bnpo | `Σ ℓ / Σ L` |
+//! | dapo | `Σ ℓ / ` the generation batch's completion tokens (= bnpo for one batch) |
+//! | dr_grpo | `Σ ℓ / (N · max_completion_length)` |
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum GrpoLossType {
+    Grpo,
+    Dapo,
+    #[value(name = "dr_grpo")]
+    DrGrpo,
+    Bnpo,
+}
+
+/// How advantages are scaled (TRL's `scale_rewards`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum ScaleRewards {
+    Group,
+    Batch,
+    None,
+}
+
+/// GRPO's settings for scoring a batch (TRL's names and defaults).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct GrpoConfig {
+    pub loss_type: GrpoLossType,
+    pub beta: f64,
+    pub epsilon: f64,
+    pub epsilon_high: f64,
+    pub scale_rewards: ScaleRewards,
+    /// `dr_grpo` divides by completions × this.
+    pub max_completion_length: usize,
+}
+
+impl Default for GrpoConfig {
+    fn default() -> Self {
+        GrpoConfig { loss_type: GrpoLossType::Dapo, beta: 0.0, epsilon: 0.2, epsilon_high: 0.28, scale_rewards: ScaleRewards::Group, max_completion_length: 256 }
+    }
+}
+
+fn mean(x: &[f64]) -> f64 {
+    x.iter().sum::<f64>() / x.len().max(1) as f64
+}
+
+/// The unbiased standard deviation (NaN for one value, as torch).
+fn std(x: &[f64]) -> f64 {
+    let m = mean(x);
+    (x.iter().map(|v| (v - m).powi(2)).sum::<f64>() / (x.len() as f64 - 1.0)).sqrt()
+}
+
+/// Advantages of `rewards` in groups of `group` consecutive completions.
+pub fn advantages(rewards: &[f64], group: usize, scale: ScaleRewards) -> Vec<f64> {
+    let batch_std = std(rewards);
+    rewards
+        .chunks(group.max(1))
+        .flat_map(|g| {
+            let (m, s) = (mean(g), std(g));
+            g.iter().map(move |r| match scale {
+                ScaleRewards::Group => (r - m) / (s + 1e-4),
+                ScaleRewards::Batch => (r - m) / (batch_std + 1e-4),
+                ScaleRewards::None => r - m,
+            })
+        })
+        .collect()
+}
+
+/// One completion as scored: per-token log-probs under the policy and the reference (every
+/// completion token, the end-of-turn token included), the policy's summed next-token entropy,
+/// its prompt's length, whether it was cut at the length limit, and its rewards by function.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ScoredCompletion {
+    pub policy: Vec<f64>,
+    pub reference: Vec<f64>,
+    pub entropy: f64,
+    pub prompt_tokens: usize,
+    pub truncated: bool,
+    pub rewards: Vec<(String, f64)>,
+}
+
+impl GrpoConfig {
+    /// Per-token `ℓ` of a completion with advantage `a` (ρ = 1: no reuse of generations).
+    fn token_losses(&self, c: &ScoredCompletion, a: f64) -> Vec<f64> {
+        let rho = 1.0f64;
+        let clipped = rho.clamp(1.0 - self.epsilon, 1.0 + self.epsilon_high);
+        c.policy
+            .iter()
+            .zip(&c.reference)
+            .map(|(&lp, &rf)| {
+                let mut l = -(rho * a).min(clipped * a);
+                if self.beta != 0.0 {
+                    l += self.beta * k3(lp, rf) * rho;
+                }
+                l
+            })
+            .collect()
+    }
+
+    /// The loss of a batch of completions with their advantages.
+    pub fn loss(&self, completions: &[ScoredCompletion], adv: &[f64]) -> f64 {
+        let per: Vec<Vec<f64>> = completions.iter().zip(adv).map(|(c, &a)| self.token_losses(c, a)).collect();
+        let total: f64 = per.iter().flatten().sum();
+        let tokens: usize = per.iter().map(Vec::len).sum();
+        match self.loss_type {
+            GrpoLossType::Grpo => mean(&per.iter().map(|l| l.iter().sum::<f64>() / l.len().max(1) as f64).collect::<Vec<_>>()),
+            GrpoLossType::Bnpo | GrpoLossType::Dapo => total / tokens.max(1) as f64,
+            GrpoLossType::DrGrpo => total / (completions.len() * self.max_completion_length).max(1) as f64,
+        }
+    }
+
+    /// The loss and TRL's metrics of a batch of completions in groups of `group`: `loss`,
+    /// `num_tokens`, `completions/*`, `rewards/<fn>/{mean,std}`, `reward`, `reward_std`,
+    /// `frac_reward_zero_std`, `kl` (β > 0), `entropy`, `clip_ratio/*`, and the advantages.
+    pub fn metrics(&self, completions: &[ScoredCompletion], group: usize, weights: &[(String, f64)]) -> (Map<String, Value>, Vec<f64>) {
+        let weight = |name: &str| weights.iter().find(|(n, _)| n == name).map_or(1.0, |w| w.1);
+        let rewards: Vec<f64> = completions.iter().map(|c| c.rewards.iter().map(|(n, r)| weight(n) * r).sum()).collect();
+        let adv = advantages(&rewards, group, self.scale_rewards);
+        let mut m = Map::new();
+        let mut put = |k: &str, v: f64| {
+            m.insert(k.to_string(), v.into());
+        };
+        put("loss", self.loss(completions, &adv));
+        let lengths: Vec<f64> = completions.iter().map(|c| c.policy.len() as f64).collect();
+        put("num_tokens", completions.iter().map(|c| (c.prompt_tokens + c.policy.len()) as f64).sum());
+        put("completions/mean_length", mean(&lengths));
+        put("completions/min_length", lengths.iter().copied().fold(f64::INFINITY, f64::min));
+        put("completions/max_length", lengths.iter().copied().fold(f64::NEG_INFINITY, f64::max));
+        put("completions/clipped_ratio", completions.iter().filter(|c| c.truncated).count() as f64 / completions.len().max(1) as f64);
+        let terminated: Vec<f64> = completions.iter().filter(|c| !c.truncated).map(|c| c.policy.len() as f64).collect();
+        let or0 = |v: f64| if v.is_finite() { v } else { 0.0 };
+        put("completions/mean_terminated_length", or0(mean(&terminated)));
+        put("completions/min_terminated_length", or0(terminated.iter().copied().fold(f64::INFINITY, f64::min)));
+        put("completions/max_terminated_length", or0(terminated.iter().copied().fold(f64::NEG_INFINITY, f64::max)));
+        if let Some(first) = completions.first() {
+            for (name, _) in &first.rewards {
+                let values: Vec<f64> = completions.iter().filter_map(|c| c.rewards.iter().find(|(n, _)| n == name).map(|r| r.1)).collect();
+                put(&format!("rewards/{name}/mean"), mean(&values));
+                put(&format!("rewards/{name}/std"), std(&values));
+            }
+        }
+        put("reward", mean(&rewards));
+        put("reward_std", std(&rewards));
+        let zero_std = |g: &[f64]| std(g) < 1e-6;
+        let frac = match self.scale_rewards {
+            ScaleRewards::Batch => f64::from(u8::from(zero_std(&rewards))),
+            _ => rewards.chunks(group.max(1)).map(|g| if zero_std(g) { g.len() } else { 0 }).sum::<usize>() as f64 / rewards.len().max(1) as f64,
+        };
+        put("frac_reward_zero_std", frac);
+        let tokens: usize = completions.iter().map(|c| c.policy.len()).sum();
+        if self.beta != 0.0 {
+            let kl: f64 = completions.iter().flat_map(|c| c.policy.iter().zip(&c.reference).map(|(&lp, &rf)| k3(lp, rf))).sum();
+            put("kl", kl / tokens.max(1) as f64);
+        }
+        put("entropy", completions.iter().map(|c| c.entropy).sum::<f64>() / tokens.max(1) as f64);
+        for k in ["clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "clip_ratio/low_min", "clip_ratio/high_max"] {
+            // ρ = 1 for completions of this very policy: nothing is clipped.
+            put(k, 0.0);
+        }
+        (m, adv)
+    }
+}
+
+/// The k3 estimator of KL(π‖ref) at one token.
+fn k3(lp: f64, rf: f64) -> f64 {
+    (rf - lp).exp() - (rf - lp) - 1.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn advantages_scale_by_group_batch_or_not_at_all() {
+        let r = [1.0, 2.0, 3.0, 5.0, 5.0, 5.0];
+        let g = advantages(&r, 3, ScaleRewards::Group);
+        assert!((g[0] + 1.0 / 1.0001).abs() < 1e-12 && g[3] == 0.0, "{g:?}");
+        assert_eq!(advantages(&r, 3, ScaleRewards::None)[2], 1.0);
+        let b = advantages(&r, 3, ScaleRewards::Batch);
+        assert!((b[0] - (-1.0 / (std(&r) + 1e-4))).abs() < 1e-12);
+    }
+}
