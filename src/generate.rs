@@ -110,6 +110,55 @@ pub fn generate<B: Kernels>(model: &Decoder<B>, prompt: &[u32], opts: &GenerateO
     Generation { tokens_per_s: out.len() as f64 / secs.max(1e-9), ids: out }
 }
 
+/// One completion of [`generate_group`]: its ids (with the stop token if one came) and whether
+/// it was cut at the length limit.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sampled {
+    pub ids: Vec<u32>,
+    pub truncated: bool,
+}
+
+/// `seeds.len()` completions of one prompt, sampled together as one batch with the KV cache:
+/// row `i` draws from its own RNG seeded with `seeds[i]`, so each completion is a function of
+/// its seed (and of the batch, which a resumed run rebuilds the same). A row stops at a stop id
+/// (kept) and then only pads the batch until every row has stopped or the limit is reached.
+pub fn generate_group<B: Kernels>(model: &Decoder<B>, prompt: &[u32], seeds: &[u64], opts: &GenerateOptions) -> Vec<Sampled> {
+    let device = model.device();
+    let rows = seeds.len();
+    let mut rngs: Vec<StdRng> = seeds.iter().map(|&s| StdRng::seed_from_u64(s)).collect();
+    let mut cache = KvCache::new(model.config.num_layers);
+    let mut out: Vec<Sampled> = vec![Sampled { ids: Vec::new(), truncated: true }; rows];
+    let mut done = vec![false; rows];
+    let mut next: Vec<i64> = prompt.iter().map(|&x| x as i64).collect::<Vec<_>>().repeat(rows);
+    let mut n = prompt.len();
+    for _ in 0..opts.max_new_tokens {
+        let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(next.clone(), [rows, n]), &device);
+        let hidden = model.hidden(ids, Some(&mut cache));
+        let last = hidden.narrow(1, n - 1, 1);
+        let logits: Vec<f32> = model.head(last).into_data().convert::<f32>().to_vec().expect("f32 logits");
+        let vocab = logits.len() / rows;
+        next = Vec::with_capacity(rows);
+        for i in 0..rows {
+            if done[i] {
+                next.push(*out[i].ids.last().unwrap_or(&0) as i64);
+                continue;
+            }
+            let id = sample(&logits[i * vocab..(i + 1) * vocab], opts.temperature, opts.top_p, &mut rngs[i]) as u32;
+            out[i].ids.push(id);
+            if !opts.ignore_eos && opts.stop_ids.contains(&id) {
+                done[i] = true;
+                out[i].truncated = false;
+            }
+            next.push(id as i64);
+        }
+        n = 1;
+        if done.iter().all(|&d| d) {
+            break;
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

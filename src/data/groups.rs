@@ -133,3 +133,42 @@ pub fn encode_group(tok: &TextTokenizer, template: &ChatTemplate, g: &Group) -> 
     }
     Ok((out, prompt.len()))
 }
+
+/// A prompt to sample completions for (GRPO): its messages, the record's other fields (for
+/// reward functions) and where it came from.
+#[derive(Debug, Clone)]
+pub struct PromptRecord {
+    pub prompt: Vec<Message>,
+    pub fields: serde_json::Map<String, Value>,
+    pub tools: Option<minijinja::Value>,
+    pub at: Location,
+}
+
+/// Every prompt of a data path: `{"prompt": [messages] | "text", ...other fields}` per line.
+pub fn read_prompts(path: &Path) -> Result<Vec<PromptRecord>, DataError> {
+    let mut out = Vec::new();
+    read_lines(path, |at, text| {
+        let parse = || -> Result<PromptRecord, RecordError> {
+            let record = Record::new(text);
+            let v: Value = serde_json::from_str(text).map_err(|e| RecordError::Json(e.to_string()))?;
+            let o = v.as_object().ok_or_else(|| schema("expected a JSON object with \"prompt\""))?;
+            let prompt = match o.get("prompt") {
+                Some(Value::String(s)) if !s.trim().is_empty() => vec![Message::new(Role::User, s.clone())],
+                Some(p @ Value::Array(_)) => super::conversation::parse_messages(p, "prompt", &record)?,
+                _ => return Err(schema("\"prompt\" must be a non-empty string or a list of messages")),
+            };
+            if prompt.is_empty() || prompt.last().is_some_and(|m| m.role == Role::Assistant) {
+                return Err(schema("\"prompt\" must end with a user (or tool) message: the completion is the assistant's reply"));
+            }
+            let tools = super::conversation::parse_tools(o, &record)?;
+            let fields = o.iter().filter(|(k, _)| k.as_str() != "prompt").map(|(k, v)| (k.clone(), v.clone())).collect();
+            Ok(PromptRecord { prompt, fields, tools, at: at.clone() })
+        };
+        out.push(parse().map_err(|e| e.at(at.clone()))?);
+        Ok(())
+    })?;
+    if out.is_empty() {
+        return Err(DataError::Empty { path: path.into() });
+    }
+    Ok(out)
+}

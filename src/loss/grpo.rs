@@ -15,6 +15,8 @@
 //! | dapo | `Σ ℓ / ` the generation batch's completion tokens (= bnpo for one batch) |
 //! | dr_grpo | `Σ ℓ / (N · max_completion_length)` |
 
+use burn::prelude::*;
+use burn::tensor::{DType, TensorData};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 
@@ -174,6 +176,26 @@ impl GrpoConfig {
         }
         (m, adv)
     }
+}
+
+/// The differentiable loss of scored completion tokens: `lp [n]` their log-probs under the
+/// policy, and per token the completion's advantage, the aggregation weight (see the module
+/// docs) and the reference log-prob: `Σ w·(−A·ρ + β·k3·ρ)` with `ρ = exp(lp − lp.detach())`
+/// (1 in value; `∇lp` in the gradient) and `k3` taken on `lp` too, as TRL with
+/// `use_bias_correction_kl`.
+pub fn token_loss<B: Backend>(lp: Tensor<B, 1>, adv: Vec<f32>, weights: Vec<f32>, reference: Vec<f32>, beta: f64) -> Tensor<B, 1> {
+    let device = lp.device();
+    let n = adv.len();
+    let t = |v: Vec<f32>| Tensor::<B, 1>::from_data(TensorData::new(v, [n]), (&device, DType::F32));
+    let (a, w, rf) = (t(adv), t(weights), t(reference));
+    let rho = (lp.clone() - lp.clone().detach()).exp();
+    let mut per_token = (rho.clone() * a).neg();
+    if beta != 0.0 {
+        let d = rf - lp;
+        let k3 = d.clone().exp() - d - 1.0;
+        per_token = per_token + k3 * rho * beta;
+    }
+    (per_token * w).sum()
 }
 
 /// The k3 estimator of KL(π‖ref) at one token.

@@ -156,7 +156,7 @@ impl<B: TrainBackend> Objective<B> for Dpo {
         Ok(crate::atomic::write_atomic(path, &serde_json::to_vec(&cache).expect("cache serializes"))?)
     }
 
-    fn step(&mut self, model: &mut Decoder<B>, opt: &mut AdamW<B::InnerBackend>, micro: &[Vec<usize>], settings: StepSettings) -> StepReport {
+    fn step(&mut self, model: &mut Decoder<B>, opt: &mut AdamW<B::InnerBackend>, micro: &[Vec<usize>], settings: StepSettings) -> Result<StepReport, TrainError> {
         let cfg = self.config;
         let n_pairs: usize = micro.iter().map(Vec::len).sum();
         let chosen_tokens: usize = micro.iter().flatten().map(|&i| self.train[i].chosen.trainable()).sum();
@@ -197,7 +197,7 @@ impl<B: TrainBackend> Objective<B> for Dpo {
         let mut metrics = cfg.metrics(&seen, "");
         // The loss that was differentiated (equal to the f64 one up to float rounding).
         metrics.insert("loss".into(), loss.into());
-        StepReport { loss, grad_norm, input_tokens, metrics }
+        Ok(StepReport { loss, grad_norm, input_tokens, metrics, samples: Vec::new() })
     }
 
     fn evaluate(&mut self, model: &mut Decoder<B::InnerBackend>) -> Option<Map<String, Value>> {

@@ -63,7 +63,7 @@ impl<B: TrainBackend> Objective<B> for Kto {
         DataCounts { dropped_too_long: self.dropped, ..Default::default() }
     }
 
-    fn step(&mut self, model: &mut Decoder<B>, opt: &mut AdamW<B::InnerBackend>, micro: &[Vec<usize>], settings: StepSettings) -> StepReport {
+    fn step(&mut self, model: &mut Decoder<B>, opt: &mut AdamW<B::InnerBackend>, micro: &[Vec<usize>], settings: StepSettings) -> Result<StepReport, TrainError> {
         let cfg = self.config;
         let train = &self.train;
         let n_rows: usize = micro.iter().map(Vec::len).sum();
@@ -101,7 +101,7 @@ impl<B: TrainBackend> Objective<B> for Kto {
         );
         let mut metrics = cfg.metrics(&batches, "");
         metrics.insert("loss".into(), loss.into());
-        StepReport { loss, grad_norm, input_tokens, metrics }
+        Ok(StepReport { loss, grad_norm, input_tokens, metrics, samples: Vec::new() })
     }
 
     fn evaluate(&mut self, model: &mut Decoder<B::InnerBackend>) -> Option<Map<String, Value>> {

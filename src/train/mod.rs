@@ -4,11 +4,13 @@
 
 pub mod checkpoint;
 pub mod dpo;
+pub mod grpo;
 pub mod kto;
 pub mod objective;
 pub mod optim;
 pub mod recipe;
 pub mod recompute;
+pub mod rewards;
 pub mod ref_free;
 pub mod run;
 pub mod run_dir;

@@ -14,6 +14,8 @@ use crate::progress::Progress;
 /// The settings of one optimizer step.
 #[derive(Debug, Clone, Copy)]
 pub struct StepSettings {
+    /// The step's index (0-based): sampling is a function of (seed, step).
+    pub step: usize,
     pub lr: f64,
     /// Global gradient-norm clipping (0 = off).
     pub max_grad_norm: f64,
@@ -27,6 +29,8 @@ pub struct StepReport {
     pub input_tokens: usize,
     /// The method's metrics with TRL's names (including `loss`).
     pub metrics: Map<String, Value>,
+    /// Lines for `RUN/completions.jsonl` (GRPO's sampled completions, rewards, advantages).
+    pub samples: Vec<Value>,
 }
 
 /// A training method.
@@ -44,7 +48,7 @@ pub trait Objective<B: TrainBackend> {
         Ok(())
     }
     /// One optimizer step (forward, backward, update) over `micro`.
-    fn step(&mut self, model: &mut Decoder<B>, opt: &mut AdamW<B::InnerBackend>, micro: &[Vec<usize>], settings: StepSettings) -> StepReport;
+    fn step(&mut self, model: &mut Decoder<B>, opt: &mut AdamW<B::InnerBackend>, micro: &[Vec<usize>], settings: StepSettings) -> Result<StepReport, TrainError>;
     /// Metrics on the eval split (names prefixed `eval_`, including `eval_loss`), if there is one.
     /// Runs on the inner backend: no autodiff graph is recorded.
     fn evaluate(&mut self, model: &mut Decoder<B::InnerBackend>) -> Option<Map<String, Value>>;

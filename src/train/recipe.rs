@@ -7,7 +7,9 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use super::dpo::{DpoSettings, ReferenceCache};
+use super::grpo::GrpoSettings;
 use super::kto::KtoSettings;
+use super::rewards::RewardSpec;
 use super::ref_free::RefFreeSettings;
 use super::optim::Schedule;
 use super::recompute::Recompute;
@@ -17,6 +19,7 @@ use crate::backend::DeviceChoice;
 use crate::data::prepare::{CacheAt, Overlong, PrepareOptions};
 use crate::data::tokenizer::TemplateChoice;
 use crate::loss::dpo::{DpoConfig, LossType};
+use crate::loss::grpo::{GrpoConfig, GrpoLossType, ScaleRewards};
 use crate::loss::kto::KtoConfig;
 use crate::loss::ref_free::{CpoLossType, RefFree};
 use crate::model::{BaseFormat, LoadOptions};
@@ -74,6 +77,8 @@ pub struct Recipe {
     pub simpo: Option<SimpoSection>,
     /// KTO settings (only with `train.method = "kto"`).
     pub kto: Option<KtoSection>,
+    /// GRPO settings (required with `train.method = "grpo"`: the reward functions).
+    pub grpo: Option<GrpoSection>,
     pub output: OutputSection,
 }
 
@@ -133,6 +138,63 @@ pub struct KtoSection {
     pub undesirable_weight: f64,
     /// As `dpo.reference`.
     pub reference: Option<ReferenceChoice>,
+}
+
+/// GRPO settings, with TRL's `GRPOConfig` names and defaults.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GrpoSection {
+    #[serde(default = "d_generations")]
+    pub num_generations: usize,
+    #[serde(default = "d_completion_len")]
+    pub max_completion_length: usize,
+    #[serde(default = "d_cpo_alpha")]
+    pub temperature: f64,
+    #[serde(default = "d_cpo_alpha")]
+    pub top_p: f64,
+    #[serde(default = "d_grpo_loss")]
+    pub loss_type: GrpoLossType,
+    #[serde(default)]
+    pub beta: f64,
+    #[serde(default = "d_epsilon")]
+    pub epsilon: f64,
+    #[serde(default = "d_epsilon_high")]
+    pub epsilon_high: f64,
+    #[serde(default = "d_scale")]
+    pub scale_rewards: ScaleRewards,
+    /// Updates per generation batch; only 1 (TRL's default) is supported.
+    #[serde(default = "d_iterations")]
+    pub num_iterations: usize,
+    /// Leave the tokens of completions cut at `max_completion_length` out of the loss.
+    #[serde(default)]
+    pub mask_truncated_completions: bool,
+    /// As `dpo.reference` (used when `beta > 0`).
+    pub reference: Option<ReferenceChoice>,
+    /// The reward functions (`[[grpo.rewards]]`), summed with their weights.
+    #[serde(default)]
+    pub rewards: Vec<RewardSpec>,
+}
+
+fn d_generations() -> usize {
+    8
+}
+fn d_completion_len() -> usize {
+    256
+}
+fn d_grpo_loss() -> GrpoLossType {
+    GrpoLossType::Dapo
+}
+fn d_epsilon() -> f64 {
+    0.2
+}
+fn d_epsilon_high() -> f64 {
+    0.28
+}
+fn d_scale() -> ScaleRewards {
+    ScaleRewards::Group
+}
+fn d_iterations() -> usize {
+    1
 }
 
 fn d_cpo_loss_type() -> CpoLossType {
@@ -310,12 +372,13 @@ pub enum Method {
     Cpo,
     Simpo,
     Kto,
+    Grpo,
 }
 
 impl Method {
     /// Whether the method trains on preference pairs.
     pub fn pairs(self) -> bool {
-        self != Method::Sft
+        !matches!(self, Method::Sft | Method::Grpo)
     }
 }
 
@@ -574,7 +637,7 @@ impl Recipe {
             return invalid("data.packing", "data.packing is for SFT; preference methods batch chosen and rejected sequences unpacked".into());
         }
         // A method's section only with that method.
-        let sections = [("dpo", Method::Dpo, self.dpo.is_some()), ("orpo", Method::Orpo, self.orpo.is_some()), ("cpo", Method::Cpo, self.cpo.is_some()), ("simpo", Method::Simpo, self.simpo.is_some()), ("kto", Method::Kto, self.kto.is_some())];
+        let sections = [("dpo", Method::Dpo, self.dpo.is_some()), ("orpo", Method::Orpo, self.orpo.is_some()), ("cpo", Method::Cpo, self.cpo.is_some()), ("simpo", Method::Simpo, self.simpo.is_some()), ("kto", Method::Kto, self.kto.is_some()), ("grpo", Method::Grpo, self.grpo.is_some())];
         for (name, method, set) in sections {
             if set && t.method != method {
                 return invalid(name, format!("a [{name}] section is set but train.method is {:?} (set train.method = \"{name}\")", format!("{:?}", t.method).to_lowercase()));
@@ -608,6 +671,42 @@ impl Recipe {
                 return invalid("simpo.gamma", format!("simpo.gamma must be a number, got {}", c.gamma));
             }
             prompt("simpo.max_prompt_len", c.max_prompt_len)?;
+        }
+        if t.method == Method::Grpo && self.data.packing {
+            return invalid("data.packing", "data.packing is for SFT; GRPO scores sampled completions unpacked".into());
+        }
+        match (&self.grpo, t.method) {
+            (None, Method::Grpo) => return invalid("grpo", "train.method = \"grpo\" needs a [grpo] section with at least one [[grpo.rewards]]".into()),
+            (Some(g), _) => {
+                if g.num_generations < 2 {
+                    return invalid("grpo.num_generations", format!("grpo.num_generations must be at least 2 (advantages compare a group), got {}", g.num_generations));
+                }
+                if g.max_completion_length == 0 || g.max_completion_length >= self.data.max_len {
+                    return invalid("grpo.max_completion_length", "grpo.max_completion_length must be between 1 and data.max_len - 1".into());
+                }
+                positive("grpo.temperature", g.temperature)?;
+                if !(g.top_p > 0.0 && g.top_p <= 1.0) {
+                    return invalid("grpo.top_p", format!("grpo.top_p must be in (0, 1], got {}", g.top_p));
+                }
+                non_negative("grpo.beta", g.beta)?;
+                non_negative("grpo.epsilon", g.epsilon)?;
+                non_negative("grpo.epsilon_high", g.epsilon_high)?;
+                if g.num_iterations != 1 {
+                    return invalid("grpo.num_iterations", "grpo.num_iterations: only 1 (each generation batch used once, TRL's default) is supported".into());
+                }
+                if g.rewards.is_empty() {
+                    return invalid("grpo.rewards", "GRPO needs at least one [[grpo.rewards]] function".into());
+                }
+                for r in &g.rewards {
+                    if let Err(e) = r.check() {
+                        return invalid("grpo.rewards", e.to_string());
+                    }
+                }
+                if g.reference == Some(ReferenceChoice::Adapter) && self.model.adapter.is_none() {
+                    return invalid("grpo.reference", "grpo.reference = \"adapter\" needs model.adapter (the adapter to start from)".into());
+                }
+            }
+            _ => {}
         }
         if let Some(k) = &self.kto {
             positive("kto.beta", k.beta)?;
@@ -689,8 +788,33 @@ impl Recipe {
     /// Whether DPO's reference is the frozen starting adapter (`model.adapter` set and
     /// `dpo.reference` not "base").
     pub fn reference_is_start_adapter(&self) -> bool {
-        let choice = self.dpo.as_ref().and_then(|d| d.reference).or(self.kto.as_ref().and_then(|k| k.reference));
+        let choice = self.dpo.as_ref().and_then(|d| d.reference).or(self.kto.as_ref().and_then(|k| k.reference)).or(self.grpo.as_ref().and_then(|g| g.reference));
         self.model.adapter.is_some() && choice != Some(ReferenceChoice::Base)
+    }
+
+    /// GRPO's settings; `stop_ids` end a completion.
+    pub fn grpo_settings(&self, stop_ids: Vec<u32>) -> GrpoSettings {
+        let g = self.grpo.clone().unwrap_or_else(|| toml::from_str("").expect("defaults"));
+        GrpoSettings {
+            config: GrpoConfig {
+                loss_type: g.loss_type,
+                beta: g.beta,
+                epsilon: g.epsilon,
+                epsilon_high: g.epsilon_high,
+                scale_rewards: g.scale_rewards,
+                max_completion_length: g.max_completion_length,
+            },
+            train: self.data.train.clone(),
+            eval: self.data.eval.clone(),
+            num_generations: g.num_generations,
+            temperature: g.temperature as f32,
+            top_p: g.top_p as f32,
+            mask_truncated_completions: g.mask_truncated_completions,
+            rewards: g.rewards,
+            seed: self.train.seed,
+            stop_ids,
+            recompute: self.recompute(),
+        }
     }
 
     /// KTO's settings.

@@ -62,7 +62,7 @@ impl<B: TrainBackend> Objective<B> for RefFreeTraining {
         DataCounts { dropped_too_long: self.dropped, ..Default::default() }
     }
 
-    fn step(&mut self, model: &mut Decoder<B>, opt: &mut AdamW<B::InnerBackend>, micro: &[Vec<usize>], settings: StepSettings) -> StepReport {
+    fn step(&mut self, model: &mut Decoder<B>, opt: &mut AdamW<B::InnerBackend>, micro: &[Vec<usize>], settings: StepSettings) -> Result<StepReport, TrainError> {
         let objective = self.objective;
         let train = &self.train;
         let n_pairs: usize = micro.iter().map(Vec::len).sum();
@@ -89,7 +89,7 @@ impl<B: TrainBackend> Objective<B> for RefFreeTraining {
         let mut metrics = objective.metrics(&seen, "");
         // The loss that was differentiated (equal to the f64 one up to float rounding).
         metrics.insert("loss".into(), loss.into());
-        StepReport { loss, grad_norm, input_tokens, metrics }
+        Ok(StepReport { loss, grad_norm, input_tokens, metrics, samples: Vec::new() })
     }
 
     fn evaluate(&mut self, model: &mut Decoder<B::InnerBackend>) -> Option<Map<String, Value>> {

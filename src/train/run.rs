@@ -82,6 +82,10 @@ pub fn run<B: TrainBackend>(recipe: &Recipe, device: B::Device, progress: &dyn P
         Method::Sft => Box::new(super::sft::Sft::new(&tok, &template, &recipe.sft_settings())?),
         Method::Dpo => Box::new(super::dpo::Dpo::new(&tok, &template, &recipe.dpo_settings(), progress)?),
         Method::Kto => Box::new(super::kto::Kto::new(&tok, &template, &recipe.kto_settings())?),
+        Method::Grpo => {
+            let stop = crate::generate::stop_ids(&recipe.model.path, &model.config.eos_token_ids, &tok);
+            Box::new(super::grpo::Grpo::new(&tok, &template, &recipe.grpo_settings(stop))?)
+        }
         Method::Orpo | Method::Cpo | Method::Simpo => Box::new(super::ref_free::RefFreeTraining::new(&tok, &template, &recipe.ref_free_settings(), progress)?),
     };
     let n_examples = objective.len();
@@ -170,12 +174,13 @@ pub fn run<B: TrainBackend>(recipe: &Recipe, device: B::Device, progress: &dyn P
     for step in state.step..total {
         // Dropout masks are a function of (seed, step), so a resumed run draws the same ones.
         B::seed(&device, t.seed ^ ((step as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15)));
-        let settings = StepSettings { lr: learning_rate(t.lr, t.schedule, step, total, warmup), max_grad_norm: t.max_grad_norm };
+        let settings = StepSettings { step, lr: learning_rate(t.lr, t.schedule, step, total, warmup), max_grad_norm: t.max_grad_norm };
         let micro: Vec<Vec<usize>> =
             (0..t.grad_accum).map(|_| (0..t.micro_batch_size).map(|_| data.next_index()).collect()).collect();
         model.set_training(true);
         let ts = Instant::now();
-        let stats = objective.step(&mut model, &mut opt, &micro, settings);
+        let mut stats = objective.step(&mut model, &mut opt, &micro, settings)?;
+        let samples = std::mem::take(&mut stats.samples);
         let step_s = ts.elapsed().as_secs_f64();
         step_seconds += step_s;
         step_tokens += stats.input_tokens;
@@ -189,6 +194,7 @@ pub fn run<B: TrainBackend>(recipe: &Recipe, device: B::Device, progress: &dyn P
         let (line, reserved_gib) = step_line(step + 1, data.progress(), stats, settings.lr, tokens_seen, tokens_per_s, step_s);
         peak_gpu = peak_gpu.max(reserved_gib.unwrap_or(0.0));
         run_dir.log(&line)?;
+        run_dir.log_samples(step + 1, samples)?;
         progress.step(step + 1, total, &step_message(&line), tokens_per_s);
         let last = step + 1 == total;
         let interrupted = INTERRUPTED.load(std::sync::atomic::Ordering::SeqCst);

@@ -16,6 +16,8 @@ use crate::atomic::write_atomic;
 pub struct RunDir {
     pub path: PathBuf,
     metrics: Option<std::fs::File>,
+    /// `completions.jsonl`, opened at the first step that has sampled completions (GRPO).
+    completions: Option<std::fs::File>,
     resolved: String,
     lock: Option<Lock>,
 }
@@ -83,7 +85,7 @@ impl RunDir {
         } else if non_empty {
             return Err(invalid("the output directory already exists and is not empty (use --resume to continue it)"));
         }
-        Ok(RunDir { path: path.into(), metrics: None, resolved: resolved.into(), lock: None })
+        Ok(RunDir { path: path.into(), metrics: None, completions: None, resolved: resolved.into(), lock: None })
     }
 
     /// Creates the directory, takes its lock (refused while another live ft trains there) and
@@ -125,10 +127,32 @@ impl RunDir {
         writeln!(self.metrics(), "{line}").at("writing", &path)
     }
 
-    /// fsyncs `metrics.jsonl` (before a checkpoint, and at the end).
+    /// Appends step `step`'s sampled completions to `completions.jsonl` (each line gets the
+    /// step). A resumed run first drops the lines of the steps after its checkpoint.
+    pub fn log_samples(&mut self, step: usize, samples: Vec<Value>) -> Result<(), TrainError> {
+        if samples.is_empty() {
+            return Ok(());
+        }
+        let path = self.path.join("completions.jsonl");
+        if self.completions.is_none() {
+            self.completions = Some(open_metrics(&path, step - 1)?);
+        }
+        let file = self.completions.as_mut().expect("opened above");
+        for mut s in samples {
+            s["step"] = step.into();
+            writeln!(file, "{s}").at("writing", &path)?;
+        }
+        Ok(())
+    }
+
+    /// fsyncs `metrics.jsonl` and `completions.jsonl` (before a checkpoint, and at the end).
     pub fn sync(&mut self) -> Result<(), TrainError> {
         let path = self.path.join("metrics.jsonl");
-        self.metrics().sync_all().at("syncing", &path)
+        self.metrics().sync_all().at("syncing", &path)?;
+        if let Some(f) = &self.completions {
+            f.sync_all().at("syncing", &self.path.join("completions.jsonl"))?;
+        }
+        Ok(())
     }
 
     /// Draws `loss.svg` from `metrics.jsonl`.

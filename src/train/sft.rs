@@ -62,7 +62,7 @@ impl<B: TrainBackend> Objective<B> for Sft {
         self.counts
     }
 
-    fn step(&mut self, model: &mut Decoder<B>, opt: &mut AdamW<B::InnerBackend>, micro: &[Vec<usize>], settings: StepSettings) -> StepReport {
+    fn step(&mut self, model: &mut Decoder<B>, opt: &mut AdamW<B::InnerBackend>, micro: &[Vec<usize>], settings: StepSettings) -> Result<StepReport, TrainError> {
         let batches: Vec<Batch> = micro
             .iter()
             .map(|idx| match &self.packed {
@@ -89,7 +89,7 @@ impl<B: TrainBackend> Objective<B> for Sft {
         let mut metrics = Map::new();
         metrics.insert("loss".into(), loss.into());
         metrics.insert("mean_token_accuracy".into(), (correct as f64 / tokens.max(1) as f64).into());
-        StepReport { loss, grad_norm, input_tokens: batches.iter().map(|b| b.real_tokens).sum(), metrics }
+        Ok(StepReport { loss, grad_norm, input_tokens: batches.iter().map(|b| b.real_tokens).sum(), metrics, samples: Vec::new() })
     }
 
     fn evaluate(&mut self, model: &mut Decoder<B::InnerBackend>) -> Option<Map<String, Value>> {

@@ -53,7 +53,7 @@ pub fn lora_steps<B: TrainBackend>(model: &str, recompute: bool) -> (Vec<f64>, V
             &mut opt,
             batches.len(),
             |m, fwd, k| sft_loss(m, &batches[k], norm as f64, &mut |ids, seg| fwd.hidden(m, ids, seg)).0,
-            StepSettings { lr: 1e-3, max_grad_norm: 1.0 },
+            StepSettings { step: 0, lr: 1e-3, max_grad_norm: 1.0 },
             if recompute { Recompute::PerBlock } else { Recompute::Off },
         );
         losses.push(loss);

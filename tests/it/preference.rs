@@ -299,3 +299,48 @@ fn grpo_scoring_matches_trl() {
     }
     assert_eq!(i, 8);
 }
+
+#[test]
+fn grpo_gradient_matches_trl() {
+    // dapo, β 0.04, group advantages, k3 with the bias correction (TRL's defaults): the loss of
+    // the oracle's 8 completions and ‖∂loss/∂θ‖ over every LoRA tensor of lora-r4.
+    type Ad = burn::backend::Autodiff<ft::backend::Cpu>;
+    let o = json(&fixtures().join("grpo/expected.json"));
+    let d = scratch("grpo-grad");
+    let groups = grpo_groups(&d);
+    let tok = TextTokenizer::from_dir(&model_dir("llama")).unwrap();
+    let template = tok.template(TemplateChoice::Chatml).unwrap();
+    let mut samples = Vec::new();
+    for g in ft::data::groups::read_groups(&groups).unwrap() {
+        samples.extend(ft::data::groups::encode_group(&tok, &template, &g).unwrap().0);
+    }
+    let mut model = load_on::<Ad>("llama");
+    ft::adapters::peft::PeftAdapter::open(&fixtures().join("adapters/lora-r4")).unwrap().attach(&mut model).unwrap();
+    ft::adapters::attach::make_trainable(&mut model, 0.0);
+    let refs: Vec<&ft::data::encode::Encoded> = samples.iter().collect();
+    let batch = ft::data::batch::Batch::padded(&refs);
+    let lp = ft::loss::nll::scored_logprobs(&model, &batch, &mut ft::loss::nll::plain_hidden(&model)).unwrap();
+    let adv: Vec<f64> = o["advantages"]["group"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+    let tokens = batch.positions.len();
+    let mut cursor = vec![0usize; samples.len()];
+    let (mut a, mut w, mut rf) = (Vec::new(), Vec::new(), Vec::new());
+    for &i in &batch.owner {
+        a.push(adv[i] as f32);
+        w.push(1.0 / tokens as f32);
+        rf.push(o["per_token_logps"]["reference"][i][cursor[i]].as_f64().unwrap() as f32);
+        cursor[i] += 1;
+    }
+    let loss = ft::loss::grpo::token_loss(lp, a, w, rf, 0.04);
+    close(ft::loss::scalar(loss.clone().detach()), o["loss"]["dapo/beta=0.04"].as_f64().unwrap(), 1e-5, "dapo loss");
+    let grads = loss.backward();
+    let mut sq = 0.0f64;
+    for (_, p) in model.projections_mut() {
+        if let Some(l) = p.lora() {
+            for t in [l.a.val(), l.b.val()] {
+                let g: Vec<f64> = t.grad(&grads).unwrap().into_data().convert::<f64>().to_vec().unwrap();
+                sq += g.iter().map(|x| x * x).sum::<f64>();
+            }
+        }
+    }
+    close(sq.sqrt(), o["grad_norm"]["value"].as_f64().unwrap(), 1e-4, "gradient norm");
+}
