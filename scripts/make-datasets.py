@@ -10,7 +10,12 @@ fine-tuning visibly moves.
 datasets/direct-answers/: DPO preference pairs on the same kinds of questions. The chosen reply is
 one direct, correct sentence; the rejected one hedges and rambles ("Hmm, I'm not completely
 sure...") and half the time gives a wrong answer. Held-out reward accuracy and margin measure
-what preference training changed. Written by the ft authors, released under CC0-1.0.
+what preference training changed.
+
+datasets/number-answers/: GRPO prompts with verifiable answers: small sums and differences, each
+record {"prompt": [user message], "answer": "<number>"}; the reward functions of
+recipes/smollm2-grpo.toml check the last number of the reply against "answer" and that the reply
+is the number alone. Written by the ft authors, released under CC0-1.0.
 """
 import json
 import os
@@ -120,6 +125,24 @@ def main():
     write("datasets/direct-answers/train.jsonl", train[:600])
     write("datasets/direct-answers/heldout.jsonl", heldout)
     print(len(train[:600]), len(heldout))
+
+    rng = random.Random(20261130)
+    seen, train, heldout = set(), [], []
+    while len(train) + len(heldout) < 460:
+        a, b = rng.randrange(1, 20), rng.randrange(1, 20)
+        if rng.random() < 0.5:
+            q, ans = f"What is {a} + {b}? Reply with the number only.", a + b
+        else:
+            a, b = max(a, b), min(a, b)
+            q, ans = f"What is {a} - {b}? Reply with the number only.", a - b
+        if q in seen:
+            continue
+        seen.add(q)
+        row = {"prompt": [{"role": "user", "content": q}], "answer": str(ans)}
+        (heldout if len(heldout) < 60 and rng.random() < 0.15 else train).append(row)
+    write("datasets/number-answers/train.jsonl", train[:400])
+    write("datasets/number-answers/heldout.jsonl", heldout)
+    print(len(train[:400]), len(heldout))
 
 
 if __name__ == "__main__":

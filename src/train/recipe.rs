@@ -905,6 +905,20 @@ mod tests {
     }
 
     #[test]
+    fn shipped_recipes_are_valid() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("recipes");
+        let mut n = 0;
+        for e in std::fs::read_dir(&dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.extension().is_some_and(|x| x == "toml") {
+                Recipe::load(&p, &[]).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+                n += 1;
+            }
+        }
+        assert!(n >= 5, "{n} recipes");
+    }
+
+    #[test]
     fn unknown_keys_and_bad_values_name_the_line() {
         let e = Recipe::load(&write(&format!("{MIN}[train]\nlearning_rate = 1e-4\n")), &[]).unwrap_err().to_string();
         assert!(e.contains("line 8") && e.contains("unknown field `learning_rate`") && e.contains("`lr`"), "{e}");
