@@ -283,6 +283,9 @@ fn step_message(line: &Value) -> String {
     if let (Some(acc), Some(margin)) = (line["rewards/accuracies"].as_f64(), line["rewards/margins"].as_f64()) {
         msg.push_str(&format!(" reward acc {acc:.2} margin {margin:.3}"));
     }
+    if let (Some(r), Some(sd)) = (line["reward"].as_f64(), line["reward_std"].as_f64()) {
+        msg.push_str(&format!(" reward {r:.3} ± {sd:.3}"));
+    }
     msg
 }
 
