@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::Result;
+use serde_json::{Map, Value};
 
 use super::args::{load_with_adapter, BackendArgs};
 use super::UsageError;
@@ -272,122 +273,87 @@ fn eval_on<B: Kernels>(a: EvalArgs, device: B::Device) -> Result<()> {
     Ok(())
 }
 
-fn eval_dpo_on<B: Kernels>(a: EvalArgs, config: DpoConfig, device: B::Device) -> Result<()> {
-    let t0 = Instant::now();
+/// The tokenizer, chat template and model (+ `--adapter`, + `--reference-adapter` frozen as the
+/// reference) of a preference eval.
+fn preference_setup<B: Kernels>(a: &EvalArgs, device: &B::Device) -> Result<(TextTokenizer, crate::data::template::ChatTemplate, crate::model::Decoder<B>)> {
     let tok = TextTokenizer::from_dir(&a.model)?;
     let template = tok.template(a.template)?;
-    let mut model = load_with_adapter::<B>(&a.model, a.adapter.as_deref(), &device)?;
+    let mut model = load_with_adapter::<B>(&a.model, a.adapter.as_deref(), device)?;
     if let Some(dir) = &a.reference_adapter {
         crate::adapters::peft::PeftAdapter::open(dir)?.attach_reference(&mut model)?;
     }
+    Ok((tok, template, model))
+}
+
+/// Prints a preference report: with `--json` the metrics plus `extra` and `seconds`; else one line,
+/// `title` then each `(label, metric)` and `tail`.
+fn print_preference(a: &EvalArgs, mut report: Map<String, Value>, extra: Vec<(&str, Value)>, title: &str, shown: &[(&str, &str)], tail: &str, secs: f64) {
+    if a.json {
+        for (k, v) in extra {
+            report.insert(k.into(), v);
+        }
+        report.insert("seconds".into(), secs.into());
+        println!("{}", Value::Object(report));
+    } else {
+        let mut line = title.to_string();
+        for (label, key) in shown {
+            line.push_str(&format!("  {label} {:.6}", report.get(*key).and_then(Value::as_f64).unwrap_or(f64::NAN)));
+        }
+        println!("{line}  {tail}  ({secs:.1}s)");
+    }
+}
+
+/// `pairs 3  dropped 1` (the drop count only when there is one).
+fn counted(what: &str, n: usize, dropped: usize) -> String {
+    if dropped > 0 {
+        format!("{what} {n}  dropped {dropped}")
+    } else {
+        format!("{what} {n}")
+    }
+}
+
+fn eval_dpo_on<B: Kernels>(a: EvalArgs, config: DpoConfig, device: B::Device) -> Result<()> {
+    let t0 = Instant::now();
+    let (tok, template, mut model) = preference_setup::<B>(&a, &device)?;
     let r = crate::eval::evaluate_dpo(&mut model, &tok, &template, &a.data, config, a.max_len, a.max_prompt_len)?;
     for w in &r.warnings {
         eprintln!("warning: {w}");
     }
-    let secs = t0.elapsed().as_secs_f64();
-    let mut report = r.metrics;
-    if a.json {
-        report.insert("losses".into(), r.losses.into());
-        report.insert("pairs".into(), r.pairs.len().into());
-        report.insert("dropped".into(), r.dropped.into());
-        report.insert("warnings".into(), r.warnings.len().into());
-        report.insert("seconds".into(), secs.into());
-        if a.per_pair {
-            let side = crate::eval::side_json;
-            let per: Vec<serde_json::Value> = r
-                .pairs
-                .iter()
-                .zip(&r.logps)
-                .map(|(p, l)| serde_json::json!({"chosen": side(&p.chosen, &l.chosen), "rejected": side(&p.rejected, &l.rejected)}))
-                .collect();
-            report.insert("per_pair".into(), per.into());
-        }
-        println!("{}", serde_json::Value::Object(report));
-    } else {
-        let g = |k: &str| report[k].as_f64().unwrap_or(f64::NAN);
-        println!(
-            "dpo {} loss {:.6}  reward accuracy {:.4}  margin {:.6}  chosen {:.6}  rejected {:.6}  pairs {}{}  ({:.1}s)",
-            config.loss_type.name(),
-            g("loss"),
-            g("rewards/accuracies"),
-            g("rewards/margins"),
-            g("rewards/chosen"),
-            g("rewards/rejected"),
-            r.pairs.len(),
-            if r.dropped > 0 { format!("  dropped {}", r.dropped) } else { String::new() },
-            secs
-        );
+    let mut extra = vec![("losses", Value::Object(r.losses)), ("pairs", r.pairs.len().into()), ("dropped", r.dropped.into()), ("warnings", r.warnings.len().into())];
+    if a.per_pair {
+        let side = crate::eval::side_json;
+        let per: Vec<Value> =
+            r.pairs.iter().zip(&r.logps).map(|(p, l)| serde_json::json!({"chosen": side(&p.chosen, &l.chosen), "rejected": side(&p.rejected, &l.rejected)})).collect();
+        extra.push(("per_pair", per.into()));
     }
+    let shown = [("loss", "loss"), ("reward accuracy", "rewards/accuracies"), ("margin", "rewards/margins"), ("chosen", "rewards/chosen"), ("rejected", "rewards/rejected")];
+    let tail = counted("pairs", r.pairs.len(), r.dropped);
+    print_preference(&a, r.metrics, extra, &format!("dpo {}", config.loss_type.name()), &shown, &tail, t0.elapsed().as_secs_f64());
     Ok(())
 }
 
 fn eval_ref_free_on<B: Kernels>(a: EvalArgs, objective: RefFree, device: B::Device) -> Result<()> {
     let t0 = Instant::now();
-    let tok = TextTokenizer::from_dir(&a.model)?;
-    let template = tok.template(a.template)?;
-    let model = load_with_adapter::<B>(&a.model, a.adapter.as_deref(), &device)?;
+    let (tok, template, model) = preference_setup::<B>(&a, &device)?;
     let r = crate::eval::evaluate_ref_free(&model, &tok, &template, &a.data, objective, a.max_len, a.max_prompt_len)?;
     for w in &r.warnings {
         eprintln!("warning: {w}");
     }
-    let secs = t0.elapsed().as_secs_f64();
-    let mut report = r.metrics;
-    if a.json {
-        report.insert("pairs".into(), r.pairs.into());
-        report.insert("dropped".into(), r.dropped.into());
-        report.insert("warnings".into(), r.warnings.len().into());
-        report.insert("seconds".into(), secs.into());
-        println!("{}", serde_json::Value::Object(report));
-    } else {
-        let g = |k: &str| report[k].as_f64().unwrap_or(f64::NAN);
-        println!(
-            "{} loss {:.6}  nll {:.6}  reward accuracy {:.4}  margin {:.6}  chosen {:.6}  rejected {:.6}  pairs {}{}  ({:.1}s)",
-            objective.name(),
-            g("loss"),
-            g("nll_loss"),
-            g("rewards/accuracies"),
-            g("rewards/margins"),
-            g("rewards/chosen"),
-            g("rewards/rejected"),
-            r.pairs,
-            if r.dropped > 0 { format!("  dropped {}", r.dropped) } else { String::new() },
-            secs
-        );
-    }
+    let extra = vec![("pairs", r.pairs.into()), ("dropped", r.dropped.into()), ("warnings", r.warnings.len().into())];
+    let shown = [("loss", "loss"), ("nll", "nll_loss"), ("reward accuracy", "rewards/accuracies"), ("margin", "rewards/margins"), ("chosen", "rewards/chosen"), ("rejected", "rewards/rejected")];
+    let tail = counted("pairs", r.pairs, r.dropped);
+    print_preference(&a, r.metrics, extra, objective.name(), &shown, &tail, t0.elapsed().as_secs_f64());
     Ok(())
 }
 
 fn eval_kto_on<B: Kernels>(a: EvalArgs, config: KtoConfig, device: B::Device) -> Result<()> {
     let t0 = Instant::now();
-    let tok = TextTokenizer::from_dir(&a.model)?;
-    let template = tok.template(a.template)?;
-    let mut model = load_with_adapter::<B>(&a.model, a.adapter.as_deref(), &device)?;
-    if let Some(dir) = &a.reference_adapter {
-        crate::adapters::peft::PeftAdapter::open(dir)?.attach_reference(&mut model)?;
-    }
+    let (tok, template, mut model) = preference_setup::<B>(&a, &device)?;
     let r = crate::eval::evaluate_kto(&mut model, &tok, &template, &a.data, config, a.max_len, a.batch_size)?;
-    let secs = t0.elapsed().as_secs_f64();
-    let mut report = r.metrics;
-    if a.json {
-        report.insert("kl_unclamped".into(), r.kl_unclamped.into());
-        report.insert("rows".into(), r.rows.into());
-        report.insert("dropped".into(), r.dropped.into());
-        report.insert("seconds".into(), secs.into());
-        println!("{}", serde_json::Value::Object(report));
-    } else {
-        let g = |k: &str| report[k].as_f64().unwrap_or(f64::NAN);
-        println!(
-            "kto loss {:.6}  kl {:.6}  margin {:.6}  chosen {:.6}  rejected {:.6}  rows {}{}  ({:.1}s)",
-            g("loss"),
-            g("kl"),
-            g("rewards/margins"),
-            g("rewards/chosen"),
-            g("rewards/rejected"),
-            r.rows,
-            if r.dropped > 0 { format!("  dropped {}", r.dropped) } else { String::new() },
-            secs
-        );
-    }
+    let extra = vec![("kl_unclamped", r.kl_unclamped.into()), ("rows", r.rows.into()), ("dropped", r.dropped.into())];
+    let shown = [("loss", "loss"), ("kl", "kl"), ("margin", "rewards/margins"), ("chosen", "rewards/chosen"), ("rejected", "rewards/rejected")];
+    let tail = counted("rows", r.rows, r.dropped);
+    print_preference(&a, r.metrics, extra, "kto", &shown, &tail, t0.elapsed().as_secs_f64());
     Ok(())
 }
 
@@ -402,33 +368,11 @@ fn eval_grpo_on<B: Kernels>(a: EvalArgs, config: GrpoConfig, device: B::Device) 
             Ok((n.to_string(), v))
         })
         .collect::<Result<_, UsageError>>()?;
-    let tok = TextTokenizer::from_dir(&a.model)?;
-    let template = tok.template(a.template)?;
-    let mut model = load_with_adapter::<B>(&a.model, a.adapter.as_deref(), &device)?;
-    if let Some(dir) = &a.reference_adapter {
-        crate::adapters::peft::PeftAdapter::open(dir)?.attach_reference(&mut model)?;
-    }
+    let (tok, template, mut model) = preference_setup::<B>(&a, &device)?;
     let r = crate::eval::evaluate_grpo(&mut model, &tok, &template, &a.data, config, &weights, a.max_completion_length)?;
-    let secs = t0.elapsed().as_secs_f64();
-    let mut report = r.metrics;
-    if a.json {
-        report.insert("advantages".into(), r.advantages.into());
-        report.insert("groups".into(), r.groups.into());
-        report.insert("seconds".into(), secs.into());
-        println!("{}", serde_json::Value::Object(report));
-    } else {
-        let g = |k: &str| report[k].as_f64().unwrap_or(f64::NAN);
-        println!(
-            "grpo {:?} loss {:.6}  reward {:.4} ± {:.4}  mean length {:.1}  entropy {:.4}  groups {}  ({:.1}s)",
-            config.loss_type,
-            g("loss"),
-            g("reward"),
-            g("reward_std"),
-            g("completions/mean_length"),
-            g("entropy"),
-            r.groups,
-            secs
-        );
-    }
+    let extra = vec![("advantages", r.advantages.into()), ("groups", r.groups.into())];
+    let shown = [("loss", "loss"), ("reward", "reward"), ("reward std", "reward_std"), ("mean length", "completions/mean_length"), ("entropy", "entropy")];
+    let tail = format!("groups {}", r.groups);
+    print_preference(&a, r.metrics, extra, &format!("grpo {:?}", config.loss_type), &shown, &tail, t0.elapsed().as_secs_f64());
     Ok(())
 }
