@@ -139,6 +139,7 @@ impl<B: TrainBackend> Objective<B> for Grpo {
         let g = self.s.num_generations;
         let cfg = self.s.config;
         // 1. Sample every prompt's group from the current policy (no graph).
+        let t_sample = std::time::Instant::now();
         let policy = model.valid();
         let opts = self.options(false);
         let mut completions = Vec::new(); // (micro k, prompt index, ids, truncated)
@@ -152,7 +153,9 @@ impl<B: TrainBackend> Objective<B> for Grpo {
                 k_prompt += 1;
             }
         }
+        let sample_s = t_sample.elapsed().as_secs_f64();
         // 2. Rewards and advantages (groups are consecutive).
+        let t_reward = std::time::Instant::now();
         let texts: Vec<(&Prompt, String, usize)> = completions
             .iter()
             .map(|(_, i, ids, _)| {
@@ -162,6 +165,8 @@ impl<B: TrainBackend> Objective<B> for Grpo {
             .collect();
         let (rewards, per_fn) = self.rewards(&texts)?;
         let adv = advantages(&rewards, g, cfg.scale_rewards);
+        let reward_s = t_reward.elapsed().as_secs_f64();
+        let t_update = std::time::Instant::now();
         // 3. The samples to score: prompt + completion, the completion's tokens scored (none of a
         //    truncated completion's with mask_truncated_completions).
         let samples: Vec<Encoded> = completions
@@ -232,6 +237,7 @@ impl<B: TrainBackend> Objective<B> for Grpo {
             settings,
             self.s.recompute,
         );
+        let update_s = t_update.elapsed().as_secs_f64();
         // 6. Metrics (TRL's names) and the completions log.
         let scored: Vec<ScoredCompletion> = completions
             .iter()
@@ -249,6 +255,12 @@ impl<B: TrainBackend> Objective<B> for Grpo {
         let (mut metrics, _) = cfg.metrics(&scored, g, &weights);
         metrics.remove("entropy");
         metrics.insert("loss".into(), loss.into());
+        // Where the step's time went: sampling, reward functions, reference and update.
+        metrics.insert("time/sample_s".into(), sample_s.into());
+        metrics.insert("time/reward_s".into(), reward_s.into());
+        metrics.insert("time/update_s".into(), update_s.into());
+        let generated: usize = completions.iter().map(|c| c.2.len()).sum();
+        metrics.insert("time/generated_tokens_per_s".into(), (generated as f64 / sample_s.max(1e-9)).into());
         let samples_log = completions
             .iter()
             .enumerate()

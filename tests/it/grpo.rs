@@ -82,7 +82,7 @@ fn grpo_raises_the_reward_of_a_learnable_rule() {
     assert_eq!(rewards.len(), 16);
     let (first, last) = (rewards[..4].iter().sum::<f64>() / 4.0, rewards[12..].iter().sum::<f64>() / 4.0);
     assert!(last > first + 0.2 && last > 0.8, "mean reward {first:.3} → {last:.3}: {rewards:?}");
-    for k in ["reward_std", "rewards/space/mean", "rewards/space/std", "frac_reward_zero_std", "completions/mean_length", "completions/clipped_ratio", "grad_norm", "clip_ratio/region_mean"] {
+    for k in ["reward_std", "rewards/space/mean", "rewards/space/std", "frac_reward_zero_std", "completions/mean_length", "completions/clipped_ratio", "grad_norm", "clip_ratio/region_mean", "time/sample_s", "time/update_s"] {
         assert!(m[0].get(k).is_some(), "metrics lack {k}");
     }
     // Every sampled completion is logged with its reward and advantage.
