@@ -162,6 +162,31 @@ fn set_json(root: &mut Value, path: &str, v: Option<Value>) {
     }
 }
 
+/// `base` with one to three of `keys` set to hostile values (or removed, one time in ten), and
+/// the case described.
+fn mutated(base: &Value, keys: &[String], rng: &mut StdRng) -> (Value, String) {
+    let mut cfg = base.clone();
+    let mut case = Vec::new();
+    for _ in 0..rng.random_range(1..=3) {
+        let k = keys.choose(rng).unwrap().clone();
+        let v = (!rng.random_bool(0.1)).then(|| hostile_json(rng));
+        case.push(format!("{k}={}", v.as_ref().map_or("<removed>".into(), |v| v.to_string())));
+        set_json(&mut cfg, &k, v);
+    }
+    (cfg, case.join(" "))
+}
+
+/// Counts an accepted or refused case; a refusal must say something.
+fn tally<T, E: std::fmt::Display>(r: Result<T, E>, case: &str, accepted: &mut usize, refused: &mut usize) {
+    match r {
+        Ok(_) => *accepted += 1,
+        Err(e) => {
+            *refused += 1;
+            assert!(!e.to_string().is_empty(), "{case}");
+        }
+    }
+}
+
 fn json_leaves(v: &Value, prefix: &str, out: &mut Vec<String>) {
     match v {
         Value::Object(o) if !o.is_empty() => {
@@ -189,29 +214,13 @@ fn config_json_with_hostile_values_is_a_typed_error() {
     let mut rng = rng(2);
     let (mut refused, mut accepted) = (0, 0);
     for _ in 0..cases() {
-        let mut cfg = base.clone();
-        let mut case = Vec::new();
-        for _ in 0..rng.random_range(1..=3) {
-            let k = keys.choose(&mut rng).unwrap().clone();
-            let v = (!rng.random_bool(0.1)).then(|| hostile_json(&mut rng));
-            case.push(format!("{k}={}", v.as_ref().map_or("<removed>".into(), |v| v.to_string())));
-            set_json(&mut cfg, &k, v);
-        }
-        let case = case.join(" ");
+        let (cfg, case) = mutated(&base, &keys, &mut rng);
         std::fs::write(d.join("config.json"), serde_json::to_vec(&cfg).unwrap()).unwrap();
         let r = no_panic("model::load", &case, || ft::model::load::<Cpu>(&d, &Default::default(), Default::default()));
-        match r {
-            Ok(model) => {
-                accepted += 1;
-                // An accepted config computes; its logits are whatever the config says (NaN
-                // included), but computing them does not panic.
-                no_panic("forward of an accepted config", &case, || logits(&model, &[1, 2, 3]));
-            }
-            Err(e) => {
-                refused += 1;
-                assert!(!e.to_string().is_empty(), "{case}");
-            }
-        }
+        // An accepted config computes; its logits are whatever the config says (NaN included),
+        // but computing them does not panic.
+        let r = r.map(|model| no_panic("forward of an accepted config", &case, || logits(&model, &[1, 2, 3])));
+        tally(r, &case, &mut accepted, &mut refused);
     }
     assert!(refused > 0 && accepted > 0, "{refused} refused, {accepted} accepted");
 }
@@ -228,28 +237,12 @@ fn adapter_configs_with_hostile_values_are_typed_errors() {
     let mut rng = rng(3);
     let (mut refused, mut accepted) = (0, 0);
     for _ in 0..cases() {
-        let mut cfg = base.clone();
-        let mut case = Vec::new();
-        for _ in 0..rng.random_range(1..=3) {
-            let k = keys.choose(&mut rng).unwrap().clone();
-            let v = (!rng.random_bool(0.1)).then(|| hostile_json(&mut rng));
-            case.push(format!("{k}={}", v.as_ref().map_or("<removed>".into(), |v| v.to_string())));
-            set_json(&mut cfg, &k, v);
-        }
-        let case = case.join(" ");
+        let (cfg, case) = mutated(&base, &keys, &mut rng);
         std::fs::write(d.join("adapter_config.json"), serde_json::to_vec(&cfg).unwrap()).unwrap();
         let mut model = clean.clone();
         let r = no_panic("PeftAdapter::open/attach", &case, || ft::adapters::peft::PeftAdapter::open(&d).and_then(|a| a.attach(&mut model)));
-        match r {
-            Ok(_) => {
-                accepted += 1;
-                no_panic("forward with an accepted adapter", &case, || logits(&model, &[1, 2, 3]));
-            }
-            Err(e) => {
-                refused += 1;
-                assert!(!e.to_string().is_empty(), "{case}");
-            }
-        }
+        let r = r.map(|_| no_panic("forward with an accepted adapter", &case, || logits(&model, &[1, 2, 3])));
+        tally(r, &case, &mut accepted, &mut refused);
     }
     assert!(refused > 0 && accepted > 0, "{refused} refused, {accepted} accepted");
 }
