@@ -203,7 +203,7 @@ pub fn evaluate_grpo<B: Kernels>(
         let reference = crate::loss::nll::token_logps(model, &refs);
         model.set_reference(false);
         for (((p, r), s), (prompt_tokens, truncated, rewards)) in policy.into_iter().zip(reference).zip(stats).zip(meta) {
-            scored.push(ScoredCompletion { policy: p, reference: r, entropy: s.entropy, prompt_tokens: *prompt_tokens, truncated: *truncated, rewards: rewards.clone() });
+            scored.push(ScoredCompletion { policy: p, reference: r, old: None, entropy: s.entropy, prompt_tokens: *prompt_tokens, truncated: *truncated, rewards: rewards.clone() });
         }
     }
     config.max_completion_length = max_completion_length.unwrap_or_else(|| scored.iter().map(|c| c.policy.len()).max().unwrap_or(1));

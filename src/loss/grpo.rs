@@ -4,7 +4,8 @@
 //! Rewards `r = Σ_f w_f R_f`; advantages `A = (r − mean_group) / (std + 1e-4)` with the group's
 //! std (`group`), the whole batch's (`batch`) or none (`r − mean_group`); stds unbiased. Per
 //! completion token, with the importance ratio `ρ = exp(logp − logp_old)` (1 in value when the
-//! completions come from this policy) and `k3 = e^(ref − logp) − (ref − logp) − 1`:
+//! completions come from this very policy; `logp_old` is the sampling policy's when a generation
+//! is reused, `num_iterations > 1`) and `k3 = e^(ref − logp) − (ref − logp) − 1`:
 //! `ℓ = −min(ρA, clip(ρ, 1 − ε, 1 + ε_high)·A) + β·k3·ρ` (`· ρ`: `use_bias_correction_kl`). The
 //! loss aggregates `ℓ` by `loss_type`:
 //!
@@ -83,13 +84,15 @@ pub fn advantages(rewards: &[f64], group: usize, scale: ScaleRewards) -> Vec<f64
         .collect()
 }
 
-/// One completion as scored: per-token log-probs under the policy and the reference (every
-/// completion token, the end-of-turn token included), the policy's summed next-token entropy,
-/// its prompt's length, whether it was cut at the length limit, and its rewards by function.
+/// One completion as scored: per-token log-probs under the policy, the reference and the policy
+/// that sampled it (`None`: this policy; every completion token, the end-of-turn token
+/// included), the policy's summed next-token entropy, its prompt's length, whether it was cut at
+/// the length limit, and its rewards by function.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ScoredCompletion {
     pub policy: Vec<f64>,
     pub reference: Vec<f64>,
+    pub old: Option<Vec<f64>>,
     pub entropy: f64,
     pub prompt_tokens: usize,
     pub truncated: bool,
@@ -97,14 +100,14 @@ pub struct ScoredCompletion {
 }
 
 impl GrpoConfig {
-    /// Per-token `ℓ` of a completion with advantage `a` (ρ = 1: no reuse of generations).
+    /// Per-token `ℓ` of a completion with advantage `a`.
     fn token_losses(&self, c: &ScoredCompletion, a: f64) -> Vec<f64> {
-        let rho = 1.0f64;
-        let clipped = rho.clamp(1.0 - self.epsilon, 1.0 + self.epsilon_high);
         c.policy
             .iter()
             .zip(&c.reference)
-            .map(|(&lp, &rf)| {
+            .zip(ratios(c))
+            .map(|((&lp, &rf), rho)| {
+                let clipped = rho.clamp(1.0 - self.epsilon, 1.0 + self.epsilon_high);
                 let mut l = -(rho * a).min(clipped * a);
                 if self.beta != 0.0 {
                     l += self.beta * k3(lp, rf) * rho;
@@ -170,26 +173,75 @@ impl GrpoConfig {
             put("kl", kl / tokens.max(1) as f64);
         }
         put("entropy", completions.iter().map(|c| c.entropy).sum::<f64>() / tokens.max(1) as f64);
-        for k in ["clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean", "clip_ratio/low_min", "clip_ratio/high_max"] {
-            // ρ = 1 for completions of this very policy: nothing is clipped.
-            put(k, 0.0);
+        // Clipped tokens: ρ below 1 − ε with A < 0, above 1 + ε_high with A > 0 (TRL's masks);
+        // `low_min`/`high_max` over the completions' own fractions.
+        let (mut low, mut high, mut region) = (0usize, 0usize, 0usize);
+        let (mut low_min, mut high_max) = (f64::INFINITY, f64::NEG_INFINITY);
+        for (c, &a) in completions.iter().zip(&adv) {
+            let (mut l, mut h) = (0usize, 0usize);
+            for rho in ratios(c) {
+                let is_low = rho < 1.0 - self.epsilon && a < 0.0;
+                let is_high = rho > 1.0 + self.epsilon_high && a > 0.0;
+                l += usize::from(is_low);
+                h += usize::from(is_high);
+                region += usize::from(is_low || is_high);
+            }
+            low += l;
+            high += h;
+            // A completion without tokens has the fraction NaN, which torch's nanmin skips.
+            if !c.policy.is_empty() {
+                low_min = low_min.min(l as f64 / c.policy.len() as f64);
+                high_max = high_max.max(h as f64 / c.policy.len() as f64);
+            }
         }
+        let frac = |n: usize| n as f64 / tokens.max(1) as f64;
+        put("clip_ratio/low_mean", frac(low));
+        put("clip_ratio/high_mean", frac(high));
+        put("clip_ratio/region_mean", frac(region));
+        put("clip_ratio/low_min", or0(low_min));
+        put("clip_ratio/high_max", or0(high_max));
         (m, adv)
     }
 }
 
+/// The importance ratios `ρ = exp(logp − logp_old)` of a completion's tokens (1 without `old`).
+fn ratios(c: &ScoredCompletion) -> Vec<f64> {
+    match &c.old {
+        Some(old) => c.policy.iter().zip(old).map(|(lp, o)| (lp - o).exp()).collect(),
+        None => vec![1.0; c.policy.len()],
+    }
+}
+
+/// Per-token inputs of [`token_loss`], one value per scored completion token.
+#[derive(Debug, Clone, Default)]
+pub struct TokenInputs {
+    /// The completion's advantage.
+    pub adv: Vec<f32>,
+    /// The aggregation weight (see the module docs).
+    pub weight: Vec<f32>,
+    /// The reference's log-prob (read when β > 0).
+    pub reference: Vec<f32>,
+    /// The sampling policy's log-prob, when the generation is reused (`num_iterations > 1`).
+    pub old: Option<Vec<f32>>,
+}
+
 /// The differentiable loss of scored completion tokens: `lp [n]` their log-probs under the
-/// policy, and per token the completion's advantage, the aggregation weight (see the module
-/// docs) and the reference log-prob: `Σ w·(−A·ρ + β·k3·ρ)` with `ρ = exp(lp − lp.detach())`
-/// (1 in value; `∇lp` in the gradient) and `k3` taken on `lp` too, as TRL with
-/// `use_bias_correction_kl`.
-pub fn token_loss<B: Backend>(lp: Tensor<B, 1>, adv: Vec<f32>, weights: Vec<f32>, reference: Vec<f32>, beta: f64) -> Tensor<B, 1> {
+/// policy and the per-token inputs: `Σ w·(−min(ρA, clip(ρ, 1 − ε, 1 + ε_high)·A) + β·k3·ρ)` with
+/// `ρ = exp(lp − old)`, or `exp(lp − lp.detach())` (1 in value, `∇lp` in the gradient) without
+/// `old`, and `k3` taken on `lp` too, as TRL with `use_bias_correction_kl`.
+pub fn token_loss<B: Backend>(lp: Tensor<B, 1>, inputs: TokenInputs, cfg: &GrpoConfig) -> Tensor<B, 1> {
     let device = lp.device();
-    let n = adv.len();
+    let n = inputs.adv.len();
     let t = |v: Vec<f32>| Tensor::<B, 1>::from_data(TensorData::new(v, [n]), (&device, DType::F32));
-    let (a, w, rf) = (t(adv), t(weights), t(reference));
-    let rho = (lp.clone() - lp.clone().detach()).exp();
-    let mut per_token = (rho.clone() * a).neg();
+    let (a, w, rf) = (t(inputs.adv), t(inputs.weight), t(inputs.reference));
+    let old = match inputs.old {
+        Some(o) => t(o),
+        None => lp.clone().detach(),
+    };
+    let rho = (lp.clone() - old).exp();
+    let clipped = rho.clone().clamp(1.0 - cfg.epsilon, 1.0 + cfg.epsilon_high);
+    let mut per_token = (rho.clone() * a.clone()).min_pair(clipped * a).neg();
+    let beta = cfg.beta;
     if beta != 0.0 {
         let d = rf - lp;
         let k3 = d.clone().exp() - d - 1.0;

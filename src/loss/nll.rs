@@ -46,6 +46,23 @@ pub fn scored_logprobs<B: Kernels>(model: &Decoder<B>, batch: &Batch, hidden: &m
     scored(model, batch, hidden).ok().map(|(lp, _)| lp)
 }
 
+/// As [`scored_logprobs`], with the next-token entropy at each scored position (no gradient;
+/// GRPO's `entropy` metric).
+pub fn scored_logprobs_entropy<B: Kernels>(model: &Decoder<B>, batch: &Batch, hidden: &mut Hidden<B>) -> Option<(Tensor<B, 1>, Vec<f64>)> {
+    scored(model, batch, hidden).ok().map(|(lp, logits)| (lp, entropies(logits.detach()).1))
+}
+
+/// Per position of `logits [1, n, vocab]`: the vocabulary-mean logit and the entropy of the
+/// softmax, in f32.
+fn entropies<B: Backend>(logits: Tensor<B, 3>) -> (Vec<f64>, Vec<f64>) {
+    let [_, n, vocab] = logits.dims();
+    let logits = logits.cast(burn::tensor::DType::F32).reshape([n, vocab]);
+    let mean: Vec<f64> = logits.clone().mean_dim(1).into_data().convert::<f64>().to_vec().expect("f64");
+    let ls = burn::tensor::activation::log_softmax(logits, 1);
+    let entropy: Vec<f64> = (ls.clone().exp() * ls).sum_dim(1).neg().into_data().convert::<f64>().to_vec().expect("f64");
+    (mean, entropy)
+}
+
 /// The SFT loss: the sum of the scored tokens' NLL divided by `norm` (the scored tokens of the
 /// whole accumulated batch), and how many scored tokens the model predicts right (argmax).
 pub fn sft_loss<B: Kernels>(model: &Decoder<B>, batch: &Batch, norm: f64, hidden: &mut Hidden<B>) -> (Tensor<B, 1>, usize) {
@@ -75,12 +92,7 @@ pub fn sample_stats<B: Kernels>(model: &Decoder<B>, samples: &[&Encoded]) -> Vec
     let batch = Batch::padded(samples);
     let mut out = vec![SampleStats::default(); samples.len()];
     let Ok((logp, logits)) = scored(model, &batch, &mut plain_hidden(model)) else { return out };
-    let n = batch.positions.len();
-    let vocab = logits.dims()[2];
-    let logits = logits.cast(burn::tensor::DType::F32).reshape([n, vocab]);
-    let mean: Vec<f64> = logits.clone().mean_dim(1).into_data().convert::<f64>().to_vec().expect("f64");
-    let ls = burn::tensor::activation::log_softmax(logits, 1);
-    let entropy: Vec<f64> = (ls.clone().exp() * ls).sum_dim(1).neg().into_data().convert::<f64>().to_vec().expect("f64");
+    let (mean, entropy) = entropies(logits);
     let logp: Vec<f64> = logp.into_data().convert::<f64>().to_vec().expect("f64");
     for (k, &i) in batch.owner.iter().enumerate() {
         let s = &mut out[i];

@@ -1,5 +1,6 @@
 //! Crash-safe training checkpoints: `RUN/checkpoint-STEP/` holds the adapter (PEFT format), the
-//! optimizer moments, the trainer state (step, epoch, data cursor, tokens seen) and a manifest of
+//! optimizer moments, the trainer state (step, epoch, data cursor, tokens seen), the objective's
+//! own state where it has one (`objective_state.json`: GRPO's generation batch) and a manifest of
 //! sha256 sums. It is written under a temporary name, fsynced, marked `COMPLETE` last and renamed;
 //! resume only ever reads complete checkpoints whose files match their manifest.
 
@@ -47,15 +48,20 @@ fn tensors_to_file<B: Backend>(path: &Path, named: Vec<(String, Tensor<B, 2>)>) 
     Ok(write_safetensors(path, &data, None)?)
 }
 
+const OBJECTIVE_STATE: &str = "objective_state.json";
+
+/// The optimizer's first and second moments.
+pub type Moments<'a, B> = (&'a [Tensor<B, 2>], &'a [Tensor<B, 2>]);
+
 /// Writes `checkpoint-{state.step}` into `run`: `save_adapter` writes the PEFT adapter into the
-/// directory it is given; `m`/`v` are the optimizer moments.
+/// directory it is given; `(m, v)` are the optimizer moments; `objective` the objective's state.
 pub fn save<B: Backend>(
     run: &Path,
     state: &TrainState,
     fingerprint: &Fingerprint,
     save_adapter: impl FnOnce(&Path) -> Result<()>,
-    m: &[Tensor<B, 2>],
-    v: &[Tensor<B, 2>],
+    (m, v): Moments<B>,
+    objective: Option<&serde_json::Value>,
     keep_last: usize,
 ) -> Result<PathBuf> {
     let target = run.join(format!("checkpoint-{}", state.step));
@@ -76,8 +82,13 @@ pub fn save<B: Backend>(
     tensors_to_file(&staged.path("optimizer.safetensors"), named)?;
     write_atomic(&staged.path("trainer_state.json"), &serde_json::to_vec_pretty(state).expect("state serializes"))?;
     write_atomic(&staged.path("fingerprint.json"), &serde_json::to_vec_pretty(fingerprint).expect("fingerprint serializes"))?;
+    let mut files = vec!["adapter/adapter_model.safetensors", "adapter/adapter_config.json", "optimizer.safetensors", "trainer_state.json", "fingerprint.json"];
+    if let Some(o) = objective {
+        write_atomic(&staged.path(OBJECTIVE_STATE), &serde_json::to_vec(o).expect("JSON serializes"))?;
+        files.push(OBJECTIVE_STATE);
+    }
     let mut manifest = serde_json::Map::new();
-    for f in ["adapter/adapter_model.safetensors", "adapter/adapter_config.json", "optimizer.safetensors", "trainer_state.json", "fingerprint.json"] {
+    for f in files {
         manifest.insert(f.into(), sha256_file(&staged.tmp.join(f))?.into());
     }
     write_atomic(&staged.path("manifest.json"), &serde_json::to_vec_pretty(&manifest).expect("JSON serializes"))?;
@@ -120,6 +131,8 @@ pub struct Loaded<B: Backend> {
     pub fingerprint: Option<Fingerprint>,
     pub m: Vec<Tensor<B, 2>>,
     pub v: Vec<Tensor<B, 2>>,
+    /// The objective's state, where it saved one.
+    pub objective: Option<serde_json::Value>,
 }
 
 /// The newest complete checkpoint of `run` whose files match its manifest.
@@ -156,5 +169,9 @@ pub fn load_latest<B: Backend>(run: &Path, device: &B::Device) -> Result<Option<
         }
         i += 1;
     }
-    Ok(Some(Loaded { dir, state, fingerprint, m, v }))
+    let objective = match dir.join(OBJECTIVE_STATE).exists() {
+        true => Some(read_json(OBJECTIVE_STATE)?),
+        false => None,
+    };
+    Ok(Some(Loaded { dir, state, fingerprint, m, v, objective }))
 }

@@ -47,6 +47,20 @@ pub trait Objective<B: TrainBackend> {
     fn before_training(&mut self, _model: &mut Decoder<B>, _upcoming: &[usize], _progress: &dyn Progress) -> Result<(), TrainError> {
         Ok(())
     }
+    /// Optimizer steps that share one draw of examples: the loop draws new examples only every
+    /// this many steps and hands the same `micro` to the others (GRPO's `num_iterations`).
+    fn steps_per_batch(&self) -> usize {
+        1
+    }
+    /// What a checkpoint must keep besides the adapter, optimizer and data position for a
+    /// resumed run to continue exactly (GRPO's generation batch between its steps).
+    fn state(&self) -> Option<Value> {
+        None
+    }
+    /// Takes back what [`Objective::state`] saved; the error says what is wrong with it.
+    fn restore(&mut self, _state: Value) -> Result<(), String> {
+        Ok(())
+    }
     /// One optimizer step (forward, backward, update) over `micro`.
     fn step(&mut self, model: &mut Decoder<B>, opt: &mut AdamW<B::InnerBackend>, micro: &[Vec<usize>], settings: StepSettings) -> Result<StepReport, TrainError>;
     /// Metrics on the eval split (names prefixed `eval_`, including `eval_loss`), if there is one.

@@ -162,7 +162,8 @@ pub struct GrpoSection {
     pub epsilon_high: f64,
     #[serde(default = "d_scale")]
     pub scale_rewards: ScaleRewards,
-    /// Updates per generation batch; only 1 (TRL's default) is supported.
+    /// Optimizer steps per generation batch (TRL's μ): after the first, the importance ratio
+    /// to the sampling policy and clipping with `epsilon`/`epsilon_high` apply.
     #[serde(default = "d_iterations")]
     pub num_iterations: usize,
     /// Leave the tokens of completions cut at `max_completion_length` out of the loss.
@@ -691,8 +692,8 @@ impl Recipe {
                 non_negative("grpo.beta", g.beta)?;
                 non_negative("grpo.epsilon", g.epsilon)?;
                 non_negative("grpo.epsilon_high", g.epsilon_high)?;
-                if g.num_iterations != 1 {
-                    return invalid("grpo.num_iterations", "grpo.num_iterations: only 1 (each generation batch used once, TRL's default) is supported".into());
+                if g.num_iterations == 0 {
+                    return invalid("grpo.num_iterations", "grpo.num_iterations: at least 1 (the steps each generation batch serves)".into());
                 }
                 if g.rewards.is_empty() {
                     return invalid("grpo.rewards", "GRPO needs at least one [[grpo.rewards]] function".into());
@@ -807,6 +808,7 @@ impl Recipe {
             train: self.data.train.clone(),
             eval: self.data.eval.clone(),
             num_generations: g.num_generations,
+            num_iterations: g.num_iterations,
             temperature: g.temperature as f32,
             top_p: g.top_p as f32,
             mask_truncated_completions: g.mask_truncated_completions,

@@ -140,14 +140,22 @@ pub fn run<B: TrainBackend>(recipe: &Recipe, device: B::Device, progress: &dyn P
     let t = &recipe.train;
     let mut opt = AdamW::new(&params, t.weight_decay);
     let mut state = TrainState { step: 0, epoch: 0, cursor: 0, tokens_seen: 0, optimizer_t: 0 };
+    let mut restored = false;
     if let Some(ck) = loaded {
+        if let Some(saved) = ck.objective {
+            objective.restore(saved).map_err(|msg| TrainError::Invalid { path: ck.dir.join("objective_state.json"), msg })?;
+            restored = true;
+        }
         opt.restore(ck.m, ck.v, ck.state.optimizer_t);
         state = ck.state;
         progress.status(&format!("resuming from {} (step {})", ck.dir.display(), state.step));
     }
 
     let per_step = t.micro_batch_size * t.grad_accum;
-    let steps_per_epoch = n_examples.div_ceil(per_step);
+    // GRPO's num_iterations: each draw of examples serves this many steps (as TRL's sampler
+    // repeats each batch), so an epoch takes as many times more steps.
+    let steps_per_draw = objective.steps_per_batch().max(1);
+    let steps_per_epoch = n_examples.div_ceil(per_step) * steps_per_draw;
     let total = t.max_steps.unwrap_or_else(|| (t.epochs * steps_per_epoch as f64).ceil() as usize).max(1);
     let warmup = if t.warmup_steps > 0 { t.warmup_steps } else { (t.warmup_ratio * total as f64).ceil() as usize };
     if warmup >= total {
@@ -159,7 +167,7 @@ pub fn run<B: TrainBackend>(recipe: &Recipe, device: B::Device, progress: &dyn P
     // after the rest of this epoch and one more, every example has come up (a long run is never
     // listed whole).
     let mut ahead = data.clone();
-    let draws = total.saturating_sub(state.step).saturating_mul(per_step).min(2 * n_examples);
+    let draws = total.saturating_sub(state.step).div_ceil(steps_per_draw).saturating_mul(per_step).min(2 * n_examples);
     let upcoming: Vec<usize> = (0..draws).map(|_| ahead.next_index()).collect();
     // The run directory appears only now: a run that fails while loading leaves nothing behind.
     run_dir.create()?;
@@ -171,12 +179,15 @@ pub fn run<B: TrainBackend>(recipe: &Recipe, device: B::Device, progress: &dyn P
     let (mut step_seconds, mut step_tokens) = (0.0, 0usize);
     let mut peak_gpu = 0f64;
     progress.start(state.step, total);
+    let mut micro: Vec<Vec<usize>> = Vec::new();
     for step in state.step..total {
         // Dropout masks are a function of (seed, step), so a resumed run draws the same ones.
         B::seed(&device, t.seed ^ ((step as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15)));
         let settings = StepSettings { step, lr: learning_rate(t.lr, t.schedule, step, total, warmup), max_grad_norm: t.max_grad_norm };
-        let micro: Vec<Vec<usize>> =
-            (0..t.grad_accum).map(|_| (0..t.micro_batch_size).map(|_| data.next_index()).collect()).collect();
+        // A run resumed between the steps of one draw continues with the objective's saved state.
+        if step.is_multiple_of(steps_per_draw) || (micro.is_empty() && !restored) {
+            micro = (0..t.grad_accum).map(|_| (0..t.micro_batch_size).map(|_| data.next_index()).collect()).collect();
+        }
         model.set_training(true);
         let ts = Instant::now();
         let mut stats = objective.step(&mut model, &mut opt, &micro, settings)?;
@@ -204,7 +215,7 @@ pub fn run<B: TrainBackend>(recipe: &Recipe, device: B::Device, progress: &dyn P
             let (m, v) = opt.moments();
             let base = recipe.model.path.display().to_string();
             let save = |dir: &std::path::Path| Ok(peft::save(&mut model, &lora_config, &base, dir)?);
-            let saved = checkpoint::save(&out, &st, &fingerprint, save, &m, &v, t.keep_last)?;
+            let saved = checkpoint::save(&out, &st, &fingerprint, save, (&m, &v), objective.state().as_ref(), t.keep_last)?;
             if interrupted {
                 return Err(Interrupted { checkpoint: saved }.into());
             }

@@ -123,6 +123,49 @@ fn grpo_resumes_to_the_same_bytes() {
 }
 
 #[test]
+fn grpo_reuses_each_generation_num_iterations_times_and_resumes_between() {
+    // num_iterations 2: steps 1, 3, 5, … sample; 2, 4, … train again on the same completions with
+    // importance ratios. A run that stops at a checkpoint between the two steps of a generation
+    // (step 3 here: the disk "fills" at step 6's) resumes from the saved generation batch to the
+    // same adapter bytes as an uninterrupted run.
+    let train = "max_steps = 8\nsave_every = 3";
+    let grpo = format!("num_iterations = 2\n{STARTS_WITH_SPACE}");
+    let d1 = scratch("grpo-mu2");
+    let r1 = setup(&d1, train, &grpo);
+    let (c, _, err) = ft(&["train", s(&r1), "--quiet"]);
+    assert_eq!(c, 0, "{err}");
+    let m = metrics(&d1);
+    let steps: Vec<&serde_json::Value> = m.iter().filter(|l| l.get("reward").is_some()).collect();
+    assert_eq!(steps.len(), 8);
+    for (i, l) in steps.iter().enumerate() {
+        let sampled = l["time/sample_s"].as_f64().unwrap() > 0.0;
+        assert_eq!(sampled, i % 2 == 0, "step {}: sampled {sampled}", i + 1);
+        // The reused step reports the same rewards as the step that sampled them.
+        if i % 2 == 1 {
+            assert_eq!(l["reward"], steps[i - 1]["reward"]);
+        }
+        let entropy = l["entropy"].as_f64().unwrap();
+        assert!(entropy > 0.0 && entropy < (1024f64).ln(), "entropy {entropy}");
+        for k in ["clip_ratio/low_mean", "clip_ratio/high_mean", "clip_ratio/region_mean"] {
+            assert!((0.0..=1.0).contains(&l[k].as_f64().unwrap()), "{k}");
+        }
+    }
+    let logged: Vec<u64> = std::fs::read_to_string(d1.join("run/completions.jsonl")).unwrap().lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["step"].as_u64().unwrap()).collect();
+    assert_eq!(logged.len(), 4 * 2 * 8, "one log line per sampled completion");
+    assert!(logged.iter().all(|s| s % 2 == 1));
+    let d2 = scratch("grpo-mu2-resumed");
+    let r2 = setup(&d2, train, &grpo);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ft")).args(["train", s(&r2), "--quiet"]).env("FT_FAIL_CHECKPOINT_AT", "6").output().unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(d2.join("run/checkpoint-3/objective_state.json").exists(), "the generation batch is saved");
+    let (c, _, err) = ft(&["train", s(&r2), "--quiet", "--resume"]);
+    assert_eq!(c, 0, "{err}");
+    let a = std::fs::read(d1.join("run/adapter/adapter_model.safetensors")).unwrap();
+    let b = std::fs::read(d2.join("run/adapter/adapter_model.safetensors")).unwrap();
+    assert!(a == b, "the run resumed between the steps of a generation differs from the uninterrupted one");
+}
+
+#[test]
 fn a_broken_reward_command_is_a_clear_error() {
     for (name, script, want) in [
         ("crash", "import sys; sys.exit(3)", "exited with"),
