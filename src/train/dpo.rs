@@ -5,16 +5,14 @@
 
 use std::path::PathBuf;
 
-use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
-use sha2::Digest;
 
 use super::objective::{Objective, StepReport, StepSettings};
 use super::optim::AdamW;
 use super::recompute::Recompute;
 use super::step::train_step;
-use super::{IoAt, TrainError};
-use crate::data::conversation::expand_data_path;
+use super::reference::{self, Precomputed, ReferenceCache};
+use super::TrainError;
 use crate::data::prepare::{self, DataCounts, PrepareOptions};
 use crate::data::preference::EncodedPair;
 use crate::data::template::ChatTemplate;
@@ -24,15 +22,6 @@ use crate::loss::values;
 use crate::model::Decoder;
 use crate::ops::TrainBackend;
 use crate::progress::Progress;
-
-/// Where precomputed reference log-probs are cached and which model they belong to.
-#[derive(Debug, Clone)]
-pub struct ReferenceCache {
-    pub path: PathBuf,
-    pub model_dir: PathBuf,
-    /// The frozen starting adapter when it is the reference.
-    pub adapter: Option<PathBuf>,
-}
 
 /// What DPO needs to know.
 #[derive(Debug, Clone)]
@@ -54,48 +43,11 @@ pub struct Dpo {
     pub eval: Option<Vec<EncodedPair>>,
     pub dropped: usize,
     /// Reference `(chosen, rejected)` log-probs per training pair, where computed
-    /// (`precompute_ref`).
-    pub reference: Option<Vec<Option<(f64, f64)>>>,
+    /// (`precompute_ref`), and their cache.
+    pub reference: Option<Precomputed<(f64, f64)>>,
     /// The eval split's reference log-probs, kept after the first eval (they never change).
     eval_reference: Option<Vec<(f64, f64)>>,
-    /// Where precomputed reference log-probs are cached, and their key.
-    cache: Option<(PathBuf, String)>,
     recompute: Recompute,
-}
-
-/// Reference log-probs cached in the run directory, valid for one key.
-#[derive(Serialize, Deserialize)]
-struct RefCache {
-    key: String,
-    logps: Vec<Option<(f64, f64)>>,
-}
-
-/// The cache key: every byte of the model's weights, config and tokenizer, of the reference
-/// adapter if any, of the data, the template source and the length limits.
-fn reference_key(rc: &ReferenceCache, s: &DpoSettings, template: &ChatTemplate) -> Result<String, TrainError> {
-    let model_dir = rc.model_dir.as_path();
-    let mut h = sha2::Sha256::new();
-    let mut files: Vec<_> = std::fs::read_dir(model_dir)
-        .at("cannot read", model_dir)?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| {
-            let n = p.file_name().and_then(|n| n.to_str()).unwrap_or("");
-            n.ends_with(".safetensors") || n == "config.json" || n == "tokenizer.json"
-        })
-        .collect();
-    files.sort();
-    if let Some(a) = &rc.adapter {
-        files.extend([a.join("adapter_config.json"), a.join("adapter_model.safetensors")]);
-    }
-    files.extend(expand_data_path(&s.train)?);
-    for f in files {
-        let mut file = std::fs::File::open(&f).at("cannot read", &f)?;
-        h.update(f.file_name().map(|n| n.as_encoded_bytes()).unwrap_or_default());
-        std::io::copy(&mut file, &mut h).at("cannot read", &f)?;
-    }
-    h.update(template.source.as_bytes());
-    h.update(format!("{} {:?}", s.prepare.max_len, s.prepare.max_prompt_len).as_bytes());
-    Ok(h.finalize().iter().map(|b| format!("{b:02x}")).collect())
 }
 
 impl Dpo {
@@ -110,17 +62,14 @@ impl Dpo {
             Some(f) => Some(prepare::pairs(tok, template, f, &s.prepare)?.0),
             None => None,
         };
-        let mut dpo = Dpo { config: s.config, train, eval, dropped, reference: None, eval_reference: None, cache: None, recompute: s.recompute };
-        if let Some(rc) = &s.reference_cache {
-            let key = reference_key(rc, s, template)?;
-            let cached = std::fs::read(&rc.path).ok().and_then(|b| serde_json::from_slice::<RefCache>(&b).ok());
-            dpo.reference = Some(match cached {
-                Some(c) if c.key == key && c.logps.len() == dpo.train.len() => c.logps,
-                _ => vec![None; dpo.train.len()],
-            });
-            dpo.cache = Some((rc.path.clone(), key));
-        }
-        Ok(dpo)
+        let reference = match &s.reference_cache {
+            Some(rc) => {
+                let salt = format!("dpo {} {:?}", s.prepare.max_len, s.prepare.max_prompt_len);
+                Some(Precomputed::open(&rc.path, reference::key(rc, &s.train, template, &salt)?, train.len()))
+            }
+            None => None,
+        };
+        Ok(Dpo { config: s.config, train, eval, dropped, reference, eval_reference: None, recompute: s.recompute })
     }
 }
 
@@ -136,24 +85,9 @@ impl<B: TrainBackend> Objective<B> for Dpo {
     /// Computes the reference log-probs of the pairs the run will visit that the cache lacks,
     /// then saves the cache.
     fn before_training(&mut self, model: &mut Decoder<B>, upcoming: &[usize], progress: &dyn Progress) -> Result<(), TrainError> {
-        let (Some(reference), Some((path, key))) = (&mut self.reference, &self.cache) else {
-            return Ok(());
-        };
-        let mut missing: Vec<usize> = upcoming.iter().copied().filter(|&i| reference[i].is_none()).collect();
-        missing.sort_unstable();
-        missing.dedup();
-        if missing.is_empty() {
-            return Ok(());
-        }
-        progress.status(&format!("precomputing reference log-probs of {} pairs", missing.len()));
-        for chunk in missing.chunks(SCORE_BATCH) {
-            let pairs: Vec<&EncodedPair> = chunk.iter().map(|&i| &self.train[i]).collect();
-            for (&i, lp) in chunk.iter().zip(reference_logps(model, &pairs)) {
-                reference[i] = Some(lp);
-            }
-        }
-        let cache = RefCache { key: key.clone(), logps: reference.clone() };
-        Ok(crate::atomic::write_atomic(path, &serde_json::to_vec(&cache).expect("cache serializes"))?)
+        let Some(reference) = &mut self.reference else { return Ok(()) };
+        let train = &self.train;
+        reference.fill(upcoming, SCORE_BATCH, "pairs", progress, |chunk| reference_logps(model, &chunk.iter().map(|&i| &train[i]).collect::<Vec<_>>()))
     }
 
     fn step(&mut self, model: &mut Decoder<B>, opt: &mut AdamW<B::InnerBackend>, micro: &[Vec<usize>], settings: StepSettings) -> Result<StepReport, TrainError> {
@@ -169,9 +103,9 @@ impl<B: TrainBackend> Objective<B> for Dpo {
             micro.len(),
             |m, fwd, k| {
                 let pairs: Vec<&EncodedPair> = micro[k].iter().map(|&i| &train[i]).collect();
-                let refs = match reference {
-                    Some(r) if micro[k].iter().all(|&i| r[i].is_some()) => micro[k].iter().filter_map(|&i| r[i]).collect(),
-                    _ => reference_logps(m, &pairs),
+                let refs = match reference.as_ref().and_then(|r| r.all(&micro[k])) {
+                    Some(r) => r,
+                    None => reference_logps(m, &pairs),
                 };
                 let m: &Decoder<B> = m;
                 let (chosen, rejected) = policy_logps_with(m, &pairs, &mut |ids| fwd.hidden(m, ids, None));

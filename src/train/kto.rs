@@ -9,6 +9,7 @@ use serde_json::{Map, Value};
 use super::objective::{Objective, StepReport, StepSettings};
 use super::optim::AdamW;
 use super::recompute::Recompute;
+use super::reference::{self, Precomputed, ReferenceCache};
 use super::step::train_step;
 use super::TrainError;
 use crate::data::encode::Encoded;
@@ -16,10 +17,11 @@ use crate::data::prepare::{self, DataCounts, EncodedRow, PrepareOptions};
 use crate::data::template::ChatTemplate;
 use crate::data::tokenizer::TextTokenizer;
 use crate::loss::dpo::completion_logps_with;
-use crate::loss::kto::{kl_estimate, policy_sums, reference_sums, score_rows, KtoConfig, RowLogps};
+use crate::loss::kto::{kl_estimate, policy_sums, reference_sums, score_rows, KtoConfig, RowLogps, SCORE_BATCH};
 use crate::loss::values;
 use crate::model::Decoder;
 use crate::ops::TrainBackend;
+use crate::progress::Progress;
 
 /// What KTO needs to know.
 #[derive(Debug, Clone)]
@@ -30,6 +32,8 @@ pub struct KtoSettings {
     pub prepare: PrepareOptions,
     /// Rows per KL estimate in the data's order (TRL: the per-device batch size).
     pub kl_block: usize,
+    /// Precompute the reference log-probs before training and cache them here.
+    pub reference_cache: Option<ReferenceCache>,
     pub recompute: Recompute,
 }
 
@@ -40,6 +44,9 @@ pub struct Kto {
     pub eval: Option<Vec<EncodedRow>>,
     pub dropped: usize,
     kl_block: usize,
+    /// Per row, the reference's log-probs of its completion and of its KL sample, where computed
+    /// (`precompute_ref`), and their cache.
+    reference: Option<Precomputed<(f64, f64)>>,
     recompute: Recompute,
 }
 
@@ -50,7 +57,14 @@ impl Kto {
             Some(f) => Some(prepare::kto(tok, template, f, &s.prepare, s.kl_block)?.0),
             None => None,
         };
-        Ok(Kto { config: s.config, train, eval, dropped, kl_block: s.kl_block, recompute: s.recompute })
+        let reference = match &s.reference_cache {
+            Some(rc) => {
+                let salt = format!("kto {} {:?} {}", s.prepare.max_len, s.prepare.max_prompt_len, s.kl_block);
+                Some(Precomputed::open(&rc.path, reference::key(rc, &s.train, template, &salt)?, train.len()))
+            }
+            None => None,
+        };
+        Ok(Kto { config: s.config, train, eval, dropped, kl_block: s.kl_block, reference, recompute: s.recompute })
     }
 }
 
@@ -63,9 +77,21 @@ impl<B: TrainBackend> Objective<B> for Kto {
         DataCounts { dropped_too_long: self.dropped, ..Default::default() }
     }
 
+    /// Computes the reference log-probs of the rows the run will visit that the cache lacks (with
+    /// `precompute_ref`), then saves the cache.
+    fn before_training(&mut self, model: &mut Decoder<B>, upcoming: &[usize], progress: &dyn Progress) -> Result<(), TrainError> {
+        let Some(reference) = &mut self.reference else { return Ok(()) };
+        let train = &self.train;
+        reference.fill(upcoming, SCORE_BATCH, "rows", progress, |chunk| {
+            let samples: Vec<&Encoded> = chunk.iter().map(|&i| &train[i].sample).collect();
+            let kls: Vec<&Encoded> = chunk.iter().map(|&i| &train[i].kl).collect();
+            reference_sums(model, &samples).into_iter().zip(reference_sums(model, &kls)).collect()
+        })
+    }
+
     fn step(&mut self, model: &mut Decoder<B>, opt: &mut AdamW<B::InnerBackend>, micro: &[Vec<usize>], settings: StepSettings) -> Result<StepReport, TrainError> {
         let cfg = self.config;
-        let train = &self.train;
+        let (train, precomputed) = (&self.train, &self.reference);
         let n_rows: usize = micro.iter().map(Vec::len).sum();
         let mut batches = Vec::with_capacity(micro.len());
         let mut input_tokens = 0;
@@ -78,8 +104,10 @@ impl<B: TrainBackend> Objective<B> for Kto {
                 let samples: Vec<&Encoded> = rows.iter().map(|r| &r.sample).collect();
                 let kls: Vec<&Encoded> = rows.iter().map(|r| &r.kl).collect();
                 // The reference and the KL term carry no gradient.
-                let reference = reference_sums(m, &samples);
-                let kl_reference = reference_sums(m, &kls);
+                let (reference, kl_reference): (Vec<f64>, Vec<f64>) = match precomputed.as_ref().and_then(|r| r.all(&micro[k])) {
+                    Some(r) => r.into_iter().unzip(),
+                    None => (reference_sums(m, &samples), reference_sums(m, &kls)),
+                };
                 let kl_policy = policy_sums(m, &kls);
                 let (_, kl) = kl_estimate(&kl_policy.iter().copied().zip(kl_reference).collect::<Vec<_>>());
                 let m: &Decoder<B> = m;

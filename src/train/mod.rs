@@ -10,6 +10,7 @@ pub mod objective;
 pub mod optim;
 pub mod recipe;
 pub mod recompute;
+pub mod reference;
 pub mod rewards;
 pub mod ref_free;
 pub mod run;

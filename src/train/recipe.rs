@@ -6,7 +6,8 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::dpo::{DpoSettings, ReferenceCache};
+use super::dpo::DpoSettings;
+use super::reference::ReferenceCache;
 use super::grpo::GrpoSettings;
 use super::kto::KtoSettings;
 use super::rewards::RewardSpec;
@@ -138,6 +139,10 @@ pub struct KtoSection {
     pub undesirable_weight: f64,
     /// As `dpo.reference`.
     pub reference: Option<ReferenceChoice>,
+    /// As `dpo.precompute_ref`: each row's reference log-probs, of its completion and of its KL
+    /// sample, computed once before training.
+    #[serde(default)]
+    pub precompute_ref: bool,
 }
 
 /// GRPO settings, with TRL's `GRPOConfig` names and defaults.
@@ -775,15 +780,18 @@ impl Recipe {
             train: self.data.train.clone(),
             eval: self.data.eval.clone(),
             prepare,
-            reference_cache: section
-                .precompute_ref
-                .then(|| ReferenceCache {
-                    path: self.output.dir.join("reference_logps.json"),
-                    model_dir: self.model.path.clone(),
-                    adapter: self.reference_is_start_adapter().then(|| self.model.adapter.clone()).flatten(),
-                }),
+            reference_cache: self.reference_cache(section.precompute_ref),
             recompute: self.recompute(),
         }
+    }
+
+    /// Where precomputed reference log-probs go (`precompute_ref`): the run directory.
+    fn reference_cache(&self, precompute: bool) -> Option<ReferenceCache> {
+        precompute.then(|| ReferenceCache {
+            path: self.output.dir.join("reference_logps.json"),
+            model_dir: self.model.path.clone(),
+            adapter: self.reference_is_start_adapter().then(|| self.model.adapter.clone()).flatten(),
+        })
     }
 
     /// Whether DPO's reference is the frozen starting adapter (`model.adapter` set and
@@ -830,6 +838,7 @@ impl Recipe {
             eval: self.data.eval.clone(),
             prepare,
             kl_block: self.train.micro_batch_size,
+            reference_cache: self.reference_cache(k.precompute_ref),
             recompute: self.recompute(),
         }
     }

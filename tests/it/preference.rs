@@ -218,6 +218,29 @@ fn kto_training_lowers_its_loss() {
     }
 }
 
+#[test]
+fn kto_with_a_precomputed_reference_trains_the_same() {
+    // Each row's reference log-probs (completion and KL sample) computed once before training
+    // give the same losses as the reference forward in every step.
+    let train = "max_steps = 6\nmicro_batch_size = 4\neval_every = 100";
+    let (_, live) = run("kto-live-ref", "kto", train);
+    let (d, cached) = run("kto-cached-ref", "kto", &format!("{train}\n[kto]\nprecompute_ref = true"));
+    let cache = json(&d.join("run/reference_logps.json"));
+    let bits = cache["bits"].as_array().unwrap();
+    assert_eq!(bits.len(), 16, "one entry per unpaired row");
+    assert!(bits.iter().all(|b| b.as_array().is_some_and(|v| v.len() == 2)), "6 steps × 4 rows visit every row");
+    let losses = |m: &[serde_json::Value]| m.iter().filter_map(|l| l["loss"].as_f64()).collect::<Vec<_>>();
+    let (a, b) = (losses(&live), losses(&cached));
+    assert_eq!(a.len(), 6);
+    for (x, y) in a.iter().zip(&b) {
+        assert!((x - y).abs() <= 1e-5 * x.abs().max(1e-3), "{a:?} vs {b:?}");
+    }
+    let kl = |m: &[serde_json::Value]| m.iter().filter_map(|l| l["kl"].as_f64()).collect::<Vec<_>>();
+    for (x, y) in kl(&live).iter().zip(&kl(&cached)) {
+        assert!((x - y).abs() <= 1e-5 * x.abs().max(1e-3), "kl {x} vs {y}");
+    }
+}
+
 /// `fixtures/grpo/inputs.json` as `ft eval --objective grpo` reads it: one group per prompt.
 fn grpo_groups(dir: &Path) -> std::path::PathBuf {
     let inputs = json(&fixtures().join("grpo/inputs.json"));
