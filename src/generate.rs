@@ -118,43 +118,64 @@ pub struct Sampled {
     pub truncated: bool,
 }
 
-/// `seeds.len()` completions of one prompt, sampled together as one batch with the KV cache:
-/// row `i` draws from its own RNG seeded with `seeds[i]`, so each completion is a function of
-/// its seed (and of the batch, which a resumed run rebuilds the same). A row stops at a stop id
-/// (kept) and then only pads the batch until every row has stopped or the limit is reached.
+/// `seeds.len()` completions of one prompt, sampled together as one batch (see
+/// [`generate_batch`]).
 pub fn generate_group<B: Kernels>(model: &Decoder<B>, prompt: &[u32], seeds: &[u64], opts: &GenerateOptions) -> Vec<Sampled> {
+    let rows: Vec<(usize, u64)> = seeds.iter().map(|&s| (0, s)).collect();
+    generate_batch(model, &[prompt], &rows, opts)
+}
+
+/// One completion per row `(prompt index, seed)`, every row sampled together as one batch with
+/// the KV cache: prompts of different lengths are left-padded (padding is never attended and
+/// positions count from each row's first token), row `i` draws from its own RNG seeded with its
+/// seed, so each completion is a function of its seed and of the batch (which a resumed run
+/// rebuilds the same). A row stops at a stop id (kept) and then leaves the batch.
+pub fn generate_batch<B: Kernels>(model: &Decoder<B>, prompts: &[&[u32]], rows: &[(usize, u64)], opts: &GenerateOptions) -> Vec<Sampled> {
     let device = model.device();
-    let rows = seeds.len();
-    let mut rngs: Vec<StdRng> = seeds.iter().map(|&s| StdRng::seed_from_u64(s)).collect();
+    let mut out: Vec<Sampled> = vec![Sampled { ids: Vec::new(), truncated: true }; rows.len()];
+    if rows.is_empty() {
+        return out;
+    }
+    let mut rngs: Vec<StdRng> = rows.iter().map(|&(_, s)| StdRng::seed_from_u64(s)).collect();
+    let longest = rows.iter().map(|&(p, _)| prompts[p].len()).max().unwrap_or(0);
+    // The batch's rows (indices into `rows`) and their padding, in cache order.
+    let mut active: Vec<usize> = (0..rows.len()).collect();
+    let mut pads: Vec<usize> = rows.iter().map(|&(p, _)| longest - prompts[p].len()).collect();
+    let mut next: Vec<i64> = Vec::with_capacity(rows.len() * longest);
+    for (&(p, _), &pad) in rows.iter().zip(&pads) {
+        next.extend(std::iter::repeat_n(0, pad));
+        next.extend(prompts[p].iter().map(|&x| x as i64));
+    }
     let mut cache = KvCache::new(model.config.num_layers);
-    let mut out: Vec<Sampled> = vec![Sampled { ids: Vec::new(), truncated: true }; rows];
-    let mut done = vec![false; rows];
-    let mut next: Vec<i64> = prompt.iter().map(|&x| x as i64).collect::<Vec<_>>().repeat(rows);
-    let mut n = prompt.len();
+    let mut n = longest;
     for _ in 0..opts.max_new_tokens {
-        let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(next.clone(), [rows, n]), &device);
-        let hidden = model.hidden(ids, Some(&mut cache));
+        let b = active.len();
+        let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(next, [b, n]), &device);
+        let hidden = if pads.iter().all(|&p| p == 0) { model.hidden(ids, Some(&mut cache)) } else { model.hidden_left_padded(ids, &mut cache, &pads) };
         let last = hidden.narrow(1, n - 1, 1);
         let logits: Vec<f32> = model.head(last).into_data().convert::<f32>().to_vec().expect("f32 logits");
-        let vocab = logits.len() / rows;
-        next = Vec::with_capacity(rows);
-        for i in 0..rows {
-            if done[i] {
-                next.push(*out[i].ids.last().unwrap_or(&0) as i64);
-                continue;
-            }
-            let id = sample(&logits[i * vocab..(i + 1) * vocab], opts.temperature, opts.top_p, &mut rngs[i]) as u32;
-            out[i].ids.push(id);
+        let vocab = logits.len() / b;
+        next = Vec::with_capacity(b);
+        let mut keep = Vec::with_capacity(b);
+        for (slot, &r) in active.iter().enumerate() {
+            let id = sample(&logits[slot * vocab..(slot + 1) * vocab], opts.temperature, opts.top_p, &mut rngs[r]) as u32;
+            out[r].ids.push(id);
             if !opts.ignore_eos && opts.stop_ids.contains(&id) {
-                done[i] = true;
-                out[i].truncated = false;
+                out[r].truncated = false;
+            } else {
+                keep.push(slot);
+                next.push(id as i64);
             }
-            next.push(id as i64);
         }
-        n = 1;
-        if done.iter().all(|&d| d) {
+        if keep.is_empty() {
             break;
         }
+        if keep.len() < b {
+            cache.retain_rows(&keep);
+            pads = keep.iter().map(|&k| pads[k]).collect();
+            active = keep.iter().map(|&k| active[k]).collect();
+        }
+        n = 1;
     }
     out
 }
@@ -206,7 +227,11 @@ pub enum GenerateError {
 
 /// One reply per conversation of a ChatML JSONL file: the messages up to the last user turn
 /// (after an optional `system` message) are the prompt; `each` gets the JSON line `ft generate
-/// --data` prints (prompt, text, the reference reply, ids).
+/// --data` prints (prompt, text, the reference reply, ids), in the file's order. Conversations
+/// are generated `batch` at a time (left-padded, see [`generate_batch`]), each row with its own
+/// RNG seeded with `opts.seed`, so a reply does not depend on the batch size (up to float
+/// rounding).
+#[allow(clippy::too_many_arguments)]
 pub fn generate_over<B: Kernels>(
     model: &Decoder<B>,
     tok: &TextTokenizer,
@@ -214,8 +239,10 @@ pub fn generate_over<B: Kernels>(
     file: &std::path::Path,
     system: Option<&str>,
     opts: &GenerateOptions,
+    batch: usize,
     mut each: impl FnMut(serde_json::Value),
 ) -> Result<(), GenerateError> {
+    let mut prompts = Vec::new();
     for conv in read_jsonl(file)? {
         let last_user = conv
             .messages
@@ -227,10 +254,17 @@ pub fn generate_over<B: Kernels>(
             messages.insert(0, Message::new(Role::System, s));
         }
         let prompt = template.render(&messages, true).map_err(GenerateError::Template)?;
-        let out = generate(model, tok.encode(&prompt)?.get_ids(), opts);
+        let ids = tok.encode(&prompt)?.get_ids().to_vec();
         let reference = conv.messages.get(last_user + 1).map(|m| m.content.clone());
-        let text = tok.decode(&out.ids)?;
-        each(serde_json::json!({"prompt": conv.messages[last_user].content, "text": text, "reference": reference, "ids": out.ids}));
+        prompts.push((conv.messages[last_user].content.clone(), ids, reference));
+    }
+    for chunk in prompts.chunks(batch.max(1)) {
+        let ids: Vec<&[u32]> = chunk.iter().map(|p| p.1.as_slice()).collect();
+        let rows: Vec<(usize, u64)> = (0..chunk.len()).map(|p| (p, opts.seed)).collect();
+        for ((prompt, _, reference), out) in chunk.iter().zip(generate_batch(model, &ids, &rows, opts)) {
+            let text = tok.decode(&out.ids)?;
+            each(serde_json::json!({"prompt": prompt, "text": text, "reference": reference, "ids": out.ids}));
+        }
     }
     Ok(())
 }

@@ -87,7 +87,7 @@ impl PeftAdapter {
         for (name, proj) in model.projections_mut() {
             let (d_in, d_out) = proj.dims();
             if let Some((a, b)) = self.matrices(&name, d_in, d_out)? {
-                proj.reference = Some(Adapter::Lora(Lora::from_peft(&a, &b, r, d_in, d_out, scale, &device)));
+                proj.reference = Some(Adapter::Lora(Lora::from_peft(&a, &b, r, d_in, d_out, scale, &device).frozen()));
                 n += 1;
             }
         }

@@ -26,6 +26,10 @@ pub struct GenerateArgs {
     /// user turn are the prompt; prints one JSON line per conversation with the reference reply.
     #[arg(long, conflicts_with = "prompt")]
     pub data: Option<PathBuf>,
+    /// With `--data`: conversations generated together as one batch (left-padded; a reply does
+    /// not depend on it, up to float rounding).
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..))]
+    pub batch_size: u64,
     /// An optional system message placed before the prompt.
     #[arg(long)]
     pub system: Option<String>,
@@ -73,7 +77,7 @@ fn generate_on<B: Kernels>(a: GenerateArgs, device: B::Device) -> Result<()> {
         stop_ids: stop_ids(&a.model, &model.config.eos_token_ids, &tok),
     };
     if let Some(file) = &a.data {
-        generate_over(&model, &tok, &template, file, a.system.as_deref(), &opts, |line| println!("{line}"))?;
+        generate_over(&model, &tok, &template, file, a.system.as_deref(), &opts, a.batch_size as usize, |line| println!("{line}"))?;
         return Ok(());
     }
     let mut messages = Vec::new();

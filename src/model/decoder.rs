@@ -59,6 +59,16 @@ impl<B: Backend> KvCache<B> {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    /// Keeps only the batch rows `rows`, in that order (sequences that stopped leave the batch).
+    pub fn retain_rows(&mut self, rows: &[usize]) {
+        for l in self.layers.iter_mut().flatten() {
+            let device = l.k.device();
+            let idx = Tensor::<B, 1, Int>::from_data(TensorData::new(rows.iter().map(|&r| r as i64).collect::<Vec<_>>(), [rows.len()]), &device);
+            l.k = l.k.clone().select(0, idx.clone());
+            l.v = l.v.clone().select(0, idx);
+        }
+    }
 }
 
 /// Rotary cos/sin for the positions of one forward pass, `[1 | B, T, head_dim]` each.
@@ -360,6 +370,51 @@ impl<B: Kernels> Decoder<B> {
             x = layer.forward(x, &rope, mask.clone(), slot);
         }
         self.norm.forward(x)
+    }
+
+    /// Hidden states of left-padded rows with a cache (batched generation over prompts of
+    /// different lengths): row `b`'s first `pads[b]` positions of the whole sequence (cached ones
+    /// included) are padding, which no other position attends to, and its positions count from
+    /// its first real token, as transformers' `position_ids = cumsum(attention_mask) − 1`.
+    ///
+    /// # Shapes
+    /// `ids: [B, T]`, `pads: B` → `[B, T, hidden]`
+    pub fn hidden_left_padded(&self, ids: Tensor<B, 2, Int>, cache: &mut KvCache<B>, pads: &[usize]) -> Tensor<B, 3> {
+        let start = cache.len();
+        let BlockInputs { mut x, rope, mask } = self.padded_inputs(ids, start, pads);
+        for (i, layer) in self.layers.iter().enumerate() {
+            x = layer.forward(x, &rope, mask.clone(), Some(&mut cache.layers[i]));
+        }
+        self.norm.forward(x)
+    }
+
+    /// [`BlockInputs`] of left-padded rows continuing `start` cached positions.
+    fn padded_inputs(&self, ids: Tensor<B, 2, Int>, start: usize, pads: &[usize]) -> BlockInputs<B> {
+        let device = ids.device();
+        let [b, t] = ids.dims();
+        let (h, hd) = (self.config.hidden_size, self.config.head_dim);
+        let x = self.embed_tokens.val().select(0, ids.reshape([b * t])).reshape([b, t, h]);
+        let s = start + t;
+        let (cos, sin) = self.rope.tables(0, s, s);
+        let (mut pc, mut ps) = (vec![0f32; b * t * hd], vec![0f32; b * t * hd]);
+        let mut masked = vec![true; b * t * s];
+        for (row, &pad) in pads.iter().enumerate() {
+            for q in 0..t {
+                let (at, abs) = (row * t + q, start + q);
+                let pos = abs.saturating_sub(pad);
+                pc[at * hd..(at + 1) * hd].copy_from_slice(&cos[pos * hd..(pos + 1) * hd]);
+                ps[at * hd..(at + 1) * hd].copy_from_slice(&sin[pos * hd..(pos + 1) * hd]);
+                // A padding query sees only itself (a row with every key masked is NaN).
+                let keys = if abs < pad { abs..abs + 1 } else { pad..abs + 1 };
+                for k in keys {
+                    masked[at * s + k] = false;
+                }
+            }
+        }
+        let table = |d: Vec<f32>| Tensor::<B, 3>::from_data(TensorData::new(d, [b, t, hd]), &device);
+        let rope = RopeTables { cos: table(pc), sin: table(ps) };
+        let mask = Tensor::<B, 3, Bool>::from_data(TensorData::new(masked, [b, t, s]), &device);
+        BlockInputs { x, rope, mask }
     }
 
     /// Hidden states of packed rows: `segments[b]` lists the lengths of the samples laid end to

@@ -242,6 +242,12 @@ impl<B: Backend> Lora<B> {
         }
     }
 
+    /// The same adapter with its A and B outside autodiff (a frozen reference): a forward
+    /// through it records no graph.
+    pub fn frozen(self) -> Self {
+        Lora { a: self.a.set_require_grad(false), b: self.b.set_require_grad(false), ..self }
+    }
+
     /// A and B in PEFT's layout (`[r, in]`, `[out, r]`), row-major f32.
     pub fn to_peft(&self) -> (Vec<f32>, Vec<f32>) {
         let [d_in, r] = self.a.dims();

@@ -1,7 +1,7 @@
 //! GRPO (Group Relative Policy Optimization) as an objective, as TRL 1.16's `GRPOTrainer`
 //! trains: for every prompt of a step, `num_generations` completions are sampled from the
-//! current policy (batched, KV cache, each from an RNG seeded by `(seed, step, prompt,
-//! generation)`, so a resumed run samples the same), scored by the recipe's reward functions,
+//! current policy (prompts × generations batched, left-padded, with the KV cache, each from an
+//! RNG seeded by `(seed, step, prompt, generation)`, so a resumed run samples the same), scored by the recipe's reward functions,
 //! turned into group advantages (`loss::grpo`), and the policy takes a gradient step on
 //! `−min(ρA, clip(ρ)A) (+ β·k3·ρ)` per completion token, aggregated by `loss_type`. With
 //! `num_iterations = μ > 1` that generation batch serves μ steps (TRL's buffer): the sampling
@@ -27,7 +27,7 @@ use crate::data::groups::{read_prompts, PromptRecord};
 use crate::data::prepare::DataCounts;
 use crate::data::template::ChatTemplate;
 use crate::data::tokenizer::TextTokenizer;
-use crate::generate::{generate_group, GenerateOptions};
+use crate::generate::{generate_batch, GenerateOptions};
 use crate::loss::grpo::{advantages, GrpoConfig, GrpoLossType, ScoredCompletion, TokenInputs};
 use crate::loss::nll;
 use crate::model::Decoder;
@@ -123,6 +123,9 @@ impl Grpo {
         Ok((total, per))
     }
 }
+
+/// Sequences sampled together at most (prompts × generations; whole groups, so at least one).
+const MAX_SAMPLING_ROWS: usize = 64;
 
 /// The seed of generation `g` of the `k`-th prompt of step `step`.
 fn sample_seed(seed: u64, step: usize, k: usize, g: usize) -> u64 {
@@ -231,15 +234,16 @@ impl Grpo {
         let t_sample = std::time::Instant::now();
         let mut policy = model.valid();
         let opts = self.options(false);
+        // Every prompt × generation of the step, in batches of whole groups.
+        let prompts: Vec<(usize, usize)> = micro.iter().enumerate().flat_map(|(k, idx)| idx.iter().map(move |&i| (k, i))).collect();
         let mut completions = Vec::new();
-        let mut k_prompt = 0;
-        for (k, idx) in micro.iter().enumerate() {
-            for &i in idx {
-                let seeds: Vec<u64> = (0..g).map(|j| sample_seed(self.s.seed, step, k_prompt, j)).collect();
-                for c in generate_group(&policy, &self.train[i].ids, &seeds, &opts) {
-                    completions.push(Completion { micro: k, prompt: i, ids: c.ids, truncated: c.truncated });
-                }
-                k_prompt += 1;
+        for (c, chunk) in prompts.chunks((MAX_SAMPLING_ROWS / g).max(1)).enumerate() {
+            let ids: Vec<&[u32]> = chunk.iter().map(|&(_, i)| self.train[i].ids.as_slice()).collect();
+            let first = c * (MAX_SAMPLING_ROWS / g).max(1);
+            let rows: Vec<(usize, u64)> = (0..chunk.len()).flat_map(|p| (0..g).map(move |j| (p, sample_seed(self.s.seed, step, first + p, j)))).collect();
+            for (r, out) in generate_batch(&policy, &ids, &rows, &opts).into_iter().enumerate() {
+                let (k, i) = chunk[r / g];
+                completions.push(Completion { micro: k, prompt: i, ids: out.ids, truncated: out.truncated });
             }
         }
         let sample_s = t_sample.elapsed().as_secs_f64();
@@ -415,10 +419,13 @@ impl<B: TrainBackend> Objective<B> for Grpo {
         let eval = self.eval.as_ref()?;
         let opts = self.options(true);
         let mut items = Vec::new();
-        for p in eval {
-            let c = generate_group(model, &p.ids, &[0], &opts).remove(0);
-            let body: Vec<u32> = c.ids.iter().copied().filter(|id| !self.s.stop_ids.contains(id)).collect();
-            items.push((p, self.tok.decode(&body).unwrap_or_default(), c.ids.len()));
+        for chunk in eval.chunks(MAX_SAMPLING_ROWS) {
+            let ids: Vec<&[u32]> = chunk.iter().map(|p| p.ids.as_slice()).collect();
+            let rows: Vec<(usize, u64)> = (0..chunk.len()).map(|p| (p, 0)).collect();
+            for (p, c) in chunk.iter().zip(generate_batch(model, &ids, &rows, &opts)) {
+                let body: Vec<u32> = c.ids.iter().copied().filter(|id| !self.s.stop_ids.contains(id)).collect();
+                items.push((p, self.tok.decode(&body).unwrap_or_default(), c.ids.len()));
+            }
         }
         let (total, per_fn) = self.rewards(&items).ok()?;
         let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;

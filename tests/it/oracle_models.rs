@@ -45,6 +45,40 @@ fn greedy_generation_matches_transformers() {
 }
 
 #[test]
+fn batched_generation_over_prompts_of_different_lengths_matches_one_at_a_time() {
+    // Left padding: each row of a batch of prompts of different lengths generates what it
+    // generates alone (greedy: transformers' tokens for the oracle prompt), and sampled rows what
+    // the same seeds give per prompt; rows that stop leave the batch without disturbing the rest.
+    use ft::generate::{generate_batch, generate_group};
+    for name in MODELS {
+        let model = load(name);
+        let exp = json(&model_dir(name).join("expected_generate.json"));
+        let oracle = ids(&exp["prompt_ids"]);
+        let cases = json(&fixtures().join("chat_tokens.json"));
+        let long = ids(&cases[1]["input_ids"]);
+        let prompts: Vec<&[u32]> = vec![&oracle[..3], &oracle, &long, &oracle[..1]];
+        let greedy = GenerateOptions { max_new_tokens: 12, temperature: 0.0, top_p: 1.0, seed: 0, ignore_eos: true, stop_ids: vec![2] };
+        let rows: Vec<(usize, u64)> = (0..prompts.len()).map(|p| (p, 0)).collect();
+        let batch = generate_batch(&model, &prompts, &rows, &greedy);
+        assert_eq!(batch[1].ids, ids(&exp["greedy_ids"]), "{name}: the oracle prompt in a padded batch");
+        for (p, out) in prompts.iter().zip(&batch) {
+            assert_eq!(out.ids, generate(&model, p, &greedy).ids, "{name}: prompt of {} tokens", p.len());
+        }
+        // Sampling, with stop ids that end some rows early.
+        let stop: Vec<u32> = (0..model.config.vocab_size as u32).filter(|i| i % 7 == 0).collect();
+        let sampled = GenerateOptions { temperature: 1.0, ignore_eos: false, stop_ids: stop, ..greedy };
+        let seeds = [11u64, 12, 13];
+        let rows: Vec<(usize, u64)> = (0..prompts.len()).flat_map(|p| seeds.iter().map(move |&s| (p, s + p as u64))).collect();
+        let batch = generate_batch(&model, &prompts, &rows, &sampled);
+        assert!(batch.iter().any(|c| !c.truncated) && batch.iter().any(|c| c.truncated), "{name}: some rows stop early, some run to the limit");
+        for (p, prompt) in prompts.iter().enumerate() {
+            let alone = generate_group(&model, prompt, &seeds.map(|s| s + p as u64), &sampled);
+            assert_eq!(&batch[p * 3..p * 3 + 3], &alone[..], "{name}: prompt {p}");
+        }
+    }
+}
+
+#[test]
 fn chatml_ids_and_assistant_masks_match() {
     let cases = json(&fixtures().join("chat_tokens.json"));
     let tok = TextTokenizer::from_dir(&model_dir("llama")).unwrap();
