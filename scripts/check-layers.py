@@ -20,7 +20,7 @@ LAYERS = [
     ["model"],
     ["data", "adapters", "generate"],
     ["loss", "convert"],
-    ["train", "eval"],
+    ["train", "eval", "geneval"],
     ["cli"],
     ["main"],
 ]

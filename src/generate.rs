@@ -110,12 +110,21 @@ pub fn generate<B: Kernels>(model: &Decoder<B>, prompt: &[u32], opts: &GenerateO
     Generation { tokens_per_s: out.len() as f64 / secs.max(1e-9), ids: out }
 }
 
-/// One completion of [`generate_group`]: its ids (with the stop token if one came) and whether
-/// it was cut at the length limit.
+/// One completion of [`generate_batch`]: its ids (with the stop token if one came), each one's
+/// log-probability under the model (the f32 logits' log-softmax, before temperature and top-p)
+/// and whether it was cut at the length limit.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Sampled {
     pub ids: Vec<u32>,
+    pub logprobs: Vec<f64>,
     pub truncated: bool,
+}
+
+/// `log softmax(logits)[id]`, accumulated in f64.
+fn logprob(logits: &[f32], id: usize) -> f64 {
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max) as f64;
+    let sum: f64 = logits.iter().map(|&l| (l as f64 - max).exp()).sum();
+    logits[id] as f64 - max - sum.ln()
 }
 
 /// `seeds.len()` completions of one prompt, sampled together as one batch (see
@@ -132,7 +141,7 @@ pub fn generate_group<B: Kernels>(model: &Decoder<B>, prompt: &[u32], seeds: &[u
 /// rebuilds the same). A row stops at a stop id (kept) and then leaves the batch.
 pub fn generate_batch<B: Kernels>(model: &Decoder<B>, prompts: &[&[u32]], rows: &[(usize, u64)], opts: &GenerateOptions) -> Vec<Sampled> {
     let device = model.device();
-    let mut out: Vec<Sampled> = vec![Sampled { ids: Vec::new(), truncated: true }; rows.len()];
+    let mut out: Vec<Sampled> = vec![Sampled { ids: Vec::new(), logprobs: Vec::new(), truncated: true }; rows.len()];
     if rows.is_empty() {
         return out;
     }
@@ -158,8 +167,10 @@ pub fn generate_batch<B: Kernels>(model: &Decoder<B>, prompts: &[&[u32]], rows: 
         next = Vec::with_capacity(b);
         let mut keep = Vec::with_capacity(b);
         for (slot, &r) in active.iter().enumerate() {
-            let id = sample(&logits[slot * vocab..(slot + 1) * vocab], opts.temperature, opts.top_p, &mut rngs[r]) as u32;
+            let row = &logits[slot * vocab..(slot + 1) * vocab];
+            let id = sample(row, opts.temperature, opts.top_p, &mut rngs[r]) as u32;
             out[r].ids.push(id);
+            out[r].logprobs.push(logprob(row, id as usize));
             if !opts.ignore_eos && opts.stop_ids.contains(&id) {
                 out[r].truncated = false;
             } else {

@@ -9,7 +9,7 @@
 //! 3. [`model`] (one decoder; the projection seam);
 //! 4. [`data`], [`adapters`], [`generate`];
 //! 5. [`loss`] (shared by training and evaluation), [`convert`] (merge, quantize, import);
-//! 6. [`train`], [`eval`];
+//! 6. [`train`], [`eval`], [`geneval`] (generation evals);
 //! 7. [`cli`] (argument parsing only), then `main`.
 
 pub mod atomic;
@@ -30,6 +30,7 @@ pub mod convert;
 pub mod loss;
 
 pub mod eval;
+pub mod geneval;
 pub mod train;
 
 pub mod cli;

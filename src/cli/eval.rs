@@ -103,7 +103,7 @@ pub struct EvalArgs {
     #[arg(long)]
     pub max_completion_length: Option<usize>,
     /// KTO: rows per KL estimate (TRL's batch; the mismatched completions rotate within it)
-    /// [default: all rows].
+    /// [default: all rows]; `--generate`: answers generated together [default: 16].
     #[arg(long)]
     pub batch_size: Option<usize>,
     /// Adds this times the chosen NLL to the DPO loss (RPO).
@@ -115,6 +115,8 @@ pub struct EvalArgs {
     /// With `--objective dpo --json`: each pair's ids, completion positions and log-probs.
     #[arg(long)]
     pub per_pair: bool,
+    #[command(flatten)]
+    pub generation: super::eval_generate::GenerateEvalArgs,
     #[command(flatten)]
     pub backend: BackendArgs,
     /// Print {"loss", "tokens", "samples", "perplexity"} as JSON.
@@ -236,6 +238,22 @@ pub fn run(a: EvalArgs) -> Result<()> {
 }
 
 fn eval_on<B: Kernels>(a: EvalArgs, device: B::Device) -> Result<()> {
+    if a.generation.generate {
+        // The flags `--generate` does not read.
+        let unused = [
+            ("--objective/--dpo", a.dpo || a.objective != EvalObjective::Sft),
+            ("--max-len", a.max_len.is_some()),
+            ("--beta", a.beta.is_some()),
+            ("--loss-type", a.loss_type.is_some()),
+            ("--reference-adapter", a.reference_adapter.is_some()),
+            ("--per-pair", a.per_pair),
+        ];
+        if let Some((flag, _)) = unused.iter().find(|(_, set)| *set) {
+            return Err(UsageError(format!("{flag} is not a setting of --generate")).into());
+        }
+        let inputs = super::eval_generate::Inputs { model: a.model, adapter: a.adapter, data: a.data, template: a.template, batch_size: a.batch_size, json: a.json };
+        return super::eval_generate::eval_generate_on::<B>(inputs, a.generation, device);
+    }
     match a.preference()? {
         Some(Preference::Dpo(config)) => return eval_dpo_on::<B>(a, config, device),
         Some(Preference::RefFree(objective)) => return eval_ref_free_on::<B>(a, objective, device),

@@ -6,6 +6,7 @@ pub mod args;
 pub mod convert;
 pub mod data;
 pub mod eval;
+pub mod eval_generate;
 pub mod generate;
 pub mod train;
 
@@ -23,6 +24,8 @@ pub mod exit {
     pub const DATA: u8 = 3;
     /// Training diverged (non-finite loss or gradient norm).
     pub const DIVERGED: u8 = 4;
+    /// An evaluation gate failed (`ft eval --generate --fail-under`).
+    pub const GATE: u8 = 5;
     /// Interrupted (SIGINT) after saving a checkpoint.
     pub const INTERRUPTED: u8 = 130;
 }
@@ -55,9 +58,9 @@ pub enum Command {
     Recipe(train::RecipeCommand),
     /// Generate a chat reply: render the model's chat template with a generation prompt and decode.
     Generate(generate::GenerateArgs),
-    /// Mean next-token loss over the assistant tokens of a ChatML JSONL dataset (or, with
-    /// `--objective dpo`, DPO metrics on preference pairs).
-    Eval(eval::EvalArgs),
+    /// Mean next-token loss over the assistant tokens of a ChatML JSONL dataset; with
+    /// `--objective`, a preference objective's metrics; with `--generate`, scored answers.
+    Eval(Box<eval::EvalArgs>),
     /// Merge a LoRA adapter into the base weights (W + scale·B·A in f32), writing a plain checkpoint.
     Merge(convert::MergeArgs),
     /// Quantize a model's decoder linear weights to bitsandbytes NF4 (the `*-bnb-4bit` format
@@ -75,7 +78,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Data(c) => data::run(c),
         Command::Recipe(c) => train::run_recipe(c),
         Command::Generate(a) => generate::run(a),
-        Command::Eval(a) => eval::run(a),
+        Command::Eval(a) => eval::run(*a),
         Command::Merge(a) => convert::run_merge(a),
         Command::ImportGguf(a) => convert::run_import(a),
         Command::Quantize(a) => convert::run_quantize(a),
@@ -103,6 +106,9 @@ pub fn exit_code(err: &anyhow::Error) -> u8 {
     for cause in err.chain() {
         if cause.is::<UsageError>() || cause.is::<crate::train::recipe::RecipeError>() {
             return exit::USAGE;
+        }
+        if cause.is::<eval_generate::GateFailed>() {
+            return exit::GATE;
         }
         if let Some(e) = cause.downcast_ref::<DataError>() {
             return data(e);

@@ -144,7 +144,9 @@ pub struct PromptRecord {
     pub at: Location,
 }
 
-/// Every prompt of a data path: `{"prompt": [messages] | "text", ...other fields}` per line.
+/// Every prompt of a data path: `{"prompt": [messages] | "text", ...other fields}` per line, or
+/// a conversation `{"messages": [...], ...}` whose messages up to the last user turn are the
+/// prompt and whose next assistant reply, if any, becomes the field `reference`.
 pub fn read_prompts(path: &Path) -> Result<Vec<PromptRecord>, DataError> {
     let mut out = Vec::new();
     read_lines(path, |at, text| {
@@ -152,16 +154,27 @@ pub fn read_prompts(path: &Path) -> Result<Vec<PromptRecord>, DataError> {
             let record = Record::new(text);
             let v: Value = serde_json::from_str(text).map_err(|e| RecordError::Json(e.to_string()))?;
             let o = v.as_object().ok_or_else(|| schema("expected a JSON object with \"prompt\""))?;
-            let prompt = match o.get("prompt") {
-                Some(Value::String(s)) if !s.trim().is_empty() => vec![Message::new(Role::User, s.clone())],
-                Some(p @ Value::Array(_)) => super::conversation::parse_messages(p, "prompt", &record)?,
-                _ => return Err(schema("\"prompt\" must be a non-empty string or a list of messages")),
+            let mut reference = None;
+            let prompt = match (o.get("prompt"), o.get("messages")) {
+                (Some(Value::String(s)), _) if !s.trim().is_empty() => vec![Message::new(Role::User, s.clone())],
+                (Some(p @ Value::Array(_)), _) => super::conversation::parse_messages(p, "prompt", &record)?,
+                (None, Some(m @ Value::Array(_))) => {
+                    let mut messages = super::conversation::parse_messages(m, "messages", &record)?;
+                    let last_user = messages.iter().rposition(|m| m.role == Role::User).ok_or_else(|| schema("\"messages\" has no user turn to answer"))?;
+                    reference = messages.get(last_user + 1).filter(|m| m.role == Role::Assistant).map(|m| m.content.clone());
+                    messages.truncate(last_user + 1);
+                    messages
+                }
+                _ => return Err(schema("\"prompt\" must be a non-empty string or a list of messages (or give \"messages\", a conversation)")),
             };
             if prompt.is_empty() || prompt.last().is_some_and(|m| m.role == Role::Assistant) {
                 return Err(schema("\"prompt\" must end with a user (or tool) message: the completion is the assistant's reply"));
             }
             let tools = super::conversation::parse_tools(o, &record)?;
-            let fields = o.iter().filter(|(k, _)| k.as_str() != "prompt").map(|(k, v)| (k.clone(), v.clone())).collect();
+            let mut fields: serde_json::Map<String, Value> = o.iter().filter(|(k, _)| !matches!(k.as_str(), "prompt" | "messages")).map(|(k, v)| (k.clone(), v.clone())).collect();
+            if let Some(r) = reference {
+                fields.entry("reference").or_insert(r.into());
+            }
             Ok(PromptRecord { prompt, fields, tools, at: at.clone() })
         };
         out.push(parse().map_err(|e| e.at(at.clone()))?);

@@ -81,7 +81,7 @@ fn d_timeout() -> f64 {
 /// Why a reward could not be computed.
 #[derive(Debug, thiserror::Error)]
 pub enum RewardError {
-    #[error("grpo.rewards {name:?}: {msg}")]
+    #[error("reward function {name:?}: {msg}")]
     Spec { name: String, msg: String },
     #[error("reward command {name:?} ({command}): {msg}")]
     Command { name: String, command: String, msg: String },

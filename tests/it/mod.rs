@@ -4,6 +4,7 @@ pub mod common;
 pub mod data;
 pub mod dpo;
 pub mod fuzz;
+pub mod geneval;
 pub mod grpo;
 pub mod oracle_models;
 pub mod packing;
