@@ -51,6 +51,48 @@ pub fn evaluate<B: Kernels>(
     data: &[Conversation],
     max_len: Option<usize>,
 ) -> Result<EvalReport, EvalError> {
+    let (encoded, truncated, input_tokens) = encode_all(tok, template, data, max_len)?;
+    let r = nll::evaluate(model, &encoded);
+    if !r.loss.is_finite() {
+        return Err(EvalError::NonFinite { loss: r.loss });
+    }
+    Ok(EvalReport { loss: r.loss, tokens: r.tokens, samples: encoded.len(), perplexity: r.loss.exp(), input_tokens, truncated, per_sample: r.per_sample })
+}
+
+/// What `ft eval --objective distill` reports.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct DistillEvalReport {
+    /// The divergence's mean over the scored positions (TRL's reduction).
+    pub loss: f64,
+    pub tokens: usize,
+    pub samples: usize,
+    /// Per sample, the mean over its own positions.
+    pub per_sample: Vec<f64>,
+    pub truncated: usize,
+}
+
+/// The divergence of `student` from `teacher` over the conversations' assistant tokens.
+pub fn evaluate_distill<B: Kernels>(
+    student: &Decoder<B>,
+    teacher: &Decoder<B>,
+    tok: &TextTokenizer,
+    template: &ChatTemplate,
+    data: &[Conversation],
+    max_len: Option<usize>,
+    config: &crate::loss::distill::DistillConfig,
+) -> Result<DistillEvalReport, EvalError> {
+    let (encoded, truncated, _) = encode_all(tok, template, data, max_len)?;
+    let r = crate::loss::distill::evaluate(student, teacher, &encoded, config);
+    if !r.loss.is_finite() {
+        return Err(EvalError::NonFinite { loss: r.loss });
+    }
+    let per_sample = r.per_sample.iter().map(|(s, n)| s / (*n).max(1) as f64).collect();
+    Ok(DistillEvalReport { loss: r.loss, tokens: r.tokens, samples: encoded.len(), per_sample, truncated })
+}
+
+/// Every conversation encoded (errors name the record's `file:line`), cut to `max_len`; with the
+/// count of cut samples and of input tokens.
+fn encode_all(tok: &TextTokenizer, template: &ChatTemplate, data: &[Conversation], max_len: Option<usize>) -> Result<(Vec<Encoded>, usize, usize), EvalError> {
     let mut encoded: Vec<Encoded> = Vec::with_capacity(data.len());
     let (mut truncated, mut input_tokens) = (0, 0);
     for conv in data {
@@ -67,11 +109,7 @@ pub fn evaluate<B: Kernels>(
         input_tokens += enc.ids.len();
         encoded.push(enc);
     }
-    let r = nll::evaluate(model, &encoded);
-    if !r.loss.is_finite() {
-        return Err(EvalError::NonFinite { loss: r.loss });
-    }
-    Ok(EvalReport { loss: r.loss, tokens: r.tokens, samples: encoded.len(), perplexity: r.loss.exp(), input_tokens, truncated, per_sample: r.per_sample })
+    Ok((encoded, truncated, input_tokens))
 }
 
 /// What `ft eval --objective dpo` reports.

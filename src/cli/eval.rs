@@ -37,6 +37,9 @@ pub enum EvalObjective {
     /// GRPO's loss and TRL's metrics on groups of sampled, scored completions {"prompt",
     /// "completions": [{"text" | "completion_ids", "reward" | "rewards", "truncated"}]} (no sampling).
     Grpo,
+    /// The divergence of the model from `--teacher` over the assistant tokens of conversations
+    /// (`--loss-type forward_kl|reverse_kl|jsd`, `--beta`, `--temperature`), as TRL's GKD.
+    Distill,
 }
 
 #[derive(Debug, clap::Args)]
@@ -86,6 +89,9 @@ pub struct EvalArgs {
     /// it) instead of the adapter-disabled model.
     #[arg(long)]
     pub reference_adapter: Option<PathBuf>,
+    /// Distill: the teacher model directory (the student's tokenizer).
+    #[arg(long)]
+    pub teacher: Option<PathBuf>,
     /// KTO: the weight of desirable rows' losses [default: 1].
     #[arg(long)]
     pub desirable_weight: Option<f64>,
@@ -139,7 +145,9 @@ impl EvalArgs {
         let objective = self.objective();
         // Each flag and the objectives that read it.
         let flags = [
-            ("--beta", self.beta.is_some(), "dpo|orpo|cpo|simpo|kto|grpo"),
+            ("--beta", self.beta.is_some(), "dpo|orpo|cpo|simpo|kto|grpo|distill"),
+            ("--teacher", self.teacher.is_some(), "distill"),
+            ("--temperature", self.generation.temperature.is_some(), "distill"),
             ("--scale-rewards", self.scale_rewards.is_some(), "grpo"),
             ("--reward-weights", !self.reward_weights.is_empty(), "grpo"),
             ("--max-completion-length", self.max_completion_length.is_some(), "grpo"),
@@ -147,7 +155,7 @@ impl EvalArgs {
             ("--undesirable-weight", self.undesirable_weight.is_some(), "kto"),
             ("--batch-size", self.batch_size.is_some(), "kto"),
             ("--reference-adapter", self.reference_adapter.is_some(), "dpo|kto|grpo"),
-            ("--loss-type", self.loss_type.is_some(), "dpo|cpo|grpo"),
+            ("--loss-type", self.loss_type.is_some(), "dpo|cpo|grpo|distill"),
             ("--label-smoothing", self.label_smoothing.is_some(), "dpo|cpo|simpo"),
             ("--rpo-alpha", self.rpo_alpha.is_some(), "dpo"),
             ("--cpo-alpha", self.cpo_alpha.is_some(), "cpo|simpo"),
@@ -162,7 +170,7 @@ impl EvalArgs {
         }
         let beta_ok = |b: f64| b > 0.0 && b.is_finite();
         let ls = self.label_smoothing.unwrap_or(0.0);
-        if !(0.0..0.5).contains(&ls) || (objective != EvalObjective::Grpo && self.beta.is_some_and(|b| !beta_ok(b))) {
+        if !(0.0..0.5).contains(&ls) || (!matches!(objective, EvalObjective::Grpo | EvalObjective::Distill) && self.beta.is_some_and(|b| !beta_ok(b))) {
             return Err(UsageError("--beta must be positive and --label-smoothing in [0, 0.5)".into()));
         }
         if self.cpo_alpha.is_some_and(|a| !(a >= 0.0 && a.is_finite())) || self.gamma.is_some_and(|g| !g.is_finite()) {
@@ -181,6 +189,20 @@ impl EvalArgs {
         }
         Ok(Some(match objective {
             EvalObjective::Sft => return Ok(None),
+            EvalObjective::Distill => {
+                let d = crate::loss::distill::DistillConfig::default();
+                let t = self.loss_type.clone().unwrap_or_else(|| "jsd".into());
+                let divergence = crate::loss::distill::Divergence::from_str(&t, true).map_err(|_| UsageError(format!("--loss-type {t:?} is not a divergence (forward_kl|reverse_kl|jsd)")))?;
+                let beta = self.beta.unwrap_or(d.beta);
+                let temperature = self.generation.temperature.map_or(d.temperature, f64::from);
+                if !((0.0..=1.0).contains(&beta) && temperature > 0.0 && temperature.is_finite()) {
+                    return Err(UsageError("--beta must be in [0, 1] and --temperature positive for --objective distill".into()));
+                }
+                if self.teacher.is_none() {
+                    return Err(UsageError("--objective distill needs --teacher DIR".into()));
+                }
+                Preference::Distill(crate::loss::distill::DistillConfig { divergence, beta, temperature })
+            }
             EvalObjective::Grpo => {
                 let d = GrpoConfig::default();
                 let t = self.loss_type.clone().unwrap_or_else(|| "dapo".into());
@@ -231,6 +253,7 @@ enum Preference {
     RefFree(RefFree),
     Kto(KtoConfig),
     Grpo(GrpoConfig),
+    Distill(crate::loss::distill::DistillConfig),
 }
 
 pub fn run(a: EvalArgs) -> Result<()> {
@@ -259,6 +282,7 @@ fn eval_on<B: Kernels>(a: EvalArgs, device: B::Device) -> Result<()> {
         Some(Preference::RefFree(objective)) => return eval_ref_free_on::<B>(a, objective, device),
         Some(Preference::Kto(config)) => return eval_kto_on::<B>(a, config, device),
         Some(Preference::Grpo(config)) => return eval_grpo_on::<B>(a, config, device),
+        Some(Preference::Distill(config)) => return eval_distill_on::<B>(a, config, device),
         None => {}
     }
     let data = read_jsonl(&a.data)?;
@@ -287,6 +311,26 @@ fn eval_on<B: Kernels>(a: EvalArgs, device: B::Device) -> Result<()> {
             if report.truncated > 0 { format!("  truncated {}", report.truncated) } else { String::new() },
             secs
         );
+    }
+    Ok(())
+}
+
+/// `ft eval --objective distill`: the divergence from `--teacher`.
+fn eval_distill_on<B: Kernels>(a: EvalArgs, config: crate::loss::distill::DistillConfig, device: B::Device) -> Result<()> {
+    let data = read_jsonl(&a.data)?;
+    let teacher_dir = a.teacher.clone().expect("checked: distill has --teacher");
+    let teacher = crate::loss::distill::load_teacher::<B>(&teacher_dir, &a.model, &device, Default::default())?;
+    let model = load_with_adapter::<B>(&a.model, a.adapter.as_deref(), &device)?;
+    let tok = TextTokenizer::from_dir(&a.model)?;
+    let template = tok.template(a.template)?;
+    let t0 = Instant::now();
+    let report = crate::eval::evaluate_distill(&model, &teacher, &tok, &template, &data, a.max_len, &config)?;
+    if a.json {
+        let mut v = serde_json::to_value(&report)?;
+        v["eval_s"] = t0.elapsed().as_secs_f64().into();
+        println!("{v}");
+    } else {
+        println!("{:?} {:.6}  tokens {}  samples {}  ({:.1}s)", config.divergence, report.loss, report.tokens, report.samples, t0.elapsed().as_secs_f64());
     }
     Ok(())
 }

@@ -42,9 +42,10 @@ pub struct GenerateEvalArgs {
     /// New tokens per answer at most.
     #[arg(long, default_value_t = 256, requires = "generate")]
     pub max_new_tokens: usize,
-    /// Sampling temperature; 0 decodes greedily.
-    #[arg(long, default_value_t = 0.0, requires = "generate")]
-    pub temperature: f32,
+    /// `--generate`: the sampling temperature (0, the default, decodes greedily); `--objective
+    /// distill`: divides both models' logits [default: 1].
+    #[arg(long)]
+    pub temperature: Option<f32>,
     /// Nucleus sampling mass.
     #[arg(long, default_value_t = 1.0, requires = "generate")]
     pub top_p: f32,
@@ -118,8 +119,9 @@ pub fn eval_generate_on<B: Kernels>(a: Inputs, g: GenerateEvalArgs, device: B::D
     if g.scorers.is_empty() {
         return Err(UsageError("--generate needs at least one --scorer (e.g. --scorer regex:PATTERN)".into()).into());
     }
+    let temperature = g.temperature.unwrap_or(0.0);
     let scorers = g.scorers.iter().enumerate().map(|(k, s)| scorer(s, k)).collect::<Result<Vec<_>, _>>()?;
-    if g.fail_under.is_some_and(|x| !x.is_finite()) || g.pass_threshold.is_some_and(|x| !x.is_finite()) || g.temperature.is_nan() || g.temperature < 0.0 || g.top_p.is_nan() || g.top_p <= 0.0 || g.top_p > 1.0 {
+    if g.fail_under.is_some_and(|x| !x.is_finite()) || g.pass_threshold.is_some_and(|x| !x.is_finite()) || temperature.is_nan() || temperature < 0.0 || g.top_p.is_nan() || g.top_p <= 0.0 || g.top_p > 1.0 {
         return Err(UsageError("--fail-under and --pass-threshold must be numbers, --temperature ≥ 0, --top-p in (0, 1]".into()).into());
     }
     let records = read_prompts(&a.data)?;
@@ -130,7 +132,7 @@ pub fn eval_generate_on<B: Kernels>(a: Inputs, g: GenerateEvalArgs, device: B::D
     stop.extend(&g.stop_ids);
     let settings = GenEvalSettings {
         scorers,
-        options: GenerateOptions { max_new_tokens: g.max_new_tokens, temperature: g.temperature, top_p: g.top_p, seed: g.seed, ignore_eos: false, stop_ids: stop },
+        options: GenerateOptions { max_new_tokens: g.max_new_tokens, temperature, top_p: g.top_p, seed: g.seed, ignore_eos: false, stop_ids: stop },
         samples: g.samples as usize,
         batch: a.batch_size.unwrap_or(16),
         pass_threshold: g.pass_threshold,

@@ -103,6 +103,13 @@ impl TextTokenizer {
         self.inner.id_to_token(id)
     }
 
+    /// Every token of the vocabulary (added tokens included) with its id, by id.
+    pub fn vocab(&self) -> Vec<(String, u32)> {
+        let mut v: Vec<(String, u32)> = self.inner.get_vocab(true).into_iter().collect();
+        v.sort_by_key(|(_, id)| *id);
+        v
+    }
+
     pub fn token_id(&self, token: &str) -> Option<u32> {
         self.inner.token_to_id(token)
     }

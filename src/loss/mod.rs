@@ -2,6 +2,7 @@
 //! training, training's eval and `ft eval` all call it) and the preference losses with the
 //! completion scoring they need ([`dpo`]).
 
+pub mod distill;
 pub mod dpo;
 pub mod grpo;
 pub mod kto;

@@ -3,6 +3,7 @@
 //! components ([`objective`]; [`sft`], [`dpo`]) that receive their own settings.
 
 pub mod checkpoint;
+pub mod distill;
 pub mod dpo;
 pub mod grpo;
 pub mod kto;
@@ -49,6 +50,8 @@ pub enum TrainError {
     Output(#[from] crate::atomic::AtomicError),
     #[error(transparent)]
     NoTargets(#[from] crate::adapters::attach::NoTargets),
+    #[error(transparent)]
+    Teacher(#[from] crate::loss::distill::TeacherError),
     #[error(transparent)]
     Diverged(#[from] run::Divergence),
     #[error(transparent)]

@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 use super::dpo::DpoSettings;
 use super::reference::ReferenceCache;
 use super::grpo::GrpoSettings;
+use super::distill::DistillSettings;
 use super::kto::KtoSettings;
 use super::rewards::RewardSpec;
 use super::ref_free::RefFreeSettings;
@@ -21,6 +22,7 @@ use crate::data::prepare::{CacheAt, Overlong, PrepareOptions};
 use crate::data::tokenizer::TemplateChoice;
 use crate::loss::dpo::{DpoConfig, LossType};
 use crate::loss::grpo::{GrpoConfig, GrpoLossType, ScaleRewards};
+use crate::loss::distill::{DistillConfig, Divergence};
 use crate::loss::kto::KtoConfig;
 use crate::loss::ref_free::{CpoLossType, RefFree};
 use crate::model::{BaseFormat, LoadOptions};
@@ -80,7 +82,39 @@ pub struct Recipe {
     pub kto: Option<KtoSection>,
     /// GRPO settings (required with `train.method = "grpo"`: the reward functions).
     pub grpo: Option<GrpoSection>,
+    /// Distillation settings (required with `train.method = "distill"`: the teacher).
+    pub distill: Option<DistillSection>,
     pub output: OutputSection,
+}
+
+/// Distillation settings (TRL GKD's names where it has them).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DistillSection {
+    /// The teacher: a Hugging Face model directory with the student's tokenizer.
+    pub teacher: PathBuf,
+    /// `"nf4"`: hold the teacher's block weights in 4-bit NF4 (a bitsandbytes 4-bit teacher is
+    /// always loaded so).
+    pub teacher_quantize: Option<Quantize>,
+    /// `forward_kl`, `reverse_kl` or `jsd` (generalized JSD with `beta`).
+    #[serde(default = "d_divergence")]
+    pub loss: Divergence,
+    /// JSD's β (GKD's; 0 = forward KL, 1 = reverse KL).
+    #[serde(default = "d_jsd_beta")]
+    pub beta: f64,
+    /// Divides both models' logits.
+    #[serde(default = "d_cpo_alpha")]
+    pub temperature: f64,
+    /// Adds this times the SFT loss (the assistant tokens' NLL) to the divergence.
+    #[serde(default)]
+    pub sft_weight: f64,
+}
+
+fn d_divergence() -> Divergence {
+    Divergence::Jsd
+}
+fn d_jsd_beta() -> f64 {
+    0.5
 }
 
 /// ORPO settings, with TRL's `ORPOConfig` names and defaults.
@@ -379,12 +413,13 @@ pub enum Method {
     Simpo,
     Kto,
     Grpo,
+    Distill,
 }
 
 impl Method {
     /// Whether the method trains on preference pairs.
     pub fn pairs(self) -> bool {
-        !matches!(self, Method::Sft | Method::Grpo)
+        !matches!(self, Method::Sft | Method::Grpo | Method::Distill)
     }
 }
 
@@ -643,7 +678,7 @@ impl Recipe {
             return invalid("data.packing", "data.packing is for SFT; preference methods batch chosen and rejected sequences unpacked".into());
         }
         // A method's section only with that method.
-        let sections = [("dpo", Method::Dpo, self.dpo.is_some()), ("orpo", Method::Orpo, self.orpo.is_some()), ("cpo", Method::Cpo, self.cpo.is_some()), ("simpo", Method::Simpo, self.simpo.is_some()), ("kto", Method::Kto, self.kto.is_some()), ("grpo", Method::Grpo, self.grpo.is_some())];
+        let sections = [("dpo", Method::Dpo, self.dpo.is_some()), ("orpo", Method::Orpo, self.orpo.is_some()), ("cpo", Method::Cpo, self.cpo.is_some()), ("simpo", Method::Simpo, self.simpo.is_some()), ("kto", Method::Kto, self.kto.is_some()), ("grpo", Method::Grpo, self.grpo.is_some()), ("distill", Method::Distill, self.distill.is_some())];
         for (name, method, set) in sections {
             if set && t.method != method {
                 return invalid(name, format!("a [{name}] section is set but train.method is {:?} (set train.method = \"{name}\")", format!("{:?}", t.method).to_lowercase()));
@@ -677,6 +712,17 @@ impl Recipe {
                 return invalid("simpo.gamma", format!("simpo.gamma must be a number, got {}", c.gamma));
             }
             prompt("simpo.max_prompt_len", c.max_prompt_len)?;
+        }
+        match (&self.distill, t.method) {
+            (None, Method::Distill) => return invalid("distill", "train.method = \"distill\" needs a [distill] section with the teacher (distill.teacher = \"DIR\")".into()),
+            (Some(d), _) => {
+                if !(0.0..=1.0).contains(&d.beta) {
+                    return invalid("distill.beta", format!("distill.beta must be in [0, 1], got {}", d.beta));
+                }
+                positive("distill.temperature", d.temperature)?;
+                non_negative("distill.sft_weight", d.sft_weight)?;
+            }
+            _ => {}
         }
         if t.method == Method::Grpo && self.data.packing {
             return invalid("data.packing", "data.packing is for SFT; GRPO scores sampled completions unpacked".into());
@@ -825,6 +871,17 @@ impl Recipe {
             stop_ids,
             recompute: self.recompute(),
         }
+    }
+
+    /// Distillation's settings.
+    pub fn distill_settings(&self) -> Option<DistillSettings> {
+        let d = self.distill.as_ref()?;
+        Some(DistillSettings {
+            config: DistillConfig { divergence: d.loss, beta: d.beta, temperature: d.temperature },
+            sft_weight: d.sft_weight,
+            data: self.sft_settings(),
+            teacher: d.teacher.clone(),
+        })
     }
 
     /// KTO's settings.

@@ -53,6 +53,16 @@ impl Sft {
     }
 }
 
+impl Sft {
+    /// The batch of examples `idx` (packed rows or padded samples).
+    pub fn batch(&self, idx: &[usize]) -> Batch {
+        match &self.packed {
+            Some(p) => Batch::packed(&idx.iter().map(|&i| &p[i]).collect::<Vec<_>>()),
+            None => Batch::padded(&idx.iter().map(|&i| &self.train[i]).collect::<Vec<_>>()),
+        }
+    }
+}
+
 impl<B: TrainBackend> Objective<B> for Sft {
     fn len(&self) -> usize {
         self.packed.as_ref().map_or(self.train.len(), Vec::len)
@@ -63,13 +73,7 @@ impl<B: TrainBackend> Objective<B> for Sft {
     }
 
     fn step(&mut self, model: &mut Decoder<B>, opt: &mut AdamW<B::InnerBackend>, micro: &[Vec<usize>], settings: StepSettings) -> Result<StepReport, TrainError> {
-        let batches: Vec<Batch> = micro
-            .iter()
-            .map(|idx| match &self.packed {
-                Some(p) => Batch::packed(&idx.iter().map(|&i| &p[i]).collect::<Vec<_>>()),
-                None => Batch::padded(&idx.iter().map(|&i| &self.train[i]).collect::<Vec<_>>()),
-            })
-            .collect();
+        let batches: Vec<Batch> = micro.iter().map(|idx| self.batch(idx)).collect();
         let tokens: usize = batches.iter().map(Batch::scored).sum();
         let norm = tokens.max(1) as f64;
         let mut correct = 0;

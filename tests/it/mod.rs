@@ -2,6 +2,7 @@ pub mod adapters;
 pub mod cli;
 pub mod common;
 pub mod data;
+pub mod distill;
 pub mod dpo;
 pub mod fuzz;
 pub mod geneval;
