@@ -2,25 +2,29 @@
 //! next-token distributions of a frozen teacher of the same tokenizer on the SFT data
 //! (`loss::distill`: forward/reverse KL or TRL GKD's generalized JSD), optionally plus the SFT
 //! loss. The teacher runs on the same device without autodiff, on the same (packed or padded)
-//! batches; its logits are formed a chunk of positions at a time.
+//! batches; its logits are formed a chunk of positions at a time. As TRL's GKD, a share `lmbda`
+//! of the steps trains on completions the student samples for the data's prompts (on-policy),
+//! and with `seq_kd` the other steps on the teacher's.
 
 use std::path::PathBuf;
 
+use burn::module::AutodiffModule;
 use burn::prelude::*;
 use burn::tensor::{DType, Int, TensorData};
 use serde_json::{Map, Value};
 
 use super::objective::{Objective, StepReport, StepSettings};
 use super::optim::AdamW;
-use super::recompute::Recompute;
 use super::sft::{Sft, SftSettings};
 use super::step::train_step;
 use super::TrainError;
 use crate::data::batch::Batch;
+use crate::data::encode::Encoded;
 use crate::data::prepare::DataCounts;
 use crate::data::template::ChatTemplate;
 use crate::data::tokenizer::TextTokenizer;
 use crate::loss::distill::{self, chunk_rows, chunks, logits_at, DistillConfig};
+use crate::generate::{generate_batch, GenerateOptions};
 use crate::loss::nll;
 use crate::model::Decoder;
 use crate::ops::TrainBackend;
@@ -33,21 +37,57 @@ pub struct DistillSettings {
     pub sft_weight: f64,
     pub data: SftSettings,
     pub teacher: PathBuf,
+    /// The share of steps trained on the student's own completions (GKD's `lmbda`).
+    pub lmbda: f64,
+    /// Off-policy steps train on the teacher's completions instead of the data's (GKD's `seq_kd`).
+    pub seq_kd: bool,
+    /// How completions are sampled (`seed` unused: each completion's RNG comes from the run's
+    /// seed, the step and the sample).
+    pub generation: GenerateOptions,
+    pub seed: u64,
 }
 
 /// Distillation over the SFT data, with the teacher's model.
 pub struct Distill<I: Backend> {
     sft: Sft,
     teacher: Decoder<I>,
-    config: DistillConfig,
-    sft_weight: f64,
-    recompute: Recompute,
+    s: DistillSettings,
 }
 
 impl<I: crate::ops::Kernels> Distill<I> {
     pub fn new(tok: &TextTokenizer, template: &ChatTemplate, s: &DistillSettings, teacher: Decoder<I>) -> Result<Self, TrainError> {
-        Ok(Distill { sft: Sft::new(tok, template, &s.data)?, teacher, config: s.config, sft_weight: s.sft_weight, recompute: s.data.recompute })
+        Ok(Distill { sft: Sft::new(tok, template, &s.data)?, teacher, s: s.clone() })
     }
+}
+
+/// A number in [0, 1) drawn from `(seed, step)`: whether a step samples on-policy.
+fn unit(seed: u64, step: usize) -> f64 {
+    let h = (seed ^ 0xD1B5_4A32_D192_ED03).wrapping_add(step as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    let h = (h ^ (h >> 31)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    (h >> 11) as f64 / (1u64 << 53) as f64
+}
+
+/// The prompt of a sample: its ids before its last trained span (the final assistant turn).
+fn prompt_of(sample: &Encoded) -> &[u32] {
+    let end = sample.mask.iter().rposition(|&m| m == 1).map_or(sample.ids.len(), |e| e + 1);
+    let start = sample.mask[..end].iter().rposition(|&m| m == 0).map_or(0, |s| s + 1);
+    &sample.ids[..start]
+}
+
+/// New samples: each sample's prompt completed by `model` (sampled, seeded per (seed, step,
+/// sample)), the completion scored through its first stop token (GKD's mask).
+fn complete<M: crate::ops::Kernels>(model: &Decoder<M>, samples: &[&Encoded], opts: &GenerateOptions, seed: u64, step: usize) -> Vec<Encoded> {
+    let prompts: Vec<&[u32]> = samples.iter().map(|s| prompt_of(s)).collect();
+    let rows: Vec<(usize, u64)> = (0..samples.len()).map(|i| (i, seed ^ unit(seed.wrapping_add(i as u64 + 1), step).to_bits())).collect();
+    generate_batch(model, &prompts, &rows, opts)
+        .into_iter()
+        .zip(&prompts)
+        .map(|(c, p)| {
+            let mut mask = vec![0u8; p.len()];
+            mask.extend(std::iter::repeat_n(1u8, c.ids.len()));
+            Encoded { text: String::new(), ids: [p.to_vec(), c.ids].concat(), mask }
+        })
+        .collect()
 }
 
 impl<B: TrainBackend> Objective<B> for Distill<B::InnerBackend> {
@@ -60,10 +100,32 @@ impl<B: TrainBackend> Objective<B> for Distill<B::InnerBackend> {
     }
 
     fn step(&mut self, model: &mut Decoder<B>, opt: &mut AdamW<B::InnerBackend>, micro: &[Vec<usize>], settings: StepSettings) -> Result<StepReport, TrainError> {
-        let batches: Vec<Batch> = micro.iter().map(|idx| self.sft.batch(idx)).collect();
+        // GKD: with probability lmbda the student's own completions (on-policy), else with
+        // seq_kd the teacher's, else the data.
+        let on_policy = self.s.lmbda > 0.0 && unit(self.s.seed, settings.step) <= self.s.lmbda;
+        let generated = on_policy || self.s.seq_kd;
+        let t_sample = std::time::Instant::now();
+        let batches: Vec<Batch> = match generated {
+            false => micro.iter().map(|idx| self.sft.batch(idx)).collect(),
+            true => {
+                let student = model.valid();
+                micro
+                    .iter()
+                    .map(|idx| {
+                        let samples: Vec<&Encoded> = idx.iter().map(|&i| &self.sft.train[i]).collect();
+                        let new = match on_policy {
+                            true => complete(&student, &samples, &self.s.generation, self.s.seed, settings.step),
+                            false => complete(&self.teacher, &samples, &self.s.generation, self.s.seed, settings.step),
+                        };
+                        Batch::padded(&new.iter().collect::<Vec<_>>())
+                    })
+                    .collect()
+            }
+        };
+        let sample_s = if generated { t_sample.elapsed().as_secs_f64() } else { 0.0 };
         let tokens: usize = batches.iter().map(Batch::scored).sum();
         let norm = tokens.max(1) as f64;
-        let (cfg, sft_weight, teacher) = (self.config, self.sft_weight, &self.teacher);
+        let (cfg, sft_weight, teacher) = (self.s.config, self.s.sft_weight, &self.teacher);
         let (mut divergence, mut nll_sum) = (0.0, 0.0);
         let (loss, grad_norm) = train_step(
             model,
@@ -104,10 +166,15 @@ impl<B: TrainBackend> Objective<B> for Distill<B::InnerBackend> {
                 loss.expect("at least one chunk")
             },
             settings,
-            self.recompute,
+            self.s.data.recompute,
         );
         let mut metrics = Map::new();
         metrics.insert("loss".into(), loss.into());
+        if self.s.lmbda > 0.0 || self.s.seq_kd {
+            metrics.insert("on_policy".into(), f64::from(u8::from(on_policy)).into());
+            metrics.insert("time/sample_s".into(), sample_s.into());
+            metrics.insert("completions/mean_length".into(), (tokens as f64 / batches.iter().map(|b| b.b).sum::<usize>().max(1) as f64).into());
+        }
         metrics.insert("distill_loss".into(), (divergence / norm).into());
         if sft_weight != 0.0 {
             metrics.insert("nll_loss".into(), (nll_sum / norm).into());
@@ -118,7 +185,7 @@ impl<B: TrainBackend> Objective<B> for Distill<B::InnerBackend> {
     /// The eval split's divergence (`eval_loss`; plus the SFT loss `eval_nll_loss`).
     fn evaluate(&mut self, model: &mut Decoder<B::InnerBackend>) -> Option<Map<String, Value>> {
         let eval = self.sft.eval.as_ref()?;
-        let report = distill::evaluate(model, &self.teacher, eval, &self.config);
+        let report = distill::evaluate(model, &self.teacher, eval, &self.s.config);
         let mut m = Map::new();
         m.insert("eval_loss".into(), report.loss.into());
         m.insert("eval_nll_loss".into(), nll::evaluate(model, eval).loss.into());

@@ -10,6 +10,7 @@ use super::dpo::DpoSettings;
 use super::reference::ReferenceCache;
 use super::grpo::GrpoSettings;
 use super::distill::DistillSettings;
+use crate::generate::GenerateOptions;
 use super::kto::KtoSettings;
 use super::rewards::RewardSpec;
 use super::ref_free::RefFreeSettings;
@@ -108,6 +109,25 @@ pub struct DistillSection {
     /// Adds this times the SFT loss (the assistant tokens' NLL) to the divergence.
     #[serde(default)]
     pub sft_weight: f64,
+    /// The share of steps trained on the student's own completions to the data's prompts
+    /// (GKD's `lmbda`; TRL's GKDTrainer defaults to 0.5, ft to plain distillation).
+    #[serde(default)]
+    pub lmbda: f64,
+    /// The other steps train on the teacher's completions instead of the data's (GKD's `seq_kd`).
+    #[serde(default)]
+    pub seq_kd: bool,
+    /// Sampling of those completions (GKD's `temperature`, `max_new_tokens`).
+    #[serde(default = "d_generation_temperature")]
+    pub generation_temperature: f64,
+    #[serde(default = "d_distill_new_tokens")]
+    pub max_new_tokens: usize,
+}
+
+fn d_generation_temperature() -> f64 {
+    0.9
+}
+fn d_distill_new_tokens() -> usize {
+    128
 }
 
 fn d_divergence() -> Divergence {
@@ -721,6 +741,16 @@ impl Recipe {
                 }
                 positive("distill.temperature", d.temperature)?;
                 non_negative("distill.sft_weight", d.sft_weight)?;
+                if !(0.0..=1.0).contains(&d.lmbda) {
+                    return invalid("distill.lmbda", format!("distill.lmbda must be in [0, 1], got {}", d.lmbda));
+                }
+                positive("distill.generation_temperature", d.generation_temperature)?;
+                if d.max_new_tokens == 0 {
+                    return invalid("distill.max_new_tokens", "distill.max_new_tokens must be at least 1".into());
+                }
+                if (d.lmbda > 0.0 || d.seq_kd) && self.data.packing {
+                    return invalid("data.packing", "data.packing cannot be combined with distill.lmbda > 0 or distill.seq_kd: generated completions are batched unpacked".into());
+                }
             }
             _ => {}
         }
@@ -873,14 +903,18 @@ impl Recipe {
         }
     }
 
-    /// Distillation's settings.
-    pub fn distill_settings(&self) -> Option<DistillSettings> {
+    /// Distillation's settings; `stop_ids` end sampled completions.
+    pub fn distill_settings(&self, stop_ids: Vec<u32>) -> Option<DistillSettings> {
         let d = self.distill.as_ref()?;
         Some(DistillSettings {
             config: DistillConfig { divergence: d.loss, beta: d.beta, temperature: d.temperature },
             sft_weight: d.sft_weight,
             data: self.sft_settings(),
             teacher: d.teacher.clone(),
+            lmbda: d.lmbda,
+            seq_kd: d.seq_kd,
+            generation: GenerateOptions { max_new_tokens: d.max_new_tokens, temperature: d.generation_temperature as f32, top_p: 1.0, seed: 0, ignore_eos: false, stop_ids },
+            seed: self.train.seed,
         })
     }
 

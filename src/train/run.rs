@@ -87,7 +87,8 @@ pub fn run<B: TrainBackend>(recipe: &Recipe, device: B::Device, progress: &dyn P
             Box::new(super::grpo::Grpo::new(&tok, &template, &recipe.grpo_settings(stop))?)
         }
         Method::Distill => {
-            let s = recipe.distill_settings().expect("validated: distill has its section");
+            let stop = crate::generate::stop_ids(&recipe.model.path, &model.config.eos_token_ids, &tok);
+            let s = recipe.distill_settings(stop).expect("validated: distill has its section");
             let nf4 = recipe.distill.as_ref().and_then(|d| d.teacher_quantize) == Some(super::recipe::Quantize::Nf4);
             let options = crate::model::LoadOptions { base: if nf4 { crate::model::BaseFormat::Nf4 } else { crate::model::BaseFormat::AsStored } };
             progress.status(&format!("loading the teacher {}", s.teacher.display()));

@@ -174,6 +174,35 @@ fn the_sft_term_adds_to_the_divergence() {
 }
 
 #[test]
+fn on_policy_steps_train_on_the_students_own_completions() {
+    // GKD's lmbda: a share of the steps samples completions to the data's prompts from the
+    // student and distils on those; seq_kd takes the teacher's completions on the other steps.
+    let d = scratch("distill-on-policy");
+    let r = recipe(&d, &model_dir("qwen3"), "lmbda = 0.5\nmax_new_tokens = 6");
+    let (c, _, err) = ft(&["train", s(&r), "--quiet", "--set", "train.max_steps=8", "--set", "train.eval_every=0"]);
+    assert_eq!(c, 0, "{err}");
+    let m: Vec<serde_json::Value> = std::fs::read_to_string(d.join("run/metrics.jsonl")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).filter(|l: &serde_json::Value| l.get("on_policy").is_some()).collect();
+    assert_eq!(m.len(), 8);
+    let on: Vec<bool> = m.iter().map(|l| l["on_policy"].as_f64().unwrap() == 1.0).collect();
+    assert!(on.contains(&true) && on.contains(&false), "lmbda 0.5 mixes both kinds of step: {on:?}");
+    for (l, &on) in m.iter().zip(&on) {
+        let len = l["completions/mean_length"].as_f64().unwrap();
+        // Sampled completions have at most max_new_tokens scored tokens; the data's replies more.
+        assert_eq!(on, len <= 6.0, "{l}");
+        assert!(l["distill_loss"].as_f64().unwrap() > 0.0);
+        assert_eq!(on, l["time/sample_s"].as_f64().unwrap() > 0.0);
+    }
+    // seq_kd: every off-policy step trains on the teacher's completions.
+    let d = scratch("distill-seq-kd");
+    let r = recipe(&d, &model_dir("qwen3"), "seq_kd = true\nmax_new_tokens = 5");
+    let (c, _, err) = ft(&["train", s(&r), "--quiet", "--set", "train.max_steps=2", "--set", "train.eval_every=0"]);
+    assert_eq!(c, 0, "{err}");
+    let first: serde_json::Value = serde_json::from_str(std::fs::read_to_string(d.join("run/metrics.jsonl")).unwrap().lines().next().unwrap()).unwrap();
+    assert_eq!(first["on_policy"].as_f64(), Some(0.0));
+    assert!(first["completions/mean_length"].as_f64().unwrap() <= 5.0, "{first}");
+}
+
+#[test]
 fn a_teacher_with_another_tokenizer_is_refused() {
     let d = scratch("distill-bad-teacher");
     let teacher = d.join("teacher");
