@@ -80,6 +80,6 @@ for beta in (0.0, 0.04):
     m = {"clip_ratio/low_mean": gmean(low), "clip_ratio/high_mean": gmean(high), "clip_ratio/region_mean": gmean(region),
          "clip_ratio/low_min": float(np.nanmin(seq(low))), "clip_ratio/high_max": float(np.nanmax(seq(high)))}
     if beta != 0.0:
-        m["kl"] = gmean(kl)
+        m["kl"] = gmean(kl_b)  # TRL logs per_token_kl after the bias correction
     out["metrics"][f"beta={beta}"] = m
 print(json.dumps(out, indent=1))

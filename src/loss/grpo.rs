@@ -6,7 +6,8 @@
 //! completion token, with the importance ratio `ρ = exp(logp − logp_old)` (1 in value when the
 //! completions come from this very policy; `logp_old` is the sampling policy's when a generation
 //! is reused, `num_iterations > 1`) and `k3 = e^(ref − logp) − (ref − logp) − 1`:
-//! `ℓ = −min(ρA, clip(ρ, 1 − ε, 1 + ε_high)·A) + β·k3·ρ` (`· ρ`: `use_bias_correction_kl`). The
+//! `ℓ = −min(ρA, clip(ρ, 1 − ε, 1 + ε_high)·A) + β·k3` (`β·k3·ρ` with `use_bias_correction_kl`,
+//! which TRL leaves off by default: equal in value, not in gradient). The
 //! loss aggregates `ℓ` by `loss_type`:
 //!
 //! | loss_type | aggregation |
@@ -50,11 +51,13 @@ pub struct GrpoConfig {
     pub scale_rewards: ScaleRewards,
     /// `dr_grpo` divides by completions × this.
     pub max_completion_length: usize,
+    /// Weigh the KL term by the importance ratio (TRL's `use_bias_correction_kl`).
+    pub bias_correction_kl: bool,
 }
 
 impl Default for GrpoConfig {
     fn default() -> Self {
-        GrpoConfig { loss_type: GrpoLossType::Dapo, beta: 0.0, epsilon: 0.2, epsilon_high: 0.28, scale_rewards: ScaleRewards::Group, max_completion_length: 256 }
+        GrpoConfig { loss_type: GrpoLossType::Dapo, beta: 0.0, epsilon: 0.2, epsilon_high: 0.28, scale_rewards: ScaleRewards::Group, max_completion_length: 256, bias_correction_kl: false }
     }
 }
 
@@ -110,7 +113,7 @@ impl GrpoConfig {
                 let clipped = rho.clamp(1.0 - self.epsilon, 1.0 + self.epsilon_high);
                 let mut l = -(rho * a).min(clipped * a);
                 if self.beta != 0.0 {
-                    l += self.beta * k3(lp, rf) * rho;
+                    l += self.beta * k3(lp, rf) * if self.bias_correction_kl { rho } else { 1.0 };
                 }
                 l
             })
@@ -169,7 +172,11 @@ impl GrpoConfig {
         put("frac_reward_zero_std", frac);
         let tokens: usize = completions.iter().map(|c| c.policy.len()).sum();
         if self.beta != 0.0 {
-            let kl: f64 = completions.iter().flat_map(|c| c.policy.iter().zip(&c.reference).map(|(&lp, &rf)| k3(lp, rf))).sum();
+            // TRL logs the KL term as it enters the loss (times ρ with the bias correction).
+            let kl: f64 = completions
+                .iter()
+                .flat_map(|c| c.policy.iter().zip(&c.reference).zip(ratios(c)).map(|((&lp, &rf), rho)| k3(lp, rf) * if self.bias_correction_kl { rho } else { 1.0 }))
+                .sum();
             put("kl", kl / tokens.max(1) as f64);
         }
         put("entropy", completions.iter().map(|c| c.entropy).sum::<f64>() / tokens.max(1) as f64);
@@ -228,7 +235,7 @@ pub struct TokenInputs {
 /// The differentiable loss of scored completion tokens: `lp [n]` their log-probs under the
 /// policy and the per-token inputs: `Σ w·(−min(ρA, clip(ρ, 1 − ε, 1 + ε_high)·A) + β·k3·ρ)` with
 /// `ρ = exp(lp − old)`, or `exp(lp − lp.detach())` (1 in value, `∇lp` in the gradient) without
-/// `old`, and `k3` taken on `lp` too, as TRL with `use_bias_correction_kl`.
+/// `old`, and `k3` taken on `lp` too (times ρ with `bias_correction_kl`).
 pub fn token_loss<B: Backend>(lp: Tensor<B, 1>, inputs: TokenInputs, cfg: &GrpoConfig) -> Tensor<B, 1> {
     let device = lp.device();
     let n = inputs.adv.len();
@@ -245,7 +252,8 @@ pub fn token_loss<B: Backend>(lp: Tensor<B, 1>, inputs: TokenInputs, cfg: &GrpoC
     if beta != 0.0 {
         let d = rf - lp;
         let k3 = d.clone().exp() - d - 1.0;
-        per_token = per_token + k3 * rho * beta;
+        let kl = if cfg.bias_correction_kl { k3 * rho } else { k3 };
+        per_token = per_token + kl * beta;
     }
     (per_token * w).sum()
 }

@@ -228,6 +228,10 @@ pub struct GrpoSection {
     /// Leave the tokens of completions cut at `max_completion_length` out of the loss.
     #[serde(default)]
     pub mask_truncated_completions: bool,
+    /// Weigh the KL term by the importance ratio (DeepSeek-V3.2's unbiased estimator; TRL's
+    /// default off). Equal in value, different in gradient.
+    #[serde(default)]
+    pub use_bias_correction_kl: bool,
     /// As `dpo.reference` (used when `beta > 0`).
     pub reference: Option<ReferenceChoice>,
     /// The reward functions (`[[grpo.rewards]]`), summed with their weights.
@@ -888,6 +892,7 @@ impl Recipe {
                 epsilon_high: g.epsilon_high,
                 scale_rewards: g.scale_rewards,
                 max_completion_length: g.max_completion_length,
+                bias_correction_kl: g.use_bias_correction_kl,
             },
             train: self.data.train.clone(),
             eval: self.data.eval.clone(),
