@@ -136,38 +136,57 @@ pub fn generate_group<B: Kernels>(model: &Decoder<B>, prompt: &[u32], seeds: &[u
 
 /// One completion per row `(prompt index, seed)`, every row sampled together as one batch with
 /// the KV cache: prompts of different lengths are left-padded (padding is never attended and
-/// positions count from each row's first token), row `i` draws from its own RNG seeded with its
-/// seed, so each completion is a function of its seed and of the batch (which a resumed run
-/// rebuilds the same). A row stops at a stop id (kept) and then leaves the batch.
+/// positions count from each row's first token), and each distinct prompt is run once, its cache
+/// shared by the rows that continue it. Row `i` draws from its own RNG seeded with its seed, so
+/// each completion is a function of its seed and of the batch (which a resumed run rebuilds the
+/// same). A row stops at a stop id (kept) and then leaves the batch.
 pub fn generate_batch<B: Kernels>(model: &Decoder<B>, prompts: &[&[u32]], rows: &[(usize, u64)], opts: &GenerateOptions) -> Vec<Sampled> {
     let device = model.device();
     let mut out: Vec<Sampled> = vec![Sampled { ids: Vec::new(), logprobs: Vec::new(), truncated: true }; rows.len()];
     if rows.is_empty() {
         return out;
     }
+    if opts.max_new_tokens == 0 {
+        return out;
+    }
     let mut rngs: Vec<StdRng> = rows.iter().map(|&(_, s)| StdRng::seed_from_u64(s)).collect();
-    let longest = rows.iter().map(|&(p, _)| prompts[p].len()).max().unwrap_or(0);
-    // The batch's rows (indices into `rows`) and their padding, in cache order.
-    let mut active: Vec<usize> = (0..rows.len()).collect();
-    let mut pads: Vec<usize> = rows.iter().map(|&(p, _)| longest - prompts[p].len()).collect();
-    let mut next: Vec<i64> = Vec::with_capacity(rows.len() * longest);
-    for (&(p, _), &pad) in rows.iter().zip(&pads) {
-        next.extend(std::iter::repeat_n(0, pad));
-        next.extend(prompts[p].iter().map(|&x| x as i64));
+    // Each distinct prompt is run once (left-padded with the others); its keys and values are
+    // then copied to every row that continues it (GRPO's generations share their prompt).
+    let mut used: Vec<usize> = Vec::new();
+    let mut slot_of = vec![usize::MAX; prompts.len()];
+    for &(p, _) in rows {
+        if slot_of[p] == usize::MAX {
+            slot_of[p] = used.len();
+            used.push(p);
+        }
+    }
+    let longest = used.iter().map(|&p| prompts[p].len()).max().unwrap_or(0);
+    let prompt_pads: Vec<usize> = used.iter().map(|&p| longest - prompts[p].len()).collect();
+    let mut input: Vec<i64> = Vec::with_capacity(used.len() * longest);
+    for (&p, &pad) in used.iter().zip(&prompt_pads) {
+        input.extend(std::iter::repeat_n(0, pad));
+        input.extend(prompts[p].iter().map(|&x| x as i64));
     }
     let mut cache = KvCache::new(model.config.num_layers);
-    let mut n = longest;
-    for _ in 0..opts.max_new_tokens {
+    let forward = |cache: &mut KvCache<B>, ids: Vec<i64>, b: usize, n: usize, pads: &[usize]| -> Vec<f32> {
+        let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(ids, [b, n]), &device);
+        let hidden = if pads.iter().all(|&p| p == 0) { model.hidden(ids, Some(cache)) } else { model.hidden_left_padded(ids, cache, pads) };
+        model.head(hidden.narrow(1, n - 1, 1)).into_data().convert::<f32>().to_vec().expect("f32 logits")
+    };
+    let mut logits = forward(&mut cache, input, used.len(), longest, &prompt_pads);
+    let vocab = logits.len() / used.len();
+    let row_prompts: Vec<usize> = rows.iter().map(|&(p, _)| slot_of[p]).collect();
+    cache.retain_rows(&row_prompts);
+    // The batch's rows (indices into `rows`), their padding and their logits' row, in cache order.
+    let mut active: Vec<usize> = (0..rows.len()).collect();
+    let mut pads: Vec<usize> = row_prompts.iter().map(|&u| prompt_pads[u]).collect();
+    let mut logits_row = row_prompts;
+    for step in 0..opts.max_new_tokens {
         let b = active.len();
-        let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(next, [b, n]), &device);
-        let hidden = if pads.iter().all(|&p| p == 0) { model.hidden(ids, Some(&mut cache)) } else { model.hidden_left_padded(ids, &mut cache, &pads) };
-        let last = hidden.narrow(1, n - 1, 1);
-        let logits: Vec<f32> = model.head(last).into_data().convert::<f32>().to_vec().expect("f32 logits");
-        let vocab = logits.len() / b;
-        next = Vec::with_capacity(b);
+        let mut next = Vec::with_capacity(b);
         let mut keep = Vec::with_capacity(b);
         for (slot, &r) in active.iter().enumerate() {
-            let row = &logits[slot * vocab..(slot + 1) * vocab];
+            let row = &logits[logits_row[slot] * vocab..(logits_row[slot] + 1) * vocab];
             let id = sample(row, opts.temperature, opts.top_p, &mut rngs[r]) as u32;
             out[r].ids.push(id);
             out[r].logprobs.push(logprob(row, id as usize));
@@ -178,7 +197,7 @@ pub fn generate_batch<B: Kernels>(model: &Decoder<B>, prompts: &[&[u32]], rows: 
                 next.push(id as i64);
             }
         }
-        if keep.is_empty() {
+        if keep.is_empty() || step + 1 == opts.max_new_tokens {
             break;
         }
         if keep.len() < b {
@@ -186,7 +205,8 @@ pub fn generate_batch<B: Kernels>(model: &Decoder<B>, prompts: &[&[u32]], rows: 
             pads = keep.iter().map(|&k| pads[k]).collect();
             active = keep.iter().map(|&k| active[k]).collect();
         }
-        n = 1;
+        logits = forward(&mut cache, next, active.len(), 1, &pads);
+        logits_row = (0..active.len()).collect();
     }
     out
 }
