@@ -56,6 +56,20 @@ pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
 }
 
 /// Runs the ft binary; returns (exit code, stdout, stderr).
+/// `ft eval` of the tiny llama (+ `adapter`) on `data` with the chat template ChatML and `args`:
+/// its `--json` output (asserting exit 0).
+pub fn eval_llama_json(data: &Path, adapter: Option<&Path>, args: &[&str]) -> serde_json::Value {
+    let model = model_dir("llama");
+    let mut all = vec!["eval", "--json", "--template", "chatml", "--model", model.to_str().unwrap(), "--data", data.to_str().unwrap()];
+    if let Some(a) = adapter {
+        all.extend(["--adapter", a.to_str().unwrap()]);
+    }
+    all.extend(args);
+    let (c, out, err) = ft(&all);
+    assert_eq!(c, 0, "{err}");
+    serde_json::from_str(&out).unwrap()
+}
+
 pub fn ft(args: &[&str]) -> (i32, String, String) {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_ft")).args(args).output().unwrap();
     (

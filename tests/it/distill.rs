@@ -140,16 +140,7 @@ fn distillation_moves_the_student_toward_the_teacher() {
     assert!(m[0].get("nll_loss").is_none(), "no SFT term unless asked");
     // The eval divergence of the trained student, through `ft eval`, is the run's last eval.
     let data = fixtures().join("chat.jsonl");
-    let eval = |adapter: Option<&Path>| {
-        let model = model_dir("llama");
-        let mut args = vec!["eval", "--objective", "distill", "--loss-type", "forward_kl", "--teacher", s(&teacher), "--model", s(&model), "--data", s(&data), "--template", "chatml", "--json"];
-        if let Some(a) = adapter {
-            args.extend(["--adapter", s(a)]);
-        }
-        let (c, out, err) = ft(&args);
-        assert_eq!(c, 0, "{err}");
-        serde_json::from_str::<serde_json::Value>(&out).unwrap()["loss"].as_f64().unwrap()
-    };
+    let eval = |adapter: Option<&Path>| eval_llama_json(&data, adapter, &["--objective", "distill", "--loss-type", "forward_kl", "--teacher", s(&teacher)])["loss"].as_f64().unwrap();
     let (before, after) = (eval(None), eval(Some(&d.join("run/adapter"))));
     // The tiny random models are near uniform (logit std 0.17) and a LoRA on the blocks cannot
     // scale the student's logits (the final norm fixes the hidden state's length): the KL falls

@@ -107,16 +107,8 @@ fn run(name: &str, method: &str, train: &str) -> (std::path::PathBuf, Vec<serde_
 fn reference_free_training_lowers_its_loss() {
     for method in ["orpo", "cpo", "simpo"] {
         let (d, m) = run(&format!("ref-free-{method}"), method, "max_steps = 8\nmicro_batch_size = 4\ngrad_accum = 2");
-        let eval = |adapter: Option<&Path>| {
-            let (model, data) = (model_dir("llama"), d.join("prefs.jsonl"));
-            let mut args = vec!["eval", "--objective", method, "--json", "--template", "chatml", "--model", s(&model), "--data", s(&data)];
-            if let Some(a) = adapter {
-                args.extend(["--adapter", s(a)]);
-            }
-            let (c, out, err) = ft(&args);
-            assert_eq!(c, 0, "{err}");
-            serde_json::from_str::<serde_json::Value>(&out).unwrap()["loss"].as_f64().unwrap()
-        };
+        let data = d.join("prefs.jsonl");
+        let eval = |adapter: Option<&Path>| eval_llama_json(&data, adapter, &["--objective", method])["loss"].as_f64().unwrap();
         let (before, after) = (eval(None), eval(Some(&d.join("run/adapter"))));
         assert!(after < before - 0.01, "{method}: loss {before} → {after}");
         let last = m.iter().rfind(|l| l.get("eval_loss").is_some()).expect("an eval line");
@@ -195,16 +187,8 @@ fn kto_matches_trl() {
 fn kto_training_lowers_its_loss() {
     // The DPO test pairs, unpaired (16 rows); KL estimates over blocks of the micro-batch size.
     let (d, m) = run("kto-train", "kto", "max_steps = 8\nmicro_batch_size = 4\ngrad_accum = 2");
-    let eval = |adapter: Option<&Path>| {
-        let (model, data) = (model_dir("llama"), d.join("prefs.jsonl"));
-        let mut args = vec!["eval", "--objective", "kto", "--batch-size", "4", "--json", "--template", "chatml", "--model", s(&model), "--data", s(&data)];
-        if let Some(a) = adapter {
-            args.extend(["--adapter", s(a)]);
-        }
-        let (c, out, err) = ft(&args);
-        assert_eq!(c, 0, "{err}");
-        serde_json::from_str::<serde_json::Value>(&out).unwrap()
-    };
+    let data = d.join("prefs.jsonl");
+    let eval = |adapter: Option<&Path>| eval_llama_json(&data, adapter, &["--objective", "kto", "--batch-size", "4"]);
     let (before, after) = (eval(None), eval(Some(&d.join("run/adapter"))));
     // Policy = reference at the start: every reward is 0 and each row's loss is 1 − σ(±β·kl).
     assert!((before["loss"].as_f64().unwrap() - 0.5).abs() < 1e-6, "{before}");
