@@ -194,6 +194,37 @@ fn on_policy_steps_train_on_the_students_own_completions() {
 }
 
 #[test]
+fn a_4_bit_teacher_teaches_as_its_logits_say() {
+    // The bitsandbytes 4-bit llama as the teacher (loaded in NF4, as every bnb checkpoint): the
+    // divergence `ft eval` reports equals the one computed here in f64 from the two models'
+    // expected logits (transformers' float32 logits of `llama-bnb4` and of `llama` + `lora-r4`)
+    // at the scored positions of `chat_tokens.json`.
+    use ft::loss::distill::{DistillConfig, Divergence};
+    let cases = json(&fixtures().join("chat_tokens.json"));
+    let (teacher_logits, student_logits) = (model_dir("llama-bnb4").join("expected_logits.safetensors"), fixtures().join("adapters/lora-r4/expected_logits.safetensors"));
+    let cfg = DistillConfig { divergence: Divergence::ForwardKl, ..Default::default() };
+    let (mut sum, mut n) = (0.0, 0usize);
+    for (i, case) in cases.as_array().unwrap().iter().enumerate() {
+        let mask = ids(&case["assistant_mask"]);
+        let (t, shape) = read_f32(&teacher_logits, &format!("logits_{i}"));
+        let (s, _) = read_f32(&student_logits, &format!("logits_{i}"));
+        let v = shape[1];
+        for row in 0..mask.len() - 1 {
+            if mask[row + 1] == 1 {
+                sum += cfg.token(&s[row * v..(row + 1) * v], &t[row * v..(row + 1) * v]);
+                n += 1;
+            }
+        }
+    }
+    let want = sum / n as f64;
+    let (c, out, err) = eval(&model_dir("llama-bnb4"), &["--loss-type", "forward_kl"]);
+    assert_eq!(c, 0, "{err}");
+    let got = serde_json::from_str::<serde_json::Value>(&out).unwrap()["loss"].as_f64().unwrap();
+    // The logits agree with transformers' to 1e-4; the KL of near-uniform distributions to ~1e-5.
+    assert!((got - want).abs() <= 1e-4 * want, "KL from the 4-bit teacher {got} vs {want} from the expected logits");
+}
+
+#[test]
 fn a_teacher_with_another_tokenizer_is_refused() {
     let d = scratch("distill-bad-teacher");
     let teacher = d.join("teacher");
