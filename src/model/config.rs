@@ -71,6 +71,9 @@ pub struct HfConfig {
     pub rope_parameters: Option<Value>,
     pub partial_rotary_factor: Option<f64>,
     pub eos_token_id: Option<Value>,
+    pub pad_token_id: Option<Value>,
+    pub num_labels: Option<usize>,
+    pub id2label: Option<serde_json::Map<String, Value>>,
 }
 
 /// Resolved model settings: everything the decoder needs, nothing it has to interpret.
@@ -99,6 +102,10 @@ pub struct ModelConfig {
     pub rope_scaling: RopeScaling,
     /// All end-of-sequence ids (configs may list several).
     pub eos_token_ids: Vec<u32>,
+    /// A sequence-classification checkpoint (`*ForSequenceClassification`: a reward model): its
+    /// number of labels; the head is `score`, not `lm_head`.
+    pub num_labels: Option<usize>,
+    pub pad_token_id: Option<u32>,
 }
 
 impl ModelConfig {
@@ -119,7 +126,7 @@ impl ModelConfig {
         let model_type = hf
             .model_type
             .clone()
-            .or_else(|| hf.architectures.first().map(|a| a.to_lowercase().replace("forcausallm", "")))
+            .or_else(|| hf.architectures.first().map(|a| a.to_lowercase().replace("forcausallm", "").replace("forsequenceclassification", "")))
             .unwrap_or_default();
         let family = match model_type.as_str() {
             "llama" => Family::Llama,
@@ -220,6 +227,13 @@ impl ModelConfig {
             rope_theta: theta,
             rope_scaling,
             eos_token_ids: token_ids(hf.eos_token_id.as_ref()),
+            // transformers: `num_labels` is the length of `id2label` (2 when neither is given).
+            num_labels: hf
+                .architectures
+                .iter()
+                .any(|a| a.ends_with("ForSequenceClassification"))
+                .then(|| hf.id2label.as_ref().map(|m| m.len()).or(hf.num_labels).unwrap_or(2)),
+            pad_token_id: token_ids(hf.pad_token_id.as_ref()).first().copied(),
         })
     }
 }

@@ -251,8 +251,11 @@ pub struct Decoder<B: Backend> {
     pub embed_tokens: Param<Tensor<B, 2>>,
     pub layers: Vec<Block<B>>,
     pub norm: RmsNorm<B>,
-    /// `None` when tied to `embed_tokens`.
+    /// `None` when tied to `embed_tokens` (or for a sequence-classification checkpoint).
     pub lm_head: Option<Projection<B>>,
+    /// A sequence-classification checkpoint's head (`score.weight` `[num_labels, hidden]`, no
+    /// bias): a reward model's.
+    pub score: Option<Projection<B>>,
     #[module(skip)]
     pub rope: Rope,
     #[module(skip)]
@@ -269,11 +272,14 @@ impl<B: Kernels> Decoder<B> {
         let embed_tokens = Param::from_tensor(tensor2(embed, [v, h], device)).set_require_grad(false);
         let layers = (0..c.num_layers).map(|i| Block::load(src, i, c, device)).collect::<Result<Vec<_>, _>>()?;
         let norm = RmsNorm::load(ck, "model.norm.weight", h, c.rms_norm_eps, device)?;
-        let lm_head = if c.tie_word_embeddings {
-            ck.skip("lm_head.weight");
-            None
-        } else {
-            Some(src.projection("lm_head", h, v, false, device)?)
+        let (lm_head, score) = match c.num_labels {
+            // transformers' `*ForSequenceClassification`: `score` instead of `lm_head`.
+            Some(labels) => (None, Some(src.projection("score", h, labels, false, device)?)),
+            None if c.tie_word_embeddings => {
+                ck.skip("lm_head.weight");
+                (None, None)
+            }
+            None => (Some(src.projection("lm_head", h, v, false, device)?), None),
         };
         ck.check_all_used()?;
         Ok(Decoder {
@@ -281,6 +287,7 @@ impl<B: Kernels> Decoder<B> {
             layers,
             norm,
             lm_head,
+            score,
             rope: Rope::new(c.head_dim, c.rope_theta, c.rope_scaling.clone()),
             config: c.clone(),
         })
@@ -502,6 +509,30 @@ impl<B: Kernels> Decoder<B> {
         let n = positions.len();
         let picked = hidden.reshape([b * t, h]).select(0, Tensor::<B, 1, Int>::from_data(TensorData::new(positions, [n]), &device));
         self.head(picked.reshape([1, n, h]))
+    }
+
+    /// A sequence-classification model's scores `[B, num_labels]` of right-padded rows `ids`,
+    /// read as transformers reads them: at each row's rightmost token that is not
+    /// `pad_token_id` (by id, not by length; position 0 when every token is padding).
+    ///
+    /// # Panics
+    /// On a model without a `score` head.
+    pub fn sequence_scores(&self, ids: Tensor<B, 2, Int>) -> Tensor<B, 2> {
+        let score = self.score.as_ref().expect("a sequence-classification model (score head)");
+        let [b, t] = ids.dims();
+        let values: Vec<i64> = ids.clone().into_data().convert::<i64>().to_vec().expect("ids");
+        let pad = self.config.pad_token_id.map(i64::from);
+        let positions: Vec<i64> = (0..b)
+            .map(|r| {
+                let row = &values[r * t..(r + 1) * t];
+                let last = row.iter().rposition(|&x| Some(x) != pad).unwrap_or(0);
+                (r * t + last) as i64
+            })
+            .collect();
+        let hidden = self.hidden(ids, None);
+        let h = hidden.dims()[2];
+        let picked = hidden.reshape([b * t, h]).select(0, Tensor::<B, 1, Int>::from_data(TensorData::new(positions, [b]), &self.device()));
+        score.forward(picked.reshape([1, b, h])).reshape([b, score.dims().1])
     }
 
     /// Logits for every position.

@@ -11,5 +11,6 @@ pub mod oracle_models;
 pub mod packing;
 pub mod preference;
 pub mod quant;
+pub mod reward;
 pub mod smollm2;
 pub mod train;
