@@ -40,6 +40,9 @@ pub enum EvalError {
     /// A NaN or infinite loss: the model or adapter computes non-finite values (exit 1).
     #[error("the loss is {loss}: the model (or adapter) computes non-finite values; check its weights")]
     NonFinite { loss: f64 },
+    /// A reward objective on a model without a score head (not `*ForSequenceClassification`).
+    #[error("the model has no score head: a reward model is a `*ForSequenceClassification` checkpoint (config.json `architectures`)")]
+    NoScoreHead,
 }
 
 /// Scores every conversation (errors name the record's `file:line`). Samples longer than
@@ -169,6 +172,24 @@ pub fn evaluate_ref_free<B: Kernels>(
     let (pairs, dropped, warnings) = prepare::pairs(tok, template, data, &opts)?;
     let scores = crate::loss::ref_free::score_pairs(model, &pairs, &objective);
     Ok(RefFreeReport { metrics: objective.metrics(&scores, ""), pairs: pairs.len(), dropped, warnings })
+}
+
+/// A reward model's (TRL RewardTrainer's) loss and metrics on prepared preference pairs.
+pub fn evaluate_reward<B: Kernels>(
+    model: &Decoder<B>,
+    pairs: &[crate::data::preference::EncodedPair],
+    config: crate::loss::reward::RewardConfig,
+) -> Result<serde_json::Map<String, serde_json::Value>, EvalError> {
+    if model.score.is_none() {
+        return Err(EvalError::NoScoreHead);
+    }
+    let rewards = crate::loss::reward::score_pairs(model, pairs);
+    let tokens: usize = pairs.iter().map(|p| p.chosen.ids.len() + p.rejected.ids.len()).sum();
+    let metrics = config.metrics(&rewards, tokens, "");
+    if !metrics["loss"].as_f64().is_some_and(f64::is_finite) {
+        return Err(EvalError::NonFinite { loss: metrics["loss"].as_f64().unwrap_or(f64::NAN) });
+    }
+    Ok(metrics)
 }
 
 /// KTO's loss and metrics on a file of rows.

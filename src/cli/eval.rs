@@ -37,6 +37,9 @@ pub enum EvalObjective {
     /// GRPO's loss and TRL's metrics on groups of sampled, scored completions {"prompt",
     /// "completions": [{"text" | "completion_ids", "reward" | "rewards", "truncated"}]} (no sampling).
     Grpo,
+    /// A reward model's (`*ForSequenceClassification`) loss and TRL RewardTrainer's metrics
+    /// (`accuracy`, `margin`, rewards) over preference pairs (`--center-rewards-coefficient`).
+    Reward,
     /// The divergence of the model from `--teacher` over the assistant tokens of conversations
     /// (`--loss-type forward_kl|reverse_kl|jsd`, `--beta`, `--temperature`), as TRL's GKD.
     Distill,
@@ -89,6 +92,9 @@ pub struct EvalArgs {
     /// it) instead of the adapter-disabled model.
     #[arg(long)]
     pub reference_adapter: Option<PathBuf>,
+    /// Reward: TRL's `center_rewards_coefficient` (adds c · mean((r_c + r_r)²)).
+    #[arg(long)]
+    pub center_rewards_coefficient: Option<f64>,
     /// Distill: the teacher model directory (the student's tokenizer).
     #[arg(long)]
     pub teacher: Option<PathBuf>,
@@ -147,6 +153,7 @@ impl EvalArgs {
         let flags = [
             ("--beta", self.beta.is_some(), "dpo|orpo|cpo|simpo|kto|grpo|distill"),
             ("--teacher", self.teacher.is_some(), "distill"),
+            ("--center-rewards-coefficient", self.center_rewards_coefficient.is_some(), "reward"),
             ("--temperature", self.generation.temperature.is_some(), "distill"),
             ("--scale-rewards", self.scale_rewards.is_some(), "grpo"),
             ("--reward-weights", !self.reward_weights.is_empty(), "grpo"),
@@ -189,6 +196,12 @@ impl EvalArgs {
         }
         Ok(Some(match objective {
             EvalObjective::Sft => return Ok(None),
+            EvalObjective::Reward => {
+                if self.center_rewards_coefficient.is_some_and(|c| !(c >= 0.0 && c.is_finite())) {
+                    return Err(UsageError("--center-rewards-coefficient must be a number ≥ 0".into()));
+                }
+                Preference::Reward(crate::loss::reward::RewardConfig { center_rewards_coefficient: self.center_rewards_coefficient })
+            }
             EvalObjective::Distill => {
                 let d = crate::loss::distill::DistillConfig::default();
                 let t = self.loss_type.clone().unwrap_or_else(|| "jsd".into());
@@ -254,6 +267,7 @@ enum Preference {
     Kto(KtoConfig),
     Grpo(GrpoConfig),
     Distill(crate::loss::distill::DistillConfig),
+    Reward(crate::loss::reward::RewardConfig),
 }
 
 pub fn run(a: EvalArgs) -> Result<()> {
@@ -283,6 +297,7 @@ fn eval_on<B: Kernels>(a: EvalArgs, device: B::Device) -> Result<()> {
         Some(Preference::Kto(config)) => return eval_kto_on::<B>(a, config, device),
         Some(Preference::Grpo(config)) => return eval_grpo_on::<B>(a, config, device),
         Some(Preference::Distill(config)) => return eval_distill_on::<B>(a, config, device),
+        Some(Preference::Reward(config)) => return eval_reward_on::<B>(a, config, device),
         None => {}
     }
     let data = read_jsonl(&a.data)?;
@@ -312,6 +327,29 @@ fn eval_on<B: Kernels>(a: EvalArgs, device: B::Device) -> Result<()> {
             secs
         );
     }
+    Ok(())
+}
+
+/// `ft eval --objective reward`: a reward model's loss and metrics on preference pairs.
+fn eval_reward_on<B: Kernels>(a: EvalArgs, config: crate::loss::reward::RewardConfig, device: B::Device) -> Result<()> {
+    let t0 = Instant::now();
+    let (tok, template, model) = preference_setup::<B>(&a, &device)?;
+    let opts = crate::data::prepare::PrepareOptions {
+        max_len: a.max_len.unwrap_or(usize::MAX),
+        overlong: crate::data::prepare::Overlong::Drop,
+        drop_untrainable: false,
+        max_prompt_len: None,
+        cache: None,
+    };
+    let (pairs, dropped, warnings) = crate::data::prepare::pairs(&tok, &template, &a.data, &opts)?;
+    for w in &warnings {
+        eprintln!("warning: {w}");
+    }
+    let metrics = crate::eval::evaluate_reward(&model, &pairs, config)?;
+    let extra = vec![("pairs", pairs.len().into()), ("dropped", dropped.into())];
+    let shown = [("loss", "loss"), ("accuracy", "accuracy"), ("margin", "margin"), ("mean reward", "mean_reward")];
+    let tail = counted("pairs", pairs.len(), dropped);
+    print_preference(&a, metrics, extra, "reward", &shown, &tail, t0.elapsed().as_secs_f64());
     Ok(())
 }
 

@@ -8,6 +8,7 @@ pub mod grpo;
 pub mod kto;
 pub mod nll;
 pub mod ref_free;
+pub mod reward;
 
 use burn::prelude::*;
 

@@ -43,3 +43,28 @@ fn a_sequence_classification_checkpoint_scores_as_transformers() {
     assert!((r - p["reward_cut_after_im_end"].as_f64().unwrap()).abs() <= 1e-4, "{r} vs {}", p["reward_cut_after_im_end"]);
     assert!((r - p["reward"].as_f64().unwrap()).abs() > 1e-2, "the two read-outs differ");
 }
+
+#[test]
+fn reward_loss_and_metrics_match_trl() {
+    // `ft eval --objective reward` on the DPO test pairs: TRL's loss with and without the
+    // centering term, and its metrics (float32 in TRL: 1e-5 relative).
+    let o = json(&fixtures().join("reward/expected.json"));
+    let (model, data) = (fixtures().join("reward/model"), fixtures().join("dpo/prefs.jsonl"));
+    for (variant, extra) in [("center_none", vec![]), ("center_0.01", vec!["--center-rewards-coefficient", "0.01"])] {
+        let mut args = vec!["eval", "--objective", "reward", "--template", "chatml", "--json", "--model", model.to_str().unwrap(), "--data", data.to_str().unwrap()];
+        args.extend(extra);
+        let (c, out, err) = ft(&args);
+        assert_eq!(c, 0, "{err}");
+        let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+        let want = &o["loss_variants"][variant];
+        let close = |got: f64, w: f64, what: &str| assert!((got - w).abs() <= 1e-5 * w.abs().max(1e-3), "{variant} {what}: {got} vs {w}");
+        close(v["loss"].as_f64().unwrap(), want["loss"].as_f64().unwrap(), "loss");
+        for (k, w) in want["metrics"].as_object().unwrap() {
+            close(v[k].as_f64().unwrap(), w.as_f64().unwrap(), k);
+        }
+    }
+    // A causal LM has no score head: a clear error, exit 1.
+    let (c, _, err) = ft(&["eval", "--objective", "reward", "--template", "chatml", "--model", model_dir("llama").to_str().unwrap(), "--data", data.to_str().unwrap()]);
+    assert_eq!(c, 1, "{err}");
+    assert!(err.contains("no score head"), "{err}");
+}

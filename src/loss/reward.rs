@@ -1,0 +1,102 @@
+//! Reward models: TRL 1.16 RewardTrainer's pairwise loss and metrics over the scores a
+//! sequence-classification model gives each side of a preference pair (`Decoder::sequence_scores`,
+//! at the rightmost non-pad token).
+//!
+//! `loss = mean(−log σ(r_c − r_r − margin)) + c · mean((r_c + r_r)²)` with `c` TRL's
+//! `center_rewards_coefficient` (the square of each pair's sum). Metrics: `accuracy` (share of
+//! pairs with r_c > r_r, strict), `margin` (mean r_c − r_r), `min_reward`, `mean_reward`,
+//! `max_reward` over all 2N rewards, `num_tokens` (the sides' tokens); the margin column and the
+//! centering term do not enter them.
+
+use burn::prelude::*;
+use burn::tensor::{Int, TensorData};
+use serde_json::{Map, Value};
+
+use crate::data::preference::EncodedPair;
+use crate::model::Decoder;
+use crate::ops::Kernels;
+
+/// RewardTrainer's settings.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct RewardConfig {
+    pub center_rewards_coefficient: Option<f64>,
+}
+
+/// One pair's rewards and its margin (0 without a margin column).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct PairRewards {
+    pub chosen: f64,
+    pub rejected: f64,
+    pub margin: f64,
+}
+
+/// `−log σ(x)`, stable for large |x|.
+fn neg_log_sigmoid(x: f64) -> f64 {
+    if x > 0.0 {
+        (-x).exp().ln_1p()
+    } else {
+        -x + x.exp().ln_1p()
+    }
+}
+
+impl RewardConfig {
+    /// The loss of `pairs`.
+    pub fn loss(&self, pairs: &[PairRewards]) -> f64 {
+        let n = pairs.len().max(1) as f64;
+        let mut loss = pairs.iter().map(|p| neg_log_sigmoid(p.chosen - p.rejected - p.margin)).sum::<f64>() / n;
+        if let Some(c) = self.center_rewards_coefficient {
+            loss += c * pairs.iter().map(|p| (p.chosen + p.rejected).powi(2)).sum::<f64>() / n;
+        }
+        loss
+    }
+
+    /// The loss and TRL's metrics, names prefixed with `prefix` (`eval_`).
+    pub fn metrics(&self, pairs: &[PairRewards], num_tokens: usize, prefix: &str) -> Map<String, Value> {
+        let n = pairs.len().max(1) as f64;
+        let all: Vec<f64> = pairs.iter().map(|p| p.chosen).chain(pairs.iter().map(|p| p.rejected)).collect();
+        let mut m = Map::new();
+        let mut put = |k: &str, v: f64| {
+            m.insert(format!("{prefix}{k}"), v.into());
+        };
+        put("loss", self.loss(pairs));
+        put("accuracy", pairs.iter().filter(|p| p.chosen > p.rejected).count() as f64 / n);
+        put("margin", pairs.iter().map(|p| p.chosen - p.rejected).sum::<f64>() / n);
+        put("min_reward", all.iter().copied().fold(f64::INFINITY, f64::min));
+        put("mean_reward", all.iter().sum::<f64>() / all.len().max(1) as f64);
+        put("max_reward", all.iter().copied().fold(f64::NEG_INFINITY, f64::max));
+        put("num_tokens", num_tokens as f64);
+        m
+    }
+}
+
+/// Pairs per scoring forward (their chosen and rejected sides together).
+pub const SCORE_BATCH: usize = 8;
+
+/// The rewards of `sequences` (right-padded with the model's pad id, or 0), label 0's score.
+pub fn sequence_rewards<B: Kernels>(model: &Decoder<B>, sequences: &[&[u32]]) -> Vec<f64> {
+    let t = sequences.iter().map(|s| s.len()).max().unwrap_or(1).max(1);
+    let pad = model.config.pad_token_id.unwrap_or(0) as i64;
+    let mut flat = vec![pad; sequences.len() * t];
+    for (i, s) in sequences.iter().enumerate() {
+        for (j, &x) in s.iter().enumerate() {
+            flat[i * t + j] = x as i64;
+        }
+    }
+    let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(flat, [sequences.len(), t]), &model.device());
+    let scores = model.sequence_scores(ids);
+    let labels = scores.dims()[1];
+    let v: Vec<f64> = scores.into_data().convert::<f64>().to_vec().expect("f64 scores");
+    v.chunks(labels).map(|row| row[0]).collect()
+}
+
+/// Each pair's rewards (no margin), scored [`SCORE_BATCH`] pairs at a time.
+pub fn score_pairs<B: Kernels>(model: &Decoder<B>, pairs: &[EncodedPair]) -> Vec<PairRewards> {
+    let mut out = Vec::with_capacity(pairs.len());
+    for chunk in pairs.chunks(SCORE_BATCH) {
+        let sides: Vec<&[u32]> = chunk.iter().map(|p| p.chosen.ids.as_slice()).chain(chunk.iter().map(|p| p.rejected.ids.as_slice())).collect();
+        let r = sequence_rewards(model, &sides);
+        let n = chunk.len();
+        out.extend((0..n).map(|i| PairRewards { chosen: r[i], rejected: r[n + i], margin: 0.0 }));
+    }
+    out
+}
