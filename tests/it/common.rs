@@ -70,6 +70,20 @@ pub fn eval_llama_json(data: &Path, adapter: Option<&Path>, args: &[&str]) -> se
     serde_json::from_str(&out).unwrap()
 }
 
+/// ‖∂loss/∂θ‖₂ over every LoRA A and B of `model`, from the gradients of a backward.
+pub fn lora_grad_norm<B: burn::tensor::backend::AutodiffBackend + Kernels>(model: &mut Decoder<B>, grads: &B::Gradients) -> f64 {
+    let mut sq = 0.0f64;
+    for (_, p) in model.projections_mut() {
+        if let Some(l) = p.lora() {
+            for t in [l.a.val(), l.b.val()] {
+                let g: Vec<f64> = t.grad(grads).unwrap().into_data().convert::<f64>().to_vec().unwrap();
+                sq += g.iter().map(|x| x * x).sum::<f64>();
+            }
+        }
+    }
+    sq.sqrt()
+}
+
 pub fn ft(args: &[&str]) -> (i32, String, String) {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_ft")).args(args).output().unwrap();
     (
