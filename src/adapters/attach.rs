@@ -6,7 +6,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use super::config::{LoraConfig, LoraInit, Targets};
-use crate::model::projection::{Adapter, Lora};
+use crate::model::projection::{Adapter, Full, Lora};
 use crate::model::Decoder;
 use crate::ops::TrainBackend;
 
@@ -64,6 +64,7 @@ pub fn attach_new<B: TrainBackend>(model: &mut Decoder<B>, config: &LoraConfig, 
             n += 1;
         }
     }
+    save_modules(model, config);
     if n == 0 {
         let targets = match &config.targets {
             Targets::Names(names) => format!("{names:?}"),
@@ -75,12 +76,29 @@ pub fn attach_new<B: TrainBackend>(model: &mut Decoder<B>, config: &LoraConfig, 
     Ok(n)
 }
 
+/// Gives each module `config` trains in full (`modules_to_save`) and that has no adapter yet a
+/// trainable copy of its weight (a reward model's `score` head).
+pub fn save_modules<B: TrainBackend>(model: &mut Decoder<B>, config: &LoraConfig) {
+    let device = model.device();
+    for (name, proj) in model.projections_mut() {
+        if config.saves(&name) && proj.adapter.is_none() {
+            let (d_in, d_out) = proj.dims();
+            let mut full = Full::from_peft(&proj.base_weight_peft(), d_in, d_out, &device);
+            full.weight = Param::from_tensor(full.weight.val().require_grad());
+            proj.adapter = Some(Adapter::Full(full));
+        }
+    }
+}
+
 /// Makes loaded adapters trainable (gradients on, dropout `dropout`).
 pub fn make_trainable<B: TrainBackend>(model: &mut Decoder<B>, dropout: f64) {
     for (_, p) in model.projections_mut() {
+        if let Some(a) = &mut p.adapter {
+            for t in a.tensors_mut() {
+                *t = Param::from_tensor(t.val().require_grad());
+            }
+        }
         if let Some(Adapter::Lora(l)) = &mut p.adapter {
-            l.a = Param::from_tensor(l.a.val().require_grad());
-            l.b = Param::from_tensor(l.b.val().require_grad());
             l.dropout = dropout;
         }
     }

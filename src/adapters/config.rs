@@ -64,7 +64,8 @@ impl Targets {
 
     pub fn matches(&self, module: &str) -> bool {
         match self {
-            Targets::AllLinear => module != "lm_head",
+            // PEFT's "all-linear" leaves out the output layer: the LM head or a classifier's.
+            Targets::AllLinear => !matches!(module, "lm_head" | "score" | "classifier"),
             Targets::Names(names) => names.iter().any(|t| module == t || module.ends_with(&format!(".{t}"))),
             Targets::Regex(re) => regex_full_match(re, module),
         }
@@ -106,6 +107,9 @@ pub struct LoraConfig {
     pub base_model: Option<String>,
     /// How the adapter was initialised (written as `init_lora_weights`).
     pub init: LoraInit,
+    /// Modules trained in full besides the LoRA matrices (PEFT's `modules_to_save`; ft: the
+    /// output heads, a reward model's `score`), as written in `adapter_config.json`.
+    pub modules_to_save: Vec<String>,
 }
 
 impl LoraConfig {
@@ -120,6 +124,11 @@ impl LoraConfig {
                 (Some(_), None) => false,
                 (None, _) => true,
             }
+    }
+
+    /// Whether `module` is trained in full (`modules_to_save` names it, as a name or a suffix).
+    pub fn saves(&self, module: &str) -> bool {
+        self.modules_to_save.iter().any(|m| module == m || module.ends_with(&format!(".{m}")))
     }
 
     /// `alpha / r`, or `alpha / sqrt(r)` with rsLoRA.
@@ -175,6 +184,11 @@ impl LoraConfig {
             layers,
             base_model: raw.base_model_name_or_path.clone(),
             init: Default::default(),
+            // Checked by `RawConfig::read`: a list of head names.
+            modules_to_save: match &raw.modules_to_save {
+                Some(Value::Array(a)) => a.iter().filter_map(|v| v.as_str().map(String::from)).collect(),
+                _ => Vec::new(),
+            },
         })
     }
 }

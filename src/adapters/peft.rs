@@ -7,7 +7,7 @@ use std::path::Path;
 use super::config::{LoraConfig, Targets};
 use crate::formats::peft::{self, AdapterFiles, LoraMatrices, PeftError};
 use crate::formats::safetensors::RawTensors;
-use crate::model::projection::{Adapter, Lora};
+use crate::model::projection::{Adapter, Full, Lora};
 use crate::model::Decoder;
 use crate::ops::Kernels;
 
@@ -52,20 +52,49 @@ impl PeftAdapter {
         Ok(())
     }
 
-    /// Attaches the adapters to `model`; every adapter tensor must find its module. Returns how
+    /// Attaches the adapters to `model`; every adapter tensor must find its module. A
+    /// sequence-classification adapter (a trained `score` head) turns a causal LM into a
+    /// classifier first, as PEFT loads it onto `AutoModelForSequenceClassification`. Returns how
     /// many projections got one.
     pub fn attach<B: Kernels>(&self, model: &mut Decoder<B>) -> Result<usize, PeftError> {
+        self.attach_as(model, false)
+    }
+
+    fn attach_as<B: Kernels>(&self, model: &mut Decoder<B>, reference: bool) -> Result<usize, PeftError> {
         let device = model.device();
         let (r, scale) = (self.config.r, self.config.scale());
+        if let Some(shape) = self.files.saved_module_shape("score").filter(|_| model.score.is_none() && !reference) {
+            if shape.len() != 2 || shape[1] != model.config.hidden_size {
+                let msg = format!("its score head is {shape:?}, not [labels, {}]", model.config.hidden_size);
+                return Err(PeftError::Invalid { path: self.files.dir.join("adapter_model.safetensors"), msg });
+            }
+            model.make_sequence_classifier(shape[0], None, 0.0, 0);
+        }
         let modules: Vec<String> = model.projections_mut().into_iter().map(|(name, _)| name).collect();
         self.check_targets(modules.iter().map(String::as_str))?;
         let mut n = 0;
         for (name, proj) in model.projections_mut() {
             let (d_in, d_out) = proj.dims();
-            if let Some((a, b)) = self.matrices(&name, d_in, d_out)? {
-                proj.adapter = Some(Adapter::Lora(Lora::from_peft(&a, &b, r, d_in, d_out, scale, &device)));
-                n += 1;
+            let lora = self.matrices(&name, d_in, d_out)?;
+            let full = if self.config.saves(&name) { self.files.saved_module(&name, d_in, d_out)? } else { None };
+            let adapter = match (lora, full) {
+                (Some(_), Some(_)) => {
+                    let msg = format!("{name} has both LoRA matrices and a saved copy (modules_to_save)");
+                    return Err(PeftError::Invalid { path: self.files.dir.clone(), msg });
+                }
+                (Some((a, b)), None) => Adapter::Lora(Lora::from_peft(&a, &b, r, d_in, d_out, scale, &device)),
+                (None, Some(w)) => Adapter::Full(Full::from_peft(&w, d_in, d_out, &device)),
+                (None, None) => continue,
+            };
+            if reference {
+                proj.reference = Some(adapter.frozen());
+            } else {
+                proj.adapter = Some(adapter);
             }
+            n += 1;
+        }
+        if reference {
+            return Ok(n);
         }
         let dir = &self.files.dir;
         self.files.tensors.check_all_used().map_err(|e| PeftError::Invalid { path: dir.clone(), msg: format!("the adapter does not fit this model: {e}") })?;
@@ -81,17 +110,7 @@ impl PeftAdapter {
     /// reference when training continues from this adapter, as TRL's frozen "ref" adapter.
     /// Returns how many projections got one.
     pub fn attach_reference<B: Kernels>(&self, model: &mut Decoder<B>) -> Result<usize, PeftError> {
-        let device = model.device();
-        let (r, scale) = (self.config.r, self.config.scale());
-        let mut n = 0;
-        for (name, proj) in model.projections_mut() {
-            let (d_in, d_out) = proj.dims();
-            if let Some((a, b)) = self.matrices(&name, d_in, d_out)? {
-                proj.reference = Some(Adapter::Lora(Lora::from_peft(&a, &b, r, d_in, d_out, scale, &device).frozen()));
-                n += 1;
-            }
-        }
-        Ok(n)
+        self.attach_as(model, true)
     }
 }
 
@@ -102,11 +121,18 @@ pub fn save<B: Kernels>(model: &mut Decoder<B>, config: &LoraConfig, base_model:
     let mut tensors: RawTensors = Vec::new();
     let mut short: Vec<String> = Vec::new();
     let mut nf4_base = false;
+    let mut saved: Vec<String> = Vec::new();
+    let classifier = model.score.is_some();
     for (name, proj) in model.projections_mut() {
         nf4_base |= proj.base.is_nf4();
+        let (d_in, d_out) = proj.dims();
+        if let Some(Adapter::Full(f)) = &proj.adapter {
+            tensors.push((peft::saved_module_name(&name), safetensors::Dtype::F32, vec![d_out, d_in], bytemuck::cast_slice(&f.to_peft()).to_vec()));
+            saved.push(name);
+            continue;
+        }
         let Some(Adapter::Lora(l)) = &proj.adapter else { continue };
         let (a, b) = l.to_peft();
-        let (d_in, d_out) = proj.dims();
         let (an, bn) = peft::tensor_names(&name);
         tensors.push((an, safetensors::Dtype::F32, vec![l.rank(), d_in], bytemuck::cast_slice(&a).to_vec()));
         tensors.push((bn, safetensors::Dtype::F32, vec![d_out, l.rank()], bytemuck::cast_slice(&b).to_vec()));
@@ -118,9 +144,16 @@ pub fn save<B: Kernels>(model: &mut Decoder<B>, config: &LoraConfig, base_model:
     if tensors.is_empty() {
         return Err(PeftError::Invalid { path: out.into(), msg: "the model has no adapters to save".into() });
     }
+    // PEFT writes the modules_to_save it was given; for SEQ_CLS it adds "classifier" and "score".
+    let mut modules_to_save = config.modules_to_save.clone();
+    for s in saved {
+        if !config.saves(&s) {
+            modules_to_save.push(s);
+        }
+    }
     let cfg = serde_json::json!({
         "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
+        "task_type": if classifier { "SEQ_CLS" } else { "CAUSAL_LM" },
         "base_model_name_or_path": base_model,
         "r": config.r,
         "lora_alpha": config.alpha,
@@ -131,7 +164,7 @@ pub fn save<B: Kernels>(model: &mut Decoder<B>, config: &LoraConfig, base_model:
         "fan_in_fan_out": false,
         "init_lora_weights": config.init.peft_value(),
         "inference_mode": true,
-        "modules_to_save": null,
+        "modules_to_save": if modules_to_save.is_empty() { serde_json::Value::Null } else { modules_to_save.into() },
         "use_dora": false,
         "rank_pattern": {},
         "alpha_pattern": {},

@@ -24,6 +24,8 @@ pub struct PreferencePair {
     pub rejected: Vec<Message>,
     /// The record's `tools`, given to the chat template.
     pub tools: Option<minijinja::Value>,
+    /// The record's `margin` (reward models: how much more the chosen side should score).
+    pub margin: Option<f64>,
     pub at: Location,
 }
 
@@ -62,7 +64,11 @@ pub fn parse_pair(line: &str, at: Location) -> Result<PreferencePair, RecordErro
         }
     }
     let tools = parse_tools(o, &record)?;
-    Ok(PreferencePair { prompt, chosen, rejected, tools, at })
+    let margin = match o.get("margin") {
+        None | Some(Value::Null) => None,
+        Some(m) => Some(m.as_f64().filter(|m| m.is_finite()).ok_or_else(|| schema(format!("\"margin\" must be a number, not {m}")))?),
+    };
+    Ok(PreferencePair { prompt, chosen, rejected, tools, margin, at })
 }
 
 /// Reads every pair of a JSONL file (plain or `.gz`); the first bad line is an error naming
@@ -172,6 +178,8 @@ pub struct EncodedPair {
     pub rejected: Encoded,
     /// Tokens before the first scored token of `chosen` (the rendered prompt).
     pub prompt_len: usize,
+    /// The record's `margin` (0 without one): reward models' target score difference.
+    pub margin: f64,
 }
 
 fn encode_side(tok: &TextTokenizer, template: &ChatTemplate, pair: &PreferencePair, completion: &[Message]) -> Result<Encoded, RecordError> {
@@ -203,10 +211,10 @@ pub fn encode_pair(
                 e.ids.drain(..cut);
                 e.mask.drain(..cut);
             }
-            return Ok(EncodedPair { chosen, rejected, prompt_len: limit });
+            return Ok(EncodedPair { chosen, rejected, prompt_len: limit, margin: pair.margin.unwrap_or(0.0) });
         }
     }
-    Ok(EncodedPair { chosen, rejected, prompt_len })
+    Ok(EncodedPair { chosen, rejected, prompt_len, margin: pair.margin.unwrap_or(0.0) })
 }
 
 #[cfg(test)]

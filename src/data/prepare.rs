@@ -169,7 +169,7 @@ pub fn pairs(tok: &TextTokenizer, template: &ChatTemplate, path: &Path, opts: &P
         |s| {
             let first = |e: &Encoded| e.mask.iter().position(|&m| m == 1).unwrap_or(0);
             let prompt_len = first(&s[0]).min(first(&s[1]));
-            EncodedPair { chosen: s[0].clone(), rejected: s[1].clone(), prompt_len }
+            EncodedPair { chosen: s[0].clone(), rejected: s[1].clone(), prompt_len, margin: 0.0 }
         },
         |p| encode_pair(tok, template, p, opts.max_prompt_len).map_err(|e| e.at(p.at.clone())),
         |p| vec![p.chosen.clone(), p.rejected.clone()],
@@ -177,7 +177,9 @@ pub fn pairs(tok: &TextTokenizer, template: &ChatTemplate, path: &Path, opts: &P
     let max_len = opts.max_len;
     let (mut out, mut dropped, mut warnings) = (Vec::new(), 0, Vec::new());
     for (pair, enc) in pairs.iter().zip(encoded) {
-        let enc = enc?;
+        let mut enc = enc?;
+        // Not part of the cached encoding: read from the record each time.
+        enc.margin = pair.margin.unwrap_or(0.0);
         if pair.chosen == pair.rejected {
             warnings.push(format!("{}: chosen and rejected are identical (no preference to learn)", pair.at));
         }

@@ -36,6 +36,8 @@ pub struct TextTokenizer {
     pub inner: tokenizers::Tokenizer,
     pub bos_token: Option<String>,
     pub eos_token: Option<String>,
+    /// `tokenizer_config.json`'s `pad_token`, if it names one.
+    pub pad_token: Option<String>,
     /// The model's own template, if it has one.
     pub model_template: Option<String>,
     pub dir: PathBuf,
@@ -70,6 +72,7 @@ impl TextTokenizer {
             inner,
             bos_token: token_str(cfg.get("bos_token")),
             eos_token: token_str(cfg.get("eos_token")),
+            pad_token: token_str(cfg.get("pad_token")),
             model_template,
             dir: dir.into(),
         })
@@ -92,6 +95,11 @@ impl TextTokenizer {
     /// write their own BOS, so none is doubled).
     pub fn encode(&self, text: &str) -> Result<tokenizers::Encoding, TokenizerError> {
         self.inner.encode(text, false).map_err(|e| TokenizerError::Encode(e.to_string()))
+    }
+
+    /// The padding token's id (`pad_token`), if the tokenizer names one it knows.
+    pub fn pad_token_id(&self) -> Option<u32> {
+        self.pad_token.as_deref().and_then(|t| self.inner.token_to_id(t))
     }
 
     pub fn decode(&self, ids: &[u32]) -> Result<String, TokenizerError> {

@@ -91,8 +91,19 @@ impl RawConfig {
         if raw.bias.as_deref().is_some_and(|b| b != "none") {
             return unsupported("a trained bias (bias != \"none\")");
         }
-        if raw.modules_to_save.as_ref().is_some_and(|m| !m.is_null()) {
-            return unsupported("modules_to_save");
+        // Whole modules trained alongside the adapter: the output heads (a reward model's
+        // `score`; PEFT adds "classifier" and "score" for SEQ_CLS, matching or not).
+        match &raw.modules_to_save {
+            None | Some(Value::Null) => {}
+            Some(Value::Array(a)) => {
+                for m in a {
+                    match m.as_str() {
+                        Some(name) if MODULES_TO_SAVE.contains(&name) => {}
+                        _ => return unsupported(&format!("modules_to_save {m} (ft trains only the heads {MODULES_TO_SAVE:?} in full)")),
+                    }
+                }
+            }
+            Some(other) => return Err(PeftError::Invalid { path: path.into(), msg: format!("modules_to_save must be a list of module names, not {other}") }),
         }
         if !raw.rank_pattern.is_empty() || !raw.alpha_pattern.is_empty() {
             return unsupported("rank_pattern / alpha_pattern");
@@ -131,6 +142,14 @@ impl RawConfig {
         }
         Ok(raw)
     }
+}
+
+/// The modules `modules_to_save` may name: output heads.
+pub const MODULES_TO_SAVE: [&str; 3] = ["score", "classifier", "lm_head"];
+
+/// The PEFT tensor name of a module saved whole (`modules_to_save`).
+pub fn saved_module_name(module: &str) -> String {
+    format!("base_model.model.{module}.weight")
 }
 
 /// The PEFT tensor names of a module's adapter.
@@ -179,6 +198,23 @@ impl AdapterFiles {
         let a = self.tensors.f32(&an, &[r, d_in])?;
         let b = self.tensors.f32(&bn, &[d_out, r])?;
         Ok(Some((a, b)))
+    }
+}
+
+impl AdapterFiles {
+    /// The shape of the saved copy of `module` (`modules_to_save`), if the adapter holds one.
+    pub fn saved_module_shape(&self, module: &str) -> Option<Vec<usize>> {
+        let name = [saved_module_name(module), format!("base_model.model.{module}.modules_to_save.default.weight")].into_iter().find(|n| self.tensors.contains(n))?;
+        self.tensors.info(&name).map(|(shape, _)| shape)
+    }
+
+    /// The saved copy of `module` (`modules_to_save`, `[out, in]` row-major f32), if the adapter
+    /// holds one.
+    pub fn saved_module(&self, module: &str, d_in: usize, d_out: usize) -> Result<Option<Vec<f32>>, WeightsError> {
+        let Some(name) = [saved_module_name(module), format!("base_model.model.{module}.modules_to_save.default.weight")].into_iter().find(|n| self.tensors.contains(n)) else {
+            return Ok(None);
+        };
+        Ok(Some(self.tensors.f32(&name, &[d_out, d_in])?))
     }
 }
 

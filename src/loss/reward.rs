@@ -50,6 +50,21 @@ impl RewardConfig {
         loss
     }
 
+    /// The summed loss of a batch's pairs as a tensor (the caller divides by the step's pairs):
+    /// `Σ −log σ(r_c − r_r − m) + c · Σ (r_c + r_r)²`.
+    ///
+    /// # Shapes
+    /// `chosen`, `rejected`: `[n]`, `margins`: n → `[1]`
+    pub fn loss_tensor<B: Backend>(&self, chosen: Tensor<B, 1>, rejected: Tensor<B, 1>, margins: &[f64]) -> Tensor<B, 1> {
+        let n = margins.len();
+        let m = Tensor::<B, 1>::from_data(TensorData::new(margins.iter().map(|&x| x as f32).collect::<Vec<_>>(), [n]), &chosen.device());
+        let mut loss = -burn::tensor::activation::log_sigmoid(chosen.clone() - rejected.clone() - m).sum();
+        if let Some(c) = self.center_rewards_coefficient {
+            loss = loss + (chosen + rejected).powi_scalar(2).sum() * c;
+        }
+        loss
+    }
+
     /// The loss and TRL's metrics, names prefixed with `prefix` (`eval_`).
     pub fn metrics(&self, pairs: &[PairRewards], num_tokens: usize, prefix: &str) -> Map<String, Value> {
         let n = pairs.len().max(1) as f64;
@@ -72,31 +87,40 @@ impl RewardConfig {
 /// Pairs per scoring forward (their chosen and rejected sides together).
 pub const SCORE_BATCH: usize = 8;
 
-/// The rewards of `sequences` (right-padded with the model's pad id, or 0), label 0's score.
+/// The rewards of `sequences`, label 0's score, each read where transformers reads an unpadded
+/// sequence ([`Decoder::scored_position`]): a batch right-padded with the pad id (or 0), never
+/// read at the padding, whether or not the model has a pad id.
 pub fn sequence_rewards<B: Kernels>(model: &Decoder<B>, sequences: &[&[u32]]) -> Vec<f64> {
-    let t = sequences.iter().map(|s| s.len()).max().unwrap_or(1).max(1);
-    let pad = model.config.pad_token_id.unwrap_or(0) as i64;
-    let mut flat = vec![pad; sequences.len() * t];
-    for (i, s) in sequences.iter().enumerate() {
-        for (j, &x) in s.iter().enumerate() {
-            flat[i * t + j] = x as i64;
-        }
-    }
-    let ids = Tensor::<B, 2, Int>::from_data(TensorData::new(flat, [sequences.len(), t]), &model.device());
-    let scores = model.sequence_scores(ids);
+    let (ids, positions) = score_batch(model, sequences, &model.device());
+    let scores = model.scores_at(model.hidden(ids, None), positions);
     let labels = scores.dims()[1];
     let v: Vec<f64> = scores.into_data().convert::<f64>().to_vec().expect("f64 scores");
     v.chunks(labels).map(|row| row[0]).collect()
 }
 
-/// Each pair's rewards (no margin), scored [`SCORE_BATCH`] pairs at a time.
+/// `sequences` right-padded into one batch `[n, T]` with the pad id (or 0), and the flat
+/// position each is scored at.
+pub fn score_batch<B: Backend>(model: &Decoder<impl Kernels>, sequences: &[&[u32]], device: &B::Device) -> (Tensor<B, 2, Int>, Vec<i64>) {
+    let t = sequences.iter().map(|s| s.len()).max().unwrap_or(1).max(1);
+    let pad = model.config.pad_token_id.unwrap_or(0) as i64;
+    let mut flat = vec![pad; sequences.len() * t];
+    let mut positions = Vec::with_capacity(sequences.len());
+    for (i, s) in sequences.iter().enumerate() {
+        let row: Vec<i64> = s.iter().map(|&x| x as i64).collect();
+        flat[i * t..i * t + row.len()].copy_from_slice(&row);
+        positions.push((i * t + model.scored_position(&row)) as i64);
+    }
+    (Tensor::from_data(TensorData::new(flat, [sequences.len(), t]), device), positions)
+}
+
+/// Each pair's rewards and margin, scored [`SCORE_BATCH`] pairs at a time.
 pub fn score_pairs<B: Kernels>(model: &Decoder<B>, pairs: &[EncodedPair]) -> Vec<PairRewards> {
     let mut out = Vec::with_capacity(pairs.len());
     for chunk in pairs.chunks(SCORE_BATCH) {
         let sides: Vec<&[u32]> = chunk.iter().map(|p| p.chosen.ids.as_slice()).chain(chunk.iter().map(|p| p.rejected.ids.as_slice())).collect();
         let r = sequence_rewards(model, &sides);
         let n = chunk.len();
-        out.extend((0..n).map(|i| PairRewards { chosen: r[i], rejected: r[n + i], margin: 0.0 }));
+        out.extend((0..n).map(|i| PairRewards { chosen: r[i], rejected: r[n + i], margin: chunk[i].margin }));
     }
     out
 }

@@ -74,6 +74,7 @@ pub struct HfConfig {
     pub pad_token_id: Option<Value>,
     pub num_labels: Option<usize>,
     pub id2label: Option<serde_json::Map<String, Value>>,
+    pub initializer_range: Option<f64>,
 }
 
 /// Resolved model settings: everything the decoder needs, nothing it has to interpret.
@@ -106,6 +107,8 @@ pub struct ModelConfig {
     /// number of labels; the head is `score`, not `lm_head`.
     pub num_labels: Option<usize>,
     pub pad_token_id: Option<u32>,
+    /// The std of transformers' normal init of new linear weights (a classifier head).
+    pub initializer_range: f64,
 }
 
 impl ModelConfig {
@@ -234,6 +237,7 @@ impl ModelConfig {
                 .any(|a| a.ends_with("ForSequenceClassification"))
                 .then(|| hf.id2label.as_ref().map(|m| m.len()).or(hf.num_labels).unwrap_or(2)),
             pad_token_id: token_ids(hf.pad_token_id.as_ref()).first().copied(),
+            initializer_range: hf.initializer_range.unwrap_or(0.02),
         })
     }
 }

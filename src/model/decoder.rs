@@ -315,7 +315,37 @@ impl<B: Kernels> Decoder<B> {
         if let Some(h) = &mut self.lm_head {
             out.push(("lm_head".to_string(), h));
         }
+        if let Some(h) = &mut self.score {
+            out.push(("score".to_string(), h));
+        }
         out
+    }
+
+    /// Turns a causal LM into a sequence classifier as transformers' `*ForSequenceClassification`
+    /// builds one from a causal checkpoint: no `lm_head`, a new `score` head `[labels, hidden]`
+    /// without bias drawn N(0, `std`²) (transformers' `initializer_range`, 0.02) from `seed`, and
+    /// `pad_token_id` (where the config has none) the id scores are read before. A model that
+    /// already has a score head is left as it is.
+    pub fn make_sequence_classifier(&mut self, labels: usize, pad_token_id: Option<u32>, std: f64, seed: u64) {
+        if self.score.is_some() {
+            return;
+        }
+        use rand::{Rng, SeedableRng};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+        let h = self.config.hidden_size;
+        // Box-Muller, as `new_lora`'s gaussian init.
+        let w: Vec<f32> = (0..h * labels)
+            .map(|_| {
+                let (u1, u2): (f64, f64) = (rng.random_range(f64::EPSILON..1.0), rng.random_range(0.0..1.0));
+                ((-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos() * std) as f32
+            })
+            .collect();
+        self.score = Some(Projection::dense(&w, h, labels, &self.device()));
+        self.lm_head = None;
+        self.config.num_labels = Some(labels);
+        if self.config.pad_token_id.is_none() {
+            self.config.pad_token_id = pad_token_id;
+        }
     }
 
     /// Whether any projection has an adapter.
@@ -518,21 +548,33 @@ impl<B: Kernels> Decoder<B> {
     /// # Panics
     /// On a model without a `score` head.
     pub fn sequence_scores(&self, ids: Tensor<B, 2, Int>) -> Tensor<B, 2> {
-        let score = self.score.as_ref().expect("a sequence-classification model (score head)");
         let [b, t] = ids.dims();
         let values: Vec<i64> = ids.clone().into_data().convert::<i64>().to_vec().expect("ids");
-        let pad = self.config.pad_token_id.map(i64::from);
-        let positions: Vec<i64> = (0..b)
-            .map(|r| {
-                let row = &values[r * t..(r + 1) * t];
-                let last = row.iter().rposition(|&x| Some(x) != pad).unwrap_or(0);
-                (r * t + last) as i64
-            })
-            .collect();
+        let positions: Vec<i64> = (0..b).map(|r| (r * t + self.scored_position(&values[r * t..(r + 1) * t])) as i64).collect();
         let hidden = self.hidden(ids, None);
-        let h = hidden.dims()[2];
-        let picked = hidden.reshape([b * t, h]).select(0, Tensor::<B, 1, Int>::from_data(TensorData::new(positions, [b]), &self.device()));
-        score.forward(picked.reshape([1, b, h])).reshape([b, score.dims().1])
+        self.scores_at(hidden, positions)
+    }
+
+    /// Where transformers reads a sequence's score: its rightmost token that is not
+    /// `pad_token_id` (the last token when there is no pad id; 0 when all are padding).
+    pub fn scored_position(&self, row: &[i64]) -> usize {
+        let pad = self.config.pad_token_id.map(i64::from);
+        row.iter().rposition(|&x| Some(x) != pad).unwrap_or(0)
+    }
+
+    /// The score head applied to `hidden` at flat positions (`batch_index * T + t`).
+    ///
+    /// # Shapes
+    /// `hidden: [B, T, hidden]`, `positions: n` → `[n, num_labels]`
+    ///
+    /// # Panics
+    /// On a model without a `score` head.
+    pub fn scores_at(&self, hidden: Tensor<B, 3>, positions: Vec<i64>) -> Tensor<B, 2> {
+        let score = self.score.as_ref().expect("a sequence-classification model (score head)");
+        let [b, t, h] = hidden.dims();
+        let n = positions.len();
+        let picked = hidden.reshape([b * t, h]).select(0, Tensor::<B, 1, Int>::from_data(TensorData::new(positions, [n]), &self.device()));
+        score.forward(picked.reshape([1, n, h])).reshape([n, score.dims().1])
     }
 
     /// Logits for every position.

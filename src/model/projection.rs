@@ -121,6 +121,56 @@ impl<B: Backend> Base<B> {
 #[derive(Module, Debug)]
 pub enum Adapter<B: Backend> {
     Lora(Lora<B>),
+    /// A trained copy of the whole weight that replaces the base while the adapter is on
+    /// (PEFT's `modules_to_save`: a reward model's `score` head).
+    Full(Full<B>),
+}
+
+impl<B: Backend> Adapter<B> {
+    /// The trained tensors, in a fixed order (LoRA: A then B; a full copy: its weight).
+    pub fn tensors(&self) -> Vec<&Param<Tensor<B, 2>>> {
+        match self {
+            Adapter::Lora(l) => vec![&l.a, &l.b],
+            Adapter::Full(f) => vec![&f.weight],
+        }
+    }
+
+    /// The trained tensors, mutably, in the order of [`Adapter::tensors`].
+    pub fn tensors_mut(&mut self) -> Vec<&mut Param<Tensor<B, 2>>> {
+        match self {
+            Adapter::Lora(l) => vec![&mut l.a, &mut l.b],
+            Adapter::Full(f) => vec![&mut f.weight],
+        }
+    }
+
+    /// The same adapter outside autodiff (a frozen reference).
+    pub fn frozen(self) -> Self {
+        match self {
+            Adapter::Lora(l) => Adapter::Lora(l.frozen()),
+            Adapter::Full(f) => Adapter::Full(Full { weight: f.weight.set_require_grad(false) }),
+        }
+    }
+}
+
+/// A full trained copy of a projection's weight (PEFT's `modules_to_save`).
+#[derive(Module, Debug)]
+pub struct Full<B: Backend> {
+    /// `[in, out]` (PEFT stores `[out, in]` as `base_model.model.<module>.weight`).
+    pub weight: Param<Tensor<B, 2>>,
+}
+
+impl<B: Backend> Full<B> {
+    /// From a PyTorch-layout `[out, in]` matrix, in f32 (the optimizer's master weight).
+    pub fn from_peft(w: &[f32], d_in: usize, d_out: usize, device: &B::Device) -> Self {
+        Full { weight: Param::from_tensor(Tensor::from_data(TensorData::new(transpose(w, d_out, d_in), [d_in, d_out]), (device, DType::F32))) }
+    }
+
+    /// The weight in PyTorch's `[out, in]` layout, row-major f32.
+    pub fn to_peft(&self) -> Vec<f32> {
+        let [d_in, d_out] = self.weight.dims();
+        let w: Vec<f32> = self.weight.val().into_data().convert::<f32>().to_vec().expect("f32");
+        transpose(&w, d_in, d_out)
+    }
 }
 
 /// A linear layer with a frozen base and an optional adapter: `y = x W (+ b) (+ s · (x A) B)`.
@@ -145,11 +195,17 @@ pub struct Projection<B: Backend> {
 }
 
 impl<B: Backend> Projection<B> {
+    /// A frozen dense projection from a PyTorch-layout `[out, in]` matrix, without bias.
+    pub fn dense(w: &[f32], d_in: usize, d_out: usize, device: &B::Device) -> Self {
+        let base = Base::Dense(Param::from_tensor(tensor2(transpose(w, d_out, d_in), [d_in, d_out], device)).set_require_grad(false));
+        Projection { base, bias: None, adapter: None, reference: None, adapter_on: true, on_reference: false, shape: (d_in, d_out) }
+    }
+
     /// The LoRA adapter, if the projection has one.
     pub fn lora(&self) -> Option<&Lora<B>> {
         match &self.adapter {
             Some(Adapter::Lora(l)) => Some(l),
-            None => None,
+            _ => None,
         }
     }
 
@@ -163,6 +219,15 @@ impl<B: Backend> Projection<B> {
         match &self.base {
             Base::Nf4(q) => q.bytes(),
             Base::Dense(_) => 4 * self.shape.0 * self.shape.1,
+        }
+    }
+
+    /// A dense copy of the base weight in PyTorch's `[out, in]` layout (NF4 dequantized).
+    pub fn base_weight_peft(&self) -> Vec<f32> {
+        let (d_in, d_out) = self.shape;
+        match &self.base {
+            Base::Dense(w) => transpose(&w.val().into_data().convert::<f32>().to_vec::<f32>().expect("f32"), d_in, d_out),
+            Base::Nf4(q) => q.dequantize().into_data().convert::<f32>().to_vec().expect("f32"),
         }
     }
 
@@ -191,13 +256,15 @@ impl<B: Kernels> Projection<B> {
                 let (a, b) = l.weights_in(x.dtype());
                 ops::lora_linear(x.clone(), l.dropped_input(&x), w.val(), a, b, l.scale)
             }
+            // A trained copy replaces the base weight.
+            (_, Some(Adapter::Full(f))) => x.clone().matmul(f.weight.val().cast(x.dtype())),
             (Base::Dense(w), None) => x.clone().matmul(w.val()),
             // Dequantized for this forward (and again in the backward): never kept.
             (Base::Nf4(q), adapter) => {
                 let y = B::nf4_linear(x.clone(), q);
                 match adapter {
                     Some(Adapter::Lora(l)) => y + l.forward(x),
-                    None => y,
+                    _ => y,
                 }
             }
         };

@@ -12,6 +12,7 @@ pub mod optim;
 pub mod recipe;
 pub mod recompute;
 pub mod reference;
+pub mod reward;
 pub mod rewards;
 pub mod ref_free;
 pub mod run;

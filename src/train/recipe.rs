@@ -12,6 +12,8 @@ use super::grpo::GrpoSettings;
 use super::distill::DistillSettings;
 use crate::generate::GenerateOptions;
 use super::kto::KtoSettings;
+use super::reward::RewardSettings;
+use crate::loss::reward::RewardConfig;
 use super::rewards::RewardSpec;
 use super::ref_free::RefFreeSettings;
 use super::optim::Schedule;
@@ -85,7 +87,18 @@ pub struct Recipe {
     pub grpo: Option<GrpoSection>,
     /// Distillation settings (required with `train.method = "distill"`: the teacher).
     pub distill: Option<DistillSection>,
+    /// Reward-model settings (only with `train.method = "reward"`).
+    pub reward: Option<RewardSection>,
     pub output: OutputSection,
+}
+
+/// Reward-model settings, with TRL's `RewardConfig` names and defaults.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RewardSection {
+    /// Adds `c · mean((r_c + r_r)²)` to the loss (TRL's `center_rewards_coefficient`; off by
+    /// default) so that rewards stay centred on zero.
+    pub center_rewards_coefficient: Option<f64>,
 }
 
 /// Distillation settings (TRL GKD's names where it has them).
@@ -331,6 +344,7 @@ impl LoraSection {
             layers: None,
             base_model: None,
             init: self.init,
+            modules_to_save: Vec::new(),
         }
     }
 }
@@ -438,6 +452,9 @@ pub enum Method {
     Kto,
     Grpo,
     Distill,
+    /// A reward model: a score head on the decoder trained on preference pairs (TRL's
+    /// RewardTrainer).
+    Reward,
 }
 
 impl Method {
@@ -702,7 +719,7 @@ impl Recipe {
             return invalid("data.packing", "data.packing is for SFT; preference methods batch chosen and rejected sequences unpacked".into());
         }
         // A method's section only with that method.
-        let sections = [("dpo", Method::Dpo, self.dpo.is_some()), ("orpo", Method::Orpo, self.orpo.is_some()), ("cpo", Method::Cpo, self.cpo.is_some()), ("simpo", Method::Simpo, self.simpo.is_some()), ("kto", Method::Kto, self.kto.is_some()), ("grpo", Method::Grpo, self.grpo.is_some()), ("distill", Method::Distill, self.distill.is_some())];
+        let sections = [("dpo", Method::Dpo, self.dpo.is_some()), ("orpo", Method::Orpo, self.orpo.is_some()), ("cpo", Method::Cpo, self.cpo.is_some()), ("simpo", Method::Simpo, self.simpo.is_some()), ("kto", Method::Kto, self.kto.is_some()), ("grpo", Method::Grpo, self.grpo.is_some()), ("distill", Method::Distill, self.distill.is_some()), ("reward", Method::Reward, self.reward.is_some())];
         for (name, method, set) in sections {
             if set && t.method != method {
                 return invalid(name, format!("a [{name}] section is set but train.method is {:?} (set train.method = \"{name}\")", format!("{:?}", t.method).to_lowercase()));
@@ -793,6 +810,9 @@ impl Recipe {
                 }
             }
             _ => {}
+        }
+        if let Some(c) = self.reward.as_ref().and_then(|r| r.center_rewards_coefficient) {
+            non_negative("reward.center_rewards_coefficient", c)?;
         }
         if let Some(k) = &self.kto {
             positive("kto.beta", k.beta)?;
@@ -921,6 +941,20 @@ impl Recipe {
             generation: GenerateOptions { max_new_tokens: d.max_new_tokens, temperature: d.generation_temperature as f32, top_p: 1.0, seed: 0, ignore_eos: false, stop_ids },
             seed: self.train.seed,
         })
+    }
+
+    /// The reward model's settings.
+    pub fn reward_settings(&self) -> RewardSettings {
+        let r = self.reward.clone().unwrap_or_default();
+        let mut prepare = self.prepare_options();
+        prepare.overlong = Overlong::Drop;
+        RewardSettings {
+            config: RewardConfig { center_rewards_coefficient: r.center_rewards_coefficient },
+            train: self.data.train.clone(),
+            eval: self.data.eval.clone(),
+            prepare,
+            recompute: self.recompute(),
+        }
     }
 
     /// KTO's settings.

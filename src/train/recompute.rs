@@ -50,8 +50,8 @@ pub struct Forward<B: TrainBackend> {
     forwards: usize,
 }
 
-/// LoRA gradients `(dA, dB)` by projection path, from the recomputed blocks.
-pub type BlockGrads<B> = HashMap<String, (Tensor<<B as burn::tensor::backend::AutodiffBackend>::InnerBackend, 2>, Tensor<<B as burn::tensor::backend::AutodiffBackend>::InnerBackend, 2>)>;
+/// Adapter gradients by projection path (in `Adapter::tensors` order), from the recomputed blocks.
+pub type BlockGrads<B> = HashMap<String, Vec<Tensor<<B as burn::tensor::backend::AutodiffBackend>::InnerBackend, 2>>>;
 
 impl<B: TrainBackend> Forward<B> {
     pub fn new(recompute: Recompute) -> Self {
@@ -114,16 +114,15 @@ impl<B: TrainBackend> Forward<B> {
                 let y = layer.forward(x.clone(), &p.rope, p.mask.clone(), None);
                 let g = (y * Tensor::from_inner(grad)).sum().backward();
                 for (name, proj) in layer.projections() {
-                    if let Some(l) = proj.lora() {
-                        let (Some(da), Some(db)) = (l.a.val().grad(&g), l.b.val().grad(&g)) else { continue };
-                        match out.entry(format!("model.layers.{i}.{name}")) {
-                            std::collections::hash_map::Entry::Occupied(mut e) => {
-                                let (a, b) = e.get().clone();
-                                e.insert((a + da, b + db));
-                            }
-                            std::collections::hash_map::Entry::Vacant(e) => {
-                                e.insert((da, db));
-                            }
+                    let Some(adapter) = &proj.adapter else { continue };
+                    let Some(d) = adapter.tensors().into_iter().map(|t| t.val().grad(&g)).collect::<Option<Vec<_>>>() else { continue };
+                    match out.entry(format!("model.layers.{i}.{name}")) {
+                        std::collections::hash_map::Entry::Occupied(mut e) => {
+                            let sum = e.get().iter().zip(d).map(|(a, b)| a.clone() + b).collect();
+                            e.insert(sum);
+                        }
+                        std::collections::hash_map::Entry::Vacant(e) => {
+                            e.insert(d);
                         }
                     }
                 }

@@ -18,7 +18,7 @@ use super::run_dir::RunDir;
 use super::state::{DataOrder, Fingerprint, TrainState};
 use super::step::trainable_params;
 use super::TrainError;
-use crate::adapters::attach::{attach_new, make_trainable};
+use crate::adapters::attach::{attach_new, make_trainable, save_modules};
 use crate::adapters::peft;
 use crate::data::tokenizer::TextTokenizer;
 use crate::ops::TrainBackend;
@@ -76,6 +76,13 @@ pub fn run<B: TrainBackend>(recipe: &Recipe, device: B::Device, progress: &dyn P
     } else {
         crate::model::load::<B>(&recipe.model.path, &device, options)?
     };
+    if recipe.train.method == Method::Reward && model.score.is_none() {
+        // TRL's RewardTrainer on a causal checkpoint: AutoModelForSequenceClassification with one
+        // label, a fresh head, the tokenizer's pad id (else its eos) where the config has none.
+        let pad = tok.pad_token_id().or_else(|| model.config.eos_token_ids.first().copied());
+        let std = model.config.initializer_range;
+        model.make_sequence_classifier(1, pad, std, recipe.train.seed);
+    }
     let (base_bytes, base_params) = model.block_weight_bytes();
     progress.status(&format!("reading and tokenizing {}", recipe.data.train.display()));
     let mut objective: Box<dyn Objective<B>> = match recipe.train.method {
@@ -95,6 +102,7 @@ pub fn run<B: TrainBackend>(recipe: &Recipe, device: B::Device, progress: &dyn P
             let teacher = crate::loss::distill::load_teacher::<B::InnerBackend>(&s.teacher, &recipe.model.path, &device, options)?;
             Box::new(super::distill::Distill::new(&tok, &template, &s, teacher)?)
         }
+        Method::Reward => Box::new(super::reward::RewardTraining::new(&tok, &template, &recipe.reward_settings(), progress)?),
         Method::Orpo | Method::Cpo | Method::Simpo => Box::new(super::ref_free::RefFreeTraining::new(&tok, &template, &recipe.ref_free_settings(), progress)?),
     };
     let n_examples = objective.len();
@@ -123,10 +131,14 @@ pub fn run<B: TrainBackend>(recipe: &Recipe, device: B::Device, progress: &dyn P
         Some(dir) => Some(peft::PeftAdapter::open(dir)?),
         None => None,
     };
-    let lora_config = match &start {
+    let mut lora_config = match &start {
         Some(a) => a.config.clone(),
         None => recipe.lora.config(),
     };
+    // A reward model's head is trained in full (PEFT's SEQ_CLS adds these two names).
+    if recipe.train.method == Method::Reward && !lora_config.saves("score") {
+        lora_config.modules_to_save.extend(["classifier".to_string(), "score".to_string()]);
+    }
     match (&loaded, &start) {
         (Some(ck), _) => {
             peft::PeftAdapter::open(&ck.dir.join("adapter"))?.attach(&mut model)?;
@@ -140,6 +152,9 @@ pub fn run<B: TrainBackend>(recipe: &Recipe, device: B::Device, progress: &dyn P
             attach_new(&mut model, &lora_config, recipe.train.seed)?;
         }
     }
+    // Modules trained in full that the loaded adapter did not hold (a reward model's head when
+    // training starts from a causal LM's adapter).
+    save_modules(&mut model, &lora_config);
     // The reference of DPO is the starting adapter, frozen (unless the recipe asks for the base).
     if let (Some(a), true) = (&start, recipe.reference_is_start_adapter()) {
         a.attach_reference(&mut model)?;

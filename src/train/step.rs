@@ -6,17 +6,16 @@ use burn::prelude::*;
 use super::objective::StepSettings;
 use super::optim::{clip_global_norm, flatten, unflatten, AdamW};
 use super::recompute::{Forward, Recompute};
-use crate::model::projection::Adapter;
 use crate::model::Decoder;
 use crate::ops::TrainBackend;
 
-/// The trainable tensors (LoRA A and B of every adapted projection), in a fixed order.
+/// The trainable tensors (LoRA A and B of every adapted projection, the weight of a module
+/// trained in full), in a fixed order.
 pub fn trainable_params<B: TrainBackend>(model: &mut Decoder<B>) -> Vec<Tensor<B::InnerBackend, 2>> {
     let mut out = Vec::new();
     for (_, p) in model.projections_mut() {
-        if let Some(l) = p.lora() {
-            out.push(l.a.val().inner());
-            out.push(l.b.val().inner());
+        if let Some(a) = &p.adapter {
+            out.extend(a.tensors().into_iter().map(|t| t.val().inner()));
         }
     }
     out
@@ -25,9 +24,10 @@ pub fn trainable_params<B: TrainBackend>(model: &mut Decoder<B>) -> Vec<Tensor<B
 fn set_params<B: TrainBackend>(model: &mut Decoder<B>, params: Vec<Tensor<B::InnerBackend, 2>>) {
     let mut it = params.into_iter();
     for (_, p) in model.projections_mut() {
-        if let Some(Adapter::Lora(l)) = &mut p.adapter {
-            l.a = Param::from_tensor(Tensor::from_inner(it.next().expect("param count")).require_grad());
-            l.b = Param::from_tensor(Tensor::from_inner(it.next().expect("param count")).require_grad());
+        if let Some(a) = &mut p.adapter {
+            for t in a.tensors_mut() {
+                *t = Param::from_tensor(Tensor::from_inner(it.next().expect("param count")).require_grad());
+            }
         }
     }
 }
@@ -56,16 +56,16 @@ pub fn train_step<B: TrainBackend>(
         let mut from_blocks = forward.backward_blocks(model, &g);
         let mut this = Vec::new();
         for (name, p) in model.projections_mut() {
-            if let Some(lo) = p.lora() {
-                let (a, b) = (lo.a.val(), lo.b.val());
-                let (ga, gb) = match (a.grad(&g), b.grad(&g), from_blocks.remove(&name)) {
-                    (Some(ga), Some(gb), Some((ra, rb))) => (ga + ra, gb + rb),
-                    (Some(ga), Some(gb), None) => (ga, gb),
-                    (_, _, Some((ra, rb))) => (ra, rb),
-                    _ => (a.inner().zeros_like(), b.inner().zeros_like()),
-                };
-                this.push(ga);
-                this.push(gb);
+            let Some(adapter) = &p.adapter else { continue };
+            let recomputed = from_blocks.remove(&name);
+            for (i, t) in adapter.tensors().into_iter().enumerate() {
+                let t = t.val();
+                this.push(match (t.grad(&g), recomputed.as_ref().map(|r| r[i].clone())) {
+                    (Some(d), Some(r)) => d + r,
+                    (Some(d), None) => d,
+                    (None, Some(r)) => r,
+                    (None, None) => t.inner().zeros_like(),
+                });
             }
         }
         let this = flatten(&this);

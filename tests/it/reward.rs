@@ -68,3 +68,125 @@ fn reward_loss_and_metrics_match_trl() {
     assert_eq!(c, 1, "{err}");
     assert!(err.contains("no score head"), "{err}");
 }
+
+fn s(p: &std::path::Path) -> &str {
+    p.to_str().unwrap()
+}
+
+fn close(got: f64, want: f64, rel: f64, what: &str) {
+    assert!((got - want).abs() <= rel * want.abs().max(1e-3), "{what}: {got} vs {want}");
+}
+
+/// `dpo/prefs.jsonl` with the oracle's `margin` column added.
+fn prefs_with_margins(dir: &std::path::Path, margins: &[f64]) -> std::path::PathBuf {
+    let text = std::fs::read_to_string(fixtures().join("dpo/prefs.jsonl")).unwrap();
+    let lines: Vec<String> = text
+        .lines()
+        .zip(margins)
+        .map(|(l, m)| {
+            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+            v["margin"] = (*m).into();
+            v.to_string()
+        })
+        .collect();
+    let p = dir.join("prefs-margin.jsonl");
+    std::fs::write(&p, lines.join("\n") + "\n").unwrap();
+    p
+}
+
+#[test]
+fn the_margin_column_enters_the_loss_not_the_metrics() {
+    let o = json(&fixtures().join("reward/expected.json"));
+    let want = &o["loss_variants"]["margin"];
+    let margins: Vec<f64> = want["margins"].as_array().unwrap().iter().map(|m| m.as_f64().unwrap()).collect();
+    let data = prefs_with_margins(&scratch("reward-margin"), &margins);
+    let model = fixtures().join("reward/model");
+    let (c, out, err) = ft(&["eval", "--objective", "reward", "--template", "chatml", "--json", "--model", s(&model), "--data", s(&data)]);
+    assert_eq!(c, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    close(v["loss"].as_f64().unwrap(), want["loss"].as_f64().unwrap(), 1e-5, "loss with margins");
+    for (k, w) in want["metrics"].as_object().unwrap() {
+        close(v[k].as_f64().unwrap(), w.as_f64().unwrap(), 1e-5, k);
+    }
+}
+
+#[test]
+fn a_seq_cls_lora_adapter_scores_as_peft() {
+    // PEFT's SEQ_CLS adapter: LoRA on every linear of the blocks and a trained copy of the
+    // `score` head (`modules_to_save`, written ["score", "classifier", "score"]).
+    let o = json(&fixtures().join("reward/expected.json"));
+    let (model_path, adapter) = (fixtures().join("reward/model"), fixtures().join("reward/adapter"));
+    let mut model = ft::model::load::<ft::backend::Cpu>(&model_path, &Default::default(), Default::default()).unwrap();
+    let a = ft::adapters::peft::PeftAdapter::open(&adapter).unwrap();
+    assert_eq!(a.attach(&mut model).unwrap(), 15, "14 LoRA projections and the score head");
+    let tok = ft::data::tokenizer::TextTokenizer::from_dir(&model_path).unwrap();
+    let template = tok.template(ft::data::tokenizer::TemplateChoice::Chatml).unwrap();
+    let (pairs, _, _) = ft::data::prepare::pairs(&tok, &template, &fixtures().join("dpo/prefs.jsonl"), &prepare_options(4096)).unwrap();
+    let got = ft::loss::reward::score_pairs(&model, &pairs);
+    for (g, w) in got.iter().zip(o["adapter"]["pairs"].as_array().unwrap()) {
+        for (side, r) in [("chosen", g.chosen), ("rejected", g.rejected)] {
+            let want = w[side]["reward"].as_f64().unwrap();
+            assert!((r - want).abs() <= 1e-4, "{side} reward {r} vs PEFT's {want}");
+        }
+    }
+    // The same through `ft eval --adapter`: TRL's loss and metrics on the PeftModel.
+    let data = fixtures().join("dpo/prefs.jsonl");
+    let (c, out, err) = ft(&["eval", "--objective", "reward", "--template", "chatml", "--json", "--model", s(&model_path), "--adapter", s(&adapter), "--data", s(&data)]);
+    assert_eq!(c, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    close(v["loss"].as_f64().unwrap(), o["adapter"]["loss_center_none"].as_f64().unwrap(), 1e-5, "adapter loss");
+    for (k, w) in o["adapter"]["metrics_center_none"].as_object().unwrap() {
+        close(v[k].as_f64().unwrap(), w.as_f64().unwrap(), 1e-5, k);
+    }
+}
+
+#[test]
+fn reward_gradient_matches_trl_per_tensor() {
+    // ∂loss/∂θ for every trainable tensor of the PeftModel (LoRA A/B and the score copy) against
+    // `reward/grad_adapter.safetensors`, through the functions training uses.
+    use burn::tensor::Tensor;
+    type B = burn::backend::Autodiff<ft::backend::Cpu>;
+    let o = json(&fixtures().join("reward/expected.json"));
+    let model_path = fixtures().join("reward/model");
+    let mut model = ft::model::load::<B>(&model_path, &Default::default(), Default::default()).unwrap();
+    let a = ft::adapters::peft::PeftAdapter::open(&fixtures().join("reward/adapter")).unwrap();
+    a.attach(&mut model).unwrap();
+    ft::adapters::attach::make_trainable(&mut model, 0.0);
+    let tok = ft::data::tokenizer::TextTokenizer::from_dir(&model_path).unwrap();
+    let template = tok.template(ft::data::tokenizer::TemplateChoice::Chatml).unwrap();
+    let (pairs, _, _) = ft::data::prepare::pairs(&tok, &template, &fixtures().join("dpo/prefs.jsonl"), &prepare_options(4096)).unwrap();
+    let n = pairs.len();
+    let sides: Vec<&[u32]> = pairs.iter().map(|p| p.chosen.ids.as_slice()).chain(pairs.iter().map(|p| p.rejected.ids.as_slice())).collect();
+    let (ids, positions) = ft::loss::reward::score_batch(&model, &sides, &Default::default());
+    let r: Tensor<B, 1> = model.scores_at(model.hidden(ids, None), positions).reshape([2 * n]);
+    let cfg = ft::loss::reward::RewardConfig::default();
+    let loss = cfg.loss_tensor(r.clone().slice([0..n]), r.slice([n..2 * n]), &vec![0.0; n]) / n as f64;
+    let grads = loss.backward();
+    let (mut sq, mut checked) = (0.0f64, 0);
+    let file = fixtures().join("reward/grad_adapter.safetensors");
+    for (name, p) in model.projections_mut() {
+        let Some(adapter) = &p.adapter else { continue };
+        let names: Vec<String> = match adapter {
+            ft::model::projection::Adapter::Lora(_) => {
+                let (an, bn) = ft::formats::peft::tensor_names(&name);
+                vec![an, bn]
+            }
+            ft::model::projection::Adapter::Full(_) => vec![ft::formats::peft::saved_module_name(&name)],
+        };
+        for (t, key) in adapter.tensors().into_iter().zip(names) {
+            // ft holds [in, out] (A, B, the head); PEFT's files [out, in].
+            let g = t.val().grad(&grads).unwrap();
+            let [rows, cols] = g.dims();
+            let g: Vec<f32> = g.into_data().convert::<f32>().to_vec().unwrap();
+            let g = ft::model::projection::transpose(&g, rows, cols);
+            let (want, _) = read_f32(&file, &key);
+            let scale = want.iter().fold(0f32, |m, x| m.max(x.abs())).max(1e-6);
+            assert!(max_abs_diff(&g, &want) <= 1e-4 * scale.max(1.0), "{key}: max diff {} (largest {scale})", max_abs_diff(&g, &want));
+            sq += g.iter().map(|&x| (x as f64).powi(2)).sum::<f64>();
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, 29, "all LoRA tensors and the score copy");
+    let want = o["adapter"]["grad_norm"]["value"].as_f64().unwrap();
+    close(sq.sqrt(), want, 1e-4, "grad norm");
+}
