@@ -65,9 +65,18 @@ pub fn merge(base: MergeBase, adapter: &Path, out: &Path, dtype: Option<OutDtype
         MergeBase::AsTrained(b) => (b, AdapterFiles::quantized_base(adapter)),
     };
     // Refuse what ft cannot load (unknown architecture, bad config) before writing anything.
-    ModelConfig::from_dir(base)?;
+    let config = ModelConfig::from_dir(base)?;
     let ad = PeftAdapter::open(adapter)?;
     let ck = TensorFiles::open(base)?;
+    // A sequence-classification adapter's trained head (`modules_to_save`), `[labels, hidden]`;
+    // on a causal base the output becomes a `*ForSequenceClassification` checkpoint.
+    let head = ad.files.saved_module_shape("score").filter(|_| ad.config.saves("score"));
+    let to_classifier = head.is_some() && !ck.contains("score.weight");
+    if let Some(shape) = &head {
+        if shape.len() != 2 || shape[1] != config.hidden_size {
+            return Err(ConvertError::invalid(adapter, format!("its score head is {shape:?}, not [labels, {}]", config.hidden_size)));
+        }
+    }
     let modules: Vec<String> = ck.names().filter_map(|n| n.strip_suffix(".weight")).map(String::from).collect();
     ad.check_targets(modules.iter().map(String::as_str))?;
     let quantized_base = ck.names().any(|n| n.ends_with(bnb::STATE_SUFFIX));
@@ -79,9 +88,14 @@ pub fn merge(base: MergeBase, adapter: &Path, out: &Path, dtype: Option<OutDtype
     let scale = ad.config.scale() as f32;
     let mut writer = ModelDirWriter::new(out)?;
     let mut merged = 0;
+    let n_files = ck.files().len();
     for (i, file) in ck.files().into_iter().enumerate() {
         let mut tensors: RawTensors = Vec::new();
         for name in ck.shard_names(i) {
+            if to_classifier && name == "lm_head.weight" {
+                ck.skip(&name); // a classifier has no LM head
+                continue;
+            }
             if quantized_base && bnb::is_statistic(&name) {
                 ck.skip(&name); // bitsandbytes statistics: folded into the dequantized weight
                 continue;
@@ -112,7 +126,12 @@ pub fn merge(base: MergeBase, adapter: &Path, out: &Path, dtype: Option<OutDtype
                 (Some(m), [d_out, d_in]) => ad.matrices(m, *d_in, *d_out)?,
                 _ => None,
             };
-            let data = if let Some((a, b)) = lora {
+            let data = if let (Some(_), "score.weight", [d_out, d_in]) = (&head, name.as_str(), shape.as_slice()) {
+                // The trained head replaces the base's.
+                let w = ad.files.saved_module("score", *d_in, *d_out)?.expect("shape read above");
+                merged += 1;
+                encode(&w, out_dtype)
+            } else if let Some((a, b)) = lora {
                 let mut w = to_f32(bytes, src_dtype).ok_or_else(not_float)?;
                 add_lora_delta(&mut w, &a, &b, ad.config.r, shape[1], scale);
                 if let Some(i) = w.iter().position(|x| !x.is_finite()) {
@@ -128,6 +147,14 @@ pub fn merge(base: MergeBase, adapter: &Path, out: &Path, dtype: Option<OutDtype
             };
             tensors.push((name, out_dtype, shape, data));
         }
+        if let (true, Some(shape), true) = (to_classifier, &head, i + 1 == n_files) {
+            let (labels, hidden) = (shape[0], shape[1]);
+            let w = ad.files.saved_module("score", hidden, labels)?.expect("shape read above");
+            let embed_dtype = ck.info("model.embed_tokens.weight").map(|(_, d)| d).unwrap_or(Dtype::F32);
+            let out_dtype = dtype.map(|d| d.dtype()).unwrap_or(embed_dtype);
+            tensors.push(("score.weight".into(), out_dtype, vec![labels, hidden], encode(&w, out_dtype)));
+            merged += 1;
+        }
         writer.write_shard(&file.file_name().expect("file").to_string_lossy(), &tensors, ck.shard_metadata(i))?;
     }
     ad.files.tensors.check_all_used().map_err(|e| {
@@ -137,8 +164,12 @@ pub fn merge(base: MergeBase, adapter: &Path, out: &Path, dtype: Option<OutDtype
         return Err(ConvertError::invalid(adapter, format!("no adapter tensor matched a weight of {}", base.display())));
     }
     // Everything else the base directory holds: config, tokenizer, generation config, index.
+    let pad = ad.config.saves("score").then(|| classifier_pad_id(base, &config)).flatten();
     writer.copy_sidecars(base, |config| {
-        if dtype.is_none() && !quantized_base {
+        if let (true, Some(o), Some(shape)) = (to_classifier, config.as_object_mut(), &head) {
+            as_classifier_config(o, shape[0], pad);
+        }
+        if dtype.is_none() && !quantized_base && !to_classifier {
             return false;
         }
         if let Some(o) = config.as_object_mut() {
@@ -156,6 +187,34 @@ pub fn merge(base: MergeBase, adapter: &Path, out: &Path, dtype: Option<OutDtype
     let shards = ck.files().len();
     let out = writer.commit()?;
     Ok(MergeReport { out, merged_modules: merged, shards })
+}
+
+/// The pad id a classifier made from `base` reads scores before: the config's, else the
+/// tokenizer's `pad_token`, else the first eos id (as TRL's RewardTrainer sets it).
+fn classifier_pad_id(base: &Path, config: &ModelConfig) -> Option<u32> {
+    config.pad_token_id.or_else(|| crate::data::tokenizer::TextTokenizer::from_dir(base).ok()?.pad_token_id())
+    .or_else(|| config.eos_token_ids.first().copied())
+}
+
+/// A causal LM's `config.json` rewritten as transformers saves a `*ForSequenceClassification`
+/// with `labels` labels: the architecture, `id2label`/`label2id` (`LABEL_i`) and `pad_token_id`.
+fn as_classifier_config(o: &mut serde_json::Map<String, serde_json::Value>, labels: usize, pad: Option<u32>) {
+    if let Some(archs) = o.get_mut("architectures").and_then(|a| a.as_array_mut()) {
+        for a in archs.iter_mut() {
+            if let Some(name) = a.as_str() {
+                *a = name.replace("ForCausalLM", "ForSequenceClassification").into();
+            }
+        }
+    }
+    let id2label: serde_json::Map<String, serde_json::Value> = (0..labels).map(|i| (i.to_string(), format!("LABEL_{i}").into())).collect();
+    let label2id: serde_json::Map<String, serde_json::Value> = (0..labels).map(|i| (format!("LABEL_{i}"), i.into())).collect();
+    o.insert("id2label".into(), id2label.into());
+    o.insert("label2id".into(), label2id.into());
+    if o.get("pad_token_id").is_none_or(|p| p.is_null()) {
+        if let Some(p) = pad {
+            o.insert("pad_token_id".into(), p.into());
+        }
+    }
 }
 
 #[cfg(test)]

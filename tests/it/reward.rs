@@ -190,3 +190,94 @@ fn reward_gradient_matches_trl_per_tensor() {
     let want = o["adapter"]["grad_norm"]["value"].as_f64().unwrap();
     close(sq.sqrt(), want, 1e-4, "grad norm");
 }
+
+fn reward_recipe(dir: &std::path::Path, model: &std::path::Path, adapter: Option<&std::path::Path>, train: &str) -> std::path::PathBuf {
+    let r = dir.join("recipe.toml");
+    let data = fixtures().join("dpo/prefs.jsonl");
+    let adapter = adapter.map(|a| format!("adapter = \"{}\"\n", a.display())).unwrap_or_default();
+    std::fs::write(
+        &r,
+        format!(
+            "[model]\npath = \"{}\"\n{adapter}[data]\ntrain = \"{}\"\neval = \"{}\"\ntemplate = \"chatml\"\n[lora]\nr = 4\nalpha = 8\ntarget_modules = [\"all-linear\"]\n\
+             [train]\nmethod = \"reward\"\nmicro_batch_size = 3\nseed = 1\n{train}\n[output]\ndir = \"{}\"\n",
+            model.display(),
+            data.display(),
+            data.display(),
+            dir.join("run").display()
+        ),
+    )
+    .unwrap();
+    r
+}
+
+fn metrics(run: &std::path::Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(run.join("metrics.jsonl")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
+#[test]
+fn a_reward_training_step_has_trls_loss_and_gradient() {
+    // `ft train` from PEFT's SEQ_CLS adapter: the first step's loss, metrics and gradient norm
+    // (all 29 trainable tensors, before clipping) are TRL's on that PeftModel.
+    let d = scratch("reward-step");
+    let o = json(&fixtures().join("reward/expected.json"));
+    let r = reward_recipe(&d, &fixtures().join("reward/model"), Some(&fixtures().join("reward/adapter")), "max_steps = 1\nlr = 1e-6");
+    let (c, _, err) = ft(&["train", s(&r), "--quiet"]);
+    assert_eq!(c, 0, "{err}");
+    let first = &metrics(&d.join("run"))[0];
+    close(first["loss"].as_f64().unwrap(), o["adapter"]["loss_center_none"].as_f64().unwrap(), 1e-5, "loss");
+    close(first["grad_norm"].as_f64().unwrap(), o["adapter"]["grad_norm"]["value"].as_f64().unwrap(), 1e-4, "grad_norm");
+    for k in ["accuracy", "margin", "min_reward", "mean_reward", "max_reward"] {
+        close(first[k].as_f64().unwrap(), o["adapter"]["metrics_center_none"][k].as_f64().unwrap(), 1e-5, k);
+    }
+}
+
+#[test]
+fn a_reward_model_trained_from_a_causal_lm_ranks_the_pairs_and_merges() {
+    // From the causal `models/llama`: a fresh score head (N(0, 0.02²), trained in full) and LoRA
+    // on the blocks learn to rank the three training pairs.
+    let d = scratch("reward-train");
+    let r = reward_recipe(&d, &model_dir("llama"), None, "max_steps = 30\nlr = 2e-2\neval_every = 30");
+    let (c, _, err) = ft(&["train", s(&r), "--quiet"]);
+    assert_eq!(c, 0, "{err}");
+    let m = metrics(&d.join("run"));
+    let first_loss = m[0]["loss"].as_f64().unwrap();
+    // The fresh head scores everything near 0: the loss starts at about ln 2.
+    assert!((first_loss - std::f64::consts::LN_2).abs() < 0.02, "{first_loss}");
+    let last = m.iter().rfind(|l| l.get("eval_loss").is_some()).unwrap();
+    assert_eq!(last["eval_accuracy"].as_f64().unwrap(), 1.0, "{last}");
+    let eval_loss = last["eval_loss"].as_f64().unwrap();
+    assert!(eval_loss < 0.2, "{last}");
+    // The adapter is PEFT's SEQ_CLS layout: the head saved whole under its module name.
+    let adapter = d.join("run/adapter");
+    let cfg = json(&adapter.join("adapter_config.json"));
+    assert_eq!(cfg["task_type"], "SEQ_CLS");
+    assert_eq!(cfg["modules_to_save"], serde_json::json!(["classifier", "score"]));
+    let (_, shape) = read_f32(&adapter.join("adapter_model.safetensors"), "base_model.model.score.weight");
+    assert_eq!(shape, vec![1, 64]);
+    // Loaded back onto the causal base (as PEFT onto AutoModelForSequenceClassification), it
+    // scores what training's last eval measured.
+    let data = fixtures().join("dpo/prefs.jsonl");
+    let eval = |model: &std::path::Path, adapter: Option<&std::path::Path>| {
+        let mut args = vec!["eval", "--objective", "reward", "--template", "chatml", "--json", "--model", s(model), "--data", s(&data)];
+        if let Some(a) = adapter {
+            args.extend(["--adapter", s(a)]);
+        }
+        let (c, out, err) = ft(&args);
+        assert_eq!(c, 0, "{err}");
+        serde_json::from_str::<serde_json::Value>(&out).unwrap()
+    };
+    let v = eval(&model_dir("llama"), Some(&adapter));
+    close(v["loss"].as_f64().unwrap(), eval_loss, 1e-5, "ft eval --adapter vs the run's eval");
+    // Merged: a checkpoint transformers loads as LlamaForSequenceClassification.
+    let merged = d.join("merged");
+    let (c, _, err) = ft(&["merge", "--model", s(&model_dir("llama")), "--adapter", s(&adapter), "--out", s(&merged)]);
+    assert_eq!(c, 0, "{err}");
+    let config = json(&merged.join("config.json"));
+    assert_eq!(config["architectures"], serde_json::json!(["LlamaForSequenceClassification"]));
+    assert_eq!((config["id2label"]["0"].as_str(), config["pad_token_id"].as_u64()), (Some("LABEL_0"), Some(0)));
+    let names: Vec<String> = ft::formats::safetensors::TensorFiles::open(&merged).unwrap().names().map(String::from).collect();
+    assert!(names.contains(&"score.weight".to_string()) && !names.contains(&"lm_head.weight".to_string()), "{names:?}");
+    let v = eval(&merged, None);
+    close(v["loss"].as_f64().unwrap(), eval_loss, 1e-4, "the merged model's loss");
+    assert_eq!(v["accuracy"].as_f64().unwrap(), 1.0);
+}
