@@ -20,7 +20,7 @@ LAYERS = [
     ["model"],
     ["data", "adapters", "generate"],
     ["loss", "convert"],
-    ["train", "eval", "geneval"],
+    ["train", "eval", "geneval", "score"],
     ["cli"],
     ["main"],
 ]

@@ -16,7 +16,7 @@ use crate::data::tokenizer::{TextTokenizer, TokenizerError};
 use crate::generate::{generate_batch, GenerateOptions};
 use crate::model::Decoder;
 use crate::ops::Kernels;
-use crate::train::rewards::{score, RewardError, RewardSpec, ToScore};
+use crate::train::rewards::{RewardError, RewardKind, RewardSpec, Scorer, ToScore};
 
 /// What a generation eval does.
 #[derive(Debug, Clone)]
@@ -29,15 +29,16 @@ pub struct GenEvalSettings {
     pub samples: usize,
     /// Sequences generated together.
     pub batch: usize,
-    /// An answer passes with a score ≥ this (default: the sum of the positive weights, i.e.
-    /// every rule met).
+    /// An answer passes with a score ≥ this (default: the sum of the positive weights of the
+    /// rule and command scorers, i.e. every rule met; a reward model's weight is left out, so
+    /// that with it alone a positive reward passes).
     pub pass_threshold: Option<f64>,
 }
 
 impl GenEvalSettings {
     /// The pass threshold in force.
     pub fn threshold(&self) -> f64 {
-        self.pass_threshold.unwrap_or_else(|| self.scorers.iter().map(|s| s.weight.max(0.0)).sum())
+        self.pass_threshold.unwrap_or_else(|| self.scorers.iter().filter(|s| s.kind != RewardKind::Model).map(|s| s.weight.max(0.0)).sum())
     }
 }
 
@@ -158,7 +159,7 @@ pub fn sign_test(wins: usize, losses: usize) -> f64 {
 /// Answers every prompt `samples` times and scores the answers.
 pub fn run<B: Kernels>(model: &Decoder<B>, tok: &TextTokenizer, template: &ChatTemplate, records: &[PromptRecord], s: &GenEvalSettings) -> Result<(Vec<Answer>, Summary), GenEvalError> {
     let start = Instant::now();
-    let regexes = s.scorers.iter().map(RewardSpec::check).collect::<Result<Vec<_>, _>>()?;
+    let scorers = s.scorers.iter().map(|spec| Scorer::new::<B>(spec.clone(), &model.device())).collect::<Result<Vec<_>, _>>()?;
     let mut prompts = Vec::with_capacity(records.len());
     for r in records {
         let text = template.render_with_tools(&r.prompt, r.tools.as_ref(), true).map_err(|e| GenEvalError::Template { at: r.at.to_string(), msg: format!("{e:#}") })?;
@@ -196,11 +197,11 @@ pub fn run<B: Kernels>(model: &Decoder<B>, tok: &TextTokenizer, template: &ChatT
     // Scoring, one call per scorer over every answer (one process per command scorer).
     let items: Vec<ToScore> = answers
         .iter()
-        .map(|a| ToScore { prompt: &prompts[a.index].0, completion: &a.completion, tokens: a.ids.len(), fields: &records[a.index].fields })
+        .map(|a| ToScore { prompt: &prompts[a.index].0, messages: &records[a.index].prompt, completion: &a.completion, tokens: a.ids.len(), fields: &records[a.index].fields })
         .collect();
     let mut per: Vec<(String, f64, Vec<f64>)> = Vec::new();
-    for (spec, re) in s.scorers.iter().zip(&regexes) {
-        per.push((spec.name.clone(), spec.weight, score(spec, re.as_ref(), &items)?));
+    for scorer in &scorers {
+        per.push((scorer.spec.name.clone(), scorer.spec.weight, scorer.score(&items)?));
     }
     drop(items);
     let threshold = s.threshold();

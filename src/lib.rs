@@ -9,7 +9,7 @@
 //! 3. [`model`] (one decoder; the projection seam);
 //! 4. [`data`], [`adapters`], [`generate`];
 //! 5. [`loss`] (shared by training and evaluation), [`convert`] (merge, quantize, import);
-//! 6. [`train`], [`eval`], [`geneval`] (generation evals);
+//! 6. [`train`], [`eval`], [`geneval`] (generation evals), [`score`] (reward-model scoring);
 //! 7. [`cli`] (argument parsing only), then `main`.
 
 pub mod atomic;
@@ -31,6 +31,7 @@ pub mod loss;
 
 pub mod eval;
 pub mod geneval;
+pub mod score;
 pub mod train;
 
 pub mod cli;

@@ -23,7 +23,8 @@ pub struct GenerateEvalArgs {
     pub generate: bool,
     /// A scorer (repeat for several; scores are weighted and summed): `regex:PATTERN`,
     /// `answer:FIELD` (the whole answer equals the record's FIELD, case and spacing folded),
-    /// `number:FIELD` (the last number of the answer equals FIELD's), `command:PROGRAM ARGS...`
+    /// `number:FIELD` (the last number of the answer equals FIELD's), `model:DIR` (a reward
+    /// model's score of the conversation; give `--pass-threshold`), `command:PROGRAM ARGS...`
     /// (split at spaces; it reads one JSON object per answer on stdin and prints one number per
     /// line), or a TOML
     /// inline table with the keys of GRPO's `[[grpo.rewards]]`, e.g.
@@ -78,17 +79,18 @@ fn scorer(arg: &str, k: usize) -> Result<RewardSpec, UsageError> {
     let table = if arg.trim_start().starts_with('{') {
         arg.to_string()
     } else {
-        let (kind, value) = arg.split_once(':').ok_or_else(|| bad("expected KIND:VALUE (regex, answer, number, command) or a TOML inline table".into()))?;
+        let (kind, value) = arg.split_once(':').ok_or_else(|| bad("expected KIND:VALUE (regex, answer, number, command, model) or a TOML inline table".into()))?;
         let v = toml::Value::String(value.to_string()).to_string();
         match kind {
             "regex" => format!("{{kind = \"regex\", pattern = {v}}}"),
             "answer" => format!("{{kind = \"answer\", field = {v}}}"),
             "number" => format!("{{kind = \"number\", field = {v}, extract = \"last_number\"}}"),
+            "model" => format!("{{kind = \"model\", model = {v}}}"),
             "command" => {
                 let argv: Vec<String> = value.split_whitespace().map(|w| toml::Value::String(w.to_string()).to_string()).collect();
                 format!("{{kind = \"command\", command = [{}]}}", argv.join(", "))
             }
-            other => return Err(bad(format!("unknown scorer kind {other:?} (regex, answer, number, command)"))),
+            other => return Err(bad(format!("unknown scorer kind {other:?} (regex, answer, number, command, model)"))),
         }
     };
     let mut value: toml::Table = toml::from_str(&format!("s = {table}")).map_err(|e| bad(format!("not a TOML inline table: {e}")))?;

@@ -8,6 +8,7 @@ pub mod data;
 pub mod eval;
 pub mod eval_generate;
 pub mod generate;
+pub mod score;
 pub mod train;
 
 use anyhow::Result;
@@ -61,6 +62,9 @@ pub enum Command {
     /// Mean next-token loss over the assistant tokens of a ChatML JSONL dataset; with
     /// `--objective`, a preference objective's metrics; with `--generate`, scored answers.
     Eval(Box<eval::EvalArgs>),
+    /// A reward model's scores for conversations, prompt-completion records or preference pairs
+    /// (JSONL in, the records with their rewards out).
+    Score(score::ScoreArgs),
     /// Merge a LoRA adapter into the base weights (W + scale·B·A in f32), writing a plain checkpoint.
     Merge(convert::MergeArgs),
     /// Quantize a model's decoder linear weights to bitsandbytes NF4 (the `*-bnb-4bit` format
@@ -79,6 +83,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Recipe(c) => train::run_recipe(c),
         Command::Generate(a) => generate::run(a),
         Command::Eval(a) => eval::run(*a),
+        Command::Score(a) => score::run(a),
         Command::Merge(a) => convert::run_merge(a),
         Command::ImportGguf(a) => convert::run_import(a),
         Command::Quantize(a) => convert::run_quantize(a),
@@ -118,6 +123,9 @@ pub fn exit_code(err: &anyhow::Error) -> u8 {
         }
         if let Some(e) = cause.downcast_ref::<PrepareError>() {
             return prepare(e);
+        }
+        if let Some(crate::score::ScoreError::Data(e)) = cause.downcast_ref() {
+            return data(e);
         }
         if let Some(crate::generate::GenerateError::Data(e)) = cause.downcast_ref() {
             return data(e);

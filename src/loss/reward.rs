@@ -124,3 +124,73 @@ pub fn score_pairs<B: Kernels>(model: &Decoder<B>, pairs: &[EncodedPair]) -> Vec
     }
     out
 }
+
+/// Why a reward model could not be loaded or could not score.
+#[derive(Debug, thiserror::Error)]
+pub enum RewardModelError {
+    #[error(transparent)]
+    Load(#[from] crate::model::LoadError),
+    #[error(transparent)]
+    Adapter(#[from] crate::formats::peft::PeftError),
+    #[error(transparent)]
+    Tokenizer(#[from] crate::data::tokenizer::TokenizerError),
+    #[error("{}: not a reward model: no score head (config.json is not a *ForSequenceClassification with num_labels, and no adapter brings a trained `score`)", dir.display())]
+    NoScoreHead { dir: std::path::PathBuf },
+    #[error("{}: rendering its chat template: {msg}", dir.display())]
+    Template { dir: std::path::PathBuf, msg: String },
+}
+
+/// A reward model ready to score conversations: a sequence classifier (with its adapter), its
+/// own tokenizer and chat template. A conversation is rendered whole (no generation prompt),
+/// tokenized without added special tokens and scored at its last token, as TRL's GRPOTrainer
+/// scores completions with a reward model.
+pub struct RewardModel<B: Kernels> {
+    pub model: Decoder<B>,
+    pub tok: crate::data::tokenizer::TextTokenizer,
+    pub template: crate::data::template::ChatTemplate,
+    pub dir: std::path::PathBuf,
+}
+
+impl<B: Kernels> RewardModel<B> {
+    /// Loads `dir` (a `*ForSequenceClassification` checkpoint, or a causal LM with a SEQ_CLS
+    /// `adapter`) and its tokenizer; `template` picks the chat template.
+    pub fn load(dir: &std::path::Path, adapter: Option<&std::path::Path>, template: crate::data::tokenizer::TemplateChoice, device: &B::Device) -> Result<Self, RewardModelError> {
+        let mut model = crate::model::load::<B>(dir, device, Default::default())?;
+        if let Some(a) = adapter {
+            crate::adapters::peft::PeftAdapter::open(a)?.attach(&mut model)?;
+        }
+        if model.score.is_none() {
+            return Err(RewardModelError::NoScoreHead { dir: adapter.unwrap_or(dir).into() });
+        }
+        let tok = crate::data::tokenizer::TextTokenizer::from_dir(dir)?;
+        let template = tok.template(template)?;
+        Ok(RewardModel { model, tok, template, dir: dir.into() })
+    }
+
+    /// The rendering of a conversation the model scores.
+    pub fn render(&self, messages: &[crate::data::conversation::Message]) -> Result<String, RewardModelError> {
+        self.template.render(messages, false).map_err(|e| RewardModelError::Template { dir: self.dir.clone(), msg: format!("{e:#}") })
+    }
+
+    /// The rewards of `texts` (already rendered), [`SCORE_BATCH`]·2 at a time, in order.
+    pub fn score_texts(&self, texts: &[String]) -> Result<Vec<f64>, RewardModelError> {
+        let ids: Vec<Vec<u32>> = texts.iter().map(|t| Ok(self.tok.encode(t)?.get_ids().to_vec())).collect::<Result<_, RewardModelError>>()?;
+        // Similar lengths batched together: less padding.
+        let mut order: Vec<usize> = (0..ids.len()).collect();
+        order.sort_by_key(|&i| ids[i].len());
+        let mut out = vec![0.0; ids.len()];
+        for chunk in order.chunks(2 * SCORE_BATCH) {
+            let seqs: Vec<&[u32]> = chunk.iter().map(|&i| ids[i].as_slice()).collect();
+            for (&i, r) in chunk.iter().zip(sequence_rewards(&self.model, &seqs)) {
+                out[i] = r;
+            }
+        }
+        Ok(out)
+    }
+
+    /// The rewards of whole conversations.
+    pub fn score_conversations(&self, conversations: &[Vec<crate::data::conversation::Message>]) -> Result<Vec<f64>, RewardModelError> {
+        let texts = conversations.iter().map(|c| self.render(c)).collect::<Result<Vec<_>, _>>()?;
+        self.score_texts(&texts)
+    }
+}

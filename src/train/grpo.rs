@@ -18,7 +18,7 @@ use serde_json::{json, Map, Value};
 use super::objective::{Objective, StepReport, StepSettings};
 use super::optim::AdamW;
 use super::recompute::Recompute;
-use super::rewards::{score, RewardError, RewardSpec, ToScore};
+use super::rewards::{RewardSpec, Scorer, ToScore};
 use super::step::train_step;
 use super::TrainError;
 use crate::data::batch::Batch;
@@ -57,6 +57,7 @@ type PerFunction = Vec<(String, Vec<f64>)>;
 /// A prompt, rendered and tokenized.
 struct Prompt {
     text: String,
+    messages: Vec<crate::data::conversation::Message>,
     ids: Vec<u32>,
     fields: Map<String, Value>,
 }
@@ -66,7 +67,7 @@ pub struct Grpo {
     s: GrpoSettings,
     train: Vec<Prompt>,
     eval: Option<Vec<Prompt>>,
-    regexes: Vec<Option<regex::Regex>>,
+    scorers: Vec<Scorer>,
     tok: TextTokenizer,
     /// The generation batch being trained on.
     buffer: Option<Generation>,
@@ -80,21 +81,22 @@ fn prompts(tok: &TextTokenizer, template: &ChatTemplate, records: Vec<PromptReco
                 .render_with_tools(&r.prompt, r.tools.as_ref(), true)
                 .map_err(|e| crate::data::conversation::RecordError::Template(format!("{e:#}")).at(r.at.clone()))?;
             let ids = tok.encode(&text)?.get_ids().to_vec();
-            Ok(Prompt { text, ids, fields: r.fields })
+            Ok(Prompt { text, ids, messages: r.prompt, fields: r.fields })
         })
         .collect()
 }
 
 impl Grpo {
-    pub fn new(tok: &TextTokenizer, template: &ChatTemplate, s: &GrpoSettings) -> Result<Self, TrainError> {
-        let regexes = s.rewards.iter().map(RewardSpec::check).collect::<Result<Vec<_>, RewardError>>().map_err(|e| TrainError::Invalid { path: "recipe".into(), msg: e.to_string() })?;
+    /// Prepares the prompts and the reward functions (a reward model is loaded on `device`).
+    pub fn new<K: crate::ops::Kernels>(tok: &TextTokenizer, template: &ChatTemplate, s: &GrpoSettings, device: &K::Device) -> Result<Self, TrainError> {
+        let scorers = s.rewards.iter().map(|r| Scorer::new::<K>(r.clone(), device)).collect::<Result<Vec<_>, _>>().map_err(|e| TrainError::Invalid { path: "recipe".into(), msg: e.to_string() })?;
         let train = prompts(tok, template, read_prompts(&s.train)?)?;
         let eval = match &s.eval {
             Some(f) => Some(prompts(tok, template, read_prompts(f)?)?),
             None => None,
         };
         let tok = TextTokenizer::from_dir(&tok.dir)?;
-        Ok(Grpo { s: s.clone(), train, eval, regexes, tok, buffer: None })
+        Ok(Grpo { s: s.clone(), train, eval, scorers, tok, buffer: None })
     }
 
     fn options(&self, greedy: bool) -> GenerateOptions {
@@ -110,11 +112,12 @@ impl Grpo {
 
     /// The weighted rewards of completions `(prompt, text, tokens)`, and each function's values.
     fn rewards(&self, items: &[(&Prompt, String, usize)]) -> Result<(Vec<f64>, PerFunction), TrainError> {
-        let to_score: Vec<ToScore> = items.iter().map(|(p, text, n)| ToScore { prompt: &p.text, completion: text, tokens: *n, fields: &p.fields }).collect();
+        let to_score: Vec<ToScore> = items.iter().map(|(p, text, n)| ToScore { prompt: &p.text, messages: &p.messages, completion: text, tokens: *n, fields: &p.fields }).collect();
         let mut total = vec![0.0; items.len()];
         let mut per = Vec::new();
-        for (spec, re) in self.s.rewards.iter().zip(&self.regexes) {
-            let v = score(spec, re.as_ref(), &to_score).map_err(|e| TrainError::Invalid { path: "recipe".into(), msg: e.to_string() })?;
+        for scorer in &self.scorers {
+            let spec = &scorer.spec;
+            let v = scorer.score(&to_score).map_err(|e| TrainError::Invalid { path: "recipe".into(), msg: e.to_string() })?;
             for (t, x) in total.iter_mut().zip(&v) {
                 *t += spec.weight * x;
             }

@@ -494,6 +494,9 @@ pub struct TrainSection {
     /// Evaluate every N optimizer steps (0 = only at the end).
     #[serde(default)]
     pub eval_every: usize,
+    /// Also evaluate before the first step (logged as step 0; TRL's `eval_on_start`).
+    #[serde(default)]
+    pub eval_on_start: bool,
     /// Keep only each decoder block's input and recompute the block in the backward pass
     /// (`train::recompute`): less memory, one more forward of the blocks; same numbers.
     #[serde(default)]

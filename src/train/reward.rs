@@ -88,7 +88,7 @@ impl<B: TrainBackend> Objective<B> for RewardTraining {
                 let (ids, positions) = score_batch(m, &sides, &m.device());
                 let scores = m.scores_at(fwd.hidden(m, ids, None), positions);
                 let r: Tensor<B, 1> = scores.slice([0..2 * n, 0..1]).reshape([2 * n]);
-                let (chosen, rejected) = (r.clone().slice([0..n]), r.slice([n..2 * n]));
+                let (chosen, rejected) = (r.clone().narrow(0, 0, n), r.narrow(0, n, n));
                 let (vc, vr) = (values(chosen.clone().detach()), values(rejected.clone().detach()));
                 let margins: Vec<f64> = pairs.iter().map(|p| p.margin).collect();
                 seen.extend((0..n).map(|i| PairRewards { chosen: vc[i], rejected: vr[i], margin: margins[i] }));

@@ -9,6 +9,7 @@
 //! | `number` | 1 if the extracted answer and the record's `field` are numbers within `tolerance`, else 0 |
 //! | `length` | `−max(0, tokens − max_tokens) / max_tokens` (a soft overlong penalty) |
 //! | `command` | what the program prints: it reads one JSON object per completion on stdin (`prompt`, `completion`, and the record's fields) and answers one number per line |
+//! | `model` | a reward model's score (`model`, a `*ForSequenceClassification` directory, or a causal LM with a SEQ_CLS `adapter`) of the prompt's messages plus the completion as the assistant's reply, rendered with the reward model's own chat template, batched in-process (TRL's GRPO reward-model path) |
 //!
 //! `extract` picks the answer from the completion: `none` (the whole text), `last_number`,
 //! `boxed` (the last `\boxed{…}`) or `answer_tag` (the last `<answer>…</answer>`).
@@ -19,6 +20,11 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
+
+use crate::data::conversation::{Message, Role};
+use crate::data::tokenizer::TemplateChoice;
+use crate::loss::reward::RewardModel;
+use crate::ops::Kernels;
 
 /// How an answer is taken from a completion.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
@@ -39,6 +45,7 @@ pub enum RewardKind {
     Number,
     Length,
     Command,
+    Model,
 }
 
 /// One reward function of a recipe.
@@ -66,6 +73,10 @@ pub struct RewardSpec {
     /// `command`: seconds the program may take per step.
     #[serde(default = "d_timeout")]
     pub timeout_s: f64,
+    /// `model`: the reward model's directory.
+    pub model: Option<PathBuf>,
+    /// `model`: a PEFT SEQ_CLS adapter on it.
+    pub adapter: Option<PathBuf>,
 }
 
 fn one() -> f64 {
@@ -104,16 +115,18 @@ impl RewardSpec {
             RewardKind::Length if self.max_tokens.is_none_or(|m| m == 0) => return Err(bad("kind = \"length\" needs max_tokens ≥ 1")),
             RewardKind::Command if self.command.as_ref().is_none_or(|c| c.is_empty()) => return Err(bad("kind = \"command\" needs command = [\"program\", \"args\"...]")),
             RewardKind::Command if !(self.timeout_s > 0.0 && self.timeout_s.is_finite()) => return Err(bad("timeout_s must be positive")),
+            RewardKind::Model if self.model.is_none() => return Err(bad("kind = \"model\" needs model = \"DIR\" (a reward model)")),
             _ => {}
         }
         Ok(None)
     }
 }
 
-/// One completion to score: the prompt as rendered, the completion's text and tokens, the
-/// record's fields.
+/// One completion to score: the prompt as rendered and as messages, the completion's text and
+/// tokens, the record's fields.
 pub struct ToScore<'a> {
     pub prompt: &'a str,
+    pub messages: &'a [Message],
     pub completion: &'a str,
     pub tokens: usize,
     pub fields: &'a Map<String, Value>,
@@ -164,8 +177,61 @@ fn field_text(v: Option<&Value>) -> Option<String> {
     }
 }
 
-/// The rewards of one function for `items`.
-pub fn score(spec: &RewardSpec, re: Option<&regex::Regex>, items: &[ToScore]) -> Result<Vec<f64>, RewardError> {
+/// Something that scores whole conversations (a loaded reward model, whatever its backend).
+pub trait ConversationScorer {
+    fn score(&self, conversations: &[Vec<Message>]) -> Result<Vec<f64>, String>;
+}
+
+impl<B: Kernels> ConversationScorer for RewardModel<B> {
+    fn score(&self, conversations: &[Vec<Message>]) -> Result<Vec<f64>, String> {
+        self.score_conversations(conversations).map_err(|e| e.to_string())
+    }
+}
+
+/// A reward function ready to score: its spec and what it needs loaded (a compiled regex, a
+/// reward model on the run's device).
+pub struct Scorer {
+    pub spec: RewardSpec,
+    regex: Option<regex::Regex>,
+    model: Option<Box<dyn ConversationScorer>>,
+}
+
+impl Scorer {
+    /// Checks `spec` and loads what it needs; a reward model goes on `device`.
+    pub fn new<B: Kernels>(spec: RewardSpec, device: &B::Device) -> Result<Self, RewardError> {
+        let regex = spec.check()?;
+        let model: Option<Box<dyn ConversationScorer>> = match (&spec.kind, &spec.model) {
+            (RewardKind::Model, Some(dir)) => {
+                let rm = RewardModel::<B>::load(dir, spec.adapter.as_deref(), TemplateChoice::Model, device)
+                    .map_err(|e| RewardError::Spec { name: spec.name.clone(), msg: e.to_string() })?;
+                Some(Box::new(rm))
+            }
+            _ => None,
+        };
+        Ok(Scorer { spec, regex, model })
+    }
+
+    /// The rewards of `items`.
+    pub fn score(&self, items: &[ToScore]) -> Result<Vec<f64>, RewardError> {
+        match &self.model {
+            Some(m) => {
+                let conversations: Vec<Vec<Message>> = items
+                    .iter()
+                    .map(|it| {
+                        let mut c = it.messages.to_vec();
+                        c.push(Message::new(Role::Assistant, it.completion));
+                        c
+                    })
+                    .collect();
+                m.score(&conversations).map_err(|msg| RewardError::Spec { name: self.spec.name.clone(), msg })
+            }
+            None => score(&self.spec, self.regex.as_ref(), items),
+        }
+    }
+}
+
+/// The rewards of one rule or command function for `items`.
+fn score(spec: &RewardSpec, re: Option<&regex::Regex>, items: &[ToScore]) -> Result<Vec<f64>, RewardError> {
     let field = |it: &ToScore| field_text(spec.field.as_ref().and_then(|f| it.fields.get(f)));
     Ok(match spec.kind {
         RewardKind::Regex => items.iter().map(|it| f64::from(u8::from(re.is_some_and(|r| r.is_match(it.completion))))).collect(),
@@ -189,6 +255,7 @@ pub fn score(spec: &RewardSpec, re: Option<&regex::Regex>, items: &[ToScore]) ->
             items.iter().map(|it| -((it.tokens as f64 - m).max(0.0)) / m).collect()
         }
         RewardKind::Command => run_command(spec, items)?,
+        RewardKind::Model => return Err(RewardError::Spec { name: spec.name.clone(), msg: "a reward model is scored through Scorer".into() }),
     })
 }
 

@@ -91,7 +91,7 @@ pub fn run<B: TrainBackend>(recipe: &Recipe, device: B::Device, progress: &dyn P
         Method::Kto => Box::new(super::kto::Kto::new(&tok, &template, &recipe.kto_settings())?),
         Method::Grpo => {
             let stop = crate::generate::stop_ids(&recipe.model.path, &model.config.eos_token_ids, &tok);
-            Box::new(super::grpo::Grpo::new(&tok, &template, &recipe.grpo_settings(stop))?)
+            Box::new(super::grpo::Grpo::new::<B::InnerBackend>(&tok, &template, &recipe.grpo_settings(stop), &device)?)
         }
         Method::Distill => {
             let stop = crate::generate::stop_ids(&recipe.model.path, &model.config.eos_token_ids, &tok);
@@ -198,6 +198,14 @@ pub fn run<B: TrainBackend>(recipe: &Recipe, device: B::Device, progress: &dyn P
     WRITING.store(true, std::sync::atomic::Ordering::SeqCst);
     objective.before_training(&mut model, &upcoming, progress)?;
     run_dir.start_metrics(state.step)?;
+    if t.eval_on_start && state.step == 0 {
+        if let Some(mut m) = objective.evaluate(&mut model.valid()) {
+            let mut line = Map::new();
+            line.insert("step".into(), 0.into());
+            line.append(&mut m);
+            run_dir.log(&Value::Object(line))?;
+        }
+    }
     let (mut last_loss, mut tokens_seen, mut eval_loss) = (f64::NAN, state.tokens_seen, None);
     // Time and tokens inside optimizer steps only (no loading, reference precompute or eval).
     let (mut step_seconds, mut step_tokens) = (0.0, 0usize);

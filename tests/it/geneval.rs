@@ -131,3 +131,43 @@ fn bad_scorers_are_clear_errors_and_write_nothing() {
     assert_eq!(c, 2, "{err}");
     assert!(err.contains("--scorer"), "{err}");
 }
+
+#[test]
+fn a_reward_model_scores_the_answers_as_ft_score_does() {
+    // `--scorer model:DIR`: each answer's score is the reward model's reward of the prompt's
+    // messages plus the answer as the assistant's reply — what `ft score` gives that record.
+    let d = scratch("geneval-reward-model");
+    let o = json(&fixtures().join("geneval/expected.json"));
+    let data = prompts(&d, |_, _| "x".into());
+    let (out, rm) = (d.join("answers.jsonl"), fixtures().join("reward/model"));
+    let (c, stdout, err) = generate_eval(&data, true, &["--scorer", &format!("model:{}", rm.display()), "--pass-threshold", "0", "--out", s(&out), "--json"]);
+    assert_eq!(c, 0, "{err}");
+    let got = answers(&out);
+    let records: Vec<String> = got
+        .iter()
+        .zip(o["prompts"].as_array().unwrap())
+        .map(|(a, p)| serde_json::json!({"prompt": p["messages"], "completion": a["completion"]}).to_string())
+        .collect();
+    let f = d.join("records.jsonl");
+    std::fs::write(&f, records.join("\n") + "\n").unwrap();
+    let (c, scored, err) = ft(&["score", "--model", s(&rm), "--data", s(&f)]);
+    assert_eq!(c, 0, "{err}");
+    let mut rewards = Vec::new();
+    for (a, line) in got.iter().zip(scored.lines()) {
+        let want = serde_json::from_str::<serde_json::Value>(line).unwrap()["reward"].as_f64().unwrap();
+        let score = a["scores"]["model"].as_f64().unwrap();
+        assert!((score - want).abs() <= 1e-5, "{score} vs ft score's {want}");
+        assert_eq!(a["passed"].as_bool().unwrap(), score >= 0.0);
+        rewards.push(score);
+    }
+    assert!(rewards.iter().any(|r| (r - rewards[0]).abs() > 1e-3), "distinct answers, distinct rewards: {rewards:?}");
+    let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    let mean = rewards.iter().sum::<f64>() / rewards.len() as f64;
+    assert!((v["mean_score"].as_f64().unwrap() - mean).abs() < 1e-9);
+    // A directory that is not a reward model: a clear error naming it, nothing written.
+    std::fs::remove_file(&out).unwrap();
+    let (c, _, err) = generate_eval(&data, true, &["--scorer", &format!("model:{}", model_dir("llama").display()), "--out", s(&out)]);
+    assert_eq!(c, 1, "{err}");
+    assert!(err.contains("not a reward model") && err.contains("llama"), "{err}");
+    assert!(!out.exists());
+}

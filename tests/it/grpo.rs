@@ -183,3 +183,36 @@ fn a_broken_reward_command_is_a_clear_error() {
         assert!(!d.join("run/summary.json").exists() && !d.join("run/adapter").exists(), "{name}: nothing finished");
     }
 }
+
+#[test]
+fn a_reward_model_is_a_grpo_reward() {
+    // `kind = "model"`: a reward model scores each completion in-process; the logged reward is
+    // what `ft score` gives the prompt and completion.
+    let d = scratch("grpo-reward-model");
+    let rm = fixtures().join("reward/model");
+    let rewards = format!("[[grpo.rewards]]\nname = \"rm\"\nkind = \"model\"\nmodel = \"{}\"\n", rm.display());
+    let r = setup(&d, "max_steps = 1\neval_every = 0", &rewards);
+    let (c, _, err) = ft(&["train", s(&r), "--quiet"]);
+    assert_eq!(c, 0, "{err}");
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(d.join("run/completions.jsonl")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 16);
+    let prompts = ["Say something.", "Write a word.", "Go on.", "Another one."];
+    let records: Vec<String> = lines
+        .iter()
+        .map(|l| {
+            let p = prompts.iter().find(|p| l["prompt"].as_str().unwrap().contains(*p)).unwrap();
+            serde_json::json!({"prompt": [{"role": "user", "content": p}], "completion": l["completion"]}).to_string()
+        })
+        .collect();
+    let f = d.join("records.jsonl");
+    std::fs::write(&f, records.join("\n") + "\n").unwrap();
+    let (c, scored, err) = ft(&["score", "--model", s(&rm), "--data", s(&f)]);
+    assert_eq!(c, 0, "{err}");
+    for (l, line) in lines.iter().zip(scored.lines()) {
+        let want = serde_json::from_str::<serde_json::Value>(line).unwrap()["reward"].as_f64().unwrap();
+        let got = l["rewards"]["rm"].as_f64().unwrap();
+        assert!((got - want).abs() <= 1e-5, "{got} vs ft score's {want}");
+    }
+    let m = metrics(&d);
+    assert!(m[0]["rewards/rm/std"].as_f64().unwrap() > 1e-3, "{}", m[0]);
+}

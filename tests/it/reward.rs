@@ -160,7 +160,7 @@ fn reward_gradient_matches_trl_per_tensor() {
     let (ids, positions) = ft::loss::reward::score_batch(&model, &sides, &Default::default());
     let r: Tensor<B, 1> = model.scores_at(model.hidden(ids, None), positions).reshape([2 * n]);
     let cfg = ft::loss::reward::RewardConfig::default();
-    let loss = cfg.loss_tensor(r.clone().slice([0..n]), r.slice([n..2 * n]), &vec![0.0; n]) / n as f64;
+    let loss = cfg.loss_tensor(r.clone().narrow(0, 0, n), r.narrow(0, n, n), &vec![0.0; n]) / n as f64;
     let grads = loss.backward();
     let (mut sq, mut checked) = (0.0f64, 0);
     let file = fixtures().join("reward/grad_adapter.safetensors");
@@ -280,4 +280,77 @@ fn a_reward_model_trained_from_a_causal_lm_ranks_the_pairs_and_merges() {
     let v = eval(&merged, None);
     close(v["loss"].as_f64().unwrap(), eval_loss, 1e-4, "the merged model's loss");
     assert_eq!(v["accuracy"].as_f64().unwrap(), 1.0);
+}
+
+/// `ft score` on a JSONL file; returns its records.
+fn score(args: &[&str]) -> Vec<serde_json::Value> {
+    let mut all = vec!["score"];
+    all.extend(args);
+    let (c, out, err) = ft(&all);
+    assert_eq!(c, 0, "{err}");
+    out.lines().map(|l| serde_json::from_str(l).unwrap()).collect()
+}
+
+#[test]
+fn ft_score_gives_transformers_rewards_in_every_record_format() {
+    let o = json(&fixtures().join("reward/expected.json"));
+    let (model, adapter) = (fixtures().join("reward/model"), fixtures().join("reward/adapter"));
+    let prefs = fixtures().join("dpo/prefs.jsonl");
+    // Preference pairs: both sides, with the model's own chat template.
+    let pairs = score(&["--model", s(&model), "--data", s(&prefs)]);
+    let want = o["pairs"].as_array().unwrap();
+    assert_eq!(pairs.len(), want.len());
+    for (g, w) in pairs.iter().zip(want) {
+        for side in ["chosen", "rejected"] {
+            let (got, want) = (g[format!("reward_{side}")].as_f64().unwrap(), w[side]["reward"].as_f64().unwrap());
+            assert!((got - want).abs() <= 1e-4, "{side}: {got} vs {want}");
+        }
+    }
+    // With the SEQ_CLS adapter: PEFT's rewards.
+    let with_adapter = score(&["--model", s(&model), "--adapter", s(&adapter), "--data", s(&prefs)]);
+    for (g, w) in with_adapter.iter().zip(o["adapter"]["pairs"].as_array().unwrap()) {
+        let (got, want) = (g["reward_chosen"].as_f64().unwrap(), w["chosen"]["reward"].as_f64().unwrap());
+        assert!((got - want).abs() <= 1e-4, "adapter: {got} vs {want}");
+    }
+    // The first pair's chosen side as a conversation, as prompt + completion, and as raw text:
+    // the same reward.
+    let d = scratch("score-formats");
+    let first: serde_json::Value = serde_json::from_str(std::fs::read_to_string(&prefs).unwrap().lines().next().unwrap()).unwrap();
+    let conversation = [first["prompt"].as_array().unwrap().clone(), first["chosen"].as_array().unwrap().clone()].concat();
+    let tok = ft::data::tokenizer::TextTokenizer::from_dir(&model).unwrap();
+    let text = tok.decode(&ids(&want[0]["chosen"]["input_ids"])).unwrap();
+    let lines = [
+        serde_json::json!({"messages": conversation, "id": "a"}),
+        serde_json::json!({"prompt": first["prompt"], "completion": first["chosen"]}),
+        serde_json::json!({"text": text}),
+    ];
+    let data = d.join("records.jsonl");
+    std::fs::write(&data, lines.iter().map(|l| l.to_string()).collect::<Vec<_>>().join("\n") + "\n").unwrap();
+    let out = d.join("out.jsonl");
+    let (c, summary, err) = ft(&["score", "--model", s(&model), "--data", s(&data), "--out", s(&out), "--json"]);
+    assert_eq!(c, 0, "{err}");
+    let got: Vec<serde_json::Value> = std::fs::read_to_string(&out).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(got[0]["id"], "a", "records come back with their fields");
+    let want = want[0]["chosen"]["reward"].as_f64().unwrap();
+    for g in &got {
+        assert!((g["reward"].as_f64().unwrap() - want).abs() <= 1e-4, "{g} vs {want}");
+    }
+    let summary: serde_json::Value = serde_json::from_str(&summary).unwrap();
+    assert_eq!(summary["records"], 3);
+}
+
+#[test]
+fn ft_score_refuses_a_model_without_a_score_head_and_a_bad_line() {
+    let d = scratch("score-bad");
+    let out = d.join("out.jsonl");
+    let prefs = fixtures().join("dpo/prefs.jsonl");
+    let (c, _, err) = ft(&["score", "--model", s(&model_dir("llama")), "--data", s(&prefs), "--out", s(&out)]);
+    assert_eq!(c, 1, "{err}");
+    assert!(err.contains("not a reward model") && err.contains("llama"), "{err}");
+    let data = d.join("bad.jsonl");
+    std::fs::write(&data, "{\"text\": \"fine\"}\n{\"prompt\": \"no completion\"}\n").unwrap();
+    let (c, _, err) = ft(&["score", "--model", s(&fixtures().join("reward/model")), "--data", s(&data), "--out", s(&out)]);
+    assert_eq!(c, 3, "{err}");
+    assert!(err.contains("bad.jsonl:2"), "{err}");
+    assert!(!out.exists(), "nothing written");
 }
