@@ -45,6 +45,8 @@ pub struct DistillSettings {
     /// seed, the step and the sample).
     pub generation: GenerateOptions,
     pub seed: u64,
+    /// Positions per chunk of logits (default [`chunk_rows`]).
+    pub chunk_positions: Option<usize>,
 }
 
 /// Distillation over the SFT data, with the teacher's model.
@@ -125,7 +127,7 @@ impl<B: TrainBackend> Objective<B> for Distill<B::InnerBackend> {
         let sample_s = if generated { t_sample.elapsed().as_secs_f64() } else { 0.0 };
         let tokens: usize = batches.iter().map(Batch::scored).sum();
         let norm = tokens.max(1) as f64;
-        let (cfg, sft_weight, teacher) = (self.s.config, self.s.sft_weight, &self.teacher);
+        let (cfg, sft_weight, teacher, chunk_positions) = (self.s.config, self.s.sft_weight, &self.teacher, self.s.chunk_positions);
         let (mut divergence, mut nll_sum) = (0.0, 0.0);
         let (loss, grad_norm) = train_step(
             model,
@@ -142,11 +144,19 @@ impl<B: TrainBackend> Objective<B> for Distill<B::InnerBackend> {
                 }
                 // The teacher's hidden states once; its logits chunk by chunk beside the student's.
                 let ht = distill::hidden(teacher, batch);
+                // With a frozen head, each chunk's loss is differentiated on its own down to the
+                // final hidden states, so that one chunk's logits (both models', and what their
+                // backward keeps) are alive at a time; the blocks' backward then runs once, from
+                // the summed hidden-state gradient. A head with an adapter keeps one graph.
+                let head_trained = m.lm_head.as_ref().is_some_and(|h| h.adapter.is_some());
+                let hd = if head_trained { hs.clone() } else { hs.clone().detach().require_grad() };
+                let mut grad_h: Option<Tensor<B::InnerBackend, 3>> = None;
+                let mut value = 0.0;
                 let mut loss: Option<Tensor<B, 1>> = None;
                 let mut offset = 0;
-                for positions in chunks(batch, chunk_rows(m.config.vocab_size)) {
+                for positions in chunks(batch, chunk_positions.unwrap_or_else(|| chunk_rows(m.config.vocab_size))) {
                     let n = positions.len();
-                    let s = logits_at(m, hs.clone(), positions.clone());
+                    let s = logits_at(m, hd.clone(), positions.clone());
                     let t = Tensor::<B, 2>::from_inner(logits_at(teacher, ht.clone(), positions));
                     let d = cfg.loss_tensor(s.clone(), t);
                     divergence += crate::loss::scalar(d.clone().detach());
@@ -158,12 +168,27 @@ impl<B: TrainBackend> Objective<B> for Distill<B::InnerBackend> {
                         part = part - lp * (sft_weight / norm);
                     }
                     offset += n;
-                    loss = Some(match loss {
-                        Some(l) => l + part,
-                        None => part,
-                    });
+                    if head_trained {
+                        loss = Some(match loss {
+                            Some(l) => l + part,
+                            None => part,
+                        });
+                    } else {
+                        value += crate::loss::scalar(part.clone().detach());
+                        let g = part.backward();
+                        let gh = hd.grad(&g).expect("the hidden states take part in the loss");
+                        grad_h = Some(match grad_h {
+                            Some(a) => a + gh,
+                            None => gh,
+                        });
+                    }
                 }
-                loss.expect("at least one chunk")
+                if let Some(l) = loss {
+                    return l;
+                }
+                // d/dθ Σ ⟨h, ∂L/∂h⟩ = ∂L/∂θ through the blocks; its value replaced by the loss's.
+                let surrogate = (hs * Tensor::from_inner(grad_h.expect("at least one chunk"))).sum().cast(DType::F32);
+                surrogate.clone() - surrogate.detach() + Tensor::<B, 1>::from_data(TensorData::new(vec![value as f32], [1]), &device)
             },
             settings,
             self.s.data.recompute,

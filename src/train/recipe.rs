@@ -134,6 +134,9 @@ pub struct DistillSection {
     pub generation_temperature: f64,
     #[serde(default = "d_distill_new_tokens")]
     pub max_new_tokens: usize,
+    /// Scored positions whose logits (teacher's and student's) are formed at a time; default
+    /// about 16 Mi logits' worth (341 positions for a 49k vocabulary).
+    pub chunk_positions: Option<usize>,
 }
 
 fn d_generation_temperature() -> f64 {
@@ -814,6 +817,9 @@ impl Recipe {
             }
             _ => {}
         }
+        if self.distill.as_ref().is_some_and(|d| d.chunk_positions == Some(0)) {
+            return invalid("distill.chunk_positions", "distill.chunk_positions must be at least 1".into());
+        }
         if let Some(c) = self.reward.as_ref().and_then(|r| r.center_rewards_coefficient) {
             non_negative("reward.center_rewards_coefficient", c)?;
         }
@@ -943,6 +949,7 @@ impl Recipe {
             seq_kd: d.seq_kd,
             generation: GenerateOptions { max_new_tokens: d.max_new_tokens, temperature: d.generation_temperature as f32, top_p: 1.0, seed: 0, ignore_eos: false, stop_ids },
             seed: self.train.seed,
+            chunk_positions: d.chunk_positions,
         })
     }
 

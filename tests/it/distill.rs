@@ -242,3 +242,28 @@ fn a_teacher_with_another_tokenizer_is_refused() {
     assert_eq!(c, 1, "{err}");
     assert!(err.contains("share the student's tokenizer"), "{err}");
 }
+
+#[test]
+fn chunking_the_logits_changes_no_number() {
+    // distill.chunk_positions = 2: the logits formed two positions at a time; the same losses and
+    // gradient norms as the default (one chunk on these short conversations), to float rounding.
+    let run = |name: &str, extra: &str| {
+        let d = scratch(name);
+        let r = recipe(&d, &model_dir("qwen3"), extra);
+        let (c, _, err) = ft(&["train", s(&r), "--quiet", "--set", "train.max_steps=3", "--set", "train.eval_every=0"]);
+        assert_eq!(c, 0, "{err}");
+        std::fs::read_to_string(d.join("run/metrics.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap())
+            .filter(|l| l.get("grad_norm").is_some())
+            .map(|l| (l["loss"].as_f64().unwrap(), l["grad_norm"].as_f64().unwrap()))
+            .collect::<Vec<_>>()
+    };
+    let (whole, chunked) = (run("distill-unchunked", "sft_weight = 0.5"), run("distill-chunked", "sft_weight = 0.5\nchunk_positions = 2"));
+    assert_eq!(whole.len(), 3);
+    for ((l1, g1), (l2, g2)) in whole.iter().zip(&chunked) {
+        close(*l2, *l1, "loss");
+        assert!((g1 - g2).abs() <= 1e-4 * g1, "grad_norm {g1} vs {g2}");
+    }
+}

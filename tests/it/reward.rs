@@ -236,10 +236,14 @@ fn a_reward_model_trained_from_a_causal_lm_ranks_the_pairs_and_merges() {
     // From the causal `models/llama`: a fresh score head (N(0, 0.02²), trained in full) and LoRA
     // on the blocks learn to rank the three training pairs.
     let d = scratch("reward-train");
-    let r = reward_recipe(&d, &model_dir("llama"), None, "max_steps = 30\nlr = 2e-2\neval_every = 30");
+    let r = reward_recipe(&d, &model_dir("llama"), None, "max_steps = 30\nlr = 2e-2\neval_every = 30\neval_on_start = true");
     let (c, _, err) = ft(&["train", s(&r), "--quiet"]);
     assert_eq!(c, 0, "{err}");
     let m = metrics(&d.join("run"));
+    // eval_on_start: the untrained model's eval, logged as step 0.
+    assert_eq!(m[0]["step"], 0, "{}", m[0]);
+    assert!((m[0]["eval_loss"].as_f64().unwrap() - std::f64::consts::LN_2).abs() < 0.02, "{}", m[0]);
+    let m = &m[1..];
     let first_loss = m[0]["loss"].as_f64().unwrap();
     // The fresh head scores everything near 0: the loss starts at about ln 2.
     assert!((first_loss - std::f64::consts::LN_2).abs() < 0.02, "{first_loss}");
@@ -353,4 +357,59 @@ fn ft_score_refuses_a_model_without_a_score_head_and_a_bad_line() {
     assert_eq!(c, 3, "{err}");
     assert!(err.contains("bad.jsonl:2"), "{err}");
     assert!(!out.exists(), "nothing written");
+}
+
+/// `name`'s checkpoint rewritten as a `*ForSequenceClassification` whose two labels are rows `rows`
+/// of its output head (`lm_head`, or the embeddings when tied).
+fn classifier_from(name: &str, rows: [usize; 2]) -> std::path::PathBuf {
+    let src = model_dir(name);
+    let out = scratch(&format!("seqcls-{name}"));
+    for f in std::fs::read_dir(&src).unwrap() {
+        let p = f.unwrap().path();
+        let n = p.file_name().unwrap().to_str().unwrap().to_string();
+        if !n.ends_with(".safetensors") {
+            std::fs::copy(&p, out.join(&n)).unwrap();
+        }
+    }
+    let mut config = json(&src.join("config.json"));
+    let arch = config["architectures"][0].as_str().unwrap().replace("ForCausalLM", "ForSequenceClassification");
+    config["architectures"] = serde_json::json!([arch]);
+    config["id2label"] = serde_json::json!({"0": "LABEL_0", "1": "LABEL_1"});
+    std::fs::write(out.join("config.json"), serde_json::to_string_pretty(&config).unwrap()).unwrap();
+    let bytes = std::fs::read(src.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let head = if st.names().iter().any(|n| *n == "lm_head.weight") { "lm_head.weight" } else { "model.embed_tokens.weight" };
+    let view = st.tensor(head).unwrap();
+    let h = view.shape()[1];
+    let score: Vec<u8> = rows.iter().flat_map(|&r| view.data()[r * h * 4..(r + 1) * h * 4].to_vec()).collect();
+    let mut tensors: Vec<(String, safetensors::tensor::TensorView)> =
+        st.tensors().into_iter().filter(|(n, _)| n != "lm_head.weight").collect();
+    tensors.push(("score.weight".into(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![2, h], &score).unwrap()));
+    std::fs::write(out.join("model.safetensors"), safetensors::serialize(tensors, None).unwrap()).unwrap();
+    out
+}
+
+#[test]
+fn qwen_and_mistral_sequence_classifiers_score_as_their_heads() {
+    // A classifier whose labels are two rows of the causal head scores each sequence with those
+    // two logits at its last token: transformers' expected logits of the causal model.
+    let cases = json(&fixtures().join("chat_tokens.json"));
+    let rows = [17, 900];
+    for name in ["qwen3", "mistral"] {
+        let dir = classifier_from(name, rows);
+        let model = ft::model::load::<ft::backend::Cpu>(&dir, &Default::default(), Default::default()).unwrap();
+        assert_eq!(model.config.num_labels, Some(2), "{name}");
+        let expected = model_dir(name).join("expected_logits.safetensors");
+        for (i, case) in cases.as_array().unwrap().iter().enumerate() {
+            let ids = ids(&case["input_ids"]);
+            let t = ids.len();
+            let input = Tensor::<ft::backend::Cpu, 2, Int>::from_data(TensorData::new(ids.iter().map(|&x| x as i64).collect::<Vec<_>>(), [1, t]), &Default::default());
+            let got: Vec<f32> = model.sequence_scores(input).into_data().convert::<f32>().to_vec().unwrap();
+            let (want, shape) = read_f32(&expected, &format!("logits_{i}"));
+            let last = &want[(t - 1) * shape[1]..t * shape[1]];
+            for (k, &r) in rows.iter().enumerate() {
+                assert!((got[k] - last[r]).abs() <= 1e-4, "{name} case {i} label {k}: {} vs {}", got[k], last[r]);
+            }
+        }
+    }
 }
