@@ -73,7 +73,7 @@ pub fn run_merge(a: MergeArgs) -> Result<()> {
     if a.json {
         println!("{}", serde_json::to_string(&r)?);
     } else {
-        println!("merged {} LoRA modules into {} shard(s) → {}", r.merged_modules, r.shards, r.out.display());
+        println!("merged {} adapted modules into {} shard(s) → {}", r.merged_modules, r.shards, r.out.display());
     }
     Ok(())
 }

@@ -334,6 +334,9 @@ fn eval_on<B: Kernels>(a: EvalArgs, device: B::Device) -> Result<()> {
 fn eval_reward_on<B: Kernels>(a: EvalArgs, config: crate::loss::reward::RewardConfig, device: B::Device) -> Result<()> {
     let t0 = Instant::now();
     let (tok, template, model) = preference_setup::<B>(&a, &device)?;
+    if model.score.is_none() {
+        return Err(crate::loss::reward::RewardModelError::NoScoreHead { dir: a.adapter.clone().unwrap_or_else(|| a.model.clone()) }.into());
+    }
     let opts = crate::data::prepare::PrepareOptions {
         max_len: a.max_len.unwrap_or(usize::MAX),
         overlong: crate::data::prepare::Overlong::Drop,

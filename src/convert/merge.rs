@@ -126,9 +126,13 @@ pub fn merge(base: MergeBase, adapter: &Path, out: &Path, dtype: Option<OutDtype
                 (Some(m), [d_out, d_in]) => ad.matrices(m, *d_in, *d_out)?,
                 _ => None,
             };
-            let data = if let (Some(_), "score.weight", [d_out, d_in]) = (&head, name.as_str(), shape.as_slice()) {
-                // The trained head replaces the base's.
-                let w = ad.files.saved_module("score", *d_in, *d_out)?.expect("shape read above");
+            // A module trained in full (`modules_to_save`: a reward model's score, an lm_head)
+            // replaces the base's.
+            let saved = match (module, shape.as_slice()) {
+                (Some(m), [d_out, d_in]) if ad.config.saves(m) => ad.files.saved_module(m, *d_in, *d_out)?,
+                _ => None,
+            };
+            let data = if let Some(w) = saved {
                 merged += 1;
                 encode(&w, out_dtype)
             } else if let Some((a, b)) = lora {

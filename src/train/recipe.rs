@@ -347,7 +347,7 @@ impl LoraSection {
             layers: None,
             base_model: None,
             init: self.init,
-            modules_to_save: Vec::new(),
+            modules_to_save: self.modules_to_save.clone(),
         }
     }
 }
@@ -442,6 +442,11 @@ pub struct LoraSection {
     /// PEFT's `init_lora_weights`: `"default"` (True), `"gaussian"`, `"random"` (False).
     #[serde(default)]
     pub init: LoraInit,
+    /// Modules trained in full beside the adapters (PEFT's `modules_to_save`): `"lm_head"` (an
+    /// untied output head), `"score"` (a reward model's head; always trained by
+    /// `train.method = "reward"`).
+    #[serde(default)]
+    pub modules_to_save: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -688,6 +693,9 @@ impl Recipe {
         }
         if !(l.alpha.is_finite() && l.alpha > 0.0) {
             return invalid("lora.alpha", format!("lora.alpha must be a positive number (0 makes the adapter do nothing), got {}", l.alpha));
+        }
+        if let Some(m) = l.modules_to_save.iter().find(|m| !crate::formats::peft::MODULES_TO_SAVE.contains(&m.as_str())) {
+            return invalid("lora.modules_to_save", format!("lora.modules_to_save: {m:?} cannot be trained in full (ft trains the output heads {:?})", crate::formats::peft::MODULES_TO_SAVE));
         }
         if t.micro_batch_size == 0 || t.grad_accum == 0 {
             return invalid("train.micro_batch_size", "train.micro_batch_size and train.grad_accum must be at least 1".into());

@@ -155,6 +155,13 @@ pub fn run<B: TrainBackend>(recipe: &Recipe, device: B::Device, progress: &dyn P
     // Modules trained in full that the loaded adapter did not hold (a reward model's head when
     // training starts from a causal LM's adapter).
     save_modules(&mut model, &lora_config);
+    for m in &lora_config.modules_to_save {
+        // PEFT's SEQ_CLS default "classifier" matches nothing in a decoder; anything else must.
+        if m != "classifier" && !model.projections_mut().iter().any(|(name, p)| lora_config.saves(name) && name.ends_with(m.as_str()) && p.adapter.is_some()) {
+            let why = if m == "lm_head" && model.config.tie_word_embeddings { " (this model ties its output head to the embeddings)" } else { "" };
+            return Err(TrainError::Invalid { path: recipe.model.path.clone(), msg: format!("lora.modules_to_save names {m:?}, which this model does not have{why}") });
+        }
+    }
     // The reference of DPO is the starting adapter, frozen (unless the recipe asks for the base).
     if let (Some(a), true) = (&start, recipe.reference_is_start_adapter()) {
         a.attach_reference(&mut model)?;

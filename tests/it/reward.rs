@@ -66,7 +66,7 @@ fn reward_loss_and_metrics_match_trl() {
     // A causal LM has no score head: a clear error, exit 1.
     let (c, _, err) = ft(&["eval", "--objective", "reward", "--template", "chatml", "--model", model_dir("llama").to_str().unwrap(), "--data", data.to_str().unwrap()]);
     assert_eq!(c, 1, "{err}");
-    assert!(err.contains("no score head"), "{err}");
+    assert!(err.contains("no score head") && err.contains("llama"), "{err}");
 }
 
 fn s(p: &std::path::Path) -> &str {

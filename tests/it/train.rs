@@ -556,3 +556,52 @@ fn random_init_trains_a_model_of_the_configured_shape() {
     let b = ft::model::random::<ft::backend::Cpu>(&model_dir("llama"), &Default::default(), Default::default(), 4).unwrap();
     assert_eq!(logits(&a, &[1, 2, 3]), logits(&b, &[1, 2, 3]));
 }
+
+#[test]
+fn modules_to_save_trains_the_head_in_full_and_resumes_bit_identically() {
+    // lora.modules_to_save = ["lm_head"]: a trainable copy of the output head beside the LoRA
+    // adapters, saved as PEFT does (`base_model.model.lm_head.weight`, modules_to_save in the
+    // config); a run stopped at a checkpoint resumes to the same bytes.
+    let train = "max_steps = 8\nmicro_batch_size = 2\nlr = 1e-2\nseed = 3\nsave_every = 3";
+    let set = ["--set", "lora.modules_to_save=[\"lm_head\"]"];
+    let d1 = train_ok("mts-ref", train, &set);
+    let losses: Vec<f64> = metrics(&d1).iter().filter_map(|l| l["loss"].as_f64()).collect();
+    assert!(losses[7] < losses[0] * 0.9, "{losses:?}");
+    let cfg = json(&d1.join("run/adapter/adapter_config.json"));
+    assert_eq!(cfg["modules_to_save"], serde_json::json!(["lm_head"]));
+    let tensors = adapter_tensors(&d1);
+    let head = &tensors.iter().find(|(n, _)| n == "base_model.model.lm_head.weight").expect("the head copy").1;
+    let (base, _) = read_f32(&model_dir("llama").join("model.safetensors"), "lm_head.weight");
+    assert!(max_abs_diff(head, &base) > 1e-4, "the head copy was trained");
+    // The run's eval loss comes back through ft eval --adapter (the copy replaces lm_head).
+    let eval_loss = metrics(&d1).iter().rev().find_map(|l| l["eval_loss"].as_f64()).unwrap();
+    let v = eval_llama_json(&d1.join("eight.jsonl"), Some(&d1.join("run/adapter")), &[]);
+    assert!((v["loss"].as_f64().unwrap() - eval_loss).abs() <= 1e-5, "{v} vs {eval_loss}");
+    // Stopped by a full disk at the second checkpoint, resumed from the first.
+    let d2 = scratch("mts-resumed");
+    let data = eight(&d2);
+    let r2 = recipe(&d2, &data, train);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ft")).args(["train", r2.to_str().unwrap(), "--quiet", set[0], set[1]]).env("FT_FAIL_CHECKPOINT_AT", "6").output().unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
+    let (c, _, err) = ft(&["train", r2.to_str().unwrap(), "--quiet", "--resume", set[0], set[1]]);
+    assert_eq!(c, 0, "{err}");
+    let a = std::fs::read(d1.join("run/adapter/adapter_model.safetensors")).unwrap();
+    let b = std::fs::read(d2.join("run/adapter/adapter_model.safetensors")).unwrap();
+    assert!(a == b, "the resumed run differs");
+}
+
+#[test]
+fn modules_to_save_refuses_a_tied_head() {
+    let d = scratch("mts-tied");
+    let data = eight(&d);
+    let r = recipe(&d, &data, "max_steps = 1");
+    let text = std::fs::read_to_string(&r).unwrap().replace(&model_dir("llama").display().to_string(), &model_dir("qwen3").display().to_string());
+    std::fs::write(&r, text).unwrap();
+    let (c, _, err) = ft(&["train", r.to_str().unwrap(), "--quiet", "--set", "lora.modules_to_save=[\"lm_head\"]"]);
+    assert_eq!(c, 1, "{err}");
+    assert!(err.contains("lm_head") && err.contains("ties"), "{err}");
+    assert!(!d.join("run").exists(), "nothing written");
+    let (c, _, err) = ft(&["train", r.to_str().unwrap(), "--quiet", "--set", "lora.modules_to_save=[\"embed_tokens\"]"]);
+    assert_eq!(c, 2, "{err}");
+    assert!(err.contains("lora.modules_to_save"), "{err}");
+}
