@@ -6,7 +6,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use super::config::{LoraConfig, LoraInit, Targets};
-use crate::model::projection::{Adapter, Full, Lora};
+use crate::model::projection::{row_norms, Adapter, Dora, Full, Lora};
 use crate::model::Decoder;
 use crate::ops::TrainBackend;
 
@@ -60,7 +60,18 @@ pub fn attach_new<B: TrainBackend>(model: &mut Decoder<B>, config: &LoraConfig, 
             let (d_in, d_out) = proj.dims();
             let mut lora = new_lora(d_in, d_out, config.r, scale, config.init, &mut rng, &device);
             lora.dropout = config.dropout;
-            proj.adapter = Some(Adapter::Lora(lora));
+            proj.adapter = Some(if config.use_dora {
+                // PEFT: the magnitude starts as ‖W + s·B A‖ per row (B is zero: ‖W‖), so the
+                // adapted model starts as the base.
+                let (a, b) = lora.to_peft();
+                let mut w = proj.base_weight_peft();
+                crate::model::projection::add_lora_delta(&mut w, &a, &b, config.r, d_in, scale as f32);
+                let mut d = Dora::new(lora, &row_norms(&w, d_in), &device);
+                d.magnitude = Param::from_tensor(d.magnitude.val().require_grad());
+                Adapter::Dora(d)
+            } else {
+                Adapter::Lora(lora)
+            });
             n += 1;
         }
     }
@@ -98,7 +109,7 @@ pub fn make_trainable<B: TrainBackend>(model: &mut Decoder<B>, dropout: f64) {
                 *t = Param::from_tensor(t.val().require_grad());
             }
         }
-        if let Some(Adapter::Lora(l)) = &mut p.adapter {
+        if let Some(l) = p.adapter.as_mut().and_then(Adapter::lora_mut) {
             l.dropout = dropout;
         }
     }

@@ -110,6 +110,8 @@ pub struct LoraConfig {
     /// Modules trained in full besides the LoRA matrices (PEFT's `modules_to_save`; ft: the
     /// output heads, a reward model's `score`), as written in `adapter_config.json`.
     pub modules_to_save: Vec<String>,
+    /// DoRA (PEFT's `use_dora`): a magnitude per output row besides A and B.
+    pub use_dora: bool,
 }
 
 impl LoraConfig {
@@ -185,6 +187,7 @@ impl LoraConfig {
             base_model: raw.base_model_name_or_path.clone(),
             init: Default::default(),
             // Checked by `RawConfig::read`: a list of head names.
+            use_dora: raw.use_dora,
             modules_to_save: match &raw.modules_to_save {
                 Some(Value::Array(a)) => a.iter().filter_map(|v| v.as_str().map(String::from)).collect(),
                 _ => Vec::new(),

@@ -7,7 +7,7 @@ use std::path::Path;
 use super::config::{LoraConfig, Targets};
 use crate::formats::peft::{self, AdapterFiles, LoraMatrices, PeftError};
 use crate::formats::safetensors::RawTensors;
-use crate::model::projection::{Adapter, Full, Lora};
+use crate::model::projection::{Adapter, Dora, Full, Lora};
 use crate::model::Decoder;
 use crate::ops::Kernels;
 
@@ -82,7 +82,17 @@ impl PeftAdapter {
                     let msg = format!("{name} has both LoRA matrices and a saved copy (modules_to_save)");
                     return Err(PeftError::Invalid { path: self.files.dir.clone(), msg });
                 }
-                (Some((a, b)), None) => Adapter::Lora(Lora::from_peft(&a, &b, r, d_in, d_out, scale, &device)),
+                (Some((a, b)), None) => {
+                    let lora = Lora::from_peft(&a, &b, r, d_in, d_out, scale, &device);
+                    match (self.config.use_dora, self.files.magnitude(&name, d_out)?) {
+                        (true, Some(m)) => Adapter::Dora(Dora::new(lora, &m, &device)),
+                        (true, None) => {
+                            let msg = format!("use_dora is set but {name} has no lora_magnitude_vector");
+                            return Err(PeftError::Invalid { path: self.files.dir.clone(), msg });
+                        }
+                        (false, _) => Adapter::Lora(lora),
+                    }
+                }
                 (None, Some(w)) => Adapter::Full(Full::from_peft(&w, d_in, d_out, &device)),
                 (None, None) => continue,
             };
@@ -122,6 +132,7 @@ pub fn save<B: Kernels>(model: &mut Decoder<B>, config: &LoraConfig, base_model:
     let mut short: Vec<String> = Vec::new();
     let mut nf4_base = false;
     let mut saved: Vec<String> = Vec::new();
+    let mut dora = false;
     let classifier = model.score.is_some();
     for (name, proj) in model.projections_mut() {
         nf4_base |= proj.base.is_nf4();
@@ -131,7 +142,11 @@ pub fn save<B: Kernels>(model: &mut Decoder<B>, config: &LoraConfig, base_model:
             saved.push(name);
             continue;
         }
-        let Some(Adapter::Lora(l)) = &proj.adapter else { continue };
+        let Some(l) = proj.adapter.as_ref().and_then(Adapter::lora) else { continue };
+        if let Some(Adapter::Dora(d)) = &proj.adapter {
+            tensors.push((peft::magnitude_name(&name), safetensors::Dtype::F32, vec![d_out], bytemuck::cast_slice(&d.magnitude_peft()).to_vec()));
+            dora = true;
+        }
         let (a, b) = l.to_peft();
         let (an, bn) = peft::tensor_names(&name);
         tensors.push((an, safetensors::Dtype::F32, vec![l.rank(), d_in], bytemuck::cast_slice(&a).to_vec()));
@@ -165,7 +180,7 @@ pub fn save<B: Kernels>(model: &mut Decoder<B>, config: &LoraConfig, base_model:
         "init_lora_weights": config.init.peft_value(),
         "inference_mode": true,
         "modules_to_save": if modules_to_save.is_empty() { serde_json::Value::Null } else { modules_to_save.into() },
-        "use_dora": false,
+        "use_dora": dora,
         "rank_pattern": {},
         "alpha_pattern": {},
         "layers_to_transform": null,

@@ -18,7 +18,8 @@ use crate::formats::bnb;
 use crate::formats::model_dir::ModelDirWriter;
 use crate::formats::peft::AdapterFiles;
 use crate::formats::safetensors::{encode, to_f32, torch_name, OutDtype, RawTensors, TensorFiles, WeightsError};
-use crate::model::projection::quantizable;
+pub use crate::model::projection::add_lora_delta;
+use crate::model::projection::{quantizable, row_norms};
 use crate::model::ModelConfig;
 use crate::quant::nf4::{Nf4, BLOCKSIZE};
 
@@ -28,22 +29,6 @@ pub struct MergeReport {
     pub out: PathBuf,
     pub merged_modules: usize,
     pub shards: usize,
-}
-
-/// `w [out, in] += scale · (b [out, r] · a [r, in])`, rows in parallel.
-pub fn add_lora_delta(w: &mut [f32], a: &[f32], b: &[f32], r: usize, d_in: usize, scale: f32) {
-    w.par_chunks_mut(d_in).enumerate().for_each(|(o, row)| {
-        let mut delta = vec![0f32; d_in];
-        for k in 0..r {
-            let c = b[o * r + k];
-            for (d, &x) in delta.iter_mut().zip(&a[k * d_in..(k + 1) * d_in]) {
-                *d += c * x;
-            }
-        }
-        for (x, d) in row.iter_mut().zip(delta) {
-            *x += d * scale;
-        }
-    });
 }
 
 /// Where a merge reads its base weights from.
@@ -138,6 +123,14 @@ pub fn merge(base: MergeBase, adapter: &Path, out: &Path, dtype: Option<OutDtype
             } else if let Some((a, b)) = lora {
                 let mut w = to_f32(bytes, src_dtype).ok_or_else(not_float)?;
                 add_lora_delta(&mut w, &a, &b, ad.config.r, shape[1], scale);
+                // DoRA: W' = diag(m / ‖W + s·B A‖) (W + s·B A).
+                if let Some(m) = ad.files.magnitude(module.expect("a weight"), shape[0])? {
+                    let n = row_norms(&w, shape[1]);
+                    w.par_chunks_mut(shape[1]).zip(m.par_iter().zip(n)).for_each(|(row, (&m, n))| {
+                        let f = m / n;
+                        row.iter_mut().for_each(|x| *x *= f);
+                    });
+                }
                 if let Some(i) = w.iter().position(|x| !x.is_finite()) {
                     let msg = format!("merging into {name} gives a non-finite weight ({} at index {i}); the adapter or the base holds NaN or infinity", w[i]);
                     return Err(ConvertError::invalid(adapter, msg));

@@ -82,9 +82,6 @@ impl RawConfig {
         if let Some(t) = raw.peft_type.as_deref().filter(|t| *t != "LORA") {
             return unsupported(&format!("peft_type {t:?}"));
         }
-        if raw.use_dora {
-            return unsupported("use_dora");
-        }
         if raw.fan_in_fan_out {
             return unsupported("fan_in_fan_out (GPT-2 Conv1D layers)");
         }
@@ -152,6 +149,11 @@ pub fn saved_module_name(module: &str) -> String {
     format!("base_model.model.{module}.weight")
 }
 
+/// The PEFT tensor name of a DoRA module's magnitude vector (no `.weight`).
+pub fn magnitude_name(module: &str) -> String {
+    format!("base_model.model.{module}.lora_magnitude_vector")
+}
+
 /// The PEFT tensor names of a module's adapter.
 pub fn tensor_names(module: &str) -> (String, String) {
     (format!("base_model.model.{module}.lora_A.weight"), format!("base_model.model.{module}.lora_B.weight"))
@@ -202,6 +204,14 @@ impl AdapterFiles {
 }
 
 impl AdapterFiles {
+    /// DoRA's magnitude vector `[out]` of `module`, if the adapter holds one.
+    pub fn magnitude(&self, module: &str, d_out: usize) -> Result<Option<Vec<f32>>, WeightsError> {
+        let Some(name) = [magnitude_name(module), format!("{}.default", magnitude_name(module))].into_iter().find(|n| self.tensors.contains(n)) else {
+            return Ok(None);
+        };
+        Ok(Some(self.tensors.f32(&name, &[d_out])?))
+    }
+
     /// The shape of the saved copy of `module` (`modules_to_save`), if the adapter holds one.
     pub fn saved_module_shape(&self, module: &str) -> Option<Vec<usize>> {
         let name = [saved_module_name(module), format!("base_model.model.{module}.modules_to_save.default.weight")].into_iter().find(|n| self.tensors.contains(n))?;

@@ -8,6 +8,7 @@
 //! ([`transpose`]), and the table of the decoder block's linear modules ([`BLOCK_LINEARS`]).
 
 use burn::module::{Module, Param};
+use rayon::prelude::*;
 use burn::prelude::*;
 use burn::tensor::{DType, TensorData};
 
@@ -121,6 +122,8 @@ impl<B: Backend> Base<B> {
 #[derive(Module, Debug)]
 pub enum Adapter<B: Backend> {
     Lora(Lora<B>),
+    /// Weight-decomposed LoRA (PEFT's `use_dora`): LoRA plus a learned magnitude per output.
+    Dora(Dora<B>),
     /// A trained copy of the whole weight that replaces the base while the adapter is on
     /// (PEFT's `modules_to_save`: a reward model's `score` head).
     Full(Full<B>),
@@ -131,7 +134,25 @@ impl<B: Backend> Adapter<B> {
     pub fn tensors(&self) -> Vec<&Param<Tensor<B, 2>>> {
         match self {
             Adapter::Lora(l) => vec![&l.a, &l.b],
+            Adapter::Dora(d) => vec![&d.lora.a, &d.lora.b, &d.magnitude],
             Adapter::Full(f) => vec![&f.weight],
+        }
+    }
+
+    /// The LoRA matrices (of LoRA and DoRA).
+    pub fn lora(&self) -> Option<&Lora<B>> {
+        match self {
+            Adapter::Lora(l) => Some(l),
+            Adapter::Dora(d) => Some(&d.lora),
+            Adapter::Full(_) => None,
+        }
+    }
+
+    pub fn lora_mut(&mut self) -> Option<&mut Lora<B>> {
+        match self {
+            Adapter::Lora(l) => Some(l),
+            Adapter::Dora(d) => Some(&mut d.lora),
+            Adapter::Full(_) => None,
         }
     }
 
@@ -139,6 +160,7 @@ impl<B: Backend> Adapter<B> {
     pub fn tensors_mut(&mut self) -> Vec<&mut Param<Tensor<B, 2>>> {
         match self {
             Adapter::Lora(l) => vec![&mut l.a, &mut l.b],
+            Adapter::Dora(d) => vec![&mut d.lora.a, &mut d.lora.b, &mut d.magnitude],
             Adapter::Full(f) => vec![&mut f.weight],
         }
     }
@@ -147,9 +169,55 @@ impl<B: Backend> Adapter<B> {
     pub fn frozen(self) -> Self {
         match self {
             Adapter::Lora(l) => Adapter::Lora(l.frozen()),
+            Adapter::Dora(d) => Adapter::Dora(Dora { lora: d.lora.frozen(), magnitude: d.magnitude.set_require_grad(false) }),
             Adapter::Full(f) => Adapter::Full(Full { weight: f.weight.set_require_grad(false) }),
         }
     }
+}
+
+/// DoRA: `y = (m / n) ⊙ (W x + s · B A x)` with `n = ‖W + s · B A‖` per output row (over the
+/// input dimension), detached in training as PEFT does: only `m`, A and B learn, and no gradient
+/// flows through the norm.
+#[derive(Module, Debug)]
+pub struct Dora<B: Backend> {
+    pub lora: Lora<B>,
+    /// `[1, out]` (PEFT's `lora_magnitude_vector` is `[out]`).
+    pub magnitude: Param<Tensor<B, 2>>,
+}
+
+impl<B: Backend> Dora<B> {
+    /// From PEFT's magnitude vector `[out]` (f32, the master weight).
+    pub fn new(lora: Lora<B>, magnitude: &[f32], device: &B::Device) -> Self {
+        let n = magnitude.len();
+        Dora { lora, magnitude: Param::from_tensor(Tensor::from_data(TensorData::new(magnitude.to_vec(), [1, n]), (device, DType::F32))) }
+    }
+
+    /// The magnitude vector `[out]` as PEFT stores it.
+    pub fn magnitude_peft(&self) -> Vec<f32> {
+        self.magnitude.val().into_data().convert::<f32>().to_vec().expect("f32")
+    }
+}
+
+/// `w [out, in] += scale · (b [out, r] · a [r, in])`, rows in parallel.
+pub fn add_lora_delta(w: &mut [f32], a: &[f32], b: &[f32], r: usize, d_in: usize, scale: f32) {
+    w.par_chunks_mut(d_in).enumerate().for_each(|(o, row)| {
+        let mut delta = vec![0f32; d_in];
+        for k in 0..r {
+            let c = b[o * r + k];
+            for (d, &x) in delta.iter_mut().zip(&a[k * d_in..(k + 1) * d_in]) {
+                *d += c * x;
+            }
+        }
+        for (x, d) in row.iter_mut().zip(delta) {
+            *x += d * scale;
+        }
+    });
+}
+
+/// `‖w_o‖₂` of every output row `o` of a PyTorch-layout `[out, in]` matrix (DoRA's norm and
+/// its magnitude's initial value).
+pub fn row_norms(w: &[f32], d_in: usize) -> Vec<f32> {
+    w.chunks(d_in).map(|r| r.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>().sqrt() as f32).collect()
 }
 
 /// A full trained copy of a projection's weight (PEFT's `modules_to_save`).
@@ -203,10 +271,7 @@ impl<B: Backend> Projection<B> {
 
     /// The LoRA adapter, if the projection has one.
     pub fn lora(&self) -> Option<&Lora<B>> {
-        match &self.adapter {
-            Some(Adapter::Lora(l)) => Some(l),
-            _ => None,
-        }
+        self.adapter.as_ref().and_then(Adapter::lora)
     }
 
     /// `(in, out)`
@@ -233,7 +298,7 @@ impl<B: Backend> Projection<B> {
 
     /// Training mode of the adapter (dropout on or off).
     pub fn set_training(&mut self, training: bool) {
-        if let Some(Adapter::Lora(l)) = &mut self.adapter {
+        if let Some(l) = self.adapter.as_mut().and_then(Adapter::lora_mut) {
             l.training = training;
         }
     }
@@ -250,7 +315,17 @@ impl<B: Kernels> Projection<B> {
         let rows = dims[..D - 1].iter().product();
         let x: Tensor<B, 2> = x.reshape([rows, d_in]);
         let adapter = self.adapter.as_ref().filter(|_| self.adapter_on);
+        if let Some(Adapter::Dora(d)) = adapter {
+            let mut y = self.dora_forward(x, d);
+            if let Some(b) = &self.bias {
+                y = y + b.val().unsqueeze();
+            }
+            let mut out = dims;
+            out[D - 1] = d_out;
+            return y.reshape(out);
+        }
         let mut y = match (&self.base, adapter) {
+            (_, Some(Adapter::Dora(_))) => unreachable!("DoRA returned above"),
             // Base and adapter as one operation (one backward step, no separate sum).
             (Base::Dense(w), Some(Adapter::Lora(l))) => {
                 let (a, b) = l.weights_in(x.dtype());
@@ -274,6 +349,45 @@ impl<B: Kernels> Projection<B> {
         let mut out = dims;
         out[D - 1] = d_out;
         y.reshape(out)
+    }
+}
+
+impl<B: Kernels> Projection<B> {
+    /// The frozen base alone: `x W` (no bias).
+    fn base_forward(&self, x: Tensor<B, 2>) -> Tensor<B, 2> {
+        match &self.base {
+            Base::Dense(w) => x.matmul(w.val()),
+            Base::Nf4(q) => B::nf4_linear(x, q),
+        }
+    }
+
+    /// The base weight `[in, out]` as the forward sees it (NF4 dequantized), outside autodiff.
+    fn base_weight(&self) -> Tensor<B, 2> {
+        match &self.base {
+            Base::Dense(w) => w.val().detach(),
+            Base::Nf4(q) => q.dequantize().transpose().detach(),
+        }
+    }
+
+    /// DoRA as PEFT computes it (bias excluded): with `x_d` the adapter's input (after dropout),
+    /// `y = W x + (m/n − 1) ⊙ W x_d + (m/n) ⊙ s B A x_d`; without dropout that is
+    /// `(m/n) ⊙ (W x + s B A x)`. `n` is recomputed from the current A and B at every forward and
+    /// detached.
+    fn dora_forward(&self, x: Tensor<B, 2>, d: &Dora<B>) -> Tensor<B, 2> {
+        let l = &d.lora;
+        let dtype = x.dtype();
+        let (a, b) = (l.a.val().detach(), l.b.val().detach());
+        let w = self.base_weight().cast(DType::F32) + a.matmul(b) * l.scale;
+        let norm = w.powi_scalar(2).sum_dim(0).sqrt();
+        let scale = (d.magnitude.val() / norm).cast(dtype);
+        let base = self.base_forward(x.clone());
+        match l.dropped_input(&x) {
+            None => (base + l.forward_dropped(x)) * scale,
+            Some(xd) => {
+                let based = self.base_forward(xd.clone());
+                base + based * (scale.clone() - 1.0) + l.forward_dropped(xd) * scale
+            }
+        }
     }
 }
 
@@ -342,6 +456,12 @@ impl<B: Backend> Lora<B> {
             let keep = x.random_like(burn::tensor::Distribution::Bernoulli(1.0 - self.dropout));
             x.clone() * keep / (1.0 - self.dropout)
         })
+    }
+
+    /// `s · (x A) B` of an input already dropped out (or not to be).
+    pub fn forward_dropped<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        let (a, b) = self.weights_in(x.dtype());
+        (x.matmul(a.unsqueeze()) * self.scale).matmul(b.unsqueeze())
     }
 
     /// The adapter's contribution `s · (x A) B`.

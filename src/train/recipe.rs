@@ -348,6 +348,7 @@ impl LoraSection {
             base_model: None,
             init: self.init,
             modules_to_save: self.modules_to_save.clone(),
+            use_dora: self.use_dora,
         }
     }
 }
@@ -447,6 +448,9 @@ pub struct LoraSection {
     /// `train.method = "reward"`).
     #[serde(default)]
     pub modules_to_save: Vec<String>,
+    /// DoRA (PEFT's `use_dora`): LoRA plus a learned magnitude per output row.
+    #[serde(default)]
+    pub use_dora: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

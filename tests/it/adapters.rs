@@ -13,7 +13,7 @@ use ft::data::tokenizer::{TemplateChoice, TextTokenizer};
 
 use super::common::*;
 
-const ADAPTERS: [&str; 3] = ["lora-r4", "rslora-r8-attn", "modules-to-save-r4"];
+const ADAPTERS: [&str; 4] = ["lora-r4", "rslora-r8-attn", "modules-to-save-r4", "dora-r4"];
 
 fn logits(model: &Decoder<Cpu>, ids: &[u32]) -> Vec<f32> {
     let input = Tensor::<Cpu, 2, Int>::from_data(

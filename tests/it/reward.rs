@@ -167,7 +167,7 @@ fn reward_gradient_matches_trl_per_tensor() {
     for (name, p) in model.projections_mut() {
         let Some(adapter) = &p.adapter else { continue };
         let names: Vec<String> = match adapter {
-            ft::model::projection::Adapter::Lora(_) => {
+            ft::model::projection::Adapter::Lora(_) | ft::model::projection::Adapter::Dora(_) => {
                 let (an, bn) = ft::formats::peft::tensor_names(&name);
                 vec![an, bn]
             }

@@ -557,37 +557,62 @@ fn random_init_trains_a_model_of_the_configured_shape() {
     assert_eq!(logits(&a, &[1, 2, 3]), logits(&b, &[1, 2, 3]));
 }
 
+/// Trains 8 steps with `set` (recipe overrides), checks the eval loss falls and that `ft eval
+/// --adapter` reproduces the run's eval loss, then stops a second run at its second checkpoint
+/// (a simulated full disk) and resumes it to the same adapter bytes. Returns the first run's dir.
+fn trains_and_resumes(name: &str, set: &[&str]) -> PathBuf {
+    let train = "max_steps = 8\nmicro_batch_size = 2\nlr = 1e-2\nseed = 3\nsave_every = 3\neval_on_start = true";
+    let d1 = train_ok(&format!("{name}-ref"), train, set);
+    let evals: Vec<f64> = metrics(&d1).iter().filter_map(|l| l["eval_loss"].as_f64()).collect();
+    assert_eq!(evals.len(), 2, "{name}: before and after");
+    let eval_loss = evals[1];
+    assert!(eval_loss < evals[0] - 0.1, "{name}: eval loss {} → {eval_loss}", evals[0]);
+    let quantized = set.iter().any(|s| s.contains("quantize"));
+    if !quantized {
+        let v = eval_llama_json(&d1.join("eight.jsonl"), Some(&d1.join("run/adapter")), &[]);
+        assert!((v["loss"].as_f64().unwrap() - eval_loss).abs() <= 1e-5, "{name}: {v} vs {eval_loss}");
+    }
+    let d2 = scratch(&format!("{name}-resumed"));
+    let data = eight(&d2);
+    let r2 = recipe(&d2, &data, train);
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ft")).args(["train", r2.to_str().unwrap(), "--quiet"]).args(set).env("FT_FAIL_CHECKPOINT_AT", "6").output().unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
+    let (c, _, err) = ft(&[&["train", r2.to_str().unwrap(), "--quiet", "--resume"][..], set].concat());
+    assert_eq!(c, 0, "{err}");
+    let a = std::fs::read(d1.join("run/adapter/adapter_model.safetensors")).unwrap();
+    let b = std::fs::read(d2.join("run/adapter/adapter_model.safetensors")).unwrap();
+    assert!(a == b, "{name}: the resumed run differs");
+    d1
+}
+
 #[test]
 fn modules_to_save_trains_the_head_in_full_and_resumes_bit_identically() {
     // lora.modules_to_save = ["lm_head"]: a trainable copy of the output head beside the LoRA
     // adapters, saved as PEFT does (`base_model.model.lm_head.weight`, modules_to_save in the
-    // config); a run stopped at a checkpoint resumes to the same bytes.
-    let train = "max_steps = 8\nmicro_batch_size = 2\nlr = 1e-2\nseed = 3\nsave_every = 3";
-    let set = ["--set", "lora.modules_to_save=[\"lm_head\"]"];
-    let d1 = train_ok("mts-ref", train, &set);
-    let losses: Vec<f64> = metrics(&d1).iter().filter_map(|l| l["loss"].as_f64()).collect();
-    assert!(losses[7] < losses[0] * 0.9, "{losses:?}");
+    // config).
+    let d1 = trains_and_resumes("mts", &["--set", "lora.modules_to_save=[\"lm_head\"]"]);
     let cfg = json(&d1.join("run/adapter/adapter_config.json"));
     assert_eq!(cfg["modules_to_save"], serde_json::json!(["lm_head"]));
     let tensors = adapter_tensors(&d1);
     let head = &tensors.iter().find(|(n, _)| n == "base_model.model.lm_head.weight").expect("the head copy").1;
     let (base, _) = read_f32(&model_dir("llama").join("model.safetensors"), "lm_head.weight");
     assert!(max_abs_diff(head, &base) > 1e-4, "the head copy was trained");
-    // The run's eval loss comes back through ft eval --adapter (the copy replaces lm_head).
-    let eval_loss = metrics(&d1).iter().rev().find_map(|l| l["eval_loss"].as_f64()).unwrap();
-    let v = eval_llama_json(&d1.join("eight.jsonl"), Some(&d1.join("run/adapter")), &[]);
-    assert!((v["loss"].as_f64().unwrap() - eval_loss).abs() <= 1e-5, "{v} vs {eval_loss}");
-    // Stopped by a full disk at the second checkpoint, resumed from the first.
-    let d2 = scratch("mts-resumed");
-    let data = eight(&d2);
-    let r2 = recipe(&d2, &data, train);
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ft")).args(["train", r2.to_str().unwrap(), "--quiet", set[0], set[1]]).env("FT_FAIL_CHECKPOINT_AT", "6").output().unwrap();
-    assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
-    let (c, _, err) = ft(&["train", r2.to_str().unwrap(), "--quiet", "--resume", set[0], set[1]]);
-    assert_eq!(c, 0, "{err}");
-    let a = std::fs::read(d1.join("run/adapter/adapter_model.safetensors")).unwrap();
-    let b = std::fs::read(d2.join("run/adapter/adapter_model.safetensors")).unwrap();
-    assert!(a == b, "the resumed run differs");
+}
+
+#[test]
+fn dora_trains_and_resumes_bit_identically_also_over_nf4() {
+    // lora.use_dora: PEFT's keys (a magnitude vector per adapted module, `use_dora` in the
+    // config); the magnitudes start at the base's row norms and move.
+    let d1 = trains_and_resumes("dora", &["--set", "lora.use_dora=true", "--set", "lora.dropout=0.1"]);
+    assert_eq!(json(&d1.join("run/adapter/adapter_config.json"))["use_dora"], true);
+    let tensors = adapter_tensors(&d1);
+    let m = &tensors.iter().find(|(n, _)| n == "base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector").expect("a magnitude").1;
+    let (w, shape) = read_f32(&model_dir("llama").join("model.safetensors"), "model.layers.0.self_attn.q_proj.weight");
+    let norms = ft::model::projection::row_norms(&w, shape[1]);
+    assert_eq!(m.len(), norms.len());
+    assert!(max_abs_diff(m, &norms) > 1e-5 && max_abs_diff(m, &norms) < 0.5, "trained away from the row norms");
+    // QLoRA + DoRA: the norm from the dequantized weight.
+    trains_and_resumes("dora-nf4", &["--set", "lora.use_dora=true", "--set", "model.quantize=\"nf4\""]);
 }
 
 #[test]
