@@ -378,7 +378,7 @@ fn classifier_from(name: &str, rows: [usize; 2]) -> std::path::PathBuf {
     std::fs::write(out.join("config.json"), serde_json::to_string_pretty(&config).unwrap()).unwrap();
     let bytes = std::fs::read(src.join("model.safetensors")).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let head = if st.names().iter().any(|n| *n == "lm_head.weight") { "lm_head.weight" } else { "model.embed_tokens.weight" };
+    let head = if st.names().contains(&"lm_head.weight") { "lm_head.weight" } else { "model.embed_tokens.weight" };
     let view = st.tensor(head).unwrap();
     let h = view.shape()[1];
     let score: Vec<u8> = rows.iter().flat_map(|&r| view.data()[r * h * 4..(r + 1) * h * 4].to_vec()).collect();
