@@ -53,19 +53,19 @@ pub fn new_lora<B: Backend>(d_in: usize, d_out: usize, r: usize, scale: f64, kin
 pub fn attach_new<B: TrainBackend>(model: &mut Decoder<B>, config: &LoraConfig, seed: u64) -> Result<usize, NoTargets> {
     let mut rng = StdRng::seed_from_u64(seed);
     let device = model.device();
-    let scale = config.scale();
     let mut n = 0;
     for (name, proj) in model.projections_mut() {
         if config.covers(&name) {
             let (d_in, d_out) = proj.dims();
-            let mut lora = new_lora(d_in, d_out, config.r, scale, config.init, &mut rng, &device);
+            let (r, scale) = (config.rank_for(&name), config.scale_for(&name));
+            let mut lora = new_lora(d_in, d_out, r, scale, config.init, &mut rng, &device);
             lora.dropout = config.dropout;
             proj.adapter = Some(if config.use_dora {
                 // PEFT: the magnitude starts as ‖W + s·B A‖ per row (B is zero: ‖W‖), so the
                 // adapted model starts as the base.
                 let (a, b) = lora.to_peft();
                 let mut w = proj.base_weight_peft();
-                crate::model::projection::add_lora_delta(&mut w, &a, &b, config.r, d_in, scale as f32);
+                crate::model::projection::add_lora_delta(&mut w, &a, &b, r, d_in, scale as f32);
                 let mut d = Dora::new(lora, &row_norms(&w, d_in), &device);
                 d.magnitude = Param::from_tensor(d.magnitude.val().require_grad());
                 Adapter::Dora(d)

@@ -112,6 +112,22 @@ pub struct LoraConfig {
     pub modules_to_save: Vec<String>,
     /// DoRA (PEFT's `use_dora`): a magnitude per output row besides A and B.
     pub use_dora: bool,
+    /// Per-module ranks (PEFT's `rank_pattern`), tried in order: the first key `k` such that the
+    /// module path matches `(.*\.)?(k)$` gives the rank; else `r`.
+    pub rank_pattern: Vec<(String, usize)>,
+    /// Per-module alphas (PEFT's `alpha_pattern`), matched the same way; else `alpha`.
+    pub alpha_pattern: Vec<(String, f64)>,
+}
+
+/// The first of `keys` that `module` matches as PEFT's `get_pattern_key` does
+/// (`re.match(rf"(.*\.)?({key})$", module)`).
+pub fn pattern_match<'a, T>(keys: &'a [(String, T)], module: &str) -> Option<&'a T> {
+    keys.iter().find(|(k, _)| pattern_regex(k).is_ok_and(|re| re.is_match(module))).map(|(_, v)| v)
+}
+
+/// A pattern key as the regex PEFT builds from it (anchored at both ends).
+pub fn pattern_regex(key: &str) -> Result<regex::Regex, regex::Error> {
+    regex::Regex::new(&format!(r"^(?:.*\.)?(?:{key})$"))
 }
 
 impl LoraConfig {
@@ -133,7 +149,22 @@ impl LoraConfig {
         self.modules_to_save.iter().any(|m| module == m || module.ends_with(&format!(".{m}")))
     }
 
-    /// `alpha / r`, or `alpha / sqrt(r)` with rsLoRA.
+    /// The rank of `module` (`rank_pattern`, else `r`).
+    pub fn rank_for(&self, module: &str) -> usize {
+        pattern_match(&self.rank_pattern, module).copied().unwrap_or(self.r)
+    }
+
+    /// The scale of `module`'s adapter: its alpha over its rank (or √rank with rsLoRA).
+    pub fn scale_for(&self, module: &str) -> f64 {
+        let (r, alpha) = (self.rank_for(module) as f64, pattern_match(&self.alpha_pattern, module).copied().unwrap_or(self.alpha));
+        if self.use_rslora {
+            alpha / r.sqrt()
+        } else {
+            alpha / r
+        }
+    }
+
+    /// `alpha / r`, or `alpha / sqrt(r)` with rsLoRA (of modules no pattern names).
     pub fn scale(&self) -> f64 {
         if self.use_rslora {
             self.alpha / (self.r as f64).sqrt()
@@ -176,7 +207,21 @@ impl LoraConfig {
             ),
             Some(_) => return Err(invalid("layers_to_transform must be a layer index or a list of them")),
         };
+        let mut rank_pattern = Vec::new();
+        for (k, v) in &raw.rank_pattern.0 {
+            pattern_regex(k).map_err(|e| invalid(&format!("rank_pattern key {k:?} is not a regex ft can run: {e}")))?;
+            let r = v.as_u64().filter(|&r| r > 0).ok_or_else(|| invalid(&format!("rank_pattern[{k:?}] must be a positive integer, not {v}")))?;
+            rank_pattern.push((k.clone(), r as usize));
+        }
+        let mut alpha_pattern = Vec::new();
+        for (k, v) in &raw.alpha_pattern.0 {
+            pattern_regex(k).map_err(|e| invalid(&format!("alpha_pattern key {k:?} is not a regex ft can run: {e}")))?;
+            let a = v.as_f64().filter(|a| a.is_finite()).ok_or_else(|| invalid(&format!("alpha_pattern[{k:?}] must be a number, not {v}")))?;
+            alpha_pattern.push((k.clone(), a));
+        }
         Ok(LoraConfig {
+            rank_pattern,
+            alpha_pattern,
             r: raw.r,
             alpha: raw.lora_alpha,
             use_rslora: raw.use_rslora,

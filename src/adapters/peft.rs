@@ -28,7 +28,7 @@ impl PeftAdapter {
     /// module the config does not cover (`target_modules`, `exclude_modules`,
     /// `layers_to_transform`) are an error, never applied.
     pub fn matrices(&self, module: &str, d_in: usize, d_out: usize) -> Result<Option<LoraMatrices>, PeftError> {
-        let m = self.files.matrices(module, d_in, d_out)?;
+        let m = self.files.matrices(module, self.config.rank_for(module), d_in, d_out)?;
         if m.is_some() && !self.config.covers(module) {
             let msg = format!(
                 "adapter_model.safetensors has tensors for {module}, which the config leaves out (target_modules, exclude_modules, layers_to_transform)"
@@ -62,7 +62,6 @@ impl PeftAdapter {
 
     fn attach_as<B: Kernels>(&self, model: &mut Decoder<B>, reference: bool) -> Result<usize, PeftError> {
         let device = model.device();
-        let (r, scale) = (self.config.r, self.config.scale());
         if let Some(shape) = self.files.saved_module_shape("score").filter(|_| model.score.is_none() && !reference) {
             if shape.len() != 2 || shape[1] != model.config.hidden_size {
                 let msg = format!("its score head is {shape:?}, not [labels, {}]", model.config.hidden_size);
@@ -83,7 +82,7 @@ impl PeftAdapter {
                     return Err(PeftError::Invalid { path: self.files.dir.clone(), msg });
                 }
                 (Some((a, b)), None) => {
-                    let lora = Lora::from_peft(&a, &b, r, d_in, d_out, scale, &device);
+                    let lora = Lora::from_peft(&a, &b, self.config.rank_for(&name), d_in, d_out, self.config.scale_for(&name), &device);
                     match (self.config.use_dora, self.files.magnitude(&name, d_out)?) {
                         (true, Some(m)) => Adapter::Dora(Dora::new(lora, &m, &device)),
                         (true, None) => {
@@ -171,6 +170,8 @@ pub fn save<B: Kernels>(model: &mut Decoder<B>, config: &LoraConfig, base_model:
         "task_type": if classifier { "SEQ_CLS" } else { "CAUSAL_LM" },
         "base_model_name_or_path": base_model,
         "r": config.r,
+        "rank_pattern": config.rank_pattern.iter().map(|(k, v)| (k.clone(), serde_json::Value::from(*v))).collect::<serde_json::Map<_, _>>(),
+        "alpha_pattern": config.alpha_pattern.iter().map(|(k, v)| (k.clone(), serde_json::Value::from(*v))).collect::<serde_json::Map<_, _>>(),
         "lora_alpha": config.alpha,
         "lora_dropout": config.dropout,
         "use_rslora": config.use_rslora,
@@ -181,8 +182,6 @@ pub fn save<B: Kernels>(model: &mut Decoder<B>, config: &LoraConfig, base_model:
         "inference_mode": true,
         "modules_to_save": if modules_to_save.is_empty() { serde_json::Value::Null } else { modules_to_save.into() },
         "use_dora": dora,
-        "rank_pattern": {},
-        "alpha_pattern": {},
         "layers_to_transform": null,
         "layers_pattern": null,
         "revision": null,

@@ -70,7 +70,6 @@ pub fn merge(base: MergeBase, adapter: &Path, out: &Path, dtype: Option<OutDtype
     }
     // Merging into NF4 values writes bf16 by default (the weights have no more precision).
     let dtype = dtype.or((nf4 || quantized_base).then_some(OutDtype::Bf16));
-    let scale = ad.config.scale() as f32;
     let mut writer = ModelDirWriter::new(out)?;
     let mut merged = 0;
     let n_files = ck.files().len();
@@ -122,7 +121,8 @@ pub fn merge(base: MergeBase, adapter: &Path, out: &Path, dtype: Option<OutDtype
                 encode(&w, out_dtype)
             } else if let Some((a, b)) = lora {
                 let mut w = to_f32(bytes, src_dtype).ok_or_else(not_float)?;
-                add_lora_delta(&mut w, &a, &b, ad.config.r, shape[1], scale);
+                let m = module.expect("a weight");
+                add_lora_delta(&mut w, &a, &b, ad.config.rank_for(m), shape[1], ad.config.scale_for(m) as f32);
                 // DoRA: W' = diag(m / ‖W + s·B A‖) (W + s·B A).
                 if let Some(m) = ad.files.magnitude(module.expect("a weight"), shape[0])? {
                     let n = row_norms(&w, shape[1]);

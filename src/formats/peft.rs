@@ -34,6 +34,33 @@ pub enum PeftError {
     Output(#[from] AtomicError),
 }
 
+/// A JSON object's entries in the order of the file (serde_json's map is sorted).
+#[derive(Debug, Clone, Default)]
+pub struct OrderedMap(pub Vec<(String, Value)>);
+
+impl<'de> Deserialize<'de> for OrderedMap {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> serde::de::Visitor<'de> for V {
+            type Value = OrderedMap;
+            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                f.write_str("an object")
+            }
+            fn visit_unit<E>(self) -> Result<OrderedMap, E> {
+                Ok(OrderedMap::default())
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<OrderedMap, A::Error> {
+                let mut v = Vec::new();
+                while let Some(entry) = map.next_entry::<String, Value>()? {
+                    v.push(entry);
+                }
+                Ok(OrderedMap(v))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
 /// `adapter_config.json` as PEFT writes it (the keys ft reads).
 #[derive(Debug, Clone, Deserialize)]
 pub struct RawConfig {
@@ -50,10 +77,12 @@ pub struct RawConfig {
     #[serde(default)]
     pub use_dora: bool,
     pub modules_to_save: Option<Value>,
+    /// Per-module ranks and alphas, keyed by patterns, in the file's order (PEFT tries them in
+    /// that order).
     #[serde(default)]
-    pub rank_pattern: serde_json::Map<String, Value>,
+    pub rank_pattern: OrderedMap,
     #[serde(default)]
-    pub alpha_pattern: serde_json::Map<String, Value>,
+    pub alpha_pattern: OrderedMap,
     pub peft_type: Option<String>,
     pub base_model_name_or_path: Option<String>,
     /// Modules left out although `target_modules` matches them (names or a regex).
@@ -101,9 +130,6 @@ impl RawConfig {
                 }
             }
             Some(other) => return Err(PeftError::Invalid { path: path.into(), msg: format!("modules_to_save must be a list of module names, not {other}") }),
-        }
-        if !raw.rank_pattern.is_empty() || !raw.alpha_pattern.is_empty() {
-            return unsupported("rank_pattern / alpha_pattern");
         }
         let set = |v: &Option<Value>| match v {
             None | Some(Value::Null) | Some(Value::Bool(false)) => false,
@@ -185,7 +211,7 @@ impl AdapterFiles {
     }
 
     /// The adapter of `module` in PEFT layout (`a: [r, in]`, `b: [out, r]`), if it has one.
-    pub fn matrices(&self, module: &str, d_in: usize, d_out: usize) -> Result<Option<LoraMatrices>, WeightsError> {
+    pub fn matrices(&self, module: &str, r: usize, d_in: usize, d_out: usize) -> Result<Option<LoraMatrices>, WeightsError> {
         let (an, bn) = tensor_names(module);
         let (an, bn) = if self.tensors.contains(&an) {
             (an, bn)
@@ -196,7 +222,6 @@ impl AdapterFiles {
             }
             (a2, b2)
         };
-        let r = self.config.r;
         let a = self.tensors.f32(&an, &[r, d_in])?;
         let b = self.tensors.f32(&bn, &[d_out, r])?;
         Ok(Some((a, b)))

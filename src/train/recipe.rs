@@ -349,6 +349,8 @@ impl LoraSection {
             init: self.init,
             modules_to_save: self.modules_to_save.clone(),
             use_dora: self.use_dora,
+            rank_pattern: self.rank_pattern.iter().map(|(k, v)| (k.clone(), *v)).collect(),
+            alpha_pattern: self.alpha_pattern.iter().map(|(k, v)| (k.clone(), *v)).collect(),
         }
     }
 }
@@ -451,6 +453,13 @@ pub struct LoraSection {
     /// DoRA (PEFT's `use_dora`): LoRA plus a learned magnitude per output row.
     #[serde(default)]
     pub use_dora: bool,
+    /// Per-module ranks (PEFT's `rank_pattern`): `{ "q_proj" = 16, "layers\\.0\\..*" = 4 }`; a
+    /// module takes the first key (in key order) whose regex matches the end of its path.
+    #[serde(default)]
+    pub rank_pattern: std::collections::BTreeMap<String, usize>,
+    /// Per-module alphas (PEFT's `alpha_pattern`), matched as `rank_pattern`.
+    #[serde(default)]
+    pub alpha_pattern: std::collections::BTreeMap<String, f64>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -697,6 +706,22 @@ impl Recipe {
         }
         if !(l.alpha.is_finite() && l.alpha > 0.0) {
             return invalid("lora.alpha", format!("lora.alpha must be a positive number (0 makes the adapter do nothing), got {}", l.alpha));
+        }
+        for (k, r) in &l.rank_pattern {
+            if let Err(e) = crate::adapters::config::pattern_regex(k) {
+                return invalid("lora.rank_pattern", format!("lora.rank_pattern key {k:?}: {e}"));
+            }
+            if *r == 0 {
+                return invalid("lora.rank_pattern", format!("lora.rank_pattern[{k:?}] must be at least 1"));
+            }
+        }
+        for (k, a) in &l.alpha_pattern {
+            if let Err(e) = crate::adapters::config::pattern_regex(k) {
+                return invalid("lora.alpha_pattern", format!("lora.alpha_pattern key {k:?}: {e}"));
+            }
+            if !(a.is_finite() && *a > 0.0) {
+                return invalid("lora.alpha_pattern", format!("lora.alpha_pattern[{k:?}] must be a positive number"));
+            }
         }
         if let Some(m) = l.modules_to_save.iter().find(|m| !crate::formats::peft::MODULES_TO_SAVE.contains(&m.as_str())) {
             return invalid("lora.modules_to_save", format!("lora.modules_to_save: {m:?} cannot be trained in full (ft trains the output heads {:?})", crate::formats::peft::MODULES_TO_SAVE));

@@ -154,3 +154,61 @@ fn adapter_configs_mean_what_they_say() {
         assert!(!out.exists(), "{name}: nothing written");
     }
 }
+
+/// lora-r4 rewritten with `rank_pattern` {"q_proj": 8} and `alpha_pattern` {"q_proj": 16}: q_proj's
+/// A and B zero-padded to rank 8, so that with PEFT's per-module scale (16 / 8 = 8 / 4) the
+/// adapter computes exactly what lora-r4 does.
+fn padded_rank_pattern_adapter() -> PathBuf {
+    let src = adapter_dir("lora-r4");
+    let out = scratch("rank-pattern-adapter");
+    let mut cfg = json(&src.join("adapter_config.json"));
+    cfg["rank_pattern"] = serde_json::json!({"q_proj": 8});
+    cfg["alpha_pattern"] = serde_json::json!({"q_proj": 16});
+    std::fs::write(out.join("adapter_config.json"), cfg.to_string()).unwrap();
+    let bytes = std::fs::read(src.join("adapter_model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut owned: Vec<(String, Vec<usize>, Vec<u8>)> = Vec::new();
+    for (name, t) in st.tensors() {
+        let (shape, data) = (t.shape().to_vec(), t.data().to_vec());
+        let padded = if name.contains("q_proj.lora_A") {
+            // [4, in] → [8, in]: four zero rows.
+            let mut d = data.clone();
+            d.extend(vec![0u8; data.len()]);
+            (vec![8, shape[1]], d)
+        } else if name.contains("q_proj.lora_B") {
+            // [out, 4] → [out, 8]: four zero columns per row.
+            let d: Vec<u8> = data.chunks(16).flat_map(|row| [row.to_vec(), vec![0u8; 16]].concat()).collect();
+            (vec![shape[0], 8], d)
+        } else {
+            (shape, data)
+        };
+        owned.push((name, padded.0, padded.1));
+    }
+    let views: Vec<(String, safetensors::tensor::TensorView)> =
+        owned.iter().map(|(n, s, d)| (n.clone(), safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), d).unwrap())).collect();
+    std::fs::write(out.join("adapter_model.safetensors"), safetensors::serialize(views, None).unwrap()).unwrap();
+    out
+}
+
+#[test]
+fn rank_and_alpha_patterns_follow_peft() {
+    let dir = padded_rank_pattern_adapter();
+    let mut model = load("llama");
+    PeftAdapter::open(&dir).unwrap().attach(&mut model).unwrap();
+    assert_logits(&model, &adapter_dir("lora-r4").join("expected_logits.safetensors"), "rank_pattern");
+    // The merge scales each module by its own alpha / r.
+    let out = scratch("rank-pattern-merged").join("m");
+    let (c, _, err) = ft(&["merge", "--model", model_dir("llama").to_str().unwrap(), "--adapter", dir.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    assert_eq!(c, 0, "{err}");
+    let merged = ft::model::load::<Cpu>(&out, &Default::default(), Default::default()).unwrap();
+    assert_logits(&merged, &fixtures().join("merged/lora-r4/expected_logits.safetensors"), "rank_pattern merged");
+    // Without the alpha pattern q_proj's scale halves: other logits.
+    let mut cfg = json(&dir.join("adapter_config.json"));
+    cfg["alpha_pattern"] = serde_json::json!({});
+    std::fs::write(dir.join("adapter_config.json"), cfg.to_string()).unwrap();
+    let mut model = load("llama");
+    PeftAdapter::open(&dir).unwrap().attach(&mut model).unwrap();
+    let case = &json(&fixtures().join("chat_tokens.json"))[0];
+    let (want, _) = read_f32(&adapter_dir("lora-r4").join("expected_logits.safetensors"), "logits_0");
+    assert!(max_abs_diff(&logits(&model, &ids(&case["input_ids"])), &want) > 1e-3);
+}

@@ -630,3 +630,17 @@ fn modules_to_save_refuses_a_tied_head() {
     assert_eq!(c, 2, "{err}");
     assert!(err.contains("lora.modules_to_save"), "{err}");
 }
+
+#[test]
+fn rank_pattern_gives_modules_their_own_rank() {
+    let d = train_ok("rank-pattern", "max_steps = 3\nmicro_batch_size = 2\nlr = 1e-2", &["--set", "lora.rank_pattern={q_proj = 2}", "--set", "lora.alpha_pattern={v_proj = 32}"]);
+    let cfg = json(&d.join("run/adapter/adapter_config.json"));
+    assert_eq!(cfg["rank_pattern"], serde_json::json!({"q_proj": 2}));
+    assert_eq!(cfg["alpha_pattern"], serde_json::json!({"v_proj": 32.0}));
+    let (_, q) = read_f32(&d.join("run/adapter/adapter_model.safetensors"), "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight");
+    let (_, v) = read_f32(&d.join("run/adapter/adapter_model.safetensors"), "base_model.model.model.layers.0.self_attn.v_proj.lora_A.weight");
+    assert_eq!((q[0], v[0]), (2, 4));
+    let eval_loss = metrics(&d).iter().rev().find_map(|l| l["eval_loss"].as_f64()).unwrap();
+    let v = eval_llama_json(&d.join("eight.jsonl"), Some(&d.join("run/adapter")), &[]);
+    assert!((v["loss"].as_f64().unwrap() - eval_loss).abs() <= 1e-5, "{v} vs {eval_loss}");
+}
