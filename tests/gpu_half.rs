@@ -89,7 +89,7 @@ fn half_precision_dpo_scores_and_gradients() {
     use ft::loss::dpo::{policy_logps, score_pairs, DpoConfig};
     let want = json(&fixtures().join("dpo/expected.json"));
     let mut m = load::<Autodiff<Half>>("llama");
-    assert!(matches!(m.embed_tokens.val().dtype(), burn::tensor::DType::F16 | burn::tensor::DType::BF16), "the model computes in half precision");
+    assert!(matches!(m.embed_weight().dtype(), burn::tensor::DType::F16 | burn::tensor::DType::BF16), "the model computes in half precision");
     PeftAdapter::open(&fixtures().join("adapters/lora-r4")).unwrap().attach(&mut m).unwrap();
     let tok = TextTokenizer::from_dir(&fixtures().join("models/llama")).unwrap();
     let template = tok.template(TemplateChoice::Chatml).unwrap();

@@ -150,7 +150,7 @@ fn the_decoder_operations_run_as_single_nodes_with_chunked_attention() {
 fn decoder_logits_match_transformers() {
     for name in ["llama", "llama3-rope-tied-bf16", "qwen2", "qwen3", "mistral"] {
         let model = load::<Gpu>(name);
-        assert_eq!(model.embed_tokens.val().dtype(), burn::tensor::DType::F32, "this process computes in f32 (see gpu/shared.rs)");
+        assert_eq!(model.embed_weight().dtype(), burn::tensor::DType::F32, "this process computes in f32 (see gpu/shared.rs)");
         let expected = fixtures().join("models").join(name).join("expected_logits.safetensors");
         for (i, ids) in chat_ids().iter().enumerate() {
             let (want, _) = read_f32(&expected, &format!("logits_{i}"));

@@ -58,6 +58,22 @@ pub fn attach_new<B: TrainBackend>(model: &mut Decoder<B>, config: &LoraConfig, 
         if config.covers(&name) {
             let (d_in, d_out) = proj.dims();
             let (r, scale) = (config.rank_for(&name), config.scale_for(&name));
+            if crate::formats::peft::is_embedding(&name) {
+                // PEFT's embedding LoRA: A zero, B N(0, 1) (`lora_embedding_A/B`).
+                let a = vec![0f32; r * d_in];
+                let b: Vec<f32> = (0..d_out * r)
+                    .map(|_| {
+                        let (u1, u2): (f64, f64) = (rng.random_range(f64::EPSILON..1.0), rng.random_range(0.0..1.0));
+                        ((-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()) as f32
+                    })
+                    .collect();
+                let mut l = Lora::from_peft(&a, &b, r, d_in, d_out, scale, &device);
+                l.a = Param::from_tensor(l.a.val().require_grad());
+                l.b = Param::from_tensor(l.b.val().require_grad());
+                proj.adapter = Some(Adapter::Lora(l));
+                n += 1;
+                continue;
+            }
             let mut lora = new_lora(d_in, d_out, r, scale, config.init, &mut rng, &device);
             lora.dropout = config.dropout;
             proj.adapter = Some(if config.use_dora {

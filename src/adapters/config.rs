@@ -65,7 +65,7 @@ impl Targets {
     pub fn matches(&self, module: &str) -> bool {
         match self {
             // PEFT's "all-linear" leaves out the output layer: the LM head or a classifier's.
-            Targets::AllLinear => !matches!(module, "lm_head" | "score" | "classifier"),
+            Targets::AllLinear => !matches!(module, "lm_head" | "score" | "classifier") && !module.ends_with("embed_tokens"),
             Targets::Names(names) => names.iter().any(|t| module == t || module.ends_with(&format!(".{t}"))),
             Targets::Regex(re) => regex_full_match(re, module),
         }

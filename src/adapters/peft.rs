@@ -83,7 +83,14 @@ impl PeftAdapter {
                 }
                 (Some((a, b)), None) => {
                     let lora = Lora::from_peft(&a, &b, self.config.rank_for(&name), d_in, d_out, self.config.scale_for(&name), &device);
-                    match (self.config.use_dora, self.files.magnitude(&name, d_out)?) {
+                    if self.config.use_dora && crate::formats::peft::is_embedding(&name) {
+                        return Err(PeftError::Unsupported { path: self.files.dir.join("adapter_config.json"), what: "DoRA on embed_tokens".into() });
+                    }
+                    if crate::formats::peft::is_embedding(&name) {
+                        // PEFT saves the base embedding beside an embedding LoRA; it is the base's.
+                        self.files.tensors.skip(&crate::formats::peft::saved_embedding_name(&name));
+                    }
+                    match (self.config.use_dora && !crate::formats::peft::is_embedding(&name), self.files.magnitude(&name, d_out)?) {
                         (true, Some(m)) => Adapter::Dora(Dora::new(lora, &m, &device)),
                         (true, None) => {
                             let msg = format!("use_dora is set but {name} has no lora_magnitude_vector");

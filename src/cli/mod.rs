@@ -2,6 +2,7 @@
 //! per command; the work is the library's. Exit codes are decided here, in [`exit_code`], from
 //! the kind of error.
 
+pub mod adapter;
 pub mod args;
 pub mod convert;
 pub mod data;
@@ -65,6 +66,9 @@ pub enum Command {
     /// A reward model's scores for conversations, prompt-completion records or preference pairs
     /// (JSONL in, the records with their rewards out).
     Score(score::ScoreArgs),
+    /// Adapter directories: what one holds (`info`) and which serving engines take it (`check`).
+    #[command(subcommand)]
+    Adapter(adapter::AdapterCommand),
     /// Merge a LoRA adapter into the base weights (W + scale·B·A in f32), writing a plain checkpoint.
     Merge(convert::MergeArgs),
     /// Quantize a model's decoder linear weights to bitsandbytes NF4 (the `*-bnb-4bit` format
@@ -84,6 +88,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Generate(a) => generate::run(a),
         Command::Eval(a) => eval::run(*a),
         Command::Score(a) => score::run(a),
+        Command::Adapter(c) => adapter::run(c),
         Command::Merge(a) => convert::run_merge(a),
         Command::ImportGguf(a) => convert::run_import(a),
         Command::Quantize(a) => convert::run_quantize(a),
@@ -112,7 +117,7 @@ pub fn exit_code(err: &anyhow::Error) -> u8 {
         if cause.is::<UsageError>() || cause.is::<crate::train::recipe::RecipeError>() {
             return exit::USAGE;
         }
-        if cause.is::<eval_generate::GateFailed>() {
+        if cause.is::<eval_generate::GateFailed>() || cause.is::<adapter::Refused>() {
             return exit::GATE;
         }
         if let Some(e) = cause.downcast_ref::<DataError>() {

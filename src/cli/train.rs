@@ -156,6 +156,9 @@ pub fn run(a: TrainArgs) -> Result<()> {
             summary.tokens_per_s,
             summary.output_dir.join("adapter").display()
         );
+        if !summary.serving.is_empty() || summary.steps > 0 {
+            super::adapter::print_findings(&summary.output_dir.join("adapter"), &crate::adapters::serving::Engine::ALL, &summary.serving);
+        }
     }
     Ok(())
 }

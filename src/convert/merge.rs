@@ -106,7 +106,21 @@ pub fn merge(base: MergeBase, adapter: &Path, out: &Path, dtype: Option<OutDtype
                 _ => src_dtype,
             };
             let module = name.strip_suffix(".weight");
+            if module.is_some_and(crate::formats::peft::is_embedding) {
+                // PEFT's copy of the base embedding beside an embedding LoRA.
+                ad.files.tensors.skip(&crate::formats::peft::saved_embedding_name(module.expect("checked")));
+            }
             let lora = match (module, shape.as_slice()) {
+                // An embedding `[vocab, hidden]` is `[in, out]`: E' = E + s·(B A)ᵀ.
+                (Some(m), [vocab, hidden]) if crate::formats::peft::is_embedding(m) => {
+                    if config.tie_word_embeddings && ad.matrices(m, *vocab, *hidden)?.is_some() {
+                        return Err(ConvertError::invalid(adapter, "an embedding LoRA on a model with tied embeddings: merging it would change the output head too, which the adapter does not"));
+                    }
+                    ad.matrices(m, *vocab, *hidden)?.map(|(a, b)| {
+                        let r = ad.config.rank_for(m);
+                        (crate::model::projection::transpose(&b, *hidden, r), crate::model::projection::transpose(&a, r, *vocab))
+                    })
+                }
                 (Some(m), [d_out, d_in]) => ad.matrices(m, *d_in, *d_out)?,
                 _ => None,
             };

@@ -84,6 +84,8 @@ pub struct RawConfig {
     #[serde(default)]
     pub alpha_pattern: OrderedMap,
     pub peft_type: Option<String>,
+    /// `CAUSAL_LM`, `SEQ_CLS`, …
+    pub task_type: Option<String>,
     pub base_model_name_or_path: Option<String>,
     /// Modules left out although `target_modules` matches them (names or a regex).
     pub exclude_modules: Option<Value>,
@@ -182,7 +184,22 @@ pub fn magnitude_name(module: &str) -> String {
 
 /// The PEFT tensor names of a module's adapter.
 pub fn tensor_names(module: &str) -> (String, String) {
+    if is_embedding(module) {
+        // PEFT's embedding LoRA: parameters, not modules (no `.weight`).
+        return (format!("base_model.model.{module}.lora_embedding_A"), format!("base_model.model.{module}.lora_embedding_B"));
+    }
     (format!("base_model.model.{module}.lora_A.weight"), format!("base_model.model.{module}.lora_B.weight"))
+}
+
+/// Whether `module` is the token embedding (`…embed_tokens`).
+pub fn is_embedding(module: &str) -> bool {
+    module == "embed_tokens" || module.ends_with(".embed_tokens")
+}
+
+/// The copy of the base embedding PEFT saves beside an embedding LoRA
+/// (`save_embedding_layers="auto"`).
+pub fn saved_embedding_name(module: &str) -> String {
+    format!("base_model.model.{module}.base_layer.weight")
 }
 
 /// One module's LoRA matrices in PEFT layout: A `[r, in]`, B `[out, r]`, row-major f32.

@@ -248,7 +248,9 @@ const HEAD_ROWS_FOR_TRANSPOSED_E: usize = 32;
 #[derive(Module, Debug)]
 pub struct Decoder<B: Backend> {
     /// `[vocab, hidden]`
-    pub embed_tokens: Param<Tensor<B, 2>>,
+    /// The token embeddings as a projection from one-hot rows (`[vocab, hidden]`, read by row):
+    /// an adapter on it is PEFT's embedding LoRA.
+    pub embed_tokens: Projection<B>,
     pub layers: Vec<Block<B>>,
     pub norm: RmsNorm<B>,
     /// `None` when tied to `embed_tokens` (or for a sequence-classification checkpoint).
@@ -269,7 +271,7 @@ impl<B: Kernels> Decoder<B> {
         let ck = src.files;
         let (v, h) = (c.vocab_size, c.hidden_size);
         let embed = ck.f32("model.embed_tokens.weight", &[v, h])?;
-        let embed_tokens = Param::from_tensor(tensor2(embed, [v, h], device)).set_require_grad(false);
+        let embed_tokens = Projection::embedding(tensor2(embed, [v, h], device));
         let layers = (0..c.num_layers).map(|i| Block::load(src, i, c, device)).collect::<Result<Vec<_>, _>>()?;
         let norm = RmsNorm::load(ck, "model.norm.weight", h, c.rms_norm_eps, device)?;
         let (lm_head, score) = match c.num_labels {
@@ -303,7 +305,7 @@ impl<B: Kernels> Decoder<B> {
     }
 
     pub fn device(&self) -> B::Device {
-        self.embed_tokens.val().device()
+        self.embed_weight().device()
     }
 
     /// Every projection with its HF module path (`model.layers.0.self_attn.q_proj`, ...).
@@ -318,7 +320,13 @@ impl<B: Kernels> Decoder<B> {
         if let Some(h) = &mut self.score {
             out.push(("score".to_string(), h));
         }
+        out.push(("model.embed_tokens".to_string(), &mut self.embed_tokens));
         out
+    }
+
+    /// The base token embeddings `[vocab, hidden]` (the tied output head's weight).
+    pub fn embed_weight(&self) -> Tensor<B, 2> {
+        self.embed_tokens.base_tensor()
     }
 
     /// Turns a causal LM into a sequence classifier as transformers' `*ForSequenceClassification`
@@ -430,7 +438,7 @@ impl<B: Kernels> Decoder<B> {
         let device = ids.device();
         let [b, t] = ids.dims();
         let (h, hd) = (self.config.hidden_size, self.config.head_dim);
-        let x = self.embed_tokens.val().select(0, ids.reshape([b * t])).reshape([b, t, h]);
+        let x = self.embed_tokens.embed(ids.reshape([b * t])).reshape([b, t, h]);
         let s = start + t;
         let (cos, sin) = self.rope.tables(0, s, s);
         let (mut pc, mut ps) = (vec![0f32; b * t * hd], vec![0f32; b * t * hd]);
@@ -475,7 +483,7 @@ impl<B: Kernels> Decoder<B> {
         let device = ids.device();
         let [b, t] = ids.dims();
         let (h, hd) = (self.config.hidden_size, self.config.head_dim);
-        let x = self.embed_tokens.val().select(0, ids.reshape([b * t])).reshape([b, t, h]);
+        let x = self.embed_tokens.embed(ids.reshape([b * t])).reshape([b, t, h]);
         let Some(segments) = segments else {
             let rope = self.rope_tables(start, t, &device);
             // Query i (absolute position start+i) may see keys 0..=start+i.
@@ -519,11 +527,11 @@ impl<B: Kernels> Decoder<B> {
                 if b * t >= HEAD_ROWS_FOR_TRANSPOSED_E {
                     // x · Eᵀ: logits come out row-major, so the softmax over the vocabulary reads
                     // contiguous rows; packing Eᵀ is paid once for many rows.
-                    x.matmul(self.embed_tokens.val().transpose()).reshape([b, t, self.config.vocab_size])
+                    x.matmul(self.embed_weight().transpose()).reshape([b, t, self.config.vocab_size])
                 } else {
                     // Few rows (generation): E [V, H] · xᵀ [H, rows], then a transposed view; a
                     // transposed view of E would be packed/copied by the GEMM on every token.
-                    self.embed_tokens.val().matmul(x.transpose()).transpose().reshape([b, t, self.config.vocab_size])
+                    self.embed_weight().matmul(x.transpose()).transpose().reshape([b, t, self.config.vocab_size])
                 }
             }
         }

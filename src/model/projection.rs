@@ -269,6 +269,42 @@ impl<B: Backend> Projection<B> {
         Projection { base, bias: None, adapter: None, reference: None, adapter_on: true, on_reference: false, shape: (d_in, d_out) }
     }
 
+    /// Token embeddings `[vocab, hidden]` as a frozen projection from one-hot rows (read with
+    /// [`Projection::embed`]).
+    pub fn embedding(e: Tensor<B, 2>) -> Self {
+        let [v, h] = e.dims();
+        Projection { base: Base::Dense(Param::from_tensor(e).set_require_grad(false)), bias: None, adapter: None, reference: None, adapter_on: true, on_reference: false, shape: (v, h) }
+    }
+
+    /// The dense base weight `[in, out]`.
+    ///
+    /// # Panics
+    /// On an NF4 base.
+    pub fn base_tensor(&self) -> Tensor<B, 2> {
+        match &self.base {
+            Base::Dense(w) => w.val(),
+            Base::Nf4(_) => panic!("an NF4 projection has no dense weight"),
+        }
+    }
+
+    /// Rows `ids` of the weight, as a product with one-hot rows: `W[ids] (+ s · A[ids] B)` (PEFT's
+    /// embedding LoRA: no dropout).
+    ///
+    /// # Shapes
+    /// `ids: [n]` → `[n, out]`
+    pub fn embed(&self, ids: Tensor<B, 1, Int>) -> Tensor<B, 2> {
+        let y = self.base_tensor().select(0, ids.clone());
+        match self.adapter.as_ref().filter(|_| self.adapter_on) {
+            Some(Adapter::Lora(l)) => {
+                let (a, b) = l.weights_in(y.dtype());
+                y + a.select(0, ids).matmul(b) * l.scale
+            }
+            Some(Adapter::Full(f)) => f.weight.val().cast(y.dtype()).select(0, ids),
+            Some(Adapter::Dora(_)) => panic!("DoRA on embeddings is refused when the adapter is made"),
+            None => y,
+        }
+    }
+
     /// The LoRA adapter, if the projection has one.
     pub fn lora(&self) -> Option<&Lora<B>> {
         self.adapter.as_ref().and_then(Adapter::lora)

@@ -707,6 +707,9 @@ impl Recipe {
         if !(l.alpha.is_finite() && l.alpha > 0.0) {
             return invalid("lora.alpha", format!("lora.alpha must be a positive number (0 makes the adapter do nothing), got {}", l.alpha));
         }
+        if l.use_dora && l.target_modules.iter().any(|t| crate::formats::peft::is_embedding(t)) {
+            return invalid("lora.use_dora", "lora.use_dora: ft runs DoRA on linear layers only; leave embed_tokens out of lora.target_modules".into());
+        }
         for (k, r) in &l.rank_pattern {
             if let Err(e) = crate::adapters::config::pattern_regex(k) {
                 return invalid("lora.rank_pattern", format!("lora.rank_pattern key {k:?}: {e}"));

@@ -35,6 +35,8 @@ struct Pending<B: TrainBackend> {
     top: Tensor<B, 3>,
     /// Each block's input.
     inputs: Vec<Tensor<B::InnerBackend, 3>>,
+    /// The token embeddings with their graph, when they have a trained adapter.
+    embedded: Option<Tensor<B, 3>>,
     rope: RopeTables<B>,
     mask: Tensor<B, 3, Bool>,
     seeds: Vec<u64>,
@@ -85,6 +87,7 @@ impl<B: TrainBackend> Forward<B> {
             return model.norm.forward(x);
         }
         let (rope_inner, mask_inner) = (rope.inner(), mask.clone().inner());
+        let embedded = model.embed_tokens.adapter.is_some().then(|| x.clone());
         let mut x = x.inner();
         let mut inputs = Vec::with_capacity(model.layers.len());
         for (layer, &seed) in model.layers.iter().zip(&seeds) {
@@ -96,7 +99,7 @@ impl<B: TrainBackend> Forward<B> {
             x = inner.forward(x, &rope_inner, mask_inner.clone(), None);
         }
         let top = Tensor::<B, 3>::from_inner(x).require_grad();
-        self.pending.push(Pending { top: top.clone(), inputs, rope, mask, seeds });
+        self.pending.push(Pending { top: top.clone(), inputs, embedded, rope, mask, seeds });
         model.norm.forward(top)
     }
 
@@ -127,6 +130,20 @@ impl<B: TrainBackend> Forward<B> {
                     }
                 }
                 grad = x.grad(&g).expect("block input gradient");
+            }
+            // The embeddings' adapter: from the gradient at the first block's input.
+            if let (Some(e), Some(adapter)) = (p.embedded, &model.embed_tokens.adapter) {
+                let g = (e * Tensor::from_inner(grad)).sum().backward();
+                let Some(d) = adapter.tensors().into_iter().map(|t| t.val().grad(&g)).collect::<Option<Vec<_>>>() else { continue };
+                match out.entry("model.embed_tokens".to_string()) {
+                    std::collections::hash_map::Entry::Occupied(mut e) => {
+                        let sum = e.get().iter().zip(d).map(|(a, b)| a.clone() + b).collect();
+                        e.insert(sum);
+                    }
+                    std::collections::hash_map::Entry::Vacant(e) => {
+                        e.insert(d);
+                    }
+                }
             }
         }
         out

@@ -53,6 +53,10 @@ pub struct Summary {
     pub step_tokens_per_s: f64,
     /// CUDA runs: the most device memory ft's allocator held after any step.
     pub peak_gpu_reserved_gib: Option<f64>,
+    /// What serving engines will refuse or change about the adapter (`ft adapter check`; vLLM
+    /// at its default `--max-lora-rank` 16).
+    #[serde(default)]
+    pub serving: Vec<crate::adapters::serving::Finding>,
 }
 
 /// Trains as the recipe says (SFT or DPO), writing the run directory.
@@ -278,6 +282,9 @@ pub fn run<B: TrainBackend>(recipe: &Recipe, device: B::Device, progress: &dyn P
         std::fs::remove_dir_all(&final_adapter).map_err(|source| TrainError::Io { what: "cannot replace", path: final_adapter.clone(), source })?;
     }
     peft::save(&mut model, &lora_config, &recipe.model.path.display().to_string(), &final_adapter)?;
+    let serving = crate::adapters::serving::info(&final_adapter, Some(&recipe.model.path))
+        .map(|i| crate::adapters::serving::check(&i, &crate::adapters::serving::Engine::ALL, 16))
+        .unwrap_or_default();
     let seconds = t0.elapsed().as_secs_f64();
     let counts = objective.data_counts();
     let summary = Summary {
@@ -299,6 +306,7 @@ pub fn run<B: TrainBackend>(recipe: &Recipe, device: B::Device, progress: &dyn P
         step_seconds,
         step_tokens_per_s: step_tokens as f64 / step_seconds.max(1e-9),
         peak_gpu_reserved_gib: (peak_gpu > 0.0).then_some(peak_gpu),
+        serving,
     };
     run_dir.write_summary(&summary)?;
     Ok(summary)

@@ -13,7 +13,7 @@ use ft::data::tokenizer::{TemplateChoice, TextTokenizer};
 
 use super::common::*;
 
-const ADAPTERS: [&str; 4] = ["lora-r4", "rslora-r8-attn", "modules-to-save-r4", "dora-r4"];
+const ADAPTERS: [&str; 5] = ["lora-r4", "rslora-r8-attn", "modules-to-save-r4", "dora-r4", "embed-lora-r4"];
 
 fn logits(model: &Decoder<Cpu>, ids: &[u32]) -> Vec<f32> {
     let input = Tensor::<Cpu, 2, Int>::from_data(
@@ -211,4 +211,62 @@ fn rank_and_alpha_patterns_follow_peft() {
     let case = &json(&fixtures().join("chat_tokens.json"))[0];
     let (want, _) = read_f32(&adapter_dir("lora-r4").join("expected_logits.safetensors"), "logits_0");
     assert!(max_abs_diff(&logits(&model, &ids(&case["input_ids"])), &want) > 1e-3);
+}
+
+/// `ft adapter check --json` findings as (engine, severity, what).
+fn serving_findings(name: &str, extra: &[&str]) -> (i32, Vec<(String, String, String)>) {
+    let dir = adapter_dir(name);
+    let mut args = vec!["adapter", "check", dir.to_str().unwrap(), "--json"];
+    args.extend(extra);
+    let (c, out, err) = ft(&args);
+    assert!(c == 0 || c == 5, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let f = v["findings"].as_array().unwrap().iter().map(|f| (f["engine"].as_str().unwrap().to_string(), f["severity"].as_str().unwrap().to_string(), f["what"].as_str().unwrap().to_string())).collect();
+    (c, f)
+}
+
+#[test]
+fn adapter_check_names_the_engines_that_refuse_each_kind() {
+    let llama = model_dir("llama");
+    let base = ["--model", llama.to_str().unwrap()];
+    // Plain LoRA r4 on a Llama: every engine takes it.
+    let (c, f) = serving_findings("lora-r4", &base);
+    assert_eq!((c, f.len()), (0, 0), "{f:?}");
+    // DoRA: refused by all five; with --for vllm the check exits 5.
+    let (_, f) = serving_findings("dora-r4", &base);
+    assert_eq!(f.iter().filter(|x| x.1 == "refused" && x.2.contains("DoRA")).count(), 5, "{f:?}");
+    let (c, _) = serving_findings("dora-r4", &["--for", "vllm"]);
+    assert_eq!(c, 5);
+    // modules_to_save: vLLM's own words.
+    let (_, f) = serving_findings("modules-to-save-r4", &base);
+    assert!(f.iter().any(|x| x.0 == "vllm" && x.1 == "refused" && x.2.contains("modules_to_save being None")), "{f:?}");
+    // rsLoRA r8: llama.cpp loads it at 1/√8 of its strength.
+    let (c, f) = serving_findings("rslora-r8-attn", &["--for", "llama.cpp,vllm"]);
+    assert_eq!(c, 0, "changed, not refused");
+    assert!(f.iter().any(|x| x.0 == "llama.cpp" && x.1 == "changed" && x.2.contains("0.354")), "{f:?}");
+    // vLLM's rank limit: the fix names the smallest allowed --max-lora-rank.
+    let dir = adapter_dir("lora-r4");
+    let (c, out, _) = ft(&["adapter", "check", dir.to_str().unwrap(), "--for", "vllm", "--max-lora-rank", "1"]);
+    assert_eq!(c, 5);
+    assert!(out.contains("rank 4 is greater than max_lora_rank 1") && out.contains("--max-lora-rank 8"), "{out}");
+    // Ollama takes safetensors adapters of Llama, Mistral and Gemma only.
+    let qwen = model_dir("qwen3");
+    let (_, f) = serving_findings("lora-r4", &["--model", qwen.to_str().unwrap(), "--for", "ollama"]);
+    assert!(f.iter().any(|x| x.1 == "refused" && x.2.contains("qwen3")), "{f:?}");
+}
+
+#[test]
+fn adapter_info_describes_the_directory() {
+    let dir = adapter_dir("dora-r4");
+    let (c, out, err) = ft(&["adapter", "info", dir.to_str().unwrap(), "--json", "--model", model_dir("llama").to_str().unwrap()]);
+    assert_eq!(c, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!((v["kind"].as_str(), v["ranks"].clone(), v["adapted_modules"].as_u64(), v["base_model_type"].as_str()), (Some("dora"), serde_json::json!([4]), Some(14), Some("llama")));
+    // Every tensor's elements: A [4, in], B [out, 4] and the magnitude [out] of 14 modules.
+    let st_bytes = std::fs::read(dir.join("adapter_model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&st_bytes).unwrap();
+    let n: usize = st.tensors().iter().map(|(_, t)| t.shape().iter().product::<usize>()).sum();
+    assert_eq!(v["parameters"].as_u64(), Some(n as u64));
+    let v: serde_json::Value = serde_json::from_str(&ft(&["adapter", "info", adapter_dir("modules-to-save-r4").to_str().unwrap(), "--json"]).1).unwrap();
+    assert_eq!(v["modules_to_save"], serde_json::json!(["lm_head"]));
 }

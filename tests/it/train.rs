@@ -605,6 +605,9 @@ fn dora_trains_and_resumes_bit_identically_also_over_nf4() {
     // config); the magnitudes start at the base's row norms and move.
     let d1 = trains_and_resumes("dora", &["--set", "lora.use_dora=true", "--set", "lora.dropout=0.1"]);
     assert_eq!(json(&d1.join("run/adapter/adapter_config.json"))["use_dora"], true);
+    // The run says before deployment that vLLM will refuse it.
+    let serving = json(&d1.join("run/summary.json"))["serving"].clone();
+    assert!(serving.as_array().unwrap().iter().any(|f| f["engine"] == "vllm" && f["severity"] == "refused"), "{serving}");
     let tensors = adapter_tensors(&d1);
     let m = &tensors.iter().find(|(n, _)| n == "base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector").expect("a magnitude").1;
     let (w, shape) = read_f32(&model_dir("llama").join("model.safetensors"), "model.layers.0.self_attn.q_proj.weight");
@@ -643,4 +646,22 @@ fn rank_pattern_gives_modules_their_own_rank() {
     let eval_loss = metrics(&d).iter().rev().find_map(|l| l["eval_loss"].as_f64()).unwrap();
     let v = eval_llama_json(&d.join("eight.jsonl"), Some(&d.join("run/adapter")), &[]);
     assert!((v["loss"].as_f64().unwrap() - eval_loss).abs() <= 1e-5, "{v} vs {eval_loss}");
+}
+
+#[test]
+fn embedding_lora_trains_resumes_and_checkpoints_its_gradient() {
+    // embed_tokens among the targets: PEFT's embedding LoRA (A zero, B N(0, 1), keys
+    // lora_embedding_A/B); gradient checkpointing gives the embedding adapter the same gradient.
+    let set = ["--set", "lora.target_modules=[\"q_proj\", \"v_proj\", \"embed_tokens\"]"];
+    let d1 = trains_and_resumes("embed-lora", &set);
+    let tensors = adapter_tensors(&d1);
+    let a = &tensors.iter().find(|(n, _)| n == "base_model.model.model.embed_tokens.lora_embedding_A").expect("embedding A").1;
+    assert_eq!(a.len(), 4 * 1024);
+    assert!(a.iter().any(|&x| x != 0.0), "A starts at zero and is trained");
+    let d2 = train_ok("embed-lora-ckpt", "max_steps = 3\nmicro_batch_size = 2\nlr = 1e-2\nseed = 3\ngradient_checkpointing = true", &set);
+    let d3 = train_ok("embed-lora-plain", "max_steps = 3\nmicro_batch_size = 2\nlr = 1e-2\nseed = 3", &set);
+    for ((n2, t2), (n3, t3)) in adapter_tensors(&d2).iter().zip(adapter_tensors(&d3).iter()) {
+        assert_eq!(n2, n3);
+        assert!(max_abs_diff(t2, t3) <= 1e-5, "{n2}: {}", max_abs_diff(t2, t3));
+    }
 }
