@@ -4,11 +4,13 @@ transformers and peft are installed; the GPU machine has them):
     scripts/peft-crosscheck.sh            # here: runs ft, then this script (or carry .bin/peft)
     python3 scripts/peft-crosscheck.py .bin/peft
 
-Reads from DIR: init/ (ft's adapter after one step at learning rate 0: PEFT init from ft's seed),
-run/metrics.jsonl and run/adapter/ (20 ft steps of constant-lr AdamW on all of chat.jsonl), and
-run/summary.json. Checks (1) the final ft adapter loads with PeftModel.from_pretrained and gives
-the eval loss ft reported, (2) a torch.optim.AdamW loop from the same initial adapter on the same
-batch reproduces ft's 20 losses (max relative difference printed).
+For each adapter kind ft writes (DIR/<kind>/: lora, rslora, dora, modules_to_save, embedding,
+rank_pattern) reads init/ (ft's adapter after one step at learning rate 0: PEFT's init from ft's
+seed), run/metrics.jsonl and run/adapter/ (20 ft steps of constant-lr AdamW on all of
+chat.jsonl), and run/summary.json. Checks (1) the final ft adapter loads with
+PeftModel.from_pretrained and gives the eval loss ft reported, (2) a torch.optim.AdamW loop from
+the same initial adapter on the same batch reproduces ft's 20 losses (max relative difference
+printed): the gradients of every kind, through PEFT's own modules.
 """
 import json
 import sys
@@ -44,26 +46,46 @@ def base():
     return transformers.AutoModelForCausalLM.from_pretrained(f"{fx}/models/llama", dtype=torch.float32)
 
 
-summary = json.load(open(f"{d}/run/summary.json"))
+KINDS = ["lora", "rslora", "dora", "modules_to_save", "embedding", "rank_pattern"]
+ok = True
+for kind in KINDS:
+    k = f"{d}/{kind}"
+    summary = json.load(open(f"{k}/run/summary.json"))
+    with torch.no_grad():
+        final = PeftModel.from_pretrained(base(), f"{k}/run/adapter")
+        peft_eval = float(loss_of(final))
+    # The same 20 steps in torch: AdamW from ft's initial adapter on the same batch.
+    model = PeftModel.from_pretrained(base(), f"{k}/init", is_trainable=True)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
+    ft_losses = [json.loads(l)["loss"] for l in open(f"{k}/run/metrics.jsonl") if '"loss"' in l]
+    torch_losses = []
+    for _ in range(len(ft_losses)):
+        opt.zero_grad()
+        loss = loss_of(model)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        torch_losses.append(float(loss))
+    rel = max(abs(a - b) / abs(b) for a, b in zip(ft_losses, torch_losses))
+    eval_diff = abs(peft_eval - summary["eval_loss"])
+    print(json.dumps({"kind": kind, "trainable_tensors": len(params), "ft_eval_loss": summary["eval_loss"], "peft_eval_loss": peft_eval,
+                      "eval_abs_diff": eval_diff, "losses_max_rel_diff": rel,
+                      "ft_first_last": [round(ft_losses[0], 6), round(ft_losses[-1], 6)],
+                      "torch_first_last": [round(torch_losses[0], 6), round(torch_losses[-1], 6)]}))
+    ok &= rel <= 1e-3 and eval_diff <= 1e-4
+# The reward model: PEFT's SEQ_CLS adapter on AutoModelForSequenceClassification scores each side
+# (the full ChatML render, dpo/expected.json's ids) as `ft score` did.
+pairs = json.load(open(f"{fx}/dpo/expected.json"))["pairs"]
+scores = [json.loads(l) for l in open(f"{d}/reward/scores.jsonl")]
 with torch.no_grad():
-    final = PeftModel.from_pretrained(base(), f"{d}/run/adapter")
-    peft_eval = float(loss_of(final))
-print(json.dumps({"check": "ft adapter in PEFT", "ft_eval_loss": summary["eval_loss"], "peft_loss": peft_eval,
-                  "abs_diff": abs(peft_eval - summary["eval_loss"])}))
-
-model = PeftModel.from_pretrained(base(), f"{d}/init", is_trainable=True)
-params = [p for p in model.parameters() if p.requires_grad]
-opt = torch.optim.AdamW(params, lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
-ft_losses = [json.loads(l)["loss"] for l in open(f"{d}/run/metrics.jsonl") if '"loss"' in l]
-torch_losses = []
-for _ in range(len(ft_losses)):
-    opt.zero_grad()
-    loss = loss_of(model)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(params, 1.0)
-    opt.step()
-    torch_losses.append(float(loss))
-rel = max(abs(a - b) / abs(b) for a, b in zip(ft_losses, torch_losses))
-print(json.dumps({"check": "20 SFT losses vs torch+PEFT", "max_rel_diff": rel,
-                  "ft": [round(x, 6) for x in ft_losses], "torch": [round(x, 6) for x in torch_losses]}))
-sys.exit(0 if rel <= 1e-3 and abs(peft_eval - summary["eval_loss"]) <= 1e-4 else 1)
+    rm = transformers.AutoModelForSequenceClassification.from_pretrained(f"{fx}/models/llama", num_labels=1, dtype=torch.float32)
+    rm = PeftModel.from_pretrained(rm, f"{d}/reward/run/adapter")
+    diff = 0.0
+    for p, s in zip(pairs, scores):
+        for side in ("chosen", "rejected"):
+            r = float(rm(input_ids=torch.tensor([p[side]["input_ids"]])).logits[0, 0])
+            diff = max(diff, abs(r - s[f"reward_{side}"]))
+print(json.dumps({"kind": "reward (SEQ_CLS)", "pairs": len(scores), "rewards_max_abs_diff": diff}))
+ok &= diff <= 1e-4
+sys.exit(0 if ok else 1)
