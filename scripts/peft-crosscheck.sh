@@ -34,6 +34,7 @@ kinds=(
   "rslora|lora.use_rslora=true"
   "dora|lora.use_dora=true"
   "modules_to_save|lora.modules_to_save=[\"lm_head\"]"
+  "modules_to_save_embed|lora.modules_to_save=[\"embed_tokens\"]"
   "embedding|lora.target_modules=[\"q_proj\",\"v_proj\",\"embed_tokens\"]"
   "rank_pattern|lora.rank_pattern={q_proj=2}|lora.alpha_pattern={v_proj=32}"
 )

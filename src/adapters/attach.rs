@@ -106,11 +106,9 @@ pub fn attach_new<B: TrainBackend>(model: &mut Decoder<B>, config: &LoraConfig, 
 /// Gives each module `config` trains in full (`modules_to_save`) and that has no adapter yet a
 /// trainable copy of its weight (a reward model's `score` head).
 pub fn save_modules<B: TrainBackend>(model: &mut Decoder<B>, config: &LoraConfig) {
-    let device = model.device();
     for (name, proj) in model.projections_mut() {
         if config.saves(&name) && proj.adapter.is_none() {
-            let (d_in, d_out) = proj.dims();
-            let mut full = Full::from_peft(&proj.base_weight_peft(), d_in, d_out, &device);
+            let mut full = Full { weight: Param::from_tensor(proj.base_tensor_f32()) };
             full.weight = Param::from_tensor(full.weight.val().require_grad());
             proj.adapter = Some(Adapter::Full(full));
         }

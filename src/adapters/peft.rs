@@ -75,7 +75,13 @@ impl PeftAdapter {
         for (name, proj) in model.projections_mut() {
             let (d_in, d_out) = proj.dims();
             let lora = self.matrices(&name, d_in, d_out)?;
-            let full = if self.config.saves(&name) { self.files.saved_module(&name, d_in, d_out)? } else { None };
+            let embedding = crate::formats::peft::is_embedding(&name);
+            // An embedding is stored [vocab, hidden]: our [in, out].
+            let full = match (self.config.saves(&name), embedding) {
+                (false, _) => None,
+                (true, false) => self.files.saved_module(&name, d_in, d_out)?.map(|w| Full::from_peft(&w, d_in, d_out, &device)),
+                (true, true) => self.files.saved_module(&name, d_out, d_in)?.map(|w| Full::from_rows(&w, d_in, d_out, &device)),
+            };
             let adapter = match (lora, full) {
                 (Some(_), Some(_)) => {
                     let msg = format!("{name} has both LoRA matrices and a saved copy (modules_to_save)");
@@ -99,7 +105,7 @@ impl PeftAdapter {
                         (false, _) => Adapter::Lora(lora),
                     }
                 }
-                (None, Some(w)) => Adapter::Full(Full::from_peft(&w, d_in, d_out, &device)),
+                (None, Some(f)) => Adapter::Full(f),
                 (None, None) => continue,
             };
             if reference {
@@ -144,7 +150,8 @@ pub fn save<B: Kernels>(model: &mut Decoder<B>, config: &LoraConfig, base_model:
         nf4_base |= proj.base.is_nf4();
         let (d_in, d_out) = proj.dims();
         if let Some(Adapter::Full(f)) = &proj.adapter {
-            tensors.push((peft::saved_module_name(&name), safetensors::Dtype::F32, vec![d_out, d_in], bytemuck::cast_slice(&f.to_peft()).to_vec()));
+            let (shape, w) = if peft::is_embedding(&name) { (vec![d_in, d_out], f.to_rows()) } else { (vec![d_out, d_in], f.to_peft()) };
+            tensors.push((peft::saved_module_name(&name), safetensors::Dtype::F32, shape, bytemuck::cast_slice(&w).to_vec()));
             saved.push(name);
             continue;
         }

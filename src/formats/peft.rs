@@ -169,8 +169,8 @@ impl RawConfig {
     }
 }
 
-/// The modules `modules_to_save` may name: output heads.
-pub const MODULES_TO_SAVE: [&str; 3] = ["score", "classifier", "lm_head"];
+/// The modules `modules_to_save` may name: the output heads and the token embeddings.
+pub const MODULES_TO_SAVE: [&str; 4] = ["score", "classifier", "lm_head", "embed_tokens"];
 
 /// The PEFT tensor name of a module saved whole (`modules_to_save`).
 pub fn saved_module_name(module: &str) -> String {

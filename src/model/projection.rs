@@ -233,6 +233,16 @@ impl<B: Backend> Full<B> {
         Full { weight: Param::from_tensor(Tensor::from_data(TensorData::new(transpose(w, d_out, d_in), [d_in, d_out]), (device, DType::F32))) }
     }
 
+    /// From a `[in, out]` matrix as stored (an embedding's `[vocab, hidden]`), in f32.
+    pub fn from_rows(w: &[f32], d_in: usize, d_out: usize, device: &B::Device) -> Self {
+        Full { weight: Param::from_tensor(Tensor::from_data(TensorData::new(w.to_vec(), [d_in, d_out]), (device, DType::F32))) }
+    }
+
+    /// The weight `[in, out]` as held (an embedding's layout on disk), row-major f32.
+    pub fn to_rows(&self) -> Vec<f32> {
+        self.weight.val().into_data().convert::<f32>().to_vec().expect("f32")
+    }
+
     /// The weight in PyTorch's `[out, in]` layout, row-major f32.
     pub fn to_peft(&self) -> Vec<f32> {
         let [d_in, d_out] = self.weight.dims();
@@ -285,6 +295,17 @@ impl<B: Backend> Projection<B> {
             Base::Dense(w) => w.val(),
             Base::Nf4(_) => panic!("an NF4 projection has no dense weight"),
         }
+    }
+
+    /// A copy of the base weight `[in, out]` in f32, outside autodiff (NF4 dequantized): the
+    /// start of a module trained in full.
+    pub fn base_tensor_f32(&self) -> Tensor<B, 2> {
+        let w = match &self.base {
+            Base::Dense(w) => w.val(),
+            Base::Nf4(q) => q.dequantize().transpose(),
+        };
+        let w = w.detach();
+        if w.dtype() == DType::F32 { w } else { w.cast(DType::F32) }
     }
 
     /// Rows `ids` of the weight, as a product with one-hot rows: `W[ids] (+ s · A[ids] B)` (PEFT's

@@ -158,6 +158,12 @@ pub fn run<B: TrainBackend>(recipe: &Recipe, device: B::Device, progress: &dyn P
     }
     // Modules trained in full that the loaded adapter did not hold (a reward model's head when
     // training starts from a causal LM's adapter).
+    if model.config.tie_word_embeddings {
+        if let Some(m) = ["lm_head", "embed_tokens"].iter().find(|m| lora_config.saves(m)) {
+            let msg = format!("lora.modules_to_save names {m:?}, but this model ties its output head to the embeddings: a copy of one would untie them");
+            return Err(TrainError::Invalid { path: recipe.model.path.clone(), msg });
+        }
+    }
     save_modules(&mut model, &lora_config);
     for m in &lora_config.modules_to_save {
         // PEFT's SEQ_CLS default "classifier" matches nothing in a decoder; anything else must.

@@ -630,6 +630,9 @@ fn modules_to_save_refuses_a_tied_head() {
     assert!(err.contains("lm_head") && err.contains("ties"), "{err}");
     assert!(!d.join("run").exists(), "nothing written");
     let (c, _, err) = ft(&["train", r.to_str().unwrap(), "--quiet", "--set", "lora.modules_to_save=[\"embed_tokens\"]"]);
+    assert_eq!(c, 1, "{err}");
+    assert!(err.contains("embed_tokens") && err.contains("ties"), "{err}");
+    let (c, _, err) = ft(&["train", r.to_str().unwrap(), "--quiet", "--set", "lora.modules_to_save=[\"norm\"]"]);
     assert_eq!(c, 2, "{err}");
     assert!(err.contains("lora.modules_to_save"), "{err}");
 }
@@ -664,4 +667,21 @@ fn embedding_lora_trains_resumes_and_checkpoints_its_gradient() {
         assert_eq!(n2, n3);
         assert!(max_abs_diff(t2, t3) <= 1e-5, "{n2}: {}", max_abs_diff(t2, t3));
     }
+}
+
+#[test]
+fn modules_to_save_embed_tokens_trains_the_embeddings_and_merges_them() {
+    // A full copy of the token embeddings (for a chat format's new tokens), saved [vocab, hidden]
+    // as PEFT stores an nn.Embedding, used by ft merge.
+    let d = trains_and_resumes("mts-embed", &["--set", "lora.modules_to_save=[\"embed_tokens\"]"]);
+    let tensors = adapter_tensors(&d);
+    let e = &tensors.iter().find(|(n, _)| n == "base_model.model.model.embed_tokens.weight").expect("the embedding copy").1;
+    let (base, shape) = read_f32(&model_dir("llama").join("model.safetensors"), "model.embed_tokens.weight");
+    assert_eq!((e.len(), shape), (base.len(), vec![1024, 64]));
+    assert!(max_abs_diff(e, &base) > 1e-4, "trained");
+    let out = d.join("merged");
+    let (c, _, err) = ft(&["merge", "--model", model_dir("llama").to_str().unwrap(), "--adapter", d.join("run/adapter").to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    assert_eq!(c, 0, "{err}");
+    let (merged, _) = read_f32(&out.join("model.safetensors"), "model.embed_tokens.weight");
+    assert_eq!(max_abs_diff(&merged, e), 0.0);
 }
