@@ -26,7 +26,7 @@ pub fn new_lora<B: Backend>(d_in: usize, d_out: usize, r: usize, scale: f64, kin
         (0..n).map(|_| rand::Rng::random_range(rng, -bound..bound) as f32).collect()
     };
     let a_peft: Vec<f32> = match kind {
-        LoraInit::Default | LoraInit::Random => uniform(r * d_in, d_in, rng),
+        LoraInit::Default | LoraInit::Random | LoraInit::Pissa => uniform(r * d_in, d_in, rng),
         LoraInit::Gaussian => {
             // Box-Muller, std 1/r.
             let std = 1.0 / r as f64;
@@ -74,7 +74,18 @@ pub fn attach_new<B: TrainBackend>(model: &mut Decoder<B>, config: &LoraConfig, 
                 n += 1;
                 continue;
             }
-            let mut lora = new_lora(d_in, d_out, r, scale, config.init, &mut rng, &device);
+            let mut lora = if config.init == LoraInit::Pissa {
+                // PiSSA: the top-r singular components become the adapter, the base the residual.
+                let (a0, b0, residual) = super::pissa::pissa_init(&proj.base_weight_peft(), d_out, d_in, r, scale);
+                proj.replace_base(&residual);
+                let mut l = Lora::from_peft(&a0, &b0, r, d_in, d_out, scale, &device);
+                l.a = Param::from_tensor(l.a.val().require_grad());
+                l.b = Param::from_tensor(l.b.val().require_grad());
+                l.initial = Some((a0, b0));
+                l
+            } else {
+                new_lora(d_in, d_out, r, scale, config.init, &mut rng, &device)
+            };
             lora.dropout = config.dropout;
             proj.adapter = Some(if config.use_dora {
                 // PEFT: the magnitude starts as ‖W + s·B A‖ per row (B is zero: ‖W‖), so the

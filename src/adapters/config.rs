@@ -19,6 +19,9 @@ pub enum LoraInit {
     /// PEFT's `False`: A and B both as `nn.Linear` initialises them (U(±1/√in), U(±1/√r)), so
     /// the adapter is not the identity from the start (for tests and experiments).
     Random,
+    /// PEFT's `"pissa"`: A and B the top-r singular components of the base weight, the base
+    /// the residual (`adapters::pissa`); saved converted for the original base (rank 2r).
+    Pissa,
 }
 
 impl LoraInit {
@@ -27,6 +30,9 @@ impl LoraInit {
         match self {
             LoraInit::Default => Value::Bool(true),
             LoraInit::Gaussian => Value::String("gaussian".into()),
+            // Saved converted for the original base, where it is a plain LoRA (as PEFT's own
+            // converted PiSSA adapters say).
+            LoraInit::Pissa => Value::Bool(true),
             LoraInit::Random => Value::Bool(false),
         }
     }

@@ -6,4 +6,5 @@
 pub mod attach;
 pub mod config;
 pub mod peft;
+pub mod pissa;
 pub mod serving;

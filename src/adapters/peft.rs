@@ -128,6 +128,36 @@ impl PeftAdapter {
 }
 
 impl PeftAdapter {
+    /// Takes back a PiSSA run's adapter saved converted (`A' = [A; A₀]`, `B' = [B, −B₀]`) onto a
+    /// model whose adapters were just PiSSA-initialised (the same residual base and `(A₀, B₀)`):
+    /// each adapter's A and B become the first r rows and columns. Returns how many.
+    pub fn restore_pissa<B: Kernels>(&self, model: &mut Decoder<B>) -> Result<usize, PeftError> {
+        let device = model.device();
+        let mut n = 0;
+        for (name, proj) in model.projections_mut() {
+            let (d_in, d_out) = proj.dims();
+            let Some(Adapter::Lora(l)) = &mut proj.adapter else { continue };
+            if l.initial.is_none() {
+                continue;
+            }
+            let r = l.rank();
+            let Some((a2, b2)) = self.matrices(&name, d_in, d_out)? else {
+                return Err(PeftError::Invalid { path: self.files.dir.clone(), msg: format!("no adapter for {name}, which the PiSSA run adapted") });
+            };
+            if a2.len() != 2 * r * d_in {
+                return Err(PeftError::Invalid { path: self.files.dir.clone(), msg: format!("{name}: not a converted PiSSA adapter of rank {r}") });
+            }
+            let a = a2[..r * d_in].to_vec();
+            let b: Vec<f32> = (0..d_out).flat_map(|o| b2[o * 2 * r..o * 2 * r + r].to_vec()).collect();
+            let fresh = Lora::from_peft(&a, &b, r, d_in, d_out, l.scale, &device);
+            l.a = fresh.a;
+            l.b = fresh.b;
+            n += 1;
+        }
+        self.files.tensors.check_all_used().map_err(|e| PeftError::Invalid { path: self.files.dir.clone(), msg: format!("the adapter does not fit this model: {e}") })?;
+        Ok(n)
+    }
+
     /// Puts this adapter on `model` as the frozen reference (`Projection::reference`): DPO's
     /// reference when training continues from this adapter, as TRL's frozen "ref" adapter.
     /// Returns how many projections got one.
@@ -145,6 +175,7 @@ pub fn save<B: Kernels>(model: &mut Decoder<B>, config: &LoraConfig, base_model:
     let mut nf4_base = false;
     let mut saved: Vec<String> = Vec::new();
     let mut dora = false;
+    let mut converted = false;
     let classifier = model.score.is_some();
     for (name, proj) in model.projections_mut() {
         nf4_base |= proj.base.is_nf4();
@@ -156,6 +187,21 @@ pub fn save<B: Kernels>(model: &mut Decoder<B>, config: &LoraConfig, base_model:
             continue;
         }
         let Some(l) = proj.adapter.as_ref().and_then(Adapter::lora) else { continue };
+        if let Some((a0, b0)) = &l.initial {
+            // PiSSA, saved converted for the original base: A' = [A; A₀], B' = [B, −B₀].
+            let (a, b) = l.to_peft();
+            let r = l.rank();
+            let (a2, b2) = super::pissa::convert(&a, &b, a0, b0, d_out, r);
+            let (an, bn) = peft::tensor_names(&name);
+            tensors.push((an, safetensors::Dtype::F32, vec![2 * r, d_in], bytemuck::cast_slice(&a2).to_vec()));
+            tensors.push((bn, safetensors::Dtype::F32, vec![d_out, 2 * r], bytemuck::cast_slice(&b2).to_vec()));
+            converted = true;
+            let s = name.rsplit('.').next().unwrap_or(&name).to_string();
+            if !short.contains(&s) {
+                short.push(s);
+            }
+            continue;
+        }
         if let Some(Adapter::Dora(d)) = &proj.adapter {
             tensors.push((peft::magnitude_name(&name), safetensors::Dtype::F32, vec![d_out], bytemuck::cast_slice(&d.magnitude_peft()).to_vec()));
             dora = true;
@@ -179,14 +225,21 @@ pub fn save<B: Kernels>(model: &mut Decoder<B>, config: &LoraConfig, base_model:
             modules_to_save.push(s);
         }
     }
+    // A converted PiSSA adapter has twice the rank at the same scale.
+    let (r, alpha, rank_pattern, alpha_pattern) = if converted {
+        let k = if config.use_rslora { std::f64::consts::SQRT_2 } else { 2.0 };
+        (2 * config.r, k * config.alpha, config.rank_pattern.iter().map(|(p, r)| (p.clone(), 2 * r)).collect::<Vec<_>>(), config.alpha_pattern.iter().map(|(p, a)| (p.clone(), k * a)).collect::<Vec<_>>())
+    } else {
+        (config.r, config.alpha, config.rank_pattern.clone(), config.alpha_pattern.clone())
+    };
     let cfg = serde_json::json!({
         "peft_type": "LORA",
         "task_type": if classifier { "SEQ_CLS" } else { "CAUSAL_LM" },
         "base_model_name_or_path": base_model,
-        "r": config.r,
-        "rank_pattern": config.rank_pattern.iter().map(|(k, v)| (k.clone(), serde_json::Value::from(*v))).collect::<serde_json::Map<_, _>>(),
-        "alpha_pattern": config.alpha_pattern.iter().map(|(k, v)| (k.clone(), serde_json::Value::from(*v))).collect::<serde_json::Map<_, _>>(),
-        "lora_alpha": config.alpha,
+        "r": r,
+        "rank_pattern": rank_pattern.iter().map(|(k, v)| (k.clone(), serde_json::Value::from(*v))).collect::<serde_json::Map<_, _>>(),
+        "alpha_pattern": alpha_pattern.iter().map(|(k, v)| (k.clone(), serde_json::Value::from(*v))).collect::<serde_json::Map<_, _>>(),
+        "lora_alpha": alpha,
         "lora_dropout": config.dropout,
         "use_rslora": config.use_rslora,
         "target_modules": short,

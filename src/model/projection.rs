@@ -344,6 +344,20 @@ impl<B: Backend> Projection<B> {
         }
     }
 
+    /// Replaces the base weight by `w` (PyTorch `[out, in]`), in the base's form: an NF4 base is
+    /// quantized again (PiSSA's residual).
+    pub fn replace_base(&mut self, w: &[f32]) {
+        let (d_in, d_out) = self.shape;
+        let device = match &self.base {
+            Base::Dense(p) => p.val().device(),
+            Base::Nf4(q) => q.dequantize().device(),
+        };
+        self.base = match &self.base {
+            Base::Nf4(_) => Base::Nf4(Nf4Weight::new(&Nf4::quantize(w, BLOCKSIZE, true), d_out, d_in, &device)),
+            Base::Dense(_) => Base::Dense(Param::from_tensor(tensor2(transpose(w, d_out, d_in), [d_in, d_out], &device)).set_require_grad(false)),
+        };
+    }
+
     /// A dense copy of the base weight in PyTorch's `[out, in]` layout (NF4 dequantized).
     pub fn base_weight_peft(&self) -> Vec<f32> {
         let (d_in, d_out) = self.shape;
@@ -463,6 +477,10 @@ pub struct Lora<B: Backend> {
     pub dropout: f64,
     #[module(skip)]
     pub training: bool,
+    /// PiSSA's initial `(A₀ [r, in], B₀ [out, r])` (PEFT layout), kept to save the adapter
+    /// converted for the original base.
+    #[module(skip)]
+    pub initial: Option<(Vec<f32>, Vec<f32>)>,
 }
 
 impl<B: Backend> Lora<B> {
@@ -477,6 +495,7 @@ impl<B: Backend> Lora<B> {
             scale,
             dropout: 0.0,
             training: false,
+            initial: None,
         }
     }
 

@@ -13,7 +13,18 @@ use ft::data::tokenizer::{TemplateChoice, TextTokenizer};
 
 use super::common::*;
 
-const ADAPTERS: [&str; 5] = ["lora-r4", "rslora-r8-attn", "modules-to-save-r4", "dora-r4", "embed-lora-r4"];
+/// Oracle adapters: (name, its base model, the merged model it must merge into).
+const ADAPTERS: [(&str, &str, &str); 7] = [
+    ("lora-r4", "llama", "lora-r4"),
+    ("rslora-r8-attn", "llama", "rslora-r8-attn"),
+    ("modules-to-save-r4", "llama", "modules-to-save-r4"),
+    ("dora-r4", "llama", "dora-r4"),
+    ("embed-lora-r4", "llama", "embed-lora-r4"),
+    // PiSSA: the adapter on the residual base, and converted (rank 2r) for the original base:
+    // both merge into the same model.
+    ("pissa-r4", "llama-pissa-residual", "pissa-r4"),
+    ("pissa-r4-converted", "llama", "pissa-r4"),
+];
 
 fn logits(model: &Decoder<Cpu>, ids: &[u32]) -> Vec<f32> {
     let input = Tensor::<Cpu, 2, Int>::from_data(
@@ -38,13 +49,13 @@ fn adapter_dir(name: &str) -> PathBuf {
 
 #[test]
 fn peft_adapters_match_peft_logits_and_switch_off() {
-    for name in ADAPTERS {
-        let mut model = load("llama");
+    for (name, base, _) in ADAPTERS {
+        let mut model = load(base);
         let n = PeftAdapter::open(&adapter_dir(name)).unwrap().attach(&mut model).unwrap();
         assert!(n > 0);
         assert_logits(&model, &adapter_dir(name).join("expected_logits.safetensors"), name);
         model.set_adapters_enabled(false);
-        assert_logits(&model, &model_dir("llama").join("expected_logits.safetensors"), "adapters off");
+        assert_logits(&model, &model_dir(base).join("expected_logits.safetensors"), "adapters off");
     }
 }
 
@@ -54,8 +65,8 @@ fn eval_with_adapter_matches_expected_loss() {
     let data = read_jsonl(&fixtures().join("chat.jsonl")).unwrap();
     let tok = TextTokenizer::from_dir(&model_dir("llama")).unwrap();
     let template = tok.template(TemplateChoice::Chatml).unwrap();
-    for name in ADAPTERS {
-        let m = model_dir("llama");
+    for (name, base, _) in ADAPTERS {
+        let m = model_dir(base);
         let a = adapter_dir(name);
         let (c, out, err) = ft(&["eval", "--model", m.to_str().unwrap(), "--adapter", a.to_str().unwrap(), "--data",
             fixtures().join("chat.jsonl").to_str().unwrap(), "--template", "chatml", "--json"]);
@@ -63,7 +74,7 @@ fn eval_with_adapter_matches_expected_loss() {
         let v: serde_json::Value = serde_json::from_str(&out).unwrap();
         let want = expected[format!("adapters/{name}")]["chat_loss_mean"].as_f64().unwrap();
         assert!((v["loss"].as_f64().unwrap() - want).abs() <= 1e-4, "{name}: {} vs {want}", v["loss"]);
-        let mut model = load("llama");
+        let mut model = load(base);
         PeftAdapter::open(&a).unwrap().attach(&mut model).unwrap();
         let r = ft::eval::evaluate(&model, &tok, &template, &data, None).unwrap();
         assert!((r.loss - want).abs() <= 1e-4);
@@ -72,13 +83,13 @@ fn eval_with_adapter_matches_expected_loss() {
 
 #[test]
 fn merge_reproduces_peft_merge_and_unload() {
-    for name in ADAPTERS {
+    for (name, base, merged_name) in ADAPTERS {
         let out = std::env::temp_dir().join(format!("ft-merge-{}-{name}", std::process::id()));
         std::fs::remove_dir_all(&out).ok();
-        let (c, _, err) = ft(&["merge", "--model", model_dir("llama").to_str().unwrap(), "--adapter",
+        let (c, _, err) = ft(&["merge", "--model", model_dir(base).to_str().unwrap(), "--adapter",
             adapter_dir(name).to_str().unwrap(), "--out", out.to_str().unwrap()]);
         assert_eq!(c, 0, "{err}");
-        let want_file = fixtures().join("merged").join(name).join("model.safetensors");
+        let want_file = fixtures().join("merged").join(merged_name).join("model.safetensors");
         let bytes = std::fs::read(&want_file).unwrap();
         let want = safetensors::SafeTensors::deserialize(&bytes).unwrap();
         let got_bytes = std::fs::read(out.join("model.safetensors")).unwrap();
@@ -95,7 +106,7 @@ fn merge_reproduces_peft_merge_and_unload() {
             assert!(out.join(f).exists(), "{f} not copied");
         }
         let merged = ft::model::load::<Cpu>(&out, &Default::default(), Default::default()).unwrap();
-        assert_logits(&merged, &fixtures().join("merged").join(name).join("expected_logits.safetensors"), name);
+        assert_logits(&merged, &fixtures().join("merged").join(merged_name).join("expected_logits.safetensors"), name);
         std::fs::remove_dir_all(&out).ok();
     }
 }
@@ -269,4 +280,36 @@ fn adapter_info_describes_the_directory() {
     assert_eq!(v["parameters"].as_u64(), Some(n as u64));
     let v: serde_json::Value = serde_json::from_str(&ft(&["adapter", "info", adapter_dir("modules-to-save-r4").to_str().unwrap(), "--json"]).1).unwrap();
     assert_eq!(v["modules_to_save"], serde_json::json!(["lm_head"]));
+}
+
+#[test]
+fn pissa_init_gives_peft_s_adapter_and_residual() {
+    // lora.init = "pissa" on models/llama (r 4, α 8, every linear): the residual of every block
+    // linear is models/llama-pissa-residual's and B₀A₀ is adapters/pissa-r4-init's (singular
+    // vectors' signs are arbitrary: products compared), to 1e-5.
+    type A = burn::backend::Autodiff<Cpu>;
+    let mut model = ft::model::load::<A>(&model_dir("llama"), &Default::default(), Default::default()).unwrap();
+    let mut config = PeftAdapter::open(&adapter_dir("lora-r4")).unwrap().config;
+    config.init = ft::adapters::config::LoraInit::Pissa;
+    ft::adapters::attach::attach_new(&mut model, &config, 0).unwrap();
+    let residual = model_dir("llama-pissa-residual").join("model.safetensors");
+    let init = adapter_dir("pissa-r4-init").join("adapter_model.safetensors");
+    let mut checked = 0;
+    for (name, proj) in model.projections_mut() {
+        let Some(l) = proj.lora() else { continue };
+        let (d_in, d_out) = proj.dims();
+        let (want, _) = read_f32(&residual, &format!("{name}.weight"));
+        let got = proj.base_weight_peft();
+        assert!(max_abs_diff(&got, &want) <= 1e-5, "{name} residual: {}", max_abs_diff(&got, &want));
+        let product = |a: &[f32], b: &[f32], r: usize| -> Vec<f32> {
+            (0..d_out).flat_map(|o| (0..d_in).map(move |i| (0..r).map(|k| b[o * r + k] * a[k * d_in + i]).sum::<f32>())).collect()
+        };
+        let (a, b) = l.to_peft();
+        let (an, bn) = ft::formats::peft::tensor_names(&name);
+        let ((wa, _), (wb, _)) = (read_f32(&init, &an), read_f32(&init, &bn));
+        let d = max_abs_diff(&product(&a, &b, 4), &product(&wa, &wb, 4));
+        assert!(d <= 1e-5, "{name} B₀A₀: {d}");
+        checked += 1;
+    }
+    assert_eq!(checked, 14);
 }

@@ -685,3 +685,17 @@ fn modules_to_save_embed_tokens_trains_the_embeddings_and_merges_them() {
     let (merged, _) = read_f32(&out.join("model.safetensors"), "model.embed_tokens.weight");
     assert_eq!(max_abs_diff(&merged, e), 0.0);
 }
+
+#[test]
+fn pissa_trains_resumes_and_saves_an_adapter_for_the_original_base() {
+    // The run trains A, B on the residual base and saves them converted (A' = [A; A₀], B' =
+    // [B, −B₀], rank 8, α 16): `ft eval --adapter` on the original llama gives the run's eval loss
+    // (checked by the helper), and a resumed run recomputes the residual and takes A, B back.
+    let d = trains_and_resumes("pissa", &["--set", "lora.init=\"pissa\""]);
+    let cfg = json(&d.join("run/adapter/adapter_config.json"));
+    assert_eq!((cfg["r"].as_u64(), cfg["lora_alpha"].as_f64()), (Some(8), Some(16.0)));
+    // PiSSA starts as the original model: the eval before the first step is the base's.
+    let first = metrics(&d).iter().find_map(|l| l["eval_loss"].as_f64()).unwrap();
+    let base = eval_llama_json(&d.join("eight.jsonl"), None, &[])["loss"].as_f64().unwrap();
+    assert!((first - base).abs() <= 1e-4, "{first} vs {base}");
+}
