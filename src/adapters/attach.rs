@@ -26,7 +26,7 @@ pub fn new_lora<B: Backend>(d_in: usize, d_out: usize, r: usize, scale: f64, kin
         (0..n).map(|_| rand::Rng::random_range(rng, -bound..bound) as f32).collect()
     };
     let a_peft: Vec<f32> = match kind {
-        LoraInit::Default | LoraInit::Random | LoraInit::Pissa => uniform(r * d_in, d_in, rng),
+        LoraInit::Default | LoraInit::Random | LoraInit::Pissa | LoraInit::PissaNiter(_) | LoraInit::Olora => uniform(r * d_in, d_in, rng),
         LoraInit::Gaussian => {
             // Box-Muller, std 1/r.
             let std = 1.0 / r as f64;
@@ -74,9 +74,9 @@ pub fn attach_new<B: TrainBackend>(model: &mut Decoder<B>, config: &LoraConfig, 
                 n += 1;
                 continue;
             }
-            let mut lora = if config.init == LoraInit::Pissa {
-                // PiSSA: the top-r singular components become the adapter, the base the residual.
-                let (a0, b0, residual) = super::pissa::pissa_init(&proj.base_weight_peft(), d_out, d_in, r, scale);
+            let mut lora = if let Some(split) = config.init.split() {
+                // PiSSA / OLoRA: a rank-r part of the base becomes the adapter, the base the residual.
+                let (a0, b0, residual) = super::pissa::init(split, &proj.base_weight_peft(), d_out, d_in, r, scale, seed ^ hash(&name));
                 proj.replace_base(&residual);
                 let mut l = Lora::from_peft(&a0, &b0, r, d_in, d_out, scale, &device);
                 l.a = Param::from_tensor(l.a.val().require_grad());
@@ -112,6 +112,11 @@ pub fn attach_new<B: TrainBackend>(model: &mut Decoder<B>, config: &LoraConfig, 
         return Err(NoTargets { targets });
     }
     Ok(n)
+}
+
+/// A stable hash of a module path (seeds per-module randomness independently of visiting order).
+fn hash(s: &str) -> u64 {
+    s.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| (h ^ b as u64).wrapping_mul(0x0100_0000_01b3))
 }
 
 /// Gives each module `config` trains in full (`modules_to_save`) and that has no adapter yet a

@@ -9,7 +9,7 @@ use crate::formats::peft::{PeftError, RawConfig};
 
 /// How new adapters are initialised, as PEFT's `init_lora_weights`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(try_from = "String", into = "String")]
 pub enum LoraInit {
     /// PEFT's `True`: A kaiming-uniform (U(±1/√in)), B zero: the adapted model starts as the base.
     #[default]
@@ -22,6 +22,54 @@ pub enum LoraInit {
     /// PEFT's `"pissa"`: A and B the top-r singular components of the base weight, the base
     /// the residual (`adapters::pissa`); saved converted for the original base (rank 2r).
     Pissa,
+    /// PEFT's `"pissa_niter_N"`: PiSSA from a randomized SVD with N subspace iterations (fast on
+    /// large matrices).
+    PissaNiter(usize),
+    /// PEFT's `"olora"`: A and B from the QR decomposition of the base weight (`R_r`, `Q_r`).
+    Olora,
+}
+
+impl TryFrom<String> for LoraInit {
+    type Error = String;
+    fn try_from(s: String) -> Result<Self, String> {
+        Ok(match s.as_str() {
+            "default" => LoraInit::Default,
+            "gaussian" => LoraInit::Gaussian,
+            "random" => LoraInit::Random,
+            "pissa" => LoraInit::Pissa,
+            "olora" => LoraInit::Olora,
+            _ => match s.strip_prefix("pissa_niter_").and_then(|n| n.parse().ok()) {
+                Some(n) => LoraInit::PissaNiter(n),
+                None => return Err(format!("unknown init {s:?} (default, gaussian, random, pissa, pissa_niter_N, olora)")),
+            },
+        })
+    }
+}
+
+impl From<LoraInit> for String {
+    fn from(i: LoraInit) -> String {
+        match i {
+            LoraInit::Default => "default".into(),
+            LoraInit::Gaussian => "gaussian".into(),
+            LoraInit::Random => "random".into(),
+            LoraInit::Pissa => "pissa".into(),
+            LoraInit::PissaNiter(n) => format!("pissa_niter_{n}"),
+            LoraInit::Olora => "olora".into(),
+        }
+    }
+}
+
+impl LoraInit {
+    /// PiSSA-like inits: the adapter is cut out of the base (which becomes the residual).
+    pub fn split(self) -> Option<crate::adapters::pissa::Split> {
+        use crate::adapters::pissa::Split;
+        match self {
+            LoraInit::Pissa => Some(Split::Pissa),
+            LoraInit::PissaNiter(n) => Some(Split::PissaNiter(n)),
+            LoraInit::Olora => Some(Split::Olora),
+            _ => None,
+        }
+    }
 }
 
 impl LoraInit {
@@ -32,7 +80,7 @@ impl LoraInit {
             LoraInit::Gaussian => Value::String("gaussian".into()),
             // Saved converted for the original base, where it is a plain LoRA (as PEFT's own
             // converted PiSSA adapters say).
-            LoraInit::Pissa => Value::Bool(true),
+            LoraInit::Pissa | LoraInit::PissaNiter(_) | LoraInit::Olora => Value::Bool(true),
             LoraInit::Random => Value::Bool(false),
         }
     }

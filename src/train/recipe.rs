@@ -707,7 +707,7 @@ impl Recipe {
         if !(l.alpha.is_finite() && l.alpha > 0.0) {
             return invalid("lora.alpha", format!("lora.alpha must be a positive number (0 makes the adapter do nothing), got {}", l.alpha));
         }
-        if l.use_dora && l.init == LoraInit::Pissa {
+        if l.use_dora && l.init.split().is_some() {
             return invalid("lora.init", "lora.init = \"pissa\" with lora.use_dora: ft does not combine them".into());
         }
         if l.use_dora && l.target_modules.iter().any(|t| crate::formats::peft::is_embedding(t)) {

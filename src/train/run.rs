@@ -19,7 +19,6 @@ use super::state::{DataOrder, Fingerprint, TrainState};
 use super::step::trainable_params;
 use super::TrainError;
 use crate::adapters::attach::{attach_new, make_trainable, save_modules};
-use crate::adapters::config::LoraInit;
 use crate::adapters::peft;
 use crate::data::tokenizer::TextTokenizer;
 use crate::ops::TrainBackend;
@@ -145,7 +144,7 @@ pub fn run<B: TrainBackend>(recipe: &Recipe, device: B::Device, progress: &dyn P
         lora_config.modules_to_save.extend(["classifier".to_string(), "score".to_string()]);
     }
     match (&loaded, &start) {
-        (Some(ck), None) if lora_config.init == LoraInit::Pissa => {
+        (Some(ck), None) if lora_config.init.split().is_some() => {
             // The residual base and (A₀, B₀) again (the SVD is deterministic), then the
             // checkpoint's A and B out of its converted adapter.
             attach_new(&mut model, &lora_config, recipe.train.seed)?;
@@ -161,7 +160,7 @@ pub fn run<B: TrainBackend>(recipe: &Recipe, device: B::Device, progress: &dyn P
             make_trainable(&mut model, lora_config.dropout);
         }
         (None, None) => {
-            if lora_config.init == LoraInit::Pissa && model.block_weight_bytes().0 < model.block_weight_bytes().1 * 4 {
+            if lora_config.init.split().is_some() && model.block_weight_bytes().0 < model.block_weight_bytes().1 * 4 {
                 progress.warning("PiSSA over an NF4 base: the residual weights are quantized to NF4 again");
             }
             attach_new(&mut model, &lora_config, recipe.train.seed)?;

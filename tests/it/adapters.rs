@@ -313,3 +313,34 @@ fn pissa_init_gives_peft_s_adapter_and_residual() {
     }
     assert_eq!(checked, 14);
 }
+
+#[test]
+fn olora_init_gives_peft_s_adapter() {
+    // lora.init = "olora" (W = QR, A₀ = R_r, B₀ = Q_r) against PEFT 0.21's own init
+    // (scripts/make-olora-oracle.py): the products B₀A₀ to 1e-5 and the residual W − s·B₀A₀.
+    type A = burn::backend::Autodiff<Cpu>;
+    let mut model = ft::model::load::<A>(&model_dir("llama"), &Default::default(), Default::default()).unwrap();
+    let mut config = PeftAdapter::open(&adapter_dir("lora-r4")).unwrap().config;
+    config.init = ft::adapters::config::LoraInit::Olora;
+    ft::adapters::attach::attach_new(&mut model, &config, 0).unwrap();
+    let oracle = fixtures().join("olora/initial.safetensors");
+    let original = model_dir("llama").join("model.safetensors");
+    let mut checked = 0;
+    for (name, proj) in model.projections_mut() {
+        let Some(l) = proj.lora() else { continue };
+        let (d_in, d_out) = proj.dims();
+        let product = |a: &[f32], b: &[f32]| -> Vec<f32> {
+            (0..d_out).flat_map(|o| (0..d_in).map(move |i| (0..4).map(|k| b[o * 4 + k] * a[k * d_in + i]).sum::<f32>())).collect()
+        };
+        let (a, b) = l.to_peft();
+        let (an, bn) = ft::formats::peft::tensor_names(&name);
+        let ((wa, _), (wb, _)) = (read_f32(&oracle, &an), read_f32(&oracle, &bn));
+        let (got, want) = (product(&a, &b), product(&wa, &wb));
+        assert!(max_abs_diff(&got, &want) <= 1e-5, "{name}: {}", max_abs_diff(&got, &want));
+        let (w, _) = read_f32(&original, &format!("{name}.weight"));
+        let rebuilt: Vec<f32> = proj.base_weight_peft().iter().zip(&got).map(|(r, p)| r + 2.0 * p).collect();
+        assert!(max_abs_diff(&rebuilt, &w) <= 1e-5, "{name}: residual");
+        checked += 1;
+    }
+    assert_eq!(checked, 14);
+}

@@ -698,4 +698,9 @@ fn pissa_trains_resumes_and_saves_an_adapter_for_the_original_base() {
     let first = metrics(&d).iter().find_map(|l| l["eval_loss"].as_f64()).unwrap();
     let base = eval_llama_json(&d.join("eight.jsonl"), None, &[])["loss"].as_f64().unwrap();
     assert!((first - base).abs() <= 1e-4, "{first} vs {base}");
+    // The randomized variant (seeded: resumes exactly) and OLoRA train the same way.
+    for init in ["pissa_niter_2", "olora"] {
+        let d = trains_and_resumes(init, &["--set", &format!("lora.init=\"{init}\"")]);
+        assert_eq!(json(&d.join("run/adapter/adapter_config.json"))["r"], 8, "{init}: converted");
+    }
 }
