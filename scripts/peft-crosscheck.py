@@ -46,7 +46,7 @@ def base():
     return transformers.AutoModelForCausalLM.from_pretrained(f"{fx}/models/llama", dtype=torch.float32)
 
 
-KINDS = ["lora", "rslora", "dora", "modules_to_save", "modules_to_save_embed", "embedding", "rank_pattern"]
+KINDS = ["lora", "rslora", "dora", "modules_to_save", "modules_to_save_embed", "embedding", "rank_pattern", "regex", "targets"]
 ok = True
 for kind in KINDS:
     k = f"{d}/{kind}"

@@ -29,20 +29,23 @@ seed = 5
 [output]
 dir = "$D/run"
 TOML
+# name;--set overrides (separated by ';': regexes contain '|').
 kinds=(
-  "lora|"
-  "rslora|lora.use_rslora=true"
-  "dora|lora.use_dora=true"
-  "modules_to_save|lora.modules_to_save=[\"lm_head\"]"
-  "modules_to_save_embed|lora.modules_to_save=[\"embed_tokens\"]"
-  "embedding|lora.target_modules=[\"q_proj\",\"v_proj\",\"embed_tokens\"]"
-  "rank_pattern|lora.rank_pattern={q_proj=2}|lora.alpha_pattern={v_proj=32}"
+  "lora"
+  "rslora;lora.use_rslora=true"
+  "dora;lora.use_dora=true"
+  "modules_to_save;lora.modules_to_save=[\"lm_head\"]"
+  "modules_to_save_embed;lora.modules_to_save=[\"embed_tokens\"]"
+  "embedding;lora.target_modules=[\"q_proj\",\"v_proj\",\"embed_tokens\"]"
+  "rank_pattern;lora.rank_pattern={q_proj=2};lora.alpha_pattern={v_proj=32}"
+  "regex;lora.target_modules='.*\.1\..*(q_proj|v_proj)'"
+  "targets;lora.target_modules=[\"q_proj\",\"v_proj\",\"down_proj\"];lora.exclude_modules=[\"down_proj\"];lora.layers_to_transform=[1]"
 )
 for k in "${kinds[@]}"; do
-  IFS='|' read -r name sets <<<"$k"
+  IFS=';' read -ra parts <<<"$k"
+  name=${parts[0]}
   args=()
-  IFS='|' read -ra parts <<<"${k#*|}"
-  for s in "${parts[@]}"; do [ -n "$s" ] && args+=(--set "$s"); done
+  for s in "${parts[@]:1}"; do args+=(--set "$s"); done
   "$FT" train "$D/recipe.toml" --quiet "${args[@]}" --output "$D/$name/run"
   # One step at learning rate 0 (warm-up step 0) leaves the PEFT-initialised adapter as it was.
   "$FT" train "$D/recipe.toml" --quiet "${args[@]}" --set train.max_steps=1 --set train.warmup_steps=1 --output "$D/$name/init-run"

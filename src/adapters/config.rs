@@ -126,24 +126,11 @@ impl Targets {
     }
 }
 
-/// PEFT's `re.fullmatch` for the simple patterns configs use (alternations of literal names
-/// with `.*`); anything richer is refused at load.
+/// PEFT's `re.fullmatch(re, module)`, with the regex crate (Python's syntax for what configs use:
+/// classes, alternations, repetitions); a pattern that does not compile matches nothing (configs
+/// and recipes are checked when read).
 pub fn regex_full_match(re: &str, s: &str) -> bool {
-    fn m(p: &[u8], s: &[u8]) -> bool {
-        if p.is_empty() {
-            return s.is_empty();
-        }
-        if p.len() >= 2 && p[0] == b'.' && p[1] == b'*' {
-            return (0..=s.len()).any(|i| m(&p[2..], &s[i..]));
-        }
-        if p[0] == b'\\' && p.len() >= 2 {
-            return !s.is_empty() && s[0] == p[1] && m(&p[2..], &s[1..]);
-        }
-        !s.is_empty() && (p[0] == b'.' || p[0] == s[0]) && m(&p[1..], &s[1..])
-    }
-    let body = re.trim_start_matches('^').trim_end_matches('$');
-    let body = body.strip_prefix('(').and_then(|b| b.strip_suffix(')')).filter(|b| !b.contains('(')).unwrap_or(body);
-    body.split('|').any(|alt| m(alt.as_bytes(), s.as_bytes()))
+    regex::Regex::new(&format!("^(?:{re})$")).is_ok_and(|r| r.is_match(s))
 }
 
 /// A LoRA configuration, as PEFT's `LoraConfig` holds it.
@@ -246,6 +233,9 @@ impl LoraConfig {
             Some(v) => names("target_modules", v)?,
             None => return Err(invalid("target_modules must be a list of names or a string")),
         };
+        if let Targets::Regex(re) = &targets {
+            regex::Regex::new(re).map_err(|e| invalid(&format!("target_modules {re:?} is not a regular expression ft can run: {e}")))?;
+        }
         let exclude = match &raw.exclude_modules {
             None | Some(Value::Null) => None,
             Some(v) => Some(names("exclude_modules", v)?),

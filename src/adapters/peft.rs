@@ -242,14 +242,24 @@ pub fn save<B: Kernels>(model: &mut Decoder<B>, config: &LoraConfig, base_model:
         "lora_alpha": alpha,
         "lora_dropout": config.dropout,
         "use_rslora": config.use_rslora,
-        "target_modules": short,
+        // A regex is written as given; names as the adapted modules' short names (PEFT applies
+        // exclude_modules and layers_to_transform on top).
+        "target_modules": match &config.targets {
+            super::config::Targets::Regex(re) => serde_json::Value::from(re.clone()),
+            _ => serde_json::Value::from(short),
+        },
+        "exclude_modules": match &config.exclude {
+            Some(super::config::Targets::Regex(re)) => serde_json::Value::from(re.clone()),
+            Some(super::config::Targets::Names(n)) => serde_json::Value::from(n.clone()),
+            _ => serde_json::Value::Null,
+        },
         "bias": "none",
         "fan_in_fan_out": false,
         "init_lora_weights": config.init.peft_value(),
         "inference_mode": true,
         "modules_to_save": if modules_to_save.is_empty() { serde_json::Value::Null } else { modules_to_save.into() },
         "use_dora": dora,
-        "layers_to_transform": null,
+        "layers_to_transform": config.layers.clone(),
         "layers_pattern": null,
         "revision": null,
     });

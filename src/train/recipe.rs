@@ -342,9 +342,9 @@ impl LoraSection {
             alpha: self.alpha,
             use_rslora: self.use_rslora,
             dropout: self.dropout,
-            targets: Targets::from_list(&self.target_modules),
-            exclude: None,
-            layers: None,
+            targets: self.target_modules.targets(),
+            exclude: self.exclude_modules.as_ref().map(TargetModules::targets),
+            layers: self.layers_to_transform.clone(),
             base_model: None,
             init: self.init,
             modules_to_save: self.modules_to_save.clone(),
@@ -437,9 +437,16 @@ pub struct LoraSection {
     pub alpha: f64,
     #[serde(default)]
     pub dropout: f64,
-    /// Module names (suffix match, as PEFT) or `["all-linear"]`.
+    /// Module names (suffix match, as PEFT) or `["all-linear"]`; or one string, a regular
+    /// expression the whole module path must match (as PEFT).
     #[serde(default = "d_targets")]
-    pub target_modules: Vec<String>,
+    pub target_modules: TargetModules,
+    /// Modules left out although `target_modules` matches them (PEFT's `exclude_modules`).
+    #[serde(default)]
+    pub exclude_modules: Option<TargetModules>,
+    /// Only decoder layers with these indices get adapters (PEFT's `layers_to_transform`).
+    #[serde(default)]
+    pub layers_to_transform: Option<Vec<usize>>,
     #[serde(default)]
     pub use_rslora: bool,
     /// PEFT's `init_lora_weights`: `"default"` (True), `"gaussian"`, `"random"` (False).
@@ -460,6 +467,31 @@ pub struct LoraSection {
     /// Per-module alphas (PEFT's `alpha_pattern`), matched as `rank_pattern`.
     #[serde(default)]
     pub alpha_pattern: std::collections::BTreeMap<String, f64>,
+}
+
+/// `lora.target_modules` (and `exclude_modules`): names or one regular expression.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum TargetModules {
+    Names(Vec<String>),
+    Regex(String),
+}
+
+impl TargetModules {
+    pub fn targets(&self) -> Targets {
+        match self {
+            TargetModules::Names(n) => Targets::from_list(n),
+            TargetModules::Regex(r) => Targets::parse_string(r),
+        }
+    }
+
+    /// The names given (none for a regex).
+    pub fn names(&self) -> &[String] {
+        match self {
+            TargetModules::Names(n) => n,
+            TargetModules::Regex(_) => &[],
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -550,8 +582,8 @@ fn d_r() -> usize {
 fn d_alpha() -> f64 {
     8.0
 }
-fn d_targets() -> Vec<String> {
-    vec!["all-linear".into()]
+fn d_targets() -> TargetModules {
+    TargetModules::Names(vec!["all-linear".into()])
 }
 fn d_method() -> Method {
     Method::Sft
@@ -710,7 +742,15 @@ impl Recipe {
         if l.use_dora && l.init.split().is_some() {
             return invalid("lora.init", "lora.init = \"pissa\" with lora.use_dora: ft does not combine them".into());
         }
-        if l.use_dora && l.target_modules.iter().any(|t| crate::formats::peft::is_embedding(t)) {
+        if matches!(l.target_modules, TargetModules::Regex(_)) && l.layers_to_transform.is_some() {
+            return invalid("lora.layers_to_transform", "lora.layers_to_transform needs lora.target_modules as a list of names (PEFT refuses it with a regex: put the layer in the regex)".into());
+        }
+        if let (TargetModules::Regex(re), _) | (_, Some(TargetModules::Regex(re))) = (&l.target_modules, &l.exclude_modules) {
+            if crate::adapters::config::pattern_regex(re).is_err() || regex::Regex::new(re).is_err() {
+                return invalid("lora.target_modules", format!("lora.target_modules / exclude_modules: {re:?} is not a regular expression"));
+            }
+        }
+        if l.use_dora && l.target_modules.names().iter().any(|t| crate::formats::peft::is_embedding(t)) {
             return invalid("lora.use_dora", "lora.use_dora: ft runs DoRA on linear layers only; leave embed_tokens out of lora.target_modules".into());
         }
         for (k, r) in &l.rank_pattern {

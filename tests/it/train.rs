@@ -704,3 +704,35 @@ fn pissa_trains_resumes_and_saves_an_adapter_for_the_original_base() {
         assert_eq!(json(&d.join("run/adapter/adapter_config.json"))["r"], 8, "{init}: converted");
     }
 }
+
+#[test]
+fn target_regex_exclusions_and_layers_round_trip_as_peft() {
+    // target_modules as a regex, or as names with exclude_modules and layers_to_transform: the
+    // adapted modules are the ones PEFT picks, and the adapter's config says so (and loads back
+    // the same). PEFT refuses layers_to_transform with a regex; so does ft.
+    let cases: [(&str, &[&str], &str, &[&str]); 2] = [
+        ("targets-regex", &["--set", r"lora.target_modules='.*\.1\..*(q_proj|v_proj)'"], "target_modules", &["1.self_attn.q_proj", "1.self_attn.v_proj"]),
+        (
+            "targets-names",
+            &["--set", "lora.target_modules=[\"q_proj\", \"v_proj\", \"down_proj\"]", "--set", "lora.exclude_modules=[\"down_proj\"]", "--set", "lora.layers_to_transform=[1]"],
+            "layers_to_transform",
+            &["1.self_attn.q_proj", "1.self_attn.v_proj"],
+        ),
+    ];
+    for (name, set, key, want) in cases {
+        let d = train_ok(name, "max_steps = 2\nmicro_batch_size = 2\nlr = 1e-2", set);
+        let cfg = json(&d.join("run/adapter/adapter_config.json"));
+        assert!(!cfg[key].is_null(), "{name}: {cfg}");
+        let names: Vec<String> = adapter_tensors(&d).into_iter().map(|(n, _)| n).filter(|n| n.ends_with("lora_A.weight")).collect();
+        let want: Vec<String> = want.iter().map(|m| format!("base_model.model.model.layers.{m}.lora_A.weight")).collect();
+        assert_eq!(names, want, "{name}");
+        let eval_loss = metrics(&d).iter().rev().find_map(|l| l["eval_loss"].as_f64()).unwrap();
+        let v = eval_llama_json(&d.join("eight.jsonl"), Some(&d.join("run/adapter")), &[]);
+        assert!((v["loss"].as_f64().unwrap() - eval_loss).abs() <= 1e-5, "{name}: {v} vs {eval_loss}");
+    }
+    let d = scratch("targets-refused");
+    let r = recipe(&d, &eight(&d), "max_steps = 1");
+    let (c, _, err) = ft(&["train", r.to_str().unwrap(), "--quiet", "--set", "lora.target_modules='.*q_proj'", "--set", "lora.layers_to_transform=[1]"]);
+    assert_eq!(c, 2, "{err}");
+    assert!(err.contains("lora.layers_to_transform"), "{err}");
+}
