@@ -90,6 +90,8 @@ pub struct AdapterInfo {
     pub modules_to_save: Vec<String>,
     /// LoRA on the token embeddings (`lora_embedding_A/B`).
     pub embedding_lora: bool,
+    /// The whole base embedding saved beside it (PEFT's `save_embedding_layers`).
+    pub saved_embedding_layer: bool,
     pub parameters: usize,
     /// Trained on an NF4 base (ft's QLoRA marker).
     pub quantized_base: bool,
@@ -145,10 +147,11 @@ pub fn info(dir: &Path, model: Option<&Path>) -> Result<AdapterInfo, PeftError> 
         modules_to_save: names
             .iter()
             .filter_map(|n| n.strip_prefix("base_model.model.").and_then(|m| m.strip_suffix(".weight")))
-            .filter(|m| !m.contains("lora_"))
+            .filter(|m| !m.contains("lora_") && !m.ends_with(".base_layer"))
             .map(String::from)
             .collect(),
         embedding_lora,
+        saved_embedding_layer: names.iter().any(|n| n.ends_with("embed_tokens.base_layer.weight")),
         parameters,
         quantized_base: AdapterFiles::quantized_base(dir),
         trained_steps,
@@ -185,7 +188,8 @@ pub fn check(a: &AdapterInfo, engines: &[Engine], max_lora_rank: usize) -> Vec<F
         if a.embedding_lora && matches!(e, Engine::LlamaCpp | Engine::Ollama | Engine::MistralRs | Engine::Vllm) {
             let severity = if e == Engine::Vllm { Severity::Warning } else { Severity::Refused };
             let what = if e == Engine::Vllm { "LoRA on embed_tokens: vLLM's extra-vocabulary LoRA support is deprecated" } else { "LoRA on embed_tokens is not supported" };
-            add(e, severity, what.into(), merge.clone());
+            let what = if a.saved_embedding_layer { format!("{what}; the adapter also carries the whole base embedding (PEFT's save_embedding_layers)") } else { what.to_string() };
+            add(e, severity, what, merge.clone());
         }
         match e {
             Engine::Vllm => {
