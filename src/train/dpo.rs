@@ -13,7 +13,7 @@ use super::recompute::Recompute;
 use super::step::train_step;
 use super::reference::{self, Precomputed, ReferenceCache};
 use super::TrainError;
-use crate::data::prepare::{self, DataCounts, PrepareOptions};
+use crate::data::prepare::{DataCounts, PrepareOptions};
 use crate::data::preference::EncodedPair;
 use crate::data::template::ChatTemplate;
 use crate::data::tokenizer::TextTokenizer;
@@ -54,14 +54,7 @@ impl Dpo {
     /// Prepares the data. With `s.reference_cache`, reads back cached reference log-probs when
     /// their key matches; [`Objective::before_training`] computes the rest.
     pub fn new(tok: &TextTokenizer, template: &ChatTemplate, s: &DpoSettings, progress: &dyn Progress) -> Result<Self, TrainError> {
-        let (train, dropped, warnings) = prepare::pairs(tok, template, &s.train, &s.prepare)?;
-        for w in warnings.iter().take(10) {
-            progress.warning(w);
-        }
-        let eval = match &s.eval {
-            Some(f) => Some(prepare::pairs(tok, template, f, &s.prepare)?.0),
-            None => None,
-        };
+        let (train, eval, dropped) = super::pair_splits(tok, template, &s.train, s.eval.as_deref(), &s.prepare, progress)?;
         let reference = match &s.reference_cache {
             Some(rc) => {
                 let salt = format!("dpo {} {:?}", s.prepare.max_len, s.prepare.max_prompt_len);

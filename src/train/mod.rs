@@ -59,6 +59,31 @@ pub enum TrainError {
     Interrupted(#[from] run::Interrupted),
 }
 
+/// `(train pairs, eval pairs, pairs dropped as too long)`.
+pub(crate) type PairSplits = (Vec<crate::data::preference::EncodedPair>, Option<Vec<crate::data::preference::EncodedPair>>, usize);
+
+/// Preference pairs of a training file and of the optional eval file, as the pair objectives
+/// (DPO, ORPO/CPO/SimPO, reward models) read them: `(train, eval, pairs dropped as too long)`;
+/// the first warnings (identical sides) go to `progress`.
+pub(crate) fn pair_splits(
+    tok: &crate::data::tokenizer::TextTokenizer,
+    template: &crate::data::template::ChatTemplate,
+    train: &Path,
+    eval: Option<&Path>,
+    prepare: &crate::data::prepare::PrepareOptions,
+    progress: &dyn crate::progress::Progress,
+) -> Result<PairSplits, TrainError> {
+    let (pairs, dropped, warnings) = crate::data::prepare::pairs(tok, template, train, prepare)?;
+    for w in warnings.iter().take(10) {
+        progress.warning(w);
+    }
+    let eval = match eval {
+        Some(f) => Some(crate::data::prepare::pairs(tok, template, f, prepare)?.0),
+        None => None,
+    };
+    Ok((pairs, eval, dropped))
+}
+
 /// Attaches what was being done and to which path to an I/O error.
 pub(crate) trait IoAt<T> {
     fn at(self, what: &'static str, path: &Path) -> Result<T, TrainError>;

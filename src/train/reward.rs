@@ -12,7 +12,7 @@ use super::optim::AdamW;
 use super::recompute::Recompute;
 use super::step::train_step;
 use super::TrainError;
-use crate::data::prepare::{self, DataCounts, PrepareOptions};
+use crate::data::prepare::{DataCounts, PrepareOptions};
 use crate::data::preference::EncodedPair;
 use crate::data::template::ChatTemplate;
 use crate::data::tokenizer::TextTokenizer;
@@ -43,14 +43,7 @@ pub struct RewardTraining {
 
 impl RewardTraining {
     pub fn new(tok: &TextTokenizer, template: &ChatTemplate, s: &RewardSettings, progress: &dyn Progress) -> Result<Self, TrainError> {
-        let (train, dropped, warnings) = prepare::pairs(tok, template, &s.train, &s.prepare)?;
-        for w in warnings.iter().take(10) {
-            progress.warning(w);
-        }
-        let eval = match &s.eval {
-            Some(f) => Some(prepare::pairs(tok, template, f, &s.prepare)?.0),
-            None => None,
-        };
+        let (train, eval, dropped) = super::pair_splits(tok, template, &s.train, s.eval.as_deref(), &s.prepare, progress)?;
         Ok(RewardTraining { config: s.config, train, eval, dropped, recompute: s.recompute })
     }
 }

@@ -180,19 +180,31 @@ fn bad_recipes_exit_2_naming_the_key() {
 
 #[test]
 fn sigkill_and_resume_gives_identical_bytes() {
+    sigkill_resume("train", &["--set", "lora.dropout=0.1"]);
+}
+
+#[test]
+fn dora_and_modules_to_save_resume_identically_after_sigkill() {
+    sigkill_resume("dora-mts", &["--set", "lora.use_dora=true", "--set", "lora.modules_to_save=[\"lm_head\"]", "--set", "lora.dropout=0.1"]);
+}
+
+/// A 300-step run killed with SIGKILL once a checkpoint is complete, then resumed, ends with the
+/// uninterrupted run's adapter bytes and losses.
+fn sigkill_resume(name: &str, set: &[&str]) {
     let train = "max_steps = 300\nmicro_batch_size = 2\nlr = 1e-3\nseed = 3\nsave_every = 5\nkeep_last = 2";
     // Uninterrupted reference.
-    let d1 = scratch("train-ref");
+    let d1 = scratch(&format!("{name}-ref"));
     let data1 = eight(&d1);
-    let (c, _, err) = ft(&["train", recipe(&d1, &data1, train).to_str().unwrap(), "--quiet", "--set", "lora.dropout=0.1"]);
+    let (c, _, err) = ft(&[&["train", recipe(&d1, &data1, train).to_str().unwrap(), "--quiet"][..], set].concat());
     assert_eq!(c, 0, "{err}");
     // Killed with SIGKILL once a checkpoint is complete, then resumed.
-    let d2 = scratch("train-killed");
+    let d2 = scratch(&format!("{name}-killed"));
     let data2 = d2.join("eight.jsonl");
     std::fs::copy(&data1, &data2).unwrap();
     let r2 = recipe(&d2, &data2, train);
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_ft"))
-        .args(["train", r2.to_str().unwrap(), "--quiet", "--set", "lora.dropout=0.1"])
+        .args(["train", r2.to_str().unwrap(), "--quiet"])
+        .args(set)
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
@@ -207,11 +219,11 @@ fn sigkill_and_resume_gives_identical_bytes() {
     child.kill().unwrap();
     child.wait().unwrap();
     assert!(!d2.join("run/adapter").exists(), "the run finished before it could be killed; the test needs a longer run");
-    let (c, _, err) = ft(&["train", r2.to_str().unwrap(), "--quiet", "--resume", "--set", "lora.dropout=0.1"]);
+    let (c, _, err) = ft(&[&["train", r2.to_str().unwrap(), "--quiet", "--resume"][..], set].concat());
     assert_eq!(c, 0, "{err}");
     let a = std::fs::read(d1.join("run/adapter/adapter_model.safetensors")).unwrap();
     let b = std::fs::read(d2.join("run/adapter/adapter_model.safetensors")).unwrap();
-    assert!(a == b, "resumed adapter differs from the uninterrupted one");
+    assert!(a == b, "{name}: resumed adapter differs from the uninterrupted one");
     let losses = |d: &Path| metrics(d).iter().filter_map(|l| l["loss"].as_f64()).collect::<Vec<_>>();
     assert_eq!(losses(&d1), losses(&d2));
     assert!(ft::train::checkpoint::complete_checkpoints(&d2.join("run")).len() <= 2, "keep_last");
