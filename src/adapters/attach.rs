@@ -6,7 +6,7 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
 use super::config::{LoraConfig, LoraInit, Targets};
-use crate::model::projection::{row_norms, Adapter, Dora, Full, Lora};
+use crate::model::projection::{normal, row_norms, Adapter, Dora, Full, Lora};
 use crate::model::Decoder;
 use crate::ops::TrainBackend;
 
@@ -27,16 +27,7 @@ pub fn new_lora<B: Backend>(d_in: usize, d_out: usize, r: usize, scale: f64, kin
     };
     let a_peft: Vec<f32> = match kind {
         LoraInit::Default | LoraInit::Random | LoraInit::Pissa | LoraInit::PissaNiter(_) | LoraInit::Olora => uniform(r * d_in, d_in, rng),
-        LoraInit::Gaussian => {
-            // Box-Muller, std 1/r.
-            let std = 1.0 / r as f64;
-            (0..r * d_in)
-                .map(|_| {
-                    let (u1, u2): (f64, f64) = (rng.random_range(f64::EPSILON..1.0), rng.random_range(0.0..1.0));
-                    ((-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos() * std) as f32
-                })
-                .collect()
-        }
+        LoraInit::Gaussian => (0..r * d_in).map(|_| normal(rng, 1.0 / r as f64) as f32).collect(),
     };
     let b_peft = match kind {
         LoraInit::Random => uniform(d_out * r, r, rng),
@@ -61,12 +52,7 @@ pub fn attach_new<B: TrainBackend>(model: &mut Decoder<B>, config: &LoraConfig, 
             if crate::formats::peft::is_embedding(&name) {
                 // PEFT's embedding LoRA: A zero, B N(0, 1) (`lora_embedding_A/B`).
                 let a = vec![0f32; r * d_in];
-                let b: Vec<f32> = (0..d_out * r)
-                    .map(|_| {
-                        let (u1, u2): (f64, f64) = (rng.random_range(f64::EPSILON..1.0), rng.random_range(0.0..1.0));
-                        ((-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()) as f32
-                    })
-                    .collect();
+                let b: Vec<f32> = (0..d_out * r).map(|_| normal(&mut rng, 1.0) as f32).collect();
                 let mut l = Lora::from_peft(&a, &b, r, d_in, d_out, scale, &device);
                 l.a = Param::from_tensor(l.a.val().require_grad());
                 l.b = Param::from_tensor(l.b.val().require_grad());

@@ -131,7 +131,7 @@ pub fn qr_top(w: &[f32], rows: usize, cols: usize, r: usize) -> (Vec<f64>, Vec<f
 /// `niter` subspace iterations (torch's `svd_lowrank(W, q=r, niter)`): the SVD of `Qᵀ W` for an
 /// orthonormal basis `Q [rows, r]` of the range of `(W Wᵀ)^niter W Ω`, Ω Gaussian from `seed`.
 pub fn svd_lowrank(w: &[f32], rows: usize, cols: usize, r: usize, niter: usize, seed: u64) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
-    use rand::{Rng, SeedableRng};
+    use rand::SeedableRng;
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let r = r.min(rows).min(cols);
     let wd: Vec<f64> = w.iter().map(|&x| x as f64).collect();
@@ -155,12 +155,7 @@ pub fn svd_lowrank(w: &[f32], rows: usize, cols: usize, r: usize, niter: usize, 
         }
         out
     };
-    let omega: Vec<f64> = (0..cols * r)
-        .map(|_| {
-            let (u1, u2): (f64, f64) = (rng.random_range(f64::EPSILON..1.0), rng.random_range(0.0..1.0));
-            (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()
-        })
-        .collect();
+    let omega: Vec<f64> = (0..cols * r).map(|_| crate::model::projection::normal(&mut rng, 1.0)).collect();
     let mut q = mul(&omega);
     orthonormalise(&mut q, rows, r);
     for _ in 0..niter {

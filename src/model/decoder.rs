@@ -338,16 +338,10 @@ impl<B: Kernels> Decoder<B> {
         if self.score.is_some() {
             return;
         }
-        use rand::{Rng, SeedableRng};
+        use rand::SeedableRng;
         let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
         let h = self.config.hidden_size;
-        // Box-Muller, as `new_lora`'s gaussian init.
-        let w: Vec<f32> = (0..h * labels)
-            .map(|_| {
-                let (u1, u2): (f64, f64) = (rng.random_range(f64::EPSILON..1.0), rng.random_range(0.0..1.0));
-                ((-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos() * std) as f32
-            })
-            .collect();
+        let w: Vec<f32> = (0..h * labels).map(|_| crate::model::projection::normal(&mut rng, std) as f32).collect();
         self.score = Some(Projection::dense(&w, h, labels, &self.device()));
         self.lm_head = None;
         self.config.num_labels = Some(labels);

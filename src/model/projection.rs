@@ -214,6 +214,13 @@ pub fn add_lora_delta(w: &mut [f32], a: &[f32], b: &[f32], r: usize, d_in: usize
     });
 }
 
+/// A draw from N(0, std²) by Box-Muller (one cosine per pair of uniforms): the one normal sampler
+/// of new weights (a classifier head, Gaussian and embedding LoRA inits, PiSSA's random range).
+pub fn normal(rng: &mut impl rand::Rng, std: f64) -> f64 {
+    let (u1, u2): (f64, f64) = (rng.random_range(f64::EPSILON..1.0), rng.random_range(0.0..1.0));
+    (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos() * std
+}
+
 /// `‖w_o‖₂` of every output row `o` of a PyTorch-layout `[out, in]` matrix (DoRA's norm and
 /// its magnitude's initial value).
 pub fn row_norms(w: &[f32], d_in: usize) -> Vec<f32> {
