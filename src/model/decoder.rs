@@ -7,13 +7,14 @@ use burn::module::{Module, Param};
 use burn::prelude::*;
 use burn::tensor::{Bool, Int, TensorData};
 
-use super::config::ModelConfig;
-use super::projection::{tensor1, tensor2, Projection, WeightSource, BLOCK_LINEARS};
+use super::config::{Activation, ModelConfig};
+use super::projection::{tensor1, tensor2, Projection, WeightSource};
 use super::rope::Rope;
 use crate::formats::safetensors::{TensorFiles, WeightsError};
 use crate::ops::{self, Kernels};
 
-/// RMSNorm as HF computes it: `w * x / sqrt(mean(x²) + eps)` over the last dimension.
+/// RMSNorm as HF computes it: `w * x / sqrt(mean(x²) + eps)` over the last dimension (Gemma's
+/// `(1 + w)` norms hold `1 + w`, computed in f32 at load as transformers computes it).
 #[derive(Module, Debug)]
 pub struct RmsNorm<B: Backend> {
     /// `[dim]`
@@ -23,9 +24,12 @@ pub struct RmsNorm<B: Backend> {
 }
 
 impl<B: Kernels> RmsNorm<B> {
-    pub fn load(ck: &TensorFiles, name: &str, dim: usize, eps: f64, device: &B::Device) -> Result<Self, WeightsError> {
-        let w = ck.f32(name, &[dim])?;
-        Ok(RmsNorm { weight: Param::from_tensor(tensor1(w, device)).set_require_grad(false), eps })
+    pub fn load(ck: &TensorFiles, name: &str, dim: usize, c: &ModelConfig, device: &B::Device) -> Result<Self, WeightsError> {
+        let mut w = ck.f32(name, &[dim])?;
+        if c.gemma_norms {
+            w.iter_mut().for_each(|x| *x += 1.0);
+        }
+        Ok(RmsNorm { weight: Param::from_tensor(tensor1(w, device)).set_require_grad(false), eps: c.rms_norm_eps })
     }
 
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
@@ -85,20 +89,36 @@ impl<B: burn::tensor::backend::AutodiffBackend> RopeTables<B> {
     }
 }
 
-/// The first block's input and what every block shares: rotary tables and the attention mask
-/// `[1 | B, T, S]` (true = not attended).
+/// What every block of one forward shares: rotary tables per rope of the model
+/// ([`ModelConfig::ropes`]) and attention masks `[1 | B, T, S]` (true = not attended) per
+/// distinct window of the layers ([`Decoder::windows`]); each block picks its own.
+#[derive(Debug, Clone)]
+pub struct Positions<B: Backend> {
+    pub ropes: Vec<RopeTables<B>>,
+    pub masks: Vec<Tensor<B, 3, Bool>>,
+}
+
+impl<B: burn::tensor::backend::AutodiffBackend> Positions<B> {
+    /// The same on the inner (non-autodiff) backend.
+    pub fn inner(&self) -> Positions<B::InnerBackend> {
+        Positions { ropes: self.ropes.iter().map(RopeTables::inner).collect(), masks: self.masks.iter().map(|m| m.clone().inner()).collect() }
+    }
+}
+
+/// The first block's input and what every block shares.
 #[derive(Debug, Clone)]
 pub struct BlockInputs<B: Backend> {
     pub x: Tensor<B, 3>,
-    pub rope: RopeTables<B>,
-    pub mask: Tensor<B, 3, Bool>,
+    pub pos: Positions<B>,
 }
 
 #[derive(Module, Debug)]
 pub struct Attention<B: Backend> {
-    pub q_proj: Projection<B>,
-    pub k_proj: Projection<B>,
-    pub v_proj: Projection<B>,
+    /// Separate q, k, v projections, or (Phi-3) `qkv_proj` with rows [q; k; v].
+    pub q_proj: Option<Projection<B>>,
+    pub k_proj: Option<Projection<B>>,
+    pub v_proj: Option<Projection<B>>,
+    pub qkv_proj: Option<Projection<B>>,
     pub o_proj: Projection<B>,
     pub q_norm: Option<RmsNorm<B>>,
     pub k_norm: Option<RmsNorm<B>>,
@@ -108,6 +128,13 @@ pub struct Attention<B: Backend> {
     pub num_kv_heads: usize,
     #[module(skip)]
     pub head_dim: usize,
+    /// The leading dimensions of each head that rotate (the rest pass: partial rotary).
+    #[module(skip)]
+    pub rotary_dim: usize,
+    #[module(skip)]
+    pub scale: f64,
+    #[module(skip)]
+    pub softcap: Option<f64>,
 }
 
 impl<B: Kernels> Attention<B> {
@@ -117,40 +144,69 @@ impl<B: Kernels> Attention<B> {
         let (q, kv) = (c.num_heads * hd, c.num_kv_heads * hd);
         let norm = |n: &str| -> Result<Option<RmsNorm<B>>, WeightsError> {
             if c.qk_norm {
-                Ok(Some(RmsNorm::load(ck, &format!("{p}.{n}.weight"), hd, c.rms_norm_eps, device)?))
+                Ok(Some(RmsNorm::load(ck, &format!("{p}.{n}.weight"), hd, c, device)?))
             } else {
                 Ok(None)
             }
         };
+        let proj = |n: &str, d_out: usize| src.projection(&format!("{p}.{n}"), h, d_out, c.qkv_bias, device).map(Some);
+        let (q_proj, k_proj, v_proj, qkv_proj) = if c.fused_projections {
+            (None, None, None, proj("qkv_proj", q + 2 * kv)?)
+        } else {
+            (proj("q_proj", q)?, proj("k_proj", kv)?, proj("v_proj", kv)?, None)
+        };
         Ok(Attention {
-            q_proj: src.projection(&format!("{p}.q_proj"), h, q, c.qkv_bias, device)?,
-            k_proj: src.projection(&format!("{p}.k_proj"), h, kv, c.qkv_bias, device)?,
-            v_proj: src.projection(&format!("{p}.v_proj"), h, kv, c.qkv_bias, device)?,
+            q_proj,
+            k_proj,
+            v_proj,
+            qkv_proj,
             o_proj: src.projection(&format!("{p}.o_proj"), q, h, c.o_bias, device)?,
             q_norm: norm("q_norm")?,
             k_norm: norm("k_norm")?,
             num_heads: c.num_heads,
             num_kv_heads: c.num_kv_heads,
             head_dim: hd,
+            rotary_dim: c.rotary_dim,
+            scale: c.attn_scale,
+            softcap: c.attn_softcap,
         })
     }
 
+    /// Rotary embedding of the first `rotary_dim` dimensions of each head.
+    fn rotate(&self, x: Tensor<B, 4>, rope: &RopeTables<B>) -> Tensor<B, 4> {
+        if self.rotary_dim == self.head_dim {
+            return ops::rope(x, rope.cos.clone(), rope.sin.clone());
+        }
+        let rd = self.rotary_dim;
+        let rot = ops::rope(x.clone().narrow(3, 0, rd), rope.cos.clone(), rope.sin.clone());
+        Tensor::cat(vec![rot, x.narrow(3, rd, self.head_dim - rd)], 3)
+    }
+
     /// # Shapes
-    /// `x: [B, T, hidden]`, `mask: [1 | B, T, S]` (true = masked, S = cached + T) → `[B, T, hidden]`
-    pub fn forward(&self, x: Tensor<B, 3>, rope: &RopeTables<B>, mask: Tensor<B, 3, Bool>, cache: Option<&mut Option<LayerCache<B>>>) -> Tensor<B, 3> {
+    /// `x: [B, T, hidden]`, `mask: [1 | B, T, S]` (true = masked, S = cached + T) → `[B, T, hidden]`;
+    /// `rope`: `None` in a layer without position encoding.
+    pub fn forward(&self, x: Tensor<B, 3>, rope: Option<&RopeTables<B>>, mask: Tensor<B, 3, Bool>, cache: Option<&mut Option<LayerCache<B>>>) -> Tensor<B, 3> {
         let [b, t, _] = x.dims();
         let (nh, kvh, hd) = (self.num_heads, self.num_kv_heads, self.head_dim);
         // Heads stay in the projections' layout [B, T, heads, hd]: no transposes.
         let heads = |y: Tensor<B, 3>, n: usize| y.reshape([b, t, n, hd]);
-        let mut q = heads(self.q_proj.forward(x.clone()), nh);
-        let mut k = heads(self.k_proj.forward(x.clone()), kvh);
-        let mut v = heads(self.v_proj.forward(x), kvh);
+        let (mut q, mut k, mut v) = match (&self.qkv_proj, &self.q_proj, &self.k_proj, &self.v_proj) {
+            (Some(qkv), ..) => {
+                let y = qkv.forward(x);
+                let (nq, nkv) = (nh * hd, kvh * hd);
+                (heads(y.clone().narrow(2, 0, nq), nh), heads(y.clone().narrow(2, nq, nkv), kvh), heads(y.narrow(2, nq + nkv, nkv), kvh))
+            }
+            (None, Some(qp), Some(kp), Some(vp)) => (heads(qp.forward(x.clone()), nh), heads(kp.forward(x.clone()), kvh), heads(vp.forward(x), kvh)),
+            _ => unreachable!("an attention has q, k, v or qkv projections"),
+        };
         if let (Some(qn), Some(kn)) = (&self.q_norm, &self.k_norm) {
             q = qn.forward(q);
             k = kn.forward(k);
         }
-        q = ops::rope(q, rope.cos.clone(), rope.sin.clone());
-        k = ops::rope(k, rope.cos.clone(), rope.sin.clone());
+        if let Some(rope) = rope {
+            q = self.rotate(q, rope);
+            k = self.rotate(k, rope);
+        }
         if let Some(slot) = cache {
             if let Some(prev) = slot.take() {
                 k = Tensor::cat(vec![prev.k, k], 1);
@@ -158,30 +214,51 @@ impl<B: Kernels> Attention<B> {
             }
             *slot = Some(LayerCache { k: k.clone(), v: v.clone() });
         }
-        let out = ops::attention(q, k, v, mask, (hd as f64).powf(-0.5));
+        let out = ops::attention(q, k, v, mask, self.scale, self.softcap);
         self.o_proj.forward(out.reshape([b, t, nh * hd]))
+    }
+}
+
+/// The gated MLP's activation applied to the gate, times up.
+fn gated<B: Kernels>(act: Activation, gate: Tensor<B, 3>, up: Tensor<B, 3>) -> Tensor<B, 3> {
+    match act {
+        Activation::Silu => ops::swiglu(gate, up),
+        Activation::GeluTanh => ops::gelu_tanh(gate) * up,
+        Activation::Gelu => burn::tensor::activation::gelu(gate) * up,
     }
 }
 
 #[derive(Module, Debug)]
 pub struct Mlp<B: Backend> {
-    pub gate_proj: Projection<B>,
-    pub up_proj: Projection<B>,
+    /// Separate gate and up projections, or (Phi-3) `gate_up_proj` with rows [gate; up].
+    pub gate_proj: Option<Projection<B>>,
+    pub up_proj: Option<Projection<B>>,
+    pub gate_up_proj: Option<Projection<B>>,
     pub down_proj: Projection<B>,
+    #[module(skip)]
+    pub activation: Activation,
 }
 
 impl<B: Kernels> Mlp<B> {
     pub fn load(src: &WeightSource, p: &str, c: &ModelConfig, device: &B::Device) -> Result<Self, WeightsError> {
         let (h, i, bias) = (c.hidden_size, c.intermediate_size, c.mlp_bias);
-        Ok(Mlp {
-            gate_proj: src.projection(&format!("{p}.gate_proj"), h, i, bias, device)?,
-            up_proj: src.projection(&format!("{p}.up_proj"), h, i, bias, device)?,
-            down_proj: src.projection(&format!("{p}.down_proj"), i, h, bias, device)?,
-        })
+        let proj = |n: &str, d_out: usize| src.projection(&format!("{p}.{n}"), h, d_out, bias, device).map(Some);
+        let (gate_proj, up_proj, gate_up_proj) =
+            if c.fused_projections { (None, None, proj("gate_up_proj", 2 * i)?) } else { (proj("gate_proj", i)?, proj("up_proj", i)?, None) };
+        Ok(Mlp { gate_proj, up_proj, gate_up_proj, down_proj: src.projection(&format!("{p}.down_proj"), i, h, bias, device)?, activation: c.activation })
     }
 
     pub fn forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
-        self.down_proj.forward(ops::swiglu(self.gate_proj.forward(x.clone()), self.up_proj.forward(x)))
+        let (gate, up) = match (&self.gate_up_proj, &self.gate_proj, &self.up_proj) {
+            (Some(gu), ..) => {
+                let y = gu.forward(x);
+                let i = y.dims()[2] / 2;
+                (y.clone().narrow(2, 0, i), y.narrow(2, i, i))
+            }
+            (None, Some(g), Some(u)) => (g.forward(x.clone()), u.forward(x)),
+            _ => unreachable!("an MLP has gate and up or gate_up projections"),
+        };
+        self.down_proj.forward(gated(self.activation, gate, up))
     }
 }
 
@@ -189,24 +266,55 @@ impl<B: Kernels> Mlp<B> {
 pub struct Block<B: Backend> {
     pub input_layernorm: RmsNorm<B>,
     pub self_attn: Attention<B>,
+    /// On the attention's output with Gemma's four norms; else before the MLP.
     pub post_attention_layernorm: RmsNorm<B>,
+    /// Gemma: before the MLP.
+    pub pre_feedforward_layernorm: Option<RmsNorm<B>>,
+    /// Gemma: on the MLP's output.
+    pub post_feedforward_layernorm: Option<RmsNorm<B>>,
     pub mlp: Mlp<B>,
+    /// Which of [`Positions`]' rotary tables this layer uses (`None`: no position encoding).
+    #[module(skip)]
+    pub rope: Option<usize>,
+    /// Which of [`Positions`]' masks this layer uses.
+    #[module(skip)]
+    pub mask: usize,
 }
 
 impl<B: Backend> Block<B> {
-    /// The block's projections with their paths inside the block ([`BLOCK_LINEARS`]).
-    pub fn projections(&self) -> [(&'static str, &Projection<B>); 7] {
+    /// The block's projections with their paths inside the block (`self_attn.q_proj`, ...), in
+    /// the order of [`BLOCK_LINEARS`] (fused ones where their parts would be).
+    pub fn projections(&self) -> Vec<(&'static str, &Projection<B>)> {
         let (a, m) = (&self.self_attn, &self.mlp);
-        let p = [&a.q_proj, &a.k_proj, &a.v_proj, &a.o_proj, &m.gate_proj, &m.up_proj, &m.down_proj];
-        std::array::from_fn(|i| (BLOCK_LINEARS[i], p[i]))
+        let named = [
+            ("self_attn.q_proj", &a.q_proj),
+            ("self_attn.k_proj", &a.k_proj),
+            ("self_attn.v_proj", &a.v_proj),
+            ("self_attn.qkv_proj", &a.qkv_proj),
+        ];
+        let mut out: Vec<(&'static str, &Projection<B>)> = named.into_iter().filter_map(|(n, p)| p.as_ref().map(|p| (n, p))).collect();
+        out.push(("self_attn.o_proj", &a.o_proj));
+        let mlp = [("mlp.gate_proj", &m.gate_proj), ("mlp.up_proj", &m.up_proj), ("mlp.gate_up_proj", &m.gate_up_proj)];
+        out.extend(mlp.into_iter().filter_map(|(n, p)| p.as_ref().map(|p| (n, p))));
+        out.push(("mlp.down_proj", &m.down_proj));
+        out
     }
 
     /// The same, mutable.
-    pub fn projections_mut(&mut self) -> [(&'static str, &mut Projection<B>); 7] {
+    pub fn projections_mut(&mut self) -> Vec<(&'static str, &mut Projection<B>)> {
         let (a, m) = (&mut self.self_attn, &mut self.mlp);
-        let p = [&mut a.q_proj, &mut a.k_proj, &mut a.v_proj, &mut a.o_proj, &mut m.gate_proj, &mut m.up_proj, &mut m.down_proj];
-        let mut p = p.map(Some);
-        std::array::from_fn(|i| (BLOCK_LINEARS[i], p[i].take().expect("each projection once")))
+        let named = [
+            ("self_attn.q_proj", &mut a.q_proj),
+            ("self_attn.k_proj", &mut a.k_proj),
+            ("self_attn.v_proj", &mut a.v_proj),
+            ("self_attn.qkv_proj", &mut a.qkv_proj),
+        ];
+        let mut out: Vec<(&'static str, &mut Projection<B>)> = named.into_iter().filter_map(|(n, p)| p.as_mut().map(|p| (n, p))).collect();
+        out.push(("self_attn.o_proj", &mut a.o_proj));
+        let mlp = [("mlp.gate_proj", &mut m.gate_proj), ("mlp.up_proj", &mut m.up_proj), ("mlp.gate_up_proj", &mut m.gate_up_proj)];
+        out.extend(mlp.into_iter().filter_map(|(n, p)| p.as_mut().map(|p| (n, p))));
+        out.push(("mlp.down_proj", &mut m.down_proj));
+        out
     }
 
     /// Training mode for the block's adapters (LoRA dropout on or off).
@@ -223,19 +331,35 @@ impl<B: Backend> Block<B> {
 }
 
 impl<B: Kernels> Block<B> {
-    pub fn load(src: &WeightSource, i: usize, c: &ModelConfig, device: &B::Device) -> Result<Self, WeightsError> {
+    pub fn load(src: &WeightSource, i: usize, c: &ModelConfig, mask: usize, device: &B::Device) -> Result<Self, WeightsError> {
         let (ck, p) = (src.files, format!("model.layers.{i}"));
+        let norm = |n: &str| RmsNorm::load(ck, &format!("{p}.{n}.weight"), c.hidden_size, c, device);
+        let gemma = |n: &str| if c.gemma_norms { norm(n).map(Some) } else { Ok(None) };
         Ok(Block {
-            input_layernorm: RmsNorm::load(ck, &format!("{p}.input_layernorm.weight"), c.hidden_size, c.rms_norm_eps, device)?,
+            input_layernorm: norm("input_layernorm")?,
             self_attn: Attention::load(src, &format!("{p}.self_attn"), c, device)?,
-            post_attention_layernorm: RmsNorm::load(ck, &format!("{p}.post_attention_layernorm.weight"), c.hidden_size, c.rms_norm_eps, device)?,
+            post_attention_layernorm: norm("post_attention_layernorm")?,
+            pre_feedforward_layernorm: gemma("pre_feedforward_layernorm")?,
+            post_feedforward_layernorm: gemma("post_feedforward_layernorm")?,
             mlp: Mlp::load(src, &format!("{p}.mlp"), c, device)?,
+            rope: c.layers[i].rope,
+            mask,
         })
     }
 
-    pub fn forward(&self, x: Tensor<B, 3>, rope: &RopeTables<B>, mask: Tensor<B, 3, Bool>, cache: Option<&mut Option<LayerCache<B>>>) -> Tensor<B, 3> {
-        let h = x.clone() + self.self_attn.forward(self.input_layernorm.forward(x), rope, mask, cache);
-        h.clone() + self.mlp.forward(self.post_attention_layernorm.forward(h))
+    pub fn forward(&self, x: Tensor<B, 3>, pos: &Positions<B>, cache: Option<&mut Option<LayerCache<B>>>) -> Tensor<B, 3> {
+        let rope = self.rope.map(|r| &pos.ropes[r]);
+        let attn = self.self_attn.forward(self.input_layernorm.forward(x.clone()), rope, pos.masks[self.mask].clone(), cache);
+        match (&self.pre_feedforward_layernorm, &self.post_feedforward_layernorm) {
+            (Some(pre), Some(post)) => {
+                let h = x + self.post_attention_layernorm.forward(attn);
+                h.clone() + post.forward(self.mlp.forward(pre.forward(h)))
+            }
+            _ => {
+                let h = x + attn;
+                h.clone() + self.mlp.forward(self.post_attention_layernorm.forward(h))
+            }
+        }
     }
 }
 
@@ -258,8 +382,12 @@ pub struct Decoder<B: Backend> {
     /// A sequence-classification checkpoint's head (`score.weight` `[num_labels, hidden]`, no
     /// bias): a reward model's.
     pub score: Option<Projection<B>>,
+    /// One per [`ModelConfig::ropes`].
     #[module(skip)]
-    pub rope: Rope,
+    pub ropes: Vec<Rope>,
+    /// The distinct attention windows of the layers (`None`: full causal), one mask each.
+    #[module(skip)]
+    pub windows: Vec<Option<usize>>,
     #[module(skip)]
     pub config: ModelConfig,
 }
@@ -272,8 +400,16 @@ impl<B: Kernels> Decoder<B> {
         let (v, h) = (c.vocab_size, c.hidden_size);
         let embed = ck.f32("model.embed_tokens.weight", &[v, h])?;
         let embed_tokens = Projection::embedding(tensor2(embed, [v, h], device));
-        let layers = (0..c.num_layers).map(|i| Block::load(src, i, c, device)).collect::<Result<Vec<_>, _>>()?;
-        let norm = RmsNorm::load(ck, "model.norm.weight", h, c.rms_norm_eps, device)?;
+        let mut windows: Vec<Option<usize>> = Vec::new();
+        for l in &c.layers {
+            if !windows.contains(&l.sliding_window) {
+                windows.push(l.sliding_window);
+            }
+        }
+        let layers = (0..c.num_layers)
+            .map(|i| Block::load(src, i, c, windows.iter().position(|w| *w == c.layers[i].sliding_window).expect("listed"), device))
+            .collect::<Result<Vec<_>, _>>()?;
+        let norm = RmsNorm::load(ck, "model.norm.weight", h, c, device)?;
         let (lm_head, score) = match c.num_labels {
             // transformers' `*ForSequenceClassification`: `score` instead of `lm_head`.
             Some(labels) => (None, Some(src.projection("score", h, labels, false, device)?)),
@@ -290,7 +426,8 @@ impl<B: Kernels> Decoder<B> {
             norm,
             lm_head,
             score,
-            rope: Rope::new(c.head_dim, c.rope_theta, c.rope_scaling.clone()),
+            ropes: c.ropes.iter().map(|r| Rope::new(c.rotary_dim, r.theta, r.scaling.clone())).collect(),
+            windows,
             config: c.clone(),
         })
     }
@@ -312,7 +449,7 @@ impl<B: Kernels> Decoder<B> {
     pub fn projections_mut(&mut self) -> Vec<(String, &mut Projection<B>)> {
         let mut out = Vec::new();
         for (i, l) in self.layers.iter_mut().enumerate() {
-            out.extend(l.projections_mut().map(|(name, p)| (format!("model.layers.{i}.{name}"), p)));
+            out.extend(l.projections_mut().into_iter().map(|(name, p)| (format!("model.layers.{i}.{name}"), p)));
         }
         if let Some(h) = &mut self.lm_head {
             out.push(("lm_head".to_string(), h));
@@ -390,11 +527,67 @@ impl<B: Kernels> Decoder<B> {
         }
     }
 
-    fn rope_tables(&self, start: usize, len: usize, device: &B::Device) -> RopeTables<B> {
-        let hd = self.config.head_dim;
-        let (cos, sin) = self.rope.tables(start, len, start + len);
-        let t = |d: Vec<f32>| Tensor::<B, 3>::from_data(TensorData::new(d, [1, len, hd]), device);
-        RopeTables { cos: t(cos), sin: t(sin) }
+    /// Token embeddings `[B, T, hidden]` (× √hidden for Gemma, the scale rounded to f32 as
+    /// transformers' `normalizer`).
+    fn embed(&self, ids: Tensor<B, 2, Int>) -> Tensor<B, 3> {
+        let [b, t] = ids.dims();
+        let x = self.embed_tokens.embed(ids.reshape([b * t])).reshape([b, t, self.config.hidden_size]);
+        if self.config.gemma_norms {
+            x * ((self.config.hidden_size as f64).sqrt() as f32)
+        } else {
+            x
+        }
+    }
+
+    /// Rotary tables of every rope for rows whose positions are `positions[row][i]`
+    /// (`[B, T, rotary_dim]`), or for positions `start..start+t` shared by every row
+    /// (`[1, T, rotary_dim]`) when `positions` is `None`.
+    fn rope_tables(&self, positions: Option<&[usize]>, b: usize, t: usize, start: usize, device: &B::Device) -> Vec<RopeTables<B>> {
+        let rd = self.config.rotary_dim;
+        self.ropes
+            .iter()
+            .map(|rope| match positions {
+                None => {
+                    let (cos, sin) = rope.tables(start, t, start + t);
+                    let table = |d: Vec<f32>| Tensor::<B, 3>::from_data(TensorData::new(d, [1, t, rd]), device);
+                    RopeTables { cos: table(cos), sin: table(sin) }
+                }
+                Some(pos) => {
+                    let longest = pos.iter().max().map_or(0, |&p| p + 1).max(start + t);
+                    let (cos, sin) = rope.tables(0, longest, longest);
+                    let (mut pc, mut ps) = (vec![0f32; b * t * rd], vec![0f32; b * t * rd]);
+                    for (at, &p) in pos.iter().enumerate() {
+                        pc[at * rd..(at + 1) * rd].copy_from_slice(&cos[p * rd..(p + 1) * rd]);
+                        ps[at * rd..(at + 1) * rd].copy_from_slice(&sin[p * rd..(p + 1) * rd]);
+                    }
+                    let table = |d: Vec<f32>| Tensor::<B, 3>::from_data(TensorData::new(d, [b, t, rd]), device);
+                    RopeTables { cos: table(pc), sin: table(ps) }
+                }
+            })
+            .collect()
+    }
+
+    /// One mask `[rows, T, S]` per window of [`Self::windows`], from what each query position
+    /// attends to without a window: `keys(row, q)` gives the range of keys (a sliding window
+    /// then keeps the last W of them, which are the last W positions of the same sample).
+    fn masks(&self, rows: usize, t: usize, s: usize, keys: impl Fn(usize, usize) -> std::ops::Range<usize>, device: &B::Device) -> Vec<Tensor<B, 3, Bool>> {
+        self.windows
+            .iter()
+            .map(|w| {
+                let mut masked = vec![true; rows * t * s];
+                for row in 0..rows {
+                    for q in 0..t {
+                        let r = keys(row, q);
+                        let from = match w {
+                            Some(w) => r.start.max(r.end.saturating_sub(*w)),
+                            None => r.start,
+                        };
+                        masked[(row * t + q) * s..][from..r.end].fill(false);
+                    }
+                }
+                Tensor::<B, 3, Bool>::from_data(TensorData::new(masked, [rows, t, s]), device)
+            })
+            .collect()
     }
 
     /// Hidden states after the final norm.
@@ -403,10 +596,10 @@ impl<B: Kernels> Decoder<B> {
     /// `ids: [B, T]` → `[B, T, hidden]`. With a cache, positions continue after the cached ones.
     pub fn hidden(&self, ids: Tensor<B, 2, Int>, mut cache: Option<&mut KvCache<B>>) -> Tensor<B, 3> {
         let start = cache.as_ref().map(|c| c.len()).unwrap_or(0);
-        let BlockInputs { mut x, rope, mask } = self.block_inputs(ids, None, start);
+        let BlockInputs { mut x, pos } = self.block_inputs(ids, None, start);
         for (i, layer) in self.layers.iter().enumerate() {
             let slot = cache.as_mut().map(|c| &mut c.layers[i]);
-            x = layer.forward(x, &rope, mask.clone(), slot);
+            x = layer.forward(x, &pos, slot);
         }
         self.norm.forward(x)
     }
@@ -420,9 +613,9 @@ impl<B: Kernels> Decoder<B> {
     /// `ids: [B, T]`, `pads: B` → `[B, T, hidden]`
     pub fn hidden_left_padded(&self, ids: Tensor<B, 2, Int>, cache: &mut KvCache<B>, pads: &[usize]) -> Tensor<B, 3> {
         let start = cache.len();
-        let BlockInputs { mut x, rope, mask } = self.padded_inputs(ids, start, pads);
+        let BlockInputs { mut x, pos } = self.padded_inputs(ids, start, pads);
         for (i, layer) in self.layers.iter().enumerate() {
-            x = layer.forward(x, &rope, mask.clone(), Some(&mut cache.layers[i]));
+            x = layer.forward(x, &pos, Some(&mut cache.layers[i]));
         }
         self.norm.forward(x)
     }
@@ -431,29 +624,26 @@ impl<B: Kernels> Decoder<B> {
     fn padded_inputs(&self, ids: Tensor<B, 2, Int>, start: usize, pads: &[usize]) -> BlockInputs<B> {
         let device = ids.device();
         let [b, t] = ids.dims();
-        let (h, hd) = (self.config.hidden_size, self.config.head_dim);
-        let x = self.embed_tokens.embed(ids.reshape([b * t])).reshape([b, t, h]);
+        let x = self.embed(ids);
         let s = start + t;
-        let (cos, sin) = self.rope.tables(0, s, s);
-        let (mut pc, mut ps) = (vec![0f32; b * t * hd], vec![0f32; b * t * hd]);
-        let mut masked = vec![true; b * t * s];
-        for (row, &pad) in pads.iter().enumerate() {
-            for q in 0..t {
-                let (at, abs) = (row * t + q, start + q);
-                let pos = abs.saturating_sub(pad);
-                pc[at * hd..(at + 1) * hd].copy_from_slice(&cos[pos * hd..(pos + 1) * hd]);
-                ps[at * hd..(at + 1) * hd].copy_from_slice(&sin[pos * hd..(pos + 1) * hd]);
-                // A padding query sees only itself (a row with every key masked is NaN).
-                let keys = if abs < pad { abs..abs + 1 } else { pad..abs + 1 };
-                for k in keys {
-                    masked[at * s + k] = false;
+        let positions: Vec<usize> = (0..b * t).map(|at| (start + at % t).saturating_sub(pads[at / t])).collect();
+        let ropes = self.rope_tables(Some(&positions), b, t, start, &device);
+        // A padding query sees only itself (a row with every key masked is NaN).
+        let masks = self.masks(
+            b,
+            t,
+            s,
+            |row, q| {
+                let abs = start + q;
+                if abs < pads[row] {
+                    abs..abs + 1
+                } else {
+                    pads[row]..abs + 1
                 }
-            }
-        }
-        let table = |d: Vec<f32>| Tensor::<B, 3>::from_data(TensorData::new(d, [b, t, hd]), &device);
-        let rope = RopeTables { cos: table(pc), sin: table(ps) };
-        let mask = Tensor::<B, 3, Bool>::from_data(TensorData::new(masked, [b, t, s]), &device);
-        BlockInputs { x, rope, mask }
+            },
+            &device,
+        );
+        BlockInputs { x, pos: Positions { ropes, masks } }
     }
 
     /// Hidden states of packed rows: `segments[b]` lists the lengths of the samples laid end to
@@ -464,55 +654,75 @@ impl<B: Kernels> Decoder<B> {
     /// # Shapes
     /// `ids: [B, T]` → `[B, T, hidden]`
     pub fn hidden_packed(&self, ids: Tensor<B, 2, Int>, segments: &[Vec<usize>]) -> Tensor<B, 3> {
-        let BlockInputs { mut x, rope, mask } = self.block_inputs(ids, Some(segments), 0);
+        let BlockInputs { mut x, pos } = self.block_inputs(ids, Some(segments), 0);
         for layer in &self.layers {
-            x = layer.forward(x, &rope, mask.clone(), None);
+            x = layer.forward(x, &pos, None);
         }
         self.norm.forward(x)
     }
 
-    /// What the first block gets: token embeddings, rotary tables and attention mask, for plain
+    /// What the first block gets: token embeddings, rotary tables and attention masks, for plain
     /// rows (positions from `start`, causal) or packed rows (`segments`, see [`Self::hidden_packed`]).
     pub fn block_inputs(&self, ids: Tensor<B, 2, Int>, segments: Option<&[Vec<usize>]>, start: usize) -> BlockInputs<B> {
         let device = ids.device();
         let [b, t] = ids.dims();
-        let (h, hd) = (self.config.hidden_size, self.config.head_dim);
-        let x = self.embed_tokens.embed(ids.reshape([b * t])).reshape([b, t, h]);
+        let x = self.embed(ids);
         let Some(segments) = segments else {
-            let rope = self.rope_tables(start, t, &device);
-            // Query i (absolute position start+i) may see keys 0..=start+i.
-            let mask = Tensor::<B, 2, Bool>::tril_mask([t, start + t], start as i64, &device).reshape([1, t, start + t]);
-            return BlockInputs { x, rope, mask };
+            let ropes = self.rope_tables(None, 1, t, start, &device);
+            let masks = (0..self.windows.len())
+                .map(|i| match self.windows[i] {
+                    // Query i (absolute position start+i) may see keys 0..=start+i.
+                    None => Tensor::<B, 2, Bool>::tril_mask([t, start + t], start as i64, &device).reshape([1, t, start + t]),
+                    Some(_) => self.window_mask(i, t, start, &device),
+                })
+                .collect();
+            return BlockInputs { x, pos: Positions { ropes, masks } };
         };
-        let (cos, sin) = self.rope.tables(0, t, t);
-        let (mut pc, mut ps) = (vec![0f32; b * t * hd], vec![0f32; b * t * hd]);
-        let mut masked = vec![true; b * t * t];
+        // Each position's sample and its position inside it; the padding after the last sample
+        // is a run of one-token samples at position 0.
+        let mut positions = vec![0usize; b * t];
+        let mut sample_start = vec![0usize; b * t];
         for (row, segs) in segments.iter().enumerate() {
-            let mut start = 0;
-            for &len in segs.iter().chain(std::iter::once(&0)) {
-                // A trailing zero-length segment stands for the padding: one position each.
-                let (len, pad) = if len == 0 { (t - start, true) } else { (len, false) };
+            let mut s0 = 0;
+            for &len in segs {
                 for q in 0..len {
-                    let at = row * t + start + q;
-                    let pos = if pad { 0 } else { q };
-                    pc[at * hd..(at + 1) * hd].copy_from_slice(&cos[pos * hd..(pos + 1) * hd]);
-                    ps[at * hd..(at + 1) * hd].copy_from_slice(&sin[pos * hd..(pos + 1) * hd]);
-                    let keys = if pad { q..q + 1 } else { 0..q + 1 };
-                    for k in keys {
-                        masked[at * t + start + k] = false;
-                    }
+                    positions[row * t + s0 + q] = q;
+                    sample_start[row * t + s0 + q] = s0;
                 }
-                start += len;
+                s0 += len;
+            }
+            for q in s0..t {
+                sample_start[row * t + q] = q;
             }
         }
-        let table = |d: Vec<f32>| Tensor::<B, 3>::from_data(TensorData::new(d, [b, t, hd]), &device);
-        let rope = RopeTables { cos: table(pc), sin: table(ps) };
-        let mask = Tensor::<B, 3, Bool>::from_data(TensorData::new(masked, [b, t, t]), &device);
-        BlockInputs { x, rope, mask }
+        let ropes = self.rope_tables(Some(&positions), b, t, 0, &device);
+        let masks = self.masks(b, t, t, |row, q| sample_start[row * t + q]..q + 1, &device);
+        BlockInputs { x, pos: Positions { ropes, masks } }
     }
 
-    /// Projects hidden states to vocabulary logits.
+    /// The plain causal mask `[1, T, start + T]` of window `self.windows[i]`.
+    fn window_mask(&self, i: usize, t: usize, start: usize, device: &B::Device) -> Tensor<B, 3, Bool> {
+        let w = self.windows[i].expect("a window");
+        let s = start + t;
+        let mut masked = vec![true; t * s];
+        for q in 0..t {
+            let end = start + q + 1;
+            masked[q * s..][end.saturating_sub(w)..end].fill(false);
+        }
+        Tensor::<B, 3, Bool>::from_data(TensorData::new(masked, [1, t, s]), device)
+    }
+
+    /// Projects hidden states to vocabulary logits (softcapped to `c · tanh(l / c)` when the
+    /// model says so: Gemma 2).
     pub fn head(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        let logits = self.head_linear(x);
+        match self.config.final_softcap {
+            Some(c) => (logits / c).tanh() * c,
+            None => logits,
+        }
+    }
+
+    fn head_linear(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
         match &self.lm_head {
             Some(p) => p.forward(x),
             None => {

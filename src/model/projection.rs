@@ -20,8 +20,18 @@ use crate::quant::nf4_weight::Nf4Weight;
 
 /// The linear modules of a decoder block, by their path inside the block, in the order every
 /// listing of a model's projections follows.
-pub const BLOCK_LINEARS: [&str; 7] =
-    ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"];
+/// `qkv_proj` and `gate_up_proj` are Phi-3's fused forms.
+pub const BLOCK_LINEARS: [&str; 9] = [
+    "self_attn.q_proj",
+    "self_attn.k_proj",
+    "self_attn.v_proj",
+    "self_attn.qkv_proj",
+    "self_attn.o_proj",
+    "mlp.gate_proj",
+    "mlp.up_proj",
+    "mlp.gate_up_proj",
+    "mlp.down_proj",
+];
 
 /// Whether a checkpoint tensor is one QLoRA quantizes: the weight of a linear module inside a
 /// decoder block (embeddings, norms and `lm_head` stay as they are, as transformers does).

@@ -2,7 +2,8 @@
 //! from contiguous memory and writes one output, rows in parallel with rayon; attention's
 //! matrix products go through the `gemm` crate (the one flex's own matmul uses), per
 //! (batch, kv head) with strided operands, so no head transpose or K/V copy is made, in blocks of
-//! query rows that stop at the last key the block attends to (half the work for causal masks).
+//! query rows that span only the keys the block attends to (half the work for causal masks,
+//! O(T·window) for sliding windows).
 
 use burn::prelude::*;
 use burn::tensor::{Bool, TensorData, TensorPrimitive};
@@ -126,16 +127,24 @@ impl Dims {
         let mb = if self.mask_batch == 1 { 0 } else { b };
         &mask[(mb * self.t + t) * self.s..][..self.s]
     }
-    /// Query rows in blocks of [`ROW_BLOCK`]: `(first row, rows, keys)`, where `keys` is one past
-    /// the last key any row of the block attends to (a causal mask needs no more columns);
-    /// blocks that attend to nothing are left out (their output stays zero).
-    fn blocks(&self, mask: &[u8], b: usize) -> Vec<(usize, usize, usize)> {
+    /// Query rows in blocks of [`ROW_BLOCK`]: `(first row, rows, first key, end key)`, where the
+    /// keys `first..end` span every key a row of the block attends to (a causal mask needs no
+    /// later columns, a sliding window no earlier ones: O(T·window) work); blocks that attend to
+    /// nothing are left out (their output stays zero).
+    fn blocks(&self, mask: &[u8], b: usize) -> Vec<(usize, usize, usize, usize)> {
         (0..self.t)
             .step_by(ROW_BLOCK)
             .filter_map(|r0| {
                 let rows = ROW_BLOCK.min(self.t - r0);
-                let keys = (r0..r0 + rows).map(|t| self.mask_row(mask, b, t).iter().rposition(|&m| m == 0).map_or(0, |k| k + 1)).max().unwrap_or(0);
-                (keys > 0).then_some((r0, rows, keys))
+                let (mut first, mut end) = (usize::MAX, 0);
+                for t in r0..r0 + rows {
+                    let row = self.mask_row(mask, b, t);
+                    if let (Some(f), Some(l)) = (row.iter().position(|&m| m == 0), row.iter().rposition(|&m| m == 0)) {
+                        first = first.min(f);
+                        end = end.max(l + 1);
+                    }
+                }
+                (end > 0).then_some((r0, rows, first, end))
             })
             .collect()
     }
@@ -308,38 +317,7 @@ impl FusedOps for Flex {
     }
 
     fn attention_fused(q: Tensor<Self, 4>, k: Tensor<Self, 4>, v: Tensor<Self, 4>, mask: Tensor<Self, 3, Bool>, scale: f64) -> Option<(Tensor<Self, 4>, Tensor<Self, 3>)> {
-        let (mask, mb) = contiguous_mask(mask);
-        let mask = mask_slice(&mask);
-        let d = Dims::of(&q.dims(), &k.dims(), mb);
-        let (q, k, v) = (contiguous(q), contiguous(k), contiguous(v));
-        let (qs, ks, vs) = (f32s(&q), f32s(&k), f32s(&v));
-        let mut o = vec![0f32; d.b * d.t * d.h * d.hd];
-        let mut lse = vec![f32::INFINITY; d.b * d.h * d.t];
-        let (op, lp) = (Out(o.as_mut_ptr()), Out(lse.as_mut_ptr()));
-        let par = d.parallelism();
-        let n_rep = d.h / d.kv;
-        (0..d.b * d.kv).into_par_iter().for_each(|task| {
-            let (bi, g) = (task / d.kv, task % d.kv);
-            let mut p = vec![0f32; ROW_BLOCK.min(d.t) * d.s];
-            let (kv_at, kv_rs) = d.kv_at(bi, g);
-            for (r0, rows, keys) in d.blocks(mask, bi) {
-                for h in g * n_rep..(g + 1) * n_rep {
-                    let (q_at, q_rs) = d.q_at(bi, h);
-                    let q_at = q_at + r0 * q_rs;
-                    // SAFETY: task (b, g) alone writes heads g·n_rep.. of batch b in `o` and
-                    // `lse`; every pointer stays inside its buffer for the shapes and strides.
-                    unsafe {
-                        mm((rows, keys, d.hd), (p.as_mut_ptr(), keys, 1), false, (qs.as_ptr().add(q_at), q_rs, 1), (ks.as_ptr().add(kv_at), 1, kv_rs), scale as f32, par);
-                        let lse_h = std::slice::from_raw_parts_mut(lp.at((bi * d.h + h) * d.t + r0), rows);
-                        for (i, l) in lse_h.iter_mut().enumerate() {
-                            *l = softmax_row(&mut p[i * keys..][..keys], &d.mask_row(mask, bi, r0 + i)[..keys]);
-                        }
-                        mm((rows, d.hd, keys), (op.at(q_at), q_rs, 1), false, (p.as_ptr(), keys, 1), (vs.as_ptr().add(kv_at), kv_rs, 1), 1.0, par);
-                    }
-                }
-            }
-        });
-        Some((tensor(o, [d.b, d.t, d.h, d.hd]), tensor(lse, [d.b, d.h, d.t])))
+        Some(attention_forward(q, k, v, mask, scale, None))
     }
 
     fn attention_backward(
@@ -352,58 +330,156 @@ impl FusedOps for Flex {
         scale: f64,
         grad: Tensor<Self, 4>,
     ) -> Option<(Tensor<Self, 4>, Tensor<Self, 4>, Tensor<Self, 4>)> {
-        let (mask, mb) = contiguous_mask(mask);
-        let mask = mask_slice(&mask);
-        let d = Dims::of(&q.dims(), &k.dims(), mb);
-        let (q, k, v, o, lse, dout) = (contiguous(q), contiguous(k), contiguous(v), contiguous(o), contiguous(lse), contiguous(grad));
-        let (qs, ks, vs, os, ls, dos) = (f32s(&q), f32s(&k), f32s(&v), f32s(&o), f32s(&lse), f32s(&dout));
-        let mut dq = vec![0f32; qs.len()];
-        let (mut dk, mut dv) = (vec![0f32; ks.len()], vec![0f32; vs.len()]);
-        let (dqp, dkp, dvp) = (Out(dq.as_mut_ptr()), Out(dk.as_mut_ptr()), Out(dv.as_mut_ptr()));
-        let par = d.parallelism();
-        let n_rep = d.h / d.kv;
-        let scale = scale as f32;
-        (0..d.b * d.kv).into_par_iter().for_each(|task| {
-            let (bi, g) = (task / d.kv, task % d.kv);
-            let block = ROW_BLOCK.min(d.t) * d.s;
-            let (mut p, mut dp) = (vec![0f32; block], vec![0f32; block]);
-            let (kv_at, kv_rs) = d.kv_at(bi, g);
-            for (r0, rows, keys) in d.blocks(mask, bi) {
-                for h in g * n_rep..(g + 1) * n_rep {
-                    let (q_at, q_rs) = d.q_at(bi, h);
-                    let q_at = q_at + r0 * q_rs;
-                    // SAFETY: task (b, g) alone writes heads g·n_rep.. of batch b in `dq` and kv
-                    // head g of batch b in `dk`, `dv`; pointers stay inside their buffers.
-                    unsafe {
-                        // P again from the saved log-sum-exp.
-                        mm((rows, keys, d.hd), (p.as_mut_ptr(), keys, 1), false, (qs.as_ptr().add(q_at), q_rs, 1), (ks.as_ptr().add(kv_at), 1, kv_rs), scale, par);
-                        for i in 0..rows {
-                            let l = ls[(bi * d.h + h) * d.t + r0 + i];
-                            let m = &d.mask_row(mask, bi, r0 + i)[..keys];
-                            for (x, &masked) in p[i * keys..][..keys].iter_mut().zip(m) {
-                                *x = if masked != 0 || l == f32::INFINITY { 0.0 } else { (*x - l).exp() };
-                            }
-                        }
-                        // dV += Pᵀ·dO
-                        mm((keys, d.hd, rows), (dvp.at(kv_at), kv_rs, 1), true, (p.as_ptr(), 1, keys), (dos.as_ptr().add(q_at), q_rs, 1), 1.0, par);
-                        // dP = dO·Vᵀ, then dS = P ∘ (dP − rowsum(dO ∘ O))
-                        mm((rows, keys, d.hd), (dp.as_mut_ptr(), keys, 1), false, (dos.as_ptr().add(q_at), q_rs, 1), (vs.as_ptr().add(kv_at), 1, kv_rs), 1.0, par);
-                        for i in 0..rows {
-                            let at = q_at + i * q_rs;
-                            let di: f32 = dos[at..at + d.hd].iter().zip(&os[at..at + d.hd]).map(|(a, b)| a * b).sum();
-                            for (x, pv) in dp[i * keys..][..keys].iter_mut().zip(&p[i * keys..][..keys]) {
-                                *x = pv * (*x - di);
-                            }
-                        }
-                        // dQ = scale·dS·K, dK += scale·dSᵀ·Q
-                        mm((rows, d.hd, keys), (dqp.at(q_at), q_rs, 1), false, (dp.as_ptr(), keys, 1), (ks.as_ptr().add(kv_at), kv_rs, 1), scale, par);
-                        mm((keys, d.hd, rows), (dkp.at(kv_at), kv_rs, 1), true, (dp.as_ptr(), 1, keys), (qs.as_ptr().add(q_at), q_rs, 1), scale, par);
+        Some(attention_backward(q, k, v, o, lse, mask, scale, None, grad))
+    }
+
+    fn attention_softcap_fused(q: Tensor<Self, 4>, k: Tensor<Self, 4>, v: Tensor<Self, 4>, mask: Tensor<Self, 3, Bool>, scale: f64, softcap: f64) -> Option<(Tensor<Self, 4>, Tensor<Self, 3>)> {
+        Some(attention_forward(q, k, v, mask, scale, Some(softcap as f32)))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn attention_softcap_backward(
+        q: Tensor<Self, 4>,
+        k: Tensor<Self, 4>,
+        v: Tensor<Self, 4>,
+        o: Tensor<Self, 4>,
+        lse: Tensor<Self, 3>,
+        mask: Tensor<Self, 3, Bool>,
+        scale: f64,
+        softcap: f64,
+        grad: Tensor<Self, 4>,
+    ) -> Option<(Tensor<Self, 4>, Tensor<Self, 4>, Tensor<Self, 4>)> {
+        Some(attention_backward(q, k, v, o, lse, mask, scale, Some(softcap as f32), grad))
+    }
+}
+
+/// Gemma 2's score softcapping in place, `s = c · tanh(s / c)`; keeps `tanh(s / c)` in `tanh`
+/// when given (the backward's `1 − tanh²`).
+fn softcap_scores(scores: &mut [f32], cap: f32, mut tanh: Option<&mut [f32]>) {
+    for (i, x) in scores.iter_mut().enumerate() {
+        let t = (*x / cap).tanh();
+        if let Some(tz) = tanh.as_deref_mut() {
+            tz[i] = t;
+        }
+        *x = cap * t;
+    }
+}
+
+/// The fused attention's forward (scores optionally softcapped): see [`FusedOps::attention_fused`].
+fn attention_forward(q: Tensor<Flex, 4>, k: Tensor<Flex, 4>, v: Tensor<Flex, 4>, mask: Tensor<Flex, 3, Bool>, scale: f64, softcap: Option<f32>) -> (Tensor<Flex, 4>, Tensor<Flex, 3>) {
+    let (mask, mb) = contiguous_mask(mask);
+    let mask = mask_slice(&mask);
+    let d = Dims::of(&q.dims(), &k.dims(), mb);
+    let (q, k, v) = (contiguous(q), contiguous(k), contiguous(v));
+    let (qs, ks, vs) = (f32s(&q), f32s(&k), f32s(&v));
+    let mut o = vec![0f32; d.b * d.t * d.h * d.hd];
+    let mut lse = vec![f32::INFINITY; d.b * d.h * d.t];
+    let (op, lp) = (Out(o.as_mut_ptr()), Out(lse.as_mut_ptr()));
+    let par = d.parallelism();
+    let n_rep = d.h / d.kv;
+    (0..d.b * d.kv).into_par_iter().for_each(|task| {
+        let (bi, g) = (task / d.kv, task % d.kv);
+        let mut p = vec![0f32; ROW_BLOCK.min(d.t) * d.s];
+        let (kv_at, kv_rs) = d.kv_at(bi, g);
+        for (r0, rows, k0, k1) in d.blocks(mask, bi) {
+            let (keys, kv_at) = (k1 - k0, kv_at + k0 * kv_rs);
+            for h in g * n_rep..(g + 1) * n_rep {
+                let (q_at, q_rs) = d.q_at(bi, h);
+                let q_at = q_at + r0 * q_rs;
+                // SAFETY: task (b, g) alone writes heads g·n_rep.. of batch b in `o` and
+                // `lse`; every pointer stays inside its buffer for the shapes and strides.
+                unsafe {
+                    mm((rows, keys, d.hd), (p.as_mut_ptr(), keys, 1), false, (qs.as_ptr().add(q_at), q_rs, 1), (ks.as_ptr().add(kv_at), 1, kv_rs), scale as f32, par);
+                    if let Some(cap) = softcap {
+                        softcap_scores(&mut p[..rows * keys], cap, None);
                     }
+                    let lse_h = std::slice::from_raw_parts_mut(lp.at((bi * d.h + h) * d.t + r0), rows);
+                    for (i, l) in lse_h.iter_mut().enumerate() {
+                        *l = softmax_row(&mut p[i * keys..][..keys], &d.mask_row(mask, bi, r0 + i)[k0..k1]);
+                    }
+                    mm((rows, d.hd, keys), (op.at(q_at), q_rs, 1), false, (p.as_ptr(), keys, 1), (vs.as_ptr().add(kv_at), kv_rs, 1), 1.0, par);
                 }
             }
-        });
-        Some((tensor(dq, [d.b, d.t, d.h, d.hd]), tensor(dk, [d.b, d.s, d.kv, d.hd]), tensor(dv, [d.b, d.s, d.kv, d.hd])))
-    }
+        }
+    });
+    (tensor(o, [d.b, d.t, d.h, d.hd]), tensor(lse, [d.b, d.h, d.t]))
+}
+
+/// The fused attention's backward (see [`FusedOps::attention_backward`]); with a softcap the
+/// score gradient is multiplied by the cap's derivative `1 − tanh²(s / c)`.
+#[allow(clippy::too_many_arguments, clippy::type_complexity)]
+fn attention_backward(
+    q: Tensor<Flex, 4>,
+    k: Tensor<Flex, 4>,
+    v: Tensor<Flex, 4>,
+    o: Tensor<Flex, 4>,
+    lse: Tensor<Flex, 3>,
+    mask: Tensor<Flex, 3, Bool>,
+    scale: f64,
+    softcap: Option<f32>,
+    grad: Tensor<Flex, 4>,
+) -> (Tensor<Flex, 4>, Tensor<Flex, 4>, Tensor<Flex, 4>) {
+    let (mask, mb) = contiguous_mask(mask);
+    let mask = mask_slice(&mask);
+    let d = Dims::of(&q.dims(), &k.dims(), mb);
+    let (q, k, v, o, lse, dout) = (contiguous(q), contiguous(k), contiguous(v), contiguous(o), contiguous(lse), contiguous(grad));
+    let (qs, ks, vs, os, ls, dos) = (f32s(&q), f32s(&k), f32s(&v), f32s(&o), f32s(&lse), f32s(&dout));
+    let mut dq = vec![0f32; qs.len()];
+    let (mut dk, mut dv) = (vec![0f32; ks.len()], vec![0f32; vs.len()]);
+    let (dqp, dkp, dvp) = (Out(dq.as_mut_ptr()), Out(dk.as_mut_ptr()), Out(dv.as_mut_ptr()));
+    let par = d.parallelism();
+    let n_rep = d.h / d.kv;
+    let scale = scale as f32;
+    (0..d.b * d.kv).into_par_iter().for_each(|task| {
+        let (bi, g) = (task / d.kv, task % d.kv);
+        let block = ROW_BLOCK.min(d.t) * d.s;
+        let (mut p, mut dp) = (vec![0f32; block], vec![0f32; block]);
+        let mut tanh = if softcap.is_some() { vec![0f32; block] } else { Vec::new() };
+        let (kv_at, kv_rs) = d.kv_at(bi, g);
+        for (r0, rows, k0, k1) in d.blocks(mask, bi) {
+            let (keys, kv_at) = (k1 - k0, kv_at + k0 * kv_rs);
+            for h in g * n_rep..(g + 1) * n_rep {
+                let (q_at, q_rs) = d.q_at(bi, h);
+                let q_at = q_at + r0 * q_rs;
+                // SAFETY: task (b, g) alone writes heads g·n_rep.. of batch b in `dq` and kv
+                // head g of batch b in `dk`, `dv`; pointers stay inside their buffers.
+                unsafe {
+                    // P again from the saved log-sum-exp.
+                    mm((rows, keys, d.hd), (p.as_mut_ptr(), keys, 1), false, (qs.as_ptr().add(q_at), q_rs, 1), (ks.as_ptr().add(kv_at), 1, kv_rs), scale, par);
+                    if let Some(cap) = softcap {
+                        softcap_scores(&mut p[..rows * keys], cap, Some(&mut tanh[..rows * keys]));
+                    }
+                    for i in 0..rows {
+                        let l = ls[(bi * d.h + h) * d.t + r0 + i];
+                        let m = &d.mask_row(mask, bi, r0 + i)[k0..k1];
+                        for (x, &masked) in p[i * keys..][..keys].iter_mut().zip(m) {
+                            *x = if masked != 0 || l == f32::INFINITY { 0.0 } else { (*x - l).exp() };
+                        }
+                    }
+                    // dV += Pᵀ·dO
+                    mm((keys, d.hd, rows), (dvp.at(kv_at), kv_rs, 1), true, (p.as_ptr(), 1, keys), (dos.as_ptr().add(q_at), q_rs, 1), 1.0, par);
+                    // dP = dO·Vᵀ, then dS = P ∘ (dP − rowsum(dO ∘ O)) (∘ (1 − tanh²) when capped)
+                    mm((rows, keys, d.hd), (dp.as_mut_ptr(), keys, 1), false, (dos.as_ptr().add(q_at), q_rs, 1), (vs.as_ptr().add(kv_at), 1, kv_rs), 1.0, par);
+                    for i in 0..rows {
+                        let at = q_at + i * q_rs;
+                        let di: f32 = dos[at..at + d.hd].iter().zip(&os[at..at + d.hd]).map(|(a, b)| a * b).sum();
+                        for (x, pv) in dp[i * keys..][..keys].iter_mut().zip(&p[i * keys..][..keys]) {
+                            *x = pv * (*x - di);
+                        }
+                    }
+                    if softcap.is_some() {
+                        for (x, t) in dp[..rows * keys].iter_mut().zip(&tanh[..rows * keys]) {
+                            *x *= 1.0 - t * t;
+                        }
+                    }
+                    // dQ = scale·dS·K, dK += scale·dSᵀ·Q
+                    mm((rows, d.hd, keys), (dqp.at(q_at), q_rs, 1), false, (dp.as_ptr(), keys, 1), (ks.as_ptr().add(kv_at), kv_rs, 1), scale, par);
+                    mm((keys, d.hd, rows), (dkp.at(kv_at), kv_rs, 1), true, (dp.as_ptr(), 1, keys), (qs.as_ptr().add(q_at), q_rs, 1), scale, par);
+                }
+            }
+        }
+    });
+    (tensor(dq, [d.b, d.t, d.h, d.hd]), tensor(dk, [d.b, d.s, d.kv, d.hd]), tensor(dv, [d.b, d.s, d.kv, d.hd]))
 }
 
 fn rstd(x: &[f32], eps: f64) -> f32 {

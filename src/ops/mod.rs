@@ -156,6 +156,34 @@ pub trait FusedOps: Backend {
     ) -> Option<(Tensor<Self, 4>, Tensor<Self, 4>, Tensor<Self, 4>)> {
         None
     }
+
+    /// [`Self::attention_fused`] with Gemma 2's softcapped scores `c · tanh(scale·q·k / c)`.
+    #[allow(clippy::type_complexity)]
+    fn attention_softcap_fused(
+        _q: Tensor<Self, 4>,
+        _k: Tensor<Self, 4>,
+        _v: Tensor<Self, 4>,
+        _mask: Tensor<Self, 3, Bool>,
+        _scale: f64,
+        _softcap: f64,
+    ) -> Option<(Tensor<Self, 4>, Tensor<Self, 3>)> {
+        None
+    }
+    /// The gradients of [`Self::attention_softcap_fused`].
+    #[allow(clippy::too_many_arguments, clippy::type_complexity)]
+    fn attention_softcap_backward(
+        _q: Tensor<Self, 4>,
+        _k: Tensor<Self, 4>,
+        _v: Tensor<Self, 4>,
+        _o: Tensor<Self, 4>,
+        _lse: Tensor<Self, 3>,
+        _mask: Tensor<Self, 3, Bool>,
+        _scale: f64,
+        _softcap: f64,
+        _grad: Tensor<Self, 4>,
+    ) -> Option<(Tensor<Self, 4>, Tensor<Self, 4>, Tensor<Self, 4>)> {
+        None
+    }
 }
 
 /// The row-wise parts of the chunked attention, which a backend may run as kernels (burn's
@@ -213,6 +241,15 @@ pub fn swiglu<B: FusedOps, const D: usize>(gate: Tensor<B, D>, up: Tensor<B, D>)
     }
 }
 
+/// GELU with PyTorch's tanh approximation (`gelu(x, approximate="tanh")`, transformers'
+/// `gelu_pytorch_tanh`): `x/2 · (1 + tanh(√(2/π) · (x + 0.044715·x³)))`, any rank. Composed from
+/// tensor ops (Gemma's MLP; autodiff records its few nodes).
+pub fn gelu_tanh<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
+    let beta = (2.0f64 / std::f64::consts::PI).sqrt();
+    let inner = (x.clone() + x.clone().powi_scalar(3) * 0.044715) * beta;
+    (inner.tanh() + 1.0) * x * 0.5
+}
+
 /// A frozen linear map plus a LoRA adapter, `x·W + (s·(x'·A))·B` (PEFT's `lora_B(lora_A(x'))·s`
 /// with the scale moved onto the rank-r product), `x'` = `x_lora` or `x`.
 ///
@@ -237,15 +274,22 @@ pub fn token_logprobs<B: FusedOps>(logits: Tensor<B, 2>, targets: Tensor<B, 1, I
 }
 
 /// Scaled dot-product attention, as transformers' eager attention computes it: scores
-/// `q·kᵀ · scale`, masked positions at −∞, softmax, times `v`.
+/// `q·kᵀ · scale` (softcapped to `c · tanh(s / c)` when `softcap` is `c`: Gemma 2), masked
+/// positions at −∞, softmax, times `v`. A sliding window is part of the mask; backends with a
+/// kernel skip the keys no query of a block attends to. Backends without a softcap kernel (the
+/// CubeCL compositions) run the reference composition for softcapped scores.
 ///
 /// # Shapes
 /// `q [B, T, H, hd]`, `k`, `v` `[B, S, KV, hd]`, `mask [1 | B, T, S]` (true = not attended)
 /// → `[B, T, H, hd]`
-pub fn attention<B: FusedOps>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>, mask: Tensor<B, 3, Bool>, scale: f64) -> Tensor<B, 4> {
-    match B::attention_fused(q.clone(), k.clone(), v.clone(), mask.clone(), scale) {
+pub fn attention<B: FusedOps>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>, mask: Tensor<B, 3, Bool>, scale: f64, softcap: Option<f64>) -> Tensor<B, 4> {
+    let fused = match softcap {
+        None => B::attention_fused(q.clone(), k.clone(), v.clone(), mask.clone(), scale),
+        Some(c) => B::attention_softcap_fused(q.clone(), k.clone(), v.clone(), mask.clone(), scale, c),
+    };
+    match fused {
         Some((o, _)) => o,
-        None => reference::attention(q, k, v, mask, scale),
+        None => reference::attention_softcap(q, k, v, mask, scale, softcap),
     }
 }
 
@@ -390,7 +434,7 @@ mod tests {
             let m2 = mask.clone();
             check(
                 vec![rand4([b, t, h, 8]), rand4([b, s, kv, 8]), rand4([b, s, kv, 8])],
-                move |x| attention(x[0].clone(), x[1].clone(), x[2].clone(), mask.clone(), 0.35),
+                move |x| attention(x[0].clone(), x[1].clone(), x[2].clone(), mask.clone(), 0.35, None),
                 move |x| reference::attention(x[0].clone(), x[1].clone(), x[2].clone(), m2.clone(), 0.35),
                 &format!("attention b{b} t{t} s{s} h{h} kv{kv}"),
             );
@@ -401,9 +445,33 @@ mod tests {
         let m2 = mask.clone();
         check(
             vec![rand4([b, t, 4, 8]), rand4([b, t, 2, 8]), rand4([b, t, 2, 8])],
-            move |x| attention(x[0].clone(), x[1].clone(), x[2].clone(), mask.clone(), 0.35),
+            move |x| attention(x[0].clone(), x[1].clone(), x[2].clone(), mask.clone(), 0.35, None),
             move |x| reference::attention(x[0].clone(), x[1].clone(), x[2].clone(), m2.clone(), 0.35),
             "attention, packed mask",
         );
+    }
+
+    #[test]
+    fn softcapped_attention_under_a_sliding_window_matches_the_reference() {
+        // Gemma 2's scores `c·tanh(s/c)` and a window of 9 keys over 80 queries (more than one
+        // row block, so blocks start past key 0), with 3 cached positions; the kernel's forward
+        // and backward against the composition of tensor ops.
+        let dev = Default::default();
+        let (b, t, s, w) = (2, 80, 83, 9);
+        let mut masked = vec![true; t * s];
+        for q in 0..t {
+            let end = s - t + q + 1;
+            masked[q * s..][end - w.min(end)..end].fill(false);
+        }
+        let mask = Tensor::<Ad, 3, Bool>::from_data(TensorData::new(masked, [1, t, s]), &dev);
+        for softcap in [None, Some(2.0)] {
+            let (m1, m2) = (mask.clone(), mask.clone());
+            check(
+                vec![rand4([b, t, 4, 8]), rand4([b, s, 2, 8]), rand4([b, s, 2, 8])],
+                move |x| attention(x[0].clone(), x[1].clone(), x[2].clone(), m1.clone(), 0.9, softcap),
+                move |x| reference::attention_softcap(x[0].clone(), x[1].clone(), x[2].clone(), m2.clone(), 0.9, softcap),
+                &format!("window {w}, softcap {softcap:?}"),
+            );
+        }
     }
 }

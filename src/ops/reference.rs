@@ -33,6 +33,11 @@ pub fn token_logprobs<B: Backend>(logits: Tensor<B, 2>, targets: Tensor<B, 1, In
 }
 
 pub fn attention<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>, mask: Tensor<B, 3, Bool>, scale: f64) -> Tensor<B, 4> {
+    attention_softcap(q, k, v, mask, scale, None)
+}
+
+/// Gemma 2's eager attention: scores `/ c`, `tanh`, `· c` before the mask.
+pub fn attention_softcap<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>, mask: Tensor<B, 3, Bool>, scale: f64, softcap: Option<f64>) -> Tensor<B, 4> {
     let [b, t, nh, hd] = q.dims();
     let [_, s, kvh, _] = k.dims();
     let (q, mut k, mut v) = (q.swap_dims(1, 2), k.swap_dims(1, 2), v.swap_dims(1, 2));
@@ -43,7 +48,10 @@ pub fn attention<B: Backend>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>, 
         k = k.unsqueeze_dim::<5>(2).expand([b, kvh, n_rep, s, hd]).reshape([b, nh, s, hd]);
         v = v.unsqueeze_dim::<5>(2).expand([b, kvh, n_rep, s, hd]).reshape([b, nh, s, hd]);
     }
-    let scores = q.matmul(k.swap_dims(2, 3)) * scale;
+    let mut scores = q.matmul(k.swap_dims(2, 3)) * scale;
+    if let Some(c) = softcap {
+        scores = (scores / c).tanh() * c;
+    }
     let mask: Tensor<B, 4, Bool> = mask.unsqueeze_dim(1);
     let scores = scores.mask_fill(mask.expand([b, nh, t, s]), f32::NEG_INFINITY);
     softmax(scores, 3).matmul(v).swap_dims(1, 2)

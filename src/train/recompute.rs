@@ -13,9 +13,9 @@ use std::collections::HashMap;
 
 use burn::module::AutodiffModule;
 use burn::prelude::*;
-use burn::tensor::{Bool, Distribution};
+use burn::tensor::Distribution;
 
-use crate::model::decoder::RopeTables;
+use crate::model::decoder::Positions;
 use crate::model::{BlockInputs, Decoder};
 use crate::ops::TrainBackend;
 
@@ -37,8 +37,7 @@ struct Pending<B: TrainBackend> {
     inputs: Vec<Tensor<B::InnerBackend, 3>>,
     /// The token embeddings with their graph, when they have a trained adapter.
     embedded: Option<Tensor<B, 3>>,
-    rope: RopeTables<B>,
-    mask: Tensor<B, 3, Bool>,
+    pos: Positions<B>,
     seeds: Vec<u64>,
 }
 
@@ -64,7 +63,7 @@ impl<B: TrainBackend> Forward<B> {
     /// [`Decoder::hidden_packed`]).
     pub fn hidden(&mut self, model: &Decoder<B>, ids: Tensor<B, 2, Int>, segments: Option<&[Vec<usize>]>) -> Tensor<B, 3> {
         let device = ids.device();
-        let BlockInputs { x, rope, mask } = model.block_inputs(ids, segments, 0);
+        let BlockInputs { x, pos } = model.block_inputs(ids, segments, 0);
         // Each block's dropout masks come from its own seed: a function of one number drawn from
         // the step's (seeded) RNG stream at the step's first forward, of the forward's index and
         // of the block's, so they do not depend on what the backward's recomputation draws.
@@ -82,11 +81,11 @@ impl<B: TrainBackend> Forward<B> {
             let mut x = x;
             for (layer, &seed) in model.layers.iter().zip(&seeds) {
                 B::seed(&device, seed);
-                x = layer.forward(x, &rope, mask.clone(), None);
+                x = layer.forward(x, &pos, None);
             }
             return model.norm.forward(x);
         }
-        let (rope_inner, mask_inner) = (rope.inner(), mask.clone().inner());
+        let pos_inner = pos.inner();
         let embedded = model.embed_tokens.adapter.is_some().then(|| x.clone());
         let mut x = x.inner();
         let mut inputs = Vec::with_capacity(model.layers.len());
@@ -96,10 +95,10 @@ impl<B: TrainBackend> Forward<B> {
             // `valid()` is burn's evaluation copy: dropout must stay as in training.
             let mut inner = layer.valid();
             inner.set_training(layer.training());
-            x = inner.forward(x, &rope_inner, mask_inner.clone(), None);
+            x = inner.forward(x, &pos_inner, None);
         }
         let top = Tensor::<B, 3>::from_inner(x).require_grad();
-        self.pending.push(Pending { top: top.clone(), inputs, embedded, rope, mask, seeds });
+        self.pending.push(Pending { top: top.clone(), inputs, embedded, pos, seeds });
         model.norm.forward(top)
     }
 
@@ -114,7 +113,7 @@ impl<B: TrainBackend> Forward<B> {
             for (i, layer) in model.layers.iter().enumerate().rev() {
                 B::seed(&device, p.seeds[i]);
                 let x = Tensor::<B, 3>::from_inner(p.inputs[i].clone()).require_grad();
-                let y = layer.forward(x.clone(), &p.rope, p.mask.clone(), None);
+                let y = layer.forward(x.clone(), &p.pos, None);
                 let g = (y * Tensor::from_inner(grad)).sum().backward();
                 for (name, proj) in layer.projections() {
                     let Some(adapter) = &proj.adapter else { continue };
