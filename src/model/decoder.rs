@@ -8,6 +8,7 @@ use burn::prelude::*;
 use burn::tensor::{Bool, Int, TensorData};
 
 use super::config::{Activation, ModelConfig};
+use super::moe::SparseMoe;
 use super::projection::{tensor1, tensor2, Projection, WeightSource};
 use super::rope::Rope;
 use crate::formats::safetensors::{TensorFiles, WeightsError};
@@ -220,7 +221,7 @@ impl<B: Kernels> Attention<B> {
 }
 
 /// The gated MLP's activation applied to the gate, times up.
-fn gated<B: Kernels>(act: Activation, gate: Tensor<B, 3>, up: Tensor<B, 3>) -> Tensor<B, 3> {
+pub(crate) fn gated<B: Kernels, const D: usize>(act: Activation, gate: Tensor<B, D>, up: Tensor<B, D>) -> Tensor<B, D> {
     match act {
         Activation::Silu => ops::swiglu(gate, up),
         Activation::GeluTanh => ops::gelu_tanh(gate) * up,
@@ -272,7 +273,9 @@ pub struct Block<B: Backend> {
     pub pre_feedforward_layernorm: Option<RmsNorm<B>>,
     /// Gemma: on the MLP's output.
     pub post_feedforward_layernorm: Option<RmsNorm<B>>,
-    pub mlp: Mlp<B>,
+    /// The dense MLP, or (a sparse layer) `moe`.
+    pub mlp: Option<Mlp<B>>,
+    pub moe: Option<SparseMoe<B>>,
     /// Which of [`Positions`]' rotary tables this layer uses (`None`: no position encoding).
     #[module(skip)]
     pub rope: Option<usize>,
@@ -282,38 +285,57 @@ pub struct Block<B: Backend> {
 }
 
 impl<B: Backend> Block<B> {
-    /// The block's projections with their paths inside the block (`self_attn.q_proj`, ...), in
-    /// the order of [`BLOCK_LINEARS`] (fused ones where their parts would be).
-    pub fn projections(&self) -> Vec<(&'static str, &Projection<B>)> {
-        let (a, m) = (&self.self_attn, &self.mlp);
+    /// The block's projections with their paths inside the block (`self_attn.q_proj`, ...,
+    /// `mlp.experts.<e>.gate_up_proj`, the router `mlp.gate`), attention first, in the order of
+    /// `projection::BLOCK_LINEARS`.
+    pub fn projections(&self) -> Vec<(String, &Projection<B>)> {
+        let a = &self.self_attn;
         let named = [
             ("self_attn.q_proj", &a.q_proj),
             ("self_attn.k_proj", &a.k_proj),
             ("self_attn.v_proj", &a.v_proj),
             ("self_attn.qkv_proj", &a.qkv_proj),
         ];
-        let mut out: Vec<(&'static str, &Projection<B>)> = named.into_iter().filter_map(|(n, p)| p.as_ref().map(|p| (n, p))).collect();
-        out.push(("self_attn.o_proj", &a.o_proj));
-        let mlp = [("mlp.gate_proj", &m.gate_proj), ("mlp.up_proj", &m.up_proj), ("mlp.gate_up_proj", &m.gate_up_proj)];
-        out.extend(mlp.into_iter().filter_map(|(n, p)| p.as_ref().map(|p| (n, p))));
-        out.push(("mlp.down_proj", &m.down_proj));
+        let mut out: Vec<(String, &Projection<B>)> = named.into_iter().filter_map(|(n, p)| p.as_ref().map(|p| (n.to_string(), p))).collect();
+        out.push(("self_attn.o_proj".into(), &a.o_proj));
+        if let Some(m) = &self.mlp {
+            let mlp = [("mlp.gate_proj", &m.gate_proj), ("mlp.up_proj", &m.up_proj), ("mlp.gate_up_proj", &m.gate_up_proj)];
+            out.extend(mlp.into_iter().filter_map(|(n, p)| p.as_ref().map(|p| (n.to_string(), p))));
+            out.push(("mlp.down_proj".into(), &m.down_proj));
+        }
+        if let Some(moe) = &self.moe {
+            out.push(("mlp.gate".into(), &moe.gate));
+            for (e, x) in moe.experts.iter().enumerate() {
+                out.push((format!("mlp.experts.{e}.gate_up_proj"), &x.gate_up_proj));
+                out.push((format!("mlp.experts.{e}.down_proj"), &x.down_proj));
+            }
+        }
         out
     }
 
     /// The same, mutable.
-    pub fn projections_mut(&mut self) -> Vec<(&'static str, &mut Projection<B>)> {
-        let (a, m) = (&mut self.self_attn, &mut self.mlp);
+    pub fn projections_mut(&mut self) -> Vec<(String, &mut Projection<B>)> {
+        let a = &mut self.self_attn;
         let named = [
             ("self_attn.q_proj", &mut a.q_proj),
             ("self_attn.k_proj", &mut a.k_proj),
             ("self_attn.v_proj", &mut a.v_proj),
             ("self_attn.qkv_proj", &mut a.qkv_proj),
         ];
-        let mut out: Vec<(&'static str, &mut Projection<B>)> = named.into_iter().filter_map(|(n, p)| p.as_mut().map(|p| (n, p))).collect();
-        out.push(("self_attn.o_proj", &mut a.o_proj));
-        let mlp = [("mlp.gate_proj", &mut m.gate_proj), ("mlp.up_proj", &mut m.up_proj), ("mlp.gate_up_proj", &mut m.gate_up_proj)];
-        out.extend(mlp.into_iter().filter_map(|(n, p)| p.as_mut().map(|p| (n, p))));
-        out.push(("mlp.down_proj", &mut m.down_proj));
+        let mut out: Vec<(String, &mut Projection<B>)> = named.into_iter().filter_map(|(n, p)| p.as_mut().map(|p| (n.to_string(), p))).collect();
+        out.push(("self_attn.o_proj".into(), &mut a.o_proj));
+        if let Some(m) = &mut self.mlp {
+            let mlp = [("mlp.gate_proj", &mut m.gate_proj), ("mlp.up_proj", &mut m.up_proj), ("mlp.gate_up_proj", &mut m.gate_up_proj)];
+            out.extend(mlp.into_iter().filter_map(|(n, p)| p.as_mut().map(|p| (n.to_string(), p))));
+            out.push(("mlp.down_proj".into(), &mut m.down_proj));
+        }
+        if let Some(moe) = &mut self.moe {
+            out.push(("mlp.gate".into(), &mut moe.gate));
+            for (e, x) in moe.experts.iter_mut().enumerate() {
+                out.push((format!("mlp.experts.{e}.gate_up_proj"), &mut x.gate_up_proj));
+                out.push((format!("mlp.experts.{e}.down_proj"), &mut x.down_proj));
+            }
+        }
         out
     }
 
@@ -341,10 +363,19 @@ impl<B: Kernels> Block<B> {
             post_attention_layernorm: norm("post_attention_layernorm")?,
             pre_feedforward_layernorm: gemma("pre_feedforward_layernorm")?,
             post_feedforward_layernorm: gemma("post_feedforward_layernorm")?,
-            mlp: Mlp::load(src, &format!("{p}.mlp"), c, device)?,
+            mlp: if c.layers[i].moe { None } else { Some(Mlp::load(src, &format!("{p}.mlp"), c, device)?) },
+            moe: if c.layers[i].moe { Some(SparseMoe::load(src, &p, c, device)?) } else { None },
             rope: c.layers[i].rope,
             mask,
         })
+    }
+
+    fn mlp_forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
+        match (&self.mlp, &self.moe) {
+            (Some(m), _) => m.forward(x),
+            (None, Some(moe)) => moe.forward(x),
+            (None, None) => unreachable!("a block has a dense or a sparse MLP"),
+        }
     }
 
     pub fn forward(&self, x: Tensor<B, 3>, pos: &Positions<B>, cache: Option<&mut Option<LayerCache<B>>>) -> Tensor<B, 3> {
@@ -353,11 +384,11 @@ impl<B: Kernels> Block<B> {
         match (&self.pre_feedforward_layernorm, &self.post_feedforward_layernorm) {
             (Some(pre), Some(post)) => {
                 let h = x + self.post_attention_layernorm.forward(attn);
-                h.clone() + post.forward(self.mlp.forward(pre.forward(h)))
+                h.clone() + post.forward(self.mlp_forward(pre.forward(h)))
             }
             _ => {
                 let h = x + attn;
-                h.clone() + self.mlp.forward(self.post_attention_layernorm.forward(h))
+                h.clone() + self.mlp_forward(self.post_attention_layernorm.forward(h))
             }
         }
     }

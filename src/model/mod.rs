@@ -1,7 +1,9 @@
-//! The model: config resolution, rotary embeddings, the projection seam and the decoder.
+//! The model: config resolution, rotary embeddings, the projection seam, the decoder and its
+//! mixture-of-experts MLP.
 
 pub mod config;
 pub mod decoder;
+pub mod moe;
 pub mod projection;
 pub mod rope;
 

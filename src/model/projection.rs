@@ -108,6 +108,18 @@ impl WeightSource<'_> {
         };
         Ok(Projection { base, bias, adapter: None, reference: None, adapter_on: true, on_reference: false, shape: (d_in, d_out) })
     }
+
+    /// A frozen projection (no bias) from a PyTorch-layout `[out, in]` matrix assembled from
+    /// the checkpoint (an expert's fused gate and up); quantized to NF4 with [`BaseFormat::Nf4`]
+    /// (blocks of 64 along the rows, as bitsandbytes quantizes each expert matrix).
+    pub fn projection_from_rows<B: Kernels>(&self, w: Vec<f32>, d_in: usize, d_out: usize, device: &B::Device) -> Projection<B> {
+        let base = if self.format == BaseFormat::Nf4 {
+            Base::Nf4(Nf4Weight::new(&Nf4::quantize(&w, BLOCKSIZE, true), d_out, d_in, device))
+        } else {
+            Base::Dense(Param::from_tensor(tensor2(transpose(&w, d_out, d_in), [d_in, d_out], device)).set_require_grad(false))
+        };
+        Projection { base, bias: None, adapter: None, reference: None, adapter_on: true, on_reference: false, shape: (d_in, d_out) }
+    }
 }
 
 /// A projection's frozen base weight. (The NF4 variant is larger; one per projection, and burn's

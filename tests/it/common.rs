@@ -11,7 +11,7 @@ pub fn fixtures() -> PathBuf {
     Path::new(&root).join("tests/fixtures")
 }
 
-pub const MODELS: [&str; 10] = ["llama", "llama3-rope-tied-bf16", "qwen2", "qwen3", "mistral", "gemma2", "gemma3", "phi3", "smollm3", "mistral-swa"];
+pub const MODELS: [&str; 12] = ["llama", "llama3-rope-tied-bf16", "qwen2", "qwen3", "mistral", "gemma2", "gemma3", "phi3", "smollm3", "mistral-swa", "qwen3-moe", "mixtral"];
 
 /// A fresh, empty temporary directory for one test.
 pub fn scratch(name: &str) -> PathBuf {
