@@ -54,7 +54,7 @@ fn main() {
             let before = in_use(&probe);
             let start = Instant::now();
             let y = if composed {
-                ops::attention(ql.clone(), kl.clone(), vl.clone(), mask.clone(), scale)
+                ops::attention(ql.clone(), kl.clone(), vl.clone(), mask.clone(), scale, None)
             } else {
                 ops::reference::attention(ql.clone(), kl.clone(), vl.clone(), mask.clone(), scale)
             };

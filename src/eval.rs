@@ -30,6 +30,10 @@ pub struct EvalReport {
     /// Per sample: (NLL sum, scored tokens).
     #[serde(skip)]
     pub per_sample: Vec<(f64, usize)>,
+    /// Mixture-of-experts models: per sparse layer, the fraction of routed choices each expert
+    /// got (load balance; every position run, padding included).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub router_load: Option<Vec<Vec<f64>>>,
 }
 
 /// Why `ft eval` has no loss to report.
@@ -55,11 +59,13 @@ pub fn evaluate<B: Kernels>(
     max_len: Option<usize>,
 ) -> Result<EvalReport, EvalError> {
     let (encoded, truncated, input_tokens) = encode_all(tok, template, data, max_len)?;
+    model.take_router_load();
     let r = nll::evaluate(model, &encoded);
     if !r.loss.is_finite() {
         return Err(EvalError::NonFinite { loss: r.loss });
     }
-    Ok(EvalReport { loss: r.loss, tokens: r.tokens, samples: encoded.len(), perplexity: r.loss.exp(), input_tokens, truncated, per_sample: r.per_sample })
+    let router_load = model.take_router_load();
+    Ok(EvalReport { loss: r.loss, tokens: r.tokens, samples: encoded.len(), perplexity: r.loss.exp(), input_tokens, truncated, per_sample: r.per_sample, router_load })
 }
 
 /// What `ft eval --objective distill` reports.

@@ -10,11 +10,13 @@ use crate::model::projection::{normal, row_norms, Adapter, Dora, Full, Lora};
 use crate::model::Decoder;
 use crate::ops::TrainBackend;
 
-/// The adapter matched no module of the model.
+/// New adapters that cannot be attached as configured.
 #[derive(Debug, thiserror::Error)]
-#[error("lora.target_modules {targets} matches no module of the model")]
-pub struct NoTargets {
-    pub targets: String,
+pub enum AttachError {
+    #[error("lora.target_modules {targets} matches no module of the model")]
+    NoTargets { targets: String },
+    #[error("lora: {0}")]
+    Unsupported(String),
 }
 
 /// A new LoRA adapter `[d_in → r → d_out]` with PEFT's init (`kind`; by default A
@@ -41,13 +43,19 @@ pub fn new_lora<B: Backend>(d_in: usize, d_out: usize, r: usize, scale: f64, kin
 
 /// Attaches freshly initialised adapters to the projections `config` targets, in module order
 /// from an RNG seeded with `seed` (the same seed gives the same adapters). Returns how many.
-pub fn attach_new<B: TrainBackend>(model: &mut Decoder<B>, config: &LoraConfig, seed: u64) -> Result<usize, NoTargets> {
+pub fn attach_new<B: TrainBackend>(model: &mut Decoder<B>, config: &LoraConfig, seed: u64) -> Result<usize, AttachError> {
     let mut rng = StdRng::seed_from_u64(seed);
     let device = model.device();
     let mut n = 0;
     for (name, proj) in model.projections_mut() {
         if config.covers(&name) {
             let (d_in, d_out) = proj.dims();
+            if crate::formats::peft::parameter_path(&name).is_some() && (config.use_dora || config.init.split().is_some() || config.dropout > 0.0) {
+                // PEFT's ParamWrapper (how experts and routers are saved) refuses these too.
+                return Err(AttachError::Unsupported(format!(
+                    "{name} is an MoE expert or router, adapted as PEFT's target_parameters, which take neither use_dora, PiSSA/OLoRA init nor dropout > 0"
+                )));
+            }
             let (r, scale) = (config.rank_for(&name), config.scale_for(&name));
             if crate::formats::peft::is_embedding(&name) {
                 // PEFT's embedding LoRA: A zero, B N(0, 1) (`lora_embedding_A/B`).
@@ -95,7 +103,7 @@ pub fn attach_new<B: TrainBackend>(model: &mut Decoder<B>, config: &LoraConfig, 
             Targets::Regex(re) => format!("{re:?}"),
             Targets::AllLinear => "[\"all-linear\"]".into(),
         };
-        return Err(NoTargets { targets });
+        return Err(AttachError::NoTargets { targets });
     }
     Ok(n)
 }

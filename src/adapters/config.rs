@@ -118,8 +118,10 @@ impl Targets {
 
     pub fn matches(&self, module: &str) -> bool {
         match self {
-            // PEFT's "all-linear" leaves out the output layer: the LM head or a classifier's.
-            Targets::AllLinear => !matches!(module, "lm_head" | "score" | "classifier") && !module.ends_with("embed_tokens"),
+            // PEFT's "all-linear" leaves out the output layer (the LM head or a classifier's) and
+            // an MoE router (not an `nn.Linear` in transformers 5); ft's includes the experts,
+            // which PEFT reaches only through `target_parameters`.
+            Targets::AllLinear => !matches!(module, "lm_head" | "score" | "classifier") && !module.ends_with("embed_tokens") && !module.ends_with(".mlp.gate"),
             Targets::Names(names) => names.iter().any(|t| module == t || module.ends_with(&format!(".{t}"))),
             Targets::Regex(re) => regex_full_match(re, module),
         }
@@ -158,6 +160,8 @@ pub struct LoraConfig {
     pub rank_pattern: Vec<(String, usize)>,
     /// Per-module alphas (PEFT's `alpha_pattern`), matched the same way; else `alpha`.
     pub alpha_pattern: Vec<(String, f64)>,
+    /// Parameters adapted directly (PEFT's `target_parameters`): expert stacks and routers.
+    pub target_parameters: Vec<String>,
 }
 
 /// The first of `keys` that `module` matches as PEFT's `get_pattern_key` does
@@ -176,7 +180,11 @@ impl LoraConfig {
     /// exclusion matches, and its layer (if it is in one) is among `layers`.
     pub fn covers(&self, path: &str) -> bool {
         let layer = path.strip_prefix("model.layers.").and_then(|r| r.split('.').next()).and_then(|i| i.parse::<usize>().ok());
-        self.targets.matches(path)
+        let by_parameter = crate::formats::peft::parameter_path(path)
+            .is_some_and(|p| self.target_parameters.iter().any(|t| crate::formats::peft::parameter_matches(t, &p)));
+        // (`all-linear` leaves the router out: it is adapted only when named or targeted as a
+        // parameter.)
+        (by_parameter || self.targets.matches(path))
             && !self.exclude.as_ref().is_some_and(|e| e.matches(path))
             && match (&self.layers, layer) {
                 (Some(allowed), Some(i)) => allowed.contains(&i),
@@ -230,6 +238,7 @@ impl LoraConfig {
             }
         };
         let targets = match &raw.target_modules {
+            Some(Value::Null) | None if raw.target_parameters.as_ref().is_some_and(Value::is_array) => Targets::Names(Vec::new()),
             Some(v) => names("target_modules", v)?,
             None => return Err(invalid("target_modules must be a list of names or a string")),
         };
@@ -278,6 +287,11 @@ impl LoraConfig {
             // Checked by `RawConfig::read`: a list of head names.
             use_dora: raw.use_dora,
             modules_to_save: match &raw.modules_to_save {
+                Some(Value::Array(a)) => a.iter().filter_map(|v| v.as_str().map(String::from)).collect(),
+                _ => Vec::new(),
+            },
+            // Checked by `RawConfig::read`: a list of names.
+            target_parameters: match &raw.target_parameters {
                 Some(Value::Array(a)) => a.iter().filter_map(|v| v.as_str().map(String::from)).collect(),
                 _ => Vec::new(),
             },

@@ -2,7 +2,9 @@
 //! adapter's LoRA matrices on the model's projections, [`save`] writes the model's adapters in
 //! PEFT's format (the file format itself is `formats::peft`).
 
+use std::collections::HashMap;
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 
 use super::config::{LoraConfig, Targets};
 use crate::formats::peft::{self, AdapterFiles, LoraMatrices, PeftError};
@@ -15,19 +17,86 @@ use crate::ops::Kernels;
 pub struct PeftAdapter {
     pub files: AdapterFiles,
     pub config: LoraConfig,
+    /// Expert stacks already split per expert, by `stack.param`.
+    stacks: Mutex<HashMap<String, Option<Arc<Vec<LoraMatrices>>>>>,
+}
+
+/// A checkpoint's expert module (`<layer>.mlp.experts.<e>.gate_proj`, Mixtral's
+/// `<layer>.block_sparse_moe.experts.<e>.w1`, …) as ft's expert projection: (stack, e, param,
+/// which rows of the projection's output it is: `Some(0)` gate, `Some(1)` up, `None` all).
+fn checkpoint_expert(module: &str) -> Option<(String, usize, &'static str, Option<usize>)> {
+    let (rest, part) = module.rsplit_once('.')?;
+    let (stack, e) = rest.rsplit_once('.')?;
+    let e: usize = e.parse().ok()?;
+    let layer = stack.strip_suffix(".mlp.experts").or_else(|| stack.strip_suffix(".block_sparse_moe.experts"))?;
+    let (param, half) = match part {
+        "gate_proj" | "w1" => ("gate_up_proj", Some(0)),
+        "up_proj" | "w3" => ("gate_up_proj", Some(1)),
+        "down_proj" | "w2" => ("down_proj", None),
+        _ => return None,
+    };
+    Some((format!("{layer}.mlp.experts"), e, param, half))
 }
 
 impl PeftAdapter {
     pub fn open(dir: &Path) -> Result<Self, PeftError> {
         let files = AdapterFiles::open(dir)?;
         let config = LoraConfig::from_peft(&files.config, &dir.join("adapter_config.json"))?;
-        Ok(PeftAdapter { files, config })
+        Ok(PeftAdapter { files, config, stacks: Mutex::new(HashMap::new()) })
+    }
+
+    /// The per-expert matrices of expert stack `stack.param` whose projections are
+    /// `[d_in → d_out]`, if the adapter holds it (read and split once).
+    pub fn stack(&self, stack: &str, param: &str, d_in: usize, d_out: usize) -> Result<Option<Arc<Vec<LoraMatrices>>>, PeftError> {
+        let key = format!("{stack}.{param}");
+        if let Some(hit) = self.stacks.lock().expect("poisoned").get(&key) {
+            return Ok(hit.clone());
+        }
+        let r = self.config.rank_for(&format!("{stack}.0.{param}"));
+        let (an, _) = peft::stack_tensor_names(stack, param, &self.config.target_parameters);
+        let n = self.files.tensors.info(&an).map_or(0, |(shape, _)| shape.first().copied().unwrap_or(0) / r.max(1));
+        let got = if n == 0 { None } else { self.files.stack_matrices(stack, param, &self.config.target_parameters, n, r, d_in, d_out)?.map(Arc::new) };
+        self.stacks.lock().expect("poisoned").insert(key, got.clone());
+        Ok(got)
+    }
+
+    /// The LoRA matrices of expert projection `stack.<e>.param`, or of a checkpoint module that
+    /// is part of one (a gate or up half: those rows of B).
+    fn expert_matrices(&self, module: &str, d_in: usize, d_out: usize) -> Result<Option<(String, LoraMatrices)>, PeftError> {
+        let (stack, e, param, half) = match peft::expert_projection(module) {
+            Some((stack, e, param)) => (stack.to_string(), e, if param == "gate_up_proj" { "gate_up_proj" } else { "down_proj" }, None),
+            None => match checkpoint_expert(module) {
+                Some(x) => x,
+                None => return Ok(None),
+            },
+        };
+        let stack_out = if half.is_some() { 2 * d_out } else { d_out };
+        let Some(all) = self.stack(&stack, param, d_in, stack_out)? else { return Ok(None) };
+        let Some((a, b)) = all.get(e) else {
+            let msg = format!("{module}: the adapter's {stack}.{param} has {} experts", all.len());
+            return Err(PeftError::Invalid { path: self.files.dir.join("adapter_model.safetensors"), msg });
+        };
+        let r = a.len() / d_in;
+        let b = match half {
+            Some(h) => b[h * d_out * r..(h + 1) * d_out * r].to_vec(),
+            None => b.clone(),
+        };
+        Ok(Some((format!("{stack}.{e}.{param}"), (a.clone(), b))))
     }
 
     /// The LoRA matrices of `module` (PEFT layout), if the adapter has them; tensors for a
-    /// module the config does not cover (`target_modules`, `exclude_modules`,
-    /// `layers_to_transform`) are an error, never applied.
+    /// module the config does not cover (`target_modules`, `target_parameters`,
+    /// `exclude_modules`, `layers_to_transform`) are an error, never applied. Expert modules
+    /// (ft's fused `gate_up_proj`, or a checkpoint's per-expert `gate_proj`/`w1`, …) read PEFT's
+    /// expert stacks.
     pub fn matrices(&self, module: &str, d_in: usize, d_out: usize) -> Result<Option<LoraMatrices>, PeftError> {
+        if let Some((internal, m)) = self.expert_matrices(module, d_in, d_out)? {
+            if !self.config.covers(&internal) {
+                let msg = format!("adapter_model.safetensors has tensors for {internal}, which the config leaves out (target_parameters, exclude_modules, layers_to_transform)");
+                return Err(PeftError::Invalid { path: self.files.dir.join("adapter_config.json"), msg });
+            }
+            return Ok(Some(m));
+        }
         let m = self.files.matrices(module, self.config.rank_for(module), d_in, d_out)?;
         if m.is_some() && !self.config.covers(module) {
             let msg = format!(
@@ -166,6 +235,9 @@ impl PeftAdapter {
     }
 }
 
+/// Expert adapters by (stack, param): (expert, matrices, rank, out).
+type ExpertStacks = std::collections::BTreeMap<(String, String), Vec<(usize, LoraMatrices, usize, usize)>>;
+
 /// Writes `model`'s adapters as a PEFT adapter directory (`adapter_config.json` with PEFT's keys,
 /// `adapter_model.safetensors` in f32 with `{"format": "pt"}`), atomically. An adapter trained on
 /// an NF4 base says so in a marker file, so that `ft merge` merges into the same weights.
@@ -177,9 +249,39 @@ pub fn save<B: Kernels>(model: &mut Decoder<B>, config: &LoraConfig, base_model:
     let mut dora = false;
     let mut converted = false;
     let classifier = model.score.is_some();
+    // Expert adapters, gathered per stack to be written as PEFT's stacked `target_parameters`.
+    let mut stacks: ExpertStacks = Default::default();
+    let mut target_parameters: Vec<String> = Vec::new();
     for (name, proj) in model.projections_mut() {
         nf4_base |= proj.base.is_nf4();
         let (d_in, d_out) = proj.dims();
+        if let Some((stack, e, param)) = peft::expert_projection(&name) {
+            match &proj.adapter {
+                None => continue,
+                Some(Adapter::Lora(l)) if l.initial.is_none() => {
+                    stacks.entry((stack.to_string(), param.to_string())).or_default().push((e, l.to_peft(), l.rank(), d_out));
+                    let t = format!("mlp.experts.{param}");
+                    if !target_parameters.contains(&t) {
+                        target_parameters.push(t);
+                    }
+                    continue;
+                }
+                Some(_) => return Err(PeftError::Unsupported { path: out.into(), what: format!("{name}: an expert adapter other than plain LoRA (PEFT's target_parameters)") }),
+            }
+        }
+        if name.ends_with(".mlp.gate") && proj.adapter.is_some() {
+            // The router: PEFT's `target_parameters` "mlp.gate.weight", keys as a module's.
+            if !target_parameters.iter().any(|t| t == "mlp.gate.weight") {
+                target_parameters.push("mlp.gate.weight".into());
+            }
+            if let Some(l) = proj.adapter.as_ref().and_then(Adapter::lora) {
+                let (a, b) = l.to_peft();
+                let (an, bn) = peft::tensor_names(&name);
+                tensors.push((an, safetensors::Dtype::F32, vec![l.rank(), d_in], bytemuck::cast_slice(&a).to_vec()));
+                tensors.push((bn, safetensors::Dtype::F32, vec![d_out, l.rank()], bytemuck::cast_slice(&b).to_vec()));
+            }
+            continue;
+        }
         if let Some(Adapter::Full(f)) = &proj.adapter {
             let (shape, w) = if peft::is_embedding(&name) { (vec![d_in, d_out], f.to_rows()) } else { (vec![d_out, d_in], f.to_peft()) };
             tensors.push((peft::saved_module_name(&name), safetensors::Dtype::F32, shape, bytemuck::cast_slice(&w).to_vec()));
@@ -214,6 +316,27 @@ pub fn save<B: Kernels>(model: &mut Decoder<B>, config: &LoraConfig, base_model:
         if !short.contains(&s) {
             short.push(s);
         }
+    }
+    // PEFT's order: the stacks' gate_up before down (the first listed is wrapped innermost).
+    target_parameters.sort_by_key(|t| match t.as_str() {
+        "mlp.experts.gate_up_proj" => 0,
+        "mlp.experts.down_proj" => 1,
+        _ => 2,
+    });
+    for ((stack, param), mut experts) in stacks {
+        experts.sort_by_key(|x| x.0);
+        let (r, d_out) = (experts[0].2, experts[0].3);
+        if experts.iter().enumerate().any(|(i, x)| x.0 != i || x.2 != r) {
+            let msg = format!("{stack}.{param}: PEFT stores an expert stack whole, but only some experts (or experts of different ranks) have adapters");
+            return Err(PeftError::Invalid { path: out.into(), msg });
+        }
+        let mats: Vec<LoraMatrices> = experts.into_iter().map(|x| x.1).collect();
+        let n = mats.len();
+        let d_in = mats[0].0.len() / r;
+        let (a, b) = peft::stack(&mats, r, d_out);
+        let (an, bn) = peft::stack_tensor_names(&stack, &param, &target_parameters);
+        tensors.push((an, safetensors::Dtype::F32, vec![n * r, d_in], bytemuck::cast_slice(&a).to_vec()));
+        tensors.push((bn, safetensors::Dtype::F32, vec![d_out, r * n], bytemuck::cast_slice(&b).to_vec()));
     }
     if tensors.is_empty() {
         return Err(PeftError::Invalid { path: out.into(), msg: "the model has no adapters to save".into() });
@@ -253,6 +376,7 @@ pub fn save<B: Kernels>(model: &mut Decoder<B>, config: &LoraConfig, base_model:
             Some(super::config::Targets::Names(n)) => serde_json::Value::from(n.clone()),
             _ => serde_json::Value::Null,
         },
+        "target_parameters": if target_parameters.is_empty() { serde_json::Value::Null } else { target_parameters.into() },
         "bias": "none",
         "fan_in_fan_out": false,
         "init_lora_weights": config.init.peft_value(),

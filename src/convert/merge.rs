@@ -130,6 +130,21 @@ pub fn merge(base: MergeBase, adapter: &Path, out: &Path, dtype: Option<OutDtype
                 (Some(m), [d_out, d_in]) if ad.config.saves(m) => ad.files.saved_module(m, *d_in, *d_out)?,
                 _ => None,
             };
+            // transformers 5's fused expert stacks `[E, out, in]` (no `.weight`): each expert
+            // slice gets its expert's LoRA.
+            if let (Some(stack), Some(param), [e, d_out, d_in]) = (name.rsplit_once('.').map(|x| x.0).filter(|s| s.ends_with(".mlp.experts")), name.rsplit('.').next().filter(|p| matches!(*p, "gate_up_proj" | "down_proj")), shape.as_slice()) {
+                if let Some(all) = ad.stack(stack, param, *d_in, *d_out)? {
+                    let mut w = to_f32(bytes, src_dtype).ok_or_else(not_float)?;
+                    let internal = format!("{stack}.0.{param}");
+                    for (x, (a, b)) in all.iter().enumerate().take(*e) {
+                        let slice = &mut w[x * d_out * d_in..(x + 1) * d_out * d_in];
+                        add_lora_delta(slice, a, b, ad.config.rank_for(&internal), *d_in, ad.config.scale_for(&internal) as f32);
+                    }
+                    merged += 1;
+                    tensors.push((name, out_dtype, shape, encode(&w, out_dtype)));
+                    continue;
+                }
+            }
             let data = if let Some(w) = saved {
                 merged += 1;
                 encode(&w, out_dtype)

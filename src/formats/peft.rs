@@ -139,9 +139,20 @@ impl RawConfig {
             Some(Value::Object(o)) => !o.is_empty(),
             Some(_) => true,
         };
+        match &raw.target_parameters {
+            None | Some(Value::Null) => {}
+            Some(Value::Array(a)) => {
+                for t in a {
+                    match t.as_str() {
+                        Some(p) if target_parameter_kind(p).is_some() => {}
+                        _ => return unsupported(&format!("target_parameters entry {t} (ft adapts the experts' `mlp.experts.gate_up_proj` and `mlp.experts.down_proj` and the router's `mlp.gate.weight`)")),
+                    }
+                }
+            }
+            Some(other) => return Err(PeftError::Invalid { path: path.into(), msg: format!("target_parameters must be a list of parameter names, not {other}") }),
+        }
         for (name, value) in [
             ("layer_replication", &raw.layer_replication),
-            ("target_parameters", &raw.target_parameters),
             ("trainable_token_indices", &raw.trainable_token_indices),
             ("alora_invocation_tokens", &raw.alora_invocation_tokens),
             ("use_bdlora", &raw.use_bdlora),
@@ -167,6 +178,59 @@ impl RawConfig {
         }
         Ok(raw)
     }
+}
+
+/// What a `target_parameters` entry names: an expert stack (`…experts.gate_up_proj` /
+/// `…experts.down_proj`, 3-D) or the router (`…mlp.gate.weight`, 2-D).
+pub fn target_parameter_kind(p: &str) -> Option<&'static str> {
+    let last2: Vec<&str> = p.rsplit('.').take(2).collect();
+    match last2.as_slice() {
+        ["gate_up_proj", "experts"] => Some("gate_up_proj"),
+        ["down_proj", "experts"] => Some("down_proj"),
+        ["weight", "gate"] => Some("router"),
+        _ => None,
+    }
+}
+
+/// An expert's projection in ft's module paths, `<layer>.mlp.experts.<e>.<param>` →
+/// (`<layer>.mlp.experts`, e, param).
+pub fn expert_projection(module: &str) -> Option<(&str, usize, &str)> {
+    let (rest, param) = module.rsplit_once('.')?;
+    let (stack, e) = rest.rsplit_once('.')?;
+    (stack.ends_with(".mlp.experts") && matches!(param, "gate_up_proj" | "down_proj")).then_some(())?;
+    Some((stack, e.parse().ok()?, param))
+}
+
+/// The parameter path PEFT's `target_parameters` matches for one of ft's projections: an expert
+/// stack (`<layer>.mlp.experts.gate_up_proj`) or the router (`<layer>.mlp.gate.weight`).
+pub fn parameter_path(module: &str) -> Option<String> {
+    if let Some((stack, _, param)) = expert_projection(module) {
+        return Some(format!("{stack}.{param}"));
+    }
+    module.ends_with(".mlp.gate").then(|| format!("{module}.weight"))
+}
+
+/// Whether `target_parameters` entry `t` names the parameter at `path` (PEFT: the path itself or
+/// a `.`-separated suffix of it).
+pub fn parameter_matches(t: &str, path: &str) -> bool {
+    path == t || path.ends_with(&format!(".{t}"))
+}
+
+/// The tensor names of the LoRA of expert stack `stack.param` (`[E·r, in]` A, `[out, E·r]` B).
+/// PEFT wraps each targeted parameter of a module in turn, the first listed innermost: with
+/// both of a stack's parameters targeted, the first one's tensors sit under `base_layer`.
+pub fn stack_tensor_names(stack: &str, param: &str, target_parameters: &[String]) -> (String, String) {
+    let mut wrapped: Vec<&str> = Vec::new();
+    for t in target_parameters {
+        for p in ["gate_up_proj", "down_proj"] {
+            if parameter_matches(t, &format!("{stack}.{p}")) && !wrapped.contains(&p) {
+                wrapped.push(p);
+            }
+        }
+    }
+    let depth = wrapped.iter().position(|p| *p == param).map_or(0, |i| wrapped.len() - 1 - i);
+    let at = format!("base_model.model.{stack}{}", ".base_layer".repeat(depth));
+    (format!("{at}.lora_A.weight"), format!("{at}.lora_B.weight"))
 }
 
 /// The modules `modules_to_save` may name: the output heads and the token embeddings.
@@ -243,6 +307,47 @@ impl AdapterFiles {
         let b = self.tensors.f32(&bn, &[d_out, r])?;
         Ok(Some((a, b)))
     }
+}
+
+impl AdapterFiles {
+    /// The per-expert LoRA matrices (PEFT layout, expert order) of the expert stack
+    /// `stack.param` (`<layer>.mlp.experts.gate_up_proj`, …) of `n` experts, if the adapter
+    /// holds it. PEFT stores a stack as A `[n·r, in]` (expert e's rows `e·r..(e+1)·r`) and
+    /// B `[out, r·n]` with expert e's column j at `j·n + e`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn stack_matrices(&self, stack: &str, param: &str, target_parameters: &[String], n: usize, r: usize, d_in: usize, d_out: usize) -> Result<Option<Vec<LoraMatrices>>, WeightsError> {
+        let (an, bn) = stack_tensor_names(stack, param, target_parameters);
+        if !self.tensors.contains(&an) {
+            return Ok(None);
+        }
+        let a = self.tensors.f32(&an, &[n * r, d_in])?;
+        let b = self.tensors.f32(&bn, &[d_out, r * n])?;
+        Ok(Some(
+            (0..n)
+                .map(|e| {
+                    let ae = a[e * r * d_in..(e + 1) * r * d_in].to_vec();
+                    let be = (0..d_out).flat_map(|o| (0..r).map(move |j| (o, j))).map(|(o, j)| b[o * r * n + j * n + e]).collect();
+                    (ae, be)
+                })
+                .collect(),
+        ))
+    }
+}
+
+/// The inverse of [`AdapterFiles::stack_matrices`]: per-expert A `[r, in]` and B `[out, r]` as
+/// PEFT's stacked A `[n·r, in]` and B `[out, r·n]`.
+pub fn stack(experts: &[LoraMatrices], r: usize, d_out: usize) -> LoraMatrices {
+    let n = experts.len();
+    let a = experts.iter().flat_map(|(a, _)| a.iter().copied()).collect();
+    let mut b = vec![0f32; d_out * r * n];
+    for (e, (_, be)) in experts.iter().enumerate() {
+        for o in 0..d_out {
+            for j in 0..r {
+                b[o * r * n + j * n + e] = be[o * r + j];
+            }
+        }
+    }
+    (a, b)
 }
 
 impl AdapterFiles {

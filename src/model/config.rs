@@ -81,6 +81,17 @@ pub enum Activation {
     Gelu,
 }
 
+impl Activation {
+    /// The gated MLP's activation applied to `gate`, times `up` (any rank).
+    pub fn gated<B: crate::ops::Kernels, const D: usize>(self, gate: burn::prelude::Tensor<B, D>, up: burn::prelude::Tensor<B, D>) -> burn::prelude::Tensor<B, D> {
+        match self {
+            Activation::Silu => crate::ops::swiglu(gate, up),
+            Activation::GeluTanh => crate::ops::gelu_tanh(gate) * up,
+            Activation::Gelu => burn::tensor::activation::gelu(gate) * up,
+        }
+    }
+}
+
 /// One rotary setting (a model has one, or one per attention kind: Gemma 3).
 #[derive(Debug, Clone, PartialEq)]
 pub struct RopeSpec {
@@ -143,6 +154,7 @@ pub struct HfConfig {
     pub num_labels: Option<usize>,
     pub id2label: Option<serde_json::Map<String, Value>>,
     pub initializer_range: Option<f64>,
+    pub original_max_position_embeddings: Option<usize>,
     pub sliding_window: Option<usize>,
     pub use_sliding_window: Option<bool>,
     pub max_window_layers: Option<usize>,
@@ -339,7 +351,7 @@ impl ModelConfig {
                 return Err(invalid("rope_theta", format!("{theta} must be a positive number")));
             }
             let partial = scaling_value.as_ref().and_then(|v| v.get("partial_rotary_factor")).and_then(Value::as_f64);
-            let scaling = RopeScaling::from_json(scaling_value.as_ref(), max_pos).map_err(|e| invalid(rope_key, e.to_string()))?;
+            let scaling = RopeScaling::from_json(scaling_value.as_ref(), max_pos, hf.original_max_position_embeddings).map_err(|e| invalid(rope_key, e.to_string()))?;
             Ok((RopeSpec { theta, scaling }, partial))
         };
         let per_type = hf
@@ -370,6 +382,13 @@ impl ModelConfig {
         let rotary_dim = (head_dim as f64 * partial) as usize;
         if rotary_dim == 0 || !rotary_dim.is_multiple_of(2) {
             return Err(invalid("head_dim", format!("the rotary dimension {rotary_dim} (head_dim {head_dim} × partial_rotary_factor {partial}) must be even and positive")));
+        }
+        for r in &ropes {
+            if let RopeScaling::LongRope { short, long, .. } = &r.scaling {
+                if short.len() != rotary_dim / 2 || long.len() != rotary_dim / 2 {
+                    return Err(invalid(rope_key, format!("longrope short_factor and long_factor need {} entries (rotary dimension {rotary_dim} / 2), got {} and {}", rotary_dim / 2, short.len(), long.len())));
+                }
+            }
         }
 
         // Layer types: explicit `layer_types` decide; else each family's rule.
@@ -588,8 +607,8 @@ mod tests {
         let e = resolve(a).unwrap_err().to_string();
         assert!(e.contains("unknown architecture \"gpt_neox\""), "{e}");
         let mut b = base();
-        b["rope_scaling"] = serde_json::json!({"rope_type": "longrope", "factor": 2.0});
+        b["rope_scaling"] = serde_json::json!({"rope_type": "mrope", "factor": 2.0});
         let e = resolve(b).unwrap_err().to_string();
-        assert!(e.contains("unsupported rope_scaling \"longrope\""), "{e}");
+        assert!(e.contains("unsupported rope_scaling \"mrope\""), "{e}");
     }
 }

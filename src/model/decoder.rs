@@ -220,15 +220,6 @@ impl<B: Kernels> Attention<B> {
     }
 }
 
-/// The gated MLP's activation applied to the gate, times up.
-pub(crate) fn gated<B: Kernels, const D: usize>(act: Activation, gate: Tensor<B, D>, up: Tensor<B, D>) -> Tensor<B, D> {
-    match act {
-        Activation::Silu => ops::swiglu(gate, up),
-        Activation::GeluTanh => ops::gelu_tanh(gate) * up,
-        Activation::Gelu => burn::tensor::activation::gelu(gate) * up,
-    }
-}
-
 #[derive(Module, Debug)]
 pub struct Mlp<B: Backend> {
     /// Separate gate and up projections, or (Phi-3) `gate_up_proj` with rows [gate; up].
@@ -259,7 +250,7 @@ impl<B: Kernels> Mlp<B> {
             (None, Some(g), Some(u)) => (g.forward(x.clone()), u.forward(x)),
             _ => unreachable!("an MLP has gate and up or gate_up projections"),
         };
-        self.down_proj.forward(gated(self.activation, gate, up))
+        self.down_proj.forward(self.activation.gated(gate, up))
     }
 }
 
@@ -518,6 +509,20 @@ impl<B: Kernels> Decoder<B> {
         }
     }
 
+    /// The fraction of routed (token, expert) choices each expert of each sparse layer got since
+    /// the last call (every position run through the model, padding included), and resets the
+    /// counts; `None` for a dense model or when nothing was routed.
+    pub fn take_router_load(&self) -> Option<Vec<Vec<f64>>> {
+        let counts: Vec<Vec<u64>> = self.layers.iter().filter_map(|l| l.moe.as_ref()).map(|m| m.take_counts()).collect();
+        if counts.is_empty() || counts.iter().all(|c| c.iter().all(|&x| x == 0)) {
+            return None;
+        }
+        Some(counts.into_iter().map(|c| {
+            let total = c.iter().sum::<u64>().max(1) as f64;
+            c.into_iter().map(|x| x as f64 / total).collect()
+        }).collect())
+    }
+
     /// Whether any projection has an adapter.
     pub fn has_adapters(&mut self) -> bool {
         self.projections_mut().iter().any(|(_, p)| p.adapter.is_some())
@@ -584,7 +589,8 @@ impl<B: Kernels> Decoder<B> {
                     RopeTables { cos: table(cos), sin: table(sin) }
                 }
                 Some(pos) => {
-                    let longest = pos.iter().max().map_or(0, |&p| p + 1).max(start + t);
+                    // Dynamic scalings see the longest position of the batch (transformers: max(position_ids) + 1).
+                    let longest = pos.iter().max().map_or(1, |&p| p + 1);
                     let (cos, sin) = rope.tables(0, longest, longest);
                     let (mut pc, mut ps) = (vec![0f32; b * t * rd], vec![0f32; b * t * rd]);
                     for (at, &p) in pos.iter().enumerate() {

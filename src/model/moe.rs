@@ -21,9 +21,12 @@ use burn::tensor::activation::softmax;
 use burn::tensor::{FloatDType, TensorData};
 
 use super::config::{Activation, ModelConfig, MoeSpec};
-use super::projection::{Projection, WeightSource};
+use super::projection::{BaseFormat, Projection, WeightSource};
+use crate::formats::bnb;
 use crate::formats::safetensors::WeightsError;
 use crate::ops::Kernels;
+use crate::quant::nf4::{Absmax, Nf4, BLOCKSIZE};
+use crate::quant::nf4_weight::Nf4Weight;
 
 /// One expert: `down(act(gate x) · up x)` with gate and up fused.
 #[derive(Module, Debug)]
@@ -53,8 +56,18 @@ pub struct SparseMoe<B: Backend> {
     pub counts: RouterCounts,
 }
 
-/// Where a layer's expert weights live in the checkpoint.
-fn expert_weights(src: &WeightSource, p: &str, m: &MoeSpec, h: usize) -> Result<Vec<(Vec<f32>, Vec<f32>)>, WeightsError> {
+/// One expert matrix `[out, in]` as stored: dense, or bitsandbytes 4-bit.
+pub enum Stored {
+    Dense(Vec<f32>),
+    Nf4(Nf4),
+}
+
+/// A layer's experts as stored: `(gate, up, down)` each `[out, in]`.
+type ExpertParts = Vec<(Stored, Stored, Stored)>;
+
+/// Reads a layer's expert weights: per expert module as published (dense or 4-bit), or fused 3-D
+/// as transformers 5 holds them.
+fn expert_weights(src: &WeightSource, p: &str, m: &MoeSpec, h: usize) -> Result<ExpertParts, WeightsError> {
     let ck = src.files;
     let (e, i) = (m.num_experts, m.intermediate_size);
     // transformers 5's in-memory layout (fused 3-D), under `mlp.experts`.
@@ -62,17 +75,67 @@ fn expert_weights(src: &WeightSource, p: &str, m: &MoeSpec, h: usize) -> Result<
     if ck.contains(&fused) {
         let gu = ck.f32(&fused, &[e, 2 * i, h])?;
         let down = ck.f32(&format!("{p}.mlp.experts.down_proj"), &[e, h, i])?;
-        return Ok((0..e).map(|x| (gu[x * 2 * i * h..(x + 1) * 2 * i * h].to_vec(), down[x * h * i..(x + 1) * h * i].to_vec())).collect());
+        let slice = |v: &[f32], x: usize, n: usize| v[x * n..(x + 1) * n].to_vec();
+        return Ok((0..e)
+            .map(|x| {
+                let g = slice(&gu, x, 2 * i * h);
+                (Stored::Dense(g[..i * h].to_vec()), Stored::Dense(g[i * h..].to_vec()), Stored::Dense(slice(&down, x, h * i)))
+            })
+            .collect());
     }
     let (block, g, u, d) = if m.mixtral_names { ("block_sparse_moe", "w1", "w3", "w2") } else { ("mlp", "gate_proj", "up_proj", "down_proj") };
+    let read = |name: String, shape: [usize; 2]| -> Result<Stored, WeightsError> {
+        if bnb::is_quantized(ck, &name) {
+            Ok(Stored::Nf4(bnb::read(ck, &name, &shape)?))
+        } else {
+            Ok(Stored::Dense(ck.f32(&name, &shape)?))
+        }
+    };
     (0..e)
         .map(|x| {
             let at = |n: &str| format!("{p}.{block}.experts.{x}.{n}.weight");
-            let mut gu = ck.f32(&at(g), &[i, h])?;
-            gu.extend(ck.f32(&at(u), &[i, h])?);
-            Ok((gu, ck.f32(&at(d), &[h, i])?))
+            Ok((read(at(g), [i, h])?, read(at(u), [i, h])?, read(at(d), [h, i])?))
         })
         .collect()
+}
+
+/// A frozen expert projection `[in → out]` from its stored row blocks (gate and up, or one): NF4
+/// when the source is 4-bit or the load quantizes (each block quantized on its own, as
+/// bitsandbytes quantizes each expert module; blocks then concatenate exactly), else dense.
+fn expert_projection<B: Kernels>(src: &WeightSource, parts: Vec<Stored>, d_in: usize, d_out: usize, device: &B::Device) -> Projection<B> {
+    let nf4 = src.format == BaseFormat::Nf4 || parts.iter().any(|p| matches!(p, Stored::Nf4(_)));
+    let aligned = parts.iter().all(|p| match p {
+        Stored::Dense(w) => w.len().is_multiple_of(BLOCKSIZE),
+        Stored::Nf4(q) => q.numel.is_multiple_of(BLOCKSIZE),
+    });
+    if nf4 && aligned {
+        let quantized: Vec<Nf4> = parts
+            .into_iter()
+            .map(|p| match p {
+                Stored::Dense(w) => Nf4::quantize(&w, BLOCKSIZE, true),
+                Stored::Nf4(q) => q,
+            })
+            .collect();
+        let joined = Nf4 {
+            packed: quantized.iter().flat_map(|q| q.packed.iter().copied()).collect(),
+            absmax: Absmax::Plain(quantized.iter().flat_map(|q| q.absmax_f32()).collect()),
+            numel: quantized.iter().map(|q| q.numel).sum(),
+            blocksize: BLOCKSIZE,
+        };
+        return Projection::nf4(Nf4Weight::new(&joined, d_out, d_in, device), d_in, d_out);
+    }
+    let w: Vec<f32> = parts
+        .into_iter()
+        .flat_map(|p| match p {
+            Stored::Dense(w) => w,
+            Stored::Nf4(q) => q.dequantize(),
+        })
+        .collect();
+    if nf4 {
+        Projection::nf4(Nf4Weight::new(&Nf4::quantize(&w, BLOCKSIZE, true), d_out, d_in, device), d_in, d_out)
+    } else {
+        Projection::dense(&w, d_in, d_out, device)
+    }
 }
 
 impl<B: Kernels> SparseMoe<B> {
@@ -88,7 +151,7 @@ impl<B: Kernels> SparseMoe<B> {
         let gate = src.projection(&router, h, m.num_experts, false, device)?;
         let experts = expert_weights(src, p, m, h)?
             .into_iter()
-            .map(|(gu, d)| Expert { gate_up_proj: src.projection_from_rows(gu, h, 2 * i, device), down_proj: src.projection_from_rows(d, i, h, device) })
+            .map(|(g, u, d)| Expert { gate_up_proj: expert_projection(src, vec![g, u], h, 2 * i, device), down_proj: expert_projection(src, vec![d], i, h, device) })
             .collect();
         Ok(SparseMoe { gate, experts, top_k: m.top_k, norm_topk_prob: m.norm_topk_prob, activation: c.activation, counts: Arc::new(Mutex::new(vec![0; m.num_experts])) })
     }
@@ -154,7 +217,7 @@ impl<B: Kernels> Expert<B> {
         let y = self.gate_up_proj.forward(x);
         let i = y.dims()[1] / 2;
         let (gate, up) = (y.clone().narrow(1, 0, i), y.narrow(1, i, i));
-        self.down_proj.forward(super::decoder::gated(activation, gate, up))
+        self.down_proj.forward(activation.gated(gate, up))
     }
 }
 

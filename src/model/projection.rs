@@ -38,8 +38,20 @@ pub const BLOCK_LINEARS: [&str; 9] = [
 pub fn quantizable(name: &str, shape: &[usize]) -> bool {
     shape.len() == 2
         && name.strip_prefix("model.layers.").and_then(|rest| rest.split_once('.')).is_some_and(|(layer, module)| {
-            layer.parse::<usize>().is_ok() && module.strip_suffix(".weight").is_some_and(|m| BLOCK_LINEARS.contains(&m))
+            layer.parse::<usize>().is_ok() && module.strip_suffix(".weight").is_some_and(|m| BLOCK_LINEARS.contains(&m) || is_expert_module(m))
         })
+}
+
+/// An expert's linear module inside a block, as checkpoints store them: `mlp.experts.<e>.`
+/// `gate_proj`/`up_proj`/`down_proj` (Qwen3-MoE) or `block_sparse_moe.experts.<e>.w1`/`w3`/`w2`
+/// (Mixtral). (The router is not one: it stays in full precision, as bitsandbytes leaves it.)
+pub fn is_expert_module(m: &str) -> bool {
+    let parts: Vec<&str> = m.split('.').collect();
+    match parts.as_slice() {
+        ["mlp", "experts", e, p] => e.parse::<usize>().is_ok() && matches!(*p, "gate_proj" | "up_proj" | "down_proj"),
+        ["block_sparse_moe", "experts", e, p] => e.parse::<usize>().is_ok() && matches!(*p, "w1" | "w2" | "w3"),
+        _ => false,
+    }
 }
 
 /// Transposes a row-major `[rows, cols]` matrix (PyTorch's `[out, in]` → burn's `[in, out]`).
@@ -107,18 +119,6 @@ impl WeightSource<'_> {
             None
         };
         Ok(Projection { base, bias, adapter: None, reference: None, adapter_on: true, on_reference: false, shape: (d_in, d_out) })
-    }
-
-    /// A frozen projection (no bias) from a PyTorch-layout `[out, in]` matrix assembled from
-    /// the checkpoint (an expert's fused gate and up); quantized to NF4 with [`BaseFormat::Nf4`]
-    /// (blocks of 64 along the rows, as bitsandbytes quantizes each expert matrix).
-    pub fn projection_from_rows<B: Kernels>(&self, w: Vec<f32>, d_in: usize, d_out: usize, device: &B::Device) -> Projection<B> {
-        let base = if self.format == BaseFormat::Nf4 {
-            Base::Nf4(Nf4Weight::new(&Nf4::quantize(&w, BLOCKSIZE, true), d_out, d_in, device))
-        } else {
-            Base::Dense(Param::from_tensor(tensor2(transpose(&w, d_out, d_in), [d_in, d_out], device)).set_require_grad(false))
-        };
-        Projection { base, bias: None, adapter: None, reference: None, adapter_on: true, on_reference: false, shape: (d_in, d_out) }
     }
 }
 
@@ -306,6 +306,11 @@ impl<B: Backend> Projection<B> {
     pub fn dense(w: &[f32], d_in: usize, d_out: usize, device: &B::Device) -> Self {
         let base = Base::Dense(Param::from_tensor(tensor2(transpose(w, d_out, d_in), [d_in, d_out], device)).set_require_grad(false));
         Projection { base, bias: None, adapter: None, reference: None, adapter_on: true, on_reference: false, shape: (d_in, d_out) }
+    }
+
+    /// A frozen NF4 projection without bias.
+    pub fn nf4(w: Nf4Weight<B>, d_in: usize, d_out: usize) -> Self {
+        Projection { base: Base::Nf4(w), bias: None, adapter: None, reference: None, adapter_on: true, on_reference: false, shape: (d_in, d_out) }
     }
 
     /// Token embeddings `[vocab, hidden]` as a frozen projection from one-hot rows (read with
@@ -605,5 +610,9 @@ mod tests {
         assert!(!quantizable("model.layers.0.input_layernorm.weight", &[8]));
         assert!(!quantizable("lm_head.weight", &[8, 8]));
         assert!(!quantizable("model.embed_tokens.weight", &[8, 8]));
+        assert!(quantizable("model.layers.0.mlp.experts.3.up_proj.weight", &[8, 8]));
+        assert!(quantizable("model.layers.1.block_sparse_moe.experts.0.w2.weight", &[8, 8]));
+        assert!(!quantizable("model.layers.0.mlp.gate.weight", &[4, 8]));
+        assert!(!quantizable("model.layers.0.block_sparse_moe.gate.weight", &[4, 8]));
     }
 }

@@ -1,6 +1,6 @@
 //! Rotary position embeddings as transformers computes them (`modeling_rope_utils.py`):
 //! rotate-half layout, inverse frequencies in f32, and the scaling kinds `linear`, `dynamic`,
-//! `yarn` and `llama3`. (burn-nn's RoPE is interleaved, so it is not used.)
+//! `yarn`, `llama3` and `longrope` (Phi-3.5 / Phi-4-mini; also spelled `su`). (burn-nn's RoPE is interleaved, so it is not used.)
 
 use serde_json::Value;
 
@@ -13,6 +13,9 @@ pub enum RopeScaling {
     Dynamic { factor: f64, original_max: usize },
     Yarn { factor: f64, original_max: usize, beta_fast: f64, beta_slow: f64, attention_factor: f64, truncate: bool },
     Llama3 { factor: f64, low_freq_factor: f64, high_freq_factor: f64, original_max: usize },
+    /// LongRoPE: per-frequency factors, `short` up to `original_max` positions, `long` beyond,
+    /// and cos/sin scaled by `attention_factor`.
+    LongRope { short: Vec<f64>, long: Vec<f64>, original_max: usize, attention_factor: f64 },
 }
 
 /// A `rope_scaling` / `rope_parameters` value ft cannot use.
@@ -22,7 +25,7 @@ pub enum RopeError {
     NotAnObject(String),
     #[error("rope type {kind:?} needs a numeric {key:?}")]
     Missing { kind: String, key: &'static str },
-    #[error("unsupported rope_scaling {0:?} (ft supports default, linear, dynamic, yarn, llama3)")]
+    #[error("unsupported rope_scaling {0:?} (ft supports default, linear, dynamic, yarn, llama3, longrope)")]
     Unsupported(String),
 }
 
@@ -32,8 +35,10 @@ fn get_f64(o: &serde_json::Map<String, Value>, k: &str) -> Option<f64> {
 
 impl RopeScaling {
     /// Parses a `rope_scaling` object (or `rope_parameters`, which also holds `rope_theta`).
-    /// `max_pos` is the config's `max_position_embeddings`, the default original context.
-    pub fn from_json(v: Option<&Value>, max_pos: usize) -> Result<Self, RopeError> {
+    /// `max_pos` is the config's `max_position_embeddings`, the default original context;
+    /// `top_original_max` a top-level `original_max_position_embeddings` (Phi-3 keeps it there;
+    /// transformers gives it priority for yarn and longrope).
+    pub fn from_json(v: Option<&Value>, max_pos: usize, top_original_max: Option<usize>) -> Result<Self, RopeError> {
         let o = match v {
             None | Some(Value::Null) => return Ok(RopeScaling::None),
             Some(Value::Object(o)) => o,
@@ -42,8 +47,7 @@ impl RopeScaling {
         let kind = o.get("rope_type").or_else(|| o.get("type")).and_then(Value::as_str).unwrap_or("default");
         let need = |key: &'static str| get_f64(o, key).ok_or_else(|| RopeError::Missing { kind: kind.to_string(), key });
         let factor = || need("factor");
-        let original_max =
-            get_f64(o, "original_max_position_embeddings").map(|x| x as usize).unwrap_or(max_pos);
+        let original_max = top_original_max.or_else(|| get_f64(o, "original_max_position_embeddings").map(|x| x as usize)).unwrap_or(max_pos);
         Ok(match kind {
             "default" => RopeScaling::None,
             "linear" => RopeScaling::Linear { factor: factor()? },
@@ -71,6 +75,22 @@ impl RopeScaling {
                     truncate: o.get("truncate").and_then(Value::as_bool).unwrap_or(true),
                 }
             }
+            "longrope" | "su" => {
+                let list = |key: &'static str| -> Result<Vec<f64>, RopeError> {
+                    o.get(key)
+                        .and_then(Value::as_array)
+                        .and_then(|a| a.iter().map(Value::as_f64).collect::<Option<Vec<_>>>())
+                        .ok_or_else(|| RopeError::Missing { kind: kind.to_string(), key })
+                };
+                // transformers: without `factor`, max_position_embeddings / original.
+                let factor = get_f64(o, "factor").unwrap_or(max_pos as f64 / original_max as f64);
+                let attention_factor = match get_f64(o, "attention_factor") {
+                    Some(a) => a,
+                    None if factor <= 1.0 => 1.0,
+                    None => (1.0 + factor.ln() / (original_max as f64).ln()).sqrt(),
+                };
+                RopeScaling::LongRope { short: list("short_factor")?, long: list("long_factor")?, original_max, attention_factor }
+            }
             other => return Err(RopeError::Unsupported(other.to_string())),
         })
     }
@@ -86,6 +106,11 @@ pub struct Rope {
     attention_scaling: f32,
 }
 
+/// LongRoPE's `1 / (ext_i · theta^(2i/d))` in f32.
+fn long_rope_inv_freq(theta: f64, dim: usize, ext: &[f64]) -> Vec<f32> {
+    (0..dim / 2).map(|i| 1.0f32 / (ext[i] as f32 * (theta as f32).powf((2 * i) as f32 / dim as f32))).collect()
+}
+
 /// `1 / theta^(2i/d)` in f32, as torch computes it.
 fn base_inv_freq(theta: f64, dim: usize) -> Vec<f32> {
     (0..dim / 2).map(|i| 1.0f32 / (theta as f32).powf((2 * i) as f32 / dim as f32)).collect()
@@ -97,6 +122,10 @@ impl Rope {
         let mut attention_scaling = 1.0f32;
         let inv_freq = match &scaling {
             RopeScaling::None | RopeScaling::Dynamic { .. } => base_inv_freq(theta, dim),
+            RopeScaling::LongRope { short, attention_factor, .. } => {
+                attention_scaling = *attention_factor as f32;
+                long_rope_inv_freq(theta, dim, short)
+            }
             RopeScaling::Linear { factor } => base_inv_freq(theta, dim).into_iter().map(|f| f / *factor as f32).collect(),
             RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max } => {
                 let (factor, lo, hi) = (*factor as f32, *low_freq_factor as f32, *high_freq_factor as f32);
@@ -156,6 +185,11 @@ impl Rope {
     pub fn tables(&self, start: usize, len: usize, total_len: usize) -> (Vec<f32>, Vec<f32>) {
         let dynamic;
         let inv_freq = match &self.scaling {
+            // Past the original context, the long factors (transformers' `longrope_frequency_update`).
+            RopeScaling::LongRope { long, original_max, .. } if total_len > *original_max => {
+                dynamic = long_rope_inv_freq(self.theta, self.head_dim, long);
+                &dynamic
+            }
             RopeScaling::Dynamic { factor, original_max } if total_len > *original_max => {
                 let d = self.head_dim as f64;
                 let base = self.theta

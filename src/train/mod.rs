@@ -50,7 +50,7 @@ pub enum TrainError {
     #[error(transparent)]
     Output(#[from] crate::atomic::AtomicError),
     #[error(transparent)]
-    NoTargets(#[from] crate::adapters::attach::NoTargets),
+    NoTargets(#[from] crate::adapters::attach::AttachError),
     #[error(transparent)]
     Teacher(#[from] crate::loss::distill::TeacherError),
     #[error(transparent)]

@@ -351,6 +351,7 @@ impl LoraSection {
             use_dora: self.use_dora,
             rank_pattern: self.rank_pattern.iter().map(|(k, v)| (k.clone(), *v)).collect(),
             alpha_pattern: self.alpha_pattern.iter().map(|(k, v)| (k.clone(), *v)).collect(),
+            target_parameters: self.target_parameters.clone(),
         }
     }
 }
@@ -467,6 +468,11 @@ pub struct LoraSection {
     /// Per-module alphas (PEFT's `alpha_pattern`), matched as `rank_pattern`.
     #[serde(default)]
     pub alpha_pattern: std::collections::BTreeMap<String, f64>,
+    /// Parameters adapted directly (PEFT's `target_parameters`): the experts' stacks
+    /// `mlp.experts.gate_up_proj` / `mlp.experts.down_proj` or the router `mlp.gate.weight`.
+    /// `all-linear` and module names already reach the experts; the router only this way.
+    #[serde(default)]
+    pub target_parameters: Vec<String>,
 }
 
 /// `lora.target_modules` (and `exclude_modules`): names or one regular expression.

@@ -248,8 +248,12 @@ pub fn run<B: TrainBackend>(recipe: &Recipe, device: B::Device, progress: &dyn P
             micro = (0..t.grad_accum).map(|_| (0..t.micro_batch_size).map(|_| data.next_index()).collect()).collect();
         }
         model.set_training(true);
+        model.take_router_load(); // what evaluation routed is not this step's
         let ts = Instant::now();
         let mut stats = objective.step(&mut model, &mut opt, &micro, settings)?;
+        if let Some(load) = model.take_router_load() {
+            stats.metrics.insert("router_load".into(), serde_json::json!(load));
+        }
         let samples = std::mem::take(&mut stats.samples);
         let step_s = ts.elapsed().as_secs_f64();
         step_seconds += step_s;

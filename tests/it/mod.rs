@@ -3,6 +3,7 @@ pub mod cli;
 pub mod common;
 pub mod data;
 pub mod distill;
+pub mod families;
 pub mod dpo;
 pub mod fuzz;
 pub mod geneval;
