@@ -136,10 +136,13 @@ pub struct Attention<B: Backend> {
     pub scale: f64,
     #[module(skip)]
     pub softcap: Option<f64>,
+    /// This layer's sliding window (also in its mask; lets kernels skip the keys outside it).
+    #[module(skip)]
+    pub window: Option<usize>,
 }
 
 impl<B: Kernels> Attention<B> {
-    pub fn load(src: &WeightSource, p: &str, c: &ModelConfig, device: &B::Device) -> Result<Self, WeightsError> {
+    pub fn load(src: &WeightSource, p: &str, c: &ModelConfig, window: Option<usize>, device: &B::Device) -> Result<Self, WeightsError> {
         let ck = src.files;
         let (h, hd) = (c.hidden_size, c.head_dim);
         let (q, kv) = (c.num_heads * hd, c.num_kv_heads * hd);
@@ -170,6 +173,7 @@ impl<B: Kernels> Attention<B> {
             rotary_dim: c.rotary_dim,
             scale: c.attn_scale,
             softcap: c.attn_softcap,
+            window,
         })
     }
 
@@ -215,7 +219,7 @@ impl<B: Kernels> Attention<B> {
             }
             *slot = Some(LayerCache { k: k.clone(), v: v.clone() });
         }
-        let out = ops::attention(q, k, v, mask, self.scale, self.softcap);
+        let out = ops::attention(q, k, v, mask, self.scale, self.softcap, self.window);
         self.o_proj.forward(out.reshape([b, t, nh * hd]))
     }
 }
@@ -350,7 +354,7 @@ impl<B: Kernels> Block<B> {
         let gemma = |n: &str| if c.gemma_norms { norm(n).map(Some) } else { Ok(None) };
         Ok(Block {
             input_layernorm: norm("input_layernorm")?,
-            self_attn: Attention::load(src, &format!("{p}.self_attn"), c, device)?,
+            self_attn: Attention::load(src, &format!("{p}.self_attn"), c, c.layers[i].sliding_window, device)?,
             post_attention_layernorm: norm("post_attention_layernorm")?,
             pre_feedforward_layernorm: gemma("pre_feedforward_layernorm")?,
             post_feedforward_layernorm: gemma("post_feedforward_layernorm")?,

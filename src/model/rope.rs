@@ -25,6 +25,8 @@ pub enum RopeError {
     NotAnObject(String),
     #[error("rope type {kind:?} needs a numeric {key:?}")]
     Missing { kind: String, key: &'static str },
+    #[error("rope type {kind:?} needs {key:?}: a list of numbers")]
+    MissingList { kind: String, key: &'static str },
     #[error("unsupported rope_scaling {0:?} (ft supports default, linear, dynamic, yarn, llama3, longrope)")]
     Unsupported(String),
 }
@@ -80,7 +82,7 @@ impl RopeScaling {
                     o.get(key)
                         .and_then(Value::as_array)
                         .and_then(|a| a.iter().map(Value::as_f64).collect::<Option<Vec<_>>>())
-                        .ok_or_else(|| RopeError::Missing { kind: kind.to_string(), key })
+                        .ok_or_else(|| RopeError::MissingList { kind: kind.to_string(), key })
                 };
                 // transformers: without `factor`, max_position_embeddings / original.
                 let factor = get_f64(o, "factor").unwrap_or(max_pos as f64 / original_max as f64);

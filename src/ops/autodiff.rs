@@ -147,6 +147,7 @@ struct AttentionState<B: Backend> {
     mask: BoolTensor<B>,
     scale: f64,
     softcap: Option<f64>,
+    window: Option<usize>,
 }
 
 #[derive(Debug)]
@@ -159,9 +160,9 @@ impl<B: FusedOps> Backward<B, 3> for AttentionBackward {
         let s = ops.state;
         let grad = grads.consume::<B>(&ops.node);
         let mask = Tensor::<B, 3, Bool>::from_primitive(s.mask);
-        let (dq, dk, dv) = match s.softcap {
-            None => B::attention_backward(float(s.q), float(s.k), float(s.v), float(s.o), float(s.lse), mask, s.scale, float(grad)),
-            Some(c) => B::attention_softcap_backward(float(s.q), float(s.k), float(s.v), float(s.o), float(s.lse), mask, s.scale, c, float(grad)),
+        let (dq, dk, dv) = match (s.softcap, s.window) {
+            (None, None) => B::attention_backward(float(s.q), float(s.k), float(s.v), float(s.o), float(s.lse), mask, s.scale, float(grad)),
+            _ => B::attention_ext_backward(float(s.q), float(s.k), float(s.v), float(s.o), float(s.lse), mask, s.scale, s.softcap, s.window, float(grad)),
         }
         .expect(PAIRED);
         for (node, g) in ops.parents.into_iter().zip([dq, dk, dv]) {
@@ -260,15 +261,23 @@ impl<B: FusedOps, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
     }
 
     fn attention_fused(q: Tensor<Self, 4>, k: Tensor<Self, 4>, v: Tensor<Self, 4>, mask: Tensor<Self, 3, Bool>, scale: f64) -> Option<(Tensor<Self, 4>, Tensor<Self, 3>)> {
-        attention_node(q, k, v, mask, scale, None)
+        attention_node(q, k, v, mask, scale, None, None)
     }
 
-    fn attention_softcap_fused(q: Tensor<Self, 4>, k: Tensor<Self, 4>, v: Tensor<Self, 4>, mask: Tensor<Self, 3, Bool>, scale: f64, softcap: f64) -> Option<(Tensor<Self, 4>, Tensor<Self, 3>)> {
-        attention_node(q, k, v, mask, scale, Some(softcap))
+    fn attention_ext_fused(
+        q: Tensor<Self, 4>,
+        k: Tensor<Self, 4>,
+        v: Tensor<Self, 4>,
+        mask: Tensor<Self, 3, Bool>,
+        scale: f64,
+        softcap: Option<f64>,
+        window: Option<usize>,
+    ) -> Option<(Tensor<Self, 4>, Tensor<Self, 3>)> {
+        attention_node(q, k, v, mask, scale, softcap, window)
     }
 }
 
-/// The inner backend's fused attention (softcapped or not) as one autodiff node.
+/// The inner backend's fused attention (softcapped, windowed or plain) as one autodiff node.
 #[allow(clippy::type_complexity)]
 fn attention_node<B: FusedOps, C: CheckpointStrategy>(
     q: Tensor<Autodiff<B, C>, 4>,
@@ -277,17 +286,18 @@ fn attention_node<B: FusedOps, C: CheckpointStrategy>(
     mask: Tensor<Autodiff<B, C>, 3, Bool>,
     scale: f64,
     softcap: Option<f64>,
+    window: Option<usize>,
 ) -> Option<(Tensor<Autodiff<B, C>, 4>, Tensor<Autodiff<B, C>, 3>)> {
     let (qi, ki, vi) = (inner(&q), inner(&k), inner(&v));
     let mask = Tensor::<B, 3, Bool>::from_primitive(mask.into_primitive());
     let nodes = [q.into_primitive().tensor().node, k.into_primitive().tensor().node, v.into_primitive().tensor().node];
-    let (o, lse) = match softcap {
-        None => B::attention_fused(qi.clone(), ki.clone(), vi.clone(), mask.clone(), scale)?,
-        Some(c) => B::attention_softcap_fused(qi.clone(), ki.clone(), vi.clone(), mask.clone(), scale, c)?,
+    let (o, lse) = match (softcap, window) {
+        (None, None) => B::attention_fused(qi.clone(), ki.clone(), vi.clone(), mask.clone(), scale)?,
+        _ => B::attention_ext_fused(qi.clone(), ki.clone(), vi.clone(), mask.clone(), scale, softcap, window)?,
     };
     let out = match AttentionBackward.prepare::<C>(nodes).compute_bound().stateful() {
         OpsKind::Tracked(prep) => {
-            let state = AttentionState { q: prim(qi), k: prim(ki), v: prim(vi), o: prim(o.clone()), lse: prim(lse.clone()), mask: mask.into_primitive(), scale, softcap };
+            let state = AttentionState { q: prim(qi), k: prim(ki), v: prim(vi), o: prim(o.clone()), lse: prim(lse.clone()), mask: mask.into_primitive(), scale, softcap, window };
             prep.finish(state, prim(o))
         }
         OpsKind::UnTracked(prep) => prep.finish(prim(o)),

@@ -120,12 +120,15 @@ impl Geometry {
         self.h / self.kv
     }
 
-    /// Each chunk's query rows and the number of keys it can see: a causal mask hides key
-    /// `j > i + (S − T)` from query `i`.
-    fn chunks(&self) -> impl Iterator<Item = (Range<usize>, usize)> + '_ {
-        (0..self.t).step_by(self.chunk).map(|t0| {
+    /// Each chunk's query rows and the keys it can see: a causal mask hides key
+    /// `j > i + (S − T)` from query `i`, and a sliding window of `w` keys every `j ≤ i + (S − T) − w`
+    /// (packed samples see less still: the mask says exactly what).
+    fn chunks(&self, window: Option<usize>) -> impl Iterator<Item = (Range<usize>, Range<usize>)> + '_ {
+        (0..self.t).step_by(self.chunk).map(move |t0| {
             let t1 = (t0 + self.chunk).min(self.t);
-            (t0..t1, (t1 + self.s - self.t).min(self.s))
+            let end = (t1 + self.s - self.t).min(self.s);
+            let start = window.map_or(0, |w| (t0 + self.s - self.t + 1).saturating_sub(w)).min(end);
+            (t0..t1, start..end)
         })
     }
 }
@@ -166,6 +169,51 @@ fn chunk_mask<B: Backend>(g: &Geometry, mask: &Tensor<B, 3, Bool>, rows: &Range<
 fn scaled_masked<B: Backend>(g: &Geometry, raw: Tensor<B, 4>, mask: &Tensor<B, 3, Bool>, rows: &Range<usize>, scale: f64) -> Tensor<B, 4> {
     let keys = raw.dims()[3];
     f32(raw).mul_scalar(scale).mask_fill(chunk_mask(g, mask, rows, keys), f32::NEG_INFINITY)
+}
+
+/// Softcapped scores `c · tanh(scale·raw / c)` of one chunk in f32 and `tanh(scale·raw / c)`.
+fn capped<B: Backend>(raw: Tensor<B, 4>, scale: f64, cap: f64) -> (Tensor<B, 4>, Tensor<B, 4>) {
+    let t = f32(raw).mul_scalar(scale / cap).tanh();
+    (t.clone().mul_scalar(cap), t)
+}
+
+/// [`masked_softmax_ops`] of softcapped scores (Gemma 2).
+fn masked_softmax_capped<B: Backend>(g: &Geometry, raw: Tensor<B, 4>, mask: &Tensor<B, 3, Bool>, rows: &Range<usize>, scale: f64, cap: f64) -> (Tensor<B, 4>, Tensor<B, 3>) {
+    let (dtype, keys) = (float_dtype(&raw), raw.dims()[3]);
+    let s = capped(raw, scale, cap).0.mask_fill(chunk_mask(g, mask, rows, keys), f32::NEG_INFINITY);
+    let m = s.clone().max_dim(3);
+    let p = (s - m.clone()).exp();
+    let l = p.clone().sum_dim(3);
+    ((p / l.clone()).cast(dtype), (m + l.log()).squeeze_dim(3))
+}
+
+/// [`softmax_grad_ops`] of softcapped scores: `dS = scale · P ∘ (dP − delta) ∘ (1 − tanh²)`.
+#[allow(clippy::too_many_arguments)]
+fn softmax_grad_capped<B: Backend>(
+    g: &Geometry,
+    raw: Tensor<B, 4>,
+    dp: Tensor<B, 4>,
+    mask: &Tensor<B, 3, Bool>,
+    rows: &Range<usize>,
+    lse: Tensor<B, 3>,
+    delta: Tensor<B, 3>,
+    scale: f64,
+    cap: f64,
+) -> (Tensor<B, 4>, Tensor<B, 4>) {
+    let (dtype, keys) = (float_dtype(&raw), raw.dims()[3]);
+    let (s, t) = capped(raw, scale, cap);
+    let p = (s.mask_fill(chunk_mask(g, mask, rows, keys), f32::NEG_INFINITY) - lse.unsqueeze_dim(3)).exp();
+    let ds = (p.clone() * (f32(dp) - delta.unsqueeze_dim(3)) * (t.powi_scalar(2).neg() + 1.0)).mul_scalar(scale);
+    (p.cast(dtype), ds.cast(dtype))
+}
+
+/// The mask's columns `keys` (the whole mask when they are all of it).
+fn key_columns<B: Backend>(mask: &Tensor<B, 3, Bool>, keys: &Range<usize>) -> Tensor<B, 3, Bool> {
+    if keys.start == 0 {
+        mask.clone()
+    } else {
+        mask.clone().narrow(2, keys.start, keys.len())
+    }
 }
 
 /// [`ScoreRows::masked_softmax`] from tensor ops.
@@ -223,7 +271,32 @@ macro_rules! composed_fused_ops {
             Some(chunked::swiglu_backward(gate, up, grad))
         }
         fn attention_fused(q: Tensor<Self, 4>, k: Tensor<Self, 4>, v: Tensor<Self, 4>, mask: Tensor<Self, 3, Bool>, scale: f64) -> Option<(Tensor<Self, 4>, Tensor<Self, 3>)> {
-            Some(chunked::attention(q, k, v, mask, scale, chunked::CHUNK_SCORES))
+            Some(chunked::attention(q, k, v, mask, scale, None, None, chunked::CHUNK_SCORES))
+        }
+        fn attention_ext_fused(
+            q: Tensor<Self, 4>,
+            k: Tensor<Self, 4>,
+            v: Tensor<Self, 4>,
+            mask: Tensor<Self, 3, Bool>,
+            scale: f64,
+            softcap: Option<f64>,
+            window: Option<usize>,
+        ) -> Option<(Tensor<Self, 4>, Tensor<Self, 3>)> {
+            Some(chunked::attention(q, k, v, mask, scale, softcap, window, chunked::CHUNK_SCORES))
+        }
+        fn attention_ext_backward(
+            q: Tensor<Self, 4>,
+            k: Tensor<Self, 4>,
+            v: Tensor<Self, 4>,
+            o: Tensor<Self, 4>,
+            lse: Tensor<Self, 3>,
+            mask: Tensor<Self, 3, Bool>,
+            scale: f64,
+            softcap: Option<f64>,
+            window: Option<usize>,
+            grad: Tensor<Self, 4>,
+        ) -> Option<(Tensor<Self, 4>, Tensor<Self, 4>, Tensor<Self, 4>)> {
+            Some(chunked::attention_backward(q, k, v, o, lse, mask, scale, softcap, window, grad, chunked::CHUNK_SCORES))
         }
         fn attention_backward(
             q: Tensor<Self, 4>,
@@ -235,7 +308,7 @@ macro_rules! composed_fused_ops {
             scale: f64,
             grad: Tensor<Self, 4>,
         ) -> Option<(Tensor<Self, 4>, Tensor<Self, 4>, Tensor<Self, 4>)> {
-            Some(chunked::attention_backward(q, k, v, o, lse, mask, scale, grad, chunked::CHUNK_SCORES))
+            Some(chunked::attention_backward(q, k, v, o, lse, mask, scale, None, None, grad, chunked::CHUNK_SCORES))
         }
     };
 }
@@ -269,18 +342,34 @@ impl Nf4Linear for crate::backend::CudaBf16 {}
 
 /// Softmax attention of `q [B, T, H, hd]` over `k`, `v` `[B, S, KV, hd]` under
 /// `mask [1 | B, T, S]` (true = not attended; a causal mask or a subset of one), in chunks of at
-/// most `chunk_scores` score elements. Returns the output `[B, T, H, hd]` and the log-sum-exp
-/// `[B, H, T]` in f32.
-pub fn attention<B: ScoreRows>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>, mask: Tensor<B, 3, Bool>, scale: f64, chunk_scores: usize) -> (Tensor<B, 4>, Tensor<B, 3>) {
+/// most `chunk_scores` score elements. Scores are softcapped to `c · tanh(s / c)` with `softcap`
+/// (Gemma 2); with `window` (the mask is a sliding window of that many keys) each chunk reads
+/// only the keys inside its rows' windows: O(T·window). Returns the output `[B, T, H, hd]` and
+/// the log-sum-exp `[B, H, T]` in f32.
+#[allow(clippy::too_many_arguments)]
+pub fn attention<B: ScoreRows>(
+    q: Tensor<B, 4>,
+    k: Tensor<B, 4>,
+    v: Tensor<B, 4>,
+    mask: Tensor<B, 3, Bool>,
+    scale: f64,
+    softcap: Option<f64>,
+    window: Option<usize>,
+    chunk_scores: usize,
+) -> (Tensor<B, 4>, Tensor<B, 3>) {
     let g = Geometry::of(q.dims(), k.dims(), chunk_scores);
     let qg = grouped(&g, q);
     let (k, v) = (k.swap_dims(1, 2), v.swap_dims(1, 2));
     let (mut out, mut lse) = (Vec::new(), Vec::new());
-    for (rows_c, keys) in g.chunks() {
-        let kc = k.clone().narrow(2, 0, keys);
-        let vc = v.clone().narrow(2, 0, keys);
+    for (rows_c, keys) in g.chunks(window) {
+        let kc = k.clone().narrow(2, keys.start, keys.len());
+        let vc = v.clone().narrow(2, keys.start, keys.len());
         let raw = rows(&g, &qg, &rows_c).matmul(kc.swap_dims(2, 3));
-        let (p, l) = B::masked_softmax(&g, raw, &mask, &rows_c, scale);
+        let m = key_columns(&mask, &keys);
+        let (p, l) = match softcap {
+            None => B::masked_softmax(&g, raw, &m, &rows_c, scale),
+            Some(c) => masked_softmax_capped(&g, raw, &m, &rows_c, scale, c),
+        };
         out.push(p.matmul(vc));
         lse.push(l.reshape([g.b, g.kv, g.rep(), rows_c.len()]));
     }
@@ -299,6 +388,8 @@ pub fn attention_backward<B: ScoreRows>(
     lse: Tensor<B, 3>,
     mask: Tensor<B, 3, Bool>,
     scale: f64,
+    softcap: Option<f64>,
+    window: Option<usize>,
     grad: Tensor<B, 4>,
     chunk_scores: usize,
 ) -> (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>) {
@@ -311,19 +402,23 @@ pub fn attention_backward<B: ScoreRows>(
     let zeros = || Tensor::<B, 4>::zeros([g.b, g.kv, g.s, g.hd], (&device, burn::tensor::DType::F32));
     let (mut dk, mut dv) = (zeros(), zeros());
     let mut dq = Vec::new();
-    for (rows_c, keys) in g.chunks() {
+    for (rows_c, keys) in g.chunks(window) {
         let n = g.rep() * rows_c.len();
-        let (kc, vc) = (k.clone().narrow(2, 0, keys), v.clone().narrow(2, 0, keys));
+        let (kc, vc) = (k.clone().narrow(2, keys.start, keys.len()), v.clone().narrow(2, keys.start, keys.len()));
         let (qc, oc, doc) = (rows(&g, &qg, &rows_c), rows(&g, &og, &rows_c), rows(&g, &dog, &rows_c));
         let lc = lse.clone().narrow(3, rows_c.start, rows_c.len()).reshape([g.b, g.kv, n]);
         let delta = (f32(doc.clone()) * f32(oc)).sum_dim(3).squeeze_dim(3);
         let raw = qc.clone().matmul(kc.clone().swap_dims(2, 3));
         let dp = doc.clone().matmul(vc.swap_dims(2, 3));
-        let (p, ds) = B::softmax_grad(&g, raw, dp, &mask, &rows_c, lc, delta, scale);
+        let m = key_columns(&mask, &keys);
+        let (p, ds) = match softcap {
+            None => B::softmax_grad(&g, raw, dp, &m, &rows_c, lc, delta, scale),
+            Some(c) => softmax_grad_capped(&g, raw, dp, &m, &rows_c, lc, delta, scale, c),
+        };
         let dv_c = p.swap_dims(2, 3).matmul(doc);
         dq.push(ds.clone().matmul(kc));
         let dk_c = ds.swap_dims(2, 3).matmul(qc);
-        let at = [0..g.b, 0..g.kv, 0..keys, 0..g.hd];
+        let at = [0..g.b, 0..g.kv, keys.clone(), 0..g.hd];
         dk = dk.clone().slice_assign(at.clone(), dk.slice(at.clone()) + f32(dk_c));
         dv = dv.clone().slice_assign(at.clone(), dv.slice(at) + f32(dv_c));
     }
@@ -417,20 +512,26 @@ mod tests {
     }
 
     fn check_attention(q: Tensor<Cpu, 4>, k: Tensor<Cpu, 4>, v: Tensor<Cpu, 4>, mask: Tensor<Cpu, 3, Bool>, what: &str) {
+        check_attention_ext(q, k, v, mask, None, None, what)
+    }
+
+    /// The chunked attention (softcapped, windowed) against the reference's values and autodiff
+    /// gradients and the CPU kernel's log-sum-exp, at several chunk sizes.
+    fn check_attention_ext(q: Tensor<Cpu, 4>, k: Tensor<Cpu, 4>, v: Tensor<Cpu, 4>, mask: Tensor<Cpu, 3, Bool>, softcap: Option<f64>, window: Option<usize>, what: &str) {
         let scale = 0.35;
         let m = Tensor::<Ad, 3, Bool>::from_inner(mask.clone());
-        let (y, g, c) = reference_grads(&[q.clone(), k.clone(), v.clone()], |x| reference::attention(x[0].clone(), x[1].clone(), x[2].clone(), m.clone(), scale));
-        let (_, lse_kernel) = Cpu::attention_fused(q.clone(), k.clone(), v.clone(), mask.clone(), scale).expect("CPU kernel");
+        let (y, g, c) = reference_grads(&[q.clone(), k.clone(), v.clone()], |x| reference::attention_softcap(x[0].clone(), x[1].clone(), x[2].clone(), m.clone(), scale, softcap));
+        let (_, lse_kernel) = Cpu::attention_ext_fused(q.clone(), k.clone(), v.clone(), mask.clone(), scale, softcap, window).expect("CPU kernel");
         let [b, t, h, _] = q.dims();
         let s = k.dims()[1];
         // One query row per chunk, two, and everything in one chunk.
         for rows in [1, 2, t] {
             let budget = rows * b * h * s;
             let what = format!("{what}, {rows} rows per chunk");
-            let (o, lse) = attention(q.clone(), k.clone(), v.clone(), mask.clone(), scale, budget);
+            let (o, lse) = attention(q.clone(), k.clone(), v.clone(), mask.clone(), scale, softcap, window, budget);
             assert_close(o.clone(), y.clone(), 2e-5, &format!("{what}: output"));
             assert_close(lse.clone(), lse_kernel.clone(), 2e-5, &format!("{what}: log-sum-exp"));
-            let (dq, dk, dv) = attention_backward(q.clone(), k.clone(), v.clone(), o, lse, mask.clone(), scale, c.clone(), budget);
+            let (dq, dk, dv) = attention_backward(q.clone(), k.clone(), v.clone(), o, lse, mask.clone(), scale, softcap, window, c.clone(), budget);
             for (name, a, r) in [("dq", dq, &g[0]), ("dk", dk, &g[1]), ("dv", dv, &g[2])] {
                 assert_close(a, r.clone(), 2e-5, &format!("{what}: {name}"));
             }
@@ -451,6 +552,39 @@ mod tests {
     }
 
     #[test]
+    fn chunked_attention_skips_keys_outside_a_sliding_window_and_softcaps() {
+        // A window of 3 keys over 9 queries after 2 cached positions: chunks of one or two rows
+        // start past key 0 (their first keys are outside every row's window), and Gemma 2's
+        // softcapped scores, forward and backward.
+        let dev = Default::default();
+        let (t, s, w) = (9, 11, 3);
+        let mut masked = vec![true; t * s];
+        for q in 0..t {
+            let end = s - t + q + 1;
+            masked[q * s..][end - w..end].fill(false);
+        }
+        let mask = Tensor::<Cpu, 3, Bool>::from_data(TensorData::new(masked, [1, t, s]), &dev);
+        for softcap in [None, Some(1.5)] {
+            let what = format!("window {w}, softcap {softcap:?}");
+            check_attention_ext(rand([2, t, 4, 8]), rand([2, s, 2, 8]), rand([2, s, 2, 8]), mask.clone(), softcap, Some(w), &what);
+        }
+        // Packed samples under a window: the mask hides more than the window does.
+        let mut masked = vec![true; 2 * 8 * 8];
+        for (row, segs) in [vec![5usize, 3], vec![8]].iter().enumerate() {
+            let mut start = 0;
+            for &len in segs {
+                for q in 0..len {
+                    let lo = (q + 1).saturating_sub(w);
+                    masked[(row * 8 + start + q) * 8..][start + lo..start + q + 1].fill(false);
+                }
+                start += len;
+            }
+        }
+        let mask = Tensor::<Cpu, 3, Bool>::from_data(TensorData::new(masked, [2, 8, 8]), &dev);
+        check_attention_ext(rand([2, 8, 4, 8]), rand([2, 8, 2, 8]), rand([2, 8, 2, 8]), mask, Some(2.0), Some(w), "packed, window, softcap");
+    }
+
+    #[test]
     fn chunked_attention_in_bf16_stays_within_bf16_rounding_of_f32() {
         // The casts between the compute dtype and the f32 statistics run (the GPU computes in
         // bf16; the other tests are f32).
@@ -460,11 +594,11 @@ mod tests {
         let mask = Tensor::<Cpu, 2, Bool>::tril_mask([t, t], 0, &dev).reshape([1, t, t]);
         let bf = |x: &Tensor<Cpu, 4>| x.clone().cast(FloatDType::BF16);
         let budget = 4 * b * h * t;
-        let (o, lse) = attention(q.clone(), k.clone(), v.clone(), mask.clone(), 0.25, budget);
-        let (o16, lse16) = attention(bf(&q), bf(&k), bf(&v), mask.clone(), 0.25, budget);
+        let (o, lse) = attention(q.clone(), k.clone(), v.clone(), mask.clone(), 0.25, None, None, budget);
+        let (o16, lse16) = attention(bf(&q), bf(&k), bf(&v), mask.clone(), 0.25, None, None, budget);
         assert_eq!((o16.dtype(), lse16.dtype()), (DType::BF16, DType::F32));
-        let grads = attention_backward(q.clone(), k.clone(), v.clone(), o, lse.clone(), mask.clone(), 0.25, c.clone(), budget);
-        let grads16 = attention_backward(bf(&q), bf(&k), bf(&v), o16.clone(), lse16.clone(), mask, 0.25, bf(&c), budget);
+        let grads = attention_backward(q.clone(), k.clone(), v.clone(), o, lse.clone(), mask.clone(), 0.25, None, None, c.clone(), budget);
+        let grads16 = attention_backward(bf(&q), bf(&k), bf(&v), o16.clone(), lse16.clone(), mask, 0.25, None, None, bf(&c), budget);
         // bf16 keeps 8 significant bits: inputs and products each round at ~4e-3 relative.
         assert_close(lse16, lse, 2e-2, "bf16 log-sum-exp");
         for (name, a, r) in [("dq", grads16.0, grads.0), ("dk", grads16.1, grads.1), ("dv", grads16.2, grads.2)] {

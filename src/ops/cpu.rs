@@ -333,12 +333,20 @@ impl FusedOps for Flex {
         Some(attention_backward(q, k, v, o, lse, mask, scale, None, grad))
     }
 
-    fn attention_softcap_fused(q: Tensor<Self, 4>, k: Tensor<Self, 4>, v: Tensor<Self, 4>, mask: Tensor<Self, 3, Bool>, scale: f64, softcap: f64) -> Option<(Tensor<Self, 4>, Tensor<Self, 3>)> {
-        Some(attention_forward(q, k, v, mask, scale, Some(softcap as f32)))
+    // The window needs no argument here: each block's key range comes from the mask.
+    fn attention_ext_fused(
+        q: Tensor<Self, 4>,
+        k: Tensor<Self, 4>,
+        v: Tensor<Self, 4>,
+        mask: Tensor<Self, 3, Bool>,
+        scale: f64,
+        softcap: Option<f64>,
+        _window: Option<usize>,
+    ) -> Option<(Tensor<Self, 4>, Tensor<Self, 3>)> {
+        Some(attention_forward(q, k, v, mask, scale, softcap.map(|c| c as f32)))
     }
 
-    #[allow(clippy::too_many_arguments)]
-    fn attention_softcap_backward(
+    fn attention_ext_backward(
         q: Tensor<Self, 4>,
         k: Tensor<Self, 4>,
         v: Tensor<Self, 4>,
@@ -346,10 +354,11 @@ impl FusedOps for Flex {
         lse: Tensor<Self, 3>,
         mask: Tensor<Self, 3, Bool>,
         scale: f64,
-        softcap: f64,
+        softcap: Option<f64>,
+        _window: Option<usize>,
         grad: Tensor<Self, 4>,
     ) -> Option<(Tensor<Self, 4>, Tensor<Self, 4>, Tensor<Self, 4>)> {
-        Some(attention_backward(q, k, v, o, lse, mask, scale, Some(softcap as f32), grad))
+        Some(attention_backward(q, k, v, o, lse, mask, scale, softcap.map(|c| c as f32), grad))
     }
 }
 

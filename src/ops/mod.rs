@@ -157,32 +157,43 @@ pub trait FusedOps: Backend {
         None
     }
 
-    /// [`Self::attention_fused`] with Gemma 2's softcapped scores `c · tanh(scale·q·k / c)`.
-    #[allow(clippy::type_complexity)]
-    fn attention_softcap_fused(
-        _q: Tensor<Self, 4>,
-        _k: Tensor<Self, 4>,
-        _v: Tensor<Self, 4>,
-        _mask: Tensor<Self, 3, Bool>,
-        _scale: f64,
-        _softcap: f64,
+    /// [`Self::attention_fused`] with Gemma 2's softcapped scores `c · tanh(scale·q·k / c)` when
+    /// `softcap` is `c`, and the knowledge that the mask hides every key `window` or more
+    /// positions before its query (a sliding window; the mask stays exact), which lets a backend
+    /// skip those keys. By default: the plain kernel without a softcap, none with one.
+    #[allow(clippy::type_complexity, clippy::too_many_arguments)]
+    fn attention_ext_fused(
+        q: Tensor<Self, 4>,
+        k: Tensor<Self, 4>,
+        v: Tensor<Self, 4>,
+        mask: Tensor<Self, 3, Bool>,
+        scale: f64,
+        softcap: Option<f64>,
+        _window: Option<usize>,
     ) -> Option<(Tensor<Self, 4>, Tensor<Self, 3>)> {
-        None
+        match softcap {
+            None => Self::attention_fused(q, k, v, mask, scale),
+            Some(_) => None,
+        }
     }
-    /// The gradients of [`Self::attention_softcap_fused`].
+    /// The gradients of [`Self::attention_ext_fused`].
     #[allow(clippy::too_many_arguments, clippy::type_complexity)]
-    fn attention_softcap_backward(
-        _q: Tensor<Self, 4>,
-        _k: Tensor<Self, 4>,
-        _v: Tensor<Self, 4>,
-        _o: Tensor<Self, 4>,
-        _lse: Tensor<Self, 3>,
-        _mask: Tensor<Self, 3, Bool>,
-        _scale: f64,
-        _softcap: f64,
-        _grad: Tensor<Self, 4>,
+    fn attention_ext_backward(
+        q: Tensor<Self, 4>,
+        k: Tensor<Self, 4>,
+        v: Tensor<Self, 4>,
+        o: Tensor<Self, 4>,
+        lse: Tensor<Self, 3>,
+        mask: Tensor<Self, 3, Bool>,
+        scale: f64,
+        softcap: Option<f64>,
+        _window: Option<usize>,
+        grad: Tensor<Self, 4>,
     ) -> Option<(Tensor<Self, 4>, Tensor<Self, 4>, Tensor<Self, 4>)> {
-        None
+        match softcap {
+            None => Self::attention_backward(q, k, v, o, lse, mask, scale, grad),
+            Some(_) => None,
+        }
     }
 }
 
@@ -275,17 +286,18 @@ pub fn token_logprobs<B: FusedOps>(logits: Tensor<B, 2>, targets: Tensor<B, 1, I
 
 /// Scaled dot-product attention, as transformers' eager attention computes it: scores
 /// `q·kᵀ · scale` (softcapped to `c · tanh(s / c)` when `softcap` is `c`: Gemma 2), masked
-/// positions at −∞, softmax, times `v`. A sliding window is part of the mask; backends with a
-/// kernel skip the keys no query of a block attends to. Backends without a softcap kernel (the
-/// CubeCL compositions) run the reference composition for softcapped scores.
+/// positions at −∞, softmax, times `v`. A sliding window is part of the mask; `window` says so,
+/// and the kernels skip the keys outside it (the CPU kernel reads that from the mask, the
+/// chunked composition from `window`): O(T·window) work.
 ///
 /// # Shapes
 /// `q [B, T, H, hd]`, `k`, `v` `[B, S, KV, hd]`, `mask [1 | B, T, S]` (true = not attended)
 /// → `[B, T, H, hd]`
-pub fn attention<B: FusedOps>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>, mask: Tensor<B, 3, Bool>, scale: f64, softcap: Option<f64>) -> Tensor<B, 4> {
-    let fused = match softcap {
-        None => B::attention_fused(q.clone(), k.clone(), v.clone(), mask.clone(), scale),
-        Some(c) => B::attention_softcap_fused(q.clone(), k.clone(), v.clone(), mask.clone(), scale, c),
+#[allow(clippy::too_many_arguments)]
+pub fn attention<B: FusedOps>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>, mask: Tensor<B, 3, Bool>, scale: f64, softcap: Option<f64>, window: Option<usize>) -> Tensor<B, 4> {
+    let fused = match (softcap, window) {
+        (None, None) => B::attention_fused(q.clone(), k.clone(), v.clone(), mask.clone(), scale),
+        _ => B::attention_ext_fused(q.clone(), k.clone(), v.clone(), mask.clone(), scale, softcap, window),
     };
     match fused {
         Some((o, _)) => o,
@@ -434,7 +446,7 @@ mod tests {
             let m2 = mask.clone();
             check(
                 vec![rand4([b, t, h, 8]), rand4([b, s, kv, 8]), rand4([b, s, kv, 8])],
-                move |x| attention(x[0].clone(), x[1].clone(), x[2].clone(), mask.clone(), 0.35, None),
+                move |x| attention(x[0].clone(), x[1].clone(), x[2].clone(), mask.clone(), 0.35, None, None),
                 move |x| reference::attention(x[0].clone(), x[1].clone(), x[2].clone(), m2.clone(), 0.35),
                 &format!("attention b{b} t{t} s{s} h{h} kv{kv}"),
             );
@@ -445,7 +457,7 @@ mod tests {
         let m2 = mask.clone();
         check(
             vec![rand4([b, t, 4, 8]), rand4([b, t, 2, 8]), rand4([b, t, 2, 8])],
-            move |x| attention(x[0].clone(), x[1].clone(), x[2].clone(), mask.clone(), 0.35, None),
+            move |x| attention(x[0].clone(), x[1].clone(), x[2].clone(), mask.clone(), 0.35, None, None),
             move |x| reference::attention(x[0].clone(), x[1].clone(), x[2].clone(), m2.clone(), 0.35),
             "attention, packed mask",
         );
@@ -468,7 +480,7 @@ mod tests {
             let (m1, m2) = (mask.clone(), mask.clone());
             check(
                 vec![rand4([b, t, 4, 8]), rand4([b, s, 2, 8]), rand4([b, s, 2, 8])],
-                move |x| attention(x[0].clone(), x[1].clone(), x[2].clone(), m1.clone(), 0.9, softcap),
+                move |x| attention(x[0].clone(), x[1].clone(), x[2].clone(), m1.clone(), 0.9, softcap, Some(w)),
                 move |x| reference::attention_softcap(x[0].clone(), x[1].clone(), x[2].clone(), m2.clone(), 0.9, softcap),
                 &format!("window {w}, softcap {softcap:?}"),
             );

@@ -101,9 +101,9 @@ fn bad_models_give_located_errors() {
 
     let d = llama_copy("rope");
     let mut cfg = json(&d.join("config.json"));
-    cfg["rope_parameters"] = serde_json::json!({"rope_type": "longrope", "rope_theta": 10000.0, "factor": 2.0});
+    cfg["rope_parameters"] = serde_json::json!({"rope_type": "mrope", "rope_theta": 10000.0, "factor": 2.0});
     std::fs::write(d.join("config.json"), cfg.to_string()).unwrap();
-    run(gen(&d), 1, &["unsupported rope_scaling \"longrope\""]);
+    run(gen(&d), 1, &["unsupported rope_scaling \"mrope\""]);
 
     let d = llama_copy("truncated");
     let st = d.join("model.safetensors");

@@ -347,3 +347,57 @@ fn longrope_follows_transformers_on_both_sides_of_the_original_context() {
     let model = ft::model::load::<Cpu>(&d, &Default::default(), Default::default()).unwrap();
     assert_logits(&model, &fixtures().join("longrope/expected_logits.safetensors"), "phi3 longrope");
 }
+
+#[test]
+fn dpo_generate_and_data_commands_work_on_the_new_families() {
+    // DPO from the base (reference = adapters off) raises the reward margin; `ft generate`
+    // and `ft data check` take the models as they are.
+    let prefs = fixtures().join("dpo/prefs.jsonl");
+    for name in ["gemma2", "phi3", "qwen3-moe"] {
+        let d = scratch(&format!("family-dpo-{name}"));
+        let r = d.join("recipe.toml");
+        std::fs::write(
+            &r,
+            format!(
+                "[model]\npath = \"{}\"\n[data]\ntrain = \"{}\"\ntemplate = \"chatml\"\n[lora]\nr = 4\nalpha = 8\n\
+                 [train]\nmethod = \"dpo\"\nmax_steps = 6\nmicro_batch_size = 3\nlr = 2e-2\nseed = 5\n[dpo]\nbeta = 0.1\n[output]\ndir = \"{}\"\n",
+                model_dir(name).display(),
+                prefs.display(),
+                d.join("run").display()
+            ),
+        )
+        .unwrap();
+        let (c, _, err) = ft(&["train", s(&r), "--quiet"]);
+        assert_eq!(c, 0, "{name}: {err}");
+        let m: Vec<serde_json::Value> = std::fs::read_to_string(d.join("run/metrics.jsonl")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+        let margins: Vec<f64> = m.iter().filter_map(|l| l["rewards/margins"].as_f64()).collect();
+        assert!((m[0]["loss"].as_f64().unwrap() - std::f64::consts::LN_2).abs() < 1e-4, "{name}: DPO starts at ln 2");
+        assert!(margins.last().unwrap() > &0.0, "{name}: margins {margins:?}");
+        let (c, out, err) = ft(&["generate", "--model", s(&model_dir(name)), "--template", "chatml", "--prompt", "Hello", "--max-new-tokens", "5", "--ignore-eos"]);
+        assert_eq!(c, 0, "{name}: {err}");
+        assert!(!out.trim().is_empty(), "{name}");
+        let (c, out, err) = ft(&["data", "check", s(&fixtures().join("chat.jsonl")), "--model", s(&model_dir(name)), "--template", "chatml", "--json"]);
+        assert_eq!(c, 0, "{name}: {err}");
+        assert!(out.contains("trainable"), "{name}: {out}");
+    }
+}
+
+#[test]
+fn ft_quantize_writes_moe_experts_in_4_bit_that_load_as_quantized_at_load() {
+    // Each expert matrix quantized on its own (bitsandbytes' layout per module); the 4-bit
+    // checkpoint computes exactly what quantizing the dense model at load computes.
+    let d = scratch("moe-quantize");
+    let out = d.join("q");
+    let (c, stdout, err) = ft(&["quantize", "--model", s(&model_dir("qwen3-moe")), "--out", s(&out), "--json"]);
+    assert_eq!(c, 0, "{err}");
+    let report: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    // 2 layers × (4 attention + 4 experts × 3).
+    assert_eq!(report["quantized"], 2 * (4 + 4 * 3), "{stdout}");
+    let stored = ft::model::load::<Cpu>(&out, &Default::default(), Default::default()).unwrap();
+    let at_load = ft::model::load::<Cpu>(&model_dir("qwen3-moe"), &Default::default(), ft::model::LoadOptions { base: ft::model::BaseFormat::Nf4 }).unwrap();
+    let case = ids(&json(&fixtures().join("chat_tokens.json"))[1]["input_ids"]);
+    let (a, b) = (logits(&stored, &case), logits(&at_load, &case));
+    assert_eq!(max_abs_diff(&a, &b), 0.0);
+    let dense = logits(&load("qwen3-moe"), &case);
+    assert!(max_abs_diff(&a, &dense) > 1e-3, "the experts are quantized");
+}
