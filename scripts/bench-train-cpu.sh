@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # CPU SFT throughput and peak memory: ft vs PyTorch + PEFT (when installed) on the same model,
-# data and settings (LoRA r 16 / alpha 32 on all linear layers, micro-batch 8, ChatML, AdamW),
+# data and settings (LoRA r 16 / alpha 32 on all linear layers and, for MoE models, every expert,
+# micro-batch 8, ChatML, AdamW),
 # in one run. Tokens/s are steady-state (after the first step); peak RSS from /usr/bin/time.
 #   scripts/bench-train-cpu.sh [path/to/ft] [MODEL_DIR] [threads] [steps] [DATA] [micro_batch] [gc]
 # DATA: a JSONL of conversations (default datasets/json-answers/train.jsonl, short replies) or
@@ -67,7 +68,9 @@ except ImportError:
 torch.set_num_threads(threads)
 tok = transformers.AutoTokenizer.from_pretrained(model_dir)
 model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
-model = peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM"))
+# ft's all-linear reaches MoE experts; PEFT's needs target_parameters for them (same work on both sides).
+experts = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"] if any(n.endswith("mlp.experts") for n, _ in model.named_modules()) else None
+model = peft.get_peft_model(model, peft.LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", target_parameters=experts, task_type="CAUSAL_LM"))
 if gc:
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.enable_input_require_grads()

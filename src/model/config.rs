@@ -86,7 +86,7 @@ impl Activation {
     pub fn gated<B: crate::ops::Kernels, const D: usize>(self, gate: burn::prelude::Tensor<B, D>, up: burn::prelude::Tensor<B, D>) -> burn::prelude::Tensor<B, D> {
         match self {
             Activation::Silu => crate::ops::swiglu(gate, up),
-            Activation::GeluTanh => crate::ops::gelu_tanh(gate) * up,
+            Activation::GeluTanh => crate::ops::geglu(gate, up),
             Activation::Gelu => burn::tensor::activation::gelu(gate) * up,
         }
     }

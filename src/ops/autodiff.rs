@@ -62,7 +62,10 @@ impl<B: FusedOps> Backward<B, 1> for RopeBackward {
 }
 
 #[derive(Debug)]
-struct SwigluBackward;
+struct SwigluBackward {
+    /// GeGLU (`gelu_tanh(gate) · up`) instead of SwiGLU.
+    gelu: bool,
+}
 
 impl<B: FusedOps> Backward<B, 2> for SwigluBackward {
     type State = (FloatTensor<B>, FloatTensor<B>);
@@ -70,7 +73,12 @@ impl<B: FusedOps> Backward<B, 2> for SwigluBackward {
     fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
         let (gate, up) = ops.state;
         let grad = grads.consume::<B>(&ops.node);
-        let (dg, du) = B::swiglu_backward(float(gate), float(up), float(grad)).expect(PAIRED);
+        let (dg, du) = if self.gelu {
+            B::geglu_backward(float(gate), float(up), float(grad))
+        } else {
+            B::swiglu_backward(float(gate), float(up), float(grad))
+        }
+        .expect(PAIRED);
         let [g, u] = ops.parents;
         if let Some(node) = g {
             grads.register::<B>(node.id, prim(dg));
@@ -216,7 +224,18 @@ impl<B: FusedOps, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
         let (gi, ui) = (inner(&gate), inner(&up));
         let nodes = [gate.into_primitive().tensor().node, up.into_primitive().tensor().node];
         let out = prim(B::swiglu_fused(gi.clone(), ui.clone())?);
-        let out = match SwigluBackward.prepare::<C>(nodes).compute_bound().stateful() {
+        let out = match (SwigluBackward { gelu: false }).prepare::<C>(nodes).compute_bound().stateful() {
+            OpsKind::Tracked(prep) => prep.finish((prim(gi), prim(ui)), out),
+            OpsKind::UnTracked(prep) => prep.finish(out),
+        };
+        Some(float(out))
+    }
+
+    fn geglu_fused(gate: Tensor<Self, 2>, up: Tensor<Self, 2>) -> Option<Tensor<Self, 2>> {
+        let (gi, ui) = (inner(&gate), inner(&up));
+        let nodes = [gate.into_primitive().tensor().node, up.into_primitive().tensor().node];
+        let out = prim(B::geglu_fused(gi.clone(), ui.clone())?);
+        let out = match (SwigluBackward { gelu: true }).prepare::<C>(nodes).compute_bound().stateful() {
             OpsKind::Tracked(prep) => prep.finish((prim(gi), prim(ui)), out),
             OpsKind::UnTracked(prep) => prep.finish(out),
         };

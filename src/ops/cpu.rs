@@ -256,6 +256,38 @@ impl FusedOps for Flex {
         Some((tensor(dg, [n, d]), tensor(du, [n, d])))
     }
 
+    fn geglu_fused(gate: Tensor<Self, 2>, up: Tensor<Self, 2>) -> Option<Tensor<Self, 2>> {
+        let [n, d] = gate.dims();
+        let (g, u) = (contiguous(gate), contiguous(up));
+        let (gs, us) = (f32s(&g), f32s(&u));
+        let mut y = vec![0f32; n * d];
+        let per = rows_per_task(d) * d;
+        y.par_chunks_mut(per).zip(gs.par_chunks(per)).zip(us.par_chunks(per)).for_each(|((yc, gc), uc)| {
+            for ((y, g), u) in yc.iter_mut().zip(gc).zip(uc) {
+                *y = gelu_tanh(*g).0 * u;
+            }
+        });
+        Some(tensor(y, [n, d]))
+    }
+
+    fn geglu_backward(gate: Tensor<Self, 2>, up: Tensor<Self, 2>, grad: Tensor<Self, 2>) -> Option<(Tensor<Self, 2>, Tensor<Self, 2>)> {
+        let [n, d] = gate.dims();
+        let (g, u, dy) = (contiguous(gate), contiguous(up), contiguous(grad));
+        let (gs, us, dys) = (f32s(&g), f32s(&u), f32s(&dy));
+        let (mut dg, mut du) = (vec![0f32; n * d], vec![0f32; n * d]);
+        let per = rows_per_task(d) * d;
+        dg.par_chunks_mut(per).zip(du.par_chunks_mut(per)).zip(gs.par_chunks(per).zip(us.par_chunks(per)).zip(dys.par_chunks(per))).for_each(
+            |((dgc, duc), ((gc, uc), dyc))| {
+                for i in 0..gc.len() {
+                    let (y, dydg) = gelu_tanh(gc[i]);
+                    duc[i] = dyc[i] * y;
+                    dgc[i] = dyc[i] * uc[i] * dydg;
+                }
+            },
+        );
+        Some((tensor(dg, [n, d]), tensor(du, [n, d])))
+    }
+
     fn lora_linear_fused(
         x: Tensor<Self, 2>,
         x_lora: Option<Tensor<Self, 2>>,
@@ -494,6 +526,14 @@ fn attention_backward(
 fn rstd(x: &[f32], eps: f64) -> f32 {
     let ss: f32 = x.iter().map(|v| v * v).sum();
     1.0 / (ss / x.len() as f32 + eps as f32).sqrt()
+}
+
+/// PyTorch's tanh-approximated GELU `x/2 · (1 + tanh(√(2/π)(x + 0.044715x³)))` and its derivative.
+fn gelu_tanh(x: f32) -> (f32, f32) {
+    const BETA: f32 = 0.797_884_6; // √(2/π)
+    const K: f32 = 0.044_715;
+    let t = (BETA * (x + K * x * x * x)).tanh();
+    (0.5 * x * (1.0 + t), 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * BETA * (1.0 + 3.0 * K * x * x))
 }
 
 fn sigmoid(x: f32) -> f32 {

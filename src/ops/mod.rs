@@ -89,6 +89,15 @@ pub trait FusedOps: Backend {
         None
     }
 
+    /// `gelu_tanh(gate) · up` (Gemma's GeGLU), both `[N, I]`.
+    fn geglu_fused(_gate: Tensor<Self, 2>, _up: Tensor<Self, 2>) -> Option<Tensor<Self, 2>> {
+        None
+    }
+    /// Gradients with respect to `gate` and `up`.
+    fn geglu_backward(_gate: Tensor<Self, 2>, _up: Tensor<Self, 2>, _grad: Tensor<Self, 2>) -> Option<(Tensor<Self, 2>, Tensor<Self, 2>)> {
+        None
+    }
+
     /// `x·W + (s·(x'·A))·B` for a frozen `W [in, out]` and a LoRA adapter `A [in, r]`,
     /// `B [r, out]`, where `x'` is the adapter's input (`x` after dropout; `None` = `x`). Also
     /// returns `t = s·(x'·A)` `[N, r]` for the backward.
@@ -261,6 +270,18 @@ pub fn gelu_tanh<B: Backend, const D: usize>(x: Tensor<B, D>) -> Tensor<B, D> {
     (inner.tanh() + 1.0) * x * 0.5
 }
 
+/// `gelu_tanh(gate) · up` (Gemma's gated MLP), any rank: one kernel where the backend has one
+/// (the CPU), else composed from tensor ops.
+pub fn geglu<B: FusedOps, const D: usize>(gate: Tensor<B, D>, up: Tensor<B, D>) -> Tensor<B, D> {
+    let dims = gate.dims();
+    let inner = dims[D - 1];
+    let rows = gate.shape().num_elements() / inner.max(1);
+    match B::geglu_fused(gate.clone().reshape([rows, inner]), up.clone().reshape([rows, inner])) {
+        Some(y) => y.reshape(dims),
+        None => gelu_tanh(gate) * up,
+    }
+}
+
 /// A frozen linear map plus a LoRA adapter, `x·W + (s·(x'·A))·B` (PEFT's `lora_B(lora_A(x'))·s`
 /// with the scale moved onto the rank-r product), `x'` = `x_lora` or `x`.
 ///
@@ -375,8 +396,10 @@ mod tests {
         assert!(Ad::rms_norm_fused(t2(2, 4), Tensor::ones([4], &dev), 1e-5).is_some());
         assert!(Ad::rope_fused(rand4([1, 2, 1, 4]), cos, sin, false).is_some());
         assert!(Ad::swiglu_fused(t2(2, 4), t2(2, 4)).is_some());
+        assert!(Ad::geglu_fused(t2(2, 4), t2(2, 4)).is_some());
         assert!(Ad::lora_linear_fused(t2(2, 4), None, t2(4, 3), t2(4, 2), t2(2, 3), 0.5).is_some());
-        assert!(Ad::attention_fused(rand4([1, 2, 2, 4]), rand4([1, 2, 1, 4]), rand4([1, 2, 1, 4]), mask, 0.5).is_some());
+        assert!(Ad::attention_fused(rand4([1, 2, 2, 4]), rand4([1, 2, 1, 4]), rand4([1, 2, 1, 4]), mask.clone(), 0.5).is_some());
+        assert!(Ad::attention_ext_fused(rand4([1, 2, 2, 4]), rand4([1, 2, 1, 4]), rand4([1, 2, 1, 4]), mask, 0.5, Some(3.0), Some(1)).is_some());
     }
 
     #[test]
@@ -385,6 +408,8 @@ mod tests {
         let w2 = w.clone();
         check(vec![rand4([2, 5, 3, 24])], move |x| rms_norm(x[0].clone(), w.clone(), 1e-5), move |x| reference::rms_norm(x[0].clone(), w2.clone(), 1e-5), "rms_norm");
         check(vec![rand4([2, 5, 3, 24]), rand4([2, 5, 3, 24])], |x| swiglu(x[0].clone(), x[1].clone()), |x| silu(x[0].clone()) * x[1].clone(), "swiglu");
+        // Gemma's GeGLU: the CPU kernel and its backward against the tensor-op composition.
+        check(vec![rand4([2, 5, 3, 24]) * 2.0, rand4([2, 5, 3, 24])], |x| geglu(x[0].clone(), x[1].clone()), |x| gelu_tanh(x[0].clone()) * x[1].clone(), "geglu");
     }
 
     #[test]

@@ -401,3 +401,45 @@ fn ft_quantize_writes_moe_experts_in_4_bit_that_load_as_quantized_at_load() {
     let dense = logits(&load("qwen3-moe"), &case);
     assert!(max_abs_diff(&a, &dense) > 1e-3, "the experts are quantized");
 }
+
+/// A copy of oracle model `model` with its config edited by `edit`.
+fn edited_model(model: &str, dir: &Path, edit: impl Fn(&mut serde_json::Value)) -> PathBuf {
+    let out = dir.join(model);
+    std::fs::create_dir_all(&out).unwrap();
+    for f in std::fs::read_dir(model_dir(model)).unwrap().flatten() {
+        std::fs::copy(f.path(), out.join(f.file_name())).unwrap();
+    }
+    let mut cfg = json(&out.join("config.json"));
+    edit(&mut cfg);
+    std::fs::write(out.join("config.json"), serde_json::to_string_pretty(&cfg).unwrap()).unwrap();
+    out
+}
+
+#[test]
+fn published_config_spellings_compute_the_same_models() {
+    // Gemma 3 as google/gemma-3-* configs spell it (rope_theta, rope_local_base_freq,
+    // rope_scaling for the global layers, sliding_window_pattern; no layer_types), Qwen3-MoE's
+    // published `num_experts`, Gemma 2 without layer_types (alternating from layer 0).
+    let d = scratch("published-spellings");
+    let gemma3 = edited_model("gemma3", &d, |c| {
+        let o = c.as_object_mut().unwrap();
+        for k in ["rope_parameters", "layer_types", "_sliding_window_pattern"] {
+            o.remove(k);
+        }
+        o.insert("rope_theta".into(), 1_000_000.0.into());
+        o.insert("rope_local_base_freq".into(), 10_000.0.into());
+        o.insert("rope_scaling".into(), serde_json::json!({"rope_type": "linear", "factor": 8.0}));
+        o.insert("sliding_window_pattern".into(), 2.into());
+    });
+    let qwen = edited_model("qwen3-moe", &d, |c| {
+        let n = c.as_object_mut().unwrap().remove("num_local_experts").unwrap();
+        c["num_experts"] = n;
+    });
+    let gemma2 = edited_model("gemma2", &d, |c| {
+        c.as_object_mut().unwrap().remove("layer_types");
+    });
+    for (dir, name) in [(gemma3, "gemma3"), (qwen, "qwen3-moe"), (gemma2, "gemma2")] {
+        let model = ft::model::load::<Cpu>(&dir, &Default::default(), Default::default()).unwrap();
+        assert_logits(&model, &model_dir(name).join("expected_logits.safetensors"), &format!("{name}, published spelling"));
+    }
+}
