@@ -9,6 +9,10 @@
 //! | Ollama | safetensors adapters of families other than Llama, Mistral/Mixtral, Gemma 1/2; DoRA and full module copies (it converts to GGUF as llama.cpp) | — (QLoRA adapters: "best to use non-quantized") |
 //! | llama.cpp | DoRA magnitudes; full `embed_tokens`/`lm_head` weights | rsLoRA (scaled α/r, √r too weak); `rank_pattern`/`alpha_pattern` (one scale for all) |
 //! | mistral.rs | DoRA; `modules_to_save`; embedding/head adapters; rank above 256 | — |
+//!
+//! MoE expert adapters (PEFT's `target_parameters`, 3-D stacks): vLLM loads them only for models it
+//! flags `is_3d_moe_weight`; SGLang has fused-MoE LoRA; for llama.cpp, Ollama and mistral.rs the
+//! stacked form is unverified — each is a warning with the merged model as the fix.
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
@@ -90,6 +94,8 @@ pub struct AdapterInfo {
     pub modules_to_save: Vec<String>,
     /// LoRA on the token embeddings (`lora_embedding_A/B`).
     pub embedding_lora: bool,
+    /// Parameters adapted directly (PEFT's `target_parameters`: MoE expert stacks, a router).
+    pub target_parameters: Vec<String>,
     /// The whole base embedding saved beside it (PEFT's `save_embedding_layers`).
     pub saved_embedding_layer: bool,
     pub parameters: usize,
@@ -113,7 +119,16 @@ pub fn info(dir: &Path, model: Option<&Path>) -> Result<AdapterInfo, PeftError> 
         if let Some(module) = n.strip_suffix(".lora_A.weight").or_else(|| n.strip_suffix(".lora_embedding_A")) {
             let module = module.trim_start_matches("base_model.model.");
             adapted += 1;
-            kinds.insert(module.rsplit('.').next().unwrap_or(module).to_string());
+            // An expert stack (`….mlp.experts[.base_layer…]`): which parameter, as PEFT nests them.
+            let stripped = module.trim_end_matches(".base_layer").trim_end_matches(".base_layer");
+            let kind = if stripped.ends_with(".mlp.experts") {
+                let stack = stripped.to_string();
+                let param = ["gate_up_proj", "down_proj"].into_iter().find(|p| crate::formats::peft::stack_tensor_names(&stack, p, &config.target_parameters).0 == *n);
+                format!("experts.{}", param.unwrap_or("?"))
+            } else {
+                module.rsplit('.').next().unwrap_or(module).to_string()
+            };
+            kinds.insert(kind);
             ranks.insert(config.rank_for(module));
             let alpha = config.scale_for(module) * if config.use_rslora { (config.rank_for(module) as f64).sqrt() } else { config.rank_for(module) as f64 };
             if !alphas.iter().any(|a| (a - alpha).abs() < 1e-9) {
@@ -151,6 +166,7 @@ pub fn info(dir: &Path, model: Option<&Path>) -> Result<AdapterInfo, PeftError> 
             .map(String::from)
             .collect(),
         embedding_lora,
+        target_parameters: config.target_parameters.clone(),
         saved_embedding_layer: names.iter().any(|n| n.ends_with("embed_tokens.base_layer.weight")),
         parameters,
         quantized_base: AdapterFiles::quantized_base(dir),
@@ -190,6 +206,16 @@ pub fn check(a: &AdapterInfo, engines: &[Engine], max_lora_rank: usize) -> Vec<F
             let what = if e == Engine::Vllm { "LoRA on embed_tokens: vLLM's extra-vocabulary LoRA support is deprecated" } else { "LoRA on embed_tokens is not supported" };
             let what = if a.saved_embedding_layer { format!("{what}; the adapter also carries the whole base embedding (PEFT's save_embedding_layers)") } else { what.to_string() };
             add(e, severity, what, merge.clone());
+        }
+        if !a.target_parameters.is_empty() {
+            let what = match e {
+                Engine::Vllm => Some("MoE expert adapters (target_parameters, 3-D stacks) load only for models vLLM flags is_3d_moe_weight".to_string()),
+                Engine::Sglang => None,
+                _ => Some(format!("MoE expert adapters (target_parameters {:?}): {} support for the stacked form is not verified", a.target_parameters, e.name())),
+            };
+            if let Some(what) = what {
+                add(e, Severity::Warning, what, merge.clone());
+            }
         }
         match e {
             Engine::Vllm => {

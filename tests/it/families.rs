@@ -443,3 +443,43 @@ fn published_config_spellings_compute_the_same_models() {
         assert_logits(&model, &model_dir(name).join("expected_logits.safetensors"), &format!("{name}, published spelling"));
     }
 }
+
+#[test]
+fn adapter_info_and_check_describe_expert_adapters() {
+    let a = experts_adapter("qwen3-moe");
+    let (c, out, err) = ft(&["adapter", "info", s(&a), "--model", s(&model_dir("qwen3-moe")), "--json"]);
+    assert_eq!(c, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let kinds: Vec<&str> = v["target_kinds"].as_array().unwrap().iter().map(|k| k.as_str().unwrap()).collect();
+    assert_eq!(kinds, ["experts.down_proj", "experts.gate_up_proj", "k_proj", "o_proj", "q_proj", "v_proj"]);
+    assert_eq!(v["target_parameters"], serde_json::json!(["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]));
+    // 2 layers × (4 attention (A + B) + 2 stacks of 4 experts): PEFT's parameter count.
+    assert_eq!(v["parameters"], 12288);
+    let (c, out, err) = ft(&["adapter", "check", s(&a), "--model", s(&model_dir("qwen3-moe")), "--json"]);
+    assert_eq!(c, 0, "{err}");
+    assert!(out.contains("is_3d_moe_weight"), "{out}");
+}
+
+#[test]
+fn the_router_trains_only_when_targeted() {
+    // `target_parameters = ["mlp.gate.weight"]` adds a LoRA on each router (PEFT's spelling for
+    // it), saved under the router's module name and listed in target_parameters; the adapter
+    // loads back to the same logits.
+    let d = scratch("moe-router");
+    let (c, _, err) = ft(&["train", s(&recipe(&d, "qwen3-moe", "target_parameters = [\"mlp.gate.weight\"]", "")), "--quiet"]);
+    assert_eq!(c, 0, "{err}");
+    let cfg = json(&d.join("run/adapter/adapter_config.json"));
+    assert_eq!(cfg["target_parameters"], serde_json::json!(["mlp.experts.gate_up_proj", "mlp.experts.down_proj", "mlp.gate.weight"]));
+    let bytes = std::fs::read(d.join("run/adapter/adapter_model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    for l in 0..2 {
+        let a = st.tensor(&format!("base_model.model.model.layers.{l}.mlp.gate.lora_A.weight")).unwrap();
+        assert_eq!(a.shape(), &[4, 64]);
+        let b = st.tensor(&format!("base_model.model.model.layers.{l}.mlp.gate.lora_B.weight")).unwrap();
+        assert_eq!(b.shape(), &[4, 4]);
+        assert!(ft::formats::safetensors::to_f32(b.data(), b.dtype()).unwrap().iter().any(|&x| x != 0.0), "the router's LoRA trained");
+    }
+    let mut model = load("qwen3-moe");
+    let n = PeftAdapter::open(&d.join("run/adapter")).unwrap().attach(&mut model).unwrap();
+    assert_eq!(n, 2 * (4 + 1 + 2 * 4));
+}
