@@ -54,7 +54,7 @@ fn main() {
             let before = in_use(&probe);
             let start = Instant::now();
             let y = if composed {
-                ops::attention(ql.clone(), kl.clone(), vl.clone(), mask.clone(), scale, None, None)
+                ops::attention(ql.clone(), kl.clone(), vl.clone(), mask.clone(), ops::Scores::scaled(scale))
             } else {
                 ops::reference::attention(ql.clone(), kl.clone(), vl.clone(), mask.clone(), scale)
             };
@@ -82,8 +82,8 @@ fn main() {
         for budget in [1usize << 24, 1 << 25, 1 << 26, 1 << 27] {
             let once = || {
                 let start = Instant::now();
-                let (o, lse) = ops::chunked::attention(q.clone(), k.clone(), v.clone(), mask.clone().inner(), scale, None, None, budget);
-                let grads = ops::chunked::attention_backward(q.clone(), k.clone(), v.clone(), o, lse, mask.clone().inner(), scale, None, None, c.clone(), budget);
+                let (o, lse) = ops::chunked::attention(q.clone(), k.clone(), v.clone(), mask.clone().inner(), ops::Scores::scaled(scale), budget);
+                let grads = ops::chunked::attention_backward(q.clone(), k.clone(), v.clone(), o, lse, mask.clone().inner(), ops::Scores::scaled(scale), c.clone(), budget);
                 drop(grads);
                 CubeBackend::<R, F, I, BT>::sync(&device).unwrap();
                 start.elapsed().as_secs_f64()

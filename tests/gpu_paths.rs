@@ -136,8 +136,8 @@ fn the_decoder_operations_run_as_single_nodes_with_chunked_attention() {
         let g = (y.clone() * Tensor::from_inner(c.clone())).sum().backward();
         let want = [y.inner(), ql.grad(&g).unwrap(), kl.grad(&g).unwrap(), vl.grad(&g).unwrap()];
         let budget = 3 * b * h * t;
-        let (o, lse) = chunked::attention(q.clone(), k.clone(), v.clone(), mask.clone().inner(), 0.25, None, None, budget);
-        let (dq, dk, dv) = chunked::attention_backward(q, k, v, o.clone(), lse, mask.inner(), 0.25, None, None, c, budget);
+        let (o, lse) = chunked::attention(q.clone(), k.clone(), v.clone(), mask.clone().inner(), ft::ops::Scores::scaled(0.25), budget);
+        let (dq, dk, dv) = chunked::attention_backward(q, k, v, o.clone(), lse, mask.inner(), ft::ops::Scores::scaled(0.25), c, budget);
         for (name, got, want) in [("output", o, &want[0]), ("dq", dq, &want[1]), ("dk", dk, &want[2]), ("dv", dv, &want[3])] {
             let (got, want): (Vec<f32>, Vec<f32>) = (got.into_data().to_vec().unwrap(), want.clone().into_data().to_vec().unwrap());
             let worst = got.iter().zip(&want).map(|(a, b)| (a - b).abs() / b.abs().max(1.0)).fold(0f32, f32::max);

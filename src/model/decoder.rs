@@ -219,7 +219,7 @@ impl<B: Kernels> Attention<B> {
             }
             *slot = Some(LayerCache { k: k.clone(), v: v.clone() });
         }
-        let out = ops::attention(q, k, v, mask, self.scale, self.softcap, self.window);
+        let out = ops::attention(q, k, v, mask, ops::Scores { scale: self.scale, softcap: self.softcap, window: self.window });
         self.o_proj.forward(out.reshape([b, t, nh * hd]))
     }
 }

@@ -11,7 +11,7 @@ use burn::prelude::*;
 use burn::tensor::ops::{BoolTensor, FloatTensor, IntTensor};
 use burn::tensor::{Bool, TensorPrimitive};
 
-use super::{FusedOps, Nf4Linear};
+use super::{FusedOps, Nf4Linear, Scores};
 use crate::quant::nf4_weight::Nf4Weight;
 
 /// A backward node exists only where the inner backend ran the forward kernel, and a backend with
@@ -153,9 +153,7 @@ struct AttentionState<B: Backend> {
     o: FloatTensor<B>,
     lse: FloatTensor<B>,
     mask: BoolTensor<B>,
-    scale: f64,
-    softcap: Option<f64>,
-    window: Option<usize>,
+    scores: Scores,
 }
 
 #[derive(Debug)]
@@ -168,9 +166,9 @@ impl<B: FusedOps> Backward<B, 3> for AttentionBackward {
         let s = ops.state;
         let grad = grads.consume::<B>(&ops.node);
         let mask = Tensor::<B, 3, Bool>::from_primitive(s.mask);
-        let (dq, dk, dv) = match (s.softcap, s.window) {
-            (None, None) => B::attention_backward(float(s.q), float(s.k), float(s.v), float(s.o), float(s.lse), mask, s.scale, float(grad)),
-            _ => B::attention_ext_backward(float(s.q), float(s.k), float(s.v), float(s.o), float(s.lse), mask, s.scale, s.softcap, s.window, float(grad)),
+        let (dq, dk, dv) = match (s.scores.softcap, s.scores.window) {
+            (None, None) => B::attention_backward(float(s.q), float(s.k), float(s.v), float(s.o), float(s.lse), mask, s.scores.scale, float(grad)),
+            _ => B::attention_ext_backward(float(s.q), float(s.k), float(s.v), float(s.o), float(s.lse), mask, s.scores, float(grad)),
         }
         .expect(PAIRED);
         for (node, g) in ops.parents.into_iter().zip([dq, dk, dv]) {
@@ -280,19 +278,11 @@ impl<B: FusedOps, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
     }
 
     fn attention_fused(q: Tensor<Self, 4>, k: Tensor<Self, 4>, v: Tensor<Self, 4>, mask: Tensor<Self, 3, Bool>, scale: f64) -> Option<(Tensor<Self, 4>, Tensor<Self, 3>)> {
-        attention_node(q, k, v, mask, scale, None, None)
+        attention_node(q, k, v, mask, Scores::scaled(scale))
     }
 
-    fn attention_ext_fused(
-        q: Tensor<Self, 4>,
-        k: Tensor<Self, 4>,
-        v: Tensor<Self, 4>,
-        mask: Tensor<Self, 3, Bool>,
-        scale: f64,
-        softcap: Option<f64>,
-        window: Option<usize>,
-    ) -> Option<(Tensor<Self, 4>, Tensor<Self, 3>)> {
-        attention_node(q, k, v, mask, scale, softcap, window)
+    fn attention_ext_fused(q: Tensor<Self, 4>, k: Tensor<Self, 4>, v: Tensor<Self, 4>, mask: Tensor<Self, 3, Bool>, s: Scores) -> Option<(Tensor<Self, 4>, Tensor<Self, 3>)> {
+        attention_node(q, k, v, mask, s)
     }
 }
 
@@ -303,20 +293,18 @@ fn attention_node<B: FusedOps, C: CheckpointStrategy>(
     k: Tensor<Autodiff<B, C>, 4>,
     v: Tensor<Autodiff<B, C>, 4>,
     mask: Tensor<Autodiff<B, C>, 3, Bool>,
-    scale: f64,
-    softcap: Option<f64>,
-    window: Option<usize>,
+    scores: Scores,
 ) -> Option<(Tensor<Autodiff<B, C>, 4>, Tensor<Autodiff<B, C>, 3>)> {
     let (qi, ki, vi) = (inner(&q), inner(&k), inner(&v));
     let mask = Tensor::<B, 3, Bool>::from_primitive(mask.into_primitive());
     let nodes = [q.into_primitive().tensor().node, k.into_primitive().tensor().node, v.into_primitive().tensor().node];
-    let (o, lse) = match (softcap, window) {
-        (None, None) => B::attention_fused(qi.clone(), ki.clone(), vi.clone(), mask.clone(), scale)?,
-        _ => B::attention_ext_fused(qi.clone(), ki.clone(), vi.clone(), mask.clone(), scale, softcap, window)?,
+    let (o, lse) = match (scores.softcap, scores.window) {
+        (None, None) => B::attention_fused(qi.clone(), ki.clone(), vi.clone(), mask.clone(), scores.scale)?,
+        _ => B::attention_ext_fused(qi.clone(), ki.clone(), vi.clone(), mask.clone(), scores)?,
     };
     let out = match AttentionBackward.prepare::<C>(nodes).compute_bound().stateful() {
         OpsKind::Tracked(prep) => {
-            let state = AttentionState { q: prim(qi), k: prim(ki), v: prim(vi), o: prim(o.clone()), lse: prim(lse.clone()), mask: mask.into_primitive(), scale, softcap, window };
+            let state = AttentionState { q: prim(qi), k: prim(ki), v: prim(vi), o: prim(o.clone()), lse: prim(lse.clone()), mask: mask.into_primitive(), scores };
             prep.finish(state, prim(o))
         }
         OpsKind::UnTracked(prep) => prep.finish(prim(o)),

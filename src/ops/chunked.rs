@@ -24,7 +24,7 @@ use burn::tensor::activation::{sigmoid, silu};
 use burn::tensor::{Bool, FloatDType};
 
 #[allow(unused_imports)]
-use super::{chunked, FusedOps, Nf4Linear, ScoreRows};
+use super::{chunked, FusedOps, Nf4Linear, ScoreRows, Scores};
 use super::reference::rotate_half;
 
 /// Score elements (rows × keys × heads × batch) one attention chunk may hold: 64 Mi, so 256 MiB
@@ -271,18 +271,10 @@ macro_rules! composed_fused_ops {
             Some(chunked::swiglu_backward(gate, up, grad))
         }
         fn attention_fused(q: Tensor<Self, 4>, k: Tensor<Self, 4>, v: Tensor<Self, 4>, mask: Tensor<Self, 3, Bool>, scale: f64) -> Option<(Tensor<Self, 4>, Tensor<Self, 3>)> {
-            Some(chunked::attention(q, k, v, mask, scale, None, None, chunked::CHUNK_SCORES))
+            Some(chunked::attention(q, k, v, mask, Scores::scaled(scale), chunked::CHUNK_SCORES))
         }
-        fn attention_ext_fused(
-            q: Tensor<Self, 4>,
-            k: Tensor<Self, 4>,
-            v: Tensor<Self, 4>,
-            mask: Tensor<Self, 3, Bool>,
-            scale: f64,
-            softcap: Option<f64>,
-            window: Option<usize>,
-        ) -> Option<(Tensor<Self, 4>, Tensor<Self, 3>)> {
-            Some(chunked::attention(q, k, v, mask, scale, softcap, window, chunked::CHUNK_SCORES))
+        fn attention_ext_fused(q: Tensor<Self, 4>, k: Tensor<Self, 4>, v: Tensor<Self, 4>, mask: Tensor<Self, 3, Bool>, s: Scores) -> Option<(Tensor<Self, 4>, Tensor<Self, 3>)> {
+            Some(chunked::attention(q, k, v, mask, s, chunked::CHUNK_SCORES))
         }
         fn attention_ext_backward(
             q: Tensor<Self, 4>,
@@ -291,12 +283,10 @@ macro_rules! composed_fused_ops {
             o: Tensor<Self, 4>,
             lse: Tensor<Self, 3>,
             mask: Tensor<Self, 3, Bool>,
-            scale: f64,
-            softcap: Option<f64>,
-            window: Option<usize>,
+            s: Scores,
             grad: Tensor<Self, 4>,
         ) -> Option<(Tensor<Self, 4>, Tensor<Self, 4>, Tensor<Self, 4>)> {
-            Some(chunked::attention_backward(q, k, v, o, lse, mask, scale, softcap, window, grad, chunked::CHUNK_SCORES))
+            Some(chunked::attention_backward(q, k, v, o, lse, mask, s, grad, chunked::CHUNK_SCORES))
         }
         fn attention_backward(
             q: Tensor<Self, 4>,
@@ -308,7 +298,7 @@ macro_rules! composed_fused_ops {
             scale: f64,
             grad: Tensor<Self, 4>,
         ) -> Option<(Tensor<Self, 4>, Tensor<Self, 4>, Tensor<Self, 4>)> {
-            Some(chunked::attention_backward(q, k, v, o, lse, mask, scale, None, None, grad, chunked::CHUNK_SCORES))
+            Some(chunked::attention_backward(q, k, v, o, lse, mask, Scores::scaled(scale), grad, chunked::CHUNK_SCORES))
         }
     };
 }
@@ -346,17 +336,8 @@ impl Nf4Linear for crate::backend::CudaBf16 {}
 /// (Gemma 2); with `window` (the mask is a sliding window of that many keys) each chunk reads
 /// only the keys inside its rows' windows: O(T·window). Returns the output `[B, T, H, hd]` and
 /// the log-sum-exp `[B, H, T]` in f32.
-#[allow(clippy::too_many_arguments)]
-pub fn attention<B: ScoreRows>(
-    q: Tensor<B, 4>,
-    k: Tensor<B, 4>,
-    v: Tensor<B, 4>,
-    mask: Tensor<B, 3, Bool>,
-    scale: f64,
-    softcap: Option<f64>,
-    window: Option<usize>,
-    chunk_scores: usize,
-) -> (Tensor<B, 4>, Tensor<B, 3>) {
+pub fn attention<B: ScoreRows>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>, mask: Tensor<B, 3, Bool>, sc: Scores, chunk_scores: usize) -> (Tensor<B, 4>, Tensor<B, 3>) {
+    let Scores { scale, softcap, window } = sc;
     let g = Geometry::of(q.dims(), k.dims(), chunk_scores);
     let qg = grouped(&g, q);
     let (k, v) = (k.swap_dims(1, 2), v.swap_dims(1, 2));
@@ -387,12 +368,11 @@ pub fn attention_backward<B: ScoreRows>(
     o: Tensor<B, 4>,
     lse: Tensor<B, 3>,
     mask: Tensor<B, 3, Bool>,
-    scale: f64,
-    softcap: Option<f64>,
-    window: Option<usize>,
+    sc: Scores,
     grad: Tensor<B, 4>,
     chunk_scores: usize,
 ) -> (Tensor<B, 4>, Tensor<B, 4>, Tensor<B, 4>) {
+    let Scores { scale, softcap, window } = sc;
     let g = Geometry::of(q.dims(), k.dims(), chunk_scores);
     let dtype = float_dtype(&q);
     let device = q.device();
@@ -521,17 +501,18 @@ mod tests {
         let scale = 0.35;
         let m = Tensor::<Ad, 3, Bool>::from_inner(mask.clone());
         let (y, g, c) = reference_grads(&[q.clone(), k.clone(), v.clone()], |x| reference::attention_softcap(x[0].clone(), x[1].clone(), x[2].clone(), m.clone(), scale, softcap));
-        let (_, lse_kernel) = Cpu::attention_ext_fused(q.clone(), k.clone(), v.clone(), mask.clone(), scale, softcap, window).expect("CPU kernel");
+        let sc = Scores { scale, softcap, window };
+        let (_, lse_kernel) = Cpu::attention_ext_fused(q.clone(), k.clone(), v.clone(), mask.clone(), sc).expect("CPU kernel");
         let [b, t, h, _] = q.dims();
         let s = k.dims()[1];
         // One query row per chunk, two, and everything in one chunk.
         for rows in [1, 2, t] {
             let budget = rows * b * h * s;
             let what = format!("{what}, {rows} rows per chunk");
-            let (o, lse) = attention(q.clone(), k.clone(), v.clone(), mask.clone(), scale, softcap, window, budget);
+            let (o, lse) = attention(q.clone(), k.clone(), v.clone(), mask.clone(), sc, budget);
             assert_close(o.clone(), y.clone(), 2e-5, &format!("{what}: output"));
             assert_close(lse.clone(), lse_kernel.clone(), 2e-5, &format!("{what}: log-sum-exp"));
-            let (dq, dk, dv) = attention_backward(q.clone(), k.clone(), v.clone(), o, lse, mask.clone(), scale, softcap, window, c.clone(), budget);
+            let (dq, dk, dv) = attention_backward(q.clone(), k.clone(), v.clone(), o, lse, mask.clone(), sc, c.clone(), budget);
             for (name, a, r) in [("dq", dq, &g[0]), ("dk", dk, &g[1]), ("dv", dv, &g[2])] {
                 assert_close(a, r.clone(), 2e-5, &format!("{what}: {name}"));
             }
@@ -594,11 +575,11 @@ mod tests {
         let mask = Tensor::<Cpu, 2, Bool>::tril_mask([t, t], 0, &dev).reshape([1, t, t]);
         let bf = |x: &Tensor<Cpu, 4>| x.clone().cast(FloatDType::BF16);
         let budget = 4 * b * h * t;
-        let (o, lse) = attention(q.clone(), k.clone(), v.clone(), mask.clone(), 0.25, None, None, budget);
-        let (o16, lse16) = attention(bf(&q), bf(&k), bf(&v), mask.clone(), 0.25, None, None, budget);
+        let (o, lse) = attention(q.clone(), k.clone(), v.clone(), mask.clone(), Scores::scaled(0.25), budget);
+        let (o16, lse16) = attention(bf(&q), bf(&k), bf(&v), mask.clone(), Scores::scaled(0.25), budget);
         assert_eq!((o16.dtype(), lse16.dtype()), (DType::BF16, DType::F32));
-        let grads = attention_backward(q.clone(), k.clone(), v.clone(), o, lse.clone(), mask.clone(), 0.25, None, None, c.clone(), budget);
-        let grads16 = attention_backward(bf(&q), bf(&k), bf(&v), o16.clone(), lse16.clone(), mask, 0.25, None, None, bf(&c), budget);
+        let grads = attention_backward(q.clone(), k.clone(), v.clone(), o, lse.clone(), mask.clone(), Scores::scaled(0.25), c.clone(), budget);
+        let grads16 = attention_backward(bf(&q), bf(&k), bf(&v), o16.clone(), lse16.clone(), mask, Scores::scaled(0.25), bf(&c), budget);
         // bf16 keeps 8 significant bits: inputs and products each round at ~4e-3 relative.
         assert_close(lse16, lse, 2e-2, "bf16 log-sum-exp");
         for (name, a, r) in [("dq", grads16.0, grads.0), ("dk", grads16.1, grads.1), ("dv", grads16.2, grads.2)] {

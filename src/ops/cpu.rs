@@ -10,7 +10,7 @@ use burn::tensor::{Bool, TensorData, TensorPrimitive};
 use burn_flex::{Flex, FlexTensor};
 use rayon::prelude::*;
 
-use super::{FusedOps, Nf4Linear, ScoreRows};
+use super::{FusedOps, Nf4Linear, ScoreRows, Scores};
 use crate::quant::nf4_weight::Nf4Weight;
 use burn::tensor::FloatDType;
 
@@ -225,67 +225,19 @@ impl FusedOps for Flex {
     }
 
     fn swiglu_fused(gate: Tensor<Self, 2>, up: Tensor<Self, 2>) -> Option<Tensor<Self, 2>> {
-        let [n, d] = gate.dims();
-        let (g, u) = (contiguous(gate), contiguous(up));
-        let (gs, us) = (f32s(&g), f32s(&u));
-        let mut y = vec![0f32; n * d];
-        let per = rows_per_task(d) * d;
-        y.par_chunks_mut(per).zip(gs.par_chunks(per)).zip(us.par_chunks(per)).for_each(|((yc, gc), uc)| {
-            for ((y, g), u) in yc.iter_mut().zip(gc).zip(uc) {
-                *y = g * sigmoid(*g) * u;
-            }
-        });
-        Some(tensor(y, [n, d]))
+        Some(gated_forward(gate, up, silu))
     }
 
     fn swiglu_backward(gate: Tensor<Self, 2>, up: Tensor<Self, 2>, grad: Tensor<Self, 2>) -> Option<(Tensor<Self, 2>, Tensor<Self, 2>)> {
-        let [n, d] = gate.dims();
-        let (g, u, dy) = (contiguous(gate), contiguous(up), contiguous(grad));
-        let (gs, us, dys) = (f32s(&g), f32s(&u), f32s(&dy));
-        let (mut dg, mut du) = (vec![0f32; n * d], vec![0f32; n * d]);
-        let per = rows_per_task(d) * d;
-        dg.par_chunks_mut(per).zip(du.par_chunks_mut(per)).zip(gs.par_chunks(per).zip(us.par_chunks(per)).zip(dys.par_chunks(per))).for_each(
-            |((dgc, duc), ((gc, uc), dyc))| {
-                for i in 0..gc.len() {
-                    let (g, s) = (gc[i], sigmoid(gc[i]));
-                    duc[i] = dyc[i] * g * s;
-                    dgc[i] = dyc[i] * uc[i] * s * (1.0 + g * (1.0 - s));
-                }
-            },
-        );
-        Some((tensor(dg, [n, d]), tensor(du, [n, d])))
+        Some(gated_backward(gate, up, grad, silu))
     }
 
     fn geglu_fused(gate: Tensor<Self, 2>, up: Tensor<Self, 2>) -> Option<Tensor<Self, 2>> {
-        let [n, d] = gate.dims();
-        let (g, u) = (contiguous(gate), contiguous(up));
-        let (gs, us) = (f32s(&g), f32s(&u));
-        let mut y = vec![0f32; n * d];
-        let per = rows_per_task(d) * d;
-        y.par_chunks_mut(per).zip(gs.par_chunks(per)).zip(us.par_chunks(per)).for_each(|((yc, gc), uc)| {
-            for ((y, g), u) in yc.iter_mut().zip(gc).zip(uc) {
-                *y = gelu_tanh(*g).0 * u;
-            }
-        });
-        Some(tensor(y, [n, d]))
+        Some(gated_forward(gate, up, gelu_tanh))
     }
 
     fn geglu_backward(gate: Tensor<Self, 2>, up: Tensor<Self, 2>, grad: Tensor<Self, 2>) -> Option<(Tensor<Self, 2>, Tensor<Self, 2>)> {
-        let [n, d] = gate.dims();
-        let (g, u, dy) = (contiguous(gate), contiguous(up), contiguous(grad));
-        let (gs, us, dys) = (f32s(&g), f32s(&u), f32s(&dy));
-        let (mut dg, mut du) = (vec![0f32; n * d], vec![0f32; n * d]);
-        let per = rows_per_task(d) * d;
-        dg.par_chunks_mut(per).zip(du.par_chunks_mut(per)).zip(gs.par_chunks(per).zip(us.par_chunks(per)).zip(dys.par_chunks(per))).for_each(
-            |((dgc, duc), ((gc, uc), dyc))| {
-                for i in 0..gc.len() {
-                    let (y, dydg) = gelu_tanh(gc[i]);
-                    duc[i] = dyc[i] * y;
-                    dgc[i] = dyc[i] * uc[i] * dydg;
-                }
-            },
-        );
-        Some((tensor(dg, [n, d]), tensor(du, [n, d])))
+        Some(gated_backward(gate, up, grad, gelu_tanh))
     }
 
     fn lora_linear_fused(
@@ -366,16 +318,8 @@ impl FusedOps for Flex {
     }
 
     // The window needs no argument here: each block's key range comes from the mask.
-    fn attention_ext_fused(
-        q: Tensor<Self, 4>,
-        k: Tensor<Self, 4>,
-        v: Tensor<Self, 4>,
-        mask: Tensor<Self, 3, Bool>,
-        scale: f64,
-        softcap: Option<f64>,
-        _window: Option<usize>,
-    ) -> Option<(Tensor<Self, 4>, Tensor<Self, 3>)> {
-        Some(attention_forward(q, k, v, mask, scale, softcap.map(|c| c as f32)))
+    fn attention_ext_fused(q: Tensor<Self, 4>, k: Tensor<Self, 4>, v: Tensor<Self, 4>, mask: Tensor<Self, 3, Bool>, s: Scores) -> Option<(Tensor<Self, 4>, Tensor<Self, 3>)> {
+        Some(attention_forward(q, k, v, mask, s.scale, s.softcap.map(|c| c as f32)))
     }
 
     fn attention_ext_backward(
@@ -385,12 +329,10 @@ impl FusedOps for Flex {
         o: Tensor<Self, 4>,
         lse: Tensor<Self, 3>,
         mask: Tensor<Self, 3, Bool>,
-        scale: f64,
-        softcap: Option<f64>,
-        _window: Option<usize>,
+        s: Scores,
         grad: Tensor<Self, 4>,
     ) -> Option<(Tensor<Self, 4>, Tensor<Self, 4>, Tensor<Self, 4>)> {
-        Some(attention_backward(q, k, v, o, lse, mask, scale, softcap.map(|c| c as f32), grad))
+        Some(attention_backward(q, k, v, o, lse, mask, s.scale, s.softcap.map(|c| c as f32), grad))
     }
 }
 
@@ -526,6 +468,48 @@ fn attention_backward(
 fn rstd(x: &[f32], eps: f64) -> f32 {
     let ss: f32 = x.iter().map(|v| v * v).sum();
     1.0 / (ss / x.len() as f32 + eps as f32).sqrt()
+}
+
+/// `act(gate) · up` of a gated MLP, rows in parallel; `act` gives the activation and its
+/// derivative.
+fn gated_forward(gate: Tensor<Flex, 2>, up: Tensor<Flex, 2>, act: fn(f32) -> (f32, f32)) -> Tensor<Flex, 2> {
+    let [n, d] = gate.dims();
+    let (g, u) = (contiguous(gate), contiguous(up));
+    let (gs, us) = (f32s(&g), f32s(&u));
+    let mut y = vec![0f32; n * d];
+    let per = rows_per_task(d) * d;
+    y.par_chunks_mut(per).zip(gs.par_chunks(per)).zip(us.par_chunks(per)).for_each(|((yc, gc), uc)| {
+        for ((y, g), u) in yc.iter_mut().zip(gc).zip(uc) {
+            *y = act(*g).0 * u;
+        }
+    });
+    tensor(y, [n, d])
+}
+
+/// Gradients of [`gated_forward`] with respect to `gate` (`grad · up · act'(gate)`) and `up`
+/// (`grad · act(gate)`).
+fn gated_backward(gate: Tensor<Flex, 2>, up: Tensor<Flex, 2>, grad: Tensor<Flex, 2>, act: fn(f32) -> (f32, f32)) -> (Tensor<Flex, 2>, Tensor<Flex, 2>) {
+    let [n, d] = gate.dims();
+    let (g, u, dy) = (contiguous(gate), contiguous(up), contiguous(grad));
+    let (gs, us, dys) = (f32s(&g), f32s(&u), f32s(&dy));
+    let (mut dg, mut du) = (vec![0f32; n * d], vec![0f32; n * d]);
+    let per = rows_per_task(d) * d;
+    dg.par_chunks_mut(per).zip(du.par_chunks_mut(per)).zip(gs.par_chunks(per).zip(us.par_chunks(per)).zip(dys.par_chunks(per))).for_each(
+        |((dgc, duc), ((gc, uc), dyc))| {
+            for i in 0..gc.len() {
+                let (y, dydg) = act(gc[i]);
+                duc[i] = dyc[i] * y;
+                dgc[i] = dyc[i] * uc[i] * dydg;
+            }
+        },
+    );
+    (tensor(dg, [n, d]), tensor(du, [n, d]))
+}
+
+/// SiLU `x·σ(x)` and its derivative `σ(x)·(1 + x·(1 − σ(x)))`.
+fn silu(x: f32) -> (f32, f32) {
+    let s = sigmoid(x);
+    (x * s, s * (1.0 + x * (1.0 - s)))
 }
 
 /// PyTorch's tanh-approximated GELU `x/2 · (1 + tanh(√(2/π)(x + 0.044715x³)))` and its derivative.

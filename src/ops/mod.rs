@@ -166,22 +166,12 @@ pub trait FusedOps: Backend {
         None
     }
 
-    /// [`Self::attention_fused`] with Gemma 2's softcapped scores `c · tanh(scale·q·k / c)` when
-    /// `softcap` is `c`, and the knowledge that the mask hides every key `window` or more
-    /// positions before its query (a sliding window; the mask stays exact), which lets a backend
-    /// skip those keys. By default: the plain kernel without a softcap, none with one.
-    #[allow(clippy::type_complexity, clippy::too_many_arguments)]
-    fn attention_ext_fused(
-        q: Tensor<Self, 4>,
-        k: Tensor<Self, 4>,
-        v: Tensor<Self, 4>,
-        mask: Tensor<Self, 3, Bool>,
-        scale: f64,
-        softcap: Option<f64>,
-        _window: Option<usize>,
-    ) -> Option<(Tensor<Self, 4>, Tensor<Self, 3>)> {
-        match softcap {
-            None => Self::attention_fused(q, k, v, mask, scale),
+    /// [`Self::attention_fused`] with the scores of `s` (Gemma 2's softcap; a sliding window the
+    /// mask already holds, which lets a backend skip the keys outside it). By default the plain
+    /// kernel without a softcap, none with one.
+    fn attention_ext_fused(q: Tensor<Self, 4>, k: Tensor<Self, 4>, v: Tensor<Self, 4>, mask: Tensor<Self, 3, Bool>, s: Scores) -> Option<(Tensor<Self, 4>, Tensor<Self, 3>)> {
+        match s.softcap {
+            None => Self::attention_fused(q, k, v, mask, s.scale),
             Some(_) => None,
         }
     }
@@ -194,15 +184,30 @@ pub trait FusedOps: Backend {
         o: Tensor<Self, 4>,
         lse: Tensor<Self, 3>,
         mask: Tensor<Self, 3, Bool>,
-        scale: f64,
-        softcap: Option<f64>,
-        _window: Option<usize>,
+        s: Scores,
         grad: Tensor<Self, 4>,
     ) -> Option<(Tensor<Self, 4>, Tensor<Self, 4>, Tensor<Self, 4>)> {
-        match softcap {
-            None => Self::attention_backward(q, k, v, o, lse, mask, scale, grad),
+        match s.softcap {
+            None => Self::attention_backward(q, k, v, o, lse, mask, s.scale, grad),
             Some(_) => None,
         }
+    }
+}
+
+/// How attention turns `q·kᵀ` into scores: times `scale`, softcapped to `c · tanh(s / c)` when
+/// `softcap` is `c` (Gemma 2), and whether the mask is a sliding window of `window` keys (the mask
+/// holds it exactly; kernels use it to skip keys).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Scores {
+    pub scale: f64,
+    pub softcap: Option<f64>,
+    pub window: Option<usize>,
+}
+
+impl Scores {
+    /// Plain scaled scores, no window.
+    pub fn scaled(scale: f64) -> Self {
+        Scores { scale, softcap: None, window: None }
     }
 }
 
@@ -314,15 +319,14 @@ pub fn token_logprobs<B: FusedOps>(logits: Tensor<B, 2>, targets: Tensor<B, 1, I
 /// # Shapes
 /// `q [B, T, H, hd]`, `k`, `v` `[B, S, KV, hd]`, `mask [1 | B, T, S]` (true = not attended)
 /// → `[B, T, H, hd]`
-#[allow(clippy::too_many_arguments)]
-pub fn attention<B: FusedOps>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>, mask: Tensor<B, 3, Bool>, scale: f64, softcap: Option<f64>, window: Option<usize>) -> Tensor<B, 4> {
-    let fused = match (softcap, window) {
-        (None, None) => B::attention_fused(q.clone(), k.clone(), v.clone(), mask.clone(), scale),
-        _ => B::attention_ext_fused(q.clone(), k.clone(), v.clone(), mask.clone(), scale, softcap, window),
+pub fn attention<B: FusedOps>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>, mask: Tensor<B, 3, Bool>, s: Scores) -> Tensor<B, 4> {
+    let fused = match (s.softcap, s.window) {
+        (None, None) => B::attention_fused(q.clone(), k.clone(), v.clone(), mask.clone(), s.scale),
+        _ => B::attention_ext_fused(q.clone(), k.clone(), v.clone(), mask.clone(), s),
     };
     match fused {
         Some((o, _)) => o,
-        None => reference::attention_softcap(q, k, v, mask, scale, softcap),
+        None => reference::attention_softcap(q, k, v, mask, s.scale, s.softcap),
     }
 }
 
@@ -399,7 +403,7 @@ mod tests {
         assert!(Ad::geglu_fused(t2(2, 4), t2(2, 4)).is_some());
         assert!(Ad::lora_linear_fused(t2(2, 4), None, t2(4, 3), t2(4, 2), t2(2, 3), 0.5).is_some());
         assert!(Ad::attention_fused(rand4([1, 2, 2, 4]), rand4([1, 2, 1, 4]), rand4([1, 2, 1, 4]), mask.clone(), 0.5).is_some());
-        assert!(Ad::attention_ext_fused(rand4([1, 2, 2, 4]), rand4([1, 2, 1, 4]), rand4([1, 2, 1, 4]), mask, 0.5, Some(3.0), Some(1)).is_some());
+        assert!(Ad::attention_ext_fused(rand4([1, 2, 2, 4]), rand4([1, 2, 1, 4]), rand4([1, 2, 1, 4]), mask, Scores { scale: 0.5, softcap: Some(3.0), window: Some(1) }).is_some());
     }
 
     #[test]
@@ -471,7 +475,7 @@ mod tests {
             let m2 = mask.clone();
             check(
                 vec![rand4([b, t, h, 8]), rand4([b, s, kv, 8]), rand4([b, s, kv, 8])],
-                move |x| attention(x[0].clone(), x[1].clone(), x[2].clone(), mask.clone(), 0.35, None, None),
+                move |x| attention(x[0].clone(), x[1].clone(), x[2].clone(), mask.clone(), Scores::scaled(0.35)),
                 move |x| reference::attention(x[0].clone(), x[1].clone(), x[2].clone(), m2.clone(), 0.35),
                 &format!("attention b{b} t{t} s{s} h{h} kv{kv}"),
             );
@@ -482,7 +486,7 @@ mod tests {
         let m2 = mask.clone();
         check(
             vec![rand4([b, t, 4, 8]), rand4([b, t, 2, 8]), rand4([b, t, 2, 8])],
-            move |x| attention(x[0].clone(), x[1].clone(), x[2].clone(), mask.clone(), 0.35, None, None),
+            move |x| attention(x[0].clone(), x[1].clone(), x[2].clone(), mask.clone(), Scores::scaled(0.35)),
             move |x| reference::attention(x[0].clone(), x[1].clone(), x[2].clone(), m2.clone(), 0.35),
             "attention, packed mask",
         );
@@ -505,7 +509,7 @@ mod tests {
             let (m1, m2) = (mask.clone(), mask.clone());
             check(
                 vec![rand4([b, t, 4, 8]), rand4([b, s, 2, 8]), rand4([b, s, 2, 8])],
-                move |x| attention(x[0].clone(), x[1].clone(), x[2].clone(), m1.clone(), 0.9, softcap, Some(w)),
+                move |x| attention(x[0].clone(), x[1].clone(), x[2].clone(), m1.clone(), Scores { scale: 0.9, softcap, window: Some(w) }),
                 move |x| reference::attention_softcap(x[0].clone(), x[1].clone(), x[2].clone(), m2.clone(), 0.9, softcap),
                 &format!("window {w}, softcap {softcap:?}"),
             );
