@@ -179,6 +179,12 @@ pub struct HfConfig {
     pub router_jitter_noise: Option<f64>,
     pub shared_expert_intermediate_size: Option<usize>,
     pub n_shared_experts: Option<usize>,
+    /// Routers of other MoE families (DeepSeek-style): refused when set to anything but the
+    /// softmax top-k router.
+    pub scoring_func: Option<String>,
+    pub routed_scaling_factor: Option<f64>,
+    pub n_group: Option<usize>,
+    pub topk_group: Option<usize>,
     pub text_config: Option<Value>,
 }
 
@@ -448,6 +454,15 @@ impl ModelConfig {
                 }
                 if let Some(n) = hf.n_shared_experts.filter(|&n| n > 0) {
                     return Err(invalid("n_shared_experts", format!("{n}: shared experts are not supported")));
+                }
+                if let Some(f) = hf.scoring_func.as_deref().filter(|f| *f != "softmax") {
+                    return Err(invalid("scoring_func", format!("{f:?}: ft's router is a softmax over the experts (expected \"softmax\")")));
+                }
+                if let Some(f) = hf.routed_scaling_factor.filter(|&f| f != 1.0) {
+                    return Err(invalid("routed_scaling_factor", format!("{f}: scaled routing weights are not supported (expected 1)")));
+                }
+                if let Some(g) = hf.n_group.filter(|&g| g > 1).or(hf.topk_group.filter(|&g| g > 1)) {
+                    return Err(invalid("n_group", format!("{g}: group-limited routing is not supported")));
                 }
                 if let Some(j) = hf.router_jitter_noise.filter(|&j| j != 0.0) {
                     return Err(invalid("router_jitter_noise", format!("{j}: router jitter is not supported (expected 0)")));
