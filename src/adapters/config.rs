@@ -162,6 +162,9 @@ pub struct LoraConfig {
     pub alpha_pattern: Vec<(String, f64)>,
     /// Parameters adapted directly (PEFT's `target_parameters`): expert stacks and routers.
     pub target_parameters: Vec<String>,
+    /// PEFT's `ensure_weight_tying`: on a model with tied embeddings, the trained copy of
+    /// `embed_tokens` (`modules_to_save`) is the output head too.
+    pub ensure_weight_tying: bool,
 }
 
 /// The first of `keys` that `module` matches as PEFT's `get_pattern_key` does
@@ -286,6 +289,7 @@ impl LoraConfig {
             init: Default::default(),
             // Checked by `RawConfig::read`: a list of head names.
             use_dora: raw.use_dora,
+            ensure_weight_tying: raw.ensure_weight_tying,
             modules_to_save: match &raw.modules_to_save {
                 Some(Value::Array(a)) => a.iter().filter_map(|v| v.as_str().map(String::from)).collect(),
                 _ => Vec::new(),

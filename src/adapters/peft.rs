@@ -184,6 +184,11 @@ impl PeftAdapter {
             }
             n += 1;
         }
+        if self.config.ensure_weight_tying && model.config.tie_word_embeddings {
+            // PEFT saves the tied head's copy too; it is the embeddings' copy.
+            self.files.tensors.skip(&peft::saved_module_name("lm_head"));
+            model.tie_head_to_adapted_embeddings = true;
+        }
         if reference {
             return Ok(n);
         }
@@ -249,6 +254,7 @@ pub fn save<B: Kernels>(model: &mut Decoder<B>, config: &LoraConfig, base_model:
     let mut dora = false;
     let mut converted = false;
     let classifier = model.score.is_some();
+    let tied_head = model.tie_head_to_adapted_embeddings;
     // Expert adapters, gathered per stack to be written as PEFT's stacked `target_parameters`.
     let mut stacks: ExpertStacks = Default::default();
     let mut target_parameters: Vec<String> = Vec::new();
@@ -284,6 +290,10 @@ pub fn save<B: Kernels>(model: &mut Decoder<B>, config: &LoraConfig, base_model:
         }
         if let Some(Adapter::Full(f)) = &proj.adapter {
             let (shape, w) = if peft::is_embedding(&name) { (vec![d_in, d_out], f.to_rows()) } else { (vec![d_out, d_in], f.to_peft()) };
+            if peft::is_embedding(&name) && tied_head {
+                // PEFT (ensure_weight_tying) saves the tied head as well: the same matrix.
+                tensors.push((peft::saved_module_name("lm_head"), safetensors::Dtype::F32, shape.clone(), bytemuck::cast_slice(&w).to_vec()));
+            }
             tensors.push((peft::saved_module_name(&name), safetensors::Dtype::F32, shape, bytemuck::cast_slice(&w).to_vec()));
             saved.push(name);
             continue;
@@ -377,6 +387,7 @@ pub fn save<B: Kernels>(model: &mut Decoder<B>, config: &LoraConfig, base_model:
             _ => serde_json::Value::Null,
         },
         "target_parameters": if target_parameters.is_empty() { serde_json::Value::Null } else { target_parameters.into() },
+        "ensure_weight_tying": config.ensure_weight_tying,
         "bias": "none",
         "fan_in_fan_out": false,
         "init_lora_weights": config.init.peft_value(),
@@ -389,4 +400,69 @@ pub fn save<B: Kernels>(model: &mut Decoder<B>, config: &LoraConfig, base_model:
     });
     let base = nf4_base.then(|| serde_json::json!({"quantization": "nf4", "blocksize": crate::quant::nf4::BLOCKSIZE, "double_quant": true}));
     peft::write(out, &tensors, &cfg, base.as_ref())
+}
+
+/// A PiSSA / OLoRA run saved as PEFT saves it without `path_initial_model_for_weight_conversion`:
+/// the adapter at rank r (`adapter_out`), relative to the residual base, which is written beside
+/// it as a model directory (`residual_out`: every tensor of `base_dir` in f32, each adapted
+/// linear weight replaced by its residual `W − s·B₀A₀`, config `dtype` float32 so that
+/// transformers keeps the residual's precision). Loading `residual_out` with the adapter gives
+/// the trained model. A 4-bit stored base is refused (its residual has no 4-bit file form here).
+pub fn save_pissa_residual<B: Kernels>(model: &mut Decoder<B>, config: &LoraConfig, base_dir: &Path, adapter_out: &Path, residual_out: &Path) -> Result<(), PeftError> {
+    use crate::formats::model_dir::ModelDirWriter;
+    use crate::formats::safetensors::{to_f32, TensorFiles};
+    let invalid = |msg: String| PeftError::Invalid { path: residual_out.into(), msg };
+    let ck = TensorFiles::open(base_dir)?;
+    if ck.names().any(|n| n.ends_with(crate::formats::bnb::STATE_SUFFIX)) {
+        return Err(invalid(format!("{} is a 4-bit checkpoint: the residual base is written in f32 from a dense base only (save converted instead)", base_dir.display())));
+    }
+    // The residuals, and the adapters without their initial parts for a plain save.
+    let mut residuals: HashMap<String, Vec<f32>> = HashMap::new();
+    let mut initials = Vec::new();
+    for (name, proj) in model.projections_mut() {
+        if proj.lora().is_some_and(|l| l.initial.is_some()) {
+            residuals.insert(format!("{name}.weight"), proj.base_weight_peft());
+            let l = proj.adapter.as_mut().and_then(Adapter::lora_mut).expect("checked");
+            initials.push((name, l.initial.take()));
+        }
+    }
+    let restore = |model: &mut Decoder<B>, initials: Vec<(String, Option<LoraMatrices>)>| {
+        let mut by_name: HashMap<String, Option<LoraMatrices>> = initials.into_iter().collect();
+        for (name, proj) in model.projections_mut() {
+            if let (Some(init), Some(l)) = (by_name.remove(&name), proj.adapter.as_mut().and_then(Adapter::lora_mut)) {
+                l.initial = init;
+            }
+        }
+    };
+    let saved = save(model, config, &residual_out.display().to_string(), adapter_out);
+    restore(model, initials);
+    saved?;
+    let mut writer = ModelDirWriter::new(residual_out).map_err(|e| invalid(e.to_string()))?;
+    for (i, file) in ck.files().into_iter().enumerate() {
+        let mut tensors: RawTensors = Vec::new();
+        for name in ck.shard_names(i) {
+            let (bytes, dtype, shape, _) = ck.raw(&name)?;
+            let w = match residuals.remove(&name) {
+                Some(w) => w,
+                None => to_f32(bytes, dtype).ok_or_else(|| invalid(format!("{name}: {dtype:?} is not a float tensor")))?,
+            };
+            tensors.push((name, safetensors::Dtype::F32, shape, bytemuck::cast_slice(&w).to_vec()));
+        }
+        writer.write_shard(&file.file_name().expect("file").to_string_lossy(), &tensors, ck.shard_metadata(i)).map_err(|e| invalid(e.to_string()))?;
+    }
+    if let Some(left) = residuals.keys().next() {
+        return Err(invalid(format!("{left} is not in {}", base_dir.display())));
+    }
+    writer
+        .copy_sidecars(base_dir, |cfg| {
+            for key in ["torch_dtype", "dtype"] {
+                if cfg.get(key).is_some() {
+                    cfg[key] = "float32".into();
+                }
+            }
+            true
+        })
+        .map_err(|e| invalid(e.to_string()))?;
+    writer.commit().map_err(|e| invalid(e.to_string()))?;
+    Ok(())
 }

@@ -183,6 +183,10 @@ pub fn merge(base: MergeBase, adapter: &Path, out: &Path, dtype: Option<OutDtype
         }
         writer.write_shard(&file.file_name().expect("file").to_string_lossy(), &tensors, ck.shard_metadata(i))?;
     }
+    if ad.config.ensure_weight_tying && config.tie_word_embeddings {
+        // The tied head's copy (PEFT's ensure_weight_tying) is the embeddings' copy, merged above.
+        ad.files.tensors.skip(&crate::formats::peft::saved_module_name("lm_head"));
+    }
     ad.files.tensors.check_all_used().map_err(|e| {
         ConvertError::invalid(adapter, format!("the adapter does not fit the model in {}: {e}", base.display()))
     })?;

@@ -102,6 +102,9 @@ pub struct RawConfig {
     pub lora_bias: bool,
     pub alora_invocation_tokens: Option<Value>,
     pub use_bdlora: Option<Value>,
+    /// Tied embeddings stay tied: a trained copy of `embed_tokens` is also the output head.
+    #[serde(default)]
+    pub ensure_weight_tying: bool,
 }
 
 impl RawConfig {

@@ -9,7 +9,7 @@ use burn::tensor::{Bool, Int, TensorData};
 
 use super::config::{Activation, ModelConfig};
 use super::moe::SparseMoe;
-use super::projection::{tensor1, tensor2, Projection, WeightSource};
+use super::projection::{tensor1, tensor2, Adapter, Projection, WeightSource};
 use super::rope::Rope;
 use crate::formats::safetensors::{TensorFiles, WeightsError};
 use crate::ops::{self, Kernels};
@@ -414,6 +414,11 @@ pub struct Decoder<B: Backend> {
     /// The distinct attention windows of the layers (`None`: full causal), one mask each.
     #[module(skip)]
     pub windows: Vec<Option<usize>>,
+    /// With tied embeddings: the head reads the embeddings' trained copy (`modules_to_save`), as
+    /// PEFT's `ensure_weight_tying` ties them; otherwise the base embedding (PEFT's default,
+    /// where the copy is the input side only).
+    #[module(skip)]
+    pub tie_head_to_adapted_embeddings: bool,
     #[module(skip)]
     pub config: ModelConfig,
 }
@@ -454,6 +459,7 @@ impl<B: Kernels> Decoder<B> {
             score,
             ropes: c.ropes.iter().map(|r| Rope::new(c.rotary_dim, r.theta, r.scaling.clone())).collect(),
             windows,
+            tie_head_to_adapted_embeddings: false,
             config: c.clone(),
         })
     }
@@ -485,6 +491,16 @@ impl<B: Kernels> Decoder<B> {
         }
         out.push(("model.embed_tokens".to_string(), &mut self.embed_tokens));
         out
+    }
+
+    /// The tied output head's weight `[vocab, hidden]`: the embeddings' trained copy when
+    /// [`Self::tie_head_to_adapted_embeddings`] and the adapter is on, else the base embeddings.
+    fn tied_head_weight(&self) -> Tensor<B, 2> {
+        let e = &self.embed_tokens;
+        match e.adapter.as_ref().filter(|_| e.adapter_on && self.tie_head_to_adapted_embeddings) {
+            Some(Adapter::Full(f)) => f.weight.val().cast(e.base_tensor().dtype()),
+            _ => self.embed_weight(),
+        }
     }
 
     /// The base token embeddings `[vocab, hidden]` (the tied output head's weight).
@@ -769,14 +785,15 @@ impl<B: Kernels> Decoder<B> {
             None => {
                 let [b, t, h] = x.dims();
                 let x = x.reshape([b * t, h]);
+                let e = self.tied_head_weight();
                 if b * t >= HEAD_ROWS_FOR_TRANSPOSED_E {
                     // x · Eᵀ: logits come out row-major, so the softmax over the vocabulary reads
                     // contiguous rows; packing Eᵀ is paid once for many rows.
-                    x.matmul(self.embed_weight().transpose()).reshape([b, t, self.config.vocab_size])
+                    x.matmul(e.transpose()).reshape([b, t, self.config.vocab_size])
                 } else {
                     // Few rows (generation): E [V, H] · xᵀ [H, rows], then a transposed view; a
                     // transposed view of E would be packed/copied by the GEMM on every token.
-                    self.embed_weight().matmul(x.transpose()).transpose().reshape([b, t, self.config.vocab_size])
+                    e.matmul(x.transpose()).transpose().reshape([b, t, self.config.vocab_size])
                 }
             }
         }

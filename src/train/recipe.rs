@@ -352,6 +352,7 @@ impl LoraSection {
             rank_pattern: self.rank_pattern.iter().map(|(k, v)| (k.clone(), *v)).collect(),
             alpha_pattern: self.alpha_pattern.iter().map(|(k, v)| (k.clone(), *v)).collect(),
             target_parameters: self.target_parameters.clone(),
+            ensure_weight_tying: self.ensure_weight_tying,
         }
     }
 }
@@ -429,6 +430,15 @@ pub struct DataSection {
     pub packing: bool,
 }
 
+/// How a PiSSA / OLoRA run's adapter is saved (`lora.pissa_save`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PissaSave {
+    #[default]
+    Converted,
+    Residual,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LoraSection {
@@ -468,6 +478,15 @@ pub struct LoraSection {
     /// Per-module alphas (PEFT's `alpha_pattern`), matched as `rank_pattern`.
     #[serde(default)]
     pub alpha_pattern: std::collections::BTreeMap<String, f64>,
+    /// PEFT's `ensure_weight_tying`: with tied embeddings, `modules_to_save = ["embed_tokens"]`
+    /// (or `"lm_head"`) trains one copy that is both the embeddings and the output head.
+    #[serde(default)]
+    pub ensure_weight_tying: bool,
+    /// How a PiSSA / OLoRA run's final adapter is saved: `converted` (a plain LoRA of rank 2r
+    /// for the original base, PEFT's `path_initial_model_for_weight_conversion`) or `residual`
+    /// (the rank-r adapter plus the residual base as `RUN/residual_model/`).
+    #[serde(default)]
+    pub pissa_save: PissaSave,
     /// Parameters adapted directly (PEFT's `target_parameters`): the experts' stacks
     /// `mlp.experts.gate_up_proj` / `mlp.experts.down_proj` or the router `mlp.gate.weight`.
     /// `all-linear` and module names already reach the experts; the router only this way.
@@ -747,6 +766,9 @@ impl Recipe {
         }
         if l.use_dora && l.init.split().is_some() {
             return invalid("lora.init", "lora.init = \"pissa\" with lora.use_dora: ft does not combine them".into());
+        }
+        if l.pissa_save == PissaSave::Residual && l.init.split().is_none() {
+            return invalid("lora.pissa_save", "lora.pissa_save = \"residual\" needs lora.init = \"pissa\", \"pissa_niter_N\" or \"olora\" (only they change the base)".into());
         }
         if matches!(l.target_modules, TargetModules::Regex(_)) && l.layers_to_transform.is_some() {
             return invalid("lora.layers_to_transform", "lora.layers_to_transform needs lora.target_modules as a list of names (PEFT refuses it with a regex: put the layer in the regex)".into());

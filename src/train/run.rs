@@ -57,6 +57,10 @@ pub struct Summary {
     /// at its default `--max-lora-rank` 16).
     #[serde(default)]
     pub serving: Vec<crate::adapters::serving::Finding>,
+    /// What a user should know about the result (PiSSA over a 4-bit base, where the residual
+    /// base was written, …).
+    #[serde(skip_serializing_if = "Vec::is_empty", default)]
+    pub notes: Vec<String>,
 }
 
 /// Trains as the recipe says (SFT or DPO), writing the run directory.
@@ -131,6 +135,7 @@ pub fn run<B: TrainBackend>(recipe: &Recipe, device: B::Device, progress: &dyn P
     }
     // Training from a starting adapter takes its settings (rank, alpha, targets, dropout), as
     // TRL does with a PeftModel; else the recipe's [lora] section.
+    let mut notes: Vec<String> = Vec::new();
     let start = match &recipe.model.adapter {
         Some(dir) => Some(peft::PeftAdapter::open(dir)?),
         None => None,
@@ -161,7 +166,9 @@ pub fn run<B: TrainBackend>(recipe: &Recipe, device: B::Device, progress: &dyn P
         }
         (None, None) => {
             if lora_config.init.split().is_some() && model.block_weight_bytes().0 < model.block_weight_bytes().1 * 4 {
-                progress.warning("PiSSA over an NF4 base: the residual weights are quantized to NF4 again");
+                let note = "PiSSA/OLoRA over an NF4 base: the residual weights were quantized to NF4 again (the adapter is relative to that 4-bit residual)";
+                progress.warning(note);
+                notes.push(note.to_string());
             }
             attach_new(&mut model, &lora_config, recipe.train.seed)?;
         }
@@ -170,14 +177,24 @@ pub fn run<B: TrainBackend>(recipe: &Recipe, device: B::Device, progress: &dyn P
     // training starts from a causal LM's adapter).
     if model.config.tie_word_embeddings {
         if let Some(m) = ["lm_head", "embed_tokens"].iter().find(|m| lora_config.saves(m)) {
-            let msg = format!("lora.modules_to_save names {m:?}, but this model ties its output head to the embeddings: a copy of one would untie them");
-            return Err(TrainError::Invalid { path: recipe.model.path.clone(), msg });
+            if !lora_config.ensure_weight_tying {
+                let msg = format!(
+                    "lora.modules_to_save names {m:?}, but this model ties its output head to the embeddings: a copy of one would untie them (set lora.ensure_weight_tying = true to train one copy that is both, as PEFT's ensure_weight_tying)"
+                );
+                return Err(TrainError::Invalid { path: recipe.model.path.clone(), msg });
+            }
+            // One trained copy of the embeddings, which the tied head reads too.
+            if !lora_config.modules_to_save.iter().any(|x| x == "embed_tokens" || x.ends_with(".embed_tokens")) {
+                lora_config.modules_to_save.push("embed_tokens".into());
+            }
+            model.tie_head_to_adapted_embeddings = true;
         }
     }
     save_modules(&mut model, &lora_config);
     for m in &lora_config.modules_to_save {
         // PEFT's SEQ_CLS default "classifier" matches nothing in a decoder; anything else must.
-        if m != "classifier" && !model.projections_mut().iter().any(|(name, p)| lora_config.saves(name) && name.ends_with(m.as_str()) && p.adapter.is_some()) {
+        let tied_head = m == "lm_head" && model.tie_head_to_adapted_embeddings;
+        if m != "classifier" && !tied_head && !model.projections_mut().iter().any(|(name, p)| lora_config.saves(name) && name.ends_with(m.as_str()) && p.adapter.is_some()) {
             let why = if m == "lm_head" && model.config.tie_word_embeddings { " (this model ties its output head to the embeddings)" } else { "" };
             return Err(TrainError::Invalid { path: recipe.model.path.clone(), msg: format!("lora.modules_to_save names {m:?}, which this model does not have{why}") });
         }
@@ -301,7 +318,16 @@ pub fn run<B: TrainBackend>(recipe: &Recipe, device: B::Device, progress: &dyn P
     if final_adapter.exists() {
         std::fs::remove_dir_all(&final_adapter).map_err(|source| TrainError::Io { what: "cannot replace", path: final_adapter.clone(), source })?;
     }
-    peft::save(&mut model, &lora_config, &recipe.model.path.display().to_string(), &final_adapter)?;
+    let residual = out.join("residual_model");
+    if recipe.lora.pissa_save == crate::train::recipe::PissaSave::Residual && recipe.model.adapter.is_none() && lora_config.init.split().is_some() {
+        if residual.exists() {
+            std::fs::remove_dir_all(&residual).map_err(|source| TrainError::Io { what: "cannot replace", path: residual.clone(), source })?;
+        }
+        peft::save_pissa_residual(&mut model, &lora_config, &recipe.model.path, &final_adapter, &residual)?;
+        notes.push(format!("PiSSA saved unconverted: load {} with the adapter (rank {})", residual.display(), lora_config.r));
+    } else {
+        peft::save(&mut model, &lora_config, &recipe.model.path.display().to_string(), &final_adapter)?;
+    }
     let serving = crate::adapters::serving::info(&final_adapter, Some(&recipe.model.path))
         .map(|i| crate::adapters::serving::check(&i, &crate::adapters::serving::Engine::ALL, 16))
         .unwrap_or_default();
@@ -327,6 +353,7 @@ pub fn run<B: TrainBackend>(recipe: &Recipe, device: B::Device, progress: &dyn P
         step_tokens_per_s: step_tokens as f64 / step_seconds.max(1e-9),
         peak_gpu_reserved_gib: (peak_gpu > 0.0).then_some(peak_gpu),
         serving,
+        notes,
     };
     run_dir.write_summary(&summary)?;
     Ok(summary)

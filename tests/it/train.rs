@@ -718,6 +718,38 @@ fn pissa_trains_resumes_and_saves_an_adapter_for_the_original_base() {
 }
 
 #[test]
+fn pissa_saved_with_its_residual_base_computes_the_converted_model() {
+    // lora.pissa_save = "residual": the rank-r adapter and RUN/residual_model/ (f32), as PEFT
+    // saves PiSSA without conversion; the residual + adapter compute what the converted adapter
+    // computes on the original llama (the same run, seed and data).
+    let steps = "max_steps = 3\nmicro_batch_size = 2\nlr = 1e-2\nseed = 3";
+    let conv = train_ok("pissa-converted", steps, &["--set", "lora.init=\"pissa\""]);
+    let res = train_ok("pissa-residual", steps, &["--set", "lora.init=\"pissa\"", "--set", "lora.pissa_save=\"residual\""]);
+    let cfg = json(&res.join("run/adapter/adapter_config.json"));
+    assert_eq!((cfg["r"].as_u64(), cfg["lora_alpha"].as_f64()), (Some(4), Some(8.0)));
+    let residual = res.join("run/residual_model");
+    assert_eq!(cfg["base_model_name_or_path"].as_str(), Some(residual.to_str().unwrap()));
+    assert_eq!(json(&residual.join("config.json"))["dtype"], "float32");
+    let summary = json(&res.join("run/summary.json"));
+    assert!(summary["notes"].to_string().contains("residual_model"), "{summary}");
+    let load_with = |base: &Path, adapter: &Path| {
+        let mut m = ft::model::load::<ft::backend::Cpu>(base, &Default::default(), Default::default()).unwrap();
+        ft::adapters::peft::PeftAdapter::open(adapter).unwrap().attach(&mut m).unwrap();
+        m
+    };
+    let (a, b) = (load_with(&residual, &res.join("run/adapter")), load_with(&model_dir("llama"), &conv.join("run/adapter")));
+    let ids = ids(&json(&fixtures().join("chat_tokens.json"))[1]["input_ids"]);
+    let input = burn::tensor::Tensor::<ft::backend::Cpu, 2, burn::tensor::Int>::from_data(burn::tensor::TensorData::new(ids.iter().map(|&x| x as i64).collect::<Vec<_>>(), [1, ids.len()]), &Default::default());
+    let (la, lb): (Vec<f32>, Vec<f32>) = (a.forward(input.clone(), None).into_data().to_vec().unwrap(), b.forward(input, None).into_data().to_vec().unwrap());
+    let d = max_abs_diff(&la, &lb);
+    assert!(d <= 1e-5, "residual + adapter vs original + converted: {d}");
+    // Without a PiSSA init there is no residual to save.
+    let (c, _, err) = ft(&["train", conv.join("recipe.toml").to_str().unwrap(), "--quiet", "--set", "lora.pissa_save=\"residual\""]);
+    assert_eq!(c, 2, "{err}");
+    assert!(err.contains("lora.pissa_save"), "{err}");
+}
+
+#[test]
 fn target_regex_exclusions_and_layers_round_trip_as_peft() {
     // target_modules as a regex, or as names with exclude_modules and layers_to_transform: the
     // adapted modules are the ones PEFT picks, and the adapter's config says so (and loads back
@@ -747,4 +779,53 @@ fn target_regex_exclusions_and_layers_round_trip_as_peft() {
     let (c, _, err) = ft(&["train", r.to_str().unwrap(), "--quiet", "--set", "lora.target_modules='.*q_proj'", "--set", "lora.layers_to_transform=[1]"]);
     assert_eq!(c, 2, "{err}");
     assert!(err.contains("lora.layers_to_transform"), "{err}");
+}
+
+#[test]
+fn ensure_weight_tying_trains_one_copy_for_the_tied_embeddings_and_head() {
+    // PEFT's ensure_weight_tying on a tied model: modules_to_save = ["lm_head"] trains one copy
+    // of the embeddings that is also the output head; saved as PEFT saves it (the copy under
+    // both names, `ensure_weight_tying: true`), loaded back to the same logits, merged into a
+    // tied checkpoint with them.
+    let d = scratch("tie");
+    let data = eight(&d);
+    let r = d.join("recipe.toml");
+    std::fs::write(
+        &r,
+        format!(
+            "[model]\npath = \"{}\"\n[data]\ntrain = \"{}\"\ntemplate = \"chatml\"\n[lora]\nr = 4\nalpha = 8\ntarget_modules = [\"q_proj\"]\nmodules_to_save = [\"lm_head\"]\nensure_weight_tying = true\n[train]\nmax_steps = 4\nmicro_batch_size = 2\nlr = 1e-2\nseed = 3\n[output]\ndir = \"{}\"\n",
+            model_dir("llama3-rope-tied-bf16").display(),
+            data.display(),
+            d.join("run").display()
+        ),
+    )
+    .unwrap();
+    let (c, _, err) = ft(&["train", r.to_str().unwrap(), "--quiet"]);
+    assert_eq!(c, 0, "{err}");
+    let l: Vec<f64> = metrics(&d).iter().filter_map(|m| m["loss"].as_f64()).collect();
+    assert!(l[3] < l[0], "{l:?}");
+    let cfg = json(&d.join("run/adapter/adapter_config.json"));
+    assert_eq!(cfg["ensure_weight_tying"], true);
+    let t = adapter_tensors(&d);
+    let get = |n: &str| t.iter().find(|(k, _)| k == n).unwrap_or_else(|| panic!("{n}")).1.clone();
+    let (e, h) = (get("base_model.model.model.embed_tokens.weight"), get("base_model.model.lm_head.weight"));
+    assert_eq!(e, h, "one copy under both names");
+    let (base, _) = read_f32(&model_dir("llama3-rope-tied-bf16").join("model.safetensors"), "model.embed_tokens.weight");
+    assert!(max_abs_diff(&e, &base) > 1e-4, "trained");
+    // The copy is the head: logits with the adapter use it on both sides.
+    let mut model = load("llama3-rope-tied-bf16");
+    ft::adapters::peft::PeftAdapter::open(&d.join("run/adapter")).unwrap().attach(&mut model).unwrap();
+    assert!(model.tie_head_to_adapted_embeddings);
+    let ids = ids(&json(&fixtures().join("chat_tokens.json"))[1]["input_ids"]);
+    let logits = |m: &ft::model::Decoder<ft::backend::Cpu>| -> Vec<f32> {
+        let input = burn::tensor::Tensor::<ft::backend::Cpu, 2, burn::tensor::Int>::from_data(burn::tensor::TensorData::new(ids.iter().map(|&x| x as i64).collect::<Vec<_>>(), [1, ids.len()]), &Default::default());
+        m.forward(input, None).into_data().to_vec().unwrap()
+    };
+    let with_adapter = logits(&model);
+    let out = d.join("merged");
+    let (c, _, err) = ft(&["merge", "--model", model_dir("llama3-rope-tied-bf16").to_str().unwrap(), "--adapter", d.join("run/adapter").to_str().unwrap(), "--out", out.to_str().unwrap(), "--dtype", "f32"]);
+    assert_eq!(c, 0, "{err}");
+    let merged = ft::model::load::<ft::backend::Cpu>(&out, &Default::default(), Default::default()).unwrap();
+    let dm = max_abs_diff(&logits(&merged), &with_adapter);
+    assert!(dm <= 1e-4, "merged vs adapter: {dm}");
 }
