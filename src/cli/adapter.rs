@@ -12,7 +12,7 @@ pub enum AdapterCommand {
     Info {
         dir: PathBuf,
         /// The base model directory (for its model type), if not the adapter's local base.
-        #[arg(long)]
+        #[arg(long, value_parser = crate::cli::args::model_dir)]
         model: Option<PathBuf>,
         #[arg(long)]
         json: bool,
@@ -22,7 +22,7 @@ pub enum AdapterCommand {
     Check {
         dir: PathBuf,
         /// The base model directory (for its model type), if not the adapter's local base.
-        #[arg(long)]
+        #[arg(long, value_parser = crate::cli::args::model_dir)]
         model: Option<PathBuf>,
         /// Engines to check (comma-separated or repeated) [default: all, reporting only].
         #[arg(long = "for", value_enum, value_delimiter = ',')]

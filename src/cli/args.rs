@@ -1,6 +1,6 @@
 //! Flags several commands share, declared once, and the model loading they share.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::Result;
 
@@ -8,6 +8,12 @@ use crate::adapters::peft::PeftAdapter;
 use crate::backend::{ComputeDtype, DeviceChoice};
 use crate::model::{Decoder, LoadOptions};
 use crate::ops::Kernels;
+
+/// A `--model` value: a directory, or a Hugging Face model id (`org/name[@revision]`) resolved
+/// from the local hub cache (`formats::hf_cache`).
+pub fn model_dir(s: &str) -> std::result::Result<PathBuf, String> {
+    crate::formats::hf_cache::resolve(Path::new(s)).map_err(|e| e.to_string())
+}
 
 /// Where to run and in which dtype.
 #[derive(Debug, Clone, Copy, clap::Args)]

@@ -12,7 +12,7 @@ use crate::formats::safetensors::OutDtype;
 #[derive(Debug, clap::Args)]
 pub struct MergeArgs {
     /// The base model directory the adapter was trained on.
-    #[arg(long)]
+    #[arg(long, value_parser = crate::cli::args::model_dir)]
     pub model: PathBuf,
     /// PEFT adapter directory (adapter_config.json, adapter_model.safetensors).
     #[arg(long)]
@@ -25,7 +25,7 @@ pub struct MergeArgs {
     pub dtype: Option<OutDtype>,
     /// For a QLoRA adapter: merge into this full-precision base instead of the NF4-dequantized
     /// weights training saw.
-    #[arg(long)]
+    #[arg(long, value_parser = crate::cli::args::model_dir)]
     pub base: Option<PathBuf>,
     /// Print a JSON report.
     #[arg(long)]
@@ -35,7 +35,7 @@ pub struct MergeArgs {
 #[derive(Debug, clap::Args)]
 pub struct QuantizeArgs {
     /// Hugging Face model directory (f32, bf16 or f16 weights).
-    #[arg(long)]
+    #[arg(long, value_parser = crate::cli::args::model_dir)]
     pub model: PathBuf,
     /// Output directory (must not exist yet).
     #[arg(long)]

@@ -17,7 +17,7 @@ pub enum DataCommand {
         #[arg(required = true)]
         files: Vec<PathBuf>,
         /// Model directory (tokenizer and chat template).
-        #[arg(long)]
+        #[arg(long, value_parser = crate::cli::args::model_dir)]
         model: PathBuf,
         #[arg(long, value_enum, default_value_t = TemplateChoice::Model)]
         template: TemplateChoice,
@@ -35,7 +35,7 @@ pub enum DataCommand {
         /// JSONL file (conversations or preference pairs; `.jsonl.gz`, directory or glob).
         file: PathBuf,
         /// Model directory (tokenizer and chat template).
-        #[arg(long)]
+        #[arg(long, value_parser = crate::cli::args::model_dir)]
         model: PathBuf,
         /// 0-based record index (blank lines do not count).
         #[arg(long, default_value_t = 0)]

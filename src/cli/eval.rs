@@ -48,7 +48,7 @@ pub enum EvalObjective {
 #[derive(Debug, clap::Args)]
 pub struct EvalArgs {
     /// Hugging Face model directory.
-    #[arg(long)]
+    #[arg(long, value_parser = crate::cli::args::model_dir)]
     pub model: PathBuf,
     /// A PEFT LoRA adapter directory to apply on top of the model.
     #[arg(long)]
@@ -96,7 +96,7 @@ pub struct EvalArgs {
     #[arg(long)]
     pub center_rewards_coefficient: Option<f64>,
     /// Distill: the teacher model directory (the student's tokenizer).
-    #[arg(long)]
+    #[arg(long, value_parser = crate::cli::args::model_dir)]
     pub teacher: Option<PathBuf>,
     /// KTO: the weight of desirable rows' losses [default: 1].
     #[arg(long)]

@@ -14,7 +14,7 @@ use crate::ops::Kernels;
 #[derive(Debug, clap::Args)]
 pub struct GenerateArgs {
     /// Hugging Face model directory (config.json, safetensors, tokenizer.json).
-    #[arg(long)]
+    #[arg(long, value_parser = crate::cli::args::model_dir)]
     pub model: PathBuf,
     /// A PEFT LoRA adapter directory to apply on top of the model.
     #[arg(long)]

@@ -13,7 +13,7 @@ use crate::ops::Kernels;
 #[derive(Debug, clap::Args)]
 pub struct ScoreArgs {
     /// The reward model: a `*ForSequenceClassification` directory, or the base of `--adapter`.
-    #[arg(long)]
+    #[arg(long, value_parser = crate::cli::args::model_dir)]
     pub model: PathBuf,
     /// A PEFT SEQ_CLS adapter (LoRA and the trained `score` head), e.g. a `train.method =
     /// "reward"` run's `adapter/`.

@@ -4,6 +4,7 @@
 
 pub mod bnb;
 pub mod gguf;
+pub mod hf_cache;
 pub mod model_dir;
 pub mod peft;
 pub mod safetensors;

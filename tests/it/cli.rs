@@ -215,3 +215,68 @@ fn nan_weights_never_become_numbers() {
     assert_clean_error(&["merge", "--model", s(&m), "--adapter", s(&adapter), "--out", s(&out)], 1, &[module, "non-finite"]);
     assert!(!out.exists(), "nothing written");
 }
+
+/// `models/<name>` laid out in a Hugging Face hub cache under `root` as huggingface_hub writes it:
+/// `models--<org>--<repo>/blobs/<hash>` and `snapshots/<commit>/<file>` symlinks to them, with
+/// `refs/<rev>` naming the commit.
+fn hub_cache(root: &std::path::Path, name: &str, repo: &str, commit: &str, refs: &[&str]) {
+    let repo_dir = root.join(format!("models--{}", repo.replace('/', "--")));
+    let (blobs, snap) = (repo_dir.join("blobs"), repo_dir.join("snapshots").join(commit));
+    std::fs::create_dir_all(&blobs).unwrap();
+    std::fs::create_dir_all(&snap).unwrap();
+    for (i, f) in std::fs::read_dir(model_dir(name)).unwrap().flatten().enumerate() {
+        let blob = blobs.join(format!("{i:040x}"));
+        std::fs::copy(f.path(), &blob).unwrap();
+        std::os::unix::fs::symlink(format!("../../blobs/{i:040x}"), snap.join(f.file_name())).unwrap();
+    }
+    std::fs::create_dir_all(repo_dir.join("refs")).unwrap();
+    for r in refs {
+        std::fs::write(repo_dir.join("refs").join(r), commit).unwrap();
+    }
+}
+
+#[test]
+fn hugging_face_model_ids_resolve_from_the_local_cache() {
+    // `--model org/name[@rev]` and a recipe's `model.path` read the snapshot huggingface_hub
+    // cached (HF_HUB_CACHE, or HF_HOME/hub): refs/main by default, a named ref, or a commit.
+    let d = scratch("hub");
+    let hub = d.join("hf/hub");
+    let commit = "0123456789abcdef0123456789abcdef01234567";
+    hub_cache(&hub, "llama", "tiny-org/tiny-llama", commit, &["main", "v1"]);
+    let data = fixtures().join("chat.jsonl");
+    let eval = |model: &str, env: &[(&str, &std::path::Path)]| {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_ft"));
+        cmd.args(["eval", "--json", "--template", "chatml", "--model", model, "--data", data.to_str().unwrap()]);
+        cmd.env_remove("HF_HUB_CACHE").env_remove("HF_HOME").env_remove("HF_HUB_OFFLINE");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let out = cmd.output().unwrap();
+        (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let want = json(&fixtures().join("expected_chat_loss.json"))["models/llama"]["chat_loss_mean"].as_f64().unwrap();
+    for (model, env) in [
+        ("tiny-org/tiny-llama", ("HF_HUB_CACHE", hub.clone())),
+        ("tiny-org/tiny-llama@v1", ("HF_HOME", d.join("hf"))),
+        (&format!("tiny-org/tiny-llama@{commit}") as &str, ("HF_HUB_CACHE", hub.clone())),
+    ] {
+        let (c, out, err) = eval(model, &[(env.0, &env.1)]);
+        assert_eq!(c, 0, "{model}: {err}");
+        let loss = serde_json::from_str::<serde_json::Value>(&out).unwrap()["loss"].as_f64().unwrap();
+        assert!((loss - want).abs() <= 1e-4, "{model}: {loss} vs {want}");
+    }
+    // Not cached: where ft looked and how to fetch it; HF_HUB_OFFLINE said when set.
+    let (c, _, err) = eval("tiny-org/other", &[("HF_HUB_CACHE", &hub)]);
+    assert_eq!(c, 2, "{err}");
+    assert!(err.contains("not in the Hugging Face cache") && err.contains(hub.to_str().unwrap()) && err.contains("hf download tiny-org/other"), "{err}");
+    let (c, _, err) = eval("tiny-org/tiny-llama@v2", &[("HF_HUB_CACHE", &hub), ("HF_HUB_OFFLINE", std::path::Path::new("1"))]);
+    assert_eq!(c, 2, "{err}");
+    assert!(err.contains("no revision \"v2\"") && err.contains("HF_HUB_OFFLINE"), "{err}");
+    // A recipe's model.path: the same resolution (the key named when it fails).
+    let r = d.join("recipe.toml");
+    std::fs::write(&r, format!("[model]\npath = \"tiny-org/missing\"\n[data]\ntrain = \"{}\"\n[output]\ndir = \"{}\"\n", data.display(), d.join("run").display())).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ft")).args(["train", r.to_str().unwrap(), "--quiet"]).env("HF_HUB_CACHE", &hub).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("model.path") && err.contains("not in the Hugging Face cache"), "{err}");
+}
