@@ -46,7 +46,16 @@ pub fn parse_id(s: &str) -> Option<(&str, &str)> {
         None => (s, "main"),
     };
     let (org, name) = repo.split_once('/')?;
-    let part = |p: &str| !p.is_empty() && p != "." && p != ".." && p.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    // The hub's rule for names: [A-Za-z0-9_.-], not starting or ending with `.` or `-`, no `--`
+    // or `..` (so `.cache/x` and `../x` are paths).
+    let part = |p: &str| {
+        !p.is_empty()
+            && p.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+            && !p.starts_with(['.', '-'])
+            && !p.ends_with(['.', '-'])
+            && !p.contains("--")
+            && !p.contains("..")
+    };
     (part(org) && part(name)).then_some((repo, revision))
 }
 
@@ -92,7 +101,7 @@ mod tests {
     fn ids_and_paths_are_told_apart() {
         assert_eq!(parse_id("HuggingFaceTB/SmolLM2-135M-Instruct"), Some(("HuggingFaceTB/SmolLM2-135M-Instruct", "main")));
         assert_eq!(parse_id("org/name@v1.0"), Some(("org/name", "v1.0")));
-        for path in ["./org/name", "/abs/dir", "dir", "a/b/c", "../x", "org/", "org/name@", "runs/../x"] {
+        for path in ["./org/name", "/abs/dir", "dir", "a/b/c", "../x", "org/", "org/name@", "runs/../x", ".cache/smollm2-hf", "org/-x", "a--b/c"] {
             assert_eq!(parse_id(path), None, "{path}");
         }
     }

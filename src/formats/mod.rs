@@ -8,3 +8,4 @@ pub mod hf_cache;
 pub mod model_dir;
 pub mod peft;
 pub mod safetensors;
+pub mod tfevents;

@@ -593,6 +593,10 @@ pub struct TrainSection {
 #[serde(deny_unknown_fields)]
 pub struct OutputSection {
     pub dir: PathBuf,
+    /// Trackers fed with every metrics line as the run goes: `"tensorboard"` (event files in
+    /// `RUN/tb/`, TRL's names as tags under `train/` and `eval/`), or `"none"`.
+    #[serde(default)]
+    pub report_to: Vec<String>,
 }
 
 fn d_template() -> TemplateChoice {
@@ -759,6 +763,9 @@ impl Recipe {
 
     /// Checks every range the schema cannot express; the error names the key.
     pub fn validate(&self) -> std::result::Result<(), Invalid> {
+        if let Some(r) = self.output.report_to.iter().find(|r| !matches!(r.as_str(), "tensorboard" | "none")) {
+            return Err(("output.report_to", format!("output.report_to: {r:?} is not a tracker ft writes (expected \"tensorboard\" or \"none\")")));
+        }
         let t = &self.train;
         let l = &self.lora;
         if l.r == 0 {

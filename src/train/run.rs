@@ -242,6 +242,9 @@ pub fn run<B: TrainBackend>(recipe: &Recipe, device: B::Device, progress: &dyn P
     WRITING.store(true, std::sync::atomic::Ordering::SeqCst);
     objective.before_training(&mut model, &upcoming, progress)?;
     run_dir.start_metrics(state.step)?;
+    if recipe.output.report_to.iter().any(|r| r == "tensorboard") {
+        run_dir.enable_tensorboard();
+    }
     if t.eval_on_start && state.step == 0 {
         if let Some(mut m) = objective.evaluate(&mut model.valid()) {
             let mut line = Map::new();
@@ -285,6 +288,9 @@ pub fn run<B: TrainBackend>(recipe: &Recipe, device: B::Device, progress: &dyn P
         let (line, reserved_gib) = step_line(step + 1, data.progress(), stats, settings.lr, tokens_seen, tokens_per_s, step_s);
         peak_gpu = peak_gpu.max(reserved_gib.unwrap_or(0.0));
         run_dir.log(&line)?;
+        if let Some(w) = run_dir.take_warning() {
+            progress.warning(&w);
+        }
         run_dir.log_samples(step + 1, samples)?;
         progress.step(step + 1, total, &step_message(&line), tokens_per_s);
         let last = step + 1 == total;
@@ -307,6 +313,9 @@ pub fn run<B: TrainBackend>(recipe: &Recipe, device: B::Device, progress: &dyn P
                 line.insert("step".into(), (step + 1).into());
                 line.append(&mut m);
                 run_dir.log(&Value::Object(line))?;
+                if let Some(w) = run_dir.take_warning() {
+                    progress.warning(&w);
+                }
             }
         }
     }

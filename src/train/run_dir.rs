@@ -20,6 +20,11 @@ pub struct RunDir {
     completions: Option<std::fs::File>,
     resolved: String,
     lock: Option<Lock>,
+    /// TensorBoard event file (`report_to = ["tensorboard"]`); dropped at its first failure.
+    tb: Option<crate::formats::tfevents::EventWriter>,
+    /// A warning for the user, once (the TensorBoard file could not be written).
+    warning: Option<String>,
+    tb_writes: usize,
 }
 
 /// `RUN/.lock`, holding the pid of the process training in the directory; removed when the run
@@ -85,7 +90,7 @@ impl RunDir {
         } else if non_empty {
             return Err(invalid("the output directory already exists and is not empty (use --resume to continue it)"));
         }
-        Ok(RunDir { path: path.into(), metrics: None, completions: None, resolved: resolved.into(), lock: None })
+        Ok(RunDir { path: path.into(), metrics: None, completions: None, resolved: resolved.into(), lock: None, tb: None, warning: None, tb_writes: 0 })
     }
 
     /// Creates the directory, takes its lock (refused while another live ft trains there) and
@@ -121,10 +126,43 @@ impl RunDir {
         self.metrics.as_mut().expect("start_metrics is called before logging")
     }
 
-    /// Appends one line to `metrics.jsonl`.
+    /// Starts a TensorBoard event file in `RUN/tb/` (a new file per start; a resumed run's
+    /// TensorBoard shows the steps again from its checkpoint). A failure is a warning.
+    pub fn enable_tensorboard(&mut self) {
+        let dir = self.path.join("tb");
+        match crate::formats::tfevents::EventWriter::create(&dir) {
+            Ok(w) => self.tb = Some(w),
+            Err(e) => self.warning = Some(format!("TensorBoard: cannot write in {}: {e}; metrics.jsonl stays the record", dir.display())),
+        }
+    }
+
+    /// A warning the run should show, once.
+    pub fn take_warning(&mut self) -> Option<String> {
+        self.warning.take()
+    }
+
+    /// Appends one line to `metrics.jsonl` (and its numbers to TensorBoard: `eval_*` keys as
+    /// `eval/*`, the others as `train/*`, as transformers' TensorBoard callback names them).
     pub fn log(&mut self, line: &Value) -> Result<(), TrainError> {
         let path = self.path.join("metrics.jsonl");
-        writeln!(self.metrics(), "{line}").at("writing", &path)
+        writeln!(self.metrics(), "{line}").at("writing", &path)?;
+        if let (Some(tb), Some(obj)) = (self.tb.as_mut(), line.as_object()) {
+            let step = obj.get("step").and_then(Value::as_i64).unwrap_or(0);
+            let scalars: Vec<(String, f32)> = obj
+                .iter()
+                .filter(|(k, _)| k.as_str() != "step")
+                .filter_map(|(k, v)| v.as_f64().map(|x| (k, x as f32)))
+                .map(|(k, x)| (k.strip_prefix("eval_").map_or_else(|| format!("train/{k}"), |r| format!("eval/{r}")), x))
+                .collect();
+            self.tb_writes += 1;
+            let injected = cfg!(feature = "fault-injection") && std::env::var("FT_FAIL_TB_AT").ok().and_then(|v| v.parse::<usize>().ok()) == Some(self.tb_writes);
+            let written = if injected { Err(std::io::Error::other("injected failure (FT_FAIL_TB_AT)")) } else { tb.scalars(step, &scalars) };
+            if let Err(e) = written {
+                self.warning = Some(format!("TensorBoard: cannot write {}: {e}; no more TensorBoard events this run, metrics.jsonl stays the record", tb.path.display()));
+                self.tb = None;
+            }
+        }
+        Ok(())
     }
 
     /// Appends step `step`'s sampled completions to `completions.jsonl` (each line gets the

@@ -829,3 +829,104 @@ fn ensure_weight_tying_trains_one_copy_for_the_tied_embeddings_and_head() {
     let dm = max_abs_diff(&logits(&merged), &with_adapter);
     assert!(dm <= 1e-4, "merged vs adapter: {dm}");
 }
+
+/// The scalars of a TensorBoard event file: (step, tag, value) of every event after the
+/// file-version one, each record's framing CRCs checked.
+fn tb_scalars(path: &Path) -> Vec<(i64, String, f32)> {
+    use ft::formats::tfevents::masked_crc;
+    let bytes = std::fs::read(path).unwrap();
+    let varint = |b: &[u8], at: &mut usize| -> u64 {
+        let (mut v, mut shift) = (0u64, 0);
+        loop {
+            let x = b[*at];
+            *at += 1;
+            v |= ((x & 0x7f) as u64) << shift;
+            if x < 0x80 {
+                return v;
+            }
+            shift += 7;
+        }
+    };
+    // Fields of one message: (field, wire type, payload).
+    let fields = |b: &[u8]| -> Vec<(u64, u64, Vec<u8>)> {
+        let mut at = 0;
+        let mut out = Vec::new();
+        while at < b.len() {
+            let key = varint(b, &mut at);
+            let (field, wire) = (key >> 3, key & 7);
+            let payload = match wire {
+                0 => varint(b, &mut at).to_le_bytes().to_vec(),
+                1 => { at += 8; b[at - 8..at].to_vec() }
+                5 => { at += 4; b[at - 4..at].to_vec() }
+                2 => { let n = varint(b, &mut at) as usize; at += n; b[at - n..at].to_vec() }
+                w => panic!("wire type {w}"),
+            };
+            out.push((field, wire, payload));
+        }
+        out
+    };
+    let (mut at, mut out, mut first) = (0, Vec::new(), true);
+    while at < bytes.len() {
+        let len = &bytes[at..at + 8];
+        assert_eq!(u32::from_le_bytes(bytes[at + 8..at + 12].try_into().unwrap()), masked_crc(len), "length CRC");
+        let n = u64::from_le_bytes(len.try_into().unwrap()) as usize;
+        let data = &bytes[at + 12..at + 12 + n];
+        assert_eq!(u32::from_le_bytes(bytes[at + 12 + n..at + 16 + n].try_into().unwrap()), masked_crc(data), "data CRC");
+        at += 16 + n;
+        let ev = fields(data);
+        if first {
+            assert!(ev.iter().any(|(f, _, p)| *f == 3 && p == b"brain.Event:2"), "file version first");
+            first = false;
+            continue;
+        }
+        let step = ev.iter().find(|(f, _, _)| *f == 2).map(|(_, _, p)| i64::from_le_bytes(p[..8].try_into().unwrap())).unwrap_or(0);
+        for (_, _, summary) in ev.iter().filter(|(f, _, _)| *f == 5) {
+            for (_, _, value) in fields(summary) {
+                let v = fields(&value);
+                let tag = String::from_utf8(v.iter().find(|(f, _, _)| *f == 1).unwrap().2.clone()).unwrap();
+                let x = f32::from_le_bytes(v.iter().find(|(f, _, _)| *f == 2).unwrap().2[..4].try_into().unwrap());
+                out.push((step, tag, x));
+            }
+        }
+    }
+    out
+}
+
+#[test]
+fn tensorboard_gets_every_metric_and_a_failing_writer_only_warns() {
+    // output.report_to = ["tensorboard"]: RUN/tb/events.out.tfevents.* holds every number of
+    // metrics.jsonl (train/<key>, eval/<key> for eval_<key>) at its step; when the file cannot be
+    // written mid-run the run warns once and finishes with its metrics.jsonl complete.
+    let d = train_ok("tensorboard", "max_steps = 4\nmicro_batch_size = 2\nlr = 1e-2\neval_every = 2", &["--set", "output.report_to=[\"tensorboard\"]"]);
+    let files: Vec<PathBuf> = std::fs::read_dir(d.join("run/tb")).unwrap().flatten().map(|e| e.path()).collect();
+    assert_eq!(files.len(), 1);
+    assert!(files[0].file_name().unwrap().to_str().unwrap().starts_with("events.out.tfevents."));
+    let got = tb_scalars(&files[0]);
+    let mut want = Vec::new();
+    for m in metrics(&d) {
+        let step = m["step"].as_i64().unwrap();
+        for (k, v) in m.as_object().unwrap() {
+            if let (true, Some(x)) = (k != "step", v.as_f64()) {
+                let tag = k.strip_prefix("eval_").map_or_else(|| format!("train/{k}"), |r| format!("eval/{r}"));
+                want.push((step, tag, x as f32));
+            }
+        }
+    }
+    assert!(want.iter().any(|w| w.1 == "train/loss") && want.iter().any(|w| w.1 == "eval/loss"));
+    assert_eq!(got, want);
+    // A writer that fails at its second event.
+    let d2 = scratch("tensorboard-fail");
+    let data = eight(&d2);
+    let r = recipe(&d2, &data, "max_steps = 4\nmicro_batch_size = 2\nlr = 1e-2");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ft"))
+        .args(["train", r.to_str().unwrap(), "--set", "output.report_to=[\"tensorboard\"]"])
+        .env("FT_FAIL_TB_AT", "2")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert_eq!(err.matches("TensorBoard: cannot write").count(), 1, "{err}");
+    assert_eq!(metrics(&d2).iter().filter(|m| m["loss"].is_f64()).count(), 4, "metrics.jsonl stays complete");
+    let files: Vec<PathBuf> = std::fs::read_dir(d2.join("run/tb")).unwrap().flatten().map(|e| e.path()).collect();
+    assert_eq!(tb_scalars(&files[0]).iter().filter(|s| s.1 == "train/loss").count(), 1, "only the first event was written");
+}
