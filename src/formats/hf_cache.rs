@@ -14,7 +14,7 @@ use std::path::{Path, PathBuf};
 /// A model id that is not in the local cache.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum HubError {
-    #[error("{id}: not a directory, and not in the Hugging Face cache ({cache} has no {repo_dir}){hint}")]
+    #[error("{id} is not a directory, nor a model in the Hugging Face cache ({cache} has no {repo_dir}){hint}")]
     NotCached { id: String, cache: PathBuf, repo_dir: String, hint: String },
     #[error("{id}: the Hugging Face cache has {repo} but no revision {revision:?} ({missing} is missing){hint}")]
     NoRevision { id: String, repo: PathBuf, revision: String, missing: PathBuf, hint: String },
@@ -57,6 +57,22 @@ pub fn parse_id(s: &str) -> Option<(&str, &str)> {
             && !p.contains("..")
     };
     (part(org) && part(name)).then_some((repo, revision))
+}
+
+/// `path` itself when it exists, or the snapshot of the cached model id it spells; `path` again
+/// when it is an id that is not cached (a directory a recipe names may not exist yet; loading it
+/// says what is missing, with [`not_found_hint`]).
+pub fn resolve_if_cached(path: &Path) -> PathBuf {
+    resolve(path).unwrap_or_else(|_| path.to_path_buf())
+}
+
+/// For a path that does not exist: why it is not a cached Hugging Face model either, when it
+/// reads as an id (`""` otherwise).
+pub fn not_found_hint(path: &Path) -> String {
+    match resolve(path) {
+        Err(e) => format!("; as a Hugging Face id: {e}"),
+        Ok(_) => String::new(),
+    }
 }
 
 /// `path` itself when it exists (or is not an id); else the cached snapshot of the model id it

@@ -20,8 +20,8 @@ use projection::WeightSource;
 /// Errors from loading a model directory.
 #[derive(Debug, thiserror::Error)]
 pub enum LoadError {
-    #[error("{}: not a directory (expected a Hugging Face model directory with config.json and safetensors)", dir.display())]
-    NotADirectory { dir: PathBuf },
+    #[error("{}: not a directory (expected a Hugging Face model directory with config.json and safetensors){hub}", dir.display())]
+    NotADirectory { dir: PathBuf, hub: String },
     #[error(transparent)]
     Config(#[from] ConfigError),
     #[error("loading the {family} model in {}", dir.display())]
@@ -40,7 +40,7 @@ pub struct LoadOptions {
 /// Loads `config.json` and the safetensors weights of a Hugging Face model directory.
 pub fn load<B: Kernels>(dir: &Path, device: &B::Device, options: LoadOptions) -> Result<Decoder<B>, LoadError> {
     if !dir.is_dir() {
-        return Err(LoadError::NotADirectory { dir: dir.into() });
+        return Err(LoadError::NotADirectory { dir: dir.into(), hub: crate::formats::hf_cache::not_found_hint(dir) });
     }
     let config = ModelConfig::from_dir(dir)?;
     build(&TensorFiles::open(dir)?, &config, dir, device, options)

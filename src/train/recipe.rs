@@ -752,10 +752,11 @@ impl Recipe {
             Recipe::deserialize(doc).map_err(|e| schema_error(e, None))?
         };
         let mut recipe = recipe;
-        // Hugging Face model ids from the local hub cache (paths that exist stay as they are).
-        recipe.model.path = crate::formats::hf_cache::resolve(&recipe.model.path).map_err(|e| error(None, Some("model.path".into()), format!("model.path: {e}")))?;
+        // Hugging Face model ids from the local hub cache (paths that exist stay as they are; a
+        // path that does not exist yet, or an id not cached, is reported when the model loads).
+        recipe.model.path = crate::formats::hf_cache::resolve_if_cached(&recipe.model.path);
         if let Some(d) = recipe.distill.as_mut() {
-            d.teacher = crate::formats::hf_cache::resolve(&d.teacher).map_err(|e| error(None, Some("distill.teacher".into()), format!("distill.teacher: {e}")))?;
+            d.teacher = crate::formats::hf_cache::resolve_if_cached(&d.teacher);
         }
         recipe.validate().map_err(|(key, msg)| error(None, Some(key.into()), msg))?;
         Ok(recipe)

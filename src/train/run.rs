@@ -76,6 +76,10 @@ pub fn run<B: TrainBackend>(recipe: &Recipe, device: B::Device, progress: &dyn P
         return Ok(summary);
     }
 
+    if !recipe.model.path.is_dir() {
+        let dir = recipe.model.path.clone();
+        return Err(crate::model::LoadError::NotADirectory { hub: crate::formats::hf_cache::not_found_hint(&dir), dir }.into());
+    }
     let tok = TextTokenizer::from_dir(&recipe.model.path)?;
     let template = tok.template(recipe.data.template)?;
     let options = recipe.model.load_options();

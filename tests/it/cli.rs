@@ -268,15 +268,21 @@ fn hugging_face_model_ids_resolve_from_the_local_cache() {
     // Not cached: where ft looked and how to fetch it; HF_HUB_OFFLINE said when set.
     let (c, _, err) = eval("tiny-org/other", &[("HF_HUB_CACHE", &hub)]);
     assert_eq!(c, 2, "{err}");
-    assert!(err.contains("not in the Hugging Face cache") && err.contains(hub.to_str().unwrap()) && err.contains("hf download tiny-org/other"), "{err}");
+    assert!(err.contains("nor a model in the Hugging Face cache") && err.contains(hub.to_str().unwrap()) && err.contains("hf download tiny-org/other"), "{err}");
     let (c, _, err) = eval("tiny-org/tiny-llama@v2", &[("HF_HUB_CACHE", &hub), ("HF_HUB_OFFLINE", std::path::Path::new("1"))]);
     assert_eq!(c, 2, "{err}");
     assert!(err.contains("no revision \"v2\"") && err.contains("HF_HUB_OFFLINE"), "{err}");
-    // A recipe's model.path: the same resolution (the key named when it fails).
-    let r = d.join("recipe.toml");
-    std::fs::write(&r, format!("[model]\npath = \"tiny-org/missing\"\n[data]\ntrain = \"{}\"\n[output]\ndir = \"{}\"\n", data.display(), d.join("run").display())).unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_ft")).args(["train", r.to_str().unwrap(), "--quiet"]).env("HF_HUB_CACHE", &hub).output().unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{err}");
-    assert!(err.contains("model.path") && err.contains("not in the Hugging Face cache"), "{err}");
+    // A recipe's model.path: the same resolution; an id that is not cached (or a directory a
+    // pipeline has not made yet) fails when the model loads, saying both.
+    let recipe = |model: &str, run: &str| {
+        let r = d.join(format!("{run}.toml"));
+        std::fs::write(&r, format!("[model]\npath = \"{model}\"\n[data]\ntrain = \"{}\"\ntemplate = \"chatml\"\n[train]\nmax_steps = 1\n[output]\ndir = \"{}\"\n", data.display(), d.join(run).display())).unwrap();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_ft")).args(["train", r.to_str().unwrap(), "--quiet"]).env("HF_HUB_CACHE", &hub).output().unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let (c, err) = recipe("tiny-org/tiny-llama@v1", "run-cached");
+    assert_eq!(c, Some(0), "{err}");
+    let (c, err) = recipe("tiny-org/missing", "run-missing");
+    assert_ne!(c, Some(0), "{err}");
+    assert!(err.contains("tiny-org/missing: not a directory") && err.contains("nor a model in the Hugging Face cache"), "{err}");
 }
