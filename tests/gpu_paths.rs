@@ -108,7 +108,7 @@ fn the_decoder_operations_run_as_single_nodes_with_chunked_attention() {
     assert!(GpuAd::rms_norm_fused(t2(2, 4), Tensor::ones([4], &dev), 1e-5).is_some());
     assert!(GpuAd::rope_fused(t4([1, 2, 1, 4]), cos, sin, false).is_some());
     assert!(GpuAd::swiglu_fused(t2(2, 4), t2(2, 4)).is_some());
-    assert!(GpuAd::attention_fused(t4([1, 2, 2, 4]), t4([1, 2, 1, 4]), t4([1, 2, 1, 4]), causal(2), 0.5).is_some());
+    assert!(GpuAd::attention_fused(t4([1, 2, 2, 4]), t4([1, 2, 1, 4]), t4([1, 2, 1, 4]), causal(2), ft::ops::Scores::scaled(0.5)).is_some());
 
     // The chunked attention on this backend (its row kernels), three query rows per chunk (so
     // chunks see different numbers of keys), against the plain composition's values and autodiff

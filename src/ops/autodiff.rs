@@ -166,11 +166,7 @@ impl<B: FusedOps> Backward<B, 3> for AttentionBackward {
         let s = ops.state;
         let grad = grads.consume::<B>(&ops.node);
         let mask = Tensor::<B, 3, Bool>::from_primitive(s.mask);
-        let (dq, dk, dv) = match (s.scores.softcap, s.scores.window) {
-            (None, None) => B::attention_backward(float(s.q), float(s.k), float(s.v), float(s.o), float(s.lse), mask, s.scores.scale, float(grad)),
-            _ => B::attention_ext_backward(float(s.q), float(s.k), float(s.v), float(s.o), float(s.lse), mask, s.scores, float(grad)),
-        }
-        .expect(PAIRED);
+        let (dq, dk, dv) = B::attention_backward(float(s.q), float(s.k), float(s.v), float(s.o), float(s.lse), mask, s.scores, float(grad)).expect(PAIRED);
         for (node, g) in ops.parents.into_iter().zip([dq, dk, dv]) {
             if let Some(node) = node {
                 grads.register::<B>(node.id, prim(g));
@@ -277,11 +273,7 @@ impl<B: FusedOps, C: CheckpointStrategy> FusedOps for Autodiff<B, C> {
         Some((float(out), Tensor::from_inner(lse)))
     }
 
-    fn attention_fused(q: Tensor<Self, 4>, k: Tensor<Self, 4>, v: Tensor<Self, 4>, mask: Tensor<Self, 3, Bool>, scale: f64) -> Option<(Tensor<Self, 4>, Tensor<Self, 3>)> {
-        attention_node(q, k, v, mask, Scores::scaled(scale))
-    }
-
-    fn attention_ext_fused(q: Tensor<Self, 4>, k: Tensor<Self, 4>, v: Tensor<Self, 4>, mask: Tensor<Self, 3, Bool>, s: Scores) -> Option<(Tensor<Self, 4>, Tensor<Self, 3>)> {
+    fn attention_fused(q: Tensor<Self, 4>, k: Tensor<Self, 4>, v: Tensor<Self, 4>, mask: Tensor<Self, 3, Bool>, s: Scores) -> Option<(Tensor<Self, 4>, Tensor<Self, 3>)> {
         attention_node(q, k, v, mask, s)
     }
 }
@@ -298,10 +290,7 @@ fn attention_node<B: FusedOps, C: CheckpointStrategy>(
     let (qi, ki, vi) = (inner(&q), inner(&k), inner(&v));
     let mask = Tensor::<B, 3, Bool>::from_primitive(mask.into_primitive());
     let nodes = [q.into_primitive().tensor().node, k.into_primitive().tensor().node, v.into_primitive().tensor().node];
-    let (o, lse) = match (scores.softcap, scores.window) {
-        (None, None) => B::attention_fused(qi.clone(), ki.clone(), vi.clone(), mask.clone(), scores.scale)?,
-        _ => B::attention_ext_fused(qi.clone(), ki.clone(), vi.clone(), mask.clone(), scores)?,
-    };
+    let (o, lse) = B::attention_fused(qi.clone(), ki.clone(), vi.clone(), mask.clone(), scores)?;
     let out = match AttentionBackward.prepare::<C>(nodes).compute_bound().stateful() {
         OpsKind::Tracked(prep) => {
             let state = AttentionState { q: prim(qi), k: prim(ki), v: prim(vi), o: prim(o.clone()), lse: prim(lse.clone()), mask: mask.into_primitive(), scores };

@@ -270,13 +270,10 @@ macro_rules! composed_fused_ops {
         fn swiglu_backward(gate: Tensor<Self, 2>, up: Tensor<Self, 2>, grad: Tensor<Self, 2>) -> Option<(Tensor<Self, 2>, Tensor<Self, 2>)> {
             Some(chunked::swiglu_backward(gate, up, grad))
         }
-        fn attention_fused(q: Tensor<Self, 4>, k: Tensor<Self, 4>, v: Tensor<Self, 4>, mask: Tensor<Self, 3, Bool>, scale: f64) -> Option<(Tensor<Self, 4>, Tensor<Self, 3>)> {
-            Some(chunked::attention(q, k, v, mask, Scores::scaled(scale), chunked::CHUNK_SCORES))
-        }
-        fn attention_ext_fused(q: Tensor<Self, 4>, k: Tensor<Self, 4>, v: Tensor<Self, 4>, mask: Tensor<Self, 3, Bool>, s: Scores) -> Option<(Tensor<Self, 4>, Tensor<Self, 3>)> {
+        fn attention_fused(q: Tensor<Self, 4>, k: Tensor<Self, 4>, v: Tensor<Self, 4>, mask: Tensor<Self, 3, Bool>, s: Scores) -> Option<(Tensor<Self, 4>, Tensor<Self, 3>)> {
             Some(chunked::attention(q, k, v, mask, s, chunked::CHUNK_SCORES))
         }
-        fn attention_ext_backward(
+        fn attention_backward(
             q: Tensor<Self, 4>,
             k: Tensor<Self, 4>,
             v: Tensor<Self, 4>,
@@ -287,18 +284,6 @@ macro_rules! composed_fused_ops {
             grad: Tensor<Self, 4>,
         ) -> Option<(Tensor<Self, 4>, Tensor<Self, 4>, Tensor<Self, 4>)> {
             Some(chunked::attention_backward(q, k, v, o, lse, mask, s, grad, chunked::CHUNK_SCORES))
-        }
-        fn attention_backward(
-            q: Tensor<Self, 4>,
-            k: Tensor<Self, 4>,
-            v: Tensor<Self, 4>,
-            o: Tensor<Self, 4>,
-            lse: Tensor<Self, 3>,
-            mask: Tensor<Self, 3, Bool>,
-            scale: f64,
-            grad: Tensor<Self, 4>,
-        ) -> Option<(Tensor<Self, 4>, Tensor<Self, 4>, Tensor<Self, 4>)> {
-            Some(chunked::attention_backward(q, k, v, o, lse, mask, Scores::scaled(scale), grad, chunked::CHUNK_SCORES))
         }
     };
 }
@@ -502,7 +487,7 @@ mod tests {
         let m = Tensor::<Ad, 3, Bool>::from_inner(mask.clone());
         let (y, g, c) = reference_grads(&[q.clone(), k.clone(), v.clone()], |x| reference::attention_softcap(x[0].clone(), x[1].clone(), x[2].clone(), m.clone(), scale, softcap));
         let sc = Scores { scale, softcap, window };
-        let (_, lse_kernel) = Cpu::attention_ext_fused(q.clone(), k.clone(), v.clone(), mask.clone(), sc).expect("CPU kernel");
+        let (_, lse_kernel) = Cpu::attention_fused(q.clone(), k.clone(), v.clone(), mask.clone(), sc).expect("CPU kernel");
         let [b, t, h, _] = q.dims();
         let s = k.dims()[1];
         // One query row per chunk, two, and everything in one chunk.

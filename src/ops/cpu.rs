@@ -300,29 +300,12 @@ impl FusedOps for Flex {
         Some((tensor(dx, [n, d_in]), dxl.map(|v| tensor(v, [n, d_in])), tensor(da, [d_in, r]), tensor(db, [r, d_out])))
     }
 
-    fn attention_fused(q: Tensor<Self, 4>, k: Tensor<Self, 4>, v: Tensor<Self, 4>, mask: Tensor<Self, 3, Bool>, scale: f64) -> Option<(Tensor<Self, 4>, Tensor<Self, 3>)> {
-        Some(attention_forward(q, k, v, mask, scale, None))
-    }
-
-    fn attention_backward(
-        q: Tensor<Self, 4>,
-        k: Tensor<Self, 4>,
-        v: Tensor<Self, 4>,
-        o: Tensor<Self, 4>,
-        lse: Tensor<Self, 3>,
-        mask: Tensor<Self, 3, Bool>,
-        scale: f64,
-        grad: Tensor<Self, 4>,
-    ) -> Option<(Tensor<Self, 4>, Tensor<Self, 4>, Tensor<Self, 4>)> {
-        Some(attention_backward(q, k, v, o, lse, mask, scale, None, grad))
-    }
-
     // The window needs no argument here: each block's key range comes from the mask.
-    fn attention_ext_fused(q: Tensor<Self, 4>, k: Tensor<Self, 4>, v: Tensor<Self, 4>, mask: Tensor<Self, 3, Bool>, s: Scores) -> Option<(Tensor<Self, 4>, Tensor<Self, 3>)> {
+    fn attention_fused(q: Tensor<Self, 4>, k: Tensor<Self, 4>, v: Tensor<Self, 4>, mask: Tensor<Self, 3, Bool>, s: Scores) -> Option<(Tensor<Self, 4>, Tensor<Self, 3>)> {
         Some(attention_forward(q, k, v, mask, s.scale, s.softcap.map(|c| c as f32)))
     }
 
-    fn attention_ext_backward(
+    fn attention_backward(
         q: Tensor<Self, 4>,
         k: Tensor<Self, 4>,
         v: Tensor<Self, 4>,

@@ -139,16 +139,11 @@ pub trait FusedOps: Backend {
     }
 
     /// Softmax attention of `q [B, T, H, hd]` over `k`, `v` `[B, S, KV, hd]` (H a multiple of
-    /// KV; query head h reads kv head h / (H / KV)), `mask [1 | B, T, S]` true = not attended.
-    /// Returns the output `[B, T, H, hd]` and the softmax's log-sum-exp `[B, H, T]`.
-    #[allow(clippy::type_complexity)]
-    fn attention_fused(
-        _q: Tensor<Self, 4>,
-        _k: Tensor<Self, 4>,
-        _v: Tensor<Self, 4>,
-        _mask: Tensor<Self, 3, Bool>,
-        _scale: f64,
-    ) -> Option<(Tensor<Self, 4>, Tensor<Self, 3>)> {
+    /// KV; query head h reads kv head h / (H / KV)), `mask [1 | B, T, S]` true = not attended,
+    /// scores as `s` says (scale, Gemma 2's softcap, and a sliding window the mask already holds,
+    /// which lets a backend skip the keys outside it). Returns the output `[B, T, H, hd]` and the
+    /// softmax's log-sum-exp `[B, H, T]`.
+    fn attention_fused(_q: Tensor<Self, 4>, _k: Tensor<Self, 4>, _v: Tensor<Self, 4>, _mask: Tensor<Self, 3, Bool>, _s: Scores) -> Option<(Tensor<Self, 4>, Tensor<Self, 3>)> {
         None
     }
     /// Gradients with respect to `q`, `k`, `v`, given the forward's output and log-sum-exp.
@@ -160,37 +155,10 @@ pub trait FusedOps: Backend {
         _o: Tensor<Self, 4>,
         _lse: Tensor<Self, 3>,
         _mask: Tensor<Self, 3, Bool>,
-        _scale: f64,
+        _s: Scores,
         _grad: Tensor<Self, 4>,
     ) -> Option<(Tensor<Self, 4>, Tensor<Self, 4>, Tensor<Self, 4>)> {
         None
-    }
-
-    /// [`Self::attention_fused`] with the scores of `s` (Gemma 2's softcap; a sliding window the
-    /// mask already holds, which lets a backend skip the keys outside it). By default the plain
-    /// kernel without a softcap, none with one.
-    fn attention_ext_fused(q: Tensor<Self, 4>, k: Tensor<Self, 4>, v: Tensor<Self, 4>, mask: Tensor<Self, 3, Bool>, s: Scores) -> Option<(Tensor<Self, 4>, Tensor<Self, 3>)> {
-        match s.softcap {
-            None => Self::attention_fused(q, k, v, mask, s.scale),
-            Some(_) => None,
-        }
-    }
-    /// The gradients of [`Self::attention_ext_fused`].
-    #[allow(clippy::too_many_arguments, clippy::type_complexity)]
-    fn attention_ext_backward(
-        q: Tensor<Self, 4>,
-        k: Tensor<Self, 4>,
-        v: Tensor<Self, 4>,
-        o: Tensor<Self, 4>,
-        lse: Tensor<Self, 3>,
-        mask: Tensor<Self, 3, Bool>,
-        s: Scores,
-        grad: Tensor<Self, 4>,
-    ) -> Option<(Tensor<Self, 4>, Tensor<Self, 4>, Tensor<Self, 4>)> {
-        match s.softcap {
-            None => Self::attention_backward(q, k, v, o, lse, mask, s.scale, grad),
-            Some(_) => None,
-        }
     }
 }
 
@@ -320,11 +288,7 @@ pub fn token_logprobs<B: FusedOps>(logits: Tensor<B, 2>, targets: Tensor<B, 1, I
 /// `q [B, T, H, hd]`, `k`, `v` `[B, S, KV, hd]`, `mask [1 | B, T, S]` (true = not attended)
 /// → `[B, T, H, hd]`
 pub fn attention<B: FusedOps>(q: Tensor<B, 4>, k: Tensor<B, 4>, v: Tensor<B, 4>, mask: Tensor<B, 3, Bool>, s: Scores) -> Tensor<B, 4> {
-    let fused = match (s.softcap, s.window) {
-        (None, None) => B::attention_fused(q.clone(), k.clone(), v.clone(), mask.clone(), s.scale),
-        _ => B::attention_ext_fused(q.clone(), k.clone(), v.clone(), mask.clone(), s),
-    };
-    match fused {
+    match B::attention_fused(q.clone(), k.clone(), v.clone(), mask.clone(), s) {
         Some((o, _)) => o,
         None => reference::attention_softcap(q, k, v, mask, s.scale, s.softcap),
     }
@@ -402,8 +366,8 @@ mod tests {
         assert!(Ad::swiglu_fused(t2(2, 4), t2(2, 4)).is_some());
         assert!(Ad::geglu_fused(t2(2, 4), t2(2, 4)).is_some());
         assert!(Ad::lora_linear_fused(t2(2, 4), None, t2(4, 3), t2(4, 2), t2(2, 3), 0.5).is_some());
-        assert!(Ad::attention_fused(rand4([1, 2, 2, 4]), rand4([1, 2, 1, 4]), rand4([1, 2, 1, 4]), mask.clone(), 0.5).is_some());
-        assert!(Ad::attention_ext_fused(rand4([1, 2, 2, 4]), rand4([1, 2, 1, 4]), rand4([1, 2, 1, 4]), mask, Scores { scale: 0.5, softcap: Some(3.0), window: Some(1) }).is_some());
+        assert!(Ad::attention_fused(rand4([1, 2, 2, 4]), rand4([1, 2, 1, 4]), rand4([1, 2, 1, 4]), mask.clone(), Scores::scaled(0.5)).is_some());
+        assert!(Ad::attention_fused(rand4([1, 2, 2, 4]), rand4([1, 2, 1, 4]), rand4([1, 2, 1, 4]), mask, Scores { scale: 0.5, softcap: Some(3.0), window: Some(1) }).is_some());
     }
 
     #[test]
