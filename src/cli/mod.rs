@@ -8,6 +8,7 @@ pub mod convert;
 pub mod data;
 pub mod eval;
 pub mod eval_generate;
+pub mod export;
 pub mod generate;
 pub mod score;
 pub mod train;
@@ -74,9 +75,13 @@ pub enum Command {
     /// Quantize a model's decoder linear weights to bitsandbytes NF4 (the `*-bnb-4bit` format
     /// transformers loads), so that QLoRA runs skip the quantization.
     Quantize(convert::QuantizeArgs),
-    /// Convert a llama-architecture GGUF (F32/F16/BF16/Q8_0/Q4_0/Q4_1) into a Hugging Face directory.
+    /// Convert a GGUF (F32/F16/BF16, Q8_0/Q4_0/Q4_1/Q5_0/Q5_1, Q4_K/Q5_K/Q6_K) into a Hugging Face directory.
     #[command(name = "import-gguf")]
     ImportGguf(convert::ImportArgs),
+    /// Export for local runtimes: GGUF for llama.cpp (`gguf`), a LoRA adapter as a GGUF adapter
+    /// (`gguf-lora`), an Ollama model directory with its Modelfile (`ollama`).
+    #[command(subcommand)]
+    Export(export::ExportCommand),
 }
 
 /// Runs a parsed command line.
@@ -92,6 +97,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Merge(a) => convert::run_merge(a),
         Command::ImportGguf(a) => convert::run_import(a),
         Command::Quantize(a) => convert::run_quantize(a),
+        Command::Export(c) => export::run(c),
     }
 }
 
@@ -114,6 +120,9 @@ pub fn exit_code(err: &anyhow::Error) -> u8 {
         }
     }
     for cause in err.chain() {
+        if let Some(crate::convert::ConvertError::Unsupported { .. }) = cause.downcast_ref() {
+            return exit::USAGE;
+        }
         if cause.is::<UsageError>() || cause.is::<crate::train::recipe::RecipeError>() {
             return exit::USAGE;
         }

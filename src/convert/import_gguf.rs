@@ -1,6 +1,9 @@
-//! `ft import-gguf`: a llama-architecture (or qwen2) GGUF → a plain Hugging Face directory
-//! (config.json, model.safetensors, tokenizer.json, tokenizer_config.json with the GGUF's chat
-//! template, generation_config.json), matching what transformers' GGUF loader produces.
+//! `ft import-gguf`: a GGUF of any family ft trains (llama, mistral, mixtral, qwen2, qwen3,
+//! qwen3moe, smollm3, gemma2, gemma3, phi3) → a plain Hugging Face directory (config.json,
+//! model.safetensors, tokenizer.json, tokenizer_config.json with the GGUF's chat template,
+//! generation_config.json): the inverse of `ft export gguf` and of llama.cpp's converter (q/k
+//! rows un-permuted, Gemma norms back to `w`, stacked experts split per expert, rotary factor
+//! tensors back into the config).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -8,10 +11,12 @@ use std::path::{Path, PathBuf};
 use serde_json::{json, Value as Json};
 
 use super::ConvertError;
+use super::gguf_arch::{hf_name, norm_offset, permutes_qk, unpermute};
 use crate::formats::gguf::dequant;
 use crate::formats::gguf::reader::{GgufError, GgufFile, Value};
 use crate::formats::model_dir::ModelDirWriter;
 use crate::formats::safetensors::{encode, torch_name, OutDtype, RawTensors};
+use crate::model::config::Family;
 
 type Result<T> = std::result::Result<T, ConvertError>;
 
@@ -28,52 +33,6 @@ pub struct ImportReport {
     pub parameters: usize,
     /// Tensor count per GGUF type.
     pub types: BTreeMap<String, usize>,
-}
-
-/// GGUF tensor name → HF name (`blk.N.attn_q.weight` → `model.layers.N.self_attn.q_proj.weight`).
-pub fn hf_name(name: &str) -> Option<String> {
-    match name {
-        "token_embd.weight" => return Some("model.embed_tokens.weight".into()),
-        "output_norm.weight" => return Some("model.norm.weight".into()),
-        "output.weight" => return Some("lm_head.weight".into()),
-        _ => {}
-    }
-    let rest = name.strip_prefix("blk.")?;
-    let (layer, rest) = rest.split_once('.')?;
-    let layer: usize = layer.parse().ok()?;
-    let (module, kind) = rest.rsplit_once('.')?;
-    let hf = match module {
-        "attn_q" => "self_attn.q_proj",
-        "attn_k" => "self_attn.k_proj",
-        "attn_v" => "self_attn.v_proj",
-        "attn_output" => "self_attn.o_proj",
-        "attn_q_norm" => "self_attn.q_norm",
-        "attn_k_norm" => "self_attn.k_norm",
-        "ffn_gate" => "mlp.gate_proj",
-        "ffn_up" => "mlp.up_proj",
-        "ffn_down" => "mlp.down_proj",
-        "attn_norm" => "input_layernorm",
-        "ffn_norm" => "post_attention_layernorm",
-        _ => return None,
-    };
-    Some(format!("model.layers.{layer}.{hf}.{kind}"))
-}
-
-/// Undoes llama.cpp's q/k row permutation (its converter interleaves the rotary halves):
-/// rows `(head, i, a)` go back to `(head, a, i)`.
-pub fn reverse_permute(w: &[f32], rows: usize, cols: usize, n_head: usize) -> Vec<f32> {
-    let half = rows / n_head / 2;
-    let mut out = vec![0f32; w.len()];
-    for h in 0..n_head {
-        for i in 0..half {
-            for a in 0..2 {
-                let src = h * 2 * half + i * 2 + a;
-                let dst = h * 2 * half + a * half + i;
-                out[dst * cols..(dst + 1) * cols].copy_from_slice(&w[src * cols..(src + 1) * cols]);
-            }
-        }
-    }
-    out
 }
 
 fn meta_u(g: &GgufFile, key: &str) -> Result<usize> {
@@ -159,6 +118,37 @@ fn check_header_against_tensors(g: &GgufFile, k: &dyn Fn(&str) -> String, layers
     Ok(())
 }
 
+/// The model family a GGUF architecture (and its metadata) describes.
+fn family_of(g: &GgufFile, arch: &str) -> Result<Family> {
+    let has = |key: &str| g.get(&format!("{arch}.{key}")).is_some();
+    Ok(match arch {
+        "llama" | "mistral" if has("expert_count") && meta_u(g, &format!("{arch}.expert_count"))? > 0 => Family::Mixtral,
+        "llama" | "mistral" if has("attention.sliding_window") => Family::Mistral,
+        "llama" => Family::Llama,
+        "mistral" => Family::Mistral,
+        "qwen2" => Family::Qwen2,
+        "qwen3" => Family::Qwen3,
+        "qwen3moe" => Family::Qwen3Moe,
+        "smollm3" => Family::SmolLM3,
+        "gemma2" => Family::Gemma2,
+        "gemma3" => Family::Gemma3,
+        "phi3" => Family::Phi3,
+        _ => {
+            let msg = format!("{arch:?} is not supported for import (llama, mistral, qwen2, qwen3, qwen3moe, smollm3, gemma2, gemma3, phi3)");
+            return Err(key_error(g, "general.architecture", &msg));
+        }
+    })
+}
+
+/// A GGUF tensor's values as f32.
+fn tensor_f32(g: &GgufFile, name: &str) -> Result<Option<Vec<f32>>> {
+    let Some(t) = g.tensor(name) else { return Ok(None) };
+    let bytes = g.tensor_bytes(t)?;
+    dequant::dequantize(t.ggml_type, bytes, t.numel())
+        .map(Some)
+        .map_err(|e| GgufError::Tensor { path: g.path.clone(), name: name.into(), msg: e.to_string() }.into())
+}
+
 /// Converts `gguf` into a Hugging Face model directory at `out`.
 pub fn import(gguf: &Path, out: &Path, dtype: OutDtype) -> Result<ImportReport> {
     let g = GgufFile::open(gguf)?;
@@ -167,25 +157,31 @@ pub fn import(gguf: &Path, out: &Path, dtype: OutDtype) -> Result<ImportReport> 
         .and_then(Value::as_str)
         .ok_or_else(|| key_error(&g, "general.architecture", "missing"))?
         .to_string();
-    if !matches!(arch.as_str(), "llama" | "mistral" | "qwen2") {
-        return Err(key_error(&g, "general.architecture", &format!("{arch:?} is not supported for import (llama, mistral, qwen2)")));
-    }
+    let family = family_of(&g, &arch)?;
     let k = |s: &str| format!("{arch}.{s}");
+    let get_f = |key: &str| g.get(&k(key)).and_then(Value::as_f64);
+    let get_u = |key: &str| g.get(&k(key)).and_then(Value::as_u64).map(|x| x as usize);
     let hidden = meta_u(&g, &k("embedding_length"))?;
     let n_head = meta_u(&g, &k("attention.head_count"))?;
-    let n_kv = g.get(&k("attention.head_count_kv")).and_then(Value::as_u64).map(|x| x as usize).unwrap_or(n_head);
+    let n_kv = get_u("attention.head_count_kv").unwrap_or(n_head);
     let layers = meta_u(&g, &k("block_count"))?;
     let (tok_json, tokens) = tokenizer_json(&g)?;
-    let vocab = g.get(&k("vocab_size")).and_then(Value::as_u64).map(|x| x as usize).unwrap_or(tokens.len());
+    let vocab = match g.tensor("token_embd.weight") {
+        Some(t) => t.shape()[0],
+        None => get_u("vocab_size").unwrap_or(tokens.len()),
+    };
     if n_head == 0 || n_kv == 0 || !n_head.is_multiple_of(n_kv) {
         return Err(key_error(&g, &k("attention.head_count"), &format!("{n_head} query heads and {n_kv} key/value heads: both must be positive, the second dividing the first")));
     }
-    let head_dim = match g.get(&k("attention.key_length")).and_then(Value::as_u64) {
-        Some(d) => d as usize,
+    let head_dim = match get_u("attention.key_length") {
+        Some(d) => d,
         None if hidden.is_multiple_of(n_head) => hidden / n_head,
         None => return Err(key_error(&g, &k("attention.head_count"), &format!("{n_head} does not divide embedding_length = {hidden}"))),
     };
-    check_header_against_tensors(&g, &k, layers, n_head * head_dim, n_kv * head_dim, hidden)?;
+    let (q_rows, kv_rows) = (n_head * head_dim, n_kv * head_dim);
+    if family != Family::Phi3 {
+        check_header_against_tensors(&g, &k, layers, q_rows, kv_rows, hidden)?;
+    }
     let tied = g.tensor("output.weight").is_none();
     let id = |key: &str| g.get(key).and_then(Value::as_u64);
     let (bos, eos, pad, unk) = (
@@ -195,10 +191,25 @@ pub fn import(gguf: &Path, out: &Path, dtype: OutDtype) -> Result<ImportReport> 
         id("tokenizer.ggml.unknown_token_id"),
     );
     let tok_str = |i: Option<u64>| i.and_then(|i| tokens.get(i as usize)).cloned();
+    let rope_theta = get_f("rope.freq_base").unwrap_or(10000.0);
+    let max_pos = meta_u(&g, &k("context_length"))?;
+    let window = get_u("attention.sliding_window").filter(|&w| w > 0);
 
+    let class = match family {
+        Family::Llama => "LlamaForCausalLM",
+        Family::Mistral => "MistralForCausalLM",
+        Family::Mixtral => "MixtralForCausalLM",
+        Family::Qwen2 => "Qwen2ForCausalLM",
+        Family::Qwen3 => "Qwen3ForCausalLM",
+        Family::Qwen3Moe => "Qwen3MoeForCausalLM",
+        Family::SmolLM3 => "SmolLM3ForCausalLM",
+        Family::Gemma2 => "Gemma2ForCausalLM",
+        Family::Gemma3 => "Gemma3ForCausalLM",
+        Family::Phi3 => "Phi3ForCausalLM",
+    };
     let mut config = json!({
-        "architectures": [match arch.as_str() { "qwen2" => "Qwen2ForCausalLM", "mistral" => "MistralForCausalLM", _ => "LlamaForCausalLM" }],
-        "model_type": arch,
+        "architectures": [class],
+        "model_type": family.as_str(),
         "vocab_size": vocab,
         "hidden_size": hidden,
         "intermediate_size": meta_u(&g, &k("feed_forward_length"))?,
@@ -206,44 +217,180 @@ pub fn import(gguf: &Path, out: &Path, dtype: OutDtype) -> Result<ImportReport> 
         "num_attention_heads": n_head,
         "num_key_value_heads": n_kv,
         "head_dim": head_dim,
-        "hidden_act": "silu",
-        "max_position_embeddings": meta_u(&g, &k("context_length"))?,
-        "rms_norm_eps": g.get(&k("attention.layer_norm_rms_epsilon")).and_then(Value::as_f64).unwrap_or(1e-5),
-        "rope_theta": g.get(&k("rope.freq_base")).and_then(Value::as_f64).unwrap_or(10000.0),
+        "max_position_embeddings": max_pos,
+        "rms_norm_eps": get_f("attention.layer_norm_rms_epsilon").unwrap_or(1e-5),
+        "rope_theta": rope_theta,
         "tie_word_embeddings": tied,
-        "attention_bias": false,
+        "attention_bias": g.tensor("blk.0.attn_q.bias").is_some() && family != Family::Qwen2,
         "torch_dtype": torch_name(dtype.dtype()),
     });
+    if family.is_gemma() {
+        config["hidden_activation"] = json!("gelu_pytorch_tanh");
+        // llama.cpp's Gemma attention scale (the export folds any other scale into q).
+        let is_27b = matches!((family, layers), (Family::Gemma2, 46) | (Family::Gemma3, 62));
+        config["query_pre_attn_scalar"] = json!(if is_27b { hidden / n_head } else { head_dim });
+    } else {
+        config["hidden_act"] = json!("silu");
+    }
     for (key, v) in [("bos_token_id", bos), ("eos_token_id", eos), ("pad_token_id", pad)] {
         if let Some(v) = v {
             config[key] = json!(v);
         }
     }
-    if let Some(factor) = g.get(&k("rope.scaling.factor")).and_then(Value::as_f64) {
-        let kind = g.get(&k("rope.scaling.type")).and_then(Value::as_str).unwrap_or("linear");
-        if kind != "none" {
-            config["rope_scaling"] = json!({"rope_type": kind, "factor": factor});
+    // Rotary scaling: linear/yarn keys, or per-frequency factors (llama.cpp's rope_freqs for
+    // Llama 3, Phi-3's long/short factors), which transformers expresses as longrope.
+    let scaling = g.get(&k("rope.scaling.type")).and_then(Value::as_str).unwrap_or("none");
+    let factor = get_f("rope.scaling.factor");
+    let orig_ctx = get_u("rope.scaling.original_context_length");
+    let rope_scaling = match (scaling, factor) {
+        ("linear", Some(f)) => Some(json!({"rope_type": "linear", "factor": f})),
+        ("yarn", Some(f)) => {
+            let mut y = json!({"rope_type": "yarn", "factor": f, "original_max_position_embeddings": orig_ctx.unwrap_or(max_pos)});
+            for (gk, hk) in [("rope.scaling.yarn_beta_fast", "beta_fast"), ("rope.scaling.yarn_beta_slow", "beta_slow"), ("rope.scaling.yarn_attn_factor", "attention_factor")] {
+                if let Some(v) = get_f(gk) {
+                    y[hk] = json!(v);
+                }
+            }
+            Some(y)
         }
+        _ => None,
+    };
+    let rope_scaling = match (tensor_f32(&g, "rope_factors_long.weight")?, tensor_f32(&g, "rope_factors_short.weight")?, tensor_f32(&g, "rope_freqs.weight")?) {
+        (Some(long), Some(short), _) => Some(json!({
+            "rope_type": "longrope", "short_factor": short, "long_factor": long,
+            "original_max_position_embeddings": orig_ctx.unwrap_or(max_pos),
+            "attention_factor": get_f("rope.scaling.attn_factor").unwrap_or(1.0),
+        })),
+        (_, _, Some(f)) => Some(json!({
+            "rope_type": "longrope", "short_factor": f, "long_factor": f,
+            "original_max_position_embeddings": max_pos, "attention_factor": 1.0,
+        })),
+        _ => rope_scaling,
+    };
+    if let Some(r) = &rope_scaling {
+        if family != Family::Gemma3 {
+            config["rope_scaling"] = r.clone();
+        }
+    }
+    let layer_types = |period: usize| -> Vec<&'static str> {
+        let pattern: Option<Vec<bool>> = g
+            .get(&k("attention.sliding_window_pattern"))
+            .and_then(Value::as_array)
+            .and_then(|a| a.iter().map(|v| match v { Value::Bool(b) => Some(*b), _ => None }).collect());
+        (0..layers)
+            .map(|il| pattern.as_ref().map_or(il % period < period - 1, |p| p.get(il).copied().unwrap_or(false)))
+            .map(|swa| if swa { "sliding_attention" } else { "full_attention" })
+            .collect()
+    };
+    match family {
+        Family::Mistral | Family::Qwen2 => {
+            if let Some(w) = window {
+                config["sliding_window"] = json!(w);
+                if family == Family::Qwen2 {
+                    config["use_sliding_window"] = json!(true);
+                    config["max_window_layers"] = json!(layers);
+                }
+            }
+        }
+        Family::Mixtral | Family::Qwen3Moe => {
+            let experts = meta_u(&g, &k("expert_count"))?;
+            let used = meta_u(&g, &k("expert_used_count"))?;
+            config["num_experts_per_tok"] = json!(used);
+            if family == Family::Mixtral {
+                config["num_local_experts"] = json!(experts);
+                config["router_jitter_noise"] = json!(0.0);
+            } else {
+                config["num_experts"] = json!(experts);
+                config["moe_intermediate_size"] = json!(meta_u(&g, &k("expert_feed_forward_length"))?);
+                config["norm_topk_prob"] = json!(true);
+                config["decoder_sparse_step"] = json!(1);
+                config["mlp_only_layers"] = json!([]);
+            }
+        }
+        Family::SmolLM3 => {
+            // llama.cpp: no RoPE in every 4th layer.
+            config["no_rope_layer_interval"] = json!(4);
+            config["no_rope_layers"] = json!((0..layers).map(|il| u8::from((il + 1) % 4 != 0)).collect::<Vec<_>>());
+        }
+        Family::Gemma2 => {
+            config["attn_logit_softcapping"] = json!(get_f("attn_logit_softcapping").filter(|&c| c > 0.0));
+            config["final_logit_softcapping"] = json!(get_f("final_logit_softcapping").filter(|&c| c > 0.0));
+            config["sliding_window"] = json!(window.unwrap_or(4096));
+            config["layer_types"] = json!(layer_types(2));
+        }
+        Family::Gemma3 => {
+            config["final_logit_softcapping"] = json!(get_f("final_logit_softcapping").filter(|&c| c > 0.0));
+            let mut full = rope_scaling.clone().unwrap_or_else(|| json!({"rope_type": "default"}));
+            full["rope_theta"] = json!(rope_theta);
+            config["rope_parameters"] = json!({
+                "full_attention": full,
+                "sliding_attention": {"rope_type": "default", "rope_theta": get_f("rope.freq_base_swa").unwrap_or(10000.0)},
+            });
+            config.as_object_mut().expect("an object").remove("rope_theta");
+            match window {
+                Some(w) => {
+                    config["sliding_window"] = json!(w);
+                    config["layer_types"] = json!(layer_types(6));
+                }
+                None => config["layer_types"] = json!(vec!["full_attention"; layers]),
+            }
+        }
+        Family::Phi3 => {
+            let rot = get_u("rope.dimension_count").unwrap_or(head_dim);
+            config["partial_rotary_factor"] = json!(rot as f64 / head_dim as f64);
+            config["original_max_position_embeddings"] = json!(orig_ctx.unwrap_or(max_pos));
+            config["sliding_window"] = json!(window);
+        }
+        Family::Llama | Family::Qwen3 => {}
     }
 
     // Tensors, dequantized to f32 (then cast if asked), in HF names and layout.
     let mut types = BTreeMap::new();
     let mut tensors: RawTensors = Vec::new();
     let mut parameters = 0;
+    let mut push = |name: String, shape: Vec<usize>, v: &[f32]| {
+        parameters += v.len();
+        tensors.push((name, dtype.dtype(), shape, encode(v, dtype.dtype())));
+    };
     for t in &g.tensors {
         let tensor_error = |msg: String| -> ConvertError { GgufError::Tensor { path: gguf.into(), name: t.name.clone(), msg }.into() };
-        let name = hf_name(&t.name).ok_or_else(|| tensor_error("has no Hugging Face counterpart".into()))?;
         *types.entry(dequant::type_name(t.ggml_type)).or_insert(0) += 1;
+        if matches!(t.name.as_str(), "rope_freqs.weight" | "rope_factors_long.weight" | "rope_factors_short.weight") {
+            continue; // read into the config above
+        }
         let shape = t.shape();
         let bytes = g.tensor_bytes(t)?;
         let mut v = dequant::dequantize(t.ggml_type, bytes, t.numel()).map_err(|e| tensor_error(e.to_string()))?;
-        if arch != "qwen2" && (t.name.ends_with("attn_q.weight") || t.name.ends_with("attn_k.weight")) {
-            let heads = if t.name.ends_with("attn_q.weight") { n_head } else { n_kv };
-            let (rows, cols) = (shape[0], shape.get(1).copied().unwrap_or(1));
-            v = reverse_permute(&v, rows, cols, heads);
+        // Stacked experts → one matrix per expert, under the family's module names.
+        if let Some((layer, which)) = t.name.strip_prefix("blk.").and_then(|r| r.split_once('.')).and_then(|(l, rest)| Some((l.parse::<usize>().ok()?, rest.strip_suffix("_exps.weight")?))) {
+            if shape.len() != 3 {
+                return Err(tensor_error(format!("expected [experts, rows, cols], got {shape:?}")));
+            }
+            let names = match (family, which) {
+                (Family::Mixtral, "ffn_gate") => ("block_sparse_moe", "w1"),
+                (Family::Mixtral, "ffn_up") => ("block_sparse_moe", "w3"),
+                (Family::Mixtral, "ffn_down") => ("block_sparse_moe", "w2"),
+                (_, "ffn_gate") => ("mlp", "gate_proj"),
+                (_, "ffn_up") => ("mlp", "up_proj"),
+                (_, "ffn_down") => ("mlp", "down_proj"),
+                _ => return Err(tensor_error("has no Hugging Face counterpart".into())),
+            };
+            let per = shape[1] * shape[2];
+            for e in 0..shape[0] {
+                push(format!("model.layers.{layer}.{}.experts.{e}.{}.weight", names.0, names.1), vec![shape[1], shape[2]], &v[e * per..(e + 1) * per]);
+            }
+            continue;
         }
-        parameters += v.len();
-        tensors.push((name, dtype.dtype(), shape, encode(&v, dtype.dtype())));
+        let name = hf_name(&arch, family, &t.name).ok_or_else(|| tensor_error("has no Hugging Face counterpart".into()))?;
+        if permutes_qk(&arch) && (t.name.contains(".attn_q.") || t.name.contains(".attn_k.")) {
+            let heads = if t.name.contains(".attn_q.") { n_head } else { n_kv };
+            let (rows, cols) = (shape[0], shape.get(1).copied().unwrap_or(1));
+            v = unpermute(&v, rows, cols, heads);
+        }
+        if norm_offset(&arch) && t.name.ends_with("norm.weight") {
+            v.iter_mut().for_each(|x| *x -= 1.0);
+        }
+        push(name, shape, &v);
     }
     let mut writer = ModelDirWriter::new(out)?;
     writer.write_shard("model.safetensors", &tensors, None)?;
@@ -279,36 +426,4 @@ pub fn import(gguf: &Path, out: &Path, dtype: OutDtype) -> Result<ImportReport> 
         .map_err(|e| ConvertError::invalid(gguf, format!("the converted model does not load (the GGUF header does not describe its tensors): {e}")))?;
     let out = writer.commit()?;
     Ok(ImportReport { out, architecture: arch, tensors: tensors.len(), parameters, types })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn names_map_to_hf() {
-        assert_eq!(hf_name("blk.3.attn_q.weight").unwrap(), "model.layers.3.self_attn.q_proj.weight");
-        assert_eq!(hf_name("blk.0.ffn_norm.weight").unwrap(), "model.layers.0.post_attention_layernorm.weight");
-        assert_eq!(hf_name("output.weight").unwrap(), "lm_head.weight");
-        assert!(hf_name("blk.0.unknown.weight").is_none());
-    }
-
-    #[test]
-    fn reverse_permute_undoes_llama_cpp_permute() {
-        // llama.cpp: w.reshape(n_head, 2, rows/n_head/2, cols).swapaxes(1, 2)
-        let (rows, cols, n_head) = (8, 3, 2);
-        let w: Vec<f32> = (0..rows * cols).map(|x| x as f32).collect();
-        let half = rows / n_head / 2;
-        let mut permuted = vec![0f32; w.len()];
-        for h in 0..n_head {
-            for a in 0..2 {
-                for i in 0..half {
-                    let src = h * 2 * half + a * half + i;
-                    let dst = h * 2 * half + i * 2 + a;
-                    permuted[dst * cols..(dst + 1) * cols].copy_from_slice(&w[src * cols..(src + 1) * cols]);
-                }
-            }
-        }
-        assert_eq!(reverse_permute(&permuted, rows, cols, n_head), w);
-    }
 }

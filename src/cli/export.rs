@@ -1,0 +1,96 @@
+//! `ft export gguf`, `ft export gguf-lora` and `ft export ollama`.
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+
+use crate::convert::export_gguf::{export, ExportReport, GgufType};
+
+#[derive(Debug, clap::Subcommand)]
+pub enum ExportCommand {
+    /// The model (merged with an adapter when given) as one GGUF file for llama.cpp / Ollama.
+    Gguf(GgufArgs),
+}
+
+/// The GGUF tensor type (`convert_hf_to_gguf.py --outtype` or `llama-quantize`'s name).
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum TypeArg {
+    F32,
+    F16,
+    Bf16,
+    #[value(name = "q8_0")]
+    Q8_0,
+    #[value(name = "q4_0")]
+    Q4_0,
+    #[value(name = "q4_1")]
+    Q4_1,
+    #[value(name = "q4_k_m")]
+    Q4KM,
+    #[value(name = "q6_k")]
+    Q6K,
+}
+
+impl From<TypeArg> for GgufType {
+    fn from(t: TypeArg) -> Self {
+        match t {
+            TypeArg::F32 => GgufType::F32,
+            TypeArg::F16 => GgufType::F16,
+            TypeArg::Bf16 => GgufType::Bf16,
+            TypeArg::Q8_0 => GgufType::Q8_0,
+            TypeArg::Q4_0 => GgufType::Q4_0,
+            TypeArg::Q4_1 => GgufType::Q4_1,
+            TypeArg::Q4KM => GgufType::Q4KM,
+            TypeArg::Q6K => GgufType::Q6K,
+        }
+    }
+}
+
+#[derive(Debug, clap::Args)]
+pub struct GgufArgs {
+    /// Hugging Face model directory (or a cached hub id).
+    #[arg(long, value_parser = crate::cli::args::model_dir)]
+    pub model: PathBuf,
+    /// A PEFT LoRA adapter to merge first (in f32, as `ft merge` does).
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+    /// The .gguf file to write (replaced atomically if it exists).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Tensor type: f32/f16/bf16/q8_0 as llama.cpp's converter writes them; q4_0/q4_1/q4_k_m/q6_k
+    /// with the per-tensor mixture `llama-quantize` chooses.
+    #[arg(long = "type", value_enum, default_value_t = TypeArg::F16)]
+    pub ty: TypeArg,
+    /// Print a JSON report.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn print_report(r: &ExportReport, json: bool) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string(r)?);
+        return Ok(());
+    }
+    for w in &r.warnings {
+        eprintln!("warning: {w}");
+    }
+    let types: Vec<String> = r.types.iter().map(|(k, v)| format!("{v} {k}")).collect();
+    println!(
+        "wrote {} ({}, {}): {} tensors ({}), {:.1} MiB",
+        r.out.display(),
+        r.architecture,
+        r.file_type,
+        r.tensors,
+        types.join(", "),
+        r.bytes as f64 / 1048576.0
+    );
+    Ok(())
+}
+
+pub fn run(c: ExportCommand) -> Result<()> {
+    match c {
+        ExportCommand::Gguf(a) => {
+            let r = export(&a.model, a.adapter.as_deref(), &a.out, a.ty.into())?;
+            print_report(&r, a.json)
+        }
+    }
+}
