@@ -346,14 +346,21 @@ fn export_dir(dir: &Path, out: &Path, ty: GgufType) -> Result<ExportReport, Conv
         ));
     }
 
+    // llama-quantize reads (and counts layers over) tensors by block, then by name.
+    if ty.quantizer_mixture().is_some() {
+        let layer = |n: &str| n.strip_prefix("blk.").and_then(|r| r.split('.').next()).and_then(|l| l.parse::<i64>().ok()).unwrap_or(-1);
+        plans.sort_by(|a, b| (layer(&a.name), &a.name).cmp(&(layer(&b.name), &b.name)));
+    }
     let types = choose_types(ty, &plans, &c);
 
     // ---- metadata ----
     let k = |s: &str| format!("{arch}.{s}");
+    let size_label = size_label(&plans);
     let mut meta: Vec<(String, Meta)> = vec![
         ("general.architecture".into(), Meta::str(arch)),
         ("general.type".into(), Meta::str("model")),
         ("general.name".into(), Meta::Str(dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into()))),
+        ("general.size_label".into(), Meta::Str(size_label)),
         (k("block_count"), Meta::U32(c.num_layers as u32)),
         (k("context_length"), Meta::U32(c.max_position_embeddings as u32)),
         (k("embedding_length"), Meta::U32(c.hidden_size as u32)),
@@ -450,18 +457,23 @@ fn export_dir(dir: &Path, out: &Path, ty: GgufType) -> Result<ExportReport, Conv
     let specs: Vec<TensorSpec> = plans.iter().zip(&types).map(|(p, &t)| TensorSpec { name: p.name.clone(), shape: p.shape.clone(), ggml_type: t }).collect();
     let produce = |i: usize| -> Result<Vec<u8>, ConvertError> {
         let p = &plans[i];
+        let read = |n: &str, shape: &[usize]| {
+            let v = ck.f32(n, shape);
+            ck.release(n);
+            v
+        };
         let mut v = match &p.source {
-            Source::Tensor(n) => ck.f32(n, &p.shape)?,
+            Source::Tensor(n) => read(n, &p.shape)?,
             Source::Values(v) => v.clone(),
             Source::Stack(names) => {
                 let mut v = Vec::with_capacity(p.shape.iter().product());
                 for n in names {
-                    v.extend(ck.f32(n, &p.shape[1..])?);
+                    v.extend(read(n, &p.shape[1..])?);
                 }
                 v
             }
             Source::FusedPart { name, part, parts } => {
-                let full = ck.f32(name, &[p.shape[0], p.shape[1] * parts, p.shape[2]])?;
+                let full = read(name, &[p.shape[0], p.shape[1] * parts, p.shape[2]])?;
                 let per = p.shape[1] * p.shape[2];
                 (0..p.shape[0]).flat_map(|e| full[(e * parts + part) * per..(e * parts + part + 1) * per].to_vec()).collect()
             }
@@ -486,6 +498,41 @@ fn export_dir(dir: &Path, out: &Path, ty: GgufType) -> Result<ExportReport, Conv
         *counts.entry(type_name(*t)).or_insert(0) += 1;
     }
     Ok(ExportReport { out: out.into(), architecture: arch.into(), file_type: ty.name(), tensors: plans.len(), bytes, types: counts, warnings })
+}
+
+/// gguf-py's parameter-count label (`general.size_label`): "135M", or "8x7.2B" for experts.
+fn size_label(plans: &[Planned]) -> String {
+    let (mut total, mut shared, mut expert_params, mut expert_sum, mut expert_tensors) = (0usize, 0usize, 0usize, 0usize, 0usize);
+    for p in plans {
+        let size: usize = p.shape.iter().product();
+        total += size;
+        if p.name.contains("_exps.") && p.shape.len() >= 3 {
+            let e = p.shape[p.shape.len() - 3];
+            expert_params += size / e;
+            expert_sum += e;
+            expert_tensors += 1;
+        } else {
+            shared += size;
+        }
+    }
+    let rounded = |n: usize| {
+        let n = n as f64;
+        let (x, suffix) = if n > 1e12 {
+            (n * 1e-12, "T")
+        } else if n > 1e9 {
+            (n * 1e-9, "B")
+        } else if n > 1e6 {
+            (n * 1e-6, "M")
+        } else {
+            (n * 1e-3, "K")
+        };
+        let digits = format!("{}", x.round() as u64).trim_start_matches('0').len();
+        format!("{x:.*}{suffix}", 2usize.saturating_sub(digits))
+    };
+    match expert_sum.checked_div(expert_tensors) {
+        Some(experts) => format!("{experts}x{}", rounded(shared + expert_params)),
+        None => rounded(total),
+    }
 }
 
 /// Encodes f32 values as GGUF type `t` (quantized types in parallel over blocks).

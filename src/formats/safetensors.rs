@@ -216,6 +216,25 @@ impl TensorFiles {
         to_f32(bytes, dtype).ok_or_else(|| WeightsError::UnsupportedDtype { name: name.into(), path: path.into(), dtype })
     }
 
+    /// Drops a tensor's pages from this process's resident memory once it has been read (they stay
+    /// in the page cache; a later read faults them back in from the file), so a pass over the
+    /// whole checkpoint holds about one tensor, not the model. Best effort; a no-op off Unix.
+    pub fn release(&self, name: &str) {
+        #[cfg(unix)]
+        if let Some(&i) = self.names.get(name) {
+            let shard = &self.shards[i];
+            if let Some(info) = shard.meta.info(name) {
+                let start = 8 + shard.header_len + info.data_offsets.0;
+                let len = info.data_offsets.1 - info.data_offsets.0;
+                // SAFETY: a read-only, file-backed private map: after MADV_DONTNEED the pages read
+                // back the file's bytes, which ft never modifies, so no observer sees a change.
+                let _ = unsafe { shard.mmap.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, start, len) };
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = name;
+    }
+
     /// Marks a tensor as deliberately ignored (e.g. a tied `lm_head.weight`).
     pub fn skip(&self, name: &str) {
         self.used.lock().expect("poisoned").insert(name.to_string());

@@ -7,6 +7,7 @@ pub mod families;
 pub mod dpo;
 pub mod fuzz;
 pub mod geneval;
+pub mod gguf_export;
 pub mod grpo;
 pub mod oracle_models;
 pub mod packing;

@@ -84,6 +84,9 @@ pub struct GgufFile {
     pub path: PathBuf,
     mmap: Mmap,
     pub metadata: BTreeMap<String, Value>,
+    /// Each key's GGUF value type (4 u32, 5 i32, 6 f32, 7 bool, 8 string, 9 array, ...), and
+    /// for arrays the item type after it.
+    pub value_types: BTreeMap<String, Vec<u32>>,
     pub tensors: Vec<TensorInfo>,
     data_start: usize,
 }
@@ -186,9 +189,12 @@ impl GgufFile {
         let n_tensors = c.u64().map_err(fmt)? as usize;
         let n_kv = c.u64().map_err(fmt)? as usize;
         let mut metadata = BTreeMap::new();
+        let mut value_types = BTreeMap::new();
         for _ in 0..n_kv {
             let key = c.string().map_err(fmt)?;
             let ty = c.u32().map_err(fmt)?;
+            let item = if ty == 9 { c.buf.get(c.pos..c.pos + 4).map(|b| u32::from_le_bytes(b.try_into().unwrap())) } else { None };
+            value_types.insert(key.clone(), std::iter::once(ty).chain(item).collect());
             let v = c.value(ty, 0).map_err(|e| GgufError::Key { path: path.into(), key: key.clone(), msg: e.to_string() })?;
             metadata.insert(key, v);
         }
@@ -216,7 +222,7 @@ impl GgufFile {
             },
         };
         let data_start = c.pos.div_ceil(align) * align;
-        let g = GgufFile { path: path.into(), mmap, metadata, tensors, data_start };
+        let g = GgufFile { path: path.into(), mmap, metadata, value_types, tensors, data_start };
         for t in &g.tensors {
             g.tensor_bytes(t)?;
         }

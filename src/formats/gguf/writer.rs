@@ -175,6 +175,7 @@ where
     w.write_all(&head).map_err(io("writing", &tmp))?;
     let mut total = head.len() as u64;
     for (i, t) in tensors.iter().enumerate() {
+        full_disk_injected(total).map_err(io("writing", &tmp))?;
         let bytes = data(i)?;
         if bytes.len() != sizes[i] {
             let msg = format!("produced {} bytes, its shape and type need {}", bytes.len(), sizes[i]);
@@ -191,6 +192,17 @@ where
     fs::rename(&tmp, path).map_err(io("cannot rename a temporary file to", path))?;
     guard.1 = true;
     Ok(total)
+}
+
+/// Tests only (the `fault-injection` feature): `FT_FULL_DISK_GGUF=N` fails the write like a full
+/// disk once N bytes are written.
+fn full_disk_injected(written: u64) -> std::io::Result<()> {
+    #[cfg(feature = "fault-injection")]
+    if std::env::var("FT_FULL_DISK_GGUF").ok().and_then(|v| v.parse::<u64>().ok()).is_some_and(|n| written >= n) {
+        return Err(std::io::Error::other("No space left on device (injected: FT_FULL_DISK_GGUF)"));
+    }
+    let _ = written;
+    Ok(())
 }
 
 #[cfg(test)]

@@ -1,0 +1,260 @@
+//! `ft export gguf` against llama.cpp: the header and every tensor's bytes as llama.cpp's own
+//! converter writes them (tests/fixtures/gguf/converter, by scripts/make-gguf-fixtures.py), the
+//! quantizers byte for byte against gguf-py and ggml (tests/fixtures/gguf/quants.safetensors),
+//! and the round trip through `ft import-gguf` for every model family.
+
+use std::path::{Path, PathBuf};
+
+use ft::formats::gguf::reader::{GgufFile, Value};
+use serde_json::Value as Json;
+use sha2::Digest;
+
+use super::common::*;
+
+/// A copy of a fixture model in `dir`/tiny (the converter's fixtures were made from a directory
+/// of that name); SmolLM3 with its no-RoPE layers where llama.cpp has them (every 4th).
+fn model_copy(name: &str, dir: &Path) -> PathBuf {
+    let dst = dir.join("tiny");
+    std::fs::create_dir_all(&dst).unwrap();
+    for e in std::fs::read_dir(model_dir(name)).unwrap() {
+        let e = e.unwrap();
+        if !e.file_name().to_string_lossy().starts_with("expected") {
+            std::fs::copy(e.path(), dst.join(e.file_name())).unwrap();
+        }
+    }
+    if name == "smollm3" {
+        let mut cfg = json(&dst.join("config.json"));
+        let n = cfg["num_hidden_layers"].as_u64().unwrap() as usize;
+        cfg["no_rope_layers"] = (0..n).map(|i| u8::from((i + 1) % 4 != 0)).collect::<Vec<_>>().into();
+        std::fs::write(dst.join("config.json"), serde_json::to_string(&cfg).unwrap()).unwrap();
+    }
+    dst
+}
+
+fn export(model: &Path, out: &Path, ty: &str) {
+    let (code, _, err) = ft(&["export", "gguf", "--model", model.to_str().unwrap(), "--out", out.to_str().unwrap(), "--type", ty]);
+    assert_eq!(code, 0, "{err}");
+}
+
+fn type_name(t: u32) -> &'static str {
+    match t {
+        0 => "UINT8",
+        1 => "INT8",
+        2 => "UINT16",
+        3 => "INT16",
+        4 => "UINT32",
+        5 => "INT32",
+        6 => "FLOAT32",
+        7 => "BOOL",
+        8 => "STRING",
+        9 => "ARRAY",
+        10 => "UINT64",
+        11 => "INT64",
+        12 => "FLOAT64",
+        _ => "?",
+    }
+}
+
+/// A metadata value the way the fixture records it (long or string arrays as count + SHA-256).
+fn recorded(v: &Value) -> Json {
+    let scalar = |v: &Value| match v {
+        Value::U64(x) => Json::from(*x),
+        Value::I64(x) => Json::from(*x),
+        Value::F64(x) => Json::from(*x),
+        Value::Bool(b) => Json::from(*b),
+        Value::Str(s) => Json::from(s.clone()),
+        Value::Array(_) => unreachable!("nested"),
+    };
+    match v {
+        Value::Array(a) if a.first().and_then(Value::as_str).is_some() => {
+            let joined = a.iter().map(|s| s.as_str().unwrap()).collect::<Vec<_>>().join("\n");
+            serde_json::json!({"count": a.len(), "sha256": hex(&sha2::Sha256::digest(joined.as_bytes()))})
+        }
+        Value::Array(a) if a.len() > 64 => {
+            // json.dumps of gguf-py's parts: one-element lists.
+            let listed = format!("[{}]", a.iter().map(|x| format!("[{}]", scalar(x))).collect::<Vec<_>>().join(", "));
+            serde_json::json!({"count": a.len(), "sha256": hex(&sha2::Sha256::digest(listed.as_bytes()))})
+        }
+        Value::Array(a) => Json::Array(a.iter().map(|x| Json::Array(vec![scalar(x)])).collect()),
+        // gguf-py reads a scalar as a one-element array; strings as text.
+        Value::Str(s) => Json::from(s.clone()),
+        v => Json::Array(vec![scalar(v)]),
+    }
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn values_equal(a: &Json, b: &Json) -> bool {
+    match (a, b) {
+        (Json::Number(x), Json::Number(y)) => (x.as_f64().unwrap() - y.as_f64().unwrap()).abs() <= 1e-6 * y.as_f64().unwrap().abs().max(1.0),
+        (Json::Array(x), Json::Array(y)) => x.len() == y.len() && x.iter().zip(y).all(|(p, q)| values_equal(p, q)),
+        _ => a == b,
+    }
+}
+
+/// Where ft's file differs from llama.cpp's converter on purpose: keys it adds, tensors whose
+/// values it changes (Gemma's query scale folded in, because llama.cpp ignores
+/// query_pre_attn_scalar).
+fn expected_differences(name: &str) -> (&'static [&'static str], &'static [&'static str]) {
+    match name {
+        // llama.cpp's llama architecture ignores the window; ft records it for its importer.
+        "mistral-swa" => (&["llama.attention.sliding_window"], &[]),
+        "gemma2" => (&["gemma2.rope.freq_base"], &["blk.0.attn_q.weight", "blk.1.attn_q.weight"]),
+        "gemma3" => (&["gemma3.attention.sliding_window_pattern"], &["blk.0.attn_q_norm.weight", "blk.1.attn_q_norm.weight"]),
+        _ => (&[], &[]),
+    }
+}
+
+#[test]
+fn f32_export_is_what_llama_cpps_converter_writes() {
+    for name in MODELS {
+        let dir = scratch(&format!("gguf-conv-{name}"));
+        let model = model_copy(name, &dir);
+        let out = dir.join("m.gguf");
+        export(&model, &out, "f32");
+        let g = GgufFile::open(&out).unwrap();
+        let reference = json(&fixtures().join(format!("gguf/converter/{name}.json")));
+        let (extra_keys, changed) = expected_differences(name);
+        let meta = reference["metadata"].as_object().unwrap();
+        for (key, want) in meta {
+            if key == "general.name" {
+                continue;
+            }
+            let got = g.get(key).unwrap_or_else(|| panic!("{name}: key {key} missing"));
+            let types: Vec<&str> = g.value_types[key].iter().map(|&t| type_name(t)).collect();
+            let want_types: Vec<&str> = want["types"].as_array().unwrap().iter().map(|t| t.as_str().unwrap()).collect();
+            assert_eq!(types, want_types, "{name}: {key} type");
+            assert!(values_equal(&recorded(got), &want["value"]), "{name}: {key}: {:?} vs {}", recorded(got), want["value"]);
+        }
+        for key in g.metadata.keys() {
+            assert!(meta.contains_key(key) || extra_keys.contains(&key.as_str()), "{name}: unexpected key {key}");
+        }
+        let want: Vec<&Json> = reference["tensors"].as_array().unwrap().iter().collect();
+        assert_eq!(g.tensors.len(), want.len(), "{name}");
+        for (t, w) in g.tensors.iter().zip(want) {
+            assert_eq!(t.name, w["name"].as_str().unwrap(), "{name}: tensor order");
+            assert_eq!(t.shape(), w["shape"].as_array().unwrap().iter().map(|d| d.as_u64().unwrap() as usize).collect::<Vec<_>>(), "{name}: {}", t.name);
+            assert_eq!(ft::formats::gguf::dequant::type_name(t.ggml_type), w["type"].as_str().unwrap(), "{name}: {}", t.name);
+            let same = hex(&sha2::Sha256::digest(g.tensor_bytes(t).unwrap())) == w["sha256"].as_str().unwrap();
+            assert_eq!(same, !changed.contains(&t.name.as_str()), "{name}: {} bytes {}", t.name, if same { "unchanged" } else { "differ" });
+        }
+        std::fs::remove_dir_all(&dir).ok();
+    }
+}
+
+/// Logits of every oracle chat case under `model`.
+fn chat_logits(model: &ft::model::Decoder<ft::backend::Cpu>) -> Vec<f32> {
+    let cases = json(&fixtures().join("chat_tokens.json"));
+    cases.as_array().unwrap().iter().flat_map(|c| logits(model, &ids(&c["input_ids"]))).collect()
+}
+
+fn load_dir(dir: &Path) -> ft::model::Decoder<ft::backend::Cpu> {
+    ft::model::load::<ft::backend::Cpu>(dir, &Default::default(), Default::default()).unwrap_or_else(|e| panic!("{}: {e:#}", dir.display()))
+}
+
+#[test]
+fn every_family_round_trips_through_gguf_f32_within_1e_5() {
+    for name in MODELS {
+        let dir = scratch(&format!("gguf-rt-{name}"));
+        let model = model_copy(name, &dir);
+        let gguf = dir.join("m.gguf");
+        export(&model, &gguf, "f32");
+        let back = dir.join("back");
+        let (code, _, err) = ft(&["import-gguf", gguf.to_str().unwrap(), "--out", back.to_str().unwrap()]);
+        assert_eq!(code, 0, "{name}: {err}");
+        let (a, b) = (chat_logits(&load_dir(&model)), chat_logits(&load_dir(&back)));
+        let d = max_abs_diff(&a, &b);
+        assert!(d <= 1e-5, "{name}: logits after export + import differ by {d}");
+        std::fs::remove_dir_all(&dir).ok();
+    }
+}
+
+#[test]
+fn half_precision_exports_round_each_weight_once() {
+    // f16/bf16: every 2-D weight rounded to nearest-even once, norms kept f32; import reads them back exactly.
+    for (name, ty) in [("llama", "f16"), ("qwen3-moe", "bf16"), ("gemma2", "bf16")] {
+        let dir = scratch(&format!("gguf-half-{name}"));
+        let model = model_copy(name, &dir);
+        let (f32_path, half_path) = (dir.join("f.gguf"), dir.join("h.gguf"));
+        export(&model, &f32_path, "f32");
+        export(&model, &half_path, ty);
+        let (f, h) = (GgufFile::open(&f32_path).unwrap(), GgufFile::open(&half_path).unwrap());
+        for t in &h.tensors {
+            let reference = f.tensor(&t.name).unwrap();
+            let full = ft::formats::gguf::dequant::dequantize(0, f.tensor_bytes(reference).unwrap(), reference.numel()).unwrap();
+            let got = ft::formats::gguf::dequant::dequantize(t.ggml_type, h.tensor_bytes(t).unwrap(), t.numel()).unwrap();
+            let rounded: Vec<f32> = match (t.dims.len(), ty) {
+                (1, _) => full.clone(),
+                (_, "f16") => full.iter().map(|&x| half::f16::from_f32(x).to_f32()).collect(),
+                _ => full.iter().map(|&x| half::bf16::from_f32(x).to_f32()).collect(),
+            };
+            assert_eq!(got, rounded, "{name} {ty}: {}", t.name);
+        }
+        // And the model still computes what the original does, within the rounding.
+        let back = dir.join("back");
+        let (code, _, err) = ft(&["import-gguf", half_path.to_str().unwrap(), "--out", back.to_str().unwrap()]);
+        assert_eq!(code, 0, "{err}");
+        let d = max_abs_diff(&chat_logits(&load_dir(&model)), &chat_logits(&load_dir(&back)));
+        // Tiny random models: 2-D weights move by 2^-9 (f16) / 2^-8 (bf16) relative; logits of
+        // magnitude ~1 move by a few 1e-3 at most.
+        assert!(d < 2e-2, "{name} {ty}: {d}");
+        std::fs::remove_dir_all(&dir).ok();
+    }
+}
+
+#[test]
+fn quantizers_are_byte_identical_to_gguf_py_and_ggml() {
+    let path = fixtures().join("gguf/quants.safetensors");
+    let bytes = std::fs::read(&path).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let mut checked = 0;
+    for i in 0.. {
+        let Ok(input) = st.tensor(&format!("input_{i}")) else { break };
+        let x = ft::formats::safetensors::to_f32(input.data(), input.dtype()).unwrap();
+        use ft::formats::gguf::dequant::*;
+        for (label, t) in [("q8_0", Q8_0), ("q4_0", Q4_0), ("q4_1", Q4_1), ("q5_0", Q5_0), ("q5_1", Q5_1), ("q4_k", Q4_K), ("q5_k", Q5_K), ("q6_k", Q6_K)] {
+            let Ok(want) = st.tensor(&format!("{label}_{i}")) else { continue };
+            let mut got = Vec::new();
+            ft::formats::gguf::quant::quantize_into(t, &x, &mut got).unwrap();
+            assert!(got == want.data(), "{label} of input {i}: bytes differ");
+            // And dequantization reads them as gguf-py does (round trip within the type's step).
+            assert_eq!(dequantize(t, &got, x.len()).unwrap().len(), x.len());
+            checked += 1;
+        }
+    }
+    assert_eq!(checked, 29, "every fixture tensor compared");
+}
+
+#[test]
+fn export_refusals_and_a_full_disk_leave_no_file() {
+    let dir = scratch("gguf-refuse");
+    let out = dir.join("m.gguf");
+    let o = out.to_str().unwrap();
+    // SmolLM3 whose no-RoPE layers llama.cpp cannot express.
+    let (code, _, err) = ft(&["export", "gguf", "--model", model_dir("smollm3").to_str().unwrap(), "--out", o]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("no_rope_layers") && err.contains("layer 1"), "{err}");
+    // A bitsandbytes 4-bit checkpoint.
+    let (code, _, err) = ft(&["export", "gguf", "--model", model_dir("llama-bnb4").to_str().unwrap(), "--out", o]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("4-bit"), "{err}");
+    // An unknown type is a usage error from the parser.
+    let (code, _, err) = ft(&["export", "gguf", "--model", model_dir("llama").to_str().unwrap(), "--out", o, "--type", "q3_k"]);
+    assert_eq!(code, 2, "{err}");
+    // A disk that fills up mid-file: exit 1, nothing left behind (no .gguf, no temporary).
+    let bin = env!("CARGO_BIN_EXE_ft");
+    let run = std::process::Command::new(bin)
+        .args(["export", "gguf", "--model", model_dir("llama").to_str().unwrap(), "--out", o, "--type", "q8_0"])
+        .env("FT_FULL_DISK_GGUF", "100000")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&run.stderr);
+    if cfg!(feature = "fault-injection") {
+        assert_eq!(run.status.code(), Some(1), "{err}");
+        assert!(err.contains("No space left"), "{err}");
+    }
+    assert_eq!(std::fs::read_dir(&dir).unwrap().count(), usize::from(!cfg!(feature = "fault-injection")), "{:?}", std::fs::read_dir(&dir).unwrap().collect::<Vec<_>>());
+    std::fs::remove_dir_all(&dir).ok();
+}
