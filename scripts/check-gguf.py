@@ -14,9 +14,10 @@
       applied to the same tensor of FT_F32 (ft's f32 export); every K-quant tensor is compared
       with ggml's own quantizer (libggml-base from the llama-cpp-python wheel, if installed):
       bytes, and the dequantization error of both.
-  check-gguf.py llama FILE.gguf MODEL_DIR [TOKENS.json]
-      llama.cpp (llama-cpp-python) evaluates the oracle's chat_tokens.json cases; prints the max
-      |logit - expected| against MODEL_DIR/expected_logits.safetensors.
+  check-gguf.py llama FILE.gguf EXPECTED_DIR [ADAPTER.gguf]
+      llama.cpp (llama-cpp-python) evaluates tests/fixtures/chat_tokens.json's cases (with the GGUF
+      LoRA adapter applied when given); prints the max |logit - expected| against
+      EXPECTED_DIR/expected_logits.safetensors (an oracle model's or adapter's: transformers/PEFT).
 
 Needs the `gguf` package (pip install gguf numpy); `llama` and the K-quant part of `quants`
 need llama-cpp-python.
@@ -193,14 +194,13 @@ def cmd_quants(f32_path, q_path):
     return ok
 
 
-def cmd_llama(path, model_dir, tokens_path=None):
+def cmd_llama(path, model_dir, lora=None):
     from llama_cpp import Llama
     from safetensors.numpy import load_file
     here = os.path.dirname(os.path.abspath(__file__))
-    tokens_path = tokens_path or os.path.join(here, "..", "tests", "fixtures", "chat_tokens.json")
-    cases = json.load(open(tokens_path))
+    cases = json.load(open(os.path.join(here, "..", "tests", "fixtures", "chat_tokens.json")))
     expected = load_file(os.path.join(model_dir, "expected_logits.safetensors"))
-    m = Llama(model_path=path, n_ctx=256, logits_all=True, verbose=False, n_threads=2)
+    m = Llama(model_path=path, lora_path=lora, n_ctx=256, logits_all=True, verbose=False, n_threads=2)
     worst = 0.0
     for i, case in enumerate(cases):
         ids = case["input_ids"]
@@ -209,7 +209,7 @@ def cmd_llama(path, model_dir, tokens_path=None):
         got = np.asarray(m.scores[: len(ids)], np.float32)
         d = float(np.abs(got - expected[f"logits_{i}"]).max())
         worst = max(worst, d)
-    print(f"{path}: llama.cpp logits vs transformers: max |diff| {worst:.3g} over {len(cases)} cases")
+    print(f"{path}{' + ' + lora if lora else ''}: llama.cpp logits vs transformers: max |diff| {worst:.3g} over {len(cases)} cases")
     return worst
 
 

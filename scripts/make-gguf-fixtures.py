@@ -119,6 +119,32 @@ def converter_fixtures():
             print("wrote", m, len(h["metadata"]), "keys", len(h["tensors"]), "tensors")
 
 
+LORA_CONVERT = r'''
+import sys, runpy
+root = sys.argv[1]
+sys.path.insert(0, root + "/gguf-py"); sys.path.insert(0, root)
+sys.argv = ["convert_lora_to_gguf.py"] + sys.argv[2:]
+runpy.run_path(root + "/convert_lora_to_gguf.py", run_name="__main__")
+'''
+
+
+def adapter_fixtures():
+    """converter/adapter-<name>.json: convert_lora_to_gguf.py --outtype f32 of an oracle adapter."""
+    with tempfile.TemporaryDirectory() as tmp:
+        script = os.path.join(tmp, "convert_lora.py")
+        open(script, "w").write(LORA_CONVERT)
+        for a in ["lora-r4", "embed-lora-r4"]:
+            work = os.path.join(tmp, a, "tiny")
+            shutil.copytree(os.path.join(FIX, "adapters", a), work)
+            gg = os.path.join(tmp, a + ".gguf")
+            subprocess.run([sys.executable, script, LLAMA_CPP, "--base", os.path.join(FIX, "models", "llama"), "--outfile", gg, "--outtype", "f32", work], check=True, capture_output=True)
+            h = header(gg)
+            h["source"] = f"llama.cpp convert_lora_to_gguf.py --outtype f32 of tests/fixtures/adapters/{a} on tests/fixtures/models/llama"
+            json.dump(h, open(os.path.join(FIX, "gguf", "converter", f"adapter-{a}.json"), "w"), indent=1)
+            print("wrote adapter", a, len(h["tensors"]), "tensors")
+
+
 if __name__ == "__main__":
     quant_fixture()
     converter_fixtures()
+    adapter_fixtures()

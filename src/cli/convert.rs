@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 
-use crate::convert::import_gguf::import;
+use crate::convert::import_gguf::import_with_lora;
 use crate::convert::merge::{merge, MergeBase};
 use crate::convert::quantize::{quantize, Absmax};
 use crate::formats::safetensors::OutDtype;
@@ -59,6 +59,10 @@ pub struct ImportArgs {
     /// Dtype of the written weights (f32 keeps the dequantized values exactly).
     #[arg(long, value_enum, default_value_t = OutDtype::F32)]
     pub dtype: OutDtype,
+    /// A GGUF LoRA adapter (llama.cpp's format, `ft export gguf-lora`) to merge into the weights
+    /// as llama.cpp applies it.
+    #[arg(long)]
+    pub lora: Option<PathBuf>,
     /// Print a JSON report.
     #[arg(long)]
     pub json: bool,
@@ -97,7 +101,7 @@ pub fn run_quantize(a: QuantizeArgs) -> Result<()> {
 }
 
 pub fn run_import(a: ImportArgs) -> Result<()> {
-    let r = import(&a.gguf, &a.out, a.dtype)?;
+    let r = import_with_lora(&a.gguf, a.lora.as_deref(), &a.out, a.dtype)?;
     if a.json {
         println!("{}", serde_json::to_string(&r)?);
     } else {

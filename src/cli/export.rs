@@ -4,12 +4,35 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 
-use crate::convert::export_gguf::{export, ExportReport, GgufType};
+use crate::convert::export_gguf::{export, export_lora, ExportReport, GgufType};
 
 #[derive(Debug, clap::Subcommand)]
 pub enum ExportCommand {
     /// The model (merged with an adapter when given) as one GGUF file for llama.cpp / Ollama.
     Gguf(GgufArgs),
+    /// A LoRA adapter as llama.cpp's GGUF adapter (`llama-cli --lora`, Ollama's ADAPTER), applied
+    /// over the base exported with `ft export gguf`.
+    #[command(name = "gguf-lora")]
+    GgufLora(GgufLoraArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct GgufLoraArgs {
+    /// The PEFT LoRA adapter directory.
+    #[arg(long)]
+    pub adapter: PathBuf,
+    /// The base model directory it was trained on (its config names llama.cpp's tensors).
+    #[arg(long, value_parser = crate::cli::args::model_dir)]
+    pub model: PathBuf,
+    /// The .gguf file to write.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// Tensor type (f32, f16, bf16, q8_0).
+    #[arg(long = "type", value_enum, default_value_t = TypeArg::F32)]
+    pub ty: TypeArg,
+    /// Print a JSON report.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// The GGUF tensor type (`convert_hf_to_gguf.py --outtype` or `llama-quantize`'s name).
@@ -91,6 +114,18 @@ pub fn run(c: ExportCommand) -> Result<()> {
         ExportCommand::Gguf(a) => {
             let r = export(&a.model, a.adapter.as_deref(), &a.out, a.ty.into())?;
             print_report(&r, a.json)
+        }
+        ExportCommand::GgufLora(a) => {
+            let r = export_lora(&a.adapter, &a.model, &a.out, a.ty.into())?;
+            if a.json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                for w in &r.warnings {
+                    eprintln!("warning: {w}");
+                }
+                println!("wrote {} ({} adapter): {} LoRA modules, alpha {}, {:.1} KiB", r.out.display(), r.architecture, r.modules, r.alpha, r.bytes as f64 / 1024.0);
+            }
+            Ok(())
         }
     }
 }

@@ -500,6 +500,161 @@ fn export_dir(dir: &Path, out: &Path, ty: GgufType) -> Result<ExportReport, Conv
     Ok(ExportReport { out: out.into(), architecture: arch.into(), file_type: ty.name(), tensors: plans.len(), bytes, types: counts, warnings })
 }
 
+/// What a LoRA export wrote.
+#[derive(Debug, serde::Serialize)]
+pub struct LoraExportReport {
+    pub out: PathBuf,
+    pub architecture: String,
+    /// Adapted modules (pairs of lora_a / lora_b tensors).
+    pub modules: usize,
+    /// `adapter.lora.alpha` as written (rsLoRA's scale folded in).
+    pub alpha: f64,
+    pub bytes: u64,
+    pub warnings: Vec<String>,
+}
+
+/// Exports the PEFT LoRA adapter in `adapter` (trained on `model`) as llama.cpp's GGUF adapter:
+/// `general.type = adapter`, `adapter.type = lora`, `adapter.lora.alpha`, and for each adapted
+/// module `blk.N.<name>.weight.lora_a` (PEFT's A, `[r, in]`) and `.lora_b` (B, `[out, r]`, rows
+/// permuted like the base's q/k for the llama architecture), as llama.cpp's
+/// `convert_lora_to_gguf.py` writes them. llama.cpp scales every module by `alpha / r`: rsLoRA's
+/// `alpha / sqrt(r)` becomes `alpha · sqrt(r)`, and a module whose scale differs (rank or alpha
+/// patterns; Gemma 2's query scale folded into the base) has the difference multiplied into B.
+/// DoRA, `modules_to_save` and expert (`target_parameters`) adapters have no GGUF adapter form:
+/// refused, pointing at the merged export.
+pub fn export_lora(adapter: &Path, model: &Path, out: &Path, ty: GgufType) -> Result<LoraExportReport, ConvertError> {
+    let c = ModelConfig::from_dir(model)?;
+    let arch = arch_name(c.family);
+    let ad = crate::adapters::peft::PeftAdapter::open(adapter)?;
+    let cfg = &ad.config;
+    let config_path = adapter.join("adapter_config.json");
+    let merged_hint = format!("export the merged model instead: ft export gguf --model {} --adapter {}", model.display(), adapter.display());
+    if cfg.use_dora {
+        return Err(ConvertError::unsupported(&config_path, format!("use_dora: llama.cpp applies plain LoRA (alpha/r · B A); a DoRA adapter's magnitude vector has no GGUF adapter form — {merged_hint}")));
+    }
+    if !cfg.target_parameters.is_empty() {
+        return Err(ConvertError::unsupported(&config_path, format!("target_parameters (expert stacks): llama.cpp's GGUF adapters hold per-module LoRA pairs only — {merged_hint}")));
+    }
+    if !matches!(ty, GgufType::F32 | GgufType::F16 | GgufType::Bf16 | GgufType::Q8_0) {
+        return Err(ConvertError::unsupported(out, format!("--type {}: a GGUF adapter is f32, f16, bf16 or q8_0 (as llama.cpp's convert_lora_to_gguf.py writes it)", ty.name())));
+    }
+    let ck = &ad.files.tensors;
+    // Modules in order of first appearance among the sorted tensor names (the converter's order).
+    let mut modules: Vec<String> = Vec::new();
+    let mut names: Vec<&str> = ck.names().collect();
+    names.sort();
+    for n in &names {
+        let Some(rest) = n.strip_prefix("base_model.model.") else { continue };
+        let module = rest
+            .strip_suffix(".lora_A.weight")
+            .or_else(|| rest.strip_suffix(".lora_B.weight"))
+            .or_else(|| rest.strip_suffix(".lora_embedding_A"))
+            .or_else(|| rest.strip_suffix(".lora_embedding_B"));
+        match module {
+            Some(m) => {
+                if !modules.iter().any(|x| x == m) {
+                    modules.push(m.to_string());
+                }
+            }
+            // PEFT's copy of the base embedding beside an embedding LoRA is the base's own.
+            None if rest.ends_with(".base_layer.weight") => ck.skip(n),
+            None => {
+                return Err(ConvertError::unsupported(&config_path, format!("{n}: a fully trained module (modules_to_save) — a GGUF adapter holds LoRA pairs only; {merged_hint}")));
+            }
+        }
+    }
+    if modules.is_empty() {
+        return Err(ConvertError::invalid(adapter, "adapter_model.safetensors holds no LoRA tensors"));
+    }
+    // One alpha for the file: the default module's scale times its rank.
+    let alpha = cfg.scale() * cfg.r as f64;
+    let q_fold = (c.family == Family::Gemma2).then(|| (c.attn_scale * (gemma_scale_dim(&c) as f64).sqrt()) as f32).filter(|s| *s != 1.0);
+    let mut warnings = Vec::new();
+    if cfg.use_rslora {
+        warnings.push(format!("rsLoRA: adapter.lora.alpha = {alpha} (lora_alpha {} · sqrt(r {})) so that llama.cpp's alpha/r is PEFT's alpha/sqrt(r)", cfg.alpha, cfg.r));
+    }
+    struct Pair {
+        name: String,
+        a: (String, Vec<usize>),
+        b: (String, Vec<usize>),
+        /// Multiply B by this (the module's scale against the file's alpha/r; Gemma's q fold).
+        factor: f32,
+        permute_heads: Option<usize>,
+        embedding: bool,
+    }
+    let mut pairs = Vec::new();
+    for m in &modules {
+        let embedding = crate::formats::peft::is_embedding(m);
+        let (an, bn) = crate::formats::peft::tensor_names(m);
+        let shape = |n: &str| ck.info(n).map(|(s, _)| s).ok_or_else(|| ConvertError::invalid(adapter, format!("{m}: {n} is missing (LoRA tensors come in A/B pairs)")));
+        let (sa, sb) = (shape(&an)?, shape(&bn)?);
+        let weight = format!("{m}.weight");
+        if weight == "lm_head.weight" && c.tie_word_embeddings {
+            return Err(ConvertError::unsupported(&config_path, format!("a LoRA on lm_head of a model with tied embeddings: llama.cpp's GGUF has no separate output tensor to adapt — {merged_hint}")));
+        }
+        let g = gguf_name(arch, &weight).ok_or_else(|| ConvertError::unsupported(&config_path, format!("{m} has no counterpart in llama.cpp's {arch} architecture")))?;
+        let r = sa[0];
+        let mut factor = (cfg.scale_for(m) * r as f64 / alpha) as f32;
+        if let (Some(s), true) = (q_fold, m.ends_with("self_attn.q_proj")) {
+            factor *= s;
+        }
+        let permute_heads = match (permutes_qk(arch), m.rsplit('.').next()) {
+            (true, Some("q_proj")) => Some(c.num_heads),
+            (true, Some("k_proj")) => Some(c.num_kv_heads),
+            _ => None,
+        };
+        pairs.push(Pair { name: g, a: (an, sa), b: (bn, sb), factor, permute_heads, embedding });
+    }
+    // Tensor types: as the converter's rule (2-D lora tensors take the type; q8_0 needs rows of 32).
+    let pick = |shape: &[usize]| match ty {
+        GgufType::F16 => F16,
+        GgufType::Bf16 => BF16,
+        GgufType::Q8_0 if shape.last().is_some_and(|c| c % 32 == 0) => Q8_0,
+        GgufType::Q8_0 => F16,
+        _ => F32,
+    };
+    let mut specs = Vec::new();
+    for p in &pairs {
+        let a_shape = if p.embedding { vec![p.a.1[1], p.a.1[0]] } else { p.a.1.clone() };
+        specs.push(TensorSpec { name: format!("{}.lora_a", p.name), ggml_type: pick(&a_shape), shape: a_shape });
+        specs.push(TensorSpec { name: format!("{}.lora_b", p.name), ggml_type: pick(&p.b.1), shape: p.b.1.clone() });
+    }
+    let meta: Vec<(String, Meta)> = vec![
+        ("general.architecture".into(), Meta::str(arch)),
+        ("general.type".into(), Meta::str("adapter")),
+        ("adapter.type".into(), Meta::str("lora")),
+        ("general.name".into(), Meta::Str(adapter.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "adapter".into()))),
+        ("adapter.lora.alpha".into(), Meta::F32(alpha as f32)),
+        ("general.quantization_version".into(), Meta::U32(2)),
+    ];
+    let produce = |i: usize| -> Result<Vec<u8>, ConvertError> {
+        let p = &pairs[i / 2];
+        let v = if i % 2 == 0 {
+            let a = ck.f32(&p.a.0, &p.a.1)?;
+            if p.embedding {
+                // llama.cpp's embedding LoRA takes A transposed ([vocab, r]).
+                let (r, n) = (p.a.1[0], p.a.1[1]);
+                (0..n).flat_map(|j| (0..r).map(move |i| (i, j))).map(|(i, j)| a[i * n + j]).collect()
+            } else {
+                a
+            }
+        } else {
+            let mut b = ck.f32(&p.b.0, &p.b.1)?;
+            if let Some(h) = p.permute_heads {
+                b = permute(&b, p.b.1[0], p.b.1[1], h);
+            }
+            if p.factor != 1.0 {
+                b.iter_mut().for_each(|x| *x *= p.factor);
+            }
+            b
+        };
+        encode(specs[i].ggml_type, &v).ok_or_else(|| ConvertError::invalid(out, format!("tensor {}: cannot write its type", specs[i].name)))
+    };
+    let bytes = writer::write(out, &meta, &specs, produce)?;
+    ck.check_all_used()?;
+    Ok(LoraExportReport { out: out.into(), architecture: arch.into(), modules: pairs.len(), alpha, bytes, warnings })
+}
+
 /// gguf-py's parameter-count label (`general.size_label`): "135M", or "8x7.2B" for experts.
 fn size_label(plans: &[Planned]) -> String {
     let (mut total, mut shared, mut expert_params, mut expert_sum, mut expert_tensors) = (0usize, 0usize, 0usize, 0usize, 0usize);

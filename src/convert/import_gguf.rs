@@ -151,6 +151,68 @@ fn tensor_f32(g: &GgufFile, name: &str) -> Result<Option<Vec<f32>>> {
 
 /// Converts `gguf` into a Hugging Face model directory at `out`.
 pub fn import(gguf: &Path, out: &Path, dtype: OutDtype) -> Result<ImportReport> {
+    import_with_lora(gguf, None, out, dtype)
+}
+
+/// A GGUF LoRA adapter (llama.cpp's format) to bake into an imported model.
+struct GgufLora {
+    file: GgufFile,
+    alpha: Option<f64>,
+}
+
+impl GgufLora {
+    fn open(path: &Path, arch: &str) -> Result<Self> {
+        let file = GgufFile::open(path)?;
+        let kind = file.get("adapter.type").and_then(Value::as_str);
+        if file.get("general.type").and_then(Value::as_str) != Some("adapter") || kind != Some("lora") {
+            return Err(key_error(&file, "adapter.type", "not a LoRA adapter (general.type = adapter, adapter.type = lora)"));
+        }
+        if file.get("general.architecture").and_then(Value::as_str) != Some(arch) {
+            return Err(key_error(&file, "general.architecture", &format!("the adapter is for another architecture than the base ({arch})")));
+        }
+        let alpha = file.get("adapter.lora.alpha").and_then(Value::as_f64).filter(|a| *a != 0.0);
+        Ok(GgufLora { file, alpha })
+    }
+
+    /// Adds this adapter's `alpha/r · B A` for GGUF tensor `name` (`w` in GGUF layout) as
+    /// llama.cpp applies it; returns whether the tensor had one.
+    fn apply(&self, name: &str, shape: &[usize], w: &mut [f32]) -> Result<bool> {
+        let (Some(a), Some(b)) = (tensor_f32(&self.file, &format!("{name}.lora_a"))?, tensor_f32(&self.file, &format!("{name}.lora_b"))?) else {
+            return Ok(false);
+        };
+        let bt = self.file.tensor(&format!("{name}.lora_b")).expect("read above");
+        let (out_dim, r) = (bt.shape()[0], bt.shape()[1]);
+        let scale = self.alpha.map_or(1.0, |al| al / r as f64) as f32;
+        let bad = |msg: String| GgufError::Tensor { path: self.file.path.clone(), name: format!("{name}.lora_b"), msg };
+        if name == "token_embd.weight" {
+            // llama.cpp's embedding LoRA: lora_a is [vocab, r] (A transposed), lora_b [dim, r].
+            let (vocab, dim) = (shape[0], shape[1]);
+            if a.len() != vocab * r || out_dim != dim {
+                return Err(bad(format!("shapes do not fit token_embd {shape:?}")).into());
+            }
+            for t in 0..vocab {
+                for d in 0..dim {
+                    w[t * dim + d] += scale * (0..r).map(|k| a[t * r + k] * b[d * r + k]).sum::<f32>();
+                }
+            }
+            return Ok(true);
+        }
+        let (rows, cols) = (shape[0], shape.get(1).copied().unwrap_or(1));
+        if out_dim != rows || a.len() != r * cols {
+            return Err(bad(format!("lora_b {:?} / lora_a of {} values do not fit {name} {shape:?}", bt.shape(), a.len())).into());
+        }
+        for i in 0..rows {
+            for j in 0..cols {
+                w[i * cols + j] += scale * (0..r).map(|k| b[i * r + k] * a[k * cols + j]).sum::<f32>();
+            }
+        }
+        Ok(true)
+    }
+}
+
+/// [`import`], with a GGUF LoRA adapter (`ft export gguf-lora`, llama.cpp's
+/// `convert_lora_to_gguf.py`) merged into the weights as llama.cpp applies it.
+pub fn import_with_lora(gguf: &Path, lora: Option<&Path>, out: &Path, dtype: OutDtype) -> Result<ImportReport> {
     let g = GgufFile::open(gguf)?;
     let arch = g
         .get("general.architecture")
@@ -158,6 +220,8 @@ pub fn import(gguf: &Path, out: &Path, dtype: OutDtype) -> Result<ImportReport> 
         .ok_or_else(|| key_error(&g, "general.architecture", "missing"))?
         .to_string();
     let family = family_of(&g, &arch)?;
+    let lora = lora.map(|p| GgufLora::open(p, &arch)).transpose()?;
+    let mut lora_applied = 0;
     let k = |s: &str| format!("{arch}.{s}");
     let get_f = |key: &str| g.get(&k(key)).and_then(Value::as_f64);
     let get_u = |key: &str| g.get(&k(key)).and_then(Value::as_u64).map(|x| x as usize);
@@ -361,6 +425,9 @@ pub fn import(gguf: &Path, out: &Path, dtype: OutDtype) -> Result<ImportReport> 
         let shape = t.shape();
         let bytes = g.tensor_bytes(t)?;
         let mut v = dequant::dequantize(t.ggml_type, bytes, t.numel()).map_err(|e| tensor_error(e.to_string()))?;
+        if let Some(l) = &lora {
+            lora_applied += usize::from(l.apply(&t.name, &shape, &mut v)?);
+        }
         // Stacked experts → one matrix per expert, under the family's module names.
         if let Some((layer, which)) = t.name.strip_prefix("blk.").and_then(|r| r.split_once('.')).and_then(|(l, rest)| Some((l.parse::<usize>().ok()?, rest.strip_suffix("_exps.weight")?))) {
             if shape.len() != 3 {
@@ -391,6 +458,13 @@ pub fn import(gguf: &Path, out: &Path, dtype: OutDtype) -> Result<ImportReport> 
             v.iter_mut().for_each(|x| *x -= 1.0);
         }
         push(name, shape, &v);
+    }
+    if let Some(l) = &lora {
+        let pairs = l.file.tensors.iter().filter(|t| t.name.ends_with(".lora_a")).count();
+        if lora_applied != pairs {
+            let msg = format!("{pairs} LoRA pairs, {lora_applied} of them on tensors of the base (wrong base model?)");
+            return Err(GgufError::Format { path: l.file.path.clone(), msg }.into());
+        }
     }
     let mut writer = ModelDirWriter::new(out)?;
     writer.write_shard("model.safetensors", &tensors, None)?;

@@ -107,6 +107,37 @@ fn expected_differences(name: &str) -> (&'static [&'static str], &'static [&'sta
     }
 }
 
+/// Asserts that the GGUF at `out` is what llama.cpp's converter wrote for fixture `reference`
+/// (tests/fixtures/gguf/converter), apart from `extra_keys` and the tensors in `changed`.
+fn assert_matches_converter(out: &Path, reference: &str, extra_keys: &[&str], changed: &[&str]) {
+    let g = GgufFile::open(out).unwrap();
+    let reference_json = json(&fixtures().join(format!("gguf/converter/{reference}.json")));
+    let name = reference;
+    let meta = reference_json["metadata"].as_object().unwrap();
+    for (key, want) in meta {
+        if key == "general.name" {
+            continue;
+        }
+        let got = g.get(key).unwrap_or_else(|| panic!("{name}: key {key} missing"));
+        let types: Vec<&str> = g.value_types[key].iter().map(|&t| type_name(t)).collect();
+        let want_types: Vec<&str> = want["types"].as_array().unwrap().iter().map(|t| t.as_str().unwrap()).collect();
+        assert_eq!(types, want_types, "{name}: {key} type");
+        assert!(values_equal(&recorded(got), &want["value"]), "{name}: {key}: {:?} vs {}", recorded(got), want["value"]);
+    }
+    for key in g.metadata.keys() {
+        assert!(meta.contains_key(key) || extra_keys.contains(&key.as_str()), "{name}: unexpected key {key}");
+    }
+    let want: Vec<&Json> = reference_json["tensors"].as_array().unwrap().iter().collect();
+    assert_eq!(g.tensors.len(), want.len(), "{name}");
+    for (t, w) in g.tensors.iter().zip(want) {
+        assert_eq!(t.name, w["name"].as_str().unwrap(), "{name}: tensor order");
+        assert_eq!(t.shape(), w["shape"].as_array().unwrap().iter().map(|d| d.as_u64().unwrap() as usize).collect::<Vec<_>>(), "{name}: {}", t.name);
+        assert_eq!(ft::formats::gguf::dequant::type_name(t.ggml_type), w["type"].as_str().unwrap(), "{name}: {}", t.name);
+        let same = hex(&sha2::Sha256::digest(g.tensor_bytes(t).unwrap())) == w["sha256"].as_str().unwrap();
+        assert_eq!(same, !changed.contains(&t.name.as_str()), "{name}: {} bytes {}", t.name, if same { "unchanged" } else { "differ" });
+    }
+}
+
 #[test]
 fn f32_export_is_what_llama_cpps_converter_writes() {
     for name in MODELS {
@@ -114,32 +145,21 @@ fn f32_export_is_what_llama_cpps_converter_writes() {
         let model = model_copy(name, &dir);
         let out = dir.join("m.gguf");
         export(&model, &out, "f32");
-        let g = GgufFile::open(&out).unwrap();
-        let reference = json(&fixtures().join(format!("gguf/converter/{name}.json")));
         let (extra_keys, changed) = expected_differences(name);
-        let meta = reference["metadata"].as_object().unwrap();
-        for (key, want) in meta {
-            if key == "general.name" {
-                continue;
-            }
-            let got = g.get(key).unwrap_or_else(|| panic!("{name}: key {key} missing"));
-            let types: Vec<&str> = g.value_types[key].iter().map(|&t| type_name(t)).collect();
-            let want_types: Vec<&str> = want["types"].as_array().unwrap().iter().map(|t| t.as_str().unwrap()).collect();
-            assert_eq!(types, want_types, "{name}: {key} type");
-            assert!(values_equal(&recorded(got), &want["value"]), "{name}: {key}: {:?} vs {}", recorded(got), want["value"]);
-        }
-        for key in g.metadata.keys() {
-            assert!(meta.contains_key(key) || extra_keys.contains(&key.as_str()), "{name}: unexpected key {key}");
-        }
-        let want: Vec<&Json> = reference["tensors"].as_array().unwrap().iter().collect();
-        assert_eq!(g.tensors.len(), want.len(), "{name}");
-        for (t, w) in g.tensors.iter().zip(want) {
-            assert_eq!(t.name, w["name"].as_str().unwrap(), "{name}: tensor order");
-            assert_eq!(t.shape(), w["shape"].as_array().unwrap().iter().map(|d| d.as_u64().unwrap() as usize).collect::<Vec<_>>(), "{name}: {}", t.name);
-            assert_eq!(ft::formats::gguf::dequant::type_name(t.ggml_type), w["type"].as_str().unwrap(), "{name}: {}", t.name);
-            let same = hex(&sha2::Sha256::digest(g.tensor_bytes(t).unwrap())) == w["sha256"].as_str().unwrap();
-            assert_eq!(same, !changed.contains(&t.name.as_str()), "{name}: {} bytes {}", t.name, if same { "unchanged" } else { "differ" });
-        }
+        assert_matches_converter(&out, name, extra_keys, changed);
+        std::fs::remove_dir_all(&dir).ok();
+    }
+}
+
+#[test]
+fn gguf_lora_is_what_llama_cpps_lora_converter_writes() {
+    for name in ["lora-r4", "embed-lora-r4"] {
+        let dir = scratch(&format!("gguf-lora-conv-{name}"));
+        let out = dir.join("a.gguf");
+        let adapter = fixtures().join("adapters").join(name);
+        let (code, _, err) = ft(&["export", "gguf-lora", "--adapter", adapter.to_str().unwrap(), "--model", model_dir("llama").to_str().unwrap(), "--out", out.to_str().unwrap()]);
+        assert_eq!(code, 0, "{err}");
+        assert_matches_converter(&out, &format!("adapter-{name}"), &[], &[]);
         std::fs::remove_dir_all(&dir).ok();
     }
 }
@@ -167,6 +187,109 @@ fn every_family_round_trips_through_gguf_f32_within_1e_5() {
         let (a, b) = (chat_logits(&load_dir(&model)), chat_logits(&load_dir(&back)));
         let d = max_abs_diff(&a, &b);
         assert!(d <= 1e-5, "{name}: logits after export + import differ by {d}");
+        std::fs::remove_dir_all(&dir).ok();
+    }
+}
+
+/// Imports `base` with the GGUF adapter `lora` merged in.
+fn import_with_lora(base: &Path, lora: &Path, out: &Path) -> ft::model::Decoder<ft::backend::Cpu> {
+    let (code, _, err) = ft(&["import-gguf", base.to_str().unwrap(), "--lora", lora.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    load_dir(out)
+}
+
+#[test]
+fn gguf_lora_applied_to_the_base_gives_pefts_logits() {
+    // The oracle adapters (PEFT's own files), exported as llama.cpp adapters and applied the way
+    // llama.cpp applies them (alpha/r · B A on the permuted base), reproduce PEFT's logits.
+    let dir = scratch("gguf-lora-peft");
+    let base = dir.join("base.gguf");
+    export(&model_dir("llama"), &base, "f32");
+    let cases = json(&fixtures().join("chat_tokens.json"));
+    for name in ["lora-r4", "rslora-r8-attn", "embed-lora-r4", "pissa-r4-converted"] {
+        let adapter = fixtures().join("adapters").join(name);
+        let lora = dir.join(format!("{name}.gguf"));
+        let (code, _, err) = ft(&["export", "gguf-lora", "--adapter", adapter.to_str().unwrap(), "--model", model_dir("llama").to_str().unwrap(), "--out", lora.to_str().unwrap()]);
+        assert_eq!(code, 0, "{name}: {err}");
+        let model = import_with_lora(&base, &lora, &dir.join(name));
+        for (i, c) in cases.as_array().unwrap().iter().enumerate() {
+            let (want, _) = read_f32(&adapter.join("expected_logits.safetensors"), &format!("logits_{i}"));
+            let d = max_abs_diff(&logits(&model, &ids(&c["input_ids"])), &want);
+            assert!(d <= 1e-4, "{name} case {i}: {d}");
+        }
+    }
+    // What llama.cpp's adapters cannot hold is refused (exit 2), pointing at the merged export.
+    for name in ["dora-r4", "modules-to-save-r4", "qwen3-moe-experts-r4"] {
+        let model = if name.starts_with("qwen3") { "qwen3-moe" } else { "llama" };
+        let adapter = fixtures().join("adapters").join(name);
+        let (code, _, err) = ft(&["export", "gguf-lora", "--adapter", adapter.to_str().unwrap(), "--model", model_dir(model).to_str().unwrap(), "--out", dir.join("x.gguf").to_str().unwrap()]);
+        assert_eq!(code, 2, "{name}: {err}");
+        assert!(err.contains("ft export gguf --model"), "{name}: {err}");
+    }
+    assert!(!dir.join("x.gguf").exists());
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+/// A PEFT adapter with noise in A and B on every linear of `name` (rank 4; rsLoRA, or a rank
+/// pattern, to exercise llama.cpp's single alpha).
+fn random_adapter(name: &str, out: &Path, rslora: bool) {
+    let c = ft::model::ModelConfig::from_dir(&model_dir(name)).unwrap();
+    let (h, qd, kvd, i) = (c.hidden_size, c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.intermediate_size);
+    let mods: Vec<(&str, usize, usize)> = if c.fused_projections {
+        vec![("self_attn.qkv_proj", h, qd + 2 * kvd), ("self_attn.o_proj", qd, h), ("mlp.gate_up_proj", h, 2 * i), ("mlp.down_proj", i, h)]
+    } else {
+        vec![("self_attn.q_proj", h, qd), ("self_attn.k_proj", h, kvd), ("self_attn.v_proj", h, kvd), ("self_attn.o_proj", qd, h), ("mlp.gate_proj", h, i), ("mlp.up_proj", h, i), ("mlp.down_proj", i, h)]
+    };
+    let mut seed = 12345u64;
+    let mut noise = |n: usize, s: f32| -> Vec<f32> {
+        (0..n)
+            .map(|_| {
+                seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * s
+            })
+            .collect()
+    };
+    let mut tensors: ft::formats::safetensors::RawTensors = Vec::new();
+    for l in 0..c.num_layers {
+        for (m, din, dout) in &mods {
+            // Layer 1's v_proj gets rank 8 through rank_pattern (when not rsLoRA).
+            let r = if !rslora && l == 1 && *m == "self_attn.v_proj" { 8 } else { 4 };
+            let p = format!("base_model.model.model.layers.{l}.{m}");
+            let enc = |v: &[f32]| ft::formats::safetensors::encode(v, safetensors::Dtype::F32);
+            tensors.push((format!("{p}.lora_A.weight"), safetensors::Dtype::F32, vec![r, *din], enc(&noise(r * din, 0.5))));
+            tensors.push((format!("{p}.lora_B.weight"), safetensors::Dtype::F32, vec![*dout, r], enc(&noise(dout * r, 0.5))));
+        }
+    }
+    let targets: Vec<&str> = mods.iter().map(|(m, _, _)| m.rsplit('.').next().unwrap()).collect();
+    let mut config = serde_json::json!({
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": 4, "lora_alpha": 8, "target_modules": targets,
+        "use_rslora": rslora, "lora_dropout": 0.0, "bias": "none", "base_model_name_or_path": name,
+    });
+    if !rslora {
+        config["rank_pattern"] = serde_json::json!({"model.layers.1.self_attn.v_proj": 8});
+        config["alpha_pattern"] = serde_json::json!({"model.layers.0.mlp.down_proj": 3});
+    }
+    ft::formats::peft::write(out, &tensors, &config, None).unwrap();
+}
+
+#[test]
+fn gguf_lora_round_trips_on_every_dense_family() {
+    // ft applying the PEFT adapter = the base GGUF with the exported GGUF adapter merged as
+    // llama.cpp merges it: q/k permutation of B, rsLoRA and per-module scales folded into
+    // llama.cpp's one alpha, Gemma 2's query scale, Phi-3's fused projections.
+    for (name, rslora) in [("llama", true), ("qwen2", false), ("qwen3", true), ("gemma2", false), ("gemma3", true), ("phi3", false), ("mistral", false)] {
+        let dir = scratch(&format!("gguf-lora-rt-{name}"));
+        let adapter = dir.join("adapter");
+        random_adapter(name, &adapter, rslora);
+        let mut with_adapter = load(name);
+        ft::adapters::peft::PeftAdapter::open(&adapter).unwrap().attach(&mut with_adapter).unwrap();
+        let (base, lora) = (dir.join("base.gguf"), dir.join("lora.gguf"));
+        export(&model_dir(name), &base, "f32");
+        let (code, _, err) = ft(&["export", "gguf-lora", "--adapter", adapter.to_str().unwrap(), "--model", model_dir(name).to_str().unwrap(), "--out", lora.to_str().unwrap()]);
+        assert_eq!(code, 0, "{name}: {err}");
+        let merged = import_with_lora(&base, &lora, &dir.join("merged"));
+        let d = max_abs_diff(&chat_logits(&with_adapter), &chat_logits(&merged));
+        assert!(d <= 1e-4, "{name}: {d}");
         std::fs::remove_dir_all(&dir).ok();
     }
 }
