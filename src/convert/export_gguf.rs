@@ -629,7 +629,7 @@ pub fn export_lora(adapter: &Path, model: &Path, out: &Path, ty: GgufType) -> Re
     ];
     let produce = |i: usize| -> Result<Vec<u8>, ConvertError> {
         let p = &pairs[i / 2];
-        let v = if i % 2 == 0 {
+        let v = if i.is_multiple_of(2) {
             let a = ck.f32(&p.a.0, &p.a.1)?;
             if p.embedding {
                 // llama.cpp's embedding LoRA takes A transposed ([vocab, r]).
