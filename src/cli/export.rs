@@ -14,6 +14,32 @@ pub enum ExportCommand {
     /// over the base exported with `ft export gguf`.
     #[command(name = "gguf-lora")]
     GgufLora(GgufLoraArgs),
+    /// An Ollama model directory: model.gguf (+ adapter.gguf) and a Modelfile; then
+    /// `ollama create NAME -f OUT/Modelfile`.
+    Ollama(OllamaArgs),
+}
+
+#[derive(Debug, clap::Args)]
+pub struct OllamaArgs {
+    /// Hugging Face model directory (or a cached hub id).
+    #[arg(long, value_parser = crate::cli::args::model_dir)]
+    pub model: PathBuf,
+    /// A PEFT LoRA adapter: written as adapter.gguf (the Modelfile's ADAPTER), or merged with --merge.
+    #[arg(long)]
+    pub adapter: Option<PathBuf>,
+    /// Merge the adapter into model.gguf instead of an ADAPTER file (DoRA and modules_to_save
+    /// adapters need this).
+    #[arg(long, requires = "adapter")]
+    pub merge: bool,
+    /// Output directory (must not exist yet).
+    #[arg(long)]
+    pub out: PathBuf,
+    /// The model's tensor type (as `ft export gguf --type`).
+    #[arg(long = "type", value_enum, default_value_t = TypeArg::Q8_0)]
+    pub ty: TypeArg,
+    /// Print a JSON report.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -114,6 +140,20 @@ pub fn run(c: ExportCommand) -> Result<()> {
         ExportCommand::Gguf(a) => {
             let r = export(&a.model, a.adapter.as_deref(), &a.out, a.ty.into())?;
             print_report(&r, a.json)
+        }
+        ExportCommand::Ollama(a) => {
+            let r = crate::convert::ollama::export_ollama(&a.model, a.adapter.as_deref(), a.merge, &a.out, a.ty.into())?;
+            if a.json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                for w in &r.warnings {
+                    eprintln!("warning: {w}");
+                }
+                let template = if r.template == "chatml" { "TEMPLATE: ChatML".to_string() } else { "no TEMPLATE: Ollama takes the chat template from the GGUF's tokenizer.chat_template".to_string() };
+                println!("wrote {} ({}); {template}; stop {:?}", r.out.display(), r.files.join(", "), r.stop);
+                println!("next: ollama create NAME -f {}", r.out.join("Modelfile").display());
+            }
+            Ok(())
         }
         ExportCommand::GgufLora(a) => {
             let r = export_lora(&a.adapter, &a.model, &a.out, a.ty.into())?;

@@ -82,6 +82,12 @@ pub enum Command {
     /// (`gguf-lora`), an Ollama model directory with its Modelfile (`ollama`).
     #[command(subcommand)]
     Export(export::ExportCommand),
+    /// Print a shell completion script: `ft completions bash > /etc/bash_completion.d/ft`,
+    /// `ft completions zsh > ~/.zfunc/_ft`, `ft completions fish > ~/.config/fish/completions/ft.fish`.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
 }
 
 /// Runs a parsed command line.
@@ -98,6 +104,11 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::ImportGguf(a) => convert::run_import(a),
         Command::Quantize(a) => convert::run_quantize(a),
         Command::Export(c) => export::run(c),
+        Command::Completions { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(shell, &mut Cli::command(), "ft", &mut std::io::stdout());
+            Ok(())
+        }
     }
 }
 

@@ -8,6 +8,7 @@ pub mod gguf_arch;
 pub mod gguf_vocab;
 pub mod import_gguf;
 pub mod merge;
+pub mod ollama;
 pub mod quantize;
 
 use std::path::PathBuf;

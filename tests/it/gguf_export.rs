@@ -381,3 +381,61 @@ fn export_refusals_and_a_full_disk_leave_no_file() {
     assert_eq!(std::fs::read_dir(&dir).unwrap().count(), usize::from(!cfg!(feature = "fault-injection")), "{:?}", std::fs::read_dir(&dir).unwrap().collect::<Vec<_>>());
     std::fs::remove_dir_all(&dir).ok();
 }
+
+#[test]
+fn ollama_export_writes_the_model_the_adapter_and_a_modelfile() {
+    let dir = scratch("gguf-ollama");
+    let (model, adapter) = (model_dir("llama"), fixtures().join("adapters/lora-r4"));
+    let out = dir.join("ol");
+    let (code, stdout, err) = ft(&["export", "ollama", "--model", model.to_str().unwrap(), "--adapter", adapter.to_str().unwrap(), "--out", out.to_str().unwrap(), "--type", "f16"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(stdout.contains("ollama create"), "{stdout}");
+    let mf = std::fs::read_to_string(out.join("Modelfile")).unwrap();
+    let lines: Vec<&str> = mf.lines().collect();
+    assert_eq!(lines[0], "FROM ./model.gguf");
+    assert_eq!(lines[1], "ADAPTER ./adapter.gguf");
+    // The tiny models speak ChatML: the template is written in Ollama's syntax, and the turn
+    // tokens stop generation.
+    assert!(mf.contains("TEMPLATE \"\"\"") && mf.contains("<|im_start|>{{ .Role }}"), "{mf}");
+    assert!(mf.contains("PARAMETER stop \"<|im_end|>\""), "{mf}");
+    // The files are the exports ft writes on their own.
+    let (alone, alone_lora) = (dir.join("alone.gguf"), dir.join("alone-lora.gguf"));
+    export(&model, &alone, "f16");
+    let (code, _, err) = ft(&["export", "gguf-lora", "--adapter", adapter.to_str().unwrap(), "--model", model.to_str().unwrap(), "--out", alone_lora.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    let tensors = |p: &Path| {
+        let g = GgufFile::open(p).unwrap();
+        g.tensors.iter().map(|t| g.tensor_bytes(t).unwrap().to_vec()).collect::<Vec<_>>()
+    };
+    assert!(tensors(&out.join("model.gguf")) == tensors(&alone));
+    assert!(tensors(&out.join("adapter.gguf")) == tensors(&alone_lora));
+    // A DoRA adapter cannot be an ADAPTER: refused, naming --merge; with --merge it is baked in.
+    let dora = fixtures().join("adapters/dora-r4");
+    let out2 = dir.join("ol2");
+    let (code, _, err) = ft(&["export", "ollama", "--model", model.to_str().unwrap(), "--adapter", dora.to_str().unwrap(), "--out", out2.to_str().unwrap()]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--merge") && !out2.exists(), "{err}");
+    let (code, _, err) = ft(&["export", "ollama", "--model", model.to_str().unwrap(), "--adapter", dora.to_str().unwrap(), "--merge", "--out", out2.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert!(!std::fs::read_to_string(out2.join("Modelfile")).unwrap().contains("ADAPTER"));
+    // An existing output directory is left alone.
+    let (code, _, err) = ft(&["export", "ollama", "--model", model.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    assert_ne!(code, 0, "{err}");
+    assert!(err.contains("already exists"), "{err}");
+    std::fs::remove_dir_all(&dir).ok();
+}
+
+#[test]
+fn shell_completions_cover_the_commands() {
+    for shell in ["bash", "zsh", "fish"] {
+        let (code, out, err) = ft(&["completions", shell]);
+        assert_eq!(code, 0, "{err}");
+        assert!(out.contains("gguf-lora") && out.contains("import-gguf"), "{shell}");
+    }
+    // bash completes `ft export g` to the two GGUF exports.
+    let script = "source <(\"$FT\" completions bash); COMP_WORDS=(ft export g); COMP_CWORD=2; _ft ft g export; echo \"${COMPREPLY[@]}\"";
+    let out = std::process::Command::new("bash").args(["-c", script]).env("FT", env!("CARGO_BIN_EXE_ft")).output().unwrap();
+    let words = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(words.split_whitespace().collect::<Vec<_>>(), ["gguf", "gguf-lora"], "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(ft(&["completions", "powershell-9"]).0, 2);
+}
