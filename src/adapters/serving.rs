@@ -7,7 +7,7 @@
 //! | vLLM | DoRA; `modules_to_save`; rank above `--max-lora-rank` (default 16, one of 1, 8, 16, 32, 64, 128, 256, 320, 512) | — |
 //! | SGLang | DoRA; `modules_to_save` (it takes LoRA on `embed_tokens`/`lm_head`, not full copies) | — |
 //! | Ollama | safetensors adapters of families other than Llama, Mistral/Mixtral, Gemma 1/2; DoRA and full module copies (it converts to GGUF as llama.cpp) | — (QLoRA adapters: "best to use non-quantized") |
-//! | llama.cpp | DoRA magnitudes; full `embed_tokens`/`lm_head` weights | rsLoRA (scaled α/r, √r too weak); `rank_pattern`/`alpha_pattern` (one scale for all) |
+//! | llama.cpp | DoRA magnitudes; full `embed_tokens`/`lm_head` weights | rsLoRA (scaled α/r, √r too weak); `rank_pattern`/`alpha_pattern` (one scale for all) — when converted by its `convert_lora_to_gguf.py`; `ft export gguf-lora` folds both |
 //! | mistral.rs | DoRA; `modules_to_save`; embedding/head adapters; rank above 256 | — |
 //!
 //! MoE expert adapters (PEFT's `target_parameters`, 3-D stacks): vLLM loads them only for models it
@@ -201,7 +201,9 @@ pub fn check(a: &AdapterInfo, engines: &[Engine], max_lora_rank: usize) -> Vec<F
             };
             add(e, Severity::Refused, what, merge.clone());
         }
-        if a.embedding_lora && matches!(e, Engine::LlamaCpp | Engine::Ollama | Engine::MistralRs | Engine::Vllm) {
+        // llama.cpp applies an embedding LoRA from a GGUF adapter (token_embd.weight.lora_a/b:
+        // measured, benches/RESULTS.md); Ollama's safetensors import does not take one.
+        if a.embedding_lora && matches!(e, Engine::Ollama | Engine::MistralRs | Engine::Vllm) {
             let severity = if e == Engine::Vllm { Severity::Warning } else { Severity::Refused };
             let what = if e == Engine::Vllm { "LoRA on embed_tokens: vLLM's extra-vocabulary LoRA support is deprecated" } else { "LoRA on embed_tokens is not supported" };
             let what = if a.saved_embedding_layer { format!("{what}; the adapter also carries the whole base embedding (PEFT's save_embedding_layers)") } else { what.to_string() };
@@ -229,16 +231,16 @@ pub fn check(a: &AdapterInfo, engines: &[Engine], max_lora_rank: usize) -> Vec<F
             Engine::MistralRs if rank > 256 => add(e, Severity::Refused, format!("rank {rank} is above 256"), format!("{merge}, or train with a rank ≤ 256")),
             Engine::LlamaCpp | Engine::Ollama => {
                 if a.use_rslora {
-                    let fix = "set lora_alpha to α·√r in adapter_config.json before converting (rsLoRA's α/√r as llama.cpp's α/r), or serve the merged model".into();
+                    let fix = "export it with `ft export gguf-lora` (adapter.lora.alpha = α·√r, so llama.cpp's α/r is rsLoRA's α/√r), or serve the merged model".into();
                     add(e, Severity::Changed, format!("rsLoRA ignored: convert_lora_to_gguf.py scales by α/r, so the adapter acts at {:.3}× its strength (1/√{rank})", (rank as f64).sqrt().recip()), fix);
                 }
                 if a.ranks.len() > 1 || a.alphas.len() > 1 {
-                    add(e, Severity::Changed, "rank_pattern / alpha_pattern ignored: every module gets lora_alpha / r".into(), "fold each module's scale into its lora_B, or serve the merged model".into());
+                    add(e, Severity::Changed, "rank_pattern / alpha_pattern ignored: every module gets lora_alpha / r".into(), "export it with `ft export gguf-lora` (each module's scale folded into its lora_b), or serve the merged model".into());
                 }
                 if e == Engine::Ollama {
                     if let Some(t) = &a.base_model_type {
                         if !matches!(t.as_str(), "llama" | "mistral" | "mixtral" | "gemma" | "gemma2") {
-                            add(e, Severity::Refused, format!("Ollama imports safetensors adapters only for Llama, Mistral and Gemma models, not {t}"), format!("{merge} and import that, or convert the adapter to GGUF"));
+                            add(e, Severity::Refused, format!("Ollama imports safetensors adapters only for Llama, Mistral and Gemma models, not {t}"), "give Ollama a GGUF adapter: `ft export ollama --adapter DIR` writes adapter.gguf and the Modelfile".to_string());
                         }
                     }
                     if a.quantized_base {
