@@ -12,7 +12,7 @@ use crate::ops::Kernels;
 /// A `--model` value: a directory, or a Hugging Face model id (`org/name[@revision]`) resolved
 /// from the local hub cache (`formats::hf_cache`).
 pub fn model_dir(s: &str) -> std::result::Result<PathBuf, String> {
-    crate::formats::hf_cache::resolve(Path::new(s)).map_err(|e| e.to_string())
+    crate::formats::hf_cache::resolve_or_download(Path::new(s)).map_err(|e| e.to_string())
 }
 
 /// Where to run and in which dtype.

@@ -118,6 +118,11 @@ pub fn run(a: TrainArgs) -> Result<()> {
         print!("{}", recipe.resolved_toml());
         return Ok(());
     }
+    // Hugging Face ids the cache does not have yet: downloaded now (not for --check).
+    recipe.model.path = crate::formats::hf_cache::resolve_or_download(&recipe.model.path)?;
+    if let Some(d) = recipe.distill.as_mut() {
+        d.teacher = crate::formats::hf_cache::resolve_or_download(&d.teacher)?;
+    }
     // First Ctrl-C (or SIGTERM, as schedulers and CI runners send before SIGKILL): finish the
     // step, save a checkpoint, exit 130. A second one kills.
     // While loading (nothing written yet), it exits at once.

@@ -6,8 +6,10 @@
 //! tag name (default `main`, read through `refs/`) or a 40-hex commit hash (the snapshot itself).
 //!
 //! Whatever names an existing path is taken as a path; only what does not exist and looks like an
-//! id is looked up. Models that are not cached are not downloaded (no hub is reachable where ft
-//! is tested); the error says where ft looked and how to fetch the model.
+//! id is looked up. [`resolve_or_download`] (the command line's `--model` and friends, `ft
+//! train`'s model) downloads a model that is not cached with the `hf-hub` crate into that same
+//! cache (its model files only: configs, tokenizer files, chat template, safetensors weights),
+//! unless `HF_HUB_OFFLINE` is set; `HF_ENDPOINT` and `HF_TOKEN` are honoured.
 
 use std::path::{Path, PathBuf};
 
@@ -18,6 +20,8 @@ pub enum HubError {
     NotCached { id: String, cache: PathBuf, repo_dir: String, hint: String },
     #[error("{id}: the Hugging Face cache has {repo} but no revision {revision:?} ({missing} is missing){hint}")]
     NoRevision { id: String, repo: PathBuf, revision: String, missing: PathBuf, hint: String },
+    #[error("{id}: not cached, and downloading it from {endpoint} failed: {msg}")]
+    Download { id: String, endpoint: String, msg: String },
 }
 
 /// The hub cache directory, from the environment as huggingface_hub reads it.
@@ -87,7 +91,7 @@ pub fn resolve(path: &Path) -> Result<PathBuf, HubError> {
     let hint = if offline() {
         " (HF_HUB_OFFLINE is set)".to_string()
     } else {
-        format!("; ft does not download models: fetch it with `hf download {repo}{}` (huggingface_hub), or pass a directory", if revision == "main" { String::new() } else { format!(" --revision {revision}") })
+        format!("; fetch it with `hf download {repo}{}` (huggingface_hub), or pass a directory", if revision == "main" { String::new() } else { format!(" --revision {revision}") })
     };
     let root = cache.join(&repo_dir);
     if !root.is_dir() {
@@ -109,6 +113,67 @@ pub fn resolve(path: &Path) -> Result<PathBuf, HubError> {
     Ok(snapshot)
 }
 
+/// The files of a model repository ft uses (weights as safetensors only).
+fn wanted(file: &str) -> bool {
+    const SIDECARS: [&str; 9] = [
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+        "chat_template.jinja",
+        "chat_template.json",
+        "tokenizer.model",
+        "model.safetensors.index.json",
+    ];
+    SIDECARS.contains(&file) || file == "model.safetensors" || (file.starts_with("model-") && file.ends_with(".safetensors") && !file.contains('/'))
+}
+
+/// [`resolve`], downloading a model id that is not cached (unless `HF_HUB_OFFLINE`): its model
+/// files go into the hub cache as huggingface_hub lays them out (hf-hub's `blobs/`, `snapshots/`,
+/// `refs/`), and the snapshot is returned.
+pub fn resolve_or_download(path: &Path) -> Result<PathBuf, HubError> {
+    // `runs/x` with a local `runs/` is a directory not made yet, not an organisation's model.
+    let local_parent = path.parent().is_some_and(|p| !p.as_os_str().is_empty() && p.is_dir());
+    match resolve(path) {
+        Err(e @ (HubError::NotCached { .. } | HubError::NoRevision { .. })) if !offline() && !local_parent => {
+            let (repo, revision) = path.to_str().and_then(parse_id).expect("only ids are looked up");
+            download(repo, revision).map_err(|d| match d {
+                HubError::Download { id, endpoint, msg } => HubError::Download { id, endpoint, msg: format!("{msg} ({e})") },
+                other => other,
+            })
+        }
+        r => r,
+    }
+}
+
+/// Downloads `repo` at `revision` into the hub cache with the hf-hub crate.
+pub fn download(repo: &str, revision: &str) -> Result<PathBuf, HubError> {
+    use hf_hub::api::sync::ApiBuilder;
+    use hf_hub::{Repo, RepoType};
+    use std::io::IsTerminal;
+    let endpoint = std::env::var("HF_ENDPOINT").unwrap_or_else(|_| "https://huggingface.co".into());
+    let fail = |msg: String| HubError::Download { id: format!("{repo}@{revision}"), endpoint: endpoint.clone(), msg };
+    let mut builder = ApiBuilder::from_env().with_cache_dir(cache_dir()).with_progress(std::io::stderr().is_terminal());
+    if let Some(token) = std::env::var("HF_TOKEN").ok().filter(|t| !t.is_empty()) {
+        builder = builder.with_token(Some(token));
+    }
+    let api = builder.build().map_err(|e| fail(e.to_string()))?;
+    let r = api.repo(Repo::with_revision(repo.to_string(), RepoType::Model, revision.to_string()));
+    let info = r.info().map_err(|e| fail(format!("listing the repository: {e}")))?;
+    let files: Vec<&str> = info.siblings.iter().map(|s| s.rfilename.as_str()).filter(|f| wanted(f)).collect();
+    if !files.iter().any(|f| f.ends_with(".safetensors")) || !files.contains(&"config.json") {
+        return Err(fail(format!("the repository has no config.json and safetensors weights (files: {})", info.siblings.iter().map(|s| s.rfilename.as_str()).collect::<Vec<_>>().join(", "))));
+    }
+    let mut snapshot = None;
+    for f in files {
+        eprintln!("downloading {repo}/{f}");
+        let local = r.get(f).map_err(|e| fail(format!("{f}: {e}")))?;
+        snapshot = local.parent().map(Path::to_path_buf);
+    }
+    Ok(snapshot.expect("at least config.json"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -117,6 +182,8 @@ mod tests {
     fn ids_and_paths_are_told_apart() {
         assert_eq!(parse_id("HuggingFaceTB/SmolLM2-135M-Instruct"), Some(("HuggingFaceTB/SmolLM2-135M-Instruct", "main")));
         assert_eq!(parse_id("org/name@v1.0"), Some(("org/name", "v1.0")));
+        assert!(wanted("model-00001-of-00002.safetensors") && wanted("tokenizer.json"));
+        assert!(!wanted("pytorch_model.bin") && !wanted("onnx/model.safetensors") && !wanted("model.gguf") && !wanted("adapter_model.safetensors"));
         for path in ["./org/name", "/abs/dir", "dir", "a/b/c", "../x", "org/", "org/name@", "runs/../x", ".cache/smollm2-hf", "org/-x", "a--b/c"] {
             assert_eq!(parse_id(path), None, "{path}");
         }

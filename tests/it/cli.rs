@@ -235,6 +235,117 @@ fn hub_cache(root: &std::path::Path, name: &str, repo: &str, commit: &str, refs:
     }
 }
 
+/// A minimal Hugging Face hub over HTTP (the two endpoints hf-hub's sync API uses: the repo
+/// listing `/api/models/<id>/revision/<rev>` and `/<id>/resolve/<rev>/<file>` with ranges),
+/// serving `dir`'s files as repo `id` at commit `sha`. Returns the endpoint URL and a counter of
+/// file downloads.
+fn fake_hub(id: &'static str, dir: std::path::PathBuf, sha: &'static str) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use sha2::Digest;
+    use std::io::{BufRead, BufReader, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let downloads = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = downloads.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut request = String::new();
+            if reader.read_line(&mut request).is_err() {
+                continue;
+            }
+            // `Range: bytes=S-E` (E absent: to the end).
+            let mut range: Option<(usize, Option<usize>)> = None;
+            loop {
+                let mut h = String::new();
+                if reader.read_line(&mut h).unwrap_or(0) == 0 || h == "\r\n" {
+                    break;
+                }
+                if let Some(r) = h.to_ascii_lowercase().strip_prefix("range: bytes=") {
+                    let (a, b) = r.trim().split_once('-').unwrap_or((r.trim(), ""));
+                    range = a.parse().ok().map(|a| (a, b.parse().ok()));
+                }
+            }
+            let path = request.split_whitespace().nth(1).unwrap_or("").to_string();
+            let mut out = stream;
+            let respond = |out: &mut std::net::TcpStream, status: &str, headers: &[(String, String)], body: &[u8]| {
+                let mut head = format!("HTTP/1.1 {status}\r\nContent-Length: {}\r\nConnection: close\r\n", body.len());
+                for (k, v) in headers {
+                    head.push_str(&format!("{k}: {v}\r\n"));
+                }
+                head.push_str("\r\n");
+                let _ = out.write_all(head.as_bytes());
+                let _ = out.write_all(body);
+            };
+            if path == format!("/api/models/{id}/revision/main") {
+                let siblings: Vec<serde_json::Value> = std::fs::read_dir(&dir).unwrap().flatten().map(|e| serde_json::json!({"rfilename": e.file_name().to_string_lossy()})).collect();
+                let body = serde_json::json!({"sha": sha, "siblings": siblings}).to_string();
+                respond(&mut out, "200 OK", &[("Content-Type".into(), "application/json".into())], body.as_bytes());
+            } else if let Some(file) = path.strip_prefix(&format!("/{id}/resolve/main/")) {
+                let Ok(bytes) = std::fs::read(dir.join(file)) else {
+                    respond(&mut out, "404 Not Found", &[], b"");
+                    continue;
+                };
+                let (start, end) = range.unwrap_or((0, None));
+                let start = start.min(bytes.len());
+                let end = end.map_or(bytes.len(), |e| (e + 1).min(bytes.len()));
+                let body = &bytes[start..end.max(start)];
+                if range.is_none_or(|(_, e)| e.is_none()) {
+                    counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst); // a download, not the metadata probe
+                }
+                let etag = format!("\"{:x}\"", sha2::Sha256::digest(&bytes));
+                let headers = [
+                    ("x-repo-commit".to_string(), sha.to_string()),
+                    ("etag".to_string(), etag),
+                    ("content-range".to_string(), format!("bytes {start}-{}/{}", (start + body.len()).max(1) - 1, bytes.len())),
+                ];
+                respond(&mut out, "206 Partial Content", &headers, body);
+            } else {
+                respond(&mut out, "404 Not Found", &[], b"");
+            }
+        }
+    });
+    (url, downloads)
+}
+
+#[test]
+fn a_model_id_that_is_not_cached_is_downloaded_into_the_hub_cache() {
+    // hf-hub against a local stand-in for the hub: the model files land in HF_HUB_CACHE as
+    // huggingface_hub lays them out, the command runs on them, and a second run reads the cache.
+    let d = scratch("hub-download");
+    let sha = "89abcdef0123456789abcdef0123456789abcdef";
+    let (endpoint, downloads) = fake_hub("tiny-org/tiny-qwen3", model_dir("qwen3"), sha);
+    let hub = d.join("hub");
+    let data = fixtures().join("chat.jsonl");
+    let eval = || {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_ft"))
+            .args(["eval", "--json", "--template", "chatml", "--model", "tiny-org/tiny-qwen3", "--data", data.to_str().unwrap()])
+            .env("HF_HUB_CACHE", &hub)
+            .env("HF_ENDPOINT", &endpoint)
+            .env_remove("HF_HUB_OFFLINE")
+            .output()
+            .unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let (c, out, err) = eval();
+    assert_eq!(c, Some(0), "{err}");
+    let want = json(&fixtures().join("expected_chat_loss.json"))["models/qwen3"]["chat_loss_mean"].as_f64().unwrap();
+    let loss = serde_json::from_str::<serde_json::Value>(&out).unwrap()["loss"].as_f64().unwrap();
+    assert!((loss - want).abs() <= 1e-4, "{loss} vs {want}");
+    let repo = hub.join("models--tiny-org--tiny-qwen3");
+    assert_eq!(std::fs::read_to_string(repo.join("refs/main")).unwrap().trim(), sha);
+    let snapshot = repo.join("snapshots").join(sha);
+    for f in ["config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"] {
+        assert!(std::fs::symlink_metadata(snapshot.join(f)).unwrap().file_type().is_symlink(), "{f} links into blobs/");
+    }
+    // Only model files: the oracle's expected_* outputs in the served directory are not fetched.
+    assert!(!snapshot.join("expected_logits.safetensors").exists() && !snapshot.join("expected_generate.json").exists());
+    let first = downloads.load(std::sync::atomic::Ordering::SeqCst);
+    assert!(first >= 4, "{first} files downloaded");
+    let (c, _, err) = eval();
+    assert_eq!(c, Some(0), "{err}");
+    assert_eq!(downloads.load(std::sync::atomic::Ordering::SeqCst), first, "the second run reads the cache");
+}
+
 #[test]
 fn hugging_face_model_ids_resolve_from_the_local_cache() {
     // `--model org/name[@rev]` and a recipe's `model.path` read the snapshot huggingface_hub
@@ -265,10 +376,12 @@ fn hugging_face_model_ids_resolve_from_the_local_cache() {
         let loss = serde_json::from_str::<serde_json::Value>(&out).unwrap()["loss"].as_f64().unwrap();
         assert!((loss - want).abs() <= 1e-4, "{model}: {loss} vs {want}");
     }
-    // Not cached: where ft looked and how to fetch it; HF_HUB_OFFLINE said when set.
-    let (c, _, err) = eval("tiny-org/other", &[("HF_HUB_CACHE", &hub)]);
+    // Not cached: downloaded from HF_ENDPOINT (here nothing listens: the error says where ft
+    // looked in the cache, what it tried, and how to fetch it); HF_HUB_OFFLINE said when set.
+    let nowhere = std::path::Path::new("http://127.0.0.1:9");
+    let (c, _, err) = eval("tiny-org/other", &[("HF_HUB_CACHE", &hub), ("HF_ENDPOINT", nowhere)]);
     assert_eq!(c, 2, "{err}");
-    assert!(err.contains("nor a model in the Hugging Face cache") && err.contains(hub.to_str().unwrap()) && err.contains("hf download tiny-org/other"), "{err}");
+    assert!(err.contains("downloading it from http://127.0.0.1:9 failed") && err.contains("nor a model in the Hugging Face cache") && err.contains(hub.to_str().unwrap()) && err.contains("hf download tiny-org/other"), "{err}");
     let (c, _, err) = eval("tiny-org/tiny-llama@v2", &[("HF_HUB_CACHE", &hub), ("HF_HUB_OFFLINE", std::path::Path::new("1"))]);
     assert_eq!(c, 2, "{err}");
     assert!(err.contains("no revision \"v2\"") && err.contains("HF_HUB_OFFLINE"), "{err}");
@@ -277,12 +390,17 @@ fn hugging_face_model_ids_resolve_from_the_local_cache() {
     let recipe = |model: &str, run: &str| {
         let r = d.join(format!("{run}.toml"));
         std::fs::write(&r, format!("[model]\npath = \"{model}\"\n[data]\ntrain = \"{}\"\ntemplate = \"chatml\"\n[train]\nmax_steps = 1\n[output]\ndir = \"{}\"\n", data.display(), d.join(run).display())).unwrap();
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_ft")).args(["train", r.to_str().unwrap(), "--quiet"]).env("HF_HUB_CACHE", &hub).output().unwrap();
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_ft"))
+            .args(["train", r.to_str().unwrap(), "--quiet"])
+            .env("HF_HUB_CACHE", &hub)
+            .env("HF_ENDPOINT", "http://127.0.0.1:9")
+            .output()
+            .unwrap();
         (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
     };
     let (c, err) = recipe("tiny-org/tiny-llama@v1", "run-cached");
     assert_eq!(c, Some(0), "{err}");
     let (c, err) = recipe("tiny-org/missing", "run-missing");
     assert_ne!(c, Some(0), "{err}");
-    assert!(err.contains("tiny-org/missing: not a directory") && err.contains("nor a model in the Hugging Face cache"), "{err}");
+    assert!(err.contains("tiny-org/missing") && err.contains("downloading it") && err.contains("nor a model in the Hugging Face cache"), "{err}");
 }
