@@ -81,7 +81,8 @@ def cmd_names(path):
             n = base.format(bid=bid)
             names.update({n + ".weight", n + ".bias"})
     for t in r.tensors:
-        if t.name not in names:
+        # An adapter's tensors are the base's with .lora_a / .lora_b appended.
+        if t.name.removesuffix(".lora_a").removesuffix(".lora_b") not in names:
             print(f"tensor not in {arch}'s MODEL_TENSORS: {t.name}")
             ok = False
     print(f"{path}: {len(fields(r))} keys, {len(r.tensors)} tensors: {'ok' if ok else 'MISMATCH'}")

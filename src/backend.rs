@@ -39,11 +39,18 @@ pub const ENABLED: &str = "cpu (flex, f32), cuda (f32, bf16)";
 #[cfg(not(feature = "cuda"))]
 pub const ENABLED: &str = "cpu (flex, f32)";
 
+/// The compiled-kernel cache of this ft build under `base`: `ft/kernels/<ft version>-<hash of
+/// the kernel sources>`. cubecl keys its cache by kernel name and arguments, not by source, so a
+/// shared cache would let an upgraded ft run PTX compiled from an older kernel body.
+pub fn kernel_cache_dir(base: &std::path::Path) -> std::path::PathBuf {
+    base.join("ft").join("kernels").join(format!("{}-{:016x}", env!("CARGO_PKG_VERSION"), ft_kernels::SOURCE_HASH))
+}
+
 /// Configures burn's GPU runtime once, before the first CUDA device is created: compiled kernels
-/// and autotune results are cached in the user's global cache directory, so only the first run
-/// of a given model shape pays for NVRTC compilation (about 90 s cold vs 0.7 s warm for a tiny
-/// model on an H100). A `cubecl.toml` in the working directory and `CUBECL_*` variables still
-/// take precedence.
+/// are cached per ft build ([`kernel_cache_dir`] under the user's config directory) and autotune
+/// results in the user's global cache directory, so only the first run of a given model shape
+/// pays for NVRTC compilation (about 90 s cold vs 0.7 s warm for a tiny model on an H100). A
+/// `cubecl.toml` in the working directory and `CUBECL_*` variables still take precedence.
 #[cfg(feature = "cuda")]
 pub fn init_cuda_runtime() {
     use cubecl_runtime::config::{cache::CacheConfig, CubeClRuntimeConfig, RuntimeConfig};
@@ -52,7 +59,7 @@ pub fn init_cuda_runtime() {
         CUDA_IN_USE.store(true, std::sync::atomic::Ordering::SeqCst);
         let mut c = CubeClRuntimeConfig::from_current_dir().override_from_env();
         if c.compilation.cache.is_none() {
-            c.compilation.cache = Some(CacheConfig::Global);
+            c.compilation.cache = Some(CacheConfig::File(kernel_cache_dir(&CacheConfig::Global.root())));
         }
         if !std::path::Path::new("cubecl.toml").exists() {
             c.autotune.cache = CacheConfig::Global;
@@ -112,4 +119,22 @@ macro_rules! dispatch_backend {
             (DeviceChoice::Cuda, _) => Err($crate::backend::BackendError::NoCuda.into()),
         }
     }};
+}
+
+#[cfg(test)]
+mod kernel_cache_tests {
+    #[test]
+    fn the_kernel_cache_is_named_by_version_and_the_current_kernel_sources() {
+        // The compile-time hash covers the kernel files as they are on disk now: editing a kernel
+        // renames the cache.
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("kernels/src");
+        let read = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap();
+        let (lib, attention, nf4) = (read("lib.rs"), read("attention.rs"), read("nf4.rs"));
+        assert_eq!(ft_kernels::SOURCE_HASH, ft_kernels::fnv1a(&[&lib, &attention, &nf4]));
+        assert_ne!(ft_kernels::SOURCE_HASH, ft_kernels::fnv1a(&[&lib, &attention, &format!("{nf4} ")]));
+        let files: Vec<String> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+        assert_eq!(files.len(), 3, "a new kernel file must join SOURCE_HASH: {files:?}");
+        let d = super::kernel_cache_dir(std::path::Path::new("/cfg"));
+        assert_eq!(d, std::path::Path::new("/cfg/ft/kernels").join(format!("{}-{:016x}", env!("CARGO_PKG_VERSION"), ft_kernels::SOURCE_HASH)));
+    }
 }

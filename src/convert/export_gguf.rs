@@ -200,8 +200,20 @@ fn gemma_scale_dim(c: &ModelConfig) -> usize {
     }
 }
 
+/// The model's config; an architecture ft does not know is a family llama.cpp's export cannot
+/// take from ft (exit 2).
+fn family_config(dir: &Path) -> Result<ModelConfig, ConvertError> {
+    ModelConfig::from_dir(dir).map_err(|e| match e {
+        crate::model::ConfigError::UnknownArchitecture { path, model_type } => ConvertError::Unsupported {
+            path,
+            msg: format!("model_type {model_type:?}: ft exports the families it trains (llama, mistral, mixtral, qwen2, qwen3, qwen3_moe, smollm3, gemma2, gemma3_text, phi3); llama.cpp's convert_hf_to_gguf.py covers more"),
+        },
+        e => e.into(),
+    })
+}
+
 fn export_dir(dir: &Path, out: &Path, ty: GgufType) -> Result<ExportReport, ConvertError> {
-    let c = ModelConfig::from_dir(dir)?;
+    let c = family_config(dir)?;
     let raw = config_json(dir)?;
     let config_path = dir.join("config.json");
     let refuse = |msg: String| ConvertError::unsupported(&config_path, msg);
@@ -523,7 +535,7 @@ pub struct LoraExportReport {
 /// DoRA, `modules_to_save` and expert (`target_parameters`) adapters have no GGUF adapter form:
 /// refused, pointing at the merged export.
 pub fn export_lora(adapter: &Path, model: &Path, out: &Path, ty: GgufType) -> Result<LoraExportReport, ConvertError> {
-    let c = ModelConfig::from_dir(model)?;
+    let c = family_config(model)?;
     let arch = arch_name(c.family);
     let ad = crate::adapters::peft::PeftAdapter::open(adapter)?;
     let cfg = &ad.config;

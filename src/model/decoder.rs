@@ -464,8 +464,8 @@ impl<B: Kernels> Decoder<B> {
         })
     }
 
-    /// Resident bytes of the frozen linear weights of the decoder blocks (f32 dense, or NF4), and
-    /// their parameter count.
+    /// Resident bytes of the frozen linear weights of the decoder blocks (dense in their dtype, or
+    /// NF4), and their parameter count.
     pub fn block_weight_bytes(&mut self) -> (usize, usize) {
         self.projections_mut()
             .into_iter()

@@ -370,11 +370,12 @@ impl<B: Backend> Projection<B> {
         self.shape
     }
 
-    /// Bytes the base weight occupies (f32 dense, or NF4 codes and statistics).
+    /// Bytes the base weight occupies: dense in its dtype (4 for f32, 2 for bf16/f16), or NF4's
+    /// codes and statistics.
     pub fn base_bytes(&self) -> usize {
         match &self.base {
             Base::Nf4(q) => q.bytes(),
-            Base::Dense(_) => 4 * self.shape.0 * self.shape.1,
+            Base::Dense(p) => p.val().dtype().size() * self.shape.0 * self.shape.1,
         }
     }
 

@@ -51,6 +51,15 @@ pub struct Forward<B: TrainBackend> {
     forwards: usize,
 }
 
+/// 48 random bits from the backend's (seeded) RNG stream: two uniform draws of 24 bits, made in
+/// f32 whatever the compute dtype (in bf16 each draw kept 8 bits; in f16 it overflowed to inf, so
+/// every seed gave the same dropout masks).
+pub fn dropout_seed<B: burn::tensor::backend::Backend>(device: &B::Device) -> u64 {
+    let r = Tensor::<B, 1>::random([2], Distribution::Uniform(0.0, 16_777_216.0), (device, burn::tensor::DType::F32));
+    let r: Vec<f32> = r.into_data().convert::<f32>().to_vec().expect("seed");
+    (r[0] as u64) << 24 | r[1] as u64
+}
+
 /// Adapter gradients by projection path (in `Adapter::tensors` order), from the recomputed blocks.
 pub type BlockGrads<B> = HashMap<String, Vec<Tensor<<B as burn::tensor::backend::AutodiffBackend>::InnerBackend, 2>>>;
 
@@ -67,11 +76,7 @@ impl<B: TrainBackend> Forward<B> {
         // Each block's dropout masks come from its own seed: a function of one number drawn from
         // the step's (seeded) RNG stream at the step's first forward, of the forward's index and
         // of the block's, so they do not depend on what the backward's recomputation draws.
-        let base = *self.base.get_or_insert_with(|| {
-            let r = Tensor::<B::InnerBackend, 1>::random([2], Distribution::Uniform(0.0, 16_777_216.0), &device);
-            let r: Vec<f32> = r.into_data().convert::<f32>().to_vec().expect("seed");
-            (r[0] as u64) << 24 | r[1] as u64
-        });
+        let base = *self.base.get_or_insert_with(|| dropout_seed::<B::InnerBackend>(&device));
         let forward = self.forwards as u64;
         self.forwards += 1;
         let seeds: Vec<u64> = (0..model.layers.len() as u64)

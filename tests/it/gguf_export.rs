@@ -363,6 +363,20 @@ fn export_refusals_and_a_full_disk_leave_no_file() {
     let (code, _, err) = ft(&["export", "gguf", "--model", model_dir("llama-bnb4").to_str().unwrap(), "--out", o]);
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("4-bit"), "{err}");
+    // A family ft does not know.
+    let neox = dir.join("neox");
+    std::fs::create_dir_all(&neox).unwrap();
+    for f in ["tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(model_dir("llama").join(f), neox.join(f)).unwrap();
+    }
+    let mut cfg = json(&model_dir("llama").join("config.json"));
+    cfg["model_type"] = "gpt_neox".into();
+    cfg["architectures"] = serde_json::json!(["GPTNeoXForCausalLM"]);
+    std::fs::write(neox.join("config.json"), cfg.to_string()).unwrap();
+    let (code, _, err) = ft(&["export", "gguf", "--model", neox.to_str().unwrap(), "--out", o]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("gpt_neox"), "{err}");
+    std::fs::remove_dir_all(&neox).unwrap();
     // An unknown type is a usage error from the parser.
     let (code, _, err) = ft(&["export", "gguf", "--model", model_dir("llama").to_str().unwrap(), "--out", o, "--type", "q3_k"]);
     assert_eq!(code, 2, "{err}");
