@@ -61,19 +61,23 @@ pub fn block_tensors(arch: &str) -> Vec<(&'static str, &'static str)> {
     v
 }
 
+/// The tensors outside the blocks: (Hugging Face, GGUF).
+const TOP_LEVEL: [(&str, &str); 3] = [("model.embed_tokens.weight", "token_embd.weight"), ("model.norm.weight", "output_norm.weight"), ("lm_head.weight", "output.weight")];
+
+/// `<prefix><layer>.<module>.<kind>` → (layer, module, kind).
+fn block_parts<'a>(name: &'a str, prefix: &str) -> Option<(usize, &'a str, &'a str)> {
+    let (layer, rest) = name.strip_prefix(prefix)?.split_once('.')?;
+    let (module, kind) = rest.rsplit_once('.')?;
+    Some((layer.parse().ok()?, module, kind))
+}
+
 /// The GGUF name of a Hugging Face tensor (`model.layers.3.self_attn.q_proj.weight` →
 /// `blk.3.attn_q.weight`), or `None` for names with no counterpart (experts are stacked).
 pub fn gguf_name(arch: &str, hf: &str) -> Option<String> {
-    match hf {
-        "model.embed_tokens.weight" => return Some("token_embd.weight".into()),
-        "model.norm.weight" => return Some("output_norm.weight".into()),
-        "lm_head.weight" => return Some("output.weight".into()),
-        _ => {}
+    if let Some((_, g)) = TOP_LEVEL.iter().find(|(h, _)| *h == hf) {
+        return Some(g.to_string());
     }
-    let rest = hf.strip_prefix("model.layers.")?;
-    let (layer, rest) = rest.split_once('.')?;
-    let layer: usize = layer.parse().ok()?;
-    let (module, kind) = rest.rsplit_once('.')?;
+    let (layer, module, kind) = block_parts(hf, "model.layers.")?;
     let g = block_tensors(arch).into_iter().find(|(h, _)| *h == module)?.1;
     Some(format!("blk.{layer}.{g}.{kind}"))
 }
@@ -81,16 +85,10 @@ pub fn gguf_name(arch: &str, hf: &str) -> Option<String> {
 /// The Hugging Face name of a GGUF tensor, for a model of `family` (the inverse of
 /// [`gguf_name`]; MoE routers take the family's module name).
 pub fn hf_name(arch: &str, family: Family, name: &str) -> Option<String> {
-    match name {
-        "token_embd.weight" => return Some("model.embed_tokens.weight".into()),
-        "output_norm.weight" => return Some("model.norm.weight".into()),
-        "output.weight" => return Some("lm_head.weight".into()),
-        _ => {}
+    if let Some((h, _)) = TOP_LEVEL.iter().find(|(_, g)| *g == name) {
+        return Some(h.to_string());
     }
-    let rest = name.strip_prefix("blk.")?;
-    let (layer, rest) = rest.split_once('.')?;
-    let layer: usize = layer.parse().ok()?;
-    let (module, kind) = rest.rsplit_once('.')?;
+    let (layer, module, kind) = block_parts(name, "blk.")?;
     let h = match module {
         "ffn_gate_inp" if family == Family::Mixtral => "block_sparse_moe.gate",
         m => block_tensors(arch).into_iter().find(|(_, g)| *g == m)?.0,
