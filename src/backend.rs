@@ -94,6 +94,34 @@ pub enum BackendError {
     CpuBf16,
     #[error("this ft was built without CUDA; rebuild with `cargo build --release --features cuda`")]
     NoCuda,
+    #[error("CUDA headers not found: ft compiles its GPU kernels at run time with NVRTC, which needs the toolkit's include/ (cuda_fp16.h); looked in {}. Set CUDA_PATH to a CUDA toolkit (e.g. CUDA_PATH=/usr/local/cuda-13.0; pip's nvidia-cuda-runtime/-nvrtc wheels ship headers under site-packages/nvidia/cuda_runtime)", looked.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "))]
+    CudaHeaders { looked: Vec<std::path::PathBuf> },
+}
+
+/// The CUDA toolkit NVRTC will compile against, found as cubecl finds it (`CUDA_PATH`, else
+/// /usr/local/cuda, /opt/cuda, or /usr when /usr/bin/nvcc exists), checked to hold
+/// `include/cuda_fp16.h` — an error naming `CUDA_PATH` instead of cubecl's panic at the first
+/// kernel. `exists` is the file-system probe (a parameter for tests).
+pub fn cuda_toolkit(cuda_path: Option<std::ffi::OsString>, exists: impl Fn(&std::path::Path) -> bool) -> Result<std::path::PathBuf, BackendError> {
+    use std::path::PathBuf;
+    let root = match cuda_path {
+        Some(p) => Some(PathBuf::from(p)),
+        None => [("/usr/local/cuda", "/usr/local/cuda"), ("/opt/cuda", "/opt/cuda"), ("/usr/bin/nvcc", "/usr")]
+            .into_iter()
+            .find(|(probe, _)| exists(std::path::Path::new(probe)))
+            .map(|(_, root)| PathBuf::from(root)),
+    };
+    let looked = match root {
+        Some(r) if exists(&r.join("include/cuda_fp16.h")) => return Ok(r),
+        Some(r) => vec![r.join("include")],
+        None => vec![PathBuf::from("$CUDA_PATH (unset)"), PathBuf::from("/usr/local/cuda"), PathBuf::from("/opt/cuda"), PathBuf::from("/usr/bin/nvcc")],
+    };
+    Err(BackendError::CudaHeaders { looked })
+}
+
+/// [`cuda_toolkit`] of this process's environment.
+pub fn check_cuda_toolkit() -> Result<std::path::PathBuf, BackendError> {
+    cuda_toolkit(std::env::var_os("CUDA_PATH"), |p| p.exists())
 }
 
 /// Calls `$f::<Backend>($arg, device)` for the chosen device and dtype, or returns a
@@ -107,11 +135,13 @@ macro_rules! dispatch_backend {
             (DeviceChoice::Cpu, ComputeDtype::Bf16) => Err($crate::backend::BackendError::CpuBf16.into()),
             #[cfg(feature = "cuda")]
             (DeviceChoice::Cuda, ComputeDtype::F32) => {
+                $crate::backend::check_cuda_toolkit()?;
                 $crate::backend::init_cuda_runtime();
                 $f::<$crate::backend::CudaF32>($arg, Default::default())
             }
             #[cfg(feature = "cuda")]
             (DeviceChoice::Cuda, ComputeDtype::Bf16) => {
+                $crate::backend::check_cuda_toolkit()?;
                 $crate::backend::init_cuda_runtime();
                 $f::<$crate::backend::CudaBf16>($arg, Default::default())
             }
@@ -119,6 +149,27 @@ macro_rules! dispatch_backend {
             (DeviceChoice::Cuda, _) => Err($crate::backend::BackendError::NoCuda.into()),
         }
     }};
+}
+
+#[cfg(test)]
+mod cuda_toolkit_tests {
+    use super::*;
+    use std::path::Path;
+
+    #[test]
+    fn missing_cuda_headers_are_an_error_naming_cuda_path() {
+        let with = |files: &'static [&'static str]| move |p: &Path| files.iter().any(|f| Path::new(f) == p);
+        // CUDA_PATH wins, and must hold the headers.
+        assert_eq!(cuda_toolkit(Some("/opt/cu13".into()), with(&["/opt/cu13/include/cuda_fp16.h"])).unwrap(), Path::new("/opt/cu13"));
+        let e = cuda_toolkit(Some("/opt/cu13".into()), with(&["/usr/local/cuda", "/usr/local/cuda/include/cuda_fp16.h"])).unwrap_err().to_string();
+        assert!(e.contains("CUDA_PATH") && e.contains("/opt/cu13/include"), "{e}");
+        // Else cubecl's defaults, in its order.
+        assert_eq!(cuda_toolkit(None, with(&["/usr/local/cuda", "/usr/local/cuda/include/cuda_fp16.h"])).unwrap(), Path::new("/usr/local/cuda"));
+        assert_eq!(cuda_toolkit(None, with(&["/usr/bin/nvcc", "/usr/include/cuda_fp16.h"])).unwrap(), Path::new("/usr"));
+        // A driver-only machine: no toolkit anywhere.
+        let e = cuda_toolkit(None, with(&[])).unwrap_err().to_string();
+        assert!(e.contains("Set CUDA_PATH") && e.contains("/usr/local/cuda") && e.contains("NVRTC"), "{e}");
+    }
 }
 
 #[cfg(test)]
