@@ -184,9 +184,7 @@ pub fn export(model: &Path, adapter: Option<&Path>, out: &Path, ty: GgufType) ->
     }
     let _cleanup = Remove(merged.clone());
     super::merge::merge(super::merge::MergeBase::AsTrained(model), adapter, &merged, Some(crate::formats::safetensors::OutDtype::F32))?;
-    let mut report = export_dir(&merged, out, ty)?;
-    report.warnings.retain(|w| !w.contains(".merged-"));
-    Ok(report)
+    export_dir(&merged, out, ty)
 }
 
 /// llama.cpp's attention scale dimension for Gemma (`1/sqrt(d)`): head_dim, except the 27B

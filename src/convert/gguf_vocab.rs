@@ -48,10 +48,6 @@ const PRE_TOKENIZERS: &[(&str, &str)] = &[
 /// The vocabulary's metadata and what the export should say about it.
 pub struct Vocab {
     pub meta: Vec<(String, Meta)>,
-    /// Token strings by id (for the Modelfile's stop words).
-    pub tokens: Vec<String>,
-    pub eos_id: Option<u32>,
-    pub chat_template: Option<String>,
     pub warnings: Vec<String>,
 }
 
@@ -149,7 +145,7 @@ pub fn vocab(dir: &Path, vocab_size: usize) -> Result<Vocab, ConvertError> {
     let mut meta = vec![
         ("tokenizer.ggml.model".to_string(), Meta::str("gpt2")),
         ("tokenizer.ggml.pre".to_string(), Meta::Str(pre)),
-        ("tokenizer.ggml.tokens".to_string(), Meta::StrArray(tokens.clone())),
+        ("tokenizer.ggml.tokens".to_string(), Meta::StrArray(tokens)),
         ("tokenizer.ggml.token_type".to_string(), Meta::I32Array(types)),
     ];
     if !merges.is_empty() {
@@ -222,12 +218,10 @@ pub fn vocab(dir: &Path, vocab_size: usize) -> Result<Vocab, ConvertError> {
             meta.push((format!("tokenizer.ggml.add_{typ}_token"), Meta::Bool(v)));
         }
     }
-    let chat_template = tok.model_template.clone();
-    if let Some(t) = &chat_template {
+    if let Some(t) = &tok.model_template {
         meta.push(("tokenizer.chat_template".to_string(), Meta::Str(t.clone())));
     }
-    let eos_id = ids.iter().find(|(t, _)| *t == "eos").map(|(_, id)| *id);
-    Ok(Vocab { meta, tokens, eos_id, chat_template, warnings })
+    Ok(Vocab { meta, warnings })
 }
 
 fn hex(bytes: &[u8]) -> String {

@@ -36,6 +36,12 @@ fn export(model: &Path, out: &Path, ty: &str) {
     assert_eq!(code, 0, "{err}");
 }
 
+/// `ft export gguf-lora` of `adapter` on `model` to `out`: (exit code, stderr).
+fn export_lora(adapter: &Path, model: &Path, out: &Path) -> (i32, String) {
+    let (code, _, err) = ft(&["export", "gguf-lora", "--adapter", adapter.to_str().unwrap(), "--model", model.to_str().unwrap(), "--out", out.to_str().unwrap()]);
+    (code, err)
+}
+
 fn type_name(t: u32) -> &'static str {
     match t {
         0 => "UINT8",
@@ -157,7 +163,7 @@ fn gguf_lora_is_what_llama_cpps_lora_converter_writes() {
         let dir = scratch(&format!("gguf-lora-conv-{name}"));
         let out = dir.join("a.gguf");
         let adapter = fixtures().join("adapters").join(name);
-        let (code, _, err) = ft(&["export", "gguf-lora", "--adapter", adapter.to_str().unwrap(), "--model", model_dir("llama").to_str().unwrap(), "--out", out.to_str().unwrap()]);
+        let (code, err) = export_lora(&adapter, &model_dir("llama"), &out);
         assert_eq!(code, 0, "{err}");
         assert_matches_converter(&out, &format!("adapter-{name}"), &[], &[]);
         std::fs::remove_dir_all(&dir).ok();
@@ -209,7 +215,7 @@ fn gguf_lora_applied_to_the_base_gives_pefts_logits() {
     for name in ["lora-r4", "rslora-r8-attn", "embed-lora-r4", "pissa-r4-converted"] {
         let adapter = fixtures().join("adapters").join(name);
         let lora = dir.join(format!("{name}.gguf"));
-        let (code, _, err) = ft(&["export", "gguf-lora", "--adapter", adapter.to_str().unwrap(), "--model", model_dir("llama").to_str().unwrap(), "--out", lora.to_str().unwrap()]);
+        let (code, err) = export_lora(&adapter, &model_dir("llama"), &lora);
         assert_eq!(code, 0, "{name}: {err}");
         let model = import_with_lora(&base, &lora, &dir.join(name));
         for (i, c) in cases.as_array().unwrap().iter().enumerate() {
@@ -222,7 +228,7 @@ fn gguf_lora_applied_to_the_base_gives_pefts_logits() {
     for name in ["dora-r4", "modules-to-save-r4", "qwen3-moe-experts-r4"] {
         let model = if name.starts_with("qwen3") { "qwen3-moe" } else { "llama" };
         let adapter = fixtures().join("adapters").join(name);
-        let (code, _, err) = ft(&["export", "gguf-lora", "--adapter", adapter.to_str().unwrap(), "--model", model_dir(model).to_str().unwrap(), "--out", dir.join("x.gguf").to_str().unwrap()]);
+        let (code, err) = export_lora(&adapter, &model_dir(model), &dir.join("x.gguf"));
         assert_eq!(code, 2, "{name}: {err}");
         assert!(err.contains("ft export gguf --model"), "{name}: {err}");
     }
@@ -285,7 +291,7 @@ fn gguf_lora_round_trips_on_every_dense_family() {
         ft::adapters::peft::PeftAdapter::open(&adapter).unwrap().attach(&mut with_adapter).unwrap();
         let (base, lora) = (dir.join("base.gguf"), dir.join("lora.gguf"));
         export(&model_dir(name), &base, "f32");
-        let (code, _, err) = ft(&["export", "gguf-lora", "--adapter", adapter.to_str().unwrap(), "--model", model_dir(name).to_str().unwrap(), "--out", lora.to_str().unwrap()]);
+        let (code, err) = export_lora(&adapter, &model_dir(name), &lora);
         assert_eq!(code, 0, "{name}: {err}");
         let merged = import_with_lora(&base, &lora, &dir.join("merged"));
         let d = max_abs_diff(&chat_logits(&with_adapter), &chat_logits(&merged));
@@ -415,7 +421,7 @@ fn ollama_export_writes_the_model_the_adapter_and_a_modelfile() {
     // The files are the exports ft writes on their own.
     let (alone, alone_lora) = (dir.join("alone.gguf"), dir.join("alone-lora.gguf"));
     export(&model, &alone, "f16");
-    let (code, _, err) = ft(&["export", "gguf-lora", "--adapter", adapter.to_str().unwrap(), "--model", model.to_str().unwrap(), "--out", alone_lora.to_str().unwrap()]);
+    let (code, err) = export_lora(&adapter, &model, &alone_lora);
     assert_eq!(code, 0, "{err}");
     let tensors = |p: &Path| {
         let g = GgufFile::open(p).unwrap();
