@@ -193,6 +193,12 @@ fn half_precision_sft_and_dpo_runs_end_to_end() {
         } else {
             assert_eq!(per, 2.0, "{name}");
         }
+        // The kernels ran, and never their fallback (counts for the whole process so far).
+        let used = |k: &str| summary.gpu_kernels.iter().find(|u| u.name == k).cloned();
+        for k in ["masked_softmax", "softmax_grad"].into_iter().chain((name == "qlora").then_some("nf4_dequantize")) {
+            let u = used(k).unwrap_or_else(|| panic!("{name}: no {k} in the summary's gpu_kernels {:?}", summary.gpu_kernels));
+            assert!(u.kernel > 0 && u.fallback == 0, "{name}: {u:?}");
+        }
         // The adapter loads back as a PEFT adapter.
         let mut m = load::<Cpu>("llama");
         PeftAdapter::open(&d.join("run/adapter")).unwrap().attach(&mut m).unwrap();

@@ -146,6 +146,70 @@ fn the_decoder_operations_run_as_single_nodes_with_chunked_attention() {
     }
 }
 
+/// The attention row kernels' uses so far: (kernel, fallback) for the forward and the backward.
+fn row_kernel_uses() -> [(u64, u64); 2] {
+    let uses = ft::ops::kernel_use::snapshot();
+    let get = |name: &str| uses.iter().find(|u| u.name == name).map_or((0, 0), |u| (u.kernel, u.fallback));
+    [get("masked_softmax"), get("softmax_grad")]
+}
+
+#[test]
+fn attention_row_kernels_read_pitched_and_sliced_scores() {
+    use burn::tensor::{Bool, Distribution};
+    use ft::ops::{chunked, Geometry, ScoreRows};
+    let dev = Default::default();
+    // The buffer alignment a slice must keep to stay a view (burn copies otherwise).
+    let wide0 = Tensor::<Gpu, 1>::zeros([1], &dev).into_primitive().tensor();
+    let align = (wide0.client.properties().memory.alignment as usize / 4).max(1);
+    let before = row_kernel_uses();
+    // T = 511, 512, 2048 keys; the scores a column window of wider rows (a pitch, and an offset),
+    // as cubecl-cuda's 512-byte row pitch and a narrowed view lay them out; the mask per batch
+    // element and pitched too; lse / delta narrowed views of longer rows.
+    let (b, kv, rep, hd) = (2, 2, 3, 16);
+    for (keys, chunk, t0, off) in [(511, 5, 300, 0), (512, 4, 508, align), (2048, 2, 2040, align)] {
+        let g = Geometry { b, t: keys, s: keys, h: kv * rep, kv, hd, chunk };
+        let rows = t0..t0 + chunk;
+        let n = rep * chunk;
+        // Rows of `off + keys + align` elements: the window ends a whole alignment before the row.
+        let pad = off + align;
+        let window = |x: Tensor<Gpu, 4>| x.slice([0..b, 0..kv, 0..n, off..off + keys]);
+        let wide = |seed: f64| Tensor::<Gpu, 4>::random([b, kv, n, keys + pad], Distribution::Normal(seed, 2.0), &dev);
+        let (raw, dp) = (window(wide(0.0)), window(wide(0.5)));
+        let mask_wide = Tensor::<Gpu, 3>::random([b, keys, keys + 4 * align], Distribution::Uniform(0.0, 1.0), &dev).lower_elem(0.3);
+        let mask: Tensor<Gpu, 3, Bool> = mask_wide.slice([0..b, 0..keys, 0..keys]);
+        #[cfg(feature = "wgpu")]
+        {
+            let p = raw.clone().into_primitive().tensor();
+            assert!(!p.is_contiguous(), "T = {keys}: the test's scores must be a strided view (strides {:?})", p.meta.strides());
+        }
+        let (p_kernel, lse_kernel) = Gpu::masked_softmax(&g, raw.clone(), &mask, &rows, 0.25);
+        let (p_ops, lse_ops) = chunked::masked_softmax_ops(&g, raw.clone(), &mask, &rows, 0.25);
+        let stats = |x: Tensor<Gpu, 3>| Tensor::cat(vec![x, Tensor::zeros([b, kv, 2 * align], &dev)], 2).slice([0..b, 0..kv, 0..n]);
+        let delta = stats(Tensor::random([b, kv, n], Distribution::Normal(0.0, 1.0), &dev));
+        let (gp_kernel, ds_kernel) = Gpu::softmax_grad(&g, raw.clone(), dp.clone(), &mask, &rows, stats(lse_ops.clone()), delta.clone(), 0.25);
+        let (gp_ops, ds_ops) = chunked::softmax_grad_ops(&g, raw, dp, &mask, &rows, lse_ops.clone(), delta, 0.25);
+        // (A NaN anywhere counts as an infinite difference.)
+        let diff = |a: Tensor<Gpu, 3>, b: Tensor<Gpu, 3>| {
+            let (a, b) = (a.into_data().to_vec::<f32>().unwrap(), b.into_data().to_vec::<f32>().unwrap());
+            a.iter().zip(&b).map(|(x, y)| if x.is_nan() || y.is_nan() { f32::INFINITY } else { (x - y).abs() }).fold(0.0, f32::max)
+        };
+        let flat = |x: Tensor<Gpu, 4>| x.reshape([b, kv * n, keys]);
+        for (name, got, want) in [("probs", p_kernel, p_ops), ("backward probs", gp_kernel, gp_ops), ("score grads", ds_kernel, ds_ops)] {
+            let d = diff(flat(got), flat(want));
+            assert!(d <= 1e-6, "T = {keys}: {name} differ from the tensor ops by {d}");
+        }
+        let d = diff(lse_kernel, lse_ops.clamp_min(-3.0e38));
+        assert!(d <= 1e-5, "T = {keys}: log-sum-exp differs from the tensor ops by {d}");
+    }
+    // Every call above ran the kernels: none fell back (other tests running at the same time
+    // only add kernel runs: every chunk they make is readable too).
+    let after = row_kernel_uses();
+    for (i, name) in ["masked_softmax", "softmax_grad"].iter().enumerate() {
+        assert!(after[i].0 >= before[i].0 + 3, "{name}: {} kernel runs before, {} after", before[i].0, after[i].0);
+        assert_eq!(after[i].1, 0, "{name} fell back to tensor ops");
+    }
+}
+
 #[test]
 fn decoder_logits_match_transformers() {
     // The 2026 families too: Gemma 2's softcapped scores and sliding windows through the chunked

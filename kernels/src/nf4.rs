@@ -7,54 +7,51 @@
 //! output is its round-to-nearest-even.
 
 use cubecl::prelude::*;
-use cubecl::server::Handle;
+
+use crate::attention::View;
 
 /// Codes per 32-bit word.
 pub const CODES_PER_WORD: usize = 8;
 
 #[cube(launch)]
-fn dequantize_kernel<F: Float>(
-    words: &Array<u32>,
-    absmax: &Array<f32>,
-    code: &Array<f32>,
-    out: &mut Array<F>,
-    #[comptime] blocksize: usize,
-) {
+fn dequantize_kernel<F: Float>(words: &Tensor<u32>, absmax: &Tensor<f32>, code: &Tensor<f32>, out: &mut Array<F>, #[comptime] blocksize: usize) {
     let w = ABSOLUTE_POS;
     let first = w * 8;
     if first < out.len() {
-        let word = words[w];
+        // Inputs through their strides (a view of a larger buffer reads as well as its own).
+        let word = words[w * words.stride(0)];
         // A block holds whole words (blocksize is a multiple of 8).
-        let scale = absmax[first / blocksize];
+        let scale = absmax[(first / blocksize) * absmax.stride(0)];
         #[unroll]
         for j in 0..8u32 {
             let e = first + j as usize;
             if e < out.len() {
                 let q = (word >> (4 * j)) & 15;
-                out[e] = F::cast_from(code[q as usize] * scale);
+                out[e] = F::cast_from(code[q as usize * code.stride(0)] * scale);
             }
         }
     }
 }
 
-/// The buffers of one NF4 weight on a device.
+/// One NF4 weight on a device: 1-D views, any stride.
 pub struct Nf4Buffers<'a> {
-    /// `ceil(padded / 8)` words of eight codes.
-    pub words: &'a Handle,
-    pub n_words: usize,
+    /// `ceil(padded / 8)` words of eight codes (u32 or i32).
+    pub words: View<'a>,
     /// One f32 per block.
-    pub absmax: &'a Handle,
-    pub n_blocks: usize,
+    pub absmax: View<'a>,
     /// The 16 f32 NF4 values.
-    pub code: &'a Handle,
+    pub code: View<'a>,
     /// Values per absmax (a multiple of 8; bitsandbytes uses 64).
     pub blocksize: usize,
 }
 
 /// Writes the `numel` dequantized values into `out` (a buffer of `numel` `F`s).
-pub fn dequantize<R: Runtime, F: Float + CubeElement>(client: &ComputeClient<R>, w: &Nf4Buffers, out: &Handle, numel: usize) {
+pub fn dequantize<R: Runtime, F: Float + CubeElement>(client: &ComputeClient<R>, w: &Nf4Buffers, out: &cubecl::server::Handle, numel: usize) {
     assert!(w.blocksize.is_multiple_of(CODES_PER_WORD), "NF4 blocksize {} is not a multiple of 8", w.blocksize);
-    assert!(w.n_words * CODES_PER_WORD >= numel && w.n_blocks * w.blocksize >= numel, "NF4 buffers too small for {numel} values");
+    w.words.check(1, 4, "NF4 words");
+    w.absmax.check(1, 4, "NF4 absmax");
+    w.code.check(1, 4, "NF4 code");
+    assert!(w.words.shape[0] * CODES_PER_WORD >= numel && w.absmax.shape[0] * w.blocksize >= numel && w.code.shape[0] == 16, "NF4 buffers too small for {numel} values");
     let threads = numel.div_ceil(CODES_PER_WORD);
     let cube_dim = CubeDim::new_1d(256);
     let cube_count = CubeCount::new_1d(threads.div_ceil(256) as u32);
@@ -63,9 +60,9 @@ pub fn dequantize<R: Runtime, F: Float + CubeElement>(client: &ComputeClient<R>,
             client,
             cube_count,
             cube_dim,
-            ArrayArg::from_raw_parts(w.words.clone(), w.n_words),
-            ArrayArg::from_raw_parts(w.absmax.clone(), w.n_blocks),
-            ArrayArg::from_raw_parts(w.code.clone(), 16),
+            w.words.arg(),
+            w.absmax.arg(),
+            w.code.arg(),
             ArrayArg::from_raw_parts(out.clone(), numel),
             w.blocksize,
         );

@@ -4,6 +4,7 @@
 
 use cubecl::prelude::*;
 use cubecl::wgpu::{WgpuDevice, WgpuRuntime};
+use ft_kernels::attention::View;
 use ft_kernels::nf4::{dequantize, Nf4Buffers};
 
 /// bitsandbytes' NF4 code.
@@ -38,12 +39,26 @@ impl Case {
     }
 
     fn device<F: Float + CubeElement>(&self) -> Vec<F> {
+        self.device_strided::<F>(1, 0)
+    }
+
+    /// The kernel's output with every input a view: element `i` at `offset + stride · i` of its
+    /// buffer, the elements between and before it garbage (all bits set: NaN scales, code 15).
+    fn device_strided<F: Float + CubeElement>(&self, stride: usize, offset: usize) -> Vec<F> {
         let client = WgpuRuntime::client(&WgpuDevice::default());
-        let words = client.create_from_slice(bytemuck::cast_slice(&self.words));
-        let absmax = client.create_from_slice(bytemuck::cast_slice(&self.absmax));
-        let code = client.create_from_slice(bytemuck::cast_slice(&NF4));
+        let place = |v: &[u32]| {
+            let mut buf = vec![u32::MAX; offset + v.len() * stride];
+            for (i, x) in v.iter().enumerate() {
+                buf[offset + i * stride] = *x;
+            }
+            client.create_from_slice(bytemuck::cast_slice(&buf)).offset_start(4 * offset as u64)
+        };
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<u32>>();
+        let (words, absmax, code) = (place(&self.words), place(&bits(&self.absmax)), place(&bits(&NF4)));
         let out = client.empty(self.numel * std::mem::size_of::<F>());
-        let buffers = Nf4Buffers { words: &words, n_words: self.words.len(), absmax: &absmax, n_blocks: self.absmax.len(), code: &code, blocksize: self.blocksize };
+        let (nw, nb, st) = ([self.words.len()], [self.absmax.len()], [stride]);
+        let view = |handle, shape| View { handle, shape, strides: &st };
+        let buffers = Nf4Buffers { words: view(&words, &nw), absmax: view(&absmax, &nb), code: view(&code, &[16]), blocksize: self.blocksize };
         dequantize::<WgpuRuntime, F>(&client, &buffers, &out, self.numel);
         F::from_bytes(&client.read_one_unchecked(out)).to_vec()
     }
@@ -73,5 +88,17 @@ fn f16_output_is_the_rounded_f32_product() {
     let case = Case::new(64 * 33 + 5, 64, 7);
     let got: Vec<u16> = case.device::<half::f16>().iter().map(|v| v.to_bits()).collect();
     let want: Vec<u16> = case.host().iter().map(|&v| half::f16::from_f32(v).to_bits()).collect();
+    assert_eq!(got, want);
+}
+
+#[test]
+fn strided_inputs_at_an_offset_give_the_same_bits() {
+    // Words, scales and the code table each a view (every third element, after a bound-aligned
+    // offset of garbage): what a slice of a stacked weight looks like to the kernel.
+    let client = WgpuRuntime::client(&WgpuDevice::default());
+    let offset = (client.properties().memory.alignment as usize / 4).max(1);
+    let case = Case::new(64 * 21 + 3, 64, 5);
+    let got: Vec<u32> = case.device_strided::<f32>(3, offset).iter().map(|v| v.to_bits()).collect();
+    let want: Vec<u32> = case.host().iter().map(|v| v.to_bits()).collect();
     assert_eq!(got, want);
 }

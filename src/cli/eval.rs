@@ -315,6 +315,10 @@ fn eval_on<B: Kernels>(a: EvalArgs, device: B::Device) -> Result<()> {
         v["load_s"] = load_s.into();
         v["eval_s"] = eval_s.into();
         v["tokens_per_s"] = (report.input_tokens as f64 / eval_s).into();
+        let kernels = crate::ops::kernel_use::snapshot();
+        if !kernels.is_empty() {
+            v["gpu_kernels"] = serde_json::to_value(&kernels)?;
+        }
         println!("{v}");
     } else {
         println!(

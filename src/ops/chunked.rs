@@ -244,11 +244,32 @@ pub fn softmax_grad_ops<B: Backend>(
     (p.cast(dtype), ds.cast(dtype))
 }
 
+/// Under burn's fusion (`cuda-tuned`) the row kernels do not run: the tensor ops, counted as
+/// fallbacks.
 #[cfg(feature = "cuda-tuned")]
-impl ScoreRows for crate::backend::CudaF32 {}
+macro_rules! counted_score_rows {
+    () => {
+        fn masked_softmax(g: &Geometry, raw: Tensor<Self, 4>, mask: &Tensor<Self, 3, Bool>, rows: &Range<usize>, scale: f64) -> (Tensor<Self, 4>, Tensor<Self, 3>) {
+            super::kernel_use::MASKED_SOFTMAX.fallback();
+            masked_softmax_ops(g, raw, mask, rows, scale)
+        }
+        #[allow(clippy::too_many_arguments)]
+        fn softmax_grad(g: &Geometry, raw: Tensor<Self, 4>, dp: Tensor<Self, 4>, mask: &Tensor<Self, 3, Bool>, rows: &Range<usize>, lse: Tensor<Self, 3>, delta: Tensor<Self, 3>, scale: f64) -> (Tensor<Self, 4>, Tensor<Self, 4>) {
+            super::kernel_use::SOFTMAX_GRAD.fallback();
+            softmax_grad_ops(g, raw, dp, mask, rows, lse, delta, scale)
+        }
+    };
+}
 
 #[cfg(feature = "cuda-tuned")]
-impl ScoreRows for crate::backend::CudaBf16 {}
+impl ScoreRows for crate::backend::CudaF32 {
+    counted_score_rows!();
+}
+
+#[cfg(feature = "cuda-tuned")]
+impl ScoreRows for crate::backend::CudaBf16 {
+    counted_score_rows!();
+}
 
 /// The compositions of this file implementations as a backend's `FusedOps`: one node under autodiff, keeping
 /// only the inputs (and attention's output and log-sum-exp).
@@ -308,12 +329,23 @@ impl FusedOps for crate::backend::CudaBf16 {
 }
 
 
-// With burn's fusion (`cuda-tuned`) the NF4 dequantization runs the tensor-op default.
+// With burn's fusion (`cuda-tuned`) the NF4 dequantization runs the tensor-op default (counted as
+// the kernel's fallback).
 #[cfg(feature = "cuda-tuned")]
-impl Nf4Linear for crate::backend::CudaF32 {}
+impl Nf4Linear for crate::backend::CudaF32 {
+    fn nf4_dequantize(w: &crate::quant::nf4_weight::Nf4Weight<Self>, dtype: FloatDType) -> Tensor<Self, 2> {
+        super::kernel_use::NF4_DEQUANTIZE.fallback();
+        w.dequantize().cast(dtype)
+    }
+}
 
 #[cfg(feature = "cuda-tuned")]
-impl Nf4Linear for crate::backend::CudaBf16 {}
+impl Nf4Linear for crate::backend::CudaBf16 {
+    fn nf4_dequantize(w: &crate::quant::nf4_weight::Nf4Weight<Self>, dtype: FloatDType) -> Tensor<Self, 2> {
+        super::kernel_use::NF4_DEQUANTIZE.fallback();
+        w.dequantize().cast(dtype)
+    }
+}
 
 /// Softmax attention of `q [B, T, H, hd]` over `k`, `v` `[B, S, KV, hd]` under
 /// `mask [1 | B, T, S]` (true = not attended; a causal mask or a subset of one), in chunks of at

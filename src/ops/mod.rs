@@ -18,6 +18,7 @@ pub mod chunked;
 mod cpu;
 #[cfg(any(feature = "cuda", feature = "wgpu"))]
 mod cubecl;
+pub mod kernel_use;
 pub mod reference;
 
 use std::ops::Range;

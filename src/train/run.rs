@@ -53,6 +53,10 @@ pub struct Summary {
     pub step_tokens_per_s: f64,
     /// CUDA runs: the most device memory ft's allocator held after any step.
     pub peak_gpu_reserved_gib: Option<f64>,
+    /// GPU runs: how often each of ft's kernels ran, and how often its tensor-op fallback ran
+    /// instead (`ops::kernel_use`).
+    #[serde(skip_serializing_if = "Vec::is_empty", default)]
+    pub gpu_kernels: Vec<crate::ops::kernel_use::Use>,
     /// What serving engines will refuse or change about the adapter (`ft adapter check`; vLLM
     /// at its default `--max-lora-rank` 16).
     #[serde(default)]
@@ -346,6 +350,10 @@ pub fn run<B: TrainBackend>(recipe: &Recipe, device: B::Device, progress: &dyn P
         .unwrap_or_default();
     let seconds = t0.elapsed().as_secs_f64();
     let counts = objective.data_counts();
+    let gpu_kernels = crate::ops::kernel_use::snapshot();
+    if let Some(w) = crate::ops::kernel_use::fallback_warning(&gpu_kernels) {
+        progress.warning(&w);
+    }
     let summary = Summary {
         output_dir: out,
         steps: total,
@@ -365,6 +373,7 @@ pub fn run<B: TrainBackend>(recipe: &Recipe, device: B::Device, progress: &dyn P
         step_seconds,
         step_tokens_per_s: step_tokens as f64 / step_seconds.max(1e-9),
         peak_gpu_reserved_gib: (peak_gpu > 0.0).then_some(peak_gpu),
+        gpu_kernels,
         serving,
         notes,
     };
