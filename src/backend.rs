@@ -180,11 +180,11 @@ mod kernel_cache_tests {
         // renames the cache.
         let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("kernels/src");
         let read = |f: &str| std::fs::read_to_string(dir.join(f)).unwrap();
-        let (lib, attention, nf4) = (read("lib.rs"), read("attention.rs"), read("nf4.rs"));
-        assert_eq!(ft_kernels::SOURCE_HASH, ft_kernels::fnv1a(&[&lib, &attention, &nf4]));
-        assert_ne!(ft_kernels::SOURCE_HASH, ft_kernels::fnv1a(&[&lib, &attention, &format!("{nf4} ")]));
+        let (lib, attention, cuda_source, nf4) = (read("lib.rs"), read("attention.rs"), read("cuda_source.rs"), read("nf4.rs"));
+        assert_eq!(ft_kernels::SOURCE_HASH, ft_kernels::fnv1a(&[&lib, &attention, &cuda_source, &nf4]));
+        assert_ne!(ft_kernels::SOURCE_HASH, ft_kernels::fnv1a(&[&lib, &attention, &cuda_source, &format!("{nf4} ")]));
         let files: Vec<String> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
-        assert_eq!(files.len(), 3, "a new kernel file must join SOURCE_HASH: {files:?}");
+        assert_eq!(files.len(), 4, "a new kernel file must join SOURCE_HASH: {files:?}");
         let d = super::kernel_cache_dir(std::path::Path::new("/cfg"));
         assert_eq!(d, std::path::Path::new("/cfg/ft/kernels").join(format!("{}-{:016x}", env!("CARGO_PKG_VERSION"), ft_kernels::SOURCE_HASH)));
     }

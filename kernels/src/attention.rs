@@ -279,3 +279,29 @@ pub fn softmax_grad<R: Runtime, F: Float + CubeElement, M: Numeric + CubeElement
         scale,
     );
 }
+
+/// Every instantiation of this file's kernels ft launches (f32, f16, bf16 scores × u8, u32
+/// masks), defined for `client`'s runtime as [`masked_softmax`] and [`softmax_grad`] launch them,
+/// for compiling without launching (`crate::cuda_source`). These kernels read no device
+/// property, so the definitions are the same on every runtime.
+pub(crate) fn definitions<R: Runtime>(client: &ComputeClient<R>) -> Vec<KernelDefinition> {
+    fn one<R: Runtime, F: Float + CubeElement, M: Numeric + CubeElement>(client: &ComputeClient<R>) -> [KernelDefinition; 2] {
+        let t = || cubecl::prelude::TensorCompilationArg { inplace: None };
+        let settings = |threads: usize| KernelSettings::default().cube_dim(CubeDim::new_1d(threads as u32));
+        [
+            masked_softmax_kernel::MaskedSoftmaxKernel::<F, M, R>::new(settings(ROW_THREADS), client.clone(), t(), t(), t(), t(), (), (), ()).define(),
+            softmax_grad_kernel::SoftmaxGradKernel::<F, M, R>::new(settings(256), client.clone(), t(), t(), t(), t(), t(), t(), t(), (), (), ()).define(),
+        ]
+    }
+    [
+        one::<R, f32, u8>(client),
+        one::<R, f32, u32>(client),
+        one::<R, half::f16, u8>(client),
+        one::<R, half::f16, u32>(client),
+        one::<R, half::bf16, u8>(client),
+        one::<R, half::bf16, u32>(client),
+    ]
+    .into_iter()
+    .flatten()
+    .collect()
+}

@@ -68,3 +68,15 @@ pub fn dequantize<R: Runtime, F: Float + CubeElement>(client: &ComputeClient<R>,
         );
     }
 }
+
+/// Every instantiation of the NF4 kernel ft launches (f32, f16, bf16 output; blocksize 64, as
+/// bitsandbytes and ft quantize), defined for `client`'s runtime as [`dequantize`] launches it
+/// (see `attention::definitions`).
+pub(crate) fn definitions<R: Runtime>(client: &ComputeClient<R>) -> Vec<KernelDefinition> {
+    fn one<R: Runtime, F: Float + CubeElement>(client: &ComputeClient<R>) -> KernelDefinition {
+        let (t, a) = (|| cubecl::prelude::TensorCompilationArg { inplace: None }, cubecl::prelude::ArrayCompilationArg { inplace: None });
+        let settings = KernelSettings::default().cube_dim(CubeDim::new_1d(256));
+        dequantize_kernel::DequantizeKernel::<F, R>::new(settings, client.clone(), t(), t(), t(), a, 64).define()
+    }
+    vec![one::<R, f32>(client), one::<R, half::f16>(client), one::<R, half::bf16>(client)]
+}
