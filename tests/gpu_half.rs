@@ -205,3 +205,69 @@ fn half_precision_sft_and_dpo_runs_end_to_end() {
         std::fs::remove_dir_all(&d).ok();
     }
 }
+
+/// Gradients of a projection's adapter tensors (A, B, and DoRA's magnitude) after
+/// `sum(forward(x) · c)`, with a dense or an NF4 base of `w` (PyTorch layout).
+#[allow(clippy::too_many_arguments)]
+fn adapter_grads<B: burn::tensor::backend::AutodiffBackend + ft::ops::Kernels>(
+    w: &[f32],
+    x: &[f32],
+    c: &[f32],
+    (a, b, magnitude): (&[f32], &[f32], Option<&[f32]>),
+    (n, d_in, d_out, r): (usize, usize, usize, usize),
+    nf4: bool,
+) -> Vec<Vec<f32>> {
+    use ft::model::projection::{Adapter, Base, Dora, Lora, Projection};
+    let dev = Default::default();
+    let mut p = Projection::<B>::dense(w, d_in, d_out, &dev);
+    if nf4 {
+        let q = ft::quant::nf4::Nf4::quantize(w, ft::quant::nf4::BLOCKSIZE, true);
+        p.base = Base::Nf4(ft::quant::nf4_weight::Nf4Weight::new(&q, d_out, d_in, &dev));
+    }
+    let lora = Lora::from_peft(a, b, r, d_in, d_out, 2.0, &dev);
+    p.adapter = Some(match magnitude {
+        Some(m) => Adapter::Dora(Dora::new(lora, m, &dev)),
+        None => Adapter::Lora(lora),
+    });
+    let x = Tensor::<B, 2>::from_data(TensorData::new(x.to_vec(), [n, d_in]), &dev);
+    let c = Tensor::<B, 2>::from_data(TensorData::new(c.to_vec(), [n, d_out]), &dev);
+    let g = (p.forward(x) * c).cast(burn::tensor::DType::F32).sum().backward();
+    p.adapter.as_ref().unwrap().tensors().iter().map(|t| t.val().grad(&g).unwrap().into_data().convert::<f32>().to_vec::<f32>().unwrap()).collect()
+}
+
+#[test]
+fn adapter_gradients_are_f32_products_of_the_half_precision_activations() {
+    // PEFT without autocast: the LoRA / DoRA branch computes in its f32 master weights' dtype on
+    // the activations cast up, so A's and B's gradients are f32 GEMMs of f32 operands, never
+    // rounded to the compute dtype. The CPU reference computes in f32 from the same (half-rounded)
+    // inputs; these gradients do not depend on the rounded base output, so only f32 summation
+    // order separates them (~1e-6; rounding them to f16 would give ~5e-4, to bf16 ~4e-3).
+    let (n, d_in, d_out, r) = (64, 48, 40, 4);
+    let vals = |k: usize, seed: u64| -> Vec<f32> {
+        let mut s = seed;
+        (0..k)
+            .map(|_| {
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                (s >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
+            })
+            .collect()
+    };
+    #[cfg(feature = "wgpu")]
+    let round = |v: Vec<f32>| v.iter().map(|x| half::f16::from_f32(*x).to_f32()).collect::<Vec<_>>();
+    #[cfg(not(feature = "wgpu"))]
+    let round = |v: Vec<f32>| v.iter().map(|x| half::bf16::from_f32(*x).to_f32()).collect::<Vec<_>>();
+    let (w, x, c) = (round(vals(d_out * d_in, 1)), round(vals(n * d_in, 2)), round(vals(n * d_out, 3)));
+    let (a, b) = (vals(r * d_in, 4), vals(d_out * r, 5));
+    let magnitude: Vec<f32> = vals(d_out, 6).iter().map(|m| m.abs() + 0.5).collect();
+    let dims = (n, d_in, d_out, r);
+    for (what, m, nf4) in [("LoRA", None, false), ("LoRA over NF4", None, true), ("DoRA", Some(magnitude.as_slice()), false)] {
+        let half = adapter_grads::<Autodiff<Half>>(&w, &x, &c, (&a, &b, m), dims, nf4);
+        let cpu = adapter_grads::<Autodiff<Cpu>>(&w, &x, &c, (&a, &b, m), dims, nf4);
+        for (i, name) in ["A", "B"].iter().enumerate() {
+            let scale = cpu[i].iter().fold(0f32, |m, v| m.max(v.abs()));
+            let worst = half[i].iter().zip(&cpu[i]).map(|(h, c)| if h.is_nan() { f32::INFINITY } else { (h - c).abs() / scale }).fold(0f32, f32::max);
+            eprintln!("{what}: d{name} within {worst:.1e} of the f32 CPU (relative to its largest)");
+            assert!(worst <= 1e-5, "{what}: d{name} differs by {worst:.2e} relative: not an f32 product");
+        }
+    }
+}

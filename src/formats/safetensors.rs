@@ -199,6 +199,23 @@ impl TensorFiles {
         Ok((&shard.mmap[start..end], info.dtype, info.shape.clone(), &shard.path))
     }
 
+    /// A float tensor's values as stored (or generated, for a random checkpoint), checked against
+    /// `expected` shape and for a float dtype; read them with [`Values::get`] without making an
+    /// f32 copy.
+    pub fn values(&self, name: &str, expected: &[usize]) -> Result<Values<'_>, WeightsError> {
+        if self.random.is_some() {
+            return Ok(Values::F32Vec(self.f32(name, expected)?));
+        }
+        let (bytes, dtype, shape, path) = self.raw(name)?;
+        if shape != expected {
+            return Err(WeightsError::ShapeMismatch { name: name.into(), path: path.into(), expected: expected.to_vec(), got: shape });
+        }
+        match dtype {
+            Dtype::F32 | Dtype::BF16 | Dtype::F16 => Ok(Values::Bytes(bytes, dtype)),
+            _ => Err(WeightsError::UnsupportedDtype { name: name.into(), path: path.into(), dtype }),
+        }
+    }
+
     /// A tensor converted to f32, checked against `expected` shape.
     pub fn f32(&self, name: &str, expected: &[usize]) -> Result<Vec<f32>, WeightsError> {
         if let Some(seed) = self.random {
@@ -279,6 +296,53 @@ pub fn write_safetensors(path: &Path, tensors: &RawTensors, metadata: Option<Has
 }
 
 /// Little-endian f32/bf16/f16 bytes to f32 values; `None` for other dtypes.
+/// A float tensor's values in the checkpoint: its little-endian bytes (F32, BF16 or F16), or
+/// generated f32s.
+pub enum Values<'a> {
+    Bytes(&'a [u8], Dtype),
+    F32Vec(Vec<f32>),
+}
+
+impl Values<'_> {
+    /// The values as a `[rows, cols]` matrix (`[cols, rows]`, transposed, when `transpose`), each
+    /// converted by `conv` from its exact f32 value, in one parallel pass without an f32 copy.
+    pub fn arrange<T: Copy + Default + Send>(&self, rows: usize, cols: usize, transpose: bool, conv: impl Fn(f32) -> T + Sync) -> Vec<T> {
+        match self {
+            Values::F32Vec(v) => arrange(rows, cols, transpose, |i| conv(v[i])),
+            Values::Bytes(b, Dtype::F32) => arrange(rows, cols, transpose, |i| conv(f32::from_le_bytes([b[4 * i], b[4 * i + 1], b[4 * i + 2], b[4 * i + 3]]))),
+            Values::Bytes(b, Dtype::BF16) => arrange(rows, cols, transpose, |i| conv(half::bf16::from_bits(u16::from_le_bytes([b[2 * i], b[2 * i + 1]])).to_f32())),
+            Values::Bytes(b, _) => arrange(rows, cols, transpose, |i| conv(half::f16::from_bits(u16::from_le_bytes([b[2 * i], b[2 * i + 1]])).to_f32())),
+        }
+    }
+}
+
+/// `get(i)` for every element `i` of a row-major `[rows, cols]` matrix, in that layout or
+/// transposed (`out[c · rows + r] = get(r · cols + c)`, in 32 × 32 tiles), output rows in parallel.
+fn arrange<T: Copy + Default + Send>(rows: usize, cols: usize, transpose: bool, get: impl Fn(usize) -> T + Sync) -> Vec<T> {
+    use rayon::prelude::*;
+    const TILE: usize = 32;
+    let mut out = vec![T::default(); rows * cols];
+    if out.is_empty() {
+        return out;
+    }
+    if !transpose {
+        out.par_chunks_mut(cols).enumerate().for_each(|(r, row)| row.iter_mut().enumerate().for_each(|(c, o)| *o = get(r * cols + c)));
+        return out;
+    }
+    out.par_chunks_mut(TILE * rows).enumerate().for_each(|(k, block)| {
+        let c0 = k * TILE;
+        let width = block.len() / rows;
+        for r0 in (0..rows).step_by(TILE) {
+            for dc in 0..width {
+                for r in r0..(r0 + TILE).min(rows) {
+                    block[dc * rows + r] = get(r * cols + c0 + dc);
+                }
+            }
+        }
+    });
+    out
+}
+
 pub fn to_f32(bytes: &[u8], dtype: Dtype) -> Option<Vec<f32>> {
     Some(match dtype {
         Dtype::F32 => bytes.chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect(),

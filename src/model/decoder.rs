@@ -9,7 +9,7 @@ use burn::tensor::{Bool, Int, TensorData};
 
 use super::config::{Activation, ModelConfig};
 use super::moe::SparseMoe;
-use super::projection::{tensor1, tensor2, Adapter, Projection, WeightSource};
+use super::projection::{dense_weight, tensor1, Adapter, Projection, WeightSource};
 use super::rope::Rope;
 use crate::formats::safetensors::{TensorFiles, WeightsError};
 use crate::ops::{self, Kernels};
@@ -352,7 +352,7 @@ impl<B: Kernels> Block<B> {
         let (ck, p) = (src.files, format!("model.layers.{i}"));
         let norm = |n: &str| RmsNorm::load(ck, &format!("{p}.{n}.weight"), c.hidden_size, c, device);
         let gemma = |n: &str| if c.gemma_norms { norm(n).map(Some) } else { Ok(None) };
-        Ok(Block {
+        let block = Block {
             input_layernorm: norm("input_layernorm")?,
             self_attn: Attention::load(src, &format!("{p}.self_attn"), c, c.layers[i].sliding_window, device)?,
             post_attention_layernorm: norm("post_attention_layernorm")?,
@@ -362,7 +362,10 @@ impl<B: Kernels> Block<B> {
             moe: if c.layers[i].moe { Some(SparseMoe::load(src, &p, c, device)?) } else { None },
             rope: c.layers[i].rope,
             mask,
-        })
+        };
+        // The small tensors' (norms, biases, NF4 codes, experts) host copies too.
+        B::release_uploads(device);
+        Ok(block)
     }
 
     fn mlp_forward(&self, x: Tensor<B, 3>) -> Tensor<B, 3> {
@@ -429,8 +432,7 @@ impl<B: Kernels> Decoder<B> {
     pub fn load(src: &WeightSource, c: &ModelConfig, device: &B::Device) -> Result<Self, WeightsError> {
         let ck = src.files;
         let (v, h) = (c.vocab_size, c.hidden_size);
-        let embed = ck.f32("model.embed_tokens.weight", &[v, h])?;
-        let embed_tokens = Projection::embedding(tensor2(embed, [v, h], device));
+        let embed_tokens = Projection::embedding(dense_weight(ck, "model.embed_tokens.weight", v, h, false, device)?);
         let mut windows: Vec<Option<usize>> = Vec::new();
         for l in &c.layers {
             if !windows.contains(&l.sliding_window) {

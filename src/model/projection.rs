@@ -14,6 +14,7 @@ use burn::tensor::{DType, TensorData};
 
 use crate::formats::bnb;
 use crate::formats::safetensors::{TensorFiles, WeightsError};
+use crate::ops::chunked::cast_to;
 use crate::ops::{self, Kernels};
 use crate::quant::nf4::{Nf4, BLOCKSIZE};
 use crate::quant::nf4_weight::Nf4Weight;
@@ -71,6 +72,26 @@ pub fn transpose(data: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     out
 }
 
+/// The dense frozen weight `name` (PyTorch's `[rows, cols]`) on `device` in the device's float
+/// dtype, transposed to burn's `[cols, rows]` when `transpose`. Built on the host in one pass from
+/// the checkpoint's bytes (no f32 copy: a bf16 checkpoint on a bf16 device is copied as is), the
+/// checkpoint's pages released once read, and the upload's host copy freed before the next weight
+/// ([`ops::Uploads`]): loading holds about one tensor in host memory, not the model.
+pub(crate) fn dense_weight<B: Kernels>(ck: &TensorFiles, name: &str, rows: usize, cols: usize, transpose: bool, device: &B::Device) -> Result<Tensor<B, 2>, WeightsError> {
+    let values = ck.values(name, &[rows, cols])?;
+    let shape = if transpose { [cols, rows] } else { [rows, cols] };
+    let data = match <B::FloatElem as burn::tensor::Element>::dtype() {
+        DType::BF16 => TensorData::new(values.arrange(rows, cols, transpose, half::bf16::from_f32), shape),
+        DType::F16 => TensorData::new(values.arrange(rows, cols, transpose, half::f16::from_f32), shape),
+        _ => TensorData::new(values.arrange(rows, cols, transpose, |v| v), shape),
+    };
+    drop(values);
+    ck.release(name);
+    let t = Tensor::from_data(data, device);
+    B::release_uploads(device);
+    Ok(t)
+}
+
 pub(crate) fn tensor1<B: Backend>(data: Vec<f32>, device: &B::Device) -> Tensor<B, 1> {
     let n = data.len();
     Tensor::from_data(TensorData::new(data, [n]), device)
@@ -110,8 +131,7 @@ impl WeightSource<'_> {
             let q = Nf4::quantize(&ck.f32(&name, &[d_out, d_in])?, BLOCKSIZE, true);
             Base::Nf4(Nf4Weight::new(&q, d_out, d_in, device))
         } else {
-            let w = transpose(&ck.f32(&name, &[d_out, d_in])?, d_out, d_in);
-            Base::Dense(Param::from_tensor(tensor2(w, [d_in, d_out], device)).set_require_grad(false))
+            Base::Dense(Param::from_tensor(dense_weight(ck, &name, d_out, d_in, true, device)?).set_require_grad(false))
         };
         let bias = if bias {
             Some(Param::from_tensor(tensor1(ck.f32(&format!("{path}.bias"), &[d_out])?, device)).set_require_grad(false))
@@ -350,9 +370,12 @@ impl<B: Backend> Projection<B> {
     pub fn embed(&self, ids: Tensor<B, 1, Int>) -> Tensor<B, 2> {
         let y = self.base_tensor().select(0, ids.clone());
         match self.adapter.as_ref().filter(|_| self.adapter_on) {
+            // PEFT's `Embedding`: the adapter's rows in its (f32) dtype, summed with the base
+            // rows in f32 and rounded once.
             Some(Adapter::Lora(l)) => {
-                let (a, b) = l.weights_in(y.dtype());
-                y + a.select(0, ids).matmul(b) * l.scale
+                let dtype = y.dtype();
+                let lora = l.a.val().select(0, ids).matmul(l.b.val()) * l.scale;
+                cast_to(cast_to(y, lora.dtype()) + lora, dtype)
             }
             Some(Adapter::Full(f)) => f.weight.val().cast(y.dtype()).select(0, ids),
             Some(Adapter::Dora(_)) => panic!("DoRA on embeddings is refused when the adapter is made"),
@@ -433,9 +456,11 @@ impl<B: Kernels> Projection<B> {
         let mut y = match (&self.base, adapter) {
             (_, Some(Adapter::Dora(_))) => unreachable!("DoRA returned above"),
             // Base and adapter as one operation (one backward step, no separate sum).
+            // The adapter in its f32 masters' dtype (PEFT without autocast): dropout on the input
+            // cast up.
             (Base::Dense(w), Some(Adapter::Lora(l))) => {
-                let (a, b) = l.weights_in(x.dtype());
-                ops::lora_linear(x.clone(), l.dropped_input(&x), w.val(), a, b, l.scale)
+                let x_lora = l.dropped_input(&cast_to(x.clone(), l.a.val().dtype()));
+                ops::lora_linear(x.clone(), x_lora, w.val(), l.a.val(), l.b.val(), l.scale)
             }
             // A trained copy replaces the base weight.
             (_, Some(Adapter::Full(f))) => x.clone().matmul(f.weight.val().cast(x.dtype())),
@@ -480,20 +505,24 @@ impl<B: Kernels> Projection<B> {
     /// `(m/n) ⊙ (W x + s B A x)`. `n` is recomputed from the current A and B at every forward and
     /// detached.
     fn dora_forward(&self, x: Tensor<B, 2>, d: &Dora<B>) -> Tensor<B, 2> {
+        // In the adapter's f32 (PEFT's DoRA on a half-precision base: the base output cast up,
+        // the LoRA branch and the magnitude scaling in f32, the result rounded once).
         let l = &d.lora;
-        let dtype = x.dtype();
+        let (dtype, ad) = (x.dtype(), l.a.val().dtype());
         let (a, b) = (l.a.val().detach(), l.b.val().detach());
-        let w = self.base_weight().cast(DType::F32) + a.matmul(b) * l.scale;
+        let w = self.base_weight().cast(ad) + a.matmul(b) * l.scale;
         let norm = w.powi_scalar(2).sum_dim(0).sqrt();
-        let scale = (d.magnitude.val() / norm).cast(dtype);
-        let base = self.base_forward(x.clone());
-        match l.dropped_input(&x) {
-            None => (base + l.forward_dropped(x)) * scale,
+        let scale = d.magnitude.val() / norm;
+        let base = cast_to(self.base_forward(x.clone()), ad);
+        let xa = cast_to(x, ad);
+        let y = match l.dropped_input(&xa) {
+            None => (base + l.forward_dropped(xa)) * scale,
             Some(xd) => {
-                let based = self.base_forward(xd.clone());
+                let based = cast_to(self.base_forward(cast_to(xd.clone(), dtype)), ad);
                 base + based * (scale.clone() - 1.0) + l.forward_dropped(xd) * scale
             }
-        }
+        };
+        cast_to(y, dtype)
     }
 }
 
@@ -579,12 +608,15 @@ impl<B: Backend> Lora<B> {
     ///
     /// # Shapes
     /// `x: [..., in]` → `[..., out]`
+    /// Computed in the adapter's dtype (f32 masters: the input cast up, dropout on it, the result
+    /// cast down to the input's dtype, as PEFT's 4-bit `Linear4bit` adds it).
     pub fn forward<const D: usize>(&self, x: Tensor<B, D>) -> Tensor<B, D> {
+        let dtype = x.dtype();
+        let x = cast_to(x, self.a.val().dtype());
         let x = self.dropped_input(&x).unwrap_or(x);
-        let (a, b) = self.weights_in(x.dtype());
         // The scale multiplies the rank-r intermediate, not the [.., out] result: the same
         // product (PEFT scales after B), one r/out-th of the element-wise work.
-        (x.matmul(a.unsqueeze()) * self.scale).matmul(b.unsqueeze())
+        cast_to((x.matmul(self.a.val().unsqueeze()) * self.scale).matmul(self.b.val().unsqueeze()), dtype)
     }
 }
 

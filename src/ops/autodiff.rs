@@ -342,6 +342,12 @@ impl<B: Nf4Linear> Backward<B, 1> for Nf4LinearBackward {
     }
 }
 
+impl<B: super::Uploads, C: CheckpointStrategy> super::Uploads for Autodiff<B, C> {
+    fn release_uploads(device: &Self::Device) {
+        B::release_uploads(device)
+    }
+}
+
 impl<B: Nf4Linear, C: CheckpointStrategy> Nf4Linear for Autodiff<B, C> {
     fn nf4_linear(x: Tensor<Self, 2>, w: &Nf4Weight<Self>) -> Tensor<Self, 2> {
         let inner = w.inner();

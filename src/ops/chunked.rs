@@ -76,6 +76,59 @@ pub fn rope<B: Backend>(x: Tensor<B, 4>, cos: Tensor<B, 3>, sin: Tensor<B, 3>, t
 }
 
 /// `silu(gate) · up`.
+/// `t` in `dtype` (itself when it is already).
+pub fn cast_to<B: Backend, const D: usize>(t: Tensor<B, D>, dtype: burn::tensor::DType) -> Tensor<B, D> {
+    if t.dtype() == dtype {
+        t
+    } else {
+        t.cast(dtype)
+    }
+}
+
+/// `x·W + (s·(x'·A))·B` with the adapter computed in its weights' dtype, as PEFT computes a LoRA
+/// layer without autocast: `x'` cast up to the f32 masters' dtype, the sum with the base output
+/// `x·W` (compute dtype) formed in f32 and rounded once to the compute dtype (PEFT's `Linear`:
+/// `(result + lora).to(result.dtype)`), so the gradients of A and B are f32 products of f32
+/// operands. Also returns `t = s·(x'·A)` (adapter dtype) for the backward. In one dtype, the
+/// plain composition.
+pub fn lora_linear<B: Backend>(x: Tensor<B, 2>, x_lora: Option<Tensor<B, 2>>, w: Tensor<B, 2>, a: Tensor<B, 2>, b: Tensor<B, 2>, scale: f64) -> (Tensor<B, 2>, Tensor<B, 2>) {
+    let (xd, ad) = (x.dtype(), a.dtype());
+    let xl = cast_to(x_lora.unwrap_or_else(|| x.clone()), ad);
+    let t = xl.matmul(a) * scale;
+    let base = x.matmul(w);
+    let y = if xd == ad { base + t.clone().matmul(b) } else { (base.cast(ad) + t.clone().matmul(b)).cast(xd) };
+    (y, t)
+}
+
+/// Gradients of [`lora_linear`] with respect to `x`, `x'` (when given), `A` and `B`, the
+/// adapter's in its dtype (the activations cast up, its input gradient cast down to theirs).
+#[allow(clippy::too_many_arguments, clippy::type_complexity)]
+pub fn lora_linear_backward<B: Backend>(
+    x: Tensor<B, 2>,
+    x_lora: Option<Tensor<B, 2>>,
+    w: Tensor<B, 2>,
+    a: Tensor<B, 2>,
+    b: Tensor<B, 2>,
+    t: Tensor<B, 2>,
+    scale: f64,
+    grad: Tensor<B, 2>,
+) -> (Tensor<B, 2>, Option<Tensor<B, 2>>, Tensor<B, 2>, Tensor<B, 2>) {
+    let (xd, ad) = (x.dtype(), a.dtype());
+    let g = cast_to(grad.clone(), ad);
+    let u = g.clone().matmul(b.transpose()) * scale;
+    let db = t.transpose().matmul(g);
+    let given = x_lora.is_some();
+    let xl = cast_to(x_lora.unwrap_or_else(|| x.clone()), ad);
+    let da = xl.transpose().matmul(u.clone());
+    let dxl = cast_to(u.matmul(a.transpose()), xd);
+    let dx = grad.matmul(w.transpose());
+    if given {
+        (dx, Some(dxl), da, db)
+    } else {
+        (dx + dxl, None, da, db)
+    }
+}
+
 pub fn swiglu<B: Backend>(gate: Tensor<B, 2>, up: Tensor<B, 2>) -> Tensor<B, 2> {
     silu(gate) * up
 }
@@ -287,6 +340,22 @@ macro_rules! composed_fused_ops {
         }
         fn swiglu_fused(gate: Tensor<Self, 2>, up: Tensor<Self, 2>) -> Option<Tensor<Self, 2>> {
             Some(chunked::swiglu(gate, up))
+        }
+        fn lora_linear_fused(x: Tensor<Self, 2>, x_lora: Option<Tensor<Self, 2>>, w: Tensor<Self, 2>, a: Tensor<Self, 2>, b: Tensor<Self, 2>, scale: f64) -> Option<(Tensor<Self, 2>, Tensor<Self, 2>)> {
+            Some(chunked::lora_linear(x, x_lora, w, a, b, scale))
+        }
+        #[allow(clippy::type_complexity)]
+        fn lora_linear_backward(
+            x: Tensor<Self, 2>,
+            x_lora: Option<Tensor<Self, 2>>,
+            w: Tensor<Self, 2>,
+            a: Tensor<Self, 2>,
+            b: Tensor<Self, 2>,
+            t: Tensor<Self, 2>,
+            scale: f64,
+            grad: Tensor<Self, 2>,
+        ) -> Option<(Tensor<Self, 2>, Option<Tensor<Self, 2>>, Tensor<Self, 2>, Tensor<Self, 2>)> {
+            Some(chunked::lora_linear_backward(x, x_lora, w, a, b, t, scale, grad))
         }
         fn swiglu_backward(gate: Tensor<Self, 2>, up: Tensor<Self, 2>, grad: Tensor<Self, 2>) -> Option<(Tensor<Self, 2>, Tensor<Self, 2>)> {
             Some(chunked::swiglu_backward(gate, up, grad))

@@ -532,6 +532,9 @@ impl ScoreRows for Flex {}
 
 /// The CPU dequantizes in one pass over the codes (the same products as the tensor-op version,
 /// bit for bit).
+/// Tensors created on the CPU are the host data: nothing to release.
+impl super::Uploads for Flex {}
+
 impl Nf4Linear for Flex {
     fn nf4_dequantize(w: &Nf4Weight<Self>, dtype: FloatDType) -> Tensor<Self, 2> {
         use burn::tensor::TensorData;

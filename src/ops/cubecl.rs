@@ -21,7 +21,7 @@ use ft_kernels::nf4::{dequantize, Nf4Buffers};
 
 use super::chunked::{self, Geometry};
 use super::kernel_use::{MASKED_SOFTMAX, NF4_DEQUANTIZE, SOFTMAX_GRAD};
-use super::{Nf4Linear, ScoreRows};
+use super::{Nf4Linear, ScoreRows, Uploads};
 use crate::quant::nf4_weight::Nf4Weight;
 
 fn float<R: CubeRuntime, const D: usize, B: Backend<FloatTensorPrimitive = CubeTensor<R>>>(t: Tensor<B, D>) -> CubeTensor<R> {
@@ -121,6 +121,37 @@ impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> ScoreRows 
             scale as f32
         );
         (tensor(probs), tensor(dscores))
+    }
+}
+
+impl<R: CubeRuntime, F: FloatElement, I: IntElement, BT: BoolElement> Uploads for CubeBackend<R, F, I, BT> {
+    fn release_uploads(device: &Self::Device) {
+        release_uploads::<R>(device);
+    }
+}
+
+/// Flushes `device`'s upload queue twice: cubecl keeps each flushed batch until the next flush
+/// has waited for the device to read it (a double buffer), so the second flush frees them all.
+/// Errors are the device's and surface at its next operation.
+fn release_uploads<R: CubeRuntime>(device: &R::Device) {
+    let client = R::client(device);
+    for _ in 0..2 {
+        let _ = client.flush();
+    }
+}
+
+// Under burn's fusion (`cuda-tuned`) the uploads are the CUDA runtime's.
+#[cfg(feature = "cuda-tuned")]
+impl Uploads for crate::backend::CudaF32 {
+    fn release_uploads(device: &Self::Device) {
+        release_uploads::<cubecl_cuda::CudaRuntime>(device);
+    }
+}
+
+#[cfg(feature = "cuda-tuned")]
+impl Uploads for crate::backend::CudaBf16 {
+    fn release_uploads(device: &Self::Device) {
+        release_uploads::<cubecl_cuda::CudaRuntime>(device);
     }
 }
 

@@ -31,10 +31,22 @@ use crate::quant::nf4_weight::Nf4Weight;
 pub use chunked::Geometry;
 
 /// A backend that runs the decoder: the NF4 linear map and the fused decoder operations, as
-/// kernels of its own or composed from tensor ops.
-pub trait Kernels: Nf4Linear + FusedOps {}
+/// kernels of its own or composed from tensor ops, and its uploads' host copies released on
+/// demand.
+pub trait Kernels: Nf4Linear + FusedOps + Uploads {}
 
-impl<T: Nf4Linear + FusedOps> Kernels for T {}
+impl<T: Nf4Linear + FusedOps + Uploads> Kernels for T {}
+
+/// Host memory held by uploads. burn's CubeCL runtimes copy each tensor created from host data
+/// and keep that copy until a later flush (cubecl-cuda: until a kernel launch after 64 uploads or
+/// 64 MiB, and one flush more; wgpu: until 64 writes), so loading a model without kernels in
+/// between would hold a host copy of every weight. The loader calls [`Uploads::release_uploads`]
+/// after each weight: the host then holds about one tensor at a time.
+pub trait Uploads: Backend {
+    /// Frees the host copies of every upload made so far on `device`, once the device has read
+    /// them. A no-op where uploads keep no copy (the CPU).
+    fn release_uploads(_device: &Self::Device) {}
+}
 
 /// A backend ft trains on: autodiff over an inner backend, both able to run the decoder (the
 /// inner one runs evaluation without recording a graph).
@@ -257,7 +269,9 @@ pub fn geglu<B: FusedOps, const D: usize>(gate: Tensor<B, D>, up: Tensor<B, D>) 
 }
 
 /// A frozen linear map plus a LoRA adapter, `x·W + (s·(x'·A))·B` (PEFT's `lora_B(lora_A(x'))·s`
-/// with the scale moved onto the rank-r product), `x'` = `x_lora` or `x`.
+/// with the scale moved onto the rank-r product), `x'` = `x_lora` or `x`. `A` and `B` may be f32
+/// masters under a half-precision `x` and `W`: the adapter then computes in f32 and its
+/// gradients are f32, as PEFT without autocast ([`chunked::lora_linear`]).
 ///
 /// # Shapes
 /// `x`, `x_lora`: `[N, in]`, `w [in, out]`, `a [in, r]`, `b [r, out]` → `[N, out]`
@@ -265,8 +279,7 @@ pub fn lora_linear<B: FusedOps>(x: Tensor<B, 2>, x_lora: Option<Tensor<B, 2>>, w
     if let Some((y, _)) = B::lora_linear_fused(x.clone(), x_lora.clone(), w.clone(), a.clone(), b.clone(), scale) {
         return y;
     }
-    let xl = x_lora.unwrap_or_else(|| x.clone());
-    x.matmul(w) + (xl.matmul(a) * scale).matmul(b)
+    chunked::lora_linear(x, x_lora, w, a, b, scale).0
 }
 
 /// `log p(target)` of each row of `logits [N, V]` (`targets [N]`), in f32 whatever the logits'
