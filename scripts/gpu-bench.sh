@@ -3,13 +3,13 @@
 # layers, seq 2048, bf16, random weights of the shapes SmolLM2-135M, Qwen2.5-0.5B and Llama-3-8B
 # (ft: `model.random_init`), Llama-3-8B also as QLoRA (NF4). Run on the GPU machine with a binary
 # built beforehand (nothing is built here):
-#   scripts/build-gpu.sh   (here; writes .bin/ft)
-#   scripts/gpu-bench.sh .bin/ft [path/to/hf_baseline.py] [shapes...]
+#   scripts/build-gpu.sh   (here; writes .bin/gpu/)
+#   scripts/gpu-bench.sh .bin/gpu/ft [path/to/hf_baseline.py] [shapes...]
 # Prints, per run, ft's median step time after 3 warm-up steps, tokens/s and peak GPU memory
 # (nvidia-smi, sampled every 100 ms), then the baseline's JSON lines and the ratios.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-FT=${1:-.bin/ft}
+FT=${1:-.bin/gpu/ft}
 HF=${2:-../shared/bench/hf_baseline.py}
 shift 2 2>/dev/null || shift $#
 SHAPES=${*:-smollm2-135m qwen2.5-0.5b llama3-8b llama3-8b-qlora}
@@ -19,9 +19,9 @@ trap 'rm -rf "$work"' EXIT
 "$FT" --version
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 # The NF4 dequantization kernel vs the tensor-op path (scripts/build-gpu.sh builds it).
-[ -x .bin/nf4_bandwidth ] && .bin/nf4_bandwidth
+[ -x .bin/gpu/nf4_bandwidth ] && .bin/gpu/nf4_bandwidth
 # One layer's attention: ft's chunked composition vs the plain one (memory held, time).
-[ -x .bin/attention_bench ] && .bin/attention_bench
+[ -x .bin/gpu/attention_bench ] && .bin/gpu/attention_bench
 python3 - "$FT" "$work" "$out" $SHAPES <<'PY'
 import json, os, shutil, statistics, subprocess, sys, threading, time
 ft, work, out, shapes = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # GPU checks, run on the GPU machine with binaries built beforehand (nothing is built here):
-#   scripts/build-gpu.sh            (here: .bin/ft, .bin/gpu_paths, .bin/gpu_half, CUDA builds)
-#   scripts/gpu-check.sh .bin/ft [SMOLLM2_HF_DIR [random]]
-# First .bin/gpu_paths (tests/gpu_paths.rs on CUDA, f32): the NF4 CubeCL kernel against
+#   scripts/build-gpu.sh            (here: .bin/gpu/: ft, gpu_paths, gpu_half, CUDA builds)
+#   scripts/gpu-check.sh .bin/gpu/ft [SMOLLM2_HF_DIR [random]]
+# First .bin/gpu/gpu_paths (tests/gpu_paths.rs on CUDA, f32): the NF4 CubeCL kernel against
 # bitsandbytes' values bit for bit, oracle logits, chunked attention, LoRA/QLoRA steps vs CPU, DPO;
-# then .bin/gpu_half (tests/gpu_half.rs, bf16): the kernel's bf16 output (= the rounded f32
+# then .bin/gpu/gpu_half (tests/gpu_half.rs, bf16): the kernel's bf16 output (= the rounded f32
 # product), LoRA/QLoRA steps vs the f32 CPU, DPO scores and gradients, `ft train`'s whole loop.
 # For each oracle model and dtype (f32, bf16) on CUDA: `ft eval` loss vs transformers' expected loss,
 # and `ft generate` greedy ids vs transformers' (f32 must match to 1e-4 and exactly; bf16 is reported).
@@ -15,16 +15,16 @@
 # and 10 DPO steps on CUDA (first loss ln 2) next to the CPU run.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-FT=${1:-.bin/ft}
+FT=${1:-.bin/gpu/ft}
 SMOL=${2:-}
 RANDOM_WEIGHTS=${3:-}
 "$FT" --version
 paths_failed=0
 for t in gpu_paths gpu_half; do
-  if [ -x .bin/$t ]; then
-    CARGO_MANIFEST_DIR=$PWD .bin/$t --test-threads 1 --nocapture || paths_failed=1
+  if [ -x .bin/gpu/$t ]; then
+    CARGO_MANIFEST_DIR=$PWD .bin/gpu/$t --test-threads 1 --nocapture || paths_failed=1
   else
-    echo "no .bin/$t (scripts/build-gpu.sh builds it): skipped"; paths_failed=1
+    echo "no .bin/gpu/$t (scripts/build-gpu.sh builds it): skipped"; paths_failed=1
   fi
 done
 python3 - "$FT" "$SMOL" "$RANDOM_WEIGHTS" "$paths_failed" <<'PY'

@@ -94,8 +94,98 @@ pub enum BackendError {
     CpuBf16,
     #[error("this ft was built without CUDA; rebuild with `cargo build --release --features cuda`")]
     NoCuda,
-    #[error("CUDA headers not found: ft compiles its GPU kernels at run time with NVRTC, which needs the toolkit's include/ (cuda_fp16.h); looked in {}. Set CUDA_PATH to a CUDA toolkit (e.g. CUDA_PATH=/usr/local/cuda-13.0; pip's nvidia-cuda-runtime/-nvrtc wheels ship headers under site-packages/nvidia/cuda_runtime)", looked.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "))]
+    #[error("CUDA headers not found: ft compiles its GPU kernels at run time with NVRTC, which needs the toolkit's include/ (cuda_fp16.h); looked in {}. Set CUDA_PATH to a CUDA toolkit (e.g. CUDA_PATH=/usr/local/cuda-13.0; pip's nvidia-cuda-runtime/-nvrtc wheels ship headers under site-packages/nvidia/cu13)", looked.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "))]
     CudaHeaders { looked: Vec<std::path::PathBuf> },
+    #[error("--device cuda: no NVIDIA driver here (libcuda.so cannot be loaded); install the driver, or use --device cpu")]
+    NoDriver,
+    #[error("--device cuda: the NVIDIA driver sees no CUDA device (cuInit: CUDA_ERROR_NO_DEVICE); check nvidia-smi and CUDA_VISIBLE_DEVICES")]
+    NoDevice,
+    #[error("--device cuda: the NVIDIA driver failed to initialize (cuInit error {code}{})", if *code == 35 { ": CUDA_ERROR_INSUFFICIENT_DRIVER, the driver is older than this ft's CUDA" } else { "" })]
+    DriverInit { code: i32 },
+    #[error("this ft was built for CUDA {} (CUDARC_CUDA_VERSION={built}) but the NVIDIA driver supports CUDA {} at most: update the driver, or rebuild ft with CUDARC_CUDA_VERSION={driver}", cuda_version(*built), cuda_version(*driver))]
+    DriverTooOld { driver: i32, built: i32 },
+    #[error("NVRTC (libnvrtc.so) cannot be loaded: ft compiles its GPU kernels at run time with it; install the CUDA toolkit, or `pip install nvidia-cuda-nvrtc` and put its nvidia/cu13/lib on LD_LIBRARY_PATH")]
+    NoNvrtc,
+}
+
+/// The error to print for a panic whose message is cubecl's failed device allocation ("can't
+/// allocate buffer of size: N", what burn unwraps when the GPU is out of memory), or `None` for
+/// any other panic. `held` is `(bytes in use, bytes reserved)` by ft's allocator, when known.
+pub fn out_of_memory_message(panic: &str, held: Option<(u64, u64)>) -> Option<String> {
+    let rest = panic.split("can't allocate buffer of size: ").nth(1)?;
+    let size: u64 = rest.split(|c: char| !c.is_ascii_digit()).next()?.parse().ok()?;
+    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    let held = held.map_or(String::new(), |(used, reserved)| format!(" with {:.2} GiB in use ({:.2} GiB reserved)", gib(used), gib(reserved)));
+    Some(format!(
+        "out of GPU memory: ft asked the device for {size} bytes ({:.2} GiB) more{held}; lower train.micro_batch_size or data.max_len, set train.gradient_checkpointing = true, or load the base in 4 bits (model.quantize = \"nf4\")",
+        gib(size)
+    ))
+}
+
+/// Prints [`out_of_memory_message`]'s error and exits 1 when a panic is a failed GPU allocation
+/// (from whichever thread: cubecl allocates on its device thread); other panics keep the default
+/// report.
+pub fn install_out_of_memory_hook() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let payload = info.payload();
+        let msg = payload.downcast_ref::<String>().map(String::as_str).or_else(|| payload.downcast_ref::<&str>().copied()).unwrap_or("");
+        match out_of_memory_message(msg, gpu_memory()) {
+            Some(m) => {
+                eprintln!("error: {m}");
+                std::process::exit(1);
+            }
+            None => default(info),
+        }
+    }));
+}
+
+/// `13000` → `13.0` (the CUDA version encoding of the driver API and CUDARC_CUDA_VERSION).
+fn cuda_version(v: i32) -> String {
+    format!("{}.{}", v / 1000, v % 1000 / 10)
+}
+
+/// What the CUDA driver said when probed (`ft_kernels::cuda_source::driver`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CudaDriver {
+    Missing,
+    InitFailed(i32),
+    Ready { cuda_version: i32 },
+}
+
+/// The CUDA environment a run needs, checked in the order cubecl would trip over it (where it
+/// panics): a driver, that sees a device, new enough for the CUDA this ft was built for (`built`,
+/// from CUDARC_CUDA_VERSION at build time), and NVRTC.
+pub fn diagnose_cuda(driver: CudaDriver, built: Option<i32>, nvrtc: bool) -> Result<(), BackendError> {
+    match driver {
+        CudaDriver::Missing => return Err(BackendError::NoDriver),
+        CudaDriver::InitFailed(100) => return Err(BackendError::NoDevice),
+        CudaDriver::InitFailed(code) => return Err(BackendError::DriverInit { code }),
+        CudaDriver::Ready { cuda_version } => {
+            if let Some(built) = built.filter(|&b| cuda_version < b) {
+                return Err(BackendError::DriverTooOld { driver: cuda_version, built });
+            }
+        }
+    }
+    if !nvrtc {
+        return Err(BackendError::NoNvrtc);
+    }
+    Ok(())
+}
+
+/// Everything [`diagnose_cuda`] and [`cuda_toolkit`] check, for this process: a clear error
+/// instead of cubecl's panic at the first kernel.
+#[cfg(feature = "cuda")]
+pub fn check_cuda() -> Result<std::path::PathBuf, BackendError> {
+    use ft_kernels::cuda_source::{driver, nvrtc_available, Driver};
+    let d = match driver() {
+        Driver::Missing => CudaDriver::Missing,
+        Driver::InitFailed(c) => CudaDriver::InitFailed(c),
+        Driver::Ready { cuda_version } => CudaDriver::Ready { cuda_version },
+    };
+    let built = option_env!("CUDARC_CUDA_VERSION").and_then(|v| v.parse().ok());
+    diagnose_cuda(d, built, nvrtc_available())?;
+    check_cuda_toolkit()
 }
 
 /// The CUDA toolkit NVRTC will compile against, found as cubecl finds it (`CUDA_PATH`, else
@@ -135,13 +225,13 @@ macro_rules! dispatch_backend {
             (DeviceChoice::Cpu, ComputeDtype::Bf16) => Err($crate::backend::BackendError::CpuBf16.into()),
             #[cfg(feature = "cuda")]
             (DeviceChoice::Cuda, ComputeDtype::F32) => {
-                $crate::backend::check_cuda_toolkit()?;
+                $crate::backend::check_cuda()?;
                 $crate::backend::init_cuda_runtime();
                 $f::<$crate::backend::CudaF32>($arg, Default::default())
             }
             #[cfg(feature = "cuda")]
             (DeviceChoice::Cuda, ComputeDtype::Bf16) => {
-                $crate::backend::check_cuda_toolkit()?;
+                $crate::backend::check_cuda()?;
                 $crate::backend::init_cuda_runtime();
                 $f::<$crate::backend::CudaBf16>($arg, Default::default())
             }
@@ -155,6 +245,33 @@ macro_rules! dispatch_backend {
 mod cuda_toolkit_tests {
     use super::*;
     use std::path::Path;
+
+    #[test]
+    fn a_failed_gpu_allocation_becomes_an_out_of_memory_error_with_the_size() {
+        // cubecl's IoError::BufferTooBig as burn's unwrap prints it.
+        let panic = "called `Result::unwrap()` on an `Err` value: can't allocate buffer of size: 21474836480\n   0: backtrace";
+        let m = out_of_memory_message(panic, Some((70 << 30, 72 << 30))).unwrap();
+        assert!(m.contains("21474836480 bytes (20.00 GiB)") && m.contains("70.00 GiB in use") && m.contains("micro_batch_size"), "{m}");
+        assert!(out_of_memory_message(panic, None).unwrap().contains("(20.00 GiB) more;"));
+        assert_eq!(out_of_memory_message("index out of bounds", None), None);
+    }
+
+    #[test]
+    fn an_unusable_cuda_environment_is_an_error_saying_what_is_missing() {
+        let ready = |v| CudaDriver::Ready { cuda_version: v };
+        let err = |d, built, nvrtc| diagnose_cuda(d, built, nvrtc).unwrap_err().to_string();
+        assert!(diagnose_cuda(ready(13020), Some(13000), true).is_ok());
+        assert!(diagnose_cuda(ready(12080), None, true).is_ok(), "no recorded build version: not compared");
+        assert!(err(CudaDriver::Missing, Some(13000), true).contains("no NVIDIA driver"));
+        assert!(err(CudaDriver::InitFailed(100), Some(13000), true).contains("no CUDA device"));
+        assert!(err(CudaDriver::InitFailed(35), None, true).contains("CUDA_ERROR_INSUFFICIENT_DRIVER"));
+        let e = err(ready(12040), Some(13000), true);
+        assert!(e.contains("built for CUDA 13.0") && e.contains("supports CUDA 12.4") && e.contains("CUDARC_CUDA_VERSION=12040"), "{e}");
+        // The driver is checked before NVRTC; NVRTC's absence names where to get it.
+        assert!(err(CudaDriver::Missing, None, false).contains("no NVIDIA driver"));
+        let e = err(ready(13000), Some(13000), false);
+        assert!(e.contains("libnvrtc.so") && e.contains("LD_LIBRARY_PATH"), "{e}");
+    }
 
     #[test]
     fn missing_cuda_headers_are_an_error_naming_cuda_path() {

@@ -67,6 +67,36 @@ pub fn ptx(source: &str, arch: u32, cuda_path: &Path) -> Result<String, String> 
     }
 }
 
+/// What the CUDA driver says, probed without creating a context.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Driver {
+    /// `libcuda.so` cannot be loaded: no NVIDIA driver.
+    Missing,
+    /// `cuInit` failed with this `CUresult` (100: no CUDA device; 35: the driver is older than
+    /// the runtime asks).
+    InitFailed(i32),
+    /// Initialized; the newest CUDA version it supports (`cuDriverGetVersion`: 1000·major +
+    /// 10·minor).
+    Ready { cuda_version: i32 },
+}
+
+/// Loads the driver and initializes it (what cubecl-cuda does first, where it panics).
+pub fn driver() -> Driver {
+    // SAFETY: only loads the library and calls `cuInit(0)` / `cuDriverGetVersion`, which write
+    // into the integer passed.
+    unsafe {
+        if !cudarc::driver::sys::is_culib_present() {
+            return Driver::Missing;
+        }
+        if let Err(e) = cudarc::driver::result::init() {
+            return Driver::InitFailed(e.0 as i32);
+        }
+        let mut v = 0;
+        let _ = cudarc::driver::sys::cuDriverGetVersion(&mut v);
+        Driver::Ready { cuda_version: v }
+    }
+}
+
 /// Whether NVRTC's library can be loaded (`libnvrtc.so` on the loader's path).
 pub fn nvrtc_available() -> bool {
     // SAFETY: only tries to load the library.

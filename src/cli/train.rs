@@ -143,7 +143,7 @@ pub fn run(a: TrainArgs) -> Result<()> {
         DeviceChoice::Cpu => crate::train::run::run::<Autodiff<crate::backend::Cpu>>(&recipe, Default::default(), &progress, r)?,
         #[cfg(feature = "cuda")]
         DeviceChoice::Cuda => {
-            crate::backend::check_cuda_toolkit()?;
+            crate::backend::check_cuda()?;
             crate::backend::init_cuda_runtime();
             crate::train::run::run::<Autodiff<crate::backend::CudaBf16>>(&recipe, Default::default(), &progress, r)?
         }

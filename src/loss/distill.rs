@@ -13,6 +13,7 @@
 //! (accumulated) batch. No T² factor. The teacher's logits are formed a chunk of positions at a
 //! time ([`chunk_rows`]), never for the whole batch × vocabulary.
 
+use crate::ops::SumAll;
 use burn::prelude::*;
 use burn::tensor::activation::log_softmax;
 use burn::tensor::{DType, Int, TensorData};
@@ -104,7 +105,7 @@ impl DistillConfig {
         let t = self.temperature;
         let ls = log_softmax(student.cast(DType::F32) / t, 1);
         let lt = log_softmax(teacher.cast(DType::F32).detach() / t, 1);
-        let kl = |p: Tensor<B, 2>, q: Tensor<B, 2>| (p.clone().exp() * (p - q)).sum();
+        let kl = |p: Tensor<B, 2>, q: Tensor<B, 2>| (p.clone().exp() * (p - q)).sum_all();
         match self.form() {
             Form::Forward => kl(lt, ls),
             Form::Reverse => kl(ls, lt),

@@ -17,6 +17,7 @@
 //! | dapo | `Σ ℓ / ` the generation batch's completion tokens (= bnpo for one batch) |
 //! | dr_grpo | `Σ ℓ / (N · max_completion_length)` |
 
+use crate::ops::SumAll;
 use burn::prelude::*;
 use burn::tensor::{DType, TensorData};
 use serde::{Deserialize, Serialize};
@@ -255,7 +256,7 @@ pub fn token_loss<B: Backend>(lp: Tensor<B, 1>, inputs: TokenInputs, cfg: &GrpoC
         let kl = if cfg.bias_correction_kl { k3 * rho } else { k3 };
         per_token = per_token + kl * beta;
     }
-    (per_token * w).sum()
+    (per_token * w).sum_all()
 }
 
 /// The k3 estimator of KL(π‖ref) at one token.

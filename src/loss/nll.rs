@@ -2,6 +2,7 @@
 //! loss and `ft eval`'s loss are this one computation. The vocabulary head and the softmax run
 //! only at scored positions (the prompt's logits are never formed).
 
+use crate::ops::SumAll;
 use burn::prelude::*;
 use burn::tensor::{Int, TensorData};
 
@@ -71,7 +72,7 @@ pub fn sft_loss<B: Kernels>(model: &Decoder<B>, batch: &Batch, norm: f64, hidden
         Ok((logp, logits)) => {
             let predicted: Vec<i64> = logits.detach().argmax(2).into_data().convert::<i64>().to_vec().expect("ids");
             let correct = predicted.iter().zip(&batch.targets).filter(|(p, t)| p == t).count();
-            (logp.neg().sum() / norm, correct)
+            (logp.neg().sum_all() / norm, correct)
         }
     }
 }

@@ -14,6 +14,7 @@
 //! Rewards are `β·S` (`β·ℓ` where the loss uses means). The f64 formulas give the reported
 //! metrics; the tensor ones drive the gradient (a test keeps them in step).
 
+use crate::ops::SumAll;
 use burn::prelude::*;
 use burn::tensor::activation::{log_sigmoid, relu};
 use burn::tensor::{DType, Int, TensorData};
@@ -209,10 +210,10 @@ impl RefFree {
                 }
             }
         };
-        let mut loss = pairs.sum() / n_pairs.max(1) as f64;
+        let mut loss = pairs.sum_all() / n_pairs.max(1) as f64;
         match (*self, &s.chosen_all) {
-            (RefFree::Orpo { .. }, Some(all)) => loss = loss - all.clone().sum() / nll_count.max(1) as f64,
-            (RefFree::Cpo { cpo_alpha, .. }, _) if cpo_alpha != 0.0 => loss = loss - s.chosen.clone().sum() * (cpo_alpha / nll_count.max(1) as f64),
+            (RefFree::Orpo { .. }, Some(all)) => loss = loss - all.clone().sum_all() / nll_count.max(1) as f64,
+            (RefFree::Cpo { cpo_alpha, .. }, _) if cpo_alpha != 0.0 => loss = loss - s.chosen.clone().sum_all() * (cpo_alpha / nll_count.max(1) as f64),
             _ => {}
         }
         loss

@@ -8,6 +8,7 @@
 //! `max_reward` over all 2N rewards, `num_tokens` (the sides' tokens); the margin column and the
 //! centering term do not enter them.
 
+use crate::ops::SumAll;
 use burn::prelude::*;
 use burn::tensor::{Int, TensorData};
 use serde_json::{Map, Value};
@@ -58,9 +59,9 @@ impl RewardConfig {
     pub fn loss_tensor<B: Backend>(&self, chosen: Tensor<B, 1>, rejected: Tensor<B, 1>, margins: &[f64]) -> Tensor<B, 1> {
         let n = margins.len();
         let m = Tensor::<B, 1>::from_data(TensorData::new(margins.iter().map(|&x| x as f32).collect::<Vec<_>>(), [n]), &chosen.device());
-        let mut loss = -burn::tensor::activation::log_sigmoid(chosen.clone() - rejected.clone() - m).sum();
+        let mut loss = -burn::tensor::activation::log_sigmoid(chosen.clone() - rejected.clone() - m).sum_all();
         if let Some(c) = self.center_rewards_coefficient {
-            loss = loss + (chosen + rejected).powi_scalar(2).sum() * c;
+            loss = loss + (chosen + rejected).powi_scalar(2).sum_all() * c;
         }
         loss
     }

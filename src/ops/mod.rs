@@ -268,6 +268,29 @@ pub fn geglu<B: FusedOps, const D: usize>(gate: Tensor<B, D>, up: Tensor<B, D>) 
     }
 }
 
+/// The sum of every element, as `[1]`, added in the same order on every run and backend.
+/// burn's CubeCL `sum` adds with float atomics where the device has them (CUDA): its last bits
+/// change from run to run, and with the gradient norm so do clipping and every update after it.
+/// Two `sum_dim` passes (rows of 1024 elements, then the row sums) reduce in a fixed order.
+pub trait SumAll<B: Backend> {
+    fn sum_all(self) -> Tensor<B, 1>;
+}
+
+impl<B: Backend, const D: usize> SumAll<B> for Tensor<B, D> {
+    fn sum_all(self) -> Tensor<B, 1> {
+        const ROW: usize = 1024;
+        let n = self.shape().num_elements();
+        let flat = self.reshape([n]);
+        if n <= ROW {
+            return flat.sum_dim(0);
+        }
+        let whole = n / ROW * ROW;
+        let rows = flat.clone().narrow(0, 0, whole).reshape([whole / ROW, ROW]).sum_dim(1).reshape([whole / ROW]);
+        let sums = if whole < n { Tensor::cat(vec![rows, flat.narrow(0, whole, n - whole).sum_dim(0)], 0) } else { rows };
+        sums.sum_dim(0)
+    }
+}
+
 /// A frozen linear map plus a LoRA adapter, `x·W + (s·(x'·A))·B` (PEFT's `lora_B(lora_A(x'))·s`
 /// with the scale moved onto the rank-r product), `x'` = `x_lora` or `x`. `A` and `B` may be f32
 /// masters under a half-precision `x` and `W`: the adapter then computes in f32 and its
@@ -314,8 +337,26 @@ mod tests {
     //! values and input gradients.
     use super::*;
     use crate::backend::Cpu;
+
     use burn::backend::Autodiff;
     use burn::tensor::{Distribution, TensorData};
+
+    #[test]
+    fn sum_all_is_the_sum_in_every_branch() {
+        // Up to one row; whole rows; rows and a remainder; a 2-D tensor. And the same bits twice.
+        for n in [1, 7, 1024, 4096, 5000] {
+            let v: Vec<f32> = (0..n).map(|i| ((i * 7919) % 1000) as f32 / 997.0 - 0.5).collect();
+            let want: f64 = v.iter().map(|&x| x as f64).sum();
+            let t = Tensor::<Cpu, 1>::from_data(TensorData::new(v.clone(), [n]), &Default::default());
+            let got = t.clone().sum_all().into_scalar() as f64;
+            assert!((got - want).abs() <= 1e-5 * (1.0 + want.abs()), "{n}: {got} vs {want}");
+            assert_eq!(got.to_bits(), (t.sum_all().into_scalar() as f64).to_bits());
+            if n % 4 == 0 {
+                let t2 = Tensor::<Cpu, 2>::from_data(TensorData::new(v, [4, n / 4]), &Default::default());
+                assert!((t2.sum_all().into_scalar() as f64 - want).abs() <= 1e-5 * (1.0 + want.abs()));
+            }
+        }
+    }
 
     type Ad = Autodiff<Cpu>;
 

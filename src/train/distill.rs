@@ -6,6 +6,7 @@
 //! of the steps trains on completions the student samples for the data's prompts (on-policy),
 //! and with `seq_kd` the other steps on the teacher's.
 
+use crate::ops::SumAll;
 use std::path::PathBuf;
 
 use burn::module::AutodiffModule;
@@ -163,7 +164,7 @@ impl<B: TrainBackend> Objective<B> for Distill<B::InnerBackend> {
                     let mut part = d / norm;
                     if sft_weight != 0.0 {
                         let targets = Tensor::<B, 1, Int>::from_data(TensorData::new(batch.targets[offset..offset + n].to_vec(), [n]), &device);
-                        let lp = crate::ops::token_logprobs(s, targets).sum();
+                        let lp = crate::ops::token_logprobs(s, targets).sum_all();
                         nll_sum -= crate::loss::scalar(lp.clone().detach());
                         part = part - lp * (sft_weight / norm);
                     }

@@ -3,6 +3,7 @@
 //! second copy of the weights). Reference log-probs can be precomputed once and cached in the
 //! run directory.
 
+use crate::ops::SumAll;
 use std::path::PathBuf;
 
 use serde_json::{Map, Value};
@@ -111,9 +112,9 @@ impl<B: TrainBackend> Objective<B> for Dpo {
                     })
                     .collect();
                 let (chosen, rejected) = (chosen.0, rejected.0);
-                let mut loss = cfg.loss_tensor(chosen.clone(), rejected, &logps).sum() / n_pairs as f64;
+                let mut loss = cfg.loss_tensor(chosen.clone(), rejected, &logps).sum_all() / n_pairs as f64;
                 if let Some(alpha) = cfg.rpo_alpha {
-                    loss = loss - chosen.sum() * (alpha / chosen_tokens.max(1) as f64);
+                    loss = loss - chosen.sum_all() * (alpha / chosen_tokens.max(1) as f64);
                 }
                 seen.extend(logps);
                 loss

@@ -2,6 +2,7 @@
 //! does), the reference being the adapter-disabled model or the frozen starting adapter. Each
 //! micro-batch estimates its KL term from its rows' mismatched samples, as each TRL batch does.
 
+use crate::ops::SumAll;
 use std::path::PathBuf;
 
 use serde_json::{Map, Value};
@@ -120,7 +121,7 @@ impl<B: TrainBackend> Objective<B> for Kto {
                     .zip(reference)
                     .map(|((r, p), rf)| RowLogps { policy: p, reference: rf, desirable: r.desirable, ..Default::default() })
                     .collect();
-                let loss = cfg.loss_tensor(policy, &logps, kl).sum() / n_rows as f64;
+                let loss = cfg.loss_tensor(policy, &logps, kl).sum_all() / n_rows as f64;
                 batches.push((logps, kl));
                 loss
             },

@@ -2,6 +2,7 @@
 //! moments, `eps` added to the corrected second-moment root; betas 0.9/0.999, eps 1e-8), global
 //! gradient-norm clipping as `torch.nn.utils.clip_grad_norm_`, and HF's learning-rate schedules.
 
+use crate::ops::SumAll;
 use burn::prelude::*;
 
 /// The learning-rate schedule after warmup (transformers' `lr_scheduler_type`).
@@ -101,7 +102,7 @@ impl<B: Backend> AdamW<B> {
 /// Global L2 norm of the (flat) gradients; scales them to `max_norm` when above it (PyTorch:
 /// `coef = max_norm / (norm + 1e-6)`, applied when `coef < 1`). Returns the norm before clipping.
 pub fn clip_global_norm<B: Backend>(grads: &mut Tensor<B, 1>, max_norm: f64) -> f64 {
-    let norm = crate::loss::scalar(grads.clone().powi_scalar(2).sum()).sqrt();
+    let norm = crate::loss::scalar(grads.clone().powi_scalar(2).sum_all()).sqrt();
     if max_norm > 0.0 {
         let coef = max_norm / (norm + 1e-6);
         if coef < 1.0 {
