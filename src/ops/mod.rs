@@ -337,7 +337,6 @@ mod tests {
     //! values and input gradients.
     use super::*;
     use crate::backend::Cpu;
-
     use burn::backend::Autodiff;
     use burn::tensor::{Distribution, TensorData};
 
