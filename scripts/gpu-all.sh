@@ -84,6 +84,7 @@ if [ $DRY = 1 ]; then
 fi
 
 mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
 LOG="$OUT/gpu-all.log"
 JSON="$OUT/gpu-all.json"
 : >"$LOG"
@@ -148,11 +149,11 @@ run_sft() {
   cp tests/fixtures/models/llama/tokenizer.json tests/fixtures/models/llama/tokenizer_config.json "$d/"
   cat >"$d/recipe.toml" <<EOF
 [model]
-path = "$PWD/$d"
+path = "$d"
 random_init = true
 $quant
 [data]
-train = "$PWD/$data"
+train = "$data"
 template = "chatml"
 max_len = 2049
 overlong = "truncate"
@@ -167,7 +168,7 @@ lr = 1e-4
 gradient_checkpointing = $ckpt
 device = "cuda"
 [output]
-dir = "$PWD/$d/run"
+dir = "$d/run"
 EOF
   peak_run "$d/smi" timeout "$limit" "$BIN/ft" train "$d/recipe.toml" --quiet --json >"$d/summary.out" 2>"$d/stderr"
   rc=$?
