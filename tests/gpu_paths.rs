@@ -454,3 +454,27 @@ fn dpo_scores_match_trl() {
     }
 }
 
+
+#[cfg(feature = "wgpu")]
+#[test]
+fn a_failed_gpu_allocation_is_an_out_of_memory_error_naming_the_size() {
+    // cubecl refuses a 12 GiB buffer on its device thread (a panic there: "can't allocate buffer
+    // of size: N"); ft's hook turns it into its error and exit 1 from whichever thread. In a child
+    // process: the device thread does not survive it.
+    if std::env::var_os("FT_OOM_CHILD").is_some() {
+        ft::backend::install_out_of_memory_hook();
+        let t = Tensor::<Gpu, 1>::zeros([3usize << 30], &Default::default());
+        let _ = t.try_into_data();
+        std::thread::sleep(std::time::Duration::from_secs(10));
+        panic!("the allocation did not fail");
+    }
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "a_failed_gpu_allocation_is_an_out_of_memory_error_naming_the_size", "--nocapture", "--test-threads", "1"])
+        .env("FT_OOM_CHILD", "1")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("error: out of GPU memory: ft asked the device for 12884901888 bytes (12.00 GiB) more"), "{stderr}");
+    assert!(stderr.contains("micro_batch_size") && !stderr.contains("panicked"), "{stderr}");
+}
