@@ -210,6 +210,17 @@ fn attention_row_kernels_read_pitched_and_sliced_scores() {
     }
 }
 
+/// Runs the test `name` of this binary alone in a child process with `key=value` set (tests that
+/// need the process to themselves: its peak memory, the device's random generator, a device
+/// thread that does not survive), and returns its output.
+fn in_child(name: &str, key: &str, value: &std::ffi::OsStr) -> std::process::Output {
+    std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", name, "--nocapture", "--test-threads", "1"])
+        .env(key, value)
+        .output()
+        .unwrap()
+}
+
 /// `VmRSS` and `VmHWM` (peak) of this process, bytes.
 fn rss_and_peak() -> (u64, u64) {
     let status = std::fs::read_to_string("/proc/self/status").unwrap();
@@ -290,11 +301,7 @@ fn loading_holds_about_one_tensor_of_host_memory() {
     let largest = 4 * vocab * h;
     drop(bytes);
 
-    let out = std::process::Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "loading_holds_about_one_tensor_of_host_memory", "--nocapture", "--test-threads", "1"])
-        .env("FT_LOAD_MEMORY_CHILD", &dir)
-        .output()
-        .unwrap();
+    let out = in_child("loading_holds_about_one_tensor_of_host_memory", "FT_LOAD_MEMORY_CHILD", dir.as_os_str());
     let stdout = String::from_utf8_lossy(&out.stdout);
     let line = stdout.lines().find_map(|l| l.split_once("LOAD_MEMORY ").map(|(_, j)| j)).unwrap_or_else(|| panic!("child: {stdout}\n{}", String::from_utf8_lossy(&out.stderr)));
     let m: serde_json::Value = serde_json::from_str(line).unwrap();
@@ -325,11 +332,7 @@ fn gpu_training_is_reproducible_and_resumes_bit_identically() {
     // own: the device's random generator is one per process, and tests running beside this one
     // draw from it too (a training process is alone with it).
     if std::env::var_os("FT_REPRO_CHILD").is_none() {
-        let out = std::process::Command::new(std::env::current_exe().unwrap())
-            .args(["--exact", "gpu_training_is_reproducible_and_resumes_bit_identically", "--nocapture", "--test-threads", "1"])
-            .env("FT_REPRO_CHILD", "1")
-            .output()
-            .unwrap();
+        let out = in_child("gpu_training_is_reproducible_and_resumes_bit_identically", "FT_REPRO_CHILD", "1".as_ref());
         let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
         assert!(out.status.success() && stdout.contains("1 passed"), "the child run failed:\n{stdout}\n{stderr}");
         return;
@@ -468,11 +471,7 @@ fn a_failed_gpu_allocation_is_an_out_of_memory_error_naming_the_size() {
         std::thread::sleep(std::time::Duration::from_secs(10));
         panic!("the allocation did not fail");
     }
-    let out = std::process::Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "a_failed_gpu_allocation_is_an_out_of_memory_error_naming_the_size", "--nocapture", "--test-threads", "1"])
-        .env("FT_OOM_CHILD", "1")
-        .output()
-        .unwrap();
+    let out = in_child("a_failed_gpu_allocation_is_an_out_of_memory_error_naming_the_size", "FT_OOM_CHILD", "1".as_ref());
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("error: out of GPU memory: ft asked the device for 12884901888 bytes (12.00 GiB) more"), "{stderr}");

@@ -318,7 +318,7 @@ impl Values<'_> {
 
 /// `get(i)` for every element `i` of a row-major `[rows, cols]` matrix, in that layout or
 /// transposed (`out[c · rows + r] = get(r · cols + c)`, in 32 × 32 tiles), output rows in parallel.
-fn arrange<T: Copy + Default + Send>(rows: usize, cols: usize, transpose: bool, get: impl Fn(usize) -> T + Sync) -> Vec<T> {
+pub fn arrange<T: Copy + Default + Send>(rows: usize, cols: usize, transpose: bool, get: impl Fn(usize) -> T + Sync) -> Vec<T> {
     use rayon::prelude::*;
     const TILE: usize = 32;
     let mut out = vec![T::default(); rows * cols];

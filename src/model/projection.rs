@@ -58,18 +58,7 @@ pub fn is_expert_module(m: &str) -> bool {
 /// Transposes a row-major `[rows, cols]` matrix (PyTorch's `[out, in]` → burn's `[in, out]`).
 /// This is the one place where the layouts meet.
 pub fn transpose(data: &[f32], rows: usize, cols: usize) -> Vec<f32> {
-    let mut out = vec![0f32; data.len()];
-    const B: usize = 32;
-    for r0 in (0..rows).step_by(B) {
-        for c0 in (0..cols).step_by(B) {
-            for r in r0..(r0 + B).min(rows) {
-                for c in c0..(c0 + B).min(cols) {
-                    out[c * rows + r] = data[r * cols + c];
-                }
-            }
-        }
-    }
-    out
+    crate::formats::safetensors::arrange(rows, cols, true, |i| data[i])
 }
 
 /// The dense frozen weight `name` (PyTorch's `[rows, cols]`) on `device` in the device's float
@@ -458,10 +447,7 @@ impl<B: Kernels> Projection<B> {
             // Base and adapter as one operation (one backward step, no separate sum).
             // The adapter in its f32 masters' dtype (PEFT without autocast): dropout on the input
             // cast up.
-            (Base::Dense(w), Some(Adapter::Lora(l))) => {
-                let x_lora = l.dropped_input(&cast_to(x.clone(), l.a.val().dtype()));
-                ops::lora_linear(x.clone(), x_lora, w.val(), l.a.val(), l.b.val(), l.scale)
-            }
+            (Base::Dense(w), Some(Adapter::Lora(l))) => ops::lora_linear(x.clone(), l.dropped_input(&x), w.val(), l.a.val(), l.b.val(), l.scale),
             // A trained copy replaces the base weight.
             (_, Some(Adapter::Full(f))) => x.clone().matmul(f.weight.val().cast(x.dtype())),
             (Base::Dense(w), None) => x.clone().matmul(w.val()),
@@ -589,12 +575,14 @@ impl<B: Backend> Lora<B> {
         self.a.dims()[1]
     }
 
-    /// The adapter's input: `x` after dropout while training, `None` when that is `x` itself.
+    /// The adapter's input: `x` after dropout while training, in the adapter's (f32 masters')
+    /// dtype as PEFT casts it before its dropout; `None` when that is `x` itself (no copy made).
     /// Inverted dropout from the backend's seeded RNG (as torch.nn.Dropout).
     pub fn dropped_input<const D: usize>(&self, x: &Tensor<B, D>) -> Option<Tensor<B, D>> {
         (self.training && self.dropout > 0.0).then(|| {
+            let x = cast_to(x.clone(), self.a.val().dtype());
             let keep = x.random_like(burn::tensor::Distribution::Bernoulli(1.0 - self.dropout));
-            x.clone() * keep / (1.0 - self.dropout)
+            x * keep / (1.0 - self.dropout)
         })
     }
 
